@@ -1,0 +1,148 @@
+"""Backends declare what they support; the dispatcher picks the best one or says why none fits.
+
+A backend is a small class with ``name``, ``unavailable_reason()`` (why it cannot run on this
+machine at all, or None) and ``not_supported_reasons(op, **inputs)`` (why it cannot run *these*
+inputs). Its op methods take already-validated arguments. Adding a backend means adding a class
+here and listing it in ``PRIORITY``; no solver changes.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from . import reference
+
+OPS = ("fused_step", "cfg_combine", "philox_normal")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Backend:
+    name = "?"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None
+
+    def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
+        return []
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch: any device, any floating dtype. The oracle and the fallback."""
+
+    name = "reference"
+    fused_step = staticmethod(reference.fused_step)
+    cfg_combine = staticmethod(reference.cfg_combine)
+
+    @staticmethod
+    def philox_normal(shape, seed, noise_id, device):
+        from .philox import philox_normal
+        return philox_normal(shape, seed, noise_id, device)
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """fastdiff._C, or the reason it cannot be imported (a string)."""
+    try:
+        from .. import _C  # noqa: F401
+        return _C
+    except ImportError as e:  # not built (pure-Python install) or built against another torch
+        return f"fastdiff._C is not importable ({e}); reinstall with `pip install --no-build-isolation -e .`"
+
+
+class CpuBackend(Backend):
+    """fastdiff._C: C++ with OpenMP and SIMD, CPU tensors, float32 state, fp32/fp16/bf16 model dtype."""
+
+    name = "cpu"
+
+    def unavailable_reason(self):
+        ext = load_extension()
+        if isinstance(ext, str):
+            return ext
+        if not hasattr(ext, "fused_step"):
+            return "fastdiff._C was built without the fused step"
+        return None
+
+    def not_supported_reasons(self, op, tensors, state_dtype=None):
+        reasons = []
+        for t in tensors:
+            if t.device.type != "cpu":
+                reasons.append(f"cpu backend runs on CPU tensors, got a tensor on {t.device}")
+                break
+        if state_dtype is not None and state_dtype != torch.float32:
+            reasons.append(f"cpu backend keeps the state in float32, got {state_dtype}")
+        for t in tensors:
+            if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES and t.dtype != torch.float64:
+                reasons.append(f"cpu backend supports float32/float16/bfloat16, got {t.dtype}")
+                break
+        return reasons
+
+    def fused_step(self, *args):
+        load_extension().fused_step(*args)
+
+    def cfg_combine(self, cond, uncond, scale, out_dtype=None):
+        return load_extension().cfg_combine(cond, uncond, float(scale), out_dtype or cond.dtype)
+
+    def philox_normal(self, shape, seed, noise_id, device):
+        return load_extension().philox_normal(list(shape), seed, noise_id)
+
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}
+# Automatic choice, best first.
+PRIORITY = ("cpu", "reference")
+
+_warned = set()
+
+
+def register_backend(backend: Backend, priority: Optional[int] = None) -> None:
+    """Add a backend (e.g. from the GPU modules) and place it in the automatic order."""
+    global PRIORITY
+    BACKENDS[backend.name] = backend
+    order = [n for n in PRIORITY if n != backend.name]
+    order.insert(len(order) - 1 if priority is None else priority, backend.name)
+    PRIORITY = tuple(order)
+
+
+def reasons_for(name: str, op: str, tensors, state_dtype=None) -> List[str]:
+    b = BACKENDS[name]
+    why = b.unavailable_reason()
+    if why:
+        return [why]
+    if not hasattr(b, op):
+        return [f"{name} backend does not implement {op}"]
+    return b.not_supported_reasons(op, tensors, state_dtype)
+
+
+def select(op: str, backend: str, tensors, state_dtype=None) -> Backend:
+    """The backend to run ``op`` on these tensors. An explicit choice runs or raises with its
+    reasons; ``auto`` takes the first supporting backend in PRIORITY and warns once when a
+    faster backend had to be skipped for a reason the user may want to fix."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+        why = reasons_for(backend, op, tensors, state_dtype)
+        if why:
+            raise RuntimeError(f"backend {backend!r} cannot run {op}: " + "; ".join(why))
+        return BACKENDS[backend]
+    skipped = []
+    for name in PRIORITY:
+        why = reasons_for(name, op, tensors, state_dtype)
+        if not why:
+            if name == "reference" and skipped:
+                key = (op, tuple(skipped))
+                if key not in _warned:
+                    _warned.add(key)
+                    warnings.warn(f"fastdiff: {op} falls back to the reference backend: "
+                                  + "; ".join(f"{n}: {r}" for n, r in skipped), RuntimeWarning, stacklevel=3)
+            return BACKENDS[name]
+        # Only a backend that could have served this device is worth a warning.
+        if not any("tensors, got a tensor on" in r for r in why):
+            skipped.append((name, why[0]))
+    raise RuntimeError(f"no backend can run {op}")
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """name -> None if usable on this machine, else the reason it is not."""
+    return {name: b.unavailable_reason() for name, b in BACKENDS.items()}

@@ -1,0 +1,92 @@
+"""Plain-PyTorch implementations of every op: the oracle the kernels are tested against, and the
+fallback backend that runs anywhere. Written for clarity, not speed; math in float32 (float64 when
+the state is float64, which the solver tests use to check coefficient programs to 1e-10).
+
+This module imports nothing from the kernels it judges.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..program import COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out, col_s_in
+from .philox import philox_normal
+
+
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def cfg_combine(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale, out_dtype=None) -> torch.Tensor:
+    """D = uncond + scale * (cond - uncond), computed in float32 (float64 for float64 inputs)."""
+    md = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    c = cond.to(md)
+    if uncond is None:
+        d = c
+    else:
+        u = uncond.to(md)
+        d = u + scale * (c - u)
+    return d.to(out_dtype or cond.dtype)
+
+
+def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
+               cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor],
+               hist: Optional[torch.Tensor], hist_write: int, eval_y: bool,
+               write_x: bool, write_y: bool,
+               noise: Optional[torch.Tensor], seed: int, noise_id: int,
+               model_in: Optional[torch.Tensor], model_in_from_y: bool,
+               bad_row: Optional[torch.Tensor]) -> None:
+    """One row of a coefficient program; see fastdiff.program for the formula. In place on x, y,
+    hist and model_in; every read happens before any write. If ``bad_row`` (int32 [1]) is 0 and
+    a written x or y value is not finite, it becomes row + 1 (a device-side flag: no host sync)."""
+    md = _math_dtype(x)
+    # Coefficients rounded to the math dtype, as the kernels do; indexing a device tensor keeps
+    # them on the device (no host sync).
+    c = table[row].to(device=x.device, dtype=md)
+    K = 0 if hist is None else hist.shape[0]
+    X = x.to(md)
+    E = y.to(md) if eval_y else X
+    H = [] if hist is None else [hist[j].to(md) for j in range(K)]
+
+    if cond is not None:
+        D = cfg_combine(cond, uncond, c[COL_G], out_dtype=md)
+        h = c[COL_QY] * E + c[COL_QD] * D
+    else:
+        h = torch.zeros_like(X)
+
+    z = None
+    if noise is not None:
+        z = noise.to(md)
+    elif noise_id >= 0:
+        z = philox_normal(tuple(x.shape), seed, noise_id, device=x.device).to(md)
+
+    def output(which: str) -> torch.Tensor:
+        b = col_out(K, which)
+        o = c[b + OUT_X] * X + c[b + OUT_Y] * E + c[b + OUT_H] * h
+        if z is not None:
+            o = o + c[b + OUT_Z] * z
+        for j in range(K):
+            o = o + c[b + OUT_FIXED + j] * H[j]
+        return o
+
+    new_x = output("x") if write_x else None
+    new_y = output("y") if write_y else None
+    if bad_row is not None:
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
+        for o in (new_x, new_y):
+            if o is not None:
+                finite = finite & torch.isfinite(o).all()
+        bad_row.copy_(torch.where((bad_row == 0) & ~finite, row + 1, bad_row))
+    if hist_write >= 0:
+        hist[hist_write].copy_(h)
+    if new_x is not None:
+        x.copy_(new_x)
+    if new_y is not None:
+        y.copy_(new_y)
+    if model_in is not None:
+        src = new_y if model_in_from_y else new_x
+        src = (c[col_s_in(K)] * src).to(model_in.dtype)
+        B = x.shape[0]
+        for half in range(model_in.shape[0] // B):
+            model_in[half * B:(half + 1) * B].copy_(src)
