@@ -86,6 +86,11 @@ class Schedule:
         """The value passed to the model as its time/noise-level argument."""
         return _as_f64(t)
 
+    def init_noise_scale(self, alpha: float, sigma: float) -> float:
+        """Std of x at the first grid point when the data are negligible: sqrt(alpha^2 + sigma^2),
+        i.e. 1 for VP schedules (diffusers' init_noise_sigma); VE and flow use sigma itself."""
+        return math.sqrt(alpha * alpha + sigma * sigma)
+
     def t_from_model_time(self, mt):
         return _as_f64(mt)
 
@@ -209,6 +214,9 @@ class VESchedule(Schedule):
     def t_from_ksigma(self, ks):
         return _as_f64(ks)
 
+    def init_noise_scale(self, alpha, sigma):
+        return sigma  # k-diffusion / EDM: x_T = sigma_max * noise
+
 
 class FlowMatching(Schedule):
     """Rectified flow: alpha = 1 - t, sigma = t on t in [0, 1]; the model sees ``1000 t``."""
@@ -231,6 +239,9 @@ class FlowMatching(Schedule):
     def t_from_ksigma(self, ks):
         ks = _as_f64(ks)
         return np.where(np.isinf(ks), 1.0, ks / (1.0 + np.where(np.isinf(ks), 0.0, ks)))
+
+    def init_noise_scale(self, alpha, sigma):
+        return sigma
 
     def model_time(self, t):
         return _as_f64(t) * self.num_train_timesteps

@@ -1,0 +1,250 @@
+"""The sampling loop: any ``model(x, t, **kwargs)``, any solver, CFG fused into the step.
+
+Per step the host does almost nothing: the coefficient table, the model times and every buffer
+are prepared before the loop; each row is one model call (or none) and one fused-step call; no
+tensor is read back (non-finite values raise a device-side flag that is read once at the end).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import ops
+from .guidance import Guidance, as_guidance
+from .parameterization import canonical_prediction
+from .program import COL_G, Program, compile_program, guidance_column
+from .schedules import DiscreteVP, Grid, Schedule, make_grid
+from .solvers import Solver, get_solver
+
+__all__ = ["sample", "Sampler"]
+
+CHECK_FINITE = ("end", "step", "off")
+
+
+def _model_output(out) -> torch.Tensor:
+    """Accept a tensor, a diffusers-style output object (``.sample``) or a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model must return a tensor (or an object with .sample), got {type(out).__name__}")
+
+
+def _batch_kwargs(uncond: Dict[str, Any], cond: Dict[str, Any]) -> Dict[str, Any]:
+    """kwargs for one batched call on [uncond; cond]: tensors concatenated along dim 0."""
+    if set(uncond) != set(cond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    out = {}
+    for k in cond:
+        c, u = cond[k], uncond[k]
+        if isinstance(c, torch.Tensor) != isinstance(u, torch.Tensor):
+            raise TypeError(f"cond[{k!r}] and uncond[{k!r}] must both be tensors or both not")
+        if isinstance(c, torch.Tensor):
+            if c.shape[1:] != u.shape[1:] or c.shape[0] != u.shape[0]:
+                raise ValueError(f"cond[{k!r}] {tuple(c.shape)} and uncond[{k!r}] {tuple(u.shape)} differ in shape")
+            out[k] = torch.cat([u, c])
+        else:
+            if c != u:
+                raise ValueError(f"non-tensor kwarg {k!r} differs between cond and uncond")
+            out[k] = c
+    return out
+
+
+@dataclass
+class Sampler:
+    """A prepared sampling run: solver program and device tables built once, reusable for many
+    batches of the same shape. ``fastdiff.sample`` is the one-call form."""
+
+    program: Program
+    grid: Grid
+    solver: Solver
+    prediction: str
+    guidance: Optional[Guidance]
+    device: torch.device
+    state_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def build(cls, *, solver: Union[str, Solver] = "dpmpp_2m", steps: int = 20,
+              schedule: Optional[Schedule] = None, grid: Optional[Grid] = None, spacing: str = "auto",
+              final: str = "zero", prediction: str = "epsilon", guidance=None,
+              solver_options: Optional[dict] = None, device="cpu",
+              state_dtype: torch.dtype = torch.float32, **grid_options) -> "Sampler":
+        solver = get_solver(solver, **(solver_options or {}))
+        prediction = canonical_prediction(prediction)
+        guidance = as_guidance(guidance)
+        if state_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        if grid is None:
+            schedule = DiscreteVP() if schedule is None else schedule
+            grid = make_grid(schedule, steps, spacing, final=final, **grid_options)
+        elif grid_options or schedule is not None:
+            raise ValueError("pass either grid or (schedule, steps, spacing, ...), not both")
+        rows = solver.rows(grid)
+        g = guidance_column(rows, guidance.g_at if guidance is not None else None)
+        program = compile_program(rows, prediction, solver.num_slots, grid.steps, guidance_scale=g)
+        return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, model: Callable, noise: torch.Tensor, *, cond: Optional[dict] = None,
+                 uncond: Optional[dict] = None, model_kwargs: Optional[dict] = None,
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                 noise_sampler: Optional[Callable] = None, callback: Optional[Callable] = None,
+                 progress: bool = True, backend: str = "auto", model_dtype: Optional[torch.dtype] = None,
+                 inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, check_finite: str = "end",
+                 init_noise_scale: Optional[float] = None, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prog, rows = self.program, self.program.rows
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}"
+                            + (f" of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else ""))
+        if noise.dim() < 1 or noise.shape[0] < 1:
+            raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
+        if not torch.isfinite(noise).all():
+            raise ValueError("noise contains NaN or Inf")
+        if check_finite not in CHECK_FINITE:
+            raise ValueError(f"check_finite must be one of {CHECK_FINITE}, got {check_finite!r}")
+        dev = noise.device
+        if dev != self.device and not (dev.type == self.device.type == "cpu"):
+            raise ValueError(f"noise is on {dev} but the sampler was built for {self.device}")
+        shape, B = tuple(noise.shape), noise.shape[0]
+        model_dtype = model_dtype or (torch.float64 if self.state_dtype == torch.float64 else torch.float32)
+        time_dtype = torch.float64 if self.state_dtype == torch.float64 else torch.float32
+
+        cond = dict(cond or {})
+        model_kwargs = dict(model_kwargs or {})
+        use_cfg = any(float(prog.table[r, COL_G]) != 1.0 for r in range(len(rows)) if rows[r].needs_model)
+        if use_cfg and uncond is None:
+            raise ValueError("guidance needs the unconditional inputs: pass uncond={...} (and cond={...})")
+        kw_cond = {**model_kwargs, **cond}
+        kw_both = {**model_kwargs, **_batch_kwargs(dict(uncond), cond)} if use_cfg else None
+
+        # State and buffers, allocated once.
+        a0, s0 = float(self.grid.alpha[0]), float(self.grid.sigma[0])
+        scale = self.grid.schedule.init_noise_scale(a0, s0) if init_noise_scale is None else float(init_noise_scale)
+        x = noise.to(self.state_dtype) * scale if x_init is None else x_init.to(self.state_dtype).clone()
+        x = x.contiguous()
+        uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
+        y = torch.empty_like(x) if uses_y else None
+        K = prog.num_slots
+        hist = torch.zeros((K,) + shape, dtype=self.state_dtype, device=dev) if K else None
+        model_in = torch.empty(((2 * B) if use_cfg else B,) + shape[1:], dtype=model_dtype, device=dev)
+        table = torch.from_numpy(prog.table).to(dev)
+        bad_row = torch.zeros(1, dtype=torch.int32, device=dev) if check_finite != "off" else None
+        t_half = [torch.full((B,), float(r.point.model_t), dtype=time_dtype, device=dev) if r.needs_model else None
+                  for r in rows]
+        t_both = [torch.cat([t, t]) if t is not None and use_cfg else None for t in t_half]
+        if inpaint is not None:
+            known, mask = inpaint
+            known = known.to(device=dev, dtype=self.state_dtype)
+            mask = mask.to(device=dev, dtype=self.state_dtype)
+            if known.shape != x.shape:
+                raise ValueError(f"inpaint known data must have the shape of noise {shape}, got {tuple(known.shape)}")
+            base_noise = noise.to(self.state_dtype)
+
+        if noise_sampler is None and any(r.noise_id >= 0 for r in rows) and seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+        seed = 0 if seed is None else int(seed)
+
+        # Which rows can write the next model input in their epilogue (saves a pass).
+        writes_next = []
+        for i, r in enumerate(rows):
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            ok = (nxt is not None and nxt.needs_model and inpaint is None
+                  and ((nxt.eval_at == "x" and r.out_x is not None) or (nxt.eval_at == "y" and r.out_y is not None)))
+            writes_next.append(ok)
+        step_fn = ops.prepare_fused_step(x, table=table, y=y, cond_like=model_in, hist=hist, model_in=model_in,
+                                         backend=backend)
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=prog.steps, desc=f"fastdiff {self.solver.name}", leave=False)
+        model_in_ready = False
+        for i, r in enumerate(rows):
+            E = y if r.eval_at == "y" else x
+            cond_out = uncond_out = None
+            if r.needs_model:
+                if not model_in_ready:
+                    model_in[:B].copy_(E)
+                    if model_in.shape[0] > B:
+                        model_in[B:].copy_(model_in[:B])
+                if use_cfg and float(prog.table[i, COL_G]) != 1.0:
+                    out = _model_output(model(model_in, t_both[i], **kw_both))
+                    self._check_model_output(out, (2 * B,) + shape[1:], i)
+                    uncond_out, cond_out = out[:B], out[B:]
+                else:
+                    inp = model_in[B:] if use_cfg else model_in
+                    cond_out = _model_output(model(inp, t_half[i], **kw_cond))
+                    self._check_model_output(cond_out, shape, i)
+            noise_t = None
+            if r.noise_id >= 0 and noise_sampler is not None:
+                noise_t = noise_sampler(r, x)
+                if not isinstance(noise_t, torch.Tensor) or tuple(noise_t.shape) != shape:
+                    raise ValueError(f"noise_sampler must return a tensor of shape {shape}")
+            step_fn(table, i, x, y, cond_out, uncond_out, hist, r.hist_write, r.eval_at == "y",
+                    r.out_x is not None, r.out_y is not None, noise_t, seed, r.noise_id,
+                    model_in if writes_next[i] else None, (rows[i + 1].eval_at == "y") if writes_next[i] else False,
+                    bad_row)
+            model_in_ready = writes_next[i]
+            step_done = i + 1 == len(rows) or rows[i + 1].step != r.step
+            if step_done:
+                n = r.step
+                if inpaint is not None:
+                    a, s = float(self.grid.alpha[n + 1]), float(self.grid.sigma[n + 1])
+                    x.copy_(torch.where(mask > 0.5, a * known + s * base_noise, x) if mask.dtype == torch.bool
+                            else mask * (a * known + s * base_noise) + (1 - mask) * x)
+                if check_finite == "step" and int(bad_row.item()):
+                    self._raise_nonfinite(int(bad_row.item()))
+                if callback is not None:
+                    callback({"step": n, "x": x, "sigma": float(self.grid.sigma[n + 1]),
+                              "alpha": float(self.grid.alpha[n + 1]), "t": float(self.grid.t[n + 1])})
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        if bad_row is not None and int(bad_row.item()):
+            self._raise_nonfinite(int(bad_row.item()))
+        return x
+
+    def _check_model_output(self, out: torch.Tensor, shape, row: int):
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"model output at row {row} has shape {tuple(out.shape)}, expected {tuple(shape)} "
+                             "(the shape of its input)")
+        if not out.is_floating_point():
+            raise TypeError(f"model output must be floating point, got {out.dtype}")
+
+    def _raise_nonfinite(self, flag: int):
+        r = self.program.rows[flag - 1]
+        raise FloatingPointError(
+            f"non-finite values (NaN/Inf) in the sample at step {r.step} (row {flag - 1}, noise level "
+            f"sigma={r.point.sigma if r.point else float('nan'):.4g}): the model output or the solver "
+            "diverged; pass check_finite='off' to get the values anyway")
+
+
+def sample(model: Callable, noise: torch.Tensor, *, solver: Union[str, Solver] = "dpmpp_2m", steps: int = 20,
+           schedule: Optional[Schedule] = None, grid: Optional[Grid] = None, spacing: str = "auto",
+           final: str = "zero", prediction: str = "epsilon", guidance=None,
+           solver_options: Optional[dict] = None, state_dtype: torch.dtype = torch.float32,
+           grid_options: Optional[dict] = None, **run_options) -> torch.Tensor:
+    """Sample with ``solver`` from ``model(x, t, **kwargs)`` starting at ``noise`` (standard normal).
+
+    schedule/steps/spacing/final build the grid (or pass ``grid``); ``prediction`` is what the
+    model outputs (epsilon / sample / v_prediction / flow / score); ``guidance`` a CFG scale or a
+    ``fastdiff.Guidance`` with ``cond``/``uncond`` kwarg dicts for the two passes. Run options:
+    ``cond``, ``uncond``, ``model_kwargs``, ``generator`` / ``seed`` (Philox noise),
+    ``noise_sampler``, ``callback``, ``progress``, ``backend``, ``model_dtype``,
+    ``inpaint=(known, mask)``, ``check_finite``. Returns the float32 (state_dtype) sample.
+    """
+    if isinstance(noise, torch.Tensor):
+        dev = noise.device
+    else:
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    s = Sampler.build(solver=solver, steps=steps, schedule=schedule, grid=grid, spacing=spacing, final=final,
+                      prediction=prediction, guidance=guidance, solver_options=solver_options, device=dev,
+                      state_dtype=state_dtype, **(grid_options or {}))
+    return s(model, noise, **run_options)

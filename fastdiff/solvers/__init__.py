@@ -1,0 +1,9 @@
+"""Solvers: each turns a sampling grid into a coefficient program (see fastdiff.program).
+
+Importing this package registers every solver; ``get_solver(name, **options)`` builds one and
+``SOLVERS`` lists them. A new solver is a new module here with a ``@register``-ed class.
+"""
+from .base import SOLVERS, Solver, get_solver, register  # noqa: F401
+from . import exponential, runge_kutta, stochastic  # noqa: F401  (registration)
+
+__all__ = ["SOLVERS", "Solver", "get_solver", "register"]

@@ -1,0 +1,141 @@
+"""Solver base class, registry and the small pieces of math solvers share.
+
+A solver turns a Grid into a list of ``Row`` s (fastdiff.program). It never touches a tensor:
+the rows are float64 numbers computed once on the host, executed later by a fused kernel.
+
+Conventions every solver follows:
+
+* The state x lives in the schedule's native space, x = alpha*x0 + sigma*eps.
+* ``h`` (the row's quantity, stored in history) is written as ``q_y * E + q_x0 * x0`` where E
+  is the point the model was evaluated at.
+* Runge-Kutta-type solvers (Euler, Heun, RK4, LMS, DPM-2) integrate the probability-flow ODE
+  ``dy/ds = (y - x0) / s`` in coordinates y = x/c, s = sigma/c with c = alpha ("ve": k-diffusion
+  and EDM) or c = alpha + sigma ("flow": rectified flow). Exponential integrators (DDIM, DPM-Solver,
+  UniPC) are invariant to that choice and use (alpha, sigma, lambda) directly.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Dict, List, Optional, Type
+
+import numpy as np
+
+from ..program import Out, Point, Row
+from ..schedules import Grid
+
+SOLVERS: Dict[str, Type["Solver"]] = {}
+ODE_SPACES = ("ve", "flow")
+
+
+def register(*names: str):
+    def deco(cls):
+        for n in names:
+            if n in SOLVERS:
+                raise RuntimeError(f"solver name {n!r} registered twice")
+            SOLVERS[n] = cls
+        cls.name = names[0]
+        return cls
+    return deco
+
+
+def get_solver(name, **options) -> "Solver":
+    """A solver by name (or an instance, returned as is)."""
+    if isinstance(name, Solver):
+        if options:
+            raise ValueError("options given together with a solver instance")
+        return name
+    if not isinstance(name, str) or name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; available: {', '.join(sorted(SOLVERS))}")
+    cls = SOLVERS[name]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        allowed = [p for p in params if p != "self"]
+        raise ValueError(f"solver {name!r} has no option(s) {unknown}; its options: {allowed or 'none'}")
+    return cls(**options)
+
+
+class Solver:
+    """Subclasses set ``order``, ``stochastic``, ``num_slots`` and implement ``rows(grid)``."""
+
+    name = "?"
+    order = 1
+    stochastic = False
+    num_slots = 0
+
+    def rows(self, grid: Grid) -> List[Row]:
+        raise NotImplementedError
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared math
+
+
+def grid_point(grid: Grid, i: int) -> Point:
+    return Point(float(grid.t[i]), float(grid.alpha[i]), float(grid.sigma[i]), float(grid.model_t[i]))
+
+
+def ode_scale(space: str, alpha: float, sigma: float) -> float:
+    """c of the ODE coordinates y = x/c, s = sigma/c."""
+    return alpha if space == "ve" else alpha + sigma
+
+
+def ode_s(space: str, alpha: float, sigma: float) -> float:
+    return sigma / ode_scale(space, alpha, sigma)
+
+
+def point_at_s(grid: Grid, space: str, s: float) -> Point:
+    """The off-grid point whose ODE noise level (in ``space``) is s."""
+    ks = s if space == "ve" else (math.inf if s >= 1.0 else s / (1.0 - s))
+    t, a, sg, mt = grid.point_at_ksigma(np.float64(ks))
+    return Point(float(t), float(a), float(sg), float(mt))
+
+
+def derivative_quantity(space: str, p: Point):
+    """(q_y, q_x0) of d = (y - x0)/s = E/sigma - (c/sigma) x0 at point p."""
+    c = ode_scale(space, p.alpha, p.sigma)
+    return 1.0 / p.sigma, -c / p.sigma
+
+
+def eps_quantity(p: Point):
+    """(q_y, q_x0) of eps = (E - alpha x0) / sigma."""
+    return 1.0 / p.sigma, -p.alpha / p.sigma
+
+
+def check_space(space: str, grid: Grid) -> str:
+    if space == "auto":
+        space = grid.schedule.ode_space
+    if space not in ODE_SPACES:
+        raise ValueError(f"ode_space must be 'auto', 've' or 'flow', got {space!r}")
+    if space == "ve" and not np.all(np.isfinite(grid.ksigma[:-1])):
+        raise ValueError("ode_space='ve' needs finite noise levels (alpha > 0) at every evaluated point; "
+                         "this grid starts at alpha = 0 (e.g. flow t = 1): use ode_space='flow' or t_max < 1")
+    return space
+
+
+def ancestral_step(s: float, s_next: float, eta: float = 1.0):
+    """k-diffusion's get_ancestral_step: (s_down, s_up) splitting the step into a deterministic
+    part down to s_down and fresh noise of std s_up."""
+    if not eta:
+        return s_next, 0.0
+    s_up = min(s_next, eta * math.sqrt(max(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2, 0.0)))
+    s_down = math.sqrt(max(s_next ** 2 - s_up ** 2, 0.0))
+    return s_down, s_up
+
+
+def check_eta(eta: float, name: str = "eta") -> float:
+    eta = float(eta)
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {eta}")
+    return eta
+
+
+def check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -1,0 +1,112 @@
+"""Stochastic samplers in the ODE coordinates (y = x/c, s = sigma/c): Euler ancestral, and the
+reverse SDE dy = 2 (y - x0)/s ds + sqrt(2 s) dW solved by Euler-Maruyama and by stochastic Heun.
+
+For the SDE solvers the last step to s = 0 returns the denoised estimate x0 (Song et al.'s
+"noise removal" step): the SDE's diffusion does not vanish there.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+from ..program import Out, Row
+from ..schedules import Grid
+from .base import (Solver, ancestral_step, check_eta, check_space, derivative_quantity, grid_point, ode_scale,
+                   ode_s, register)
+
+
+class _ODESpaceSolver(Solver):
+    stochastic = True
+
+    def _space(self, grid: Grid) -> str:
+        space = check_space(self.ode_space, grid)
+        if space != "ve":
+            raise ValueError(f"{self.name} is defined in the 've' coordinates (x/alpha, sigma/alpha); "
+                             "pass ode_space='ve' with a grid whose noise levels are finite")
+        return space
+
+    def _step_geometry(self, grid: Grid, n: int, space: str):
+        p0, p1 = grid_point(grid, n), grid_point(grid, n + 1)
+        s0, s1 = ode_s(space, p0.alpha, p0.sigma), ode_s(space, p1.alpha, p1.sigma)
+        c0, c1 = ode_scale(space, p0.alpha, p0.sigma), ode_scale(space, p1.alpha, p1.sigma)
+        return p0, p1, s0, s1, c0, c1
+
+
+@register("euler_ancestral")
+class EulerAncestral(_ODESpaceSolver):
+    """k-diffusion sample_euler_ancestral: Euler down to s_down, then fresh noise of std s_up."""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
+        self.eta = check_eta(eta)
+        self.s_noise = check_eta(s_noise, "s_noise")
+        self.ode_space = ode_space
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+
+    def rows(self, grid: Grid) -> List[Row]:
+        space = self._space(grid)
+        rows = []
+        for n in range(grid.steps):
+            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            s_down, s_up = ancestral_step(s0, s1, self.eta)
+            qy, qx0 = derivative_quantity(space, p0)
+            z = c1 * s_up * self.s_noise if s1 > 0 else 0.0
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
+                            out_x=Out(x=c1 / c0, h=c1 * (s_down - s0), z=z),
+                            noise_id=n if z else -1, next_eval="x"))
+        return rows
+
+
+@register("euler_maruyama")
+class EulerMaruyama(_ODESpaceSolver):
+    """Euler-Maruyama on the reverse SDE: y' = y + 2 d ds + sqrt(2 s |ds|) z."""
+
+    def __init__(self, ode_space: str = "auto"):
+        self.ode_space = ode_space
+
+    def rows(self, grid: Grid) -> List[Row]:
+        space = self._space(grid)
+        rows = []
+        for n in range(grid.steps):
+            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            if s1 == 0.0:  # noise removal: y' = x0 = y - s d
+                qy, qx0 = derivative_quantity(space, p0)
+                rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
+                                out_x=Out(x=c1 / c0, h=-c1 * s0), next_eval="x"))
+                continue
+            ds = s1 - s0
+            qy, qx0 = derivative_quantity(space, p0)
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
+                            out_x=Out(x=c1 / c0, h=2.0 * c1 * ds, z=c1 * math.sqrt(-2.0 * s0 * ds)),
+                            noise_id=n, next_eval="x"))
+        return rows
+
+
+@register("heun_sde")
+class HeunSDE(_ODESpaceSolver):
+    """Stochastic Heun on the reverse SDE: an Euler-Maruyama predictor, then the average of the
+    drifts at both ends with the same noise draw."""
+
+    num_slots = 1
+
+    def __init__(self, ode_space: str = "auto"):
+        self.ode_space = ode_space
+
+    def rows(self, grid: Grid) -> List[Row]:
+        space = self._space(grid)
+        rows = []
+        for n in range(grid.steps):
+            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            qy, qx0 = derivative_quantity(space, p0)
+            if s1 == 0.0:
+                rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
+                                out_x=Out(x=c1 / c0, h=-c1 * s0), next_eval="x"))
+                continue
+            ds = s1 - s0
+            g = math.sqrt(-2.0 * s0 * ds)
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0, hist_write=0,
+                            out_y=Out(x=c1 / c0, h=2.0 * c1 * ds, z=c1 * g), noise_id=n, next_eval="y"))
+            qy1, qx01 = derivative_quantity(space, p1)
+            rows.append(Row(step=n, eval_at="y", point=p1, q_y=qy1, q_x0=qx01,
+                            out_x=Out(x=c1 / c0, h=c1 * ds, z=c1 * g, hist=((0, c1 * ds),)),
+                            noise_id=n, next_eval="x"))
+        return rows
