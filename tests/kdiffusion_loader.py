@@ -1,0 +1,32 @@
+"""Import ``k_diffusion.sampling`` without k-diffusion's package ``__init__``.
+
+The package ``__init__`` pulls in torchvision, scikit-image and more, which do not import beside
+this torch; ``sampling`` itself only needs ``k_diffusion.utils``, whose one torchvision import is
+unused by the sampling code. So: stub the torchvision modules and register an empty
+``k_diffusion`` package pointing at the installed folder, then import the submodule.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+
+def load_kdiffusion_sampling():
+    """The ``k_diffusion.sampling`` module (pytest.skip if k-diffusion is not installed)."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        import pytest
+        pytest.skip("k-diffusion is not installed")
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    if "k_diffusion" not in sys.modules:
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["k_diffusion"] = pkg
+    return importlib.import_module("k_diffusion.sampling")
