@@ -14,13 +14,14 @@ import types
 
 
 def load_kdiffusion_sampling():
-    """The ``k_diffusion.sampling`` module (pytest.skip if k-diffusion is not installed)."""
+    """The ``k_diffusion.sampling`` module; skips the calling test (or, called at import time,
+    the whole test module) if k-diffusion is not installed."""
     if "k_diffusion.sampling" in sys.modules:
         return sys.modules["k_diffusion.sampling"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         import pytest
-        pytest.skip("k-diffusion is not installed")
+        pytest.skip("k-diffusion is not installed", allow_module_level=True)
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
