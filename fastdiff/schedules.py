@@ -305,36 +305,40 @@ class Grid:
         return t, a, s, self.schedule.model_time(t)
 
     @classmethod
-    def from_ksigmas(cls, schedule: Schedule, ksigmas, model_t=None) -> "Grid":
+    def from_ksigmas(cls, schedule: Schedule, ksigmas, model_t=None, final: str = "none") -> "Grid":
         ks = _as_f64(ksigmas)
         t, a, s = schedule.point_at_ksigma(ks)
         clean = ks == 0
         a = np.where(clean, 1.0, a)
         s = np.where(clean, 0.0, s)
         mt = schedule.model_time(t) if model_t is None else _as_f64(model_t)
-        return cls(schedule, t, a, s, mt)
+        return cls._with_final(schedule, t, a, s, mt, final)
 
     @classmethod
     def from_times(cls, schedule: Schedule, t, final: str = "zero") -> "Grid":
         t = _as_f64(t)
         a, s = schedule.alpha_sigma(t)
-        grid = cls(schedule, t, a, s, schedule.model_time(t))
-        return grid.with_final(final)
+        return cls._with_final(schedule, t, a, s, schedule.model_time(t), final)
 
     def with_final(self, final: str) -> "Grid":
         """Append the last point: ``"zero"`` (clean data, sigma = 0), ``"sigma_min"`` (the
         schedule's smallest noise level) or ``"none"`` (the grid already ends where it should)."""
+        return self._with_final(self.schedule, self.t, self.alpha, self.sigma, self.model_t, final)
+
+    @classmethod
+    def _with_final(cls, schedule: Schedule, t, alpha, sigma, model_t, final: str) -> "Grid":
+        # Appends before building, so a 1-point grid plus its final point is a valid 1-step grid.
         if final == "none":
-            return self
+            return cls(schedule, t, alpha, sigma, model_t)
         if final == "zero":
-            t_f, a_f, s_f = self.schedule.t_min, 1.0, 0.0
+            t_f, a_f, s_f = schedule.t_min, 1.0, 0.0
         elif final == "sigma_min":
-            t_f = self.schedule.t_min
-            a_f, s_f = (float(v) for v in self.schedule.alpha_sigma(t_f))
+            t_f = schedule.t_min
+            a_f, s_f = (float(v) for v in schedule.alpha_sigma(t_f))
         else:
             raise ValueError(f"final must be 'zero', 'sigma_min' or 'none', got {final!r}")
-        return Grid(self.schedule, np.append(self.t, t_f), np.append(self.alpha, a_f),
-                    np.append(self.sigma, s_f), np.append(self.model_t, self.schedule.model_time(t_f)))
+        return cls(schedule, np.append(t, t_f), np.append(alpha, a_f),
+                   np.append(sigma, s_f), np.append(model_t, schedule.model_time(t_f)))
 
 
 def karras_ksigmas(n: int, ks_min: float, ks_max: float, rho: float = 7.0) -> np.ndarray:
@@ -392,8 +396,7 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
         n = steps if final != "none" else steps + 1
         ks = (karras_ksigmas(n, ks_lo, ks_hi, rho) if spacing == "karras"
               else exponential_ksigmas(n, ks_lo, ks_hi))
-        grid = Grid.from_ksigmas(schedule, ks)
-        return grid.with_final(final)
+        return Grid.from_ksigmas(schedule, ks, final=final)
 
     n = steps if final != "none" else steps + 1
     u = np.linspace(0.0, 1.0, n)

@@ -1,0 +1,40 @@
+"""Textbook samplers: each foundation solver written as its paper and the diffusers/k-diffusion
+code state it, step by step on tensors in plain PyTorch. They are the oracles the coefficient
+programs (fastdiff.solvers) are tested against, so they never import fastdiff.solvers,
+fastdiff.program or fastdiff.ops.
+
+Signature (k-diffusion style): ``fn(model, x, grid, prediction, noise=None, **options)``
+
+* ``model(x, t)`` returns ``prediction`` (epsilon / sample / v_prediction / flow / score) at the
+  schedule's native x = alpha*x0 + sigma*eps, with t the grid's model time (a [B] tensor);
+* ``x`` is the starting state at grid point 0 (already scaled: noise * init scale);
+* ``noise``: the Gaussian draws of the stochastic samplers, one per step (a list indexed by step,
+  or a callable ``step -> tensor``);
+* options are named like the solver's options (eta, s_noise, variance, lower_order_final, ode_space).
+
+``ORACLES`` maps each solver name to its textbook function. Use ``guided`` for CFG.
+"""
+from .common import ODECoordinates, denoise, guided  # noqa: F401
+from .ddpm_ddim import sample_ddim, sample_ddpm
+from .dpm_solver import sample_dpmpp_2m
+from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
+from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
+
+ORACLES = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "midpoint": sample_midpoint,
+    "ralston": sample_ralston,
+    "rk3": sample_rk3,
+    "rk4": sample_rk4,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpm_solver++_2m": sample_dpmpp_2m,
+    "euler_ancestral": sample_euler_ancestral,
+    "euler_maruyama": sample_euler_maruyama,
+    "heun_sde": sample_heun_sde,
+}
+
+__all__ = ["ORACLES", "guided", "denoise", "ODECoordinates"] + sorted(
+    {f.__name__ for f in ORACLES.values()})
