@@ -53,7 +53,8 @@ def load_extension():
 
 
 class CpuBackend(Backend):
-    """fastdiff._C: C++ with OpenMP and SIMD, CPU tensors, float32 state, fp32/fp16/bf16 model dtype."""
+    """fastdiff._C: C++ with OpenMP and SIMD, CPU tensors, float32 state (x, y, hist), model
+    outputs / noise / model input in float32, float16, bfloat16 or float64."""
 
     name = "cpu"
 
@@ -74,19 +75,25 @@ class CpuBackend(Backend):
         if state_dtype is not None and state_dtype != torch.float32:
             reasons.append(f"cpu backend keeps the state in float32, got {state_dtype}")
         for t in tensors:
+            # float64 is the coefficient table's dtype, and a model dtype the kernel converts.
             if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES and t.dtype != torch.float64:
-                reasons.append(f"cpu backend supports float32/float16/bfloat16, got {t.dtype}")
+                reasons.append(f"cpu backend supports float32/float16/bfloat16/float64, got {t.dtype}")
                 break
         return reasons
 
-    def fused_step(self, *args):
-        load_extension().fused_step(*args)
+    @property
+    def fused_step(self):
+        """The bound C++ function itself (no Python frame per step); arguments in the order of
+        fastdiff.ops.reference.fused_step, all positional:
+        (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
+         noise, seed, noise_id, model_in, model_in_from_y, bad_row)."""
+        return load_extension().fused_step
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):
         return load_extension().cfg_combine(cond, uncond, float(scale), out_dtype or cond.dtype)
 
     def philox_normal(self, shape, seed, noise_id, device):
-        return load_extension().philox_normal(list(shape), seed, noise_id)
+        return load_extension().philox_normal([int(s) for s in shape], int(seed), int(noise_id))
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}

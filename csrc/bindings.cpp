@@ -1,0 +1,81 @@
+// pybind11 module fastdiff._C. Signatures mirror fastdiff.ops.reference (see csrc/ops.h).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// seed is only read when the kernel draws Philox noise; any Python int is accepted otherwise
+// (as the reference does), and a seed outside [0, 2**64) is a ValueError when it is used.
+uint64_t seed_arg(const py::handle& seed, bool used) {
+  if (!used) return 0;
+  if (!PyLong_Check(seed.ptr())) throw py::type_error("fastdiff._C: seed must be an int");
+  const unsigned long long v = PyLong_AsUnsignedLongLong(seed.ptr());
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error("fastdiff._C: seed must be an int in [0, 2**64)");
+  }
+  return (uint64_t)v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdiff C++ CPU kernels (OpenMP + SIMD): fused solver step, CFG, Philox noise";
+
+  m.def(
+      "fused_step",
+      [](const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
+         const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
+         const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x, bool write_y,
+         const std::optional<at::Tensor>& noise, py::handle seed, int64_t noise_id,
+         const std::optional<at::Tensor>& model_in, bool model_in_from_y, const std::optional<at::Tensor>& bad_row) {
+        const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
+        py::gil_scoped_release nogil;
+        fastdiff::fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, s,
+                             noise_id, model_in, model_in_from_y, bad_row);
+      },
+      py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
+      py::arg("hist"), py::arg("hist_write"), py::arg("eval_y"), py::arg("write_x"), py::arg("write_y"),
+      py::arg("noise"), py::arg("seed"), py::arg("noise_id"), py::arg("model_in"), py::arg("model_in_from_y"),
+      py::arg("bad_row"),
+      "One row of a coefficient program, in place on x, y, hist, model_in and bad_row "
+      "(semantics: fastdiff.ops.reference.fused_step). x, y, hist: float32; cond/uncond/noise/model_in: "
+      "float32, float16, bfloat16 or float64.");
+
+  m.def(
+      "cfg_combine",
+      [](const at::Tensor& cond, const std::optional<at::Tensor>& uncond, double g, at::ScalarType out_dtype) {
+        py::gil_scoped_release nogil;
+        return fastdiff::cfg_combine(cond, uncond, g, out_dtype);
+      },
+      py::arg("cond"), py::arg("uncond"), py::arg("g"), py::arg("out_dtype"),
+      "uncond + g * (cond - uncond) (cond if uncond is None) in float32 (float64 for float64 inputs), "
+      "as a new contiguous tensor of out_dtype.");
+
+  m.def(
+      "philox_normal",
+      [](const std::vector<int64_t>& shape, py::handle seed, int64_t noise_id) {
+        const uint64_t s = seed_arg(seed, true);
+        py::gil_scoped_release nogil;
+        return fastdiff::philox_normal(shape, s, noise_id);
+      },
+      py::arg("shape"), py::arg("seed"), py::arg("noise_id"),
+      "Standard normal float32 noise (fastdiff.ops.philox.philox_normal).");
+
+  m.def(
+      "philox_uint32",
+      [](int64_t numel, py::handle seed, int64_t noise_id) {
+        const uint64_t s = seed_arg(seed, true);
+        py::gil_scoped_release nogil;
+        return fastdiff::philox_uint32(numel, s, noise_id);
+      },
+      py::arg("numel"), py::arg("seed"), py::arg("noise_id"),
+      "The raw Philox words: int64 [ceil(numel/4), 4] (fastdiff.ops.philox.philox_uint32).");
+
+  m.def(
+      "build_info", []() { return fastdiff::build_info(); },
+      "What was built: compiler, -march, SIMD width, OpenMP, block sizes.");
+}

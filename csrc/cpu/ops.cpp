@@ -1,0 +1,634 @@
+// CPU kernels of fastdiff._C: the fused step, CFG and Philox noise, OpenMP over blocks + SIMD
+// loops inside a block. The per-element math is csrc/step_math.h; this file only moves data.
+//
+// Layout: the kernels run over flat float32 pointers. A call whose tensors are all contiguous
+// (the common case) runs in place directly. If every tensor is dense with the same strides as
+// x (e.g. all channels-last) and no Philox noise is drawn, the kernel runs in memory order,
+// which is valid for an elementwise op. Any other mix of layouts runs on contiguous copies, and
+// the in-place outputs are copied back through their strides. Philox noise is indexed by the
+// logical row-major index, so it runs only on contiguous (or copied) data.
+//
+// Blocks: BLK elements (a multiple of 4, so a block holds whole Philox groups). Inside a block
+// every input is read (and converted to float32 in L1 buffers) before any output element is
+// stored, so in-place updates see the old values. Threads take contiguous runs of blocks;
+// tensors with fewer than SERIAL_MAX elements run on the calling thread (no OpenMP fork).
+#include "../ops.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../step_math.h"
+#include "convert.h"
+
+namespace fastdiff {
+namespace cpu {
+
+namespace m = fastdiff::math;
+
+constexpr int64_t BLK = 512;            // elements per block (multiple of 4 and of 16)
+constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
+constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
+
+alignas(64) static const float kZeros[BLK] = {};
+
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch helpers
+// ---------------------------------------------------------------------------------------------
+static bool to_dt(at::ScalarType s, DT& dt) {
+  switch (s) {
+    case at::kFloat: dt = DT::F32; return true;
+    case at::kHalf: dt = DT::F16; return true;
+    case at::kBFloat16: dt = DT::BF16; return true;
+    case at::kDouble: dt = DT::F64; return true;
+    default: return false;
+  }
+}
+
+static int64_t dt_size(DT dt) { return dt == DT::F64 ? 8 : dt == DT::F32 ? 4 : 2; }
+
+using LoadFn = void (*)(const void* src, float* dst, int64_t n);
+using StoreFn = void (*)(const float* src, void* dst, int64_t n);
+
+template <class T>
+static void load_t(const void* s, float* d, int64_t n) { Conv<T>::load(static_cast<const T*>(s), d, n); }
+template <class T>
+static void store_t(const float* s, void* d, int64_t n) { Conv<T>::store(s, static_cast<T*>(d), n); }
+
+static LoadFn load_fn(DT dt) {
+  switch (dt) {
+    case DT::F32: return load_t<float>;
+    case DT::F16: return load_t<c10::Half>;
+    case DT::BF16: return load_t<c10::BFloat16>;
+    default: return load_t<double>;
+  }
+}
+static StoreFn store_fn(DT dt) {
+  switch (dt) {
+    case DT::F32: return store_t<float>;
+    case DT::F16: return store_t<c10::Half>;
+    case DT::BF16: return store_t<c10::BFloat16>;
+    default: return store_t<double>;
+  }
+}
+
+// D of n elements from typed cond/uncond (offset in elements). float64 inputs combine in float64
+// (as the reference does: the combine runs in the inputs' precision), others in float32.
+static void cfg_block(const void* c, const void* u, DT dt, int64_t off, int64_t n, float g, double g64,
+                      LoadFn load, float* d, float* tmp) {
+  if (dt == DT::F64) {
+    const double* cp = static_cast<const double*>(c) + off;
+    if (u == nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) d[i] = (float)cp[i];
+      return;
+    }
+    const double* up = static_cast<const double*>(u) + off;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = (float)(up[i] + g64 * (cp[i] - up[i]));
+    return;
+  }
+  const int64_t es = dt_size(dt);
+  load(static_cast<const char*>(c) + off * es, d, n);
+  if (u == nullptr) return;
+  load(static_cast<const char*>(u) + off * es, tmp, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = m::cfg_combine(d[i], tmp[i], g);
+}
+
+// Philox normals of the n elements starting at logical index s (s % 4 == 0), into z.
+static void philox_block(int64_t s, int64_t n, uint64_t seed, uint32_t noise_id, float* z) {
+  const uint64_t g0 = (uint64_t)s >> 2;
+  const int64_t G = (n + 3) >> 2;
+#pragma omp simd
+  for (int64_t t = 0; t < G; ++t) {
+    float a, b, c, d;
+    m::philox_normal4(g0 + (uint64_t)t, seed, noise_id, a, b, c, d);
+    z[4 * t + 0] = a;
+    z[4 * t + 1] = b;
+    z[4 * t + 2] = c;
+    z[4 * t + 3] = d;
+  }
+}
+
+// Run blocks [0, nblocks) of fn(block_index) -> uint32 flags, serial for small work, else
+// contiguous runs of blocks per thread; returns the OR of the flags.
+template <class F>
+static uint32_t for_blocks(int64_t numel, int64_t block, F fn) {
+  const int64_t nblocks = (numel + block - 1) / block;
+  const int nt = at::get_num_threads();
+  uint32_t flags = 0;
+  if (numel < SERIAL_MAX || nt <= 1 || nblocks < 2) {
+    for (int64_t b = 0; b < nblocks; ++b) flags |= fn(b);
+    return flags;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : flags)
+  for (int64_t b = 0; b < nblocks; ++b) flags |= fn(b);
+  return flags;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused step over flat pointers
+// ---------------------------------------------------------------------------------------------
+struct StepKernel {
+  int64_t numel;
+  float* x;
+  float* y;                       // nullptr if absent
+  const void* cond;               // nullptr: the row does not use the model
+  const void* uncond;             // nullptr: no CFG
+  DT cdt;
+  LoadFn cload;
+  const void* noise;              // nullptr: none, or Philox if philox
+  DT ndt;
+  LoadFn nload;
+  bool philox;
+  uint64_t seed;
+  uint32_t noise_id;
+  float* hist;                    // slot j at hist + j * hist_slot
+  int64_t hist_slot;
+  int K;
+  int hist_write;
+  bool eval_y, write_x, write_y;
+  void* model_in;                 // half h at model_in + h * mi_half (elements of mdt)
+  DT mdt;
+  StoreFn mstore;
+  int halves;
+  int64_t mi_half;
+  bool mi_from_y;
+  bool check;
+  m::RowCoefs k;
+
+  // One output (coefficients o) of n elements into dst (dst may be x itself: read in place).
+  inline void output(const m::OutCoefs& o, float* dst, const float* X, const float* E, const float* h,
+                     const float* Z, int64_t s, int64_t n) const {
+    const float ax = o.x, ay = o.y, ah = o.h, az = o.z;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = m::out_base(ax, X[i], ay, E[i], ah, h[i]);
+    if (Z != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dst[i] = m::out_add(dst[i], az, Z[i]);
+    }
+    for (int j = 0; j < K; ++j) {
+      const float a = o.hist[j];
+      const float* Hj = hist + j * hist_slot + s;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dst[i] = m::out_add(dst[i], a, Hj[i]);
+    }
+  }
+
+  static inline uint32_t nonfinite_any(const float* v, int64_t n) {
+    uint32_t acc = 0;
+#pragma omp simd reduction(| : acc)
+    for (int64_t i = 0; i < n; ++i) acc |= m::nonfinite(v[i]);
+    return acc;
+  }
+
+  // Block b: elements [s, s + n). Returns 1 if a written x/y value is not finite (if check).
+  uint32_t block(int64_t b) const {
+    const int64_t s = b * BLK;
+    const int64_t n = std::min(BLK, numel - s);
+    alignas(64) float hb[BLK];
+    alignas(64) float db[BLK];
+    alignas(64) float zb[BLK];
+    alignas(64) float yb[BLK];
+
+    float* X = x + s;
+    const float* E = eval_y ? y + s : X;
+
+    // h = q_y E + q_d D, D = CFG of the model outputs (h = 0 without a model call)
+    const float* h = kZeros;
+    if (cond != nullptr) {
+      const float qy = k.qy, qd = k.qd, g = k.g;
+      if (cdt == DT::F32) {
+        const float* C = static_cast<const float*>(cond) + s;
+        if (uncond != nullptr) {
+          const float* U = static_cast<const float*>(uncond) + s;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, m::cfg_combine(C[i], U[i], g));
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, C[i]);
+        }
+      } else {
+        cfg_block(cond, uncond, cdt, s, n, g, (double)g, cload, db, zb);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, db[i]);
+      }
+      h = hb;
+    }
+
+    // z: the given noise, Philox, or none
+    const float* Z = nullptr;
+    if (noise != nullptr) {
+      if (ndt == DT::F32) {
+        Z = static_cast<const float*>(noise) + s;
+      } else {
+        nload(static_cast<const char*>(noise) + s * dt_size(ndt), zb, n);
+        Z = zb;
+      }
+    } else if (philox) {
+      philox_block(s, n, seed, noise_id, zb);
+      Z = zb;
+    }
+
+    // Outputs: y into a buffer first (it reads the old x), then x in place (its base pass reads
+    // X and E element by element before writing that element; E is the old y, not yet stored).
+    if (write_y) output(k.oy, yb, X, E, h, Z, s, n);
+    if (write_x) output(k.ox, X, X, E, h, Z, s, n);
+
+    // Stores
+    if (hist_write >= 0) {
+      float* Hw = hist + hist_write * hist_slot + s;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) Hw[i] = h[i];
+    }
+    float* Y = write_y ? y + s : nullptr;
+    if (write_y) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) Y[i] = yb[i];
+    }
+    uint32_t bad = 0;
+    if (check) {
+      if (write_x) bad |= nonfinite_any(X, n);
+      if (write_y) bad |= nonfinite_any(yb, n);
+    }
+    if (model_in != nullptr) {
+      const float* src = mi_from_y ? yb : X;
+      const float s_in = k.s_in;
+      if (mdt == DT::F32) {
+        for (int hh = 0; hh < halves; ++hh) {
+          float* dst = static_cast<float*>(model_in) + hh * mi_half + s;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dst[i] = m::model_input(s_in, src[i]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) db[i] = m::model_input(s_in, src[i]);
+        const int64_t es = dt_size(mdt);
+        for (int hh = 0; hh < halves; ++hh) mstore(db, static_cast<char*>(model_in) + (hh * mi_half + s) * es, n);
+      }
+    }
+    return bad;
+  }
+
+  uint32_t run() const {
+    return for_blocks(numel, BLK, [this](int64_t b) { return block(b); });
+  }
+};
+
+}  // namespace cpu
+
+// ---------------------------------------------------------------------------------------------
+// at::Tensor entry points: checks, layout, coefficients
+// ---------------------------------------------------------------------------------------------
+using cpu::DT;
+
+static std::string shape_str(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+static void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastdiff._C: ", name, " must be a CPU tensor, got a tensor on ", t.device());
+}
+
+static DT check_model_dtype(const at::Tensor& t, const char* name) {
+  DT dt;
+  TORCH_CHECK_TYPE(cpu::to_dt(t.scalar_type(), dt), "fastdiff._C: ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  return dt;
+}
+
+static void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fastdiff._C: ", name, " must have the shape of x ", shape_str(x.sizes()),
+                    ", got ", shape_str(t.sizes()));
+}
+
+static bool same_strides_as(const at::Tensor& t, at::IntArrayRef xs) { return t.strides() == xs; }
+
+void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
+                const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
+                const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x,
+                bool write_y, const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
+                const std::optional<at::Tensor>& model_in, bool model_in_from_y,
+                const std::optional<at::Tensor>& bad_row) {
+  // ---- checks (all before any write) ----
+  check_cpu(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._C.fused_step: x (the state) must be float32 on the cpu "
+                   "backend, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastdiff._C.fused_step: x must have a batch dimension, got a 0-d tensor");
+  check_cpu(table, "table");
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kDouble, "fastdiff._C.fused_step: table must be float64, got ",
+                   table.scalar_type());
+  TORCH_CHECK_VALUE(table.dim() == 2, "fastdiff._C.fused_step: table must be 2-D [rows, columns], got shape ",
+                    shape_str(table.sizes()));
+  TORCH_CHECK_VALUE(row >= 0 && row < table.size(0), "fastdiff._C.fused_step: row must be in [0, ", table.size(0),
+                    "), got ", row);
+  int64_t K = 0;
+  if (hist) {
+    const at::Tensor& H = *hist;
+    check_cpu(H, "hist");
+    TORCH_CHECK_TYPE(H.scalar_type() == at::kFloat, "fastdiff._C.fused_step: hist must be float32 (the state dtype), got ",
+                     H.scalar_type());
+    TORCH_CHECK_VALUE(H.dim() == x.dim() + 1 && H.sizes().slice(1) == x.sizes(),
+                      "fastdiff._C.fused_step: hist must have shape [K, ", shape_str(x.sizes()).substr(1), ", got ",
+                      shape_str(H.sizes()));
+    K = H.size(0);
+  }
+  const int64_t width = 3 + 2 * (4 + K) + 1;
+  TORCH_CHECK_VALUE(table.size(1) == width, "fastdiff._C.fused_step: table has ", table.size(1), " columns; ", K,
+                    " history slots need ", width);
+  TORCH_CHECK_VALUE(hist_write >= -1 && hist_write < K, "fastdiff._C.fused_step: hist_write must be -1 or a slot in [0, ",
+                    K, "), got ", hist_write);
+  if (y) {
+    check_cpu(*y, "y");
+    TORCH_CHECK_TYPE(y->scalar_type() == at::kFloat, "fastdiff._C.fused_step: y must be float32 (the state dtype), got ",
+                     y->scalar_type());
+    check_same_shape(*y, "y", x);
+    TORCH_CHECK_VALUE(x.numel() == 0 || y->data_ptr() != x.data_ptr(),
+                      "fastdiff._C.fused_step: y must be a different buffer from x");
+  }
+  TORCH_CHECK_VALUE(y || !(eval_y || write_y || model_in_from_y),
+                    "fastdiff._C.fused_step: this row reads or writes y (eval_y/write_y/model_in_from_y), but y is None");
+  TORCH_CHECK_VALUE(write_x || write_y, "fastdiff._C.fused_step: a row must write x or y");
+  DT cdt = DT::F32;
+  if (cond) {
+    check_cpu(*cond, "cond");
+    cdt = check_model_dtype(*cond, "model output (cond)");
+    check_same_shape(*cond, "model output (cond)", x);
+  }
+  if (uncond) {
+    TORCH_CHECK_VALUE(cond.has_value(), "fastdiff._C.fused_step: uncond given without cond");
+    check_cpu(*uncond, "uncond");
+    TORCH_CHECK_TYPE(uncond->scalar_type() == cond->scalar_type(), "fastdiff._C.fused_step: uncond must have the dtype of "
+                     "cond (", cond->scalar_type(), "), got ", uncond->scalar_type());
+    check_same_shape(*uncond, "model output (uncond)", x);
+  }
+  DT ndt = DT::F32;
+  if (noise) {
+    check_cpu(*noise, "noise");
+    ndt = check_model_dtype(*noise, "noise");
+    check_same_shape(*noise, "noise", x);
+  }
+  const bool philox = !noise && noise_id >= 0;
+  if (philox)
+    TORCH_CHECK_VALUE(noise_id < (int64_t(1) << 32), "fastdiff._C.fused_step: noise_id must be < 2**32, got ", noise_id);
+  DT mdt = DT::F32;
+  int halves = 0;
+  const int64_t B = x.size(0);
+  if (model_in) {
+    const at::Tensor& M = *model_in;
+    check_cpu(M, "model_in");
+    mdt = check_model_dtype(M, "model_in");
+    TORCH_CHECK_VALUE(M.dim() == x.dim() && M.sizes().slice(1) == x.sizes().slice(1) && (M.size(0) == B || M.size(0) == 2 * B),
+                      "fastdiff._C.fused_step: model_in must have shape [", B, " or ", 2 * B, ", ",
+                      shape_str(x.sizes().slice(1)).substr(1), ", got ", shape_str(M.sizes()));
+    TORCH_CHECK_VALUE(model_in_from_y ? write_y : write_x, "fastdiff._C.fused_step: model_in is computed from the new ",
+                      model_in_from_y ? "y" : "x", ", but the row does not write it");
+    halves = B == 0 ? 0 : (int)(M.size(0) / B);
+  }
+  if (bad_row) {
+    check_cpu(*bad_row, "bad_row");
+    TORCH_CHECK_TYPE(bad_row->scalar_type() == at::kInt, "fastdiff._C.fused_step: bad_row must be int32, got ",
+                     bad_row->scalar_type());
+    TORCH_CHECK_VALUE(bad_row->numel() == 1 && bad_row->dim() == 1, "fastdiff._C.fused_step: bad_row must have shape [1], got ",
+                      shape_str(bad_row->sizes()));
+  }
+  const int64_t numel = x.numel();
+  if (numel == 0) return;
+
+  // ---- coefficients: table[row] rounded to float32 ----
+  const double* trow = table.data_ptr<double>() + row * table.stride(0);
+  const int64_t ts = table.stride(1);
+  auto col = [&](int64_t c) { return (float)trow[c * ts]; };
+  float hx_stack[cpu::MAX_K_STACK], hy_stack[cpu::MAX_K_STACK];
+  std::vector<float> hx_heap, hy_heap;
+  float* hx = hx_stack;
+  float* hy = hy_stack;
+  if (K > cpu::MAX_K_STACK) {
+    hx_heap.resize(K);
+    hy_heap.resize(K);
+    hx = hx_heap.data();
+    hy = hy_heap.data();
+  }
+  const int64_t bx = 3, by = 3 + 4 + K;
+  for (int64_t j = 0; j < K; ++j) {
+    hx[j] = col(bx + 4 + j);
+    hy[j] = col(by + 4 + j);
+  }
+  cpu::StepKernel kr{};
+  kr.k.g = col(0);
+  kr.k.qy = col(1);
+  kr.k.qd = col(2);
+  kr.k.s_in = col(width - 1);
+  kr.k.ox = {col(bx + 0), col(bx + 1), col(bx + 2), col(bx + 3), hx};
+  kr.k.oy = {col(by + 0), col(by + 1), col(by + 2), col(by + 3), hy};
+  kr.k.K = (int)K;
+
+  // ---- layout ----
+  const at::IntArrayRef xs = x.strides();
+  bool all_contig = x.is_contiguous();
+  bool same_dense = x.is_non_overlapping_and_dense() && !philox;
+  auto consider = [&](const std::optional<at::Tensor>& t) {
+    if (!t) return;
+    all_contig = all_contig && t->is_contiguous();
+    same_dense = same_dense && same_strides_as(*t, xs);
+  };
+  consider(y);
+  consider(cond);
+  consider(uncond);
+  consider(noise);
+  if (hist) {
+    all_contig = all_contig && hist->is_contiguous();
+    same_dense = same_dense && hist->strides().slice(1) == xs;
+  }
+  if (model_in) {
+    all_contig = all_contig && model_in->is_contiguous();
+    same_dense = same_dense && same_strides_as(*model_in, xs);
+  }
+  const bool direct = all_contig || same_dense;
+
+  // Operands the kernel runs on: the tensors themselves, or contiguous copies.
+  auto rd = [&](const std::optional<at::Tensor>& t) -> at::Tensor {
+    if (!t) return at::Tensor();
+    return direct ? *t : t->contiguous();
+  };
+  at::Tensor X = direct ? x : x.contiguous();
+  at::Tensor Y = rd(y), C = rd(cond), U = rd(uncond), N = rd(noise), H = rd(hist);
+  at::Tensor M;
+  if (model_in) M = (direct || model_in->is_contiguous()) ? *model_in : at::empty(model_in->sizes(), model_in->options());
+
+  kr.numel = numel;
+  kr.x = X.data_ptr<float>();
+  kr.y = Y.defined() ? Y.data_ptr<float>() : nullptr;
+  kr.cond = C.defined() ? C.data_ptr() : nullptr;
+  kr.uncond = U.defined() ? U.data_ptr() : nullptr;
+  kr.cdt = cdt;
+  kr.cload = cpu::load_fn(cdt);
+  kr.noise = N.defined() ? N.data_ptr() : nullptr;
+  kr.ndt = ndt;
+  kr.nload = cpu::load_fn(ndt);
+  kr.philox = philox;
+  kr.seed = philox ? seed : 0;
+  kr.noise_id = philox ? (uint32_t)noise_id : 0u;
+  kr.hist = H.defined() ? H.data_ptr<float>() : nullptr;
+  kr.hist_slot = H.defined() ? H.stride(0) : 0;
+  kr.K = (int)K;
+  kr.hist_write = (int)hist_write;
+  kr.eval_y = eval_y;
+  kr.write_x = write_x;
+  kr.write_y = write_y;
+  kr.model_in = M.defined() ? M.data_ptr() : nullptr;
+  kr.mdt = mdt;
+  kr.mstore = cpu::store_fn(mdt);
+  kr.halves = halves;
+  kr.mi_half = M.defined() ? B * M.stride(0) : 0;
+  kr.mi_from_y = model_in_from_y;
+  kr.check = bad_row.has_value();
+
+  const uint32_t bad = kr.run();
+
+  // ---- write back what ran on copies ----
+  if (!direct) {
+    if (write_x && !x.is_contiguous()) x.copy_(X);
+    if (write_y && !y->is_contiguous()) y->copy_(Y);
+    if (hist_write >= 0 && !hist->is_contiguous()) hist->select(0, hist_write).copy_(H.select(0, hist_write));
+  }
+  if (model_in && !M.is_same(*model_in)) model_in->copy_(M);
+  if (bad && bad_row) {
+    int32_t* br = bad_row->data_ptr<int32_t>();
+    if (*br == 0) *br = (int32_t)(row + 1);
+  }
+}
+
+at::Tensor cfg_combine(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, double g,
+                       at::ScalarType out_dtype) {
+  check_cpu(cond, "cond");
+  const DT cdt = check_model_dtype(cond, "cond");
+  if (uncond) {
+    check_cpu(*uncond, "uncond");
+    TORCH_CHECK_TYPE(uncond->scalar_type() == cond.scalar_type(), "fastdiff._C.cfg_combine: uncond must have the dtype of cond (",
+                     cond.scalar_type(), "), got ", uncond->scalar_type());
+    TORCH_CHECK_VALUE(uncond->sizes() == cond.sizes(), "fastdiff._C.cfg_combine: uncond must have the shape of cond ",
+                      shape_str(cond.sizes()), ", got ", shape_str(uncond->sizes()));
+  }
+  DT odt;
+  TORCH_CHECK_TYPE(cpu::to_dt(out_dtype, odt), "fastdiff._C.cfg_combine: out_dtype must be float32, float16, bfloat16 or "
+                   "float64, got ", out_dtype);
+  at::Tensor C = cond.contiguous();
+  at::Tensor U = uncond ? uncond->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(cond.sizes(), cond.options().dtype(out_dtype));
+  const int64_t numel = cond.numel();
+  if (numel == 0) return out;
+  const void* cp = C.data_ptr();
+  const void* up = U.defined() ? U.data_ptr() : nullptr;
+  void* op = out.data_ptr();
+  const int64_t oes = cpu::dt_size(odt);
+  const cpu::LoadFn load = cpu::load_fn(cdt);
+  const cpu::StoreFn store = cpu::store_fn(odt);
+  const float gf = (float)g;
+  cpu::for_blocks(numel, cpu::BLK, [&](int64_t b) -> uint32_t {
+    const int64_t s = b * cpu::BLK, n = std::min(cpu::BLK, numel - s);
+    alignas(64) float d[cpu::BLK];
+    alignas(64) float tmp[cpu::BLK];
+    if (cdt == DT::F64 && odt == DT::F64) {   // float64 end to end, as the reference
+      const double* c = static_cast<const double*>(cp) + s;
+      const double* u = up ? static_cast<const double*>(up) + s : nullptr;
+      double* o = static_cast<double*>(op) + s;
+      if (u) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) o[i] = u[i] + g * (c[i] - u[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) o[i] = c[i];
+      }
+      return 0;
+    }
+    cpu::cfg_block(cp, up, cdt, s, n, gf, g, load, d, tmp);
+    store(d, static_cast<char*>(op) + s * oes, n);
+    return 0;
+  });
+  return out;
+}
+
+static void check_seed(int64_t noise_id, const char* op) {
+  TORCH_CHECK_VALUE(noise_id >= 0 && noise_id < (int64_t(1) << 32), "fastdiff._C.", op,
+                    ": noise_id must be in [0, 2**32), got ", noise_id);
+}
+
+at::Tensor philox_normal(const std::vector<int64_t>& shape, uint64_t seed, int64_t noise_id) {
+  check_seed(noise_id, "philox_normal");
+  for (int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "fastdiff._C.philox_normal: shape must be non-negative, got ", shape_str(shape));
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  const int64_t numel = out.numel();
+  float* o = out.data_ptr<float>();
+  const uint32_t nid = (uint32_t)noise_id;
+  cpu::for_blocks(numel, cpu::BLK, [&](int64_t b) -> uint32_t {
+    const int64_t s = b * cpu::BLK, n = std::min(cpu::BLK, numel - s);
+    if (n == cpu::BLK) {
+      cpu::philox_block(s, n, seed, nid, o + s);
+    } else {   // the last block: whole groups into a buffer, then the n elements
+      alignas(64) float z[cpu::BLK];
+      cpu::philox_block(s, n, seed, nid, z);
+      std::copy(z, z + n, o + s);
+    }
+    return 0;
+  });
+  return out;
+}
+
+at::Tensor philox_uint32(int64_t numel, uint64_t seed, int64_t noise_id) {
+  check_seed(noise_id, "philox_uint32");
+  TORCH_CHECK_VALUE(numel >= 0, "fastdiff._C.philox_uint32: numel must be non-negative, got ", numel);
+  const int64_t G = (numel + 3) / 4;
+  at::Tensor out = at::empty({G, 4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const uint32_t nid = (uint32_t)noise_id;
+  cpu::for_blocks(G, 256, [&](int64_t b) -> uint32_t {
+    const int64_t s = b * 256, n = std::min<int64_t>(256, G - s);
+    for (int64_t t = s; t < s + n; ++t) {
+      uint32_t r0, r1, r2, r3;
+      math::philox_group((uint64_t)t, seed, nid, r0, r1, r2, r3);
+      o[4 * t] = r0;
+      o[4 * t + 1] = r1;
+      o[4 * t + 2] = r2;
+      o[4 * t + 3] = r3;
+    }
+    return 0;
+  });
+  return out;
+}
+
+#define FASTDIFF_STR2(x) #x
+#define FASTDIFF_STR(x) FASTDIFF_STR2(x)
+
+std::vector<std::pair<std::string, std::string>> build_info() {
+  std::vector<std::pair<std::string, std::string>> r;
+  r.emplace_back("compiler", "gcc " __VERSION__);
+#ifdef FASTDIFF_CPU_ARCH
+  r.emplace_back("march", FASTDIFF_STR(FASTDIFF_CPU_ARCH));
+#else
+  r.emplace_back("march", "none");
+#endif
+#if defined(__AVX512F__)
+  r.emplace_back("simd", "avx512");
+#elif defined(__AVX2__)
+  r.emplace_back("simd", "avx2");
+#else
+  r.emplace_back("simd", "sse2");
+#endif
+#ifdef _OPENMP
+  r.emplace_back("openmp", std::to_string(_OPENMP));
+#else
+  r.emplace_back("openmp", "no");
+#endif
+  r.emplace_back("block", std::to_string(cpu::BLK));
+  r.emplace_back("serial_max", std::to_string(cpu::SERIAL_MAX));
+  return r;
+}
+
+}  // namespace fastdiff

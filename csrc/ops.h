@@ -1,0 +1,37 @@
+// The ops of fastdiff._C (CPU). Semantics: fastdiff/ops/reference.py and fastdiff/ops/philox.py.
+#pragma once
+
+#include <stdint.h>
+
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace fastdiff {
+
+// One row of a coefficient program, in place on x, y, hist, model_in (and bad_row).
+// philox: draw the noise in the kernel from (seed, noise_id) (only when noise is absent and
+// noise_id >= 0; the caller passes seed = 0 otherwise).
+void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
+                const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
+                const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x,
+                bool write_y, const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
+                const std::optional<at::Tensor>& model_in, bool model_in_from_y,
+                const std::optional<at::Tensor>& bad_row);
+
+// D = uncond + g * (cond - uncond) (D = cond if uncond is absent), float32 math (float64 for
+// float64 inputs), as a new contiguous tensor of out_dtype.
+at::Tensor cfg_combine(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, double g,
+                       at::ScalarType out_dtype);
+
+// Standard normal float32 noise of `shape`: element i (row-major) = z_(i % 4) of group i / 4.
+at::Tensor philox_normal(const std::vector<int64_t>& shape, uint64_t seed, int64_t noise_id);
+
+// The raw words: int64 tensor [ceil(numel / 4), 4] of uint32 values.
+at::Tensor philox_uint32(int64_t numel, uint64_t seed, int64_t noise_id);
+
+// Build facts for `fastdiff info`: compiler flags, OpenMP, SIMD width.
+std::vector<std::pair<std::string, std::string>> build_info();
+
+}  // namespace fastdiff
