@@ -55,7 +55,8 @@ class DDIM(Solver):
 @register("ddpm")
 class DDPM(Solver):
     """Ho et al. (2020) ancestral sampling: the posterior mean of q(x_s | x_t, x0) plus noise of
-    variance 'fixed_small' (the posterior variance) or 'fixed_large' (beta_t = sigma_{t|s}^2)."""
+    variance 'fixed_small' (the posterior variance) or 'fixed_large' (beta_t = sigma_{t|s}^2 for VP
+    schedules; other schedules take the step in their VP form x / sqrt(alpha^2 + sigma^2))."""
 
     stochastic = True
 
@@ -75,7 +76,9 @@ class DDPM(Solver):
             elif self.variance == "fixed_small":
                 std = math.sqrt(max(var_ts * q.sigma ** 2 / p.sigma ** 2, 0.0))
             else:
-                std = math.sqrt(max(var_ts, 0.0))
+                # beta_t is a variance in VP coordinates x / sqrt(alpha^2 + sigma^2); carried to
+                # the scale of x_s (not x_t), so the step stays invariant to rescaling x (VE, flow).
+                std = math.sqrt(max(var_ts, 0.0)) * math.hypot(q.alpha, q.sigma) / math.hypot(p.alpha, p.sigma)
             rows.append(Row(step=n, eval_at="x", point=p, q_y=0.0, q_x0=1.0,
                             out_x=Out(x=coef_xt, h=coef_x0, z=std), noise_id=n if std else -1, next_eval="x"))
         return rows
