@@ -189,10 +189,11 @@ class ContinuousVP(Schedule):
         return np.exp(la), np.sqrt(-np.expm1(2.0 * la))
 
     def t_from_ksigma(self, ks):
-        # Invert lambda = log(alpha/sigma): log alpha = -0.5 log(1 + ks^2). Quadratic in t.
-        log_alpha = -0.5 * np.log1p(_as_f64(ks) ** 2)
+        # Invert lambda = log(alpha/sigma): log alpha = -0.5 log(1 + ks^2) = -L, and
+        # db/4 t^2 + beta_min/2 t - L = 0, solved in the form without cancellation.
+        L = 0.5 * np.log1p(_as_f64(ks) ** 2)
         db = self.beta_max - self.beta_min
-        return 2.0 * (-log_alpha) / (np.sqrt(self.beta_min ** 2 + 2.0 * db * (-log_alpha)) + self.beta_min)
+        return 4.0 * L / (np.sqrt(self.beta_min ** 2 + 4.0 * db * L) + self.beta_min)
 
 
 class VESchedule(Schedule):
