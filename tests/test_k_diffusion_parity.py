@@ -20,6 +20,7 @@ import torch
 from fastdiff.integrations import k_diffusion as K
 from fastdiff.models import GaussianMixture
 from fastdiff.schedules import VESchedule
+from fastdiff.solvers import SOLVERS
 from kdiffusion_loader import load_kdiffusion_sampling
 
 KD = load_kdiffusion_sampling()
@@ -250,6 +251,61 @@ def test_churn_outside_s_tmin_s_tmax_is_plain_sampling():
     assert_parity(ours, theirs, x)
 
 
+needs_edm = pytest.mark.skipif(not {"edm_euler", "edm_heun"} <= set(SOLVERS),
+                               reason="fastdiff's EDM churn solvers are not registered")
+
+
+@needs_edm
+@pytest.mark.parametrize("churn", [{"s_churn": 1.0}, {"s_churn": 40.0},  # 40: gamma capped at sqrt(2) - 1
+                                   {"s_churn": 3.0, "s_tmin": 0.1, "s_tmax": 10.0}], ids=["1", "40", "window"])
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+def test_churn_geometry_matches_k_diffusion(name, churn):
+    """With s_noise = 0 churn is deterministic: the model is called at sigma_hat = sigma (1 + gamma)
+    and the step runs from there; everything but the noise is compared."""
+    sigmas = K.get_sigmas_karras(8, SIGMA_MIN, SIGMA_MAX).double()
+    x = initial_x((2, 4, 3, 3), sigmas, torch.float64)
+    model = denoiser_for(x.shape)
+    ours_cb, theirs_cb = [], []
+    ours = getattr(K, name)(model, x, sigmas, disable=True, callback=ours_cb.append, s_noise=0.0, **churn)
+    theirs = getattr(KD, name)(model, x, sigmas, disable=True, callback=theirs_cb.append, s_noise=0.0, **churn)
+    assert_parity(ours, theirs, x)
+    hats = [float(c["sigma_hat"]) for c in ours_cb]
+    assert hats == pytest.approx([float(c["sigma_hat"]) for c in theirs_cb], rel=1e-14)
+    assert any(h > float(s) for h, s in zip(hats, sigmas))  # churn did raise some noise levels
+
+
+@needs_edm
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+def test_churn_noise_is_fresh_standard_normal(name):
+    """With a denoiser that returns 0, step n maps x_hat to x_hat * sigma_{n+1} / sigma_hat, so the
+    churn noise of every step can be read back from the callback: it must be N(0, 1) scaled by
+    s_noise, new at every step, and reproducible under torch.manual_seed."""
+    sigmas = K.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).double()
+    x = initial_x((2, 4, 64, 64), sigmas, torch.float64)
+    zero = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    s_noise = 0.5
+
+    def noises(seed):
+        seen = []
+        torch.manual_seed(seed)
+        getattr(K, name)(zero, x, sigmas, disable=True, callback=seen.append, s_churn=2.0, s_noise=s_noise)
+        zs, x_n = [], x
+        for n, c in enumerate(seen):
+            s, s_hat = float(sigmas[n]), float(c["sigma_hat"])
+            zs.append((c["x"] - x_n) / ((s_hat ** 2 - s ** 2) ** 0.5 * s_noise))
+            x_n = c["x"] * float(sigmas[n + 1]) / s_hat
+        return torch.stack(zs)
+
+    z = noises(0)
+    assert z.shape[0] == 4
+    for zn in z:  # 32768 values per step: mean within ~5 sigma of 0, std of 1
+        assert abs(zn.mean().item()) < 0.03 and abs(zn.std().item() - 1.0) < 0.02
+    corr = torch.corrcoef(z.reshape(4, -1))
+    assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max().item() < 0.03
+    assert torch.equal(z, noises(0))
+    assert not torch.allclose(z, noises(1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sigma schedules and helpers
 
@@ -364,12 +420,20 @@ def test_bad_input_raises_and_changes_nothing(name, bad, exc, match):
 
 
 @pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
-def test_churn_is_not_implemented(name):
+def test_churn_without_edm_solver_is_not_implemented(name, monkeypatch):
+    monkeypatch.delitem(SOLVERS, name.replace("sample_", "edm_"), raising=False)
     model, x, sigmas = _good()
     with pytest.raises(NotImplementedError, match="s_churn"):
         getattr(K, name)(model, x, sigmas, disable=True, s_churn=0.5)
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+@pytest.mark.parametrize("opts", [{"s_churn": -1.0}, {"s_churn": float("inf")}])
+def test_bad_churn_options(name, opts):
+    model, x, sigmas = _good()
     with pytest.raises(ValueError, match="s_churn"):
-        getattr(K, name)(model, x, sigmas, disable=True, s_churn=-1.0)
+        getattr(K, name)(model, x, sigmas, disable=True, **opts)
     assert model.calls == 0
 
 

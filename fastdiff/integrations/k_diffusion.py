@@ -29,13 +29,16 @@ Where the results differ from k-diffusion's, and why:
   0-d tensors ``sigmas[i]``, ``sigmas[i + 1]``) is called only for steps that add noise;
   k-diffusion also calls it, and discards the result, when ``eta == 0`` or ``s_noise == 0``.
 * ``callback`` is called when k-diffusion calls it: right after the first model evaluation of
-  step ``i``, before the step, with ``{'x': a copy of the state at sigmas[i], 'i': i,
-  'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': the model's output}``. ``x`` is a
-  copy because the buffer the model reads is reused by the next step.
+  step ``i``, before the step, with ``{'x': a copy of the state the model saw, 'i': i,
+  'sigma': sigmas[i], 'sigma_hat': the noise level the model saw (sigmas[i] unless churned),
+  'denoised': the model's output}``. ``x`` is a copy because the buffer the model reads is
+  reused by the next step.
 * Non-finite values in the sample raise ``FloatingPointError`` at the end of the run (one
   device-flag read), naming the step; k-diffusion returns the NaNs.
-* ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun``) raises
-  ``NotImplementedError``: no fastdiff solver implements churn yet.
+* ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun``) runs fastdiff's
+  ``edm_euler`` / ``edm_heun`` solvers; the churn noise is fastdiff's in-kernel Philox noise
+  seeded from torch's global RNG (k-diffusion draws ``torch.randn_like(x)`` at every step).
+  Without those solvers registered, churn raises ``NotImplementedError``.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ import torch
 from ..program import Row
 from ..sampler import Sampler
 from ..schedules import ContinuousVP, Grid, VESchedule, exponential_ksigmas, karras_ksigmas
+from ..solvers import SOLVERS
 from ..solvers.base import ancestral_step
 
 __all__ = [
@@ -65,9 +69,9 @@ __all__ = [
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1.):
-    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    _reject_churn(sigmas, s_churn, s_tmin, s_tmax, "sample_euler")
-    return _run("euler", {}, model, x, sigmas, extra_args, callback, disable)
+    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2)."""
+    solver, options = _with_churn("euler", sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
 
 
 @torch.no_grad()
@@ -81,9 +85,9 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1.):
-    """Heun steps (Karras et al. 2022, Algorithm 2 without churn); the step to sigma = 0 is Euler."""
-    _reject_churn(sigmas, s_churn, s_tmin, s_tmax, "sample_heun")
-    return _run("heun", {}, model, x, sigmas, extra_args, callback, disable)
+    """Heun steps (Karras et al. 2022, Algorithm 2); the step to sigma = 0 is Euler."""
+    solver, options = _with_churn("heun", sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
 
 
 @torch.no_grad()
@@ -99,7 +103,7 @@ def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callba
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
                             device=x.device, state_dtype=state_dtype)
-    denoiser = _Denoiser(model, sampler.program.rows, sigmas, callback, x.dtype)
+    denoiser = _Denoiser(model, sampler.program.rows, sigmas, grid, callback, x.dtype)
     adapted_noise = None
     if noise_sampler is not None:
         def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
@@ -113,13 +117,21 @@ class _Denoiser:
     """The k-diffusion denoiser as a fastdiff model (prediction="sample"); fires the k-diffusion
     callback at the first model evaluation of each step, which is where k-diffusion fires it."""
 
-    def __init__(self, model: Callable, rows: List[Row], sigmas: torch.Tensor, callback: Optional[Callable],
-                 sigma_dtype: torch.dtype):
+    def __init__(self, model: Callable, rows: List[Row], sigmas: torch.Tensor, grid: Grid,
+                 callback: Optional[Callable], sigma_dtype: torch.dtype):
         self.model, self.sigmas, self.callback, self.sigma_dtype = model, sigmas, callback, sigma_dtype
         # For the k-th model call of the run: its step if it is the step's first call, else -1.
         evals = [r for r in rows if r.needs_model]
         self.callback_step = [r.step if k == 0 or evals[k - 1].step != r.step else -1 for k, r in enumerate(evals)]
         self.calls = 0
+        # sigma_hat of each step: sigmas[i], or the churned level the step's first call is made at.
+        self.sigma_hat = {}
+        if callback is not None:
+            for k, r in enumerate(evals):
+                i = self.callback_step[k]
+                if i >= 0:
+                    churned = r.point.ksigma != float(grid.ksigma[i])
+                    self.sigma_hat[i] = sigmas.new_tensor(r.point.ksigma) if churned else sigmas[i]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
         # k-diffusion passes sigmas[i] * x.new_ones(B), i.e. sigma in x's dtype (fp16 models too).
@@ -129,8 +141,8 @@ class _Denoiser:
         step = self.callback_step[self.calls]
         self.calls += 1
         if self.callback is not None and step >= 0:
-            s = self.sigmas[step]
-            self.callback({'x': x.clone(), 'i': step, 'sigma': s, 'sigma_hat': s, 'denoised': denoised})
+            self.callback({'x': x.clone(), 'i': step, 'sigma': self.sigmas[step], 'sigma_hat': self.sigma_hat[step],
+                           'denoised': denoised})
         return denoised
 
 
@@ -168,18 +180,23 @@ def _grid_from_sigmas(sigmas) -> Grid:
     return Grid.from_ksigmas(schedule, ks)
 
 
-def _reject_churn(sigmas, s_churn, s_tmin, s_tmax, name: str):
-    """EDM churn is applied at steps with s_tmin <= sigma <= s_tmax when s_churn > 0."""
+def _with_churn(method: str, sigmas, s_churn, s_tmin, s_tmax, s_noise):
+    """(solver name, options) for k-diffusion's Euler/Heun: the plain RK solver, or fastdiff's EDM
+    solver when churn applies (s_churn > 0 at some step with s_tmin <= sigmas[i] <= s_tmax)."""
     s_churn = float(s_churn)
     if not (s_churn >= 0.0 and math.isfinite(s_churn)):
         raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn}")
     if s_churn == 0.0 or not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1:
-        return  # no churn; bad sigmas are reported by _grid_from_sigmas
+        return method, {}  # no churn; bad sigmas are reported by _grid_from_sigmas
     levels = sigmas[:-1].detach().to(device="cpu", dtype=torch.float64)
-    if bool(((levels >= float(s_tmin)) & (levels <= float(s_tmax))).any()):
-        raise NotImplementedError(
-            f"{name} with s_churn > 0 (EDM stochastic churn) is not supported: no fastdiff solver implements "
-            "churn yet. Use s_churn=0, or sample_euler_ancestral for a stochastic sampler.")
+    if not bool(((levels >= float(s_tmin)) & (levels <= float(s_tmax))).any()):
+        return method, {}
+    edm = f"edm_{method}"
+    if edm not in SOLVERS:
+        raise NotImplementedError(f"sample_{method} with s_churn > 0 (EDM stochastic churn) needs fastdiff's "
+                                  f"{edm!r} solver, which is not registered. Use s_churn=0, or "
+                                  "sample_euler_ancestral for a stochastic sampler.")
+    return edm, {"s_churn": s_churn, "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)}
 
 
 def _show_progress(disable) -> bool:
