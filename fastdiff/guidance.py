@@ -1,4 +1,4 @@
-"""Classifier-free guidance settings.
+"""Guidance: classifier-free guidance and the transforms users combine with it.
 
 CFG is linear, D = uncond + g (cond - uncond), so it folds into the fused step as one per-row
 coefficient g. Both conventions in use map onto g:
@@ -6,34 +6,158 @@ coefficient g. Both conventions in use map onto g:
 * ``convention="w"``   (diffusers' guidance_scale, k-diffusion): g = w
 * ``convention="1+w"`` (Ho & Salimans' w; Imagen):               g = 1 + w
 
+Where g = 1 (``scale=1`` with "w", ``scale=0`` with "1+w", or outside the ``interval``) the
+unconditional pass is skipped altogether.
+
 ``interval=(ksigma_lo, ksigma_hi)`` applies guidance only at noise levels inside the interval
-(Kynkäänniemi et al. 2024); elsewhere g = 1 and the unconditional pass is skipped altogether.
+(Kynkäänniemi et al. 2024); elsewhere g = 1.
+
+The other transforms are not linear, so they run between the model call and the fused step
+(``GuidanceHook``), and only on runs that use them; runs without them keep the fused CFG path.
+In the order they are applied at each model evaluation:
+
+1. ``rescale`` (guidance_rescale, Lin et al. 2023, Section 3.4): D is rescaled towards the
+   per-sample std of cond, in the model's own parameterization, as diffusers'
+   ``rescale_noise_cfg`` does to the noise prediction (for an epsilon model this is exactly
+   diffusers; for v/x0/flow models the same formula is applied to v/x0/flow, which is what
+   diffusers' pipelines of such models do too). Only where CFG is active (g != 1).
+2. ``classifier`` (Dhariwal & Nichol 2021): the score is shifted by s * grad_x log p(y | x_t):
+   eps' = eps - s * sigma * grad, i.e. x0' = x0 + s * sigma^2 / alpha * grad. Skipped at points
+   with alpha = 0 (pure noise: x_t carries no information about y).
+3. ``x0_clip``: ``ClipSample`` (static clipping of x0, diffusers' clip_sample) or
+   ``DynamicThresholding`` (Imagen; diffusers' thresholding=True).
+
+Transforms 2 and 3 act on the predicted clean sample x0 (computed exactly from the evaluation
+point and D). The step then runs the same solver rows compiled for ``prediction="sample"``
+with x0 as the model output, so every solver sees the transformed x0 and the noise
+estimate consistent with it, eps = (x - alpha x0) / sigma. This matches diffusers' DDPM,
+DPM-Solver(++), UniPC and other data-prediction schedulers; diffusers' DDIM (and PNDM-style
+epsilon schedulers) instead keep the model's raw eps next to the thresholded x0.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from .ops import guidance_scale_to_g
-from .program import Point
+import torch
+
+from .ops import cfg_combine, guidance_scale_to_g
+from .ops.reductions import cfg_rescale, dynamic_threshold
+from .parameterization import x0_coefficients
+from .program import COL_G, Point, Program, Row, compile_program
+
+
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class ClipSample:
+    """Static clipping of the predicted x0 to [-range, range] (diffusers' ``clip_sample=True``,
+    ``clip_sample_range``)."""
+
+    range: float = 1.0
+
+    def __post_init__(self):
+        if not _finite("ClipSample range", self.range) > 0:
+            raise ValueError(f"ClipSample range must be > 0, got {self.range}")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-self.range, self.range)
+
+
+@dataclass(frozen=True)
+class DynamicThresholding:
+    """Imagen's dynamic thresholding (Saharia et al. 2022) of the predicted x0: s = the ``ratio``
+    quantile of |x0| per sample, clamped to [1, max_value]; x0 = clamp(x0, -s, s) / s.
+    diffusers: ``thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value``."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < _finite("DynamicThresholding ratio", self.ratio) <= 1.0:
+            raise ValueError(f"DynamicThresholding ratio (a percentile) must lie in (0, 1], got {self.ratio}")
+        if not _finite("DynamicThresholding max_value", self.max_value) > 0:
+            raise ValueError(f"DynamicThresholding max_value (sample_max_value) must be > 0, got {self.max_value}")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return dynamic_threshold(x0, self.ratio, self.max_value)
+
+
+@dataclass(frozen=True, eq=False)
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021): ``classifier(x, t, **kwargs) -> logits``
+    [B, classes] on the noisy sample x (the model's input space, time t as given to the model),
+    ``labels`` the target class of each sample [B], ``scale`` the guidance scale s."""
+
+    classifier: Callable
+    labels: torch.Tensor
+    scale: float = 1.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not callable(self.classifier):
+            raise ValueError(f"classifier guidance needs a callable classifier(x, t) -> logits, "
+                             f"got {type(self.classifier).__name__}")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1 or self.labels.is_floating_point():
+            got = (f"a {self.labels.dim()}-D {self.labels.dtype} tensor" if isinstance(self.labels, torch.Tensor)
+                   else type(self.labels).__name__)
+            raise ValueError(f"classifier guidance needs labels as a 1-D integer tensor [B], got {got}")
+        _finite("classifier guidance scale", self.scale)
+
+    def grad_log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_x sum_b log p(labels_b | x_b), by autograd (the samples are independent)."""
+        if self.labels.shape[0] != x.shape[0]:
+            raise ValueError(f"classifier guidance labels have {self.labels.shape[0]} entries for a batch of "
+                             f"{x.shape[0]}")
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = self.classifier(x_in, t, **self.kwargs)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(f"the classifier must return logits [B={x.shape[0]}, classes], got "
+                                 f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            log_p = torch.log_softmax(logits, dim=-1)
+            selected = log_p[torch.arange(x.shape[0], device=logits.device), self.labels.to(logits.device)]
+            (grad,) = torch.autograd.grad(selected.sum(), x_in)
+        return grad
+
+
+X0Clip = Union[ClipSample, DynamicThresholding]
 
 
 @dataclass(frozen=True)
 class Guidance:
-    scale: float
+    """How model outputs are combined and corrected; see the module docstring."""
+
+    scale: float = 1.0
     convention: str = "w"
     interval: Optional[Tuple[float, float]] = None
+    rescale: float = 0.0                              # guidance_rescale, phi in [0, 1]
+    x0_clip: Optional[X0Clip] = None
+    classifier: Optional[ClassifierGuidance] = None
 
     def __post_init__(self):
-        if not math.isfinite(float(self.scale)):
-            raise ValueError(f"guidance scale must be finite, got {self.scale}")
+        _finite("guidance scale", self.scale)
         guidance_scale_to_g(self.scale, self.convention)  # validates the convention
         if self.interval is not None:
             lo, hi = self.interval
             if not (0 <= lo < hi):
                 raise ValueError(f"guidance interval must be (lo, hi) with 0 <= lo < hi (noise levels "
                                  f"sigma/alpha), got {self.interval}")
+        if not 0.0 <= _finite("guidance rescale (guidance_rescale)", self.rescale) <= 1.0:
+            raise ValueError(f"guidance rescale (guidance_rescale) must lie in [0, 1], got {self.rescale}")
+        if self.x0_clip is not None and not isinstance(self.x0_clip, (ClipSample, DynamicThresholding)):
+            raise TypeError(f"x0_clip must be None, ClipSample(...) or DynamicThresholding(...), "
+                            f"got {type(self.x0_clip).__name__}")
+        if self.classifier is not None and not isinstance(self.classifier, ClassifierGuidance):
+            raise TypeError(f"classifier must be None or ClassifierGuidance(classifier, labels, scale), "
+                            f"got {type(self.classifier).__name__}")
 
     @property
     def g(self) -> float:
@@ -47,10 +171,64 @@ class Guidance:
                 return 1.0
         return self.g
 
+    @property
+    def acts_on_x0(self) -> bool:
+        return self.x0_clip is not None or self.classifier is not None
+
+    @property
+    def needs_hook(self) -> bool:
+        """Whether sampling needs the non-linear path between model call and step."""
+        return self.rescale > 0.0 or self.acts_on_x0
+
 
 def as_guidance(guidance) -> Optional[Guidance]:
     if guidance is None or isinstance(guidance, Guidance):
         return guidance
-    if isinstance(guidance, (int, float)):
+    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
         return Guidance(float(guidance))
     raise TypeError(f"guidance must be None, a number or a fastdiff.Guidance, got {type(guidance).__name__}")
+
+
+class GuidanceHook:
+    """The non-linear guidance transforms of one sampling run, between model call and fused step.
+
+    ``hook(i, row, E, cond, uncond, t) -> (table, cond', uncond')``: the coefficient table and
+    the model outputs the fused step of row ``i`` is to use. ``E`` is the point the model was
+    evaluated at, ``t`` the model time it was given, ``uncond`` None where CFG is off (g = 1).
+    ``table`` is the run's device table (compiled for the model's parameterization)."""
+
+    def __init__(self, guidance: Guidance, program: Program, prediction: str, table: torch.Tensor):
+        self.guidance = guidance
+        self.prediction = prediction
+        self.table = table
+        self.g = program.table[:, COL_G]            # host copy: no device read per step
+        self.x0_table = None
+        if guidance.acts_on_x0:
+            # The same rows with x0 itself as the model output: h = q_y E + q_x0 D.
+            x0_program = compile_program(program.rows, "sample", program.num_slots, program.steps)
+            self.x0_table = torch.from_numpy(x0_program.table).to(table.device)
+
+    def __call__(self, i: int, row: Row, E: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                 t: torch.Tensor):
+        gd = self.guidance
+        g = float(self.g[i])
+        if uncond is None:
+            D = cond
+        elif gd.rescale > 0.0:
+            D = cfg_rescale(cond, uncond, g, gd.rescale)
+        elif gd.acts_on_x0:
+            D = cfg_combine(cond, uncond, g)
+        else:
+            return self.table, cond, uncond
+        if not gd.acts_on_x0:
+            return self.table, D, None               # g is folded into D
+
+        p = row.point
+        A_x, A_d = (float(v) for v in x0_coefficients(self.prediction, p.alpha, p.sigma))
+        x0 = A_x * E + A_d * D.to(E.dtype)
+        if gd.classifier is not None and p.alpha > 0.0 and gd.classifier.scale != 0.0:
+            grad = gd.classifier.grad_log_prob(E, t)
+            x0 = x0 + (gd.classifier.scale * p.sigma ** 2 / p.alpha) * grad.to(x0.dtype)
+        if gd.x0_clip is not None:
+            x0 = gd.x0_clip(x0).to(E.dtype)
+        return self.x0_table, x0, None

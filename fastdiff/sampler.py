@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .guidance import Guidance, as_guidance
+from .guidance import Guidance, GuidanceHook, as_guidance
 from .parameterization import canonical_prediction
 from .program import COL_G, Program, compile_program, guidance_column
 from .schedules import DiscreteVP, Grid, Schedule, make_grid
@@ -159,6 +159,9 @@ class Sampler:
             writes_next.append(ok)
         step_fn = ops.prepare_fused_step(x, table=table, y=y, cond_like=model_in, hist=hist, model_in=model_in,
                                          backend=backend)
+        # Non-linear guidance (rescale, classifier, x0 clipping) only on runs that use it.
+        hook = (GuidanceHook(self.guidance, prog, self.prediction, table)
+                if self.guidance is not None and self.guidance.needs_hook else None)
 
         bar = None
         if progress:
@@ -186,7 +189,10 @@ class Sampler:
                 noise_t = noise_sampler(r, x)
                 if not isinstance(noise_t, torch.Tensor) or tuple(noise_t.shape) != shape:
                     raise ValueError(f"noise_sampler must return a tensor of shape {shape}")
-            step_fn(table, i, x, y, cond_out, uncond_out, hist, r.hist_write, r.eval_at == "y",
+            step_table = table
+            if hook is not None and r.needs_model:
+                step_table, cond_out, uncond_out = hook(i, r, E, cond_out, uncond_out, t_half[i])
+            step_fn(step_table, i, x, y, cond_out, uncond_out, hist, r.hist_write, r.eval_at == "y",
                     r.out_x is not None, r.out_y is not None, noise_t, seed, r.noise_id,
                     model_in if writes_next[i] else None, (rows[i + 1].eval_at == "y") if writes_next[i] else False,
                     bad_row)

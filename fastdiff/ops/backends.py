@@ -13,9 +13,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import reference
+from . import reductions, reference
 
-OPS = ("fused_step", "cfg_combine", "philox_normal")
+OPS = ("fused_step", "cfg_combine", "philox_normal") + reductions.OPS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -35,6 +35,10 @@ class ReferenceBackend(Backend):
     name = "reference"
     fused_step = staticmethod(reference.fused_step)
     cfg_combine = staticmethod(reference.cfg_combine)
+    cfg_rescale = staticmethod(reductions.reference_cfg_rescale)
+    dynamic_threshold = staticmethod(reductions.reference_dynamic_threshold)
+    error_norm = staticmethod(reductions.reference_error_norm)
+    per_sample_norm = staticmethod(reductions.reference_per_sample_norm)
 
     @staticmethod
     def philox_normal(shape, seed, noise_id, device):
@@ -144,8 +148,8 @@ def select(op: str, backend: str, tensors, state_dtype=None) -> Backend:
                     warnings.warn(f"fastdiff: {op} falls back to the reference backend: "
                                   + "; ".join(f"{n}: {r}" for n, r in skipped), RuntimeWarning, stacklevel=3)
             return BACKENDS[name]
-        # Only a backend that could have served this device is worth a warning.
-        if not any("tensors, got a tensor on" in r for r in why):
+        # Only a backend that could have served this device (and has the op) is worth a warning.
+        if not any("tensors, got a tensor on" in r or "does not implement" in r for r in why):
             skipped.append((name, why[0]))
     raise RuntimeError(f"no backend can run {op}")
 

@@ -1,0 +1,186 @@
+"""The non-elementwise ops beside the fused step: per-sample reductions and what is built on them.
+
+* ``cfg_rescale``        CFG, then the std rescale of Lin et al. (2023) (per-sample std)
+* ``dynamic_threshold``  Imagen's dynamic thresholding of x0 (per-sample quantile of |x0|)
+* ``error_norm``         the RMS error norm of adaptive step-size control (one scalar per batch)
+* ``per_sample_norm``    per-sample L2 norms (Langevin corrector step sizes)
+
+Each op has a plain-PyTorch reference implementation here (``reference_*``, bound as methods of
+``fastdiff.ops.backends.ReferenceBackend``) and a public function that validates its inputs and
+dispatches with ``backends.select(op, ...)``; a backend adds a kernel by defining a method of the
+same name. "Per sample" means over every dimension but the first (the batch).
+
+Numerics: math in float32, or float64 for float64 inputs; results are in that math dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["cfg_rescale", "dynamic_threshold", "error_norm", "per_sample_norm"]
+OPS = tuple(__all__)  # the names a backend implements as methods
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, n] view (or copy, for non-contiguous input) in the math dtype."""
+    return t.to(_math_dtype(t)).reshape(t.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference implementations (validated arguments only)
+
+
+def reference_cfg_rescale(cond: torch.Tensor, uncond: torch.Tensor, g: float, rescale: float) -> torch.Tensor:
+    """D = u + g (c - u), then D * (rescale * std(c) / std(D) + 1 - rescale), stds per sample.
+
+    As diffusers' ``rescale_noise_cfg``; a sample whose D is constant (std 0) is left as D."""
+    md = _math_dtype(cond)
+    c, u = cond.to(md), uncond.to(md)
+    d = u + g * (c - u)
+    if rescale == 0.0:
+        return d
+    B = d.shape[0]
+    std_c = c.reshape(B, -1).std(dim=1)
+    std_d = d.reshape(B, -1).std(dim=1)
+    ratio = torch.where(std_d > 0, std_c / torch.where(std_d > 0, std_d, 1.0), 1.0)
+    factor = (rescale * ratio + (1.0 - rescale)).reshape((B,) + (1,) * (d.dim() - 1))
+    return d * factor
+
+
+def reference_per_sample_abs_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of |x| per sample, interpolated linearly between order statistics exactly
+    as ``torch.quantile`` does; with ``kthvalue`` (selection, O(n)) instead of a sort, and no
+    size limit (torch.quantile refuses inputs above 2**24 elements)."""
+    a = _flat(x).abs()
+    n = a.shape[1]
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    v_lo = a.kthvalue(lo + 1, dim=1).values
+    if hi == lo or pos == lo:
+        return v_lo
+    v_hi = a.kthvalue(hi + 1, dim=1).values
+    return torch.lerp(v_lo, v_hi, pos - lo)
+
+
+def reference_dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Saharia et al. (2022) / diffusers ``_threshold_sample``: s = the ``ratio`` quantile of
+    |x0| per sample, clamped to [1, max_value] (torch.clamp semantics: max wins), then
+    x0 = clamp(x0, -s, s) / s."""
+    s = reference_per_sample_abs_quantile(x0, ratio).clamp(min=1.0, max=max_value)
+    s = s.reshape((x0.shape[0],) + (1,) * (x0.dim() - 1))
+    x = x0.to(_math_dtype(x0))
+    return torch.maximum(torch.minimum(x, s), -s) / s
+
+
+def reference_error_norm(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, rtol: float,
+                         atol: float) -> torch.Tensor:
+    """sqrt(mean(((a - b) / max(atol, rtol * max(|a|, |ref|)))^2)) over the whole batch (a 0-d
+    tensor): k-diffusion's ``dpm_solver_adaptive`` norm, with a = the lower-order solution."""
+    md = _math_dtype(a)
+    a, b, ref = a.to(md), b.to(md), ref.to(md)
+    delta = torch.clamp(rtol * torch.maximum(a.abs(), ref.abs()), min=atol)
+    return torch.linalg.vector_norm((a - b) / delta) / math.sqrt(a.numel())
+
+
+def reference_per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(_flat(x), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public, validated ops
+
+
+def _backend(op: str, backend: str, tensors):
+    # Imported here: fastdiff.ops.backends imports this module for the reference implementations.
+    from .backends import select
+    return select(op, backend, tensors)
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in _FLOAT_DTYPES]}, got {t.dtype}")
+    if t.dim() < 1 or t.shape[0] < 1 or t.numel() == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension and elements, got shape {tuple(t.shape)}")
+
+
+def _check_like(name: str, t, like: torch.Tensor, like_name: str) -> None:
+    _check_float(name, t)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} (the device of {like_name}), got {t.device}")
+
+
+def _check_number(name: str, v, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    ok = math.isfinite(v) or (hi == math.inf and v == math.inf and not hi_open)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {v}")
+    return v
+
+
+def cfg_rescale(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guidance_rescale: float, *,
+                convention: str = "w", backend: str = "auto") -> torch.Tensor:
+    """Classifier-free guidance with the std rescale of Lin et al. (2023), Section 3.4:
+
+        D    = uncond + g (cond - uncond)                     (g from scale and convention)
+        D'   = phi * D * std(cond) / std(D) + (1 - phi) * D   (std per sample, phi = guidance_rescale)
+
+    diffusers applies this to the noise prediction (``rescale_noise_cfg``); applied to another
+    parameterization's outputs it rescales that quantity instead. Returns a new tensor in float32
+    (float64 for float64 inputs)."""
+    from . import guidance_scale_to_g  # the package's one definition of the two conventions
+
+    _check_float("cond", cond)
+    _check_like("uncond", uncond, cond, "cond")
+    if uncond.dtype != cond.dtype:
+        raise TypeError(f"uncond must have the dtype of cond ({cond.dtype}), got {uncond.dtype}")
+    phi = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+    g = guidance_scale_to_g(_check_number("scale", scale, -math.inf, math.inf, True, True), convention)
+    return _backend("cfg_rescale", backend, [cond, uncond]).cfg_rescale(cond, uncond, g, phi)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """Imagen's dynamic thresholding of a predicted clean sample (diffusers ``thresholding=True``
+    with ``dynamic_thresholding_ratio=ratio``, ``sample_max_value=max_value``). Returns a new
+    tensor in float32 (float64 for float64 input)."""
+    _check_float("x0", x0)
+    ratio = _check_number("ratio (dynamic_thresholding_ratio)", ratio, 0.0, 1.0, lo_open=True)
+    max_value = _check_number("max_value (sample_max_value)", max_value, 0.0, math.inf, lo_open=True)
+    return _backend("dynamic_threshold", backend, [x0]).dynamic_threshold(x0, ratio, max_value)
+
+
+def error_norm(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float, *,
+               backend: str = "auto") -> torch.Tensor:
+    """The scaled RMS difference of two solutions ``a`` (lower order) and ``b`` with the error
+    scale max(atol, rtol * max(|a|, |ref|)) per element; a 0-d tensor. <= 1 means "within
+    tolerance" for a step-size controller."""
+    _check_float("a", a)
+    _check_like("b", b, a, "a")
+    _check_like("ref", ref, a, "a")
+    rtol = _check_number("rtol", rtol, 0.0, math.inf, lo_open=True, hi_open=True)
+    atol = _check_number("atol", atol, 0.0, math.inf, lo_open=True, hi_open=True)
+    return _backend("error_norm", backend, [a, b, ref]).error_norm(a, b, ref, rtol, atol)
+
+
+def per_sample_norm(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """L2 norm of each sample (over every dimension but the first): a [B] tensor."""
+    _check_float("x", x)
+    return _backend("per_sample_norm", backend, [x]).per_sample_norm(x)
+
