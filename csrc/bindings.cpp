@@ -67,13 +67,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def(
       "philox_uint32",
-      [](int64_t numel, py::handle seed, int64_t noise_id) {
+      [](int64_t numel, py::handle seed, int64_t noise_id, uint64_t first_group) {
         const uint64_t s = seed_arg(seed, true);
         py::gil_scoped_release nogil;
-        return fastdiff::philox_uint32(numel, s, noise_id);
+        return fastdiff::philox_uint32(numel, s, noise_id, first_group);
       },
-      py::arg("numel"), py::arg("seed"), py::arg("noise_id"),
-      "The raw Philox words: int64 [ceil(numel/4), 4] (fastdiff.ops.philox.philox_uint32).");
+      py::arg("numel"), py::arg("seed"), py::arg("noise_id"), py::arg("first_group") = 0,
+      "The raw Philox words: int64 [ceil(numel/4), 4] (fastdiff.ops.philox.philox_uint32); row t is "
+      "group first_group + t.");
 
   m.def(
       "build_info", []() { return fastdiff::build_info(); },

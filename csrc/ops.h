@@ -28,8 +28,9 @@ at::Tensor cfg_combine(const at::Tensor& cond, const std::optional<at::Tensor>& 
 // Standard normal float32 noise of `shape`: element i (row-major) = z_(i % 4) of group i / 4.
 at::Tensor philox_normal(const std::vector<int64_t>& shape, uint64_t seed, int64_t noise_id);
 
-// The raw words: int64 tensor [ceil(numel / 4), 4] of uint32 values.
-at::Tensor philox_uint32(int64_t numel, uint64_t seed, int64_t noise_id);
+// The raw words: int64 tensor [ceil(numel / 4), 4] of uint32 values; row t is group
+// first_group + t (first_group > 0 only to test counters past 2**32 groups).
+at::Tensor philox_uint32(int64_t numel, uint64_t seed, int64_t noise_id, uint64_t first_group = 0);
 
 // Build facts for `fastdiff info`: compiler flags, OpenMP, SIMD width.
 std::vector<std::pair<std::string, std::string>> build_info();

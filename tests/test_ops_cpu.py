@@ -105,7 +105,7 @@ def make_case(gen, nan_empty, shape, *, K=1, model="cfg", noise="philox", writes
         kw["cond"] = L(torch.randn(shape, generator=gen).to(model_dtype))
         kw["uncond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model == "cfg" else None
     kw["hist"] = L(torch.randn((K,) + tuple(shape), generator=gen)) if K else None
-    kw["hist_write"] = K - 1 if K else -1
+    kw["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen)) if K else -1
     kw["eval_y"], kw["write_x"], kw["write_y"] = bool(eval_y), write_x, write_y
     if noise == "given":
         kw["noise"] = L(torch.randn(shape, generator=gen).to(noise_dtype))
@@ -279,6 +279,37 @@ def test_fused_step_deterministic(nan_empty):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
 
 
+def test_fused_step_strided_table_and_prepared_call(nan_empty):
+    """A non-contiguous coefficient table; the callable of prepare_fused_step is the raw binding."""
+    gen = torch.Generator().manual_seed(21)
+    kw = make_case(gen, nan_empty, (2, 4, 8, 8), K=2, model="cfg", noise="given", writes="xy")
+    kw["table"] = kw["table"].t().contiguous().t()
+    a, b = clone_case(kw), clone_case(kw)
+    step = ops.prepare_fused_step(a["x"], table=a["table"], y=a["y"], cond_like=a["cond"], hist=a["hist"],
+                                  noise_like=a["noise"], model_in=a["model_in"], backend="cpu")
+    assert step is _C.fused_step
+    step(*[a[k] for k in ORDER])
+    ops.fused_step(**b, backend="reference")
+    assert_match(a, b)
+
+
+def test_step_math_exhaustive_accuracy(tmp_path):
+    """csrc/tools/check_math.cpp: the hand-written logf/sinf/cosf of step_math.h over every input
+    Box-Muller can give them (2**24 each) stay below 2 ulp."""
+    import os
+    import shutil
+    import subprocess
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc")
+    exe = str(tmp_path / "check_math")
+    subprocess.run([cxx, "-O2", "-ffp-contract=off", "-I", root, os.path.join(root, "tools", "check_math.cpp"),
+                    "-o", exe], check=True, capture_output=True)
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # bad_row: the device-side non-finite flag
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +390,18 @@ def test_philox_uint32_bit_equal(seed, noise_id):
         want = P.philox_uint32(numel, seed, noise_id)
         assert got.dtype == torch.int64 and got.shape == want.shape
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("first_group", [2 ** 32 - 37, 2 ** 33 + 5, 2 ** 62])
+def test_philox_uint32_high_counter_word(first_group):
+    """Groups past 2**32 carry into the counter's second word (SIMD lanes included)."""
+    from fastdiff.ops.philox import MASK32, philox4x32_10
+    seed, nid, numel = 2 ** 45 + 17, 6, 4 * 100
+    got = _C.philox_uint32(numel, seed, nid, first_group)
+    g = torch.arange(first_group, first_group + numel // 4, dtype=torch.int64)
+    want = torch.stack(philox4x32_10(g & MASK32, g >> 32, torch.full_like(g, nid), torch.zeros_like(g),
+                                     seed & MASK32, seed >> 32), dim=1)
+    assert torch.equal(got, want)
 
 
 def _ulp_err(got: torch.Tensor, want: torch.Tensor) -> float:
