@@ -1,0 +1,177 @@
+"""Time of the fused CFG + DPM-Solver++(2M) step against tensor size, log-log.
+
+    python -m benchmarks.scaling                 # PNG + JSON in benchmarks/results/
+    python -m benchmarks.scaling --quick
+
+Small tensors are overhead-bound (the time is flat: call, dispatch, thread start-up); large ones
+are bandwidth-bound (the time grows with the bytes). The plot shows where each implementation
+crosses from one to the other: fastdiff cpu, eager PyTorch and torch.compile (static shapes,
+one compile per size, as step_bench does), for 1 and 2 threads, beside two floors measured in
+the same run: the bytes divided by the copy bandwidth, and the fastdiff._C call on an empty
+tensor (argument passing and checks, no elements).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from . import baselines as bl
+from .step_bench import IMPL_BY_KEY, RESULTS, bytes_moved, step_callable
+from .timing import copy_bandwidth, describe_machine, load_average, machine_info, measure, torch_threads
+
+DEFAULT_SIZES = tuple(256 * 4 ** k for k in range(8)) + (2 ** 23,)     # 256 .. 4M, 8M
+QUICK_SIZES = (256, 4096, 65536, 1048576)
+IMPLS = ("fastdiff_cpu", "eager", "compile")
+
+
+def empty_call_overhead(**measure_options) -> float:
+    """Seconds per fastdiff._C.fused_step call on a [1, 0] tensor: pybind11 argument conversion,
+    the C++ checks and the early return; the floor of any fastdiff cpu step."""
+    from fastdiff.ops.backends import BACKENDS
+
+    fn = BACKENDS["cpu"].fused_step
+    x, out, hist = torch.empty(1, 0), torch.empty(2, 0), torch.empty(1, 1, 0)
+    table = bl.make_problem((1, 8)).table
+    bad = torch.zeros(1, dtype=torch.int32)
+    args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, False, True, False, None, 0, -1, None, False, bad)
+    return measure(lambda: fn(*args), **measure_options).median
+
+
+def run(sizes: Sequence[int], threads: Sequence[int], impls: Sequence[str], *, min_samples: int, min_time: float,
+        copy_mib: int, log=lambda s: None) -> dict:
+    info = machine_info()
+    copy: Dict[int, dict] = {}
+    overhead: Dict[int, float] = {}
+    points: List[dict] = []
+    for nt in threads:
+        with torch_threads(nt):
+            copy[nt] = copy_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
+            if "fastdiff_cpu" in impls:
+                overhead[nt] = empty_call_overhead(min_samples=min_samples, min_time=min_time)
+            log(f"threads={nt}: copy {copy[nt]['gbps']:.1f} GB/s"
+                + (f", empty fastdiff call {overhead[nt] * 1e6:.2f} us" if nt in overhead else ""))
+    for n in sizes:
+        problem = bl.make_problem((1, n))
+        for nt in threads:
+            with torch_threads(nt):
+                for key in impls:
+                    impl = IMPL_BY_KEY[key]
+                    fn, extra = step_callable(impl, problem, log)
+                    t = measure(fn, min_samples=min_samples, min_time=min_time)
+                    del fn
+                    nbytes = bytes_moved(n, impl.model_dtype, impl.model_input)
+                    points.append({"numel": n, "threads": nt, "impl": key, "median_s": t.median, "iqr_s": t.iqr,
+                                   "samples": t.samples, "bytes": nbytes, "gbps": nbytes / t.median / 1e9, **extra})
+                    log(f"  numel={n:>8} threads={nt} {key:14s} {t.median * 1e6:10.1f} us")
+        del problem
+    info["load_average_end"] = load_average()
+    return {"machine": info, "settings": {"sizes": list(sizes), "threads": list(threads), "impls": list(impls),
+                                          "min_samples": min_samples, "min_time_s": min_time, "copy_mib": copy_mib},
+            "copy": {str(k): v for k, v in copy.items()},
+            "empty_call_s": {str(k): v for k, v in overhead.items()}, "points": points}
+
+
+def render_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Machine: {describe_machine(report['machine'])}; load {report['machine']['load_average_start']} at start, "
+             f"{report['machine']['load_average_end']} at end.",
+             "Median µs per fused CFG + DPM-Solver++(2M) step on a [1, numel] fp32 state.", ""]
+    for nt in s["threads"]:
+        c = report["copy"][str(nt)]["gbps"]
+        empty = report["empty_call_s"].get(str(nt))
+        lines += [f"threads={nt}: copy bandwidth {c:.1f} GB/s"
+                  + (f"; empty fastdiff._C call {empty * 1e6:.2f} µs" if empty is not None else ""), "",
+                  "| numel | " + " | ".join(s["impls"]) + " | bytes / copy bandwidth |",
+                  "|---:|" + "---:|" * (len(s["impls"]) + 1)]
+        for n in s["sizes"]:
+            row = {p["impl"]: p for p in report["points"] if p["numel"] == n and p["threads"] == nt}
+            cells = [f"{row[k]['median_s'] * 1e6:.1f}" if k in row else "" for k in s["impls"]]
+            floor = bytes_moved(n, torch.float32, False) / (c * 1e9) * 1e6
+            lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {floor:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["settings"]
+    colors = {"fastdiff_cpu": "C0", "eager": "C1", "compile": "C2"}
+    styles = {1: "--", 2: "-"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sizes = sorted(s["sizes"])
+    for nt in s["threads"]:
+        for key in s["impls"]:
+            pts = sorted((p["numel"], p["median_s"]) for p in report["points"] if p["impl"] == key and p["threads"] == nt)
+            if pts:
+                ax.loglog([n for n, _ in pts], [t * 1e6 for _, t in pts], styles.get(nt, "-"), marker="o",
+                          ms=3, color=colors.get(key), label=f"{IMPL_BY_KEY[key].label}, {nt} thread{'s' * (nt > 1)}")
+        bw = report["copy"][str(nt)]["gbps"] * 1e9
+        ax.loglog(sizes, [bytes_moved(n, torch.float32, False) / bw * 1e6 for n in sizes], styles.get(nt, "-"),
+                  color="0.5", lw=1, label=f"bytes / copy bandwidth ({bw / 1e9:.1f} GB/s), {nt} thread{'s' * (nt > 1)}")
+    if report["empty_call_s"]:
+        floor = min(report["empty_call_s"].values()) * 1e6
+        ax.axhline(floor, color="0.3", ls=":", lw=1, label=f"empty fastdiff._C call ({floor:.2f} µs)")
+    ax.set_xlabel("elements in the latent (numel of x)")
+    ax.set_ylabel("median time per step (µs)")
+    ax.set_title("CFG + DPM-Solver++(2M) step, fp32: overhead-bound → bandwidth-bound")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    m = report["machine"]
+    fig.text(0.01, 0.005, f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, load {m['load_average_start'][0]}",
+             fontsize=7, color="0.4")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, fewer samples")
+    p.add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")], help="comma-separated numels")
+    p.add_argument("--threads", type=lambda t: [int(v) for v in t.split(",")], default=[1, 2])
+    p.add_argument("--impls", type=lambda t: t.split(","), default=list(IMPLS), help=f"subset of {', '.join(IMPLS)}")
+    p.add_argument("--min-samples", type=int)
+    p.add_argument("--min-time", type=float)
+    p.add_argument("--copy-mib", type=int)
+    p.add_argument("--out", type=Path, default=RESULTS / "step_scaling",
+                   help="path stem: writes STEM.json and STEM.png (default results/step_scaling)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    sizes = a.sizes or list(QUICK_SIZES if a.quick else DEFAULT_SIZES)
+    if any(n < 1 for n in sizes) or any(t < 1 for t in a.threads):
+        p.error("sizes and thread counts must be positive")
+    bad = [k for k in a.impls if k not in IMPLS]
+    if bad:
+        p.error(f"unknown implementation(s) {bad}; expected some of {', '.join(IMPLS)}")
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    cache_dir = tempfile.mkdtemp(prefix="fastdiff_bench_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    try:
+        report = run(sizes, a.threads, a.impls, min_samples=a.min_samples or (5 if a.quick else 15),
+                     min_time=a.min_time if a.min_time is not None else (0.1 if a.quick else 0.3),
+                     copy_mib=a.copy_mib or (64 if a.quick else 256), log=log)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, a.out.with_suffix(".png"))
+    log(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.png')}")
+    print(render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

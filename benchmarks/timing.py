@@ -1,0 +1,150 @@
+"""What every benchmark script here shares: timing with medians, the machine's copy bandwidth,
+a description of the machine, and the thread-count setting.
+
+Timing: a *sample* is ``number`` back-to-back calls (``number`` chosen so a sample lasts at least
+``sample_time``, which makes timer overhead negligible), reported per call; a measurement takes
+samples until it has at least ``min_samples`` and has run ``min_time`` seconds, and reports the
+median and the interquartile range over samples. Medians, because this machine is shared: a
+sample that lost the CPU to another process is an outlier, not a trend.
+
+Threads: fastdiff._C runs its OpenMP loops with ``at::get_num_threads()``, i.e. torch's setting,
+so ``torch.set_num_threads(n)`` governs fastdiff, eager PyTorch and torch.compile alike
+(``OMP_NUM_THREADS`` only sets torch's default at start-up). Inductor fixes the thread count of
+its generated code when it compiles, so compile under the count you will run with.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+import timeit
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and interquartile range over ``samples`` samples of ``number`` calls."""
+
+    median: float
+    iqr: float
+    samples: int
+    number: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(fn: Callable[[], object], *, min_samples: int = 15, min_time: float = 0.5,
+            sample_time: float = 2e-3, warmup: int = 3) -> Timing:
+    """Median time per call of ``fn()`` (see the module docstring)."""
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    for _ in range(warmup):
+        fn()
+    timer = timeit.Timer(fn)
+    number = 1
+    while True:                          # calibrate: double until one sample is long enough
+        t = timer.timeit(number)
+        if t >= sample_time or number >= 1 << 20:
+            break
+        number *= 2
+    per_call = [t / number]
+    start = time.perf_counter()
+    while len(per_call) < min_samples or time.perf_counter() - start < min_time:
+        per_call.append(timer.timeit(number) / number)
+    q1, med, q3 = np.percentile(per_call, [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), len(per_call), number)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch (and so fastdiff._C and inductor's code) on ``n`` threads."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread count must be a positive int, got {n!r}")
+    prior = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prior)
+
+
+def copy_bandwidth(mib: int = 256, **measure_options) -> Dict[str, float]:
+    """Out-of-cache copy bandwidth with torch's current thread count: ``dst.copy_(src)`` of two
+    float32 buffers of ``mib`` MiB each, counted as read + write (2 * mib MiB per copy)."""
+    n = mib * 2 ** 20 // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                         # fault the pages in before timing
+    t = measure(lambda: dst.copy_(src), **measure_options)
+    nbytes = 2 * n * 4
+    return {"mib_per_buffer": mib, "bytes": nbytes, "median_s": t.median, "iqr_s": t.iqr, "samples": t.samples,
+            "gbps": nbytes / t.median / 1e9}
+
+
+def load_average() -> list:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict:
+    """The machine and software a result was measured on."""
+    from fastdiff.ops.backends import load_extension
+
+    ext = load_extension()
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    flags = ""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "avx512": " avx512f" in flags,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers_version,
+        "fastdiff_C": dict(ext.build_info()) if not isinstance(ext, str) else ext,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_start": load_average(),
+    }
+
+
+def describe_machine(info: dict) -> str:
+    return (f"{info['cpu']}, {info['cores']} cores{' (AVX-512)' if info.get('avx512') else ''}, "
+            f"{info['memory_gib']} GiB; torch {info['torch']}, diffusers {info['diffusers']}, "
+            f"python {info['python']}; commit {info['git_commit']}")
