@@ -18,3 +18,10 @@ from .solvers import SOLVERS, get_solver  # noqa: F401
 
 __all__ = ["sample", "Sampler", "Guidance", "get_solver", "SOLVERS", "PREDICTIONS", "make_grid", "Grid",
            "DiscreteVP", "ContinuousVP", "VESchedule", "FlowMatching", "ops", "schedules", "solvers"]
+
+# Guidance transforms; adaptive / predictor-corrector / likelihood / interpolation drivers.
+from .guidance import ClassifierGuidance, ClipSample, DynamicThresholding  # noqa: F401,E402
+from . import adaptive, interpolation, likelihood, predictor_corrector  # noqa: F401,E402
+
+__all__ += ["ClassifierGuidance", "ClipSample", "DynamicThresholding", "adaptive", "interpolation", "likelihood",
+            "predictor_corrector"]

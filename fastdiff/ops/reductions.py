@@ -15,8 +15,6 @@ Numerics: math in float32, or float64 for float64 inputs; results are in that ma
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 __all__ = ["cfg_rescale", "dynamic_threshold", "error_norm", "per_sample_norm"]
