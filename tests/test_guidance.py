@@ -379,3 +379,21 @@ def test_classifier_guidance_bad_labels_at_sampling():
     wrong_logits = Guidance(classifier=ClassifierGuidance(lambda x, t: x.sum(), torch.tensor([0, 1, 2, 0])))
     with pytest.raises(ValueError, match="logits"):
         fastdiff.sample(gm, noise, steps=3, schedule=schedule, guidance=wrong_logits, progress=False)
+
+
+def test_transforms_in_float32_on_the_automatic_backend():
+    """The hook path with the default float32 state (the cpu backend when built) agrees with the
+    float64 reference run to float32 accuracy."""
+    schedule = DiscreteVP()
+    model = CondMixture(schedule)
+    noise = _randn(*SHAPE, seed=19)
+    B = noise.shape[0]
+    guidance = Guidance(5.0, rescale=0.7, x0_clip=DynamicThresholding(0.9, 1.5))
+    kw = dict(steps=8, schedule=schedule, solver="dpmpp_2m", guidance=guidance, progress=False,
+              cond={"c": torch.ones(B)}, uncond={"c": torch.zeros(B)})
+    f32 = fastdiff.sample(model, noise.float(), **kw)
+    f64 = fastdiff.sample(model, noise, state_dtype=torch.float64, backend="reference",
+                          **{**kw, "cond": {"c": torch.ones(B, dtype=torch.float64)},
+                             "uncond": {"c": torch.zeros(B, dtype=torch.float64)}})
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), f64, rtol=0, atol=1e-4)
