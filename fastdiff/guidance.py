@@ -9,8 +9,9 @@ coefficient g. Both conventions in use map onto g:
 Where g = 1 (``scale=1`` with "w", ``scale=0`` with "1+w", or outside the ``interval``) the
 unconditional pass is skipped altogether.
 
-``interval=(ksigma_lo, ksigma_hi)`` applies guidance only at noise levels inside the interval
-(Kynkäänniemi et al. 2024); elsewhere g = 1.
+``interval=(ksigma_lo, ksigma_hi)`` applies CFG (and its rescale) only at noise levels inside
+the interval (Kynkäänniemi et al. 2024); elsewhere g = 1. Classifier guidance and x0 clipping
+apply at every model evaluation.
 
 The other transforms are not linear, so they run between the model call and the fused step
 (``GuidanceHook``), and only on runs that use them; runs without them keep the fused CFG path.

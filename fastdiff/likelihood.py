@@ -68,8 +68,11 @@ def log_likelihood(model: Callable, x: torch.Tensor, *, schedule: Schedule, pred
     probability-flow ODE of ``model`` (``prediction`` as in ``fastdiff.sample``) up to
     ``ksigma_max`` (default the schedule's largest, which must be finite).
 
-    ``divergence``: 'exact' (d VJPs per evaluation, batched) or 'hutchinson' (``probes``
-    ``probe`` vectors per sample, 'rademacher' or 'gaussian', from ``generator``).
+    ``divergence``: 'exact' (the model runs on d copies of the batch per evaluation: for small
+    d) or 'hutchinson' (``probes`` copies with ``probe`` vectors, 'rademacher' or 'gaussian',
+    from ``generator``; Rademacher probes have the lower variance, as they see only the
+    Jacobian's off-diagonal). Tensor ``model_kwargs`` with a batch dimension are repeated to
+    match.
     ``prior_logp(x_T) -> [B]``: log density of the native x at ksigma_max (default: the
     Gaussian the sampler starts from, N(0, c^2 I) with c = schedule.init_noise_scale).
     Returns ``(logp, info)``; info: 'nfe' (batched model calls), 'prior_logp', 'delta_logp'
@@ -113,6 +116,9 @@ def log_likelihood(model: Callable, x: torch.Tensor, *, schedule: Schedule, pred
         v = _probes(probe, P, x, generator)
         weights = torch.full((P,), 1.0 / P, dtype=torch.float64)
     v = v.to(device)
+    # The model sees P copies of the batch (probe-major): repeat per-sample kwargs to match.
+    kwargs = {k: val.repeat((P,) + (1,) * (val.dim() - 1)) if isinstance(val, torch.Tensor) and val.dim() > 0
+              and val.shape[0] == B else val for k, val in kwargs.items()}
     nfe = [0]
 
     def drift_and_vjp(u: float, y: torch.Tensor):

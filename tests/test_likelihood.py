@@ -115,3 +115,18 @@ def test_likelihood_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         log_likelihood(gm, x, **kw)        # the good call warns about nothing
+
+
+def test_model_kwargs_follow_the_repeated_batch():
+    schedule, prediction = CASES[0]
+    gm, x, exact, prior, _ = _setup(schedule, prediction, n=3)
+    seen = []
+
+    def model(xin, t, label):
+        seen.append((xin.shape[0], label.shape[0]))
+        assert label.shape[0] == xin.shape[0]
+        return gm(xin, t)
+    logp, _ = log_likelihood(model, x, schedule=schedule, prediction=prediction, prior_logp=prior,
+                             model_kwargs={"label": torch.arange(3)})
+    assert seen and all(s == (6, 6) for s in seen)         # d = 2 copies of a batch of 3
+    torch.testing.assert_close(logp, exact, rtol=0, atol=1e-4)
