@@ -369,6 +369,10 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
         spacing = {DiscreteVP: "leading", VESchedule: "karras"}.get(type(schedule), "uniform")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    if (shift != 1.0 or mu is not None) and not (isinstance(schedule, FlowMatching)
+                                                 and spacing in ("uniform", "quadratic", "cosine")):
+        raise ValueError(f"shift/mu apply to FlowMatching schedules with the uniform, quadratic or cosine "
+                         f"spacing, got {type(schedule).__name__} with {spacing!r}")
     hi = schedule.t_max if t_max is None else float(t_max)
     lo = schedule.t_min if t_min is None else float(t_min)
     if not schedule.t_min <= lo < hi <= schedule.t_max:
@@ -407,8 +411,6 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
         t = hi + (lo - hi) * 0.5 * (1.0 - np.cos(math.pi * u))
     else:
         t = hi + u * (lo - hi)
-    if isinstance(schedule, FlowMatching) and (shift != 1.0 or mu is not None):
+    if shift != 1.0 or mu is not None:
         t = time_shift(t, shift, mu=mu)
-    elif shift != 1.0 or mu is not None:
-        raise ValueError("shift/mu apply to FlowMatching schedules only")
     return Grid.from_times(schedule, t, final)
