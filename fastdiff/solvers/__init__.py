@@ -5,5 +5,9 @@ Importing this package registers every solver; ``get_solver(name, **options)`` b
 """
 from .base import SOLVERS, Solver, get_solver, register  # noqa: F401
 from . import exponential, runge_kutta, stochastic  # noqa: F401  (registration)
+from . import edm  # noqa: F401  (registration)
+from . import dpm_solver  # noqa: F401  (registration)
+from . import multistep  # noqa: F401  (registration)
+from . import flow  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]
