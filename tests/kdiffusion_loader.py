@@ -8,6 +8,7 @@ unused by the sampling code. So: stub the torchvision modules and register an em
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -23,7 +24,11 @@ def load_kdiffusion_sampling():
         import pytest
         pytest.skip("k-diffusion is not installed", allow_module_level=True)
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-        sys.modules.setdefault(name, types.ModuleType(name))
+        stub = sys.modules.setdefault(name, types.ModuleType(name))
+        # A spec, so importlib.util.find_spec(name) still works for libraries that probe for
+        # torchvision afterwards (diffusers does: without it, importing diffusers raises ValueError).
+        if getattr(stub, "__spec__", None) is None:
+            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
     if "k_diffusion" not in sys.modules:
