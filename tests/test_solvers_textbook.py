@@ -212,3 +212,57 @@ def test_ve_only_solvers_reject_a_grid_starting_at_alpha_0(name):
     grid = make_grid(FlowMatching(), 5, "uniform")
     with pytest.raises(ValueError, match="ve"):
         Sampler.build(solver=name, grid=grid, prediction="flow")
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracles themselves agree with the code users run (k-diffusion, diffusers)
+
+
+@pytest.mark.parametrize("name, kd_name, opts", [
+    ("euler", "sample_euler", {}), ("heun", "sample_heun", {}), ("dpmpp_2m", "sample_dpmpp_2m", {}),
+    ("euler_ancestral", "sample_euler_ancestral", {"eta": 0.7, "s_noise": 0.9})])
+def test_oracles_agree_with_k_diffusion(name, kd_name, opts):
+    from kdiffusion_loader import load_kdiffusion_sampling
+    kd = load_kdiffusion_sampling()
+    grid = make_grid(VESchedule(), 9, "karras")
+    model = GaussianMixture.default(grid.schedule, dim=6, prediction="sample")  # a denoiser D(x, sigma)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
+    zs = step_noise(grid.steps, seed=4)
+    draws = iter(zs)
+    kd_opts = dict(opts, noise_sampler=lambda sigma, sigma_next: next(draws)) if "eta" in opts else opts
+    ref = getattr(kd, kd_name)(model, x.clone(), torch.from_numpy(grid.sigma), disable=True, **kd_opts)
+    ours = ORACLES[name](model, x.clone(), grid, "sample", noise=zs, **opts)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name, opts", [("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}),
+                                        ("ddpm", {"variance": "fixed_small"}), ("ddpm", {"variance": "fixed_large"})])
+def test_oracles_agree_with_diffusers(name, opts, prediction):
+    """diffusers' DDIMScheduler / DDPMScheduler.step loop (float32 tables, hence 1e-5)."""
+    import diffusers
+    steps, seed = 12, 5
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  prediction_type=prediction)
+    if name == "ddim":
+        scheduler = diffusers.DDIMScheduler(set_alpha_to_one=True, steps_offset=1, **config)
+    else:
+        scheduler = diffusers.DDPMScheduler(variance_type=opts["variance"], **config)
+    scheduler.set_timesteps(steps)
+    schedule = DiscreteVP(beta_schedule="scaled_linear")
+    grid = make_grid(schedule, steps, "leading", steps_offset=1 if name == "ddim" else 0)
+    model = GaussianMixture.default(schedule, dim=6, prediction=prediction)
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    # DDPMScheduler draws its noise from the generator on every step but the last (t = 0)
+    draws = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(SHAPE, dtype=torch.float64, generator=draws) for _ in range(steps)]
+    generator = torch.Generator().manual_seed(seed)
+    ref = x.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        out = model(ref, torch.full((SHAPE[0],), float(t), dtype=torch.float64))
+        if name == "ddim":
+            ref = scheduler.step(out, t, ref, eta=opts["eta"], variance_noise=zs[i]).prev_sample
+        else:
+            ref = scheduler.step(out, t, ref, generator=generator).prev_sample
+    ours = ORACLES[name](model, x.clone(), grid, prediction, noise=zs, **opts)
+    torch.testing.assert_close(ours, ref.to(torch.float64), rtol=1e-5, atol=1e-5)
