@@ -12,7 +12,9 @@ Signature (k-diffusion style): ``fn(model, x, grid, prediction, noise=None, **op
   or a callable ``step -> tensor``);
 * options are named like the solver's options (eta, s_noise, variance, lower_order_final, ode_space).
 
-``ORACLES`` maps each solver name to its textbook function. Use ``guided`` for CFG.
+``ORACLES`` maps each foundation solver's name to its textbook function; the solver zoo's
+(DPM-Solver family, UniPC, DEIS, LMS, EDM, flow aliases) are ``fastdiff.textbook.zoo.ZOO_ORACLES``.
+Use ``guided`` for CFG.
 """
 from .common import ODECoordinates, denoise, guided  # noqa: F401
 from .ddpm_ddim import sample_ddim, sample_ddpm
