@@ -148,8 +148,8 @@ def _as_out(comb: Dict[Symbol, float], n: int, slots: int) -> Out:
 
 
 def unipc_system(rks: np.ndarray, hh: float, B_h: float, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """UniPC's order conditions: R[i] = rks^i and b[i] = (i+1)! phi_{i+2}(hh) hh^{...} / B(h) as diffusers
-    builds them (R: k x k, b: k)."""
+    """UniPC's order conditions R rho = b, built as diffusers builds them: for i = 1..k the row
+    R[i-1] = rks^(i-1) and b[i-1] = i! hh phi_{i+1}(hh) / B(h), with phi_j(z) = (e^z - sum_{m<j} z^m/m!) / z^j."""
     h_phi_k = math.expm1(hh) / hh - 1.0
     factorial = 1
     R, b = [], []
