@@ -172,14 +172,24 @@ def with_model_dtype(problem: StepProblem, dtype: torch.dtype) -> StepProblem:
 class FastdiffStep:
     """fastdiff's fused step on a StepProblem, called as the Sampler calls it: the backend's raw
     function with positional arguments, on preallocated state (x, history, next model input),
-    with the device-side non-finite flag the sampler passes by default. In place: each call
-    advances the state (x and the history slot), as consecutive steps of a loop would."""
+    with the device-side non-finite flag the sampler passes by default.
+
+    In place: each call advances x and the history slot. Repeating the *same* step grows the
+    state by ~1.13x a call (the step's linear map has a spectral radius above 1; a real run
+    changes the coefficients every step), so after ~700 calls it overflows to inf and NaN.
+    ``prepare(number)`` (benchmarks.timing.measure calls it, untimed, before each sample)
+    restores the problem's state when the next ``number`` calls would exceed ``max_calls``
+    calls since the last restore: every timed call sees finite values of a realistic size."""
+
+    max_calls = 64
 
     def __init__(self, problem: StepProblem, backend: str = "cpu", model_input: bool = False):
         p = problem
         B = p.shape[0]
+        self.problem = p
         self.x = p.x.clone()
         self.hist = p.x0_prev.clone().unsqueeze(0)                         # K = 1 slot
+        self.calls_since_restore = 0
         self.uncond, self.cond = p.model_out[:B], p.model_out[B:]
         self.model_in = torch.empty_like(p.model_out) if model_input else None
         self.bad_row = torch.zeros(1, dtype=torch.int32)
@@ -187,6 +197,14 @@ class FastdiffStep:
         self.fn = BACKENDS[backend].fused_step
         if BACKENDS[backend].unavailable_reason():
             raise RuntimeError(f"backend {backend!r} is unavailable: {BACKENDS[backend].unavailable_reason()}")
+
+    def prepare(self, number: int) -> None:
+        if self.calls_since_restore + number > self.max_calls:
+            self.x.copy_(self.problem.x)
+            self.hist[0].copy_(self.problem.x0_prev)
+            self.bad_row.zero_()
+            self.calls_since_restore = 0
+        self.calls_since_restore += number
 
     def __call__(self) -> None:
         self.fn(self.table, self.row, self.x, None, self.cond, self.uncond, self.hist, 0, False, True, False,

@@ -36,7 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import baselines as bl
-from .timing import (copy_bandwidth, describe_machine, load_average, machine_info, measure, torch_threads)
+from .timing import (copy_bandwidth, describe_machine, inplace_add_bandwidth, load_average, machine_info, measure,
+                     torch_threads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -127,8 +128,10 @@ def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *,
         for nt in threads:
             with torch_threads(nt):
                 copy = copy_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
-                log(f"  threads={nt}: copy {copy['gbps']:.1f} GB/s")
-                blocks.append({"shape_name": name, "threads": nt, "copy": copy, "load_average": load_average()})
+                inplace = inplace_add_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
+                log(f"  threads={nt}: copy {copy['gbps']:.1f} GB/s, in-place add {inplace['gbps']:.1f} GB/s")
+                blocks.append({"shape_name": name, "threads": nt, "copy": copy, "inplace_add": inplace,
+                               "load_average": load_average()})
                 for impl in impls:
                     fn, extra = step_callable(impl, problem, log)
                     t = measure(fn, min_samples=min_samples, min_time=min_time)
@@ -223,11 +226,36 @@ def render_markdown(report: dict) -> str:
     for r in report["results"]:
         by_block.setdefault((r["shape_name"], r["threads"]), []).append(r)
     copy = {(b["shape_name"], b["threads"]): b for b in report["blocks"]}
+    idx = _index(report)
+    summary_cols = {"fastdiff_cpu": "fastdiff cpu", "fastdiff_cpu_model_input": "fastdiff cpu + model input",
+                    "eager": "eager", "compile": "torch.compile", "diffusers": "diffusers"}
+    if any(k[2] == "fastdiff_cpu" for k in idx):
+        lines += ["Summary (median µs per step; the fastdiff columns on the right are for the fused step "
+                  "without the epilogue):", "",
+                  "| shape | threads | copy GB/s | in-place add GB/s | " + " | ".join(summary_cols.values())
+                  + " | fastdiff GB/s | % of copy | % of in-place add | diffusers ÷ fastdiff | compile ÷ fastdiff |",
+                  "|---|---:|---:|---:|" + "---:|" * (len(summary_cols) + 5)]
+        for (name, nt) in by_block:
+            f = idx.get((name, nt, "fastdiff_cpu"))
+            if f is None:
+                continue
+            probe = copy[(name, nt)]
+            inplace = probe.get("inplace_add", {}).get("gbps")
+            cells = [_us(idx[(name, nt, c)]["median_s"]) if (name, nt, c) in idx else "" for c in summary_cols]
+            vs_d, vs_c = speedups(report, f)
+            lines.append(" | ".join([f"| {name}", str(nt), f"{probe['copy']['gbps']:.1f}",
+                                     f"{inplace:.1f}" if inplace else "", *cells, f"{f['gbps']:.1f}",
+                                     f"{f['pct_copy']:.0f}%", f"{100 * f['gbps'] / inplace:.0f}%" if inplace else "",
+                                     _x(vs_d), _x(vs_c)]) + " |")
+        lines += ["", "(Above 100%: the tensors stayed in cache (the probes are out of cache), or, against the copy, "
+                  "the copy's uncounted write-allocate reads; see benchmarks/README.md.)", ""]
     for (name, nt), rows in by_block.items():
         shape = rows[0]["shape"]
         c = copy[(name, nt)]
         lines += [f"### {SHAPE_TITLES.get(name, name)} {'×'.join(map(str, shape))} ({rows[0]['numel']:,} elements), "
-                  f"threads={nt}: copy bandwidth {c['copy']['gbps']:.1f} GB/s (load {c['load_average'][0]})", "",
+                  f"threads={nt}: copy bandwidth {c['copy']['gbps']:.1f} GB/s"
+                  + (f", in-place add {c['inplace_add']['gbps']:.1f} GB/s" if "inplace_add" in c else "")
+                  + f" (load {c['load_average'][0]})", "",
                   "| implementation | median µs | IQR µs | bytes moved | GB/s | % of copy | diffusers ÷ this "
                   "| compile ÷ this |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -45,22 +45,35 @@ class Timing:
 
 def measure(fn: Callable[[], object], *, min_samples: int = 15, min_time: float = 0.5,
             sample_time: float = 2e-3, warmup: int = 3) -> Timing:
-    """Median time per call of ``fn()`` (see the module docstring)."""
+    """Median time per call of ``fn()`` (see the module docstring).
+
+    A stateful ``fn`` (one that updates its inputs in place) may have ``fn.prepare(number)`` and
+    ``fn.max_calls``: ``prepare`` runs untimed before each sample of ``number`` calls (e.g. to
+    restore a state that repeated calls would drive to overflow), and no sample makes more than
+    ``max_calls`` calls."""
     if min_samples < 1:
         raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    prepare = getattr(fn, "prepare", lambda number: None)
+    max_calls = int(getattr(fn, "max_calls", 1 << 20))
+    prepare(warmup)
     for _ in range(warmup):
         fn()
     timer = timeit.Timer(fn)
+
+    def sample(number: int) -> float:
+        prepare(number)
+        return timer.timeit(number)
+
     number = 1
     while True:                          # calibrate: double until one sample is long enough
-        t = timer.timeit(number)
-        if t >= sample_time or number >= 1 << 20:
+        t = sample(number)
+        if t >= sample_time or 2 * number > max_calls:
             break
         number *= 2
     per_call = [t / number]
     start = time.perf_counter()
     while len(per_call) < min_samples or time.perf_counter() - start < min_time:
-        per_call.append(timer.timeit(number) / number)
+        per_call.append(sample(number) / number)
     q1, med, q3 = np.percentile(per_call, [25, 50, 75])
     return Timing(float(med), float(q3 - q1), len(per_call), number)
 
@@ -87,6 +100,21 @@ def copy_bandwidth(mib: int = 256, **measure_options) -> Dict[str, float]:
     dst.copy_(src)                         # fault the pages in before timing
     t = measure(lambda: dst.copy_(src), **measure_options)
     nbytes = 2 * n * 4
+    return {"mib_per_buffer": mib, "bytes": nbytes, "median_s": t.median, "iqr_s": t.iqr, "samples": t.samples,
+            "gbps": nbytes / t.median / 1e9}
+
+
+def inplace_add_bandwidth(mib: int = 256, **measure_options) -> Dict[str, float]:
+    """Out-of-cache bandwidth of ``a.add_(b)`` on two float32 buffers of ``mib`` MiB, counted as
+    three streams (read a, read b, write a). Unlike the copy, whose destination lines are read
+    before they are written (write-allocate) without being counted, an in-place update pays for
+    exactly what it counts, as fastdiff's in-place step does; so a fused step can exceed 100% of
+    the copy bandwidth, and this is the closer ceiling for it."""
+    n = mib * 2 ** 20 // 4
+    a = torch.randn(n)
+    b = torch.randn(n) * 1e-30             # keeps a from growing over many calls
+    t = measure(lambda: a.add_(b), **measure_options)
+    nbytes = 3 * n * 4
     return {"mib_per_buffer": mib, "bytes": nbytes, "median_s": t.median, "iqr_s": t.iqr, "samples": t.samples,
             "gbps": nbytes / t.median / 1e9}
 
