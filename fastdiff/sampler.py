@@ -144,6 +144,12 @@ class Sampler:
             mask = mask.to(device=dev, dtype=self.state_dtype)
             if known.shape != x.shape:
                 raise ValueError(f"inpaint known data must have the shape of noise {shape}, got {tuple(known.shape)}")
+            try:
+                torch.broadcast_shapes(mask.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(f"inpaint mask of shape {tuple(mask.shape)} does not broadcast to {shape}") from None
+            if mask.shape != torch.broadcast_shapes(mask.shape, x.shape):
+                raise ValueError(f"inpaint mask of shape {tuple(mask.shape)} would enlarge the sample {shape}")
             base_noise = noise.to(self.state_dtype)
 
         if noise_sampler is None and any(r.noise_id >= 0 for r in rows) and seed is None:
@@ -202,8 +208,8 @@ class Sampler:
                 n = r.step
                 if inpaint is not None:
                     a, s = float(self.grid.alpha[n + 1]), float(self.grid.sigma[n + 1])
-                    x.copy_(torch.where(mask > 0.5, a * known + s * base_noise, x) if mask.dtype == torch.bool
-                            else mask * (a * known + s * base_noise) + (1 - mask) * x)
+                    # x <- mask * (known noised to this level, with the initial noise) + (1 - mask) * x
+                    x.add_(mask * (a * known + s * base_noise - x))
                 if check_finite == "step" and int(bad_row.item()):
                     self._raise_nonfinite(int(bad_row.item()))
                 if callback is not None:
