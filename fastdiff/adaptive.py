@@ -23,6 +23,7 @@ fused step's backend; the error norm (a reduction) always dispatches automatical
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,7 +37,8 @@ from .program import Out, Point, Program, Row, compile_program
 from .sampler import _model_output
 from .schedules import Grid, Schedule
 from .solvers import Solver, get_solver
-from .solvers.base import ancestral_step, check_eta, eps_quantity
+from .solvers.base import ancestral_step, check_eta, grid_point
+from .solvers.dpm_solver import DPMSolverSinglestep, ddim_eps, half_log_snr
 
 __all__ = ["PIDController", "RowRunner", "sample_dpm_adaptive", "sample_step_doubling", "dpm_solver_pair_rows"]
 
@@ -199,52 +201,34 @@ def _check_common(rtol, atol, max_nfe):
 # DPM-Solver-12 / 23
 
 
-def dpm_solver_pair_rows(ps: Point, pt: Point, mids: List[Point], order: int, step: int = 0) -> List[Row]:
-    """One step of DPM-Solver-``order`` (noise-prediction form, singlestep; Lu et al. 2022
-    Algorithms 1-2 with r1 = 1/2 for order 2 and r1 = 1/3, r2 = 2/3 for order 3), followed by
-    one model-free row giving the embedded lower-order solution (DPM-Solver-1, resp.
-    DPM-Solver-2 with r1 = 1/3) from the same model evaluations. ``mids``: the intermediate
-    points (lambda_s + r_i h). In native coordinates with h = lambda_t - lambda_s:
+def dpm_solver_pair_rows(grid: Grid, order: int) -> List[Row]:
+    """One step of DPM-Solver-``order`` over the 1-step ``grid`` (the registered ``dpm_solver``
+    solver's rows: singlestep, noise prediction, r1 = 1/2 for order 2 and r1 = 1/3, r2 = 2/3
+    for order 3), followed by one model-free row with the embedded lower-order solution from the
+    same model evaluations (Lu et al. 2022, Algorithm 4): DPM-Solver-1 for order 2, DPM-Solver-2
+    with r1 = 1/3 for order 3. With h = lambda_t - lambda_s, in native coordinates:
 
         x_1 = (a_t/a_s) x - s_t (e^h - 1) eps
         x_2 = x_1 - s_t/(2 r1) (e^h - 1) (eps_1 - eps)
-        x_3 = x_1 - s_t/r2 ((e^h - 1)/h - 1) (eps_2 - eps)
 
-    The higher-order rows write the new state into x; the last row writes the lower-order one
-    into x as well, so run it on a separate copy of the starting state (history is shared)."""
-    lam = lambda p: math.log(p.alpha) - math.log(p.sigma)  # noqa: E731
-    h = lam(pt) - lam(ps)
-    em = math.expm1(h)
-    ratio_t = pt.alpha / ps.alpha
-    rows: List[Row] = []
-    if order == 2:
-        r1 = 0.5
-        p1 = mids[0]
-        rows.append(Row(step=step, eval_at="x", point=ps, q_y=eps_quantity(ps)[0], q_x0=eps_quantity(ps)[1],
-                        out_y=Out(x=p1.alpha / ps.alpha, h=-p1.sigma * math.expm1(r1 * h)), hist_write=0,
-                        next_eval="y"))
-        b = pt.sigma / (2 * r1) * em
-        rows.append(Row(step=step, eval_at="y", point=p1, q_y=eps_quantity(p1)[0], q_x0=eps_quantity(p1)[1],
-                        out_x=Out(x=ratio_t, h=-b, hist=((0, -pt.sigma * em + b),)), next_eval="x"))
-        rows.append(Row(step=step, out_x=Out(x=ratio_t, hist=((0, -pt.sigma * em),))))
-        return rows
-    if order != 3:
+    eps is kept in history slot 0 by the solver's first row; for order 3 the second row also
+    keeps eps_1 in slot 1 (2 slots). The last row writes its result into x as the solver's last
+    row does: run it on a copy of the starting state."""
+    if order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order!r}")
-    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-    p1, p2 = mids
-    rows.append(Row(step=step, eval_at="x", point=ps, q_y=eps_quantity(ps)[0], q_x0=eps_quantity(ps)[1],
-                    out_y=Out(x=p1.alpha / ps.alpha, h=-p1.sigma * math.expm1(r1 * h)), hist_write=0,
-                    next_eval="y"))
-    c2 = p2.sigma * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
-    rows.append(Row(step=step, eval_at="y", point=p1, q_y=eps_quantity(p1)[0], q_x0=eps_quantity(p1)[1],
-                    out_y=Out(x=p2.alpha / ps.alpha, h=-c2, hist=((0, -p2.sigma * math.expm1(r2 * h) + c2),)),
-                    hist_write=1, next_eval="y"))
-    c3 = pt.sigma / r2 * (em / h - 1)
-    rows.append(Row(step=step, eval_at="y", point=p2, q_y=eps_quantity(p2)[0], q_x0=eps_quantity(p2)[1],
-                    out_x=Out(x=ratio_t, h=-c3, hist=((0, -pt.sigma * em + c3),)), next_eval="x"))
-    b = pt.sigma / (2 * r1) * em
-    rows.append(Row(step=step, out_x=Out(x=ratio_t, hist=((0, -pt.sigma * em + b), (1, -b)))))
-    return rows
+    if grid.steps != 1:
+        raise ValueError(f"dpm_solver_pair_rows takes a 1-step grid, got {grid.steps} steps")
+    rows = DPMSolverSinglestep(order).rows(grid)
+    ps, pt = grid_point(grid, 0), grid_point(grid, 1)
+    h = half_log_snr(pt) - half_log_snr(ps)
+    x_coef, eps_coef = ddim_eps(ps, pt)                    # x_1 = x_coef x + eps_coef eps
+    if order == 2:
+        low = Out(x=x_coef, hist=((0, eps_coef),))
+    else:
+        rows[1] = dataclasses.replace(rows[1], hist_write=1)
+        b = pt.sigma * math.expm1(h) / (2.0 * (1.0 / 3.0))
+        low = Out(x=x_coef, hist=((0, eps_coef + b), (1, -b)))
+    return rows + [Row(step=rows[-1].step, out_x=low)]
 
 
 @torch.no_grad()
@@ -273,8 +257,8 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
     s_noise = check_eta(s_noise, "s_noise")
     ks_min, ks_max = _ksigma_range(schedule, ksigma_min, ksigma_max)
     lam, lam_end = -math.log(ks_max), -math.log(ks_min)
-    ps = _point_at_lambda(schedule, lam)
-    x = _initial_state(noise, schedule, ps, state_dtype, x_init)
+    p0 = _point_at_lambda(schedule, lam)
+    x = _initial_state(noise, schedule, p0, state_dtype, x_init)
     runner = RowRunner(model, x, prediction, model_kwargs=model_kwargs, model_dtype=model_dtype, backend=backend,
                        max_nfe=max_nfe)
     pid = PIDController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
@@ -284,7 +268,7 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
 
     K = order - 1
     y, hist = torch.empty_like(x), torch.zeros((K,) + x.shape, dtype=x.dtype, device=x.device)
-    x_prev = x                                   # k-diffusion: the previous lower-order solution (x/alpha)
+    x_prev = x / p0.alpha                        # k-diffusion: the previous lower-order solution, x/alpha
     D0 = None                                    # the model output at (x, lam), kept across rejections
     info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": 0, "ksigmas": [ks_max]}
     while lam < lam_end - 1e-5:
@@ -295,16 +279,15 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
             su = math.sqrt(max(math.exp(-2 * lam_t) - math.exp(-2 * lam_d), 0.0))
         else:
             lam_d, su = lam_t, 0.0
-        pd = _point_at_lambda(schedule, lam_d)
-        h = lam_d - lam
-        mids = [_point_at_lambda(schedule, lam + r * h) for r in ((0.5,) if order == 2 else (1 / 3, 2 / 3))]
-        rows = dpm_solver_pair_rows(ps, pd, mids, order, step=info["n_accept"])
+        grid = Grid.from_ksigmas(schedule, [math.exp(-lam), math.exp(-lam_d)])
+        pd = grid_point(grid, 1)
+        rows = dpm_solver_pair_rows(grid, order)
         _, table = runner.compile(rows, K)
         x_high = x.clone()
         D0 = runner.run(rows, table, x_high, y, hist, first_output=D0, stop=len(rows) - 1)
         x_low = x.clone()
         runner.run(rows, table, x_low, start=len(rows) - 1, hist=hist)
-        # The error in k-diffusion's coordinates x/alpha (alpha of the prior point for x_prev).
+        # The error in k-diffusion's coordinates x/alpha.
         low_k, high_k = x_low / pd.alpha, x_high / pd.alpha
         error = float(error_norm(low_k, high_k, x_prev, rtol, atol))
         info["steps"] += 1
@@ -321,9 +304,6 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
                     if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
                         raise ValueError(f"noise_sampler must return a tensor of shape {tuple(x.shape)}")
                 runner.step(ntable, 0, noise_row, x_high, noise=z, seed=seed)
-                ps = pt
-            else:
-                ps = pd
             x, lam, D0 = x_high, lam_t, None
             info["n_accept"] += 1
             info["ksigmas"].append(math.exp(-lam))
