@@ -1,0 +1,107 @@
+"""The Triton backend: the kernels of the top-level ``kernels/`` folder (installed as
+``fastdiff.kernels``) behind the Backend interface of fastdiff.ops.backends.
+
+Runs on CUDA tensors; on CPU tensors only when Python was started with TRITON_INTERPRET=1 (the
+Triton interpreter: correct but slow, for tests). Importing this module does not import triton;
+that happens the first time the backend is asked whether it is available.
+
+Supports: float32 solver state (the math is float32 as in the reference; model outputs, noise
+and model inputs may be any float dtype, float32/float16/bfloat16 being the point); any strides (samples that are not dense are copied first, outputs copied back: see
+kernels/_common.py); attention with head dims up to 128 in float32/float16/bfloat16.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import List, Optional
+
+import torch
+
+from .backends import Backend, register_backend
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels():
+    """The fastdiff.kernels modules (a namespace object), or the reason they cannot be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e}); `pip install triton` (Linux, CUDA GPUs)"
+    try:
+        mods = {name: importlib.import_module(f"fastdiff.kernels.{name}")
+                for name in ("fused_step", "cfg", "philox", "attention")}
+    except ImportError as e:
+        return f"fastdiff.kernels is not importable ({e}); reinstall fastdiff (`pip install -e .`)"
+    return type("Kernels", (), mods)
+
+
+def interpreted() -> bool:
+    """True if the kernels run on the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    k = load_kernels()
+    if isinstance(k, str):
+        return False
+    from fastdiff.kernels._common import is_interpreted
+    return is_interpreted(k.fused_step.fused_step_kernel)
+
+
+class TritonBackend(Backend):
+    """Triton kernels: CUDA tensors (CPU tensors under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        k = load_kernels()
+        if isinstance(k, str):
+            return k
+        if interpreted() or torch.cuda.is_available():
+            return None
+        return ("triton backend needs a CUDA device (torch.cuda.is_available() is False); start Python "
+                "with TRITON_INTERPRET=1 to run its kernels on the CPU interpreter (slow, for tests)")
+
+    def _device_reason(self, tensors) -> Optional[str]:
+        allowed = ("cuda", "cpu") if interpreted() else ("cuda",)
+        for t in tensors:
+            if t.device.type not in allowed:
+                # The dispatcher recognises "tensors, got a tensor on" as "not for this device".
+                return f"triton backend runs on {' or '.join(a.upper() for a in allowed)} tensors, got a tensor on {t.device}"
+        return None
+
+    def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
+        reasons = []
+        why = self._device_reason(tensors)
+        if why:
+            reasons.append(why)
+        if op == "attention":   # tensors: q, k, v, ... (one dtype, validated), then the bias
+            q = tensors[0]
+            if q.dtype not in _KERNEL_DTYPES:
+                reasons.append(f"triton attention supports float32/float16/bfloat16, got {q.dtype}")
+            max_d = load_kernels().attention.MAX_HEAD_DIM
+            if q.shape[-1] > max_d:
+                reasons.append(f"triton attention supports head dims up to {max_d}, got {q.shape[-1]}")
+            return reasons
+        if state_dtype is not None and state_dtype != torch.float32:
+            reasons.append(f"triton backend keeps the solver state in float32, got {state_dtype}")
+        if op == "cfg_combine":     # float64 inputs mean float64 math in the reference; the kernel has float32
+            for t in tensors:
+                if t.dtype not in _KERNEL_DTYPES:
+                    reasons.append(f"triton cfg_combine supports float32/float16/bfloat16, got {t.dtype}")
+                    break
+        return reasons
+
+    def fused_step(self, *args) -> None:
+        load_kernels().fused_step.fused_step(*args)
+
+    def cfg_combine(self, cond, uncond, scale, out_dtype=None):
+        return load_kernels().cfg.cfg_combine(cond, uncond, float(scale), out_dtype)
+
+    def philox_normal(self, shape, seed, noise_id, device):
+        return load_kernels().philox.philox_normal(shape, seed, noise_id, device)
+
+    def attention(self, q, k1, v1, k2=None, v2=None, bias=None, scale=None):
+        return load_kernels().attention.attention(q, k1, v1, k2, v2, bias, scale)
+
+
+BACKEND = TritonBackend()
+register_backend(BACKEND)

@@ -1,0 +1,214 @@
+"""The fused solver step in Triton: one row of a coefficient program (fastdiff/program.py) per
+launch, with exactly the semantics of fastdiff.ops.reference.fused_step.
+
+The kernel reads the row's coefficients from the float64 table on the device (pointer + row
+index: no host reads, so a captured CUDA graph replays current values), folds CFG in, reads K
+history slots and writes one, writes x and/or y, draws Philox noise in place or reads a noise
+tensor, writes the next model input (cast to the model dtype, into one or both CFG halves) and
+raises the ``bad_row`` flag (first bad row wins, via compare-and-swap) when a written x/y value
+is not finite.
+
+Every float32 operation follows the reference's order and the kernel is compiled without FMA
+contraction (``EXACT_FP``), so fp32 results equal the reference's bit for bit.
+
+Layout: every tensor is addressed as [B, M] rows with its own batch stride (see _common), so
+batch slices, CFG halves and history slots are read in place.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.program import COL_G, COL_QD, COL_QY, OUT_BASE, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z
+
+from ._common import EXACT_FP, INT32_MAX, as_int32, dense_rows, key_words, max_offset, sample_size, write_back
+from .philox import philox_normal_block
+
+BLOCK = 1024          # elements per program (a multiple of 4: Philox groups never straddle programs)
+NUM_WARPS = 4
+
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+
+_COL_G = tl.constexpr(COL_G)
+_COL_QY = tl.constexpr(COL_QY)
+_COL_QD = tl.constexpr(COL_QD)
+_OUT_BASE = tl.constexpr(OUT_BASE)
+_OUT_FIXED = tl.constexpr(OUT_FIXED)
+_OUT_X = tl.constexpr(OUT_X)
+_OUT_Y = tl.constexpr(OUT_Y)
+_OUT_H = tl.constexpr(OUT_H)
+_OUT_Z = tl.constexpr(OUT_Z)
+
+
+@triton.jit
+def _coef(row_ptr, col):
+    return tl.load(row_ptr + col).to(tl.float32)
+
+
+@triton.jit
+def _output(row_ptr, base, X, E, h, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr, HAS_Z: tl.constexpr,
+            mask):
+    """((a_x*X + a_y*E) + a_h*h) [+ a_z*z] + sum_j a_j*H[j], in the reference's order."""
+    o = _coef(row_ptr, base + _OUT_X) * X + _coef(row_ptr, base + _OUT_Y) * E
+    o = o + _coef(row_ptr, base + _OUT_H) * h
+    if HAS_Z:
+        o = o + _coef(row_ptr, base + _OUT_Z) * z
+    for j in tl.static_range(K):
+        H = tl.load(hist_ptr + j * hist_sk + hist_off, mask=mask, other=0.0)
+        o = o + _coef(row_ptr, base + _OUT_FIXED + j) * H
+    return o
+
+
+@triton.jit
+def _at(i, b, m, batch_stride, STRIDED: tl.constexpr):
+    """Offset of element i (= b*M + m) in a tensor addressed as [B, M] rows."""
+    if STRIDED:
+        return b * batch_stride + m
+    else:                   # every tensor dense: no division needed
+        return i
+
+
+@triton.jit
+def _nonfinite(v):
+    return (v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit(do_not_specialize=["row", "hist_write", "seed_lo", "seed_hi", "noise_id"])
+def fused_step_kernel(
+    table_ptr, row,
+    x_ptr, y_ptr, cond_ptr, uncond_ptr, hist_ptr, noise_ptr, model_in_ptr, bad_row_ptr,
+    numel, M,
+    x_sb, y_sb, cond_sb, uncond_sb, hist_sb, hist_sk, noise_sb, model_in_sb, model_in_half,
+    hist_write, seed_lo, seed_hi, noise_id,
+    K: tl.constexpr, EVAL_Y: tl.constexpr, WRITE_X: tl.constexpr, WRITE_Y: tl.constexpr,
+    HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr, WRITE_HIST: tl.constexpr,
+    MODEL_IN_HALVES: tl.constexpr, MODEL_IN_FROM_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)           # flat logical (row-major) element index
+    mask = i < numel
+    b = i // M                                      # only used when STRIDED
+    m = i - b * M
+
+    # Column layout of fastdiff.program: [g, q_y, q_d, x-out block, y-out block, s_in].
+    OUT_W: tl.constexpr = _OUT_FIXED + K
+    row_ptr = table_ptr + row * (_OUT_BASE + 2 * OUT_W + 1)
+
+    X = tl.load(x_ptr + _at(i, b, m, x_sb, STRIDED), mask=mask, other=0.0)
+    if EVAL_Y:
+        E = tl.load(y_ptr + _at(i, b, m, y_sb, STRIDED), mask=mask, other=0.0)
+    else:
+        E = X
+
+    if HAS_COND:
+        D = tl.load(cond_ptr + _at(i, b, m, cond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(uncond_ptr + _at(i, b, m, uncond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
+            D = u + _coef(row_ptr, _COL_G) * (D - u)
+        h = _coef(row_ptr, _COL_QY) * E + _coef(row_ptr, _COL_QD) * D
+    else:
+        h = tl.zeros([BLOCK], dtype=tl.float32)
+
+    if NOISE == 1:
+        z = tl.load(noise_ptr + _at(i, b, m, noise_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
+    elif NOISE == 2:
+        z = philox_normal_block(pid * (BLOCK // 4), seed_lo, seed_hi, noise_id, BLOCK // 4)
+    else:
+        z = h  # unused: the outputs have no noise term
+
+    hist_off = _at(i, b, m, hist_sb, STRIDED)
+    if WRITE_X:
+        new_x = _output(row_ptr, _OUT_BASE, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+    if WRITE_Y:
+        new_y = _output(row_ptr, _OUT_BASE + OUT_W, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+
+    if CHECK_FINITE:
+        bad = tl.zeros([BLOCK], dtype=tl.int1)
+        if WRITE_X:
+            bad = bad | _nonfinite(new_x)
+        if WRITE_Y:
+            bad = bad | _nonfinite(new_y)
+        if tl.max((bad & mask).to(tl.int32), axis=0) > 0:
+            tl.atomic_cas(bad_row_ptr, 0, row + 1)      # only the first bad row is recorded
+
+    # Writes after every read (all history slots were read above).
+    if WRITE_HIST:
+        tl.store(hist_ptr + hist_write * hist_sk + hist_off, h, mask=mask)
+    if WRITE_X:
+        tl.store(x_ptr + _at(i, b, m, x_sb, STRIDED), new_x, mask=mask)
+    if WRITE_Y:
+        tl.store(y_ptr + _at(i, b, m, y_sb, STRIDED), new_y, mask=mask)
+    if MODEL_IN_HALVES > 0:
+        if MODEL_IN_FROM_Y:
+            src = new_y
+        else:
+            src = new_x
+        v = (_coef(row_ptr, _OUT_BASE + 2 * OUT_W) * src).to(model_in_ptr.dtype.element_ty)
+        mi = model_in_ptr + _at(i, b, m, model_in_sb, STRIDED)
+        tl.store(mi, v, mask=mask)
+        if MODEL_IN_HALVES == 2:
+            tl.store(mi + model_in_half, v, mask=mask)
+
+
+def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
+               noise_id, model_in, model_in_from_y, bad_row) -> None:
+    """Launch one row; arguments as fastdiff.ops.fused_step (already validated). Tensors whose
+    samples are not dense are copied (outputs copied back): see _common."""
+    if model_in is not None and model_in_from_y and not write_y:
+        raise ValueError("model_in_from_y needs a row that writes y")
+    if hist is not None and hist.shape[0] == 0:
+        hist = None
+    K = 0 if hist is None else hist.shape[0]
+    B, M = x.shape[0], sample_size(x)
+    numel = x.numel()
+    if numel == 0:
+        return
+
+    xk, x_sb = dense_rows(x)
+    yk, y_sb = dense_rows(y)
+    ck, cond_sb = dense_rows(cond)
+    uk, uncond_sb = dense_rows(uncond)
+    nk, noise_sb = dense_rows(noise)
+    mk, mi_sb = dense_rows(model_in)
+    hk, hist_sb, hist_sk = hist, 0, 0
+    if hist is not None:
+        slot, hist_sb = dense_rows(hist[0])
+        if slot is not hist[0] or (K > 1 and hist.stride(0) == 0):
+            hk = hist.contiguous()
+            hist_sb = M
+        hist_sk = hk.stride(0)
+    dummy = xk  # stands in for absent tensors (never dereferenced)
+
+    batch_strides = [s for s in (x_sb, y_sb, cond_sb, uncond_sb, noise_sb, mi_sb) if s is not None]
+    if hist is not None:
+        batch_strides.append(hist_sb)
+    strided = any(s != M for s in batch_strides) or (K > 1 and hist_sk != numel)
+    index_64 = max(max_offset(t) for t in (xk, yk, ck, uk, nk, mk, hk)) + BLOCK > INT32_MAX
+    noise_kind = NOISE_TENSOR if noise is not None else NOISE_PHILOX if noise_id >= 0 else NOISE_NONE
+    lo, hi = key_words(seed) if noise_kind == NOISE_PHILOX else (0, 0)
+    halves = 0 if model_in is None else model_in.shape[0] // B
+
+    grid = (triton.cdiv(numel, BLOCK),)
+    fused_step_kernel[grid](
+        table, row,
+        xk, dummy if yk is None else yk, dummy if ck is None else ck, dummy if uk is None else uk,
+        dummy if hk is None else hk, dummy if nk is None else nk, dummy if mk is None else mk,
+        dummy if bad_row is None else bad_row,
+        numel, M,
+        x_sb, y_sb or 0, cond_sb or 0, uncond_sb or 0, hist_sb, hist_sk, noise_sb or 0, mi_sb or 0,
+        (B * mi_sb) if mk is not None else 0,
+        hist_write, lo, hi, as_int32(max(noise_id, 0)),
+        K=K, EVAL_Y=bool(eval_y), WRITE_X=bool(write_x), WRITE_Y=bool(write_y),
+        HAS_COND=cond is not None, HAS_UNCOND=uncond is not None, NOISE=noise_kind,
+        WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves, MODEL_IN_FROM_Y=bool(model_in_from_y),
+        CHECK_FINITE=bad_row is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK,
+        num_warps=NUM_WARPS, **EXACT_FP,
+    )
+    write_back(x, xk if write_x else None)
+    write_back(y, yk if write_y else None)
+    write_back(hist, hk if hist_write >= 0 else None)
+    write_back(model_in, mk)

@@ -1,0 +1,405 @@
+"""The Triton kernels, run on the CPU by the Triton interpreter, against the reference oracles.
+
+Triton decides between compiler and interpreter when each ``@triton.jit`` runs, including
+triton's own library functions at ``import triton``, so the cases need a process that had
+TRITON_INTERPRET=1 from its start. In a normal run, ``test_cases_under_the_interpreter`` runs
+this file again in such a subprocess (and the cases here are skipped); to run them directly:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpret.py -q
+
+Tolerances, stated once: float32 and float16 results equal the reference bit for bit (the
+kernels keep its order of operations and never contract into FMA); bfloat16 results may differ
+by 1 bf16 ulp (the interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest);
+Philox words are bit-equal; Philox normals are within PHILOX_ULPS of the reference (whose
+log/sin/cos come from libm; ours are the Cephes polynomials of csrc/step_math.h) and bit-equal to
+the C++ backend; attention's error against a float64 oracle is at most twice torch SDPA's error
+in the same dtype (flash-attention's rule), plus one output ulp for the bf16 truncation.
+
+Each interpreted program instance costs ~1 ms plus ~50 ms per 1024 Philox draws, so the shapes
+are small but always span several programs, odd sizes included.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.triton
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+PHILOX_ULPS = 4   # largest distance to the reference seen over 2^20 draws: 3 ulp
+
+interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_cases_under_the_interpreter's "
+                                                            "TRITON_INTERPRET=1 subprocess")
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the runner")
+def test_cases_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                        "-W", "ignore::DeprecationWarning"],
+                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"interpreter cases failed:\n{r.stdout[-12000:]}\n{r.stderr[-3000:]}"
+    assert " passed" in r.stdout, r.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in ulps of their (common) float dtype, via the monotone integer image of the bits."""
+    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    bits = 8 * a.element_size()
+
+    def ordered(t):
+        i = t.contiguous().view(int_type).to(torch.int64)
+        return torch.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_same(name, got, want, dtype_ulps=0):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if dtype_ulps == 0:
+        assert torch.equal(got, want), f"{name}: max |diff| {(got.double() - want.double()).abs().max().item()}"
+    else:
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        d = ulps(got, want)
+        assert d.max().item() <= dtype_ulps, f"{name}: {d.max().item()} ulps apart"
+
+
+def nan_padded(shape, dtype, *, layout="contiguous", fill=None, gen=None):
+    """A tensor of ``shape`` whose storage around/between its elements is NaN, so any read outside
+    the view shows up as NaN in the result. layout: contiguous | batch_strided | channels_last |
+    transposed."""
+    values = torch.randn(shape, generator=gen) if fill is None else torch.full(shape, fill)
+    values = values.to(dtype)
+    if layout == "contiguous":
+        buf = torch.full((values.numel() + 7,), float("nan"), dtype=dtype)
+        t = buf[3:3 + values.numel()].view(shape)
+    elif layout == "batch_strided":
+        buf = torch.full((shape[0], 2) + tuple(shape[1:]), float("nan"), dtype=dtype)
+        t = buf[:, 1]
+    elif layout == "channels_last":
+        t = torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        t = torch.full(tuple(reversed(shape)), float("nan"), dtype=dtype).permute(*reversed(range(len(shape))))
+    else:
+        raise ValueError(layout)
+    t.copy_(values)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox
+
+@interpreted
+@pytest.mark.parametrize("numel,seed,noise_id", [(1, 0, 0), (1029, 2 ** 64 - 1, 2 ** 32 - 1),
+                                                 (4101, 0x0123456789ABCDEF, 7)])
+def test_philox_words_bit_equal(numel, seed, noise_id):
+    from fastdiff.kernels.philox import philox_uint32
+    from fastdiff.ops.philox import philox_uint32 as reference
+    got = philox_uint32(numel, seed, noise_id, "cpu")
+    assert torch.equal(got, reference(numel, seed, noise_id))
+
+
+@interpreted
+@pytest.mark.parametrize("shape,seed,noise_id", [((3,), 5, 0), ((2, 3, 29, 31), 2 ** 63 + 11, 4)])
+def test_philox_normals(shape, seed, noise_id):
+    from fastdiff.kernels.philox import philox_normal
+    from fastdiff.ops.philox import philox_normal as reference
+    got = philox_normal(shape, seed, noise_id, "cpu")
+    want = reference(shape, seed, noise_id)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ulps(got, want).max().item() <= PHILOX_ULPS
+    try:
+        import fastdiff._C as C
+    except ImportError:
+        return
+    assert torch.equal(got, C.philox_normal(list(shape), seed, noise_id)), "differs from the C++ backend"
+
+
+# ---------------------------------------------------------------------------------------------
+# fused step
+
+def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_cond=True, noise="philox",
+               hist_write=1, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
+               bad_row=True, layout="contiguous", seed=7):
+    """Arguments of fastdiff.ops.fused_step (a fresh set per call), every coefficient random and
+    non-zero so each term of the formula shows."""
+    from fastdiff.program import table_width
+    gen = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    table = torch.rand(4, table_width(K), generator=gen, dtype=torch.float64) + 0.25
+    lay = layout if len(shape) == 4 or layout in ("contiguous", "batch_strided") else "contiguous"
+    x = nan_padded(shape, torch.float32, layout=lay, gen=gen)
+    y = nan_padded(shape, torch.float32, layout=lay, gen=gen) if (eval_y or write_y or from_y) else None
+    cond = uncond = None
+    if has_cond:
+        both = torch.randn((2 * B,) + shape[1:], generator=gen).to(model)   # one batched model call
+        cond = both[B:] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)
+        uncond = (both[:B] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)) if cfg else None
+    hist = torch.randn((K,) + shape, generator=gen) if K else None
+    if hist is not None and layout != "contiguous":
+        hist = torch.randn(shape + (K,), generator=gen).permute(len(shape), *range(len(shape)))
+    noise_t = nan_padded(shape, model, layout=lay, gen=gen) if noise == "tensor" else None
+    model_in = None
+    if model_in_halves:
+        model_in = torch.full((model_in_halves * B,) + shape[1:], float("nan"), dtype=model)
+        if layout != "contiguous" and len(shape) == 4:
+            model_in = model_in.contiguous(memory_format=torch.channels_last)
+    return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write,
+                eval_y=eval_y, write_x=write_x, write_y=write_y, noise=noise_t, seed=2 ** 40 + 3,
+                noise_id=5 if noise == "philox" else -1, model_in=model_in, model_in_from_y=from_y,
+                bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None)
+
+
+def _clone(args):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("cond", "uncond") else v)
+            for k, v in args.items()}
+
+
+def _run_both(args):
+    """(reference result, triton result) on identical copies; the read-only inputs must survive."""
+    from fastdiff import ops
+    import fastdiff.ops.triton_backend  # noqa: F401  (registers the backend)
+    want, got = _clone(args), _clone(args)
+    if args["noise_id"] >= 0:
+        # In-kernel Philox is tested bit for bit by feeding the reference the kernels' own draw
+        # (the draws themselves are compared with the reference's in test_philox_normals).
+        from fastdiff.kernels.philox import philox_normal
+        want["noise"] = philox_normal(tuple(args["x"].shape), args["seed"], args["noise_id"], "cpu")
+    inputs_before = {k: args[k].clone() for k in ("cond", "uncond", "noise") if args[k] is not None}
+    ops.fused_step(**want, backend="reference")
+    ops.fused_step(**got, backend="triton")
+    for k, v in inputs_before.items():
+        assert torch.equal(args[k], v) or torch.equal(torch.isnan(args[k]), torch.isnan(v)), f"{k} was modified"
+    return want, got
+
+
+def _compare(want, got, model):
+    for name in ("x", "y", "hist", "bad_row"):
+        if want[name] is not None:
+            assert_same(name, got[name], want[name])
+    if want["model_in"] is not None:
+        assert_same("model_in", got["model_in"], want["model_in"], dtype_ulps=1 if model == torch.bfloat16 else 0)
+
+
+@interpreted
+@pytest.mark.parametrize("model", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_step_cfg_history_philox(model):
+    """The DPM-Solver++(2M)+CFG row as the sampler runs it: both CFG halves of the model output,
+    two history slots, Philox noise, the next model input into both halves, the bad_row flag."""
+    args = _step_case(model=model)
+    _compare(*_run_both(args), model)
+
+
+@interpreted
+@pytest.mark.parametrize("case", [
+    dict(K=0, hist_write=-1, cfg=False, noise="none", model_in_halves=1, shape=(1,)),
+    dict(K=1, hist_write=0, noise="tensor", eval_y=True, write_y=True, model_in_halves=1, from_y=True,
+         shape=(7,)),
+    dict(K=3, hist_write=2, has_cond=False, noise="none", write_x=False, write_y=True, model_in_halves=0,
+         shape=(3, 1031)),
+    dict(K=1, hist_write=-1, noise="philox", eval_y=True, write_y=True, bad_row=False, shape=(2, 5, 11, 1)),
+], ids=["K0-no-cfg-1-element", "y-rows-noise-tensor-7", "no-model-y-only-K3", "philox-eval-y-odd"])
+def test_fused_step_row_kinds(case):
+    model = torch.float16
+    args = _step_case(model=model, **case)
+    _compare(*_run_both(args), model)
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["batch_strided", "channels_last", "transposed"])
+def test_fused_step_strided(layout):
+    """Batch slices are read in place; other layouts go through a dense copy (written back). The
+    storage around every view is NaN, so a read outside a view would poison the result."""
+    model = torch.float32
+    args = _step_case(model=model, layout=layout, noise="tensor", eval_y=True, write_y=True, shape=(2, 3, 9, 7))
+    want, got = _run_both(args)
+    _compare(want, got, model)
+    assert got["bad_row"].item() == 0
+
+
+@interpreted
+def test_fused_step_bad_row_first_wins():
+    from fastdiff import ops
+    args = _step_case(model=torch.float32, noise="none", shape=(2, 2100))
+    both = torch.randn(4, 2100)
+    both[3, 7] = float("nan")          # cond, sample 1: far from the first program
+    both[2, 2099] = float("inf")
+    args["cond"], args["uncond"] = both[2:], both[:2]
+    ops.fused_step(**args, backend="triton")
+    assert args["bad_row"].item() == args["row"] + 1
+    args["row"] = 3
+    ops.fused_step(**args, backend="triton")   # a later bad row does not overwrite the first
+    assert args["bad_row"].item() == 3
+
+
+@interpreted
+def test_sampler_runs_on_triton_as_on_reference():
+    """A whole DPM-Solver++(2M) + CFG run through the sampler: same samples on both backends."""
+    import fastdiff
+    import fastdiff.ops.triton_backend  # noqa: F401
+    from fastdiff.models import GaussianMixture
+    from fastdiff.schedules import DiscreteVP
+
+    schedule = DiscreteVP()
+    mixture = GaussianMixture.default(schedule, dim=3, prediction="epsilon")
+
+    def model(x, t, shift):   # CFG: the two halves differ by a shift of the input
+        return mixture(x + shift.reshape(-1, 1), t)
+
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    sampler = fastdiff.Sampler.build(solver="dpmpp_2m", steps=6, schedule=schedule, prediction="epsilon",
+                                     guidance=3.0)
+    kw = dict(cond={"shift": torch.full((5,), 0.1)}, uncond={"shift": torch.zeros(5)}, progress=False, seed=1)
+    want = sampler(model, noise, backend="reference", **kw)
+    got = sampler(model, noise, backend="triton", **kw)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# CFG combine
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cfg_combine(dtype, layout):
+    from fastdiff import ops
+    import fastdiff.ops.triton_backend  # noqa: F401
+    gen = torch.Generator().manual_seed(1)
+    cond = nan_padded((3, 4, 9, 37), dtype, layout=layout, gen=gen)
+    uncond = nan_padded((3, 4, 9, 37), dtype, layout=layout, gen=gen)
+    got = ops.cfg_combine(cond, uncond, 7.5, backend="triton")
+    want = ops.cfg_combine(cond, uncond, 7.5, backend="reference")
+    assert_same("cfg", got, want, dtype_ulps=1 if dtype == torch.bfloat16 else 0)
+    assert_same("cond only", ops.cfg_combine(cond, None, 7.5, backend="triton"), cond.contiguous())
+
+
+@interpreted
+def test_philox_op_dispatches_to_triton():
+    from fastdiff import ops
+    import fastdiff.ops.triton_backend  # noqa: F401
+    got = ops.philox_normal((5, 7), seed=3, noise_id=1, backend="triton")
+    assert ulps(got, ops.philox_normal((5, 7), seed=3, noise_id=1, backend="reference")).max() <= PHILOX_ULPS
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+def _attention_error_bound(q, k, v, bias, out, oracle):
+    """flash-attention's rule: error <= 2x torch SDPA's error in the same dtype, + 1 output ulp in
+    bf16 (interpreter truncation), + 1e-6 so float32 round-off noise does not flake."""
+    import torch.nn.functional as F
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+    sdpa_err = (sdpa.double() - oracle).abs().max().item()
+    slack = 1e-6
+    if q.dtype == torch.bfloat16:
+        slack += oracle.abs().max().item() * 2.0 ** -7
+    err = (out.double() - oracle).abs().max().item()
+    assert err <= 2 * sdpa_err + slack, f"error {err:.3g} vs SDPA's {sdpa_err:.3g}"
+
+
+def _qkv(B, H, Nq, Nkv, D, dtype, gen, transposed=False):
+    if transposed:  # (B, N, H, D) projections viewed as (B, H, N, D): strides over B, H, N, read in place
+        q = torch.randn(B, Nq, H, D, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, Nq, D, generator=gen).to(dtype)
+    k = torch.randn(B, H, Nkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, H, Nkv, D, generator=gen).to(dtype)
+    return q, k, v
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [40, 64, 72, 80, 96, 128])
+def test_attention_head_dims(head_dim, dtype):
+    from fastdiff.attention import attention, reference_attention
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = _qkv(1, 2, 67, 93, head_dim, dtype, gen, transposed=True)      # odd Nq and Nkv
+    out = attention(q, k, v, backend="triton")
+    assert out.shape == q.shape and out.dtype == dtype
+    _attention_error_bound(q, k, v, None, out, reference_attention(q.double(), k.double(), v.double()))
+
+
+@interpreted
+@pytest.mark.parametrize("n_text", [77, 300])
+def test_cross_attention_with_key_padding_mask(n_text):
+    from fastdiff.attention import attention, reference_attention
+    gen = torch.Generator().manual_seed(n_text)
+    q, k, v = _qkv(2, 2, 50, n_text, 64, torch.float16, gen)
+    keep = torch.ones(2, 1, 1, n_text, dtype=torch.bool)
+    keep[0, ..., 20:] = False                                   # sample 0 has 20 real text tokens
+    out = attention(q, k, v, bias=keep, backend="triton")
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    _attention_error_bound(q, k, v, bias, out, reference_attention(q.double(), k.double(), v.double(),
+                                                                   bias=bias.double()))
+
+
+@interpreted
+def test_attention_full_bias_and_fully_masked_rows():
+    from fastdiff.attention import attention, reference_attention
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(1, 3, 33, 45, 80, torch.float32, gen)
+    bias = torch.randn(1, 3, 33, 45, generator=gen)
+    bias[0, 1, 5] = float("-inf")                                 # a query that sees no key
+    out = attention(q, k, v, bias=bias, scale=0.3, backend="triton")
+    want = reference_attention(q.double(), k.double(), v.double(), bias=bias.double(), scale=0.3)
+    assert torch.equal(out[0, 1, 5], torch.zeros(80))
+    assert (out.double() - want).abs().max().item() < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_joint_attention_equals_concatenation(dtype):
+    from fastdiff.attention import joint_attention, reference_attention
+    gen = torch.Generator().manual_seed(4)
+    q, k1, v1 = _qkv(2, 2, 70, 70, 64, dtype, gen)            # image tokens
+    _, k2, v2 = _qkv(2, 2, 70, 13, 64, dtype, gen)            # text tokens (odd count)
+    bias = torch.randn(2, 1, 70, 83, generator=gen)
+    out = joint_attention(q, k1, v1, k2, v2, bias=bias, backend="triton")
+    k, v = torch.cat([k1, k2], 2), torch.cat([v1, v2], 2)
+    _attention_error_bound(q, k, v, bias, out, reference_attention(q.double(), k.double(), v.double(),
+                                                                   bias=bias.double()))
+
+
+@interpreted
+def test_attention_rejects_unsupported_head_dim_on_explicit_triton():
+    from fastdiff.attention import attention
+    q = torch.randn(1, 1, 4, 256)
+    with pytest.raises(RuntimeError, match="head dims up to 128, got 256"):
+        attention(q, q, q, backend="triton")
+    assert attention(q, q, q).shape == q.shape     # auto falls back to SDPA
+
+
+# ---------------------------------------------------------------------------------------------
+# outside the interpreter
+
+@pytest.mark.skipif(IN_INTERPRETER or torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_backend_without_gpu_says_why():
+    from fastdiff import ops
+    from fastdiff.ops.triton_backend import BACKEND
+    why = BACKEND.unavailable_reason()
+    assert why is not None and "CUDA" in why and "TRITON_INTERPRET=1" in why
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        ops.cfg_combine(torch.ones(3), torch.zeros(3), 2.0, backend="triton")
+
+
+def test_package_works_without_triton():
+    """With triton unimportable, fastdiff imports, the backend reports why, attention runs on SDPA."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastdiff, fastdiff.ops.triton_backend as tb\n"
+        "from fastdiff.attention import attention\n"
+        "why = tb.BACKEND.unavailable_reason(); assert why.startswith('triton is not importable'), why\n"
+        "q = torch.randn(1, 2, 5, 8); assert attention(q, q, q).shape == q.shape\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
