@@ -43,13 +43,12 @@ from .solvers.dpm_solver import DPMSolverSinglestep, ddim_eps, half_log_snr
 __all__ = ["PIDController", "RowRunner", "sample_dpm_adaptive", "sample_step_doubling", "dpm_solver_pair_rows"]
 
 
-def _positive(name: str, v, allow_zero: bool = False) -> float:
+def _positive(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
-    v = float(v)
-    if v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
-    return v
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return float(v)
 
 
 class PIDController:
@@ -320,9 +319,8 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
 def carries_history(solver: Solver, schedule: Schedule) -> bool:
     """Whether ``solver``'s steps read history written by earlier steps (a multistep method),
     which a restart at every adaptive step would silently degrade to its starting method."""
-    ks = np.array([schedule.ksigma_max if math.isfinite(schedule.ksigma_max) else 80.0, 1.0, 0.5, 0.25])
-    ks = ks[ks > 0]
-    rows = solver.rows(Grid.from_ksigmas(schedule, np.sort(ks)[::-1]))
+    hi = schedule.ksigma_max if math.isfinite(schedule.ksigma_max) else 80.0
+    rows = solver.rows(Grid.from_ksigmas(schedule, np.geomspace(hi, schedule.ksigma_min, 4)))
     written: Dict[int, set] = {}
     for r in rows:
         mine = written.setdefault(r.step, set())
@@ -377,13 +375,13 @@ def sample_step_doubling(model: Callable, noise: torch.Tensor, *, schedule: Sche
     while lam < lam_end - 1e-5:
         lam_t = min(lam_end, lam + pid.h)
         ks = [math.exp(-lam), math.exp(-0.5 * (lam + lam_t)), math.exp(-lam_t)]
+        full, halves = Grid.from_ksigmas(schedule, [ks[0], ks[2]]), Grid.from_ksigmas(schedule, ks)
         x_full, x_half = x.clone(), x.clone()
-        for grid, buf in ((Grid.from_ksigmas(schedule, [ks[0], ks[2]]), x_full),
-                          (Grid.from_ksigmas(schedule, ks), x_half)):
+        for grid, buf in ((full, x_full), (halves, x_half)):
             rows = solver.rows(grid)
             _, table = runner.compile(rows, K)
             D0 = runner.run(rows, table, buf, y, hist, first_output=D0)
-        a_s, a_t = float(grid.alpha[0]), float(grid.alpha[-1])
+        a_s, a_t = float(full.alpha[0]), float(full.alpha[1])
         error = float(error_norm(x_full / a_t, x_half / a_t, x / a_s, rtol, atol))
         info["steps"] += 1
         if pid.propose(error):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .ops import cfg_combine, guidance_scale_to_g
+from .ops import guidance_scale_to_g
 from .ops.reductions import cfg_rescale, dynamic_threshold
 from .parameterization import x0_coefficients
 from .program import COL_G, Point, Program, Row, compile_program
@@ -213,14 +213,8 @@ class GuidanceHook:
                  t: torch.Tensor):
         gd = self.guidance
         g = float(self.g[i])
-        if uncond is None:
-            D = cond
-        elif gd.rescale > 0.0:
-            D = cfg_rescale(cond, uncond, g, gd.rescale)
-        elif gd.acts_on_x0:
-            D = cfg_combine(cond, uncond, g)
-        else:
-            return self.table, cond, uncond
+        # CFG (with rescale = 0: just CFG) in float32/float64 even for half-precision outputs.
+        D = cond if uncond is None else cfg_rescale(cond, uncond, g, gd.rescale)
         if not gd.acts_on_x0:
             return self.table, D, None               # g is folded into D
 
