@@ -42,21 +42,22 @@ _OUT_Z = tl.constexpr(OUT_Z)
 
 
 @triton.jit
-def _coef(row_ptr, col):
-    return tl.load(row_ptr + col).to(tl.float32)
+def _coef(row_ptr, col, col_stride):
+    """Coefficient ``col`` of the row, rounded to float32 as the reference rounds the table."""
+    return tl.load(row_ptr + col * col_stride).to(tl.float32)
 
 
 @triton.jit
-def _output(row_ptr, base, X, E, h, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr, HAS_Z: tl.constexpr,
+def _output(row_ptr, cs, base, X, E, h, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr, HAS_Z: tl.constexpr,
             mask):
     """((a_x*X + a_y*E) + a_h*h) [+ a_z*z] + sum_j a_j*H[j], in the reference's order."""
-    o = _coef(row_ptr, base + _OUT_X) * X + _coef(row_ptr, base + _OUT_Y) * E
-    o = o + _coef(row_ptr, base + _OUT_H) * h
+    o = _coef(row_ptr, base + _OUT_X, cs) * X + _coef(row_ptr, base + _OUT_Y, cs) * E
+    o = o + _coef(row_ptr, base + _OUT_H, cs) * h
     if HAS_Z:
-        o = o + _coef(row_ptr, base + _OUT_Z) * z
+        o = o + _coef(row_ptr, base + _OUT_Z, cs) * z
     for j in tl.static_range(K):
         H = tl.load(hist_ptr + j * hist_sk + hist_off, mask=mask, other=0.0)
-        o = o + _coef(row_ptr, base + _OUT_FIXED + j) * H
+        o = o + _coef(row_ptr, base + _OUT_FIXED + j, cs) * H
     return o
 
 
@@ -76,7 +77,7 @@ def _nonfinite(v):
 
 @triton.jit(do_not_specialize=["row", "hist_write", "seed_lo", "seed_hi", "noise_id"])
 def fused_step_kernel(
-    table_ptr, row,
+    table_ptr, row, table_sr, table_sc,
     x_ptr, y_ptr, cond_ptr, uncond_ptr, hist_ptr, noise_ptr, model_in_ptr, bad_row_ptr,
     numel, M,
     x_sb, y_sb, cond_sb, uncond_sb, hist_sb, hist_sk, noise_sb, model_in_sb, model_in_half,
@@ -94,9 +95,9 @@ def fused_step_kernel(
     b = i // M                                      # only used when STRIDED
     m = i - b * M
 
-    # Column layout of fastdiff.program: [g, q_y, q_d, x-out block, y-out block, s_in].
+    # Column layout of fastdiff.program: [g, q_y, q_d, x-out block, y-out block, s_in]; any strides.
     OUT_W: tl.constexpr = _OUT_FIXED + K
-    row_ptr = table_ptr + row * (_OUT_BASE + 2 * OUT_W + 1)
+    row_ptr = table_ptr + row * table_sr
 
     X = tl.load(x_ptr + _at(i, b, m, x_sb, STRIDED), mask=mask, other=0.0)
     if EVAL_Y:
@@ -108,8 +109,8 @@ def fused_step_kernel(
         D = tl.load(cond_ptr + _at(i, b, m, cond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
         if HAS_UNCOND:
             u = tl.load(uncond_ptr + _at(i, b, m, uncond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
-            D = u + _coef(row_ptr, _COL_G) * (D - u)
-        h = _coef(row_ptr, _COL_QY) * E + _coef(row_ptr, _COL_QD) * D
+            D = u + _coef(row_ptr, _COL_G, table_sc) * (D - u)
+        h = _coef(row_ptr, _COL_QY, table_sc) * E + _coef(row_ptr, _COL_QD, table_sc) * D
     else:
         h = tl.zeros([BLOCK], dtype=tl.float32)
 
@@ -122,9 +123,10 @@ def fused_step_kernel(
 
     hist_off = _at(i, b, m, hist_sb, STRIDED)
     if WRITE_X:
-        new_x = _output(row_ptr, _OUT_BASE, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+        new_x = _output(row_ptr, table_sc, _OUT_BASE, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
     if WRITE_Y:
-        new_y = _output(row_ptr, _OUT_BASE + OUT_W, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+        new_y = _output(row_ptr, table_sc, _OUT_BASE + OUT_W, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
+                        mask)
 
     if CHECK_FINITE:
         bad = tl.zeros([BLOCK], dtype=tl.int1)
@@ -147,7 +149,7 @@ def fused_step_kernel(
             src = new_y
         else:
             src = new_x
-        v = (_coef(row_ptr, _OUT_BASE + 2 * OUT_W) * src).to(model_in_ptr.dtype.element_ty)
+        v = (_coef(row_ptr, _OUT_BASE + 2 * OUT_W, table_sc) * src).to(model_in_ptr.dtype.element_ty)
         mi = model_in_ptr + _at(i, b, m, model_in_sb, STRIDED)
         tl.store(mi, v, mask=mask)
         if MODEL_IN_HALVES == 2:
@@ -194,7 +196,7 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
 
     grid = (triton.cdiv(numel, BLOCK),)
     fused_step_kernel[grid](
-        table, row,
+        table, row, table.stride(0), table.stride(1),
         xk, dummy if yk is None else yk, dummy if ck is None else ck, dummy if uk is None else uk,
         dummy if hk is None else hk, dummy if nk is None else nk, dummy if mk is None else mk,
         dummy if bad_row is None else bad_row,

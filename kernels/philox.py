@@ -114,12 +114,12 @@ def philox_normal_block(first_group, seed_lo, seed_hi, noise_id, NUM_GROUPS: tl.
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [4 * NUM_GROUPS])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "noise_id"])
-def philox_uint32_kernel(out_ptr, num_groups, seed_lo, seed_hi, noise_id, BLOCK_GROUPS: tl.constexpr):
-    """out: int64 [num_groups, 4], the raw words (as fastdiff.ops.philox.philox_uint32)."""
+@triton.jit(do_not_specialize=["first_group", "seed_lo", "seed_hi", "noise_id"])
+def philox_uint32_kernel(out_ptr, num_groups, first_group, seed_lo, seed_hi, noise_id, BLOCK_GROUPS: tl.constexpr):
+    """out: int64 [num_groups, 4], the raw words of groups first_group .. first_group + num_groups - 1."""
     g = tl.program_id(0).to(tl.int64) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     mask = g < num_groups
-    r0, r1, r2, r3 = philox_words(g, seed_lo, seed_hi, noise_id)
+    r0, r1, r2, r3 = philox_words(first_group + g, seed_lo, seed_hi, noise_id)
     tl.store(out_ptr + 4 * g + 0, r0.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * g + 1, r1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * g + 2, r2.to(tl.int64), mask=mask)
@@ -142,14 +142,15 @@ def philox_normal_kernel(out_ptr, numel, seed_lo, seed_hi, noise_id, BLOCK_GROUP
 # Host launchers (arguments already validated by fastdiff.ops)
 # ---------------------------------------------------------------------------------------------
 
-def philox_uint32(numel: int, seed: int, noise_id: int, device) -> torch.Tensor:
-    """int64 [ceil(numel/4), 4] of uint32 words, as fastdiff.ops.philox.philox_uint32."""
+def philox_uint32(numel: int, seed: int, noise_id: int, device, first_group: int = 0) -> torch.Tensor:
+    """int64 [ceil(numel/4), 4] of uint32 words, as fastdiff.ops.philox.philox_uint32; from group
+    ``first_group`` on (the counter's high word is in use past 2**32 groups)."""
     groups = (numel + 3) // 4
     out = torch.empty(groups, 4, dtype=torch.int64, device=device)
     if groups:
         lo, hi = key_words(seed)
         grid = (triton.cdiv(groups, BLOCK_GROUPS),)
-        philox_uint32_kernel[grid](out, groups, lo, hi, as_int32(noise_id),
+        philox_uint32_kernel[grid](out, groups, first_group, lo, hi, as_int32(noise_id),
                                    BLOCK_GROUPS=BLOCK_GROUPS, **EXACT_FP)
     return out
 

@@ -109,6 +109,20 @@ def test_philox_words_bit_equal(numel, seed, noise_id):
 
 
 @interpreted
+@pytest.mark.parametrize("first_group", [2 ** 32 - 300, 2 ** 40 + 5])
+def test_philox_words_high_counter_word(first_group):
+    """Groups past 2**32 carry into the counter's second word."""
+    from fastdiff.kernels.philox import philox_uint32
+    from fastdiff.ops.philox import MASK32, philox4x32_10
+    seed, noise_id = 2 ** 45 + 17, 6
+    got = philox_uint32(4 * 600, seed, noise_id, "cpu", first_group=first_group)
+    g = torch.arange(first_group, first_group + 600, dtype=torch.int64)
+    want = torch.stack(philox4x32_10(g & MASK32, g >> 32, torch.full_like(g, noise_id), torch.zeros_like(g),
+                                     seed & MASK32, seed >> 32), dim=1)
+    assert torch.equal(got, want)
+
+
+@interpreted
 @pytest.mark.parametrize("shape,seed,noise_id", [((3,), 5, 0), ((2, 3, 29, 31), 2 ** 63 + 11, 4)])
 def test_philox_normals(shape, seed, noise_id):
     from fastdiff.kernels.philox import philox_normal
@@ -143,7 +157,8 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
     if has_cond:
         both = torch.randn((2 * B,) + shape[1:], generator=gen).to(model)   # one batched model call
         cond = both[B:] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)
-        uncond = (both[:B] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)) if cfg else None
+        if cfg:
+            uncond = both[:B] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)
     hist = torch.randn((K,) + shape, generator=gen) if K else None
     if hist is not None and layout != "contiguous":
         hist = torch.randn(shape + (K,), generator=gen).permute(len(shape), *range(len(shape)))
@@ -227,6 +242,15 @@ def test_fused_step_strided(layout):
 
 
 @interpreted
+def test_fused_step_strided_table():
+    """The coefficient table is read through its strides (a column-major copy here)."""
+    model = torch.float16
+    args = _step_case(model=model, noise="none")
+    args["table"] = args["table"].t().contiguous().t()
+    _compare(*_run_both(args), model)
+
+
+@interpreted
 def test_fused_step_bad_row_first_wins():
     from fastdiff import ops
     args = _step_case(model=torch.float32, noise="none", shape=(2, 2100))
@@ -239,6 +263,22 @@ def test_fused_step_bad_row_first_wins():
     args["row"] = 3
     ops.fused_step(**args, backend="triton")   # a later bad row does not overwrite the first
     assert args["bad_row"].item() == 3
+
+
+@interpreted
+def test_fused_step_bad_input_changes_nothing():
+    from fastdiff import ops
+    args = _step_case(model=torch.float32, noise="none", model_in_halves=1, eval_y=True)
+    args.update(model_in_from_y=True, write_y=False)
+    before = _clone(args)
+    with pytest.raises(ValueError, match="model_in_from_y needs a row that writes y"):
+        ops.fused_step(**args, backend="triton")
+    for k in ("x", "y", "hist", "model_in", "bad_row"):
+        assert torch.equal(args[k].nan_to_num(), before[k].nan_to_num()), k
+    state64 = _step_case(model=torch.float32, noise="none", K=0, hist_write=-1, model_in_halves=0)
+    state64["x"] = state64["x"].double()
+    with pytest.raises(RuntimeError, match="keeps the solver state in float32, got torch.float64"):
+        ops.fused_step(**state64, backend="triton")
 
 
 @interpreted

@@ -5,8 +5,9 @@ Runs on CUDA tensors; on CPU tensors only when Python was started with TRITON_IN
 Triton interpreter: correct but slow, for tests). Importing this module does not import triton;
 that happens the first time the backend is asked whether it is available.
 
-Supports: float32 solver state (the math is float32 as in the reference; model outputs, noise
-and model inputs may be any float dtype, float32/float16/bfloat16 being the point); any strides (samples that are not dense are copied first, outputs copied back: see
+Supports: float32 solver state (float32 math, as the reference's for a float32 state; model
+outputs, noise and model inputs in any float dtype, float16/bfloat16 being the point); any strides
+(batch slices are read in place, other layouts copied first and outputs copied back: see
 kernels/_common.py); attention with head dims up to 128 in float32/float16/bfloat16.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ class TritonBackend(Backend):
         for t in tensors:
             if t.device.type not in allowed:
                 # The dispatcher recognises "tensors, got a tensor on" as "not for this device".
-                return f"triton backend runs on {' or '.join(a.upper() for a in allowed)} tensors, got a tensor on {t.device}"
+                where = " or ".join(a.upper() for a in allowed)
+                return f"triton backend runs on {where} tensors, got a tensor on {t.device}"
         return None
 
     def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
