@@ -87,6 +87,27 @@ def _philox_variants() -> List[Variant]:
                     dict(BLOCK_GROUPS=BLOCK_GROUPS), dict(num_warps=4, **EXACT_FP))]
 
 
+def _reduction_variants() -> List[Variant]:
+    from .reductions import BLOCK, NUM_WARPS
+    from ._common import EXACT_FP
+    opts = dict(num_warps=NUM_WARPS, **EXACT_FP)
+    return [
+        Variant("cfg_rescale moments fp16", "reductions.cfg_moments_kernel",
+                {"c_ptr": "*fp16", "u_ptr": "*fp16", "part_ptr": "*fp32", "g": "fp32"}, dict(BLOCK=BLOCK), opts),
+        Variant("cfg_rescale apply fp16", "reductions.cfg_scale_kernel",
+                {"c_ptr": "*fp16", "u_ptr": "*fp16", "factor_ptr": "*fp32", "out_ptr": "*fp32", "g": "fp32"},
+                dict(HAS_FACTOR=True, BLOCK=BLOCK), opts),
+        Variant("error_norm partial sums fp32", "reductions.sum_squares_kernel",
+                {"a_ptr": "*fp32", "b_ptr": "*fp32", "ref_ptr": "*fp32", "part_ptr": "*fp32", "rtol": "fp32",
+                 "atol": "fp32"}, dict(SCALED_DIFF=True, BLOCK=BLOCK), opts),
+        Variant("quantile radix histogram fp32", "reductions.abs_digit_histogram_kernel",
+                {"x_ptr": "*fp32", "prefix_ptr": "*i32", "hist_ptr": "*i32"},
+                dict(SHIFT=16, RANKS=2, BLOCK=BLOCK), opts),
+        Variant("dynamic_threshold apply fp32", "reductions.clamp_divide_kernel",
+                {"x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK=BLOCK), opts),
+    ]
+
+
 def _attention_variant(dtype: str, head_dim: int, *, joint: bool = False, bias: bool = False) -> Variant:
     import torch
     from .attention import launch_config, padded_head_dim
@@ -105,6 +126,7 @@ def variants() -> List[Variant]:
     out.append(_fused_step_variant("fp32", full=False))
     out += [_cfg_variant(d) for d in ("fp32", "fp16", "bf16")]
     out += _philox_variants()
+    out += _reduction_variants()
     out += [_attention_variant("fp16", d) for d in (40, 64, 72, 80, 96, 128)]
     out += [_attention_variant(dt, d) for dt in ("bf16", "fp32") for d in (64, 128)]
     out.append(_attention_variant("fp32", 72, joint=True, bias=True))

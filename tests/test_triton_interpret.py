@@ -331,6 +331,46 @@ def test_philox_op_dispatches_to_triton():
 
 
 # ---------------------------------------------------------------------------------------------
+# reductions (fastdiff.ops.reductions)
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 4, 9, 37), (2, 5001), (1, 7)])
+def test_reductions(dtype, shape):
+    """cfg_rescale, per_sample_norm, error_norm: float32 sums in another order than torch's, so
+    1e-6 relative; dynamic thresholding: bit-equal (an exact selection, then the same ops). The
+    cond mean of 1000 would cancel a sum-of-squares variance in float32; Chan's merge does not."""
+    from fastdiff.ops import reductions as R
+    import fastdiff.ops.triton_backend  # noqa: F401
+    gen = torch.Generator().manual_seed(sum(shape))
+    cond = (torch.randn(shape, generator=gen) * 3 + 1000).to(dtype)
+    uncond = (torch.randn(shape, generator=gen) + 1000).to(dtype)
+    for name, args in [("cfg_rescale", (cond, uncond, 7.5, 0.7)), ("per_sample_norm", (cond,)),
+                       ("error_norm", (cond, uncond, cond, 1e-3, 1e-4))]:
+        got = getattr(R, name)(*args, backend="triton")
+        want = getattr(R, name)(*args, backend="reference")
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6, name
+    x0 = uncond - 1000
+    got = R.dynamic_threshold(x0, 0.9, 1e3, backend="triton")      # max_value large: s is the quantile
+    assert torch.equal(got, R.dynamic_threshold(x0, 0.9, 1e3, backend="reference"))
+    assert got.abs().max().item() == 1.0
+
+
+@interpreted
+def test_order_statistics_are_exact_with_ties_zeros_and_strides():
+    from fastdiff.kernels.reductions import per_sample_abs_order_statistics
+    gen = torch.Generator().manual_seed(0)
+    x = nan_padded((3, 2100), torch.float32, layout="batch_strided", gen=gen)
+    x[0] = torch.round(x[0] * 2) / 2           # many ties, and zeros of both signs
+    x[1, :700] = -0.0
+    ranks = (0, 1, 699, 700, 1050, 2099)
+    got = per_sample_abs_order_statistics(x, ranks)
+    want = torch.stack([x.abs().kthvalue(r + 1, dim=1).values for r in ranks], dim=1)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # attention
 
 def _attention_error_bound(q, k, v, bias, out, oracle):

@@ -32,7 +32,7 @@ def load_kernels():
         return f"triton is not importable ({e}); `pip install triton` (Linux, CUDA GPUs)"
     try:
         mods = {name: importlib.import_module(f"fastdiff.kernels.{name}")
-                for name in ("fused_step", "cfg", "philox", "attention")}
+                for name in ("fused_step", "cfg", "philox", "attention", "reductions")}
     except ImportError as e:
         return f"fastdiff.kernels is not importable ({e}); reinstall fastdiff (`pip install -e .`)"
     return type("Kernels", (), mods)
@@ -85,10 +85,10 @@ class TritonBackend(Backend):
             return reasons
         if state_dtype is not None and state_dtype != torch.float32:
             reasons.append(f"triton backend keeps the solver state in float32, got {state_dtype}")
-        if op == "cfg_combine":     # float64 inputs mean float64 math in the reference; the kernel has float32
+        if op not in ("fused_step", "philox_normal"):   # float64 inputs: float64 math in the reference
             for t in tensors:
                 if t.dtype not in _KERNEL_DTYPES:
-                    reasons.append(f"triton cfg_combine supports float32/float16/bfloat16, got {t.dtype}")
+                    reasons.append(f"triton {op} supports float32/float16/bfloat16, got {t.dtype}")
                     break
         return reasons
 
@@ -100,6 +100,18 @@ class TritonBackend(Backend):
 
     def philox_normal(self, shape, seed, noise_id, device):
         return load_kernels().philox.philox_normal(shape, seed, noise_id, device)
+
+    def cfg_rescale(self, cond, uncond, g, rescale):
+        return load_kernels().reductions.cfg_rescale(cond, uncond, g, rescale)
+
+    def dynamic_threshold(self, x0, ratio, max_value):
+        return load_kernels().reductions.dynamic_threshold(x0, ratio, max_value)
+
+    def error_norm(self, a, b, ref, rtol, atol):
+        return load_kernels().reductions.error_norm(a, b, ref, rtol, atol)
+
+    def per_sample_norm(self, x):
+        return load_kernels().reductions.per_sample_norm(x)
 
     def attention(self, q, k1, v1, k2=None, v2=None, bias=None, scale=None):
         return load_kernels().attention.attention(q, k1, v1, k2, v2, bias, scale)
