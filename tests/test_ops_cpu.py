@@ -238,11 +238,13 @@ def test_fused_step_mixed_layouts(odd, nan_empty):
         assert_match(a, b, f"{odd} {layout}")
 
 
-def test_fused_step_large_batch_and_threads(nan_empty):
-    """Above the serial threshold (OpenMP path), with every feature on, at 1 and 2 threads."""
+@pytest.mark.parametrize("model_dtype,writes", [(torch.bfloat16, "xy"), (torch.float32, "x")])
+def test_fused_step_large_batch_and_threads(model_dtype, writes, nan_empty):
+    """Above the serial threshold (OpenMP path), at 1 and 2 threads: the general block kernel
+    (bf16, x and y) and the one-pass float32 kernel (x only)."""
     gen = torch.Generator().manual_seed(5)
-    kw = make_case(gen, nan_empty, (40, 4, 16, 16), K=3, model="cfg", noise="philox", writes="xy",
-                   model_in="2B", model_dtype=torch.bfloat16)
+    kw = make_case(gen, nan_empty, (40, 4, 16, 16), K=3, model="cfg", noise="philox", writes=writes,
+                   model_in="2B", model_dtype=model_dtype)
     ref = clone_case(kw)
     ops.fused_step(**ref, backend="reference")
     n0 = torch.get_num_threads()

@@ -372,7 +372,80 @@ struct StepKernel {
     return bad;
   }
 
+  // ---- the common case in one pass: float32 model output, writes x only ----
+  // (fp32 cond with or without uncond, no / fp32 / Philox noise, K <= 3 history slots, fp32
+  // model_in.) Same operations in the same order as block(); absent outputs (history slot,
+  // model_in halves) are stored to a scratch buffer so the loop has no branches.
+  bool fast_ok() const {
+    return write_x && !write_y && cond != nullptr && cdt == DT::F32 && K <= 3 &&
+           (noise == nullptr || ndt == DT::F32) && (model_in == nullptr || mdt == DT::F32);
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT>
+  uint32_t block_fast(int64_t b) const {
+    const int64_t s = b * BLK;
+    const int64_t n = std::min(BLK, numel - s);
+    alignas(64) float zb[BLK];
+    alignas(64) float scratch[BLK];
+    float* X = x + s;
+    const float* E = eval_y ? y + s : X;
+    const float* C = static_cast<const float*>(cond) + s;
+    const float* U = HAS_U ? static_cast<const float*>(uncond) + s : nullptr;
+    const float* Z = nullptr;
+    if (HAS_Z) {
+      if (noise != nullptr) {
+        Z = static_cast<const float*>(noise) + s;
+      } else {
+        philox_block(s, n, seed, noise_id, zb);
+        Z = zb;
+      }
+    }
+    const float* H0 = KT > 0 ? hist + s : nullptr;
+    const float* H1 = KT > 1 ? hist + hist_slot + s : nullptr;
+    const float* H2 = KT > 2 ? hist + 2 * hist_slot + s : nullptr;
+    float* Hw = hist_write >= 0 ? hist + hist_write * hist_slot + s : scratch;
+    float* M0 = halves > 0 ? static_cast<float*>(model_in) + s : scratch;
+    float* M1 = halves > 1 ? static_cast<float*>(model_in) + mi_half + s : scratch;
+    const float g = k.g, qy = k.qy, qd = k.qd, s_in = k.s_in;
+    const float ax = k.ox.x, ay = k.ox.y, ah = k.ox.h, az = k.ox.z;
+    const float a0 = KT > 0 ? k.ox.hist[0] : 0.f, a1 = KT > 1 ? k.ox.hist[1] : 0.f, a2 = KT > 2 ? k.ox.hist[2] : 0.f;
+    uint32_t acc = 0;
+#pragma omp simd reduction(| : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = E[i];
+      const float d = HAS_U ? m::cfg_combine(C[i], U[i], g) : C[i];
+      const float h = m::step_h(qy, e, qd, d);
+      float o = m::out_base(ax, X[i], ay, e, ah, h);
+      if (HAS_Z) o = m::out_add(o, az, Z[i]);
+      if (KT > 0) o = m::out_add(o, a0, H0[i]);
+      if (KT > 1) o = m::out_add(o, a1, H1[i]);
+      if (KT > 2) o = m::out_add(o, a2, H2[i]);
+      Hw[i] = h;
+      X[i] = o;
+      acc |= m::nonfinite(o);
+      const float mi = m::model_input(s_in, o);
+      M0[i] = mi;
+      M1[i] = mi;
+    }
+    return check ? acc : 0u;
+  }
+
+  template <bool HAS_U, bool HAS_Z>
+  uint32_t run_fast_k() const {
+    switch (K) {
+      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0>(b); });
+      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1>(b); });
+      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2>(b); });
+      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3>(b); });
+    }
+  }
+
   uint32_t run() const {
+    if (fast_ok()) {
+      const bool has_z = noise != nullptr || philox;
+      if (uncond != nullptr) return has_z ? run_fast_k<true, true>() : run_fast_k<true, false>();
+      return has_z ? run_fast_k<false, true>() : run_fast_k<false, false>();
+    }
     return for_blocks(numel, BLK, [this](int64_t b) { return block(b); });
   }
 };
