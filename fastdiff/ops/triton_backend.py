@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import List, Optional
 
 import torch
@@ -38,6 +39,10 @@ def load_kernels():
     return type("Kernels", (), mods)
 
 
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def interpreted() -> bool:
     """True if the kernels run on the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
     k = load_kernels()
@@ -53,13 +58,12 @@ class TritonBackend(Backend):
     name = "triton"
 
     def unavailable_reason(self) -> Optional[str]:
+        if not torch.cuda.is_available() and not _interpreter_requested():
+            # Decided without importing triton (a second or two), so CPU-only dispatch stays cheap.
+            return ("triton backend needs a CUDA device (torch.cuda.is_available() is False); start Python "
+                    "with TRITON_INTERPRET=1 to run its kernels on the CPU interpreter (slow, for tests)")
         k = load_kernels()
-        if isinstance(k, str):
-            return k
-        if interpreted() or torch.cuda.is_available():
-            return None
-        return ("triton backend needs a CUDA device (torch.cuda.is_available() is False); start Python "
-                "with TRITON_INTERPRET=1 to run its kernels on the CPU interpreter (slow, for tests)")
+        return k if isinstance(k, str) else None
 
     def _device_reason(self, tensors) -> Optional[str]:
         allowed = ("cuda", "cpu") if interpreted() else ("cuda",)
