@@ -312,6 +312,24 @@ def test_step_math_exhaustive_accuracy(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.cuda_compile
+def test_step_math_compiles_as_cuda_device_code(tmp_path):
+    """The shared header builds for sm_80 with nvcc (torch's half flags, warnings as errors)."""
+    import os
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc")
+    cmd = [nvcc, "-std=c++17", "-arch=sm_80", "-Werror", "all-warnings", "-D__CUDA_NO_HALF_OPERATORS__",
+           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "--expt-relaxed-constexpr", "-I", root, "-c", os.path.join(root, "tools", "step_math_device_check.cu"),
+           "-o", str(tmp_path / "check.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # bad_row: the device-side non-finite flag
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,15 @@
+// Compile check: step_math.h as CUDA device code (no torch headers). Built by tests/test_ops_cpu.py
+// with nvcc -arch=sm_80 and warnings as errors when nvcc is on the PATH; nothing is run.
+#include "step_math.h"
+using namespace fastdiff::math;
+struct HistPtr { const float* h; long long stride; long long i; __device__ float operator()(int j) const { return h[j * stride + i]; } };
+__global__ void k(float* x, const float* c, const float* u, const float* H, int K, long long n, RowCoefs rc, unsigned long long seed, unsigned nid) {
+  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float z0, z1, z2, z3;
+  philox_normal4((unsigned long long)(i / 4), seed, nid, z0, z1, z2, z3);
+  float z = (i % 4 == 0) ? z0 : (i % 4 == 1) ? z1 : (i % 4 == 2) ? z2 : z3;
+  float h = step_h_elem(rc, x[i], true, c[i], true, u[i]);
+  x[i] = step_output(rc.ox, x[i], x[i], h, true, z, K, HistPtr{H, n, i});
+  if (nonfinite(x[i])) x[i] = 0;
+}
