@@ -178,8 +178,9 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
     mk, mi_sb = dense_rows(model_in)
     hk, hist_sb, hist_sk = hist, 0, 0
     if hist is not None:
-        slot, hist_sb = dense_rows(hist[0])
-        if slot is not hist[0] or (K > 1 and hist.stride(0) == 0):
+        slot0 = hist[0]
+        slot, hist_sb = dense_rows(slot0)
+        if slot is not slot0 or (K > 1 and hist.stride(0) == 0):
             hk = hist.contiguous()
             hist_sb = M
         hist_sk = hk.stride(0)

@@ -160,7 +160,11 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
         if cfg:
             uncond = both[:B] if layout == "contiguous" else nan_padded(shape, model, layout=lay, gen=gen)
     hist = torch.randn((K,) + shape, generator=gen) if K else None
-    if hist is not None and layout != "contiguous":
+    if hist is not None and layout == "batch_strided":      # every other sample of a NaN-padded stack
+        buf = torch.full((K, 2 * B) + tuple(shape[1:]), float("nan"))
+        buf[:, ::2] = hist
+        hist = buf[:, ::2]
+    elif hist is not None and layout != "contiguous":
         hist = torch.randn(shape + (K,), generator=gen).permute(len(shape), *range(len(shape)))
     noise_t = nan_padded(shape, model, layout=lay, gen=gen) if noise == "tensor" else None
     model_in = None
@@ -174,8 +178,17 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
                 bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None)
 
 
+def clone_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy with t's exact strides, the gaps between its elements NaN (Tensor.clone would make
+    a strided view with gaps contiguous, and the kernels would never see the strides)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+    if t.is_floating_point():
+        torch.empty(0, dtype=t.dtype).set_(out.untyped_storage()).fill_(float("nan"))
+    return out.copy_(t)
+
+
 def _clone(args):
-    return {k: (v.clone() if isinstance(v, torch.Tensor) and k not in ("cond", "uncond") else v)
+    return {k: (clone_layout(v) if isinstance(v, torch.Tensor) and k not in ("cond", "uncond") else v)
             for k, v in args.items()}
 
 
