@@ -198,38 +198,42 @@ def copy_tbps() -> float:
     return 2 * n * 4 / bench(lambda: dst.copy_(src)) / 1e12
 
 
-def _problem_on_gpu(shape, dtype) -> bl.StepProblem:
+def _problem_on(device, shape, dtype) -> bl.StepProblem:
     import dataclasses
     p = bl.make_problem(shape, dtype)
     s = p.scheduler
-    s.model_outputs[:] = [m.cuda() if m is not None else None for m in s.model_outputs]
-    return dataclasses.replace(p, x=p.x.cuda(), x0_prev=p.x0_prev.cuda(), model_out=p.model_out.cuda(),
-                               table=p.table.cuda())
+    s.model_outputs[:] = [m.to(device) if m is not None else None for m in s.model_outputs]
+    return dataclasses.replace(p, x=p.x.to(device), x0_prev=p.x0_prev.to(device),
+                               model_out=p.model_out.to(device), table=p.table.to(device))
 
 
-def step_rows(shapes: Sequence[str], peak: float, copy: float, log) -> List[dict]:
+def step_rows(shapes: Sequence[str], peak: float, copy: float, log, *, device="cuda", timer=None,
+              with_compile: bool = True) -> List[dict]:
+    """The step table (``timer``, default ``bench``; ``device`` other than cuda only for smoke tests)."""
     import fastdiff.ops.triton_backend  # noqa: F401  (registers the backend)
     from fastdiff.ops.backends import BACKENDS
+    timer = timer or bench
     rows = []
     for key in shapes:
         for dtype in (torch.float32, torch.float16):
-            p = _problem_on_gpu(SHAPES[key], dtype)
+            p = _problem_on(device, SHAPES[key], dtype)
             impls: Dict[str, Callable[[], object]] = {}
             for backend in ("triton", "cuda"):
                 if backend in BACKENDS and BACKENDS[backend].unavailable_reason() is None:
                     step = bl.FastdiffStep(p, backend, model_input=True)
-                    step.bad_row = torch.zeros(1, dtype=torch.int32, device="cuda")
+                    step.bad_row = torch.zeros(1, dtype=torch.int32, device=device)
                     impls[f"fastdiff {backend} fused step + model input"] = step
             impls["eager PyTorch"] = lambda: bl.eager_step(p.x, p.model_out, p.x0_prev, p.scalars)
-            torch._dynamo.reset()
-            compiled = bl.compiled_step(False)
-            compiled(p.x, p.model_out, p.x0_prev, bl.step_scalars(p.scheduler, p.step_index - 1))
-            compiled(p.x, p.model_out, p.x0_prev, p.scalars)          # the recompile a loop pays once
-            impls["torch.compile"] = lambda: compiled(p.x, p.model_out, p.x0_prev, p.scalars)
+            if with_compile:
+                torch._dynamo.reset()
+                compiled = bl.compiled_step(False)
+                compiled(p.x, p.model_out, p.x0_prev, bl.step_scalars(p.scheduler, p.step_index - 1))
+                compiled(p.x, p.model_out, p.x0_prev, p.scalars)          # the recompile a loop pays once
+                impls["torch.compile"] = lambda: compiled(p.x, p.model_out, p.x0_prev, p.scalars)
             diffusers = bl.DiffusersStep(p)
             impls["diffusers CFG + DPMSolverMultistepScheduler.step"] = lambda: diffusers(p.model_out, p.x)
             for label, fn in impls.items():
-                seconds = bench(fn)
+                seconds = timer(fn)
                 nbytes = bytes_moved(math.prod(SHAPES[key]), dtype, model_input=label.startswith("fastdiff"))
                 gbps = nbytes / seconds / 1e9
                 rows.append(dict(shape=key, model_dtype=str(dtype).replace("torch.", ""), impl=label,
@@ -239,13 +243,14 @@ def step_rows(shapes: Sequence[str], peak: float, copy: float, log) -> List[dict
     return rows
 
 
-def attention_rows(shapes: Sequence[AttentionShape], log) -> List[dict]:
+def attention_rows(shapes: Sequence[AttentionShape], log, *, device="cuda", timer=None) -> List[dict]:
     from fastdiff.attention import attention, joint_attention
+    timer = timer or bench
     rows = []
     for a in shapes:
         for dtype in (torch.float16, torch.bfloat16):
             def make(n):
-                return torch.randn(a.batch, a.heads, n, a.head_dim, device="cuda", dtype=dtype)
+                return torch.randn(a.batch, a.heads, n, a.head_dim, device=device, dtype=dtype)
             q, k, v = make(a.q_tokens), make(a.kv_tokens), make(a.kv_tokens)
             n_kv = a.kv_tokens + a.joint_tokens
             flops = 4 * a.batch * a.heads * a.q_tokens * n_kv * a.head_dim
@@ -258,7 +263,7 @@ def attention_rows(shapes: Sequence[AttentionShape], log) -> List[dict]:
                 (q @ torch.cat([k] + ([k2] if a.joint_tokens else []), 2).transpose(-1, -2)) / math.sqrt(a.head_dim),
                 -1) @ torch.cat([v] + ([v2] if a.joint_tokens else []), 2)
             for label, fn in fns.items():
-                seconds = bench(fn)
+                seconds = timer(fn)
                 rows.append(dict(shape=a.name, dtype=str(dtype).replace("torch.", ""), impl=label,
                                  median_us=seconds * 1e6, tflops=flops / seconds / 1e12))
                 log(f"  {a.name:45s} {rows[-1]['dtype']:8s} {label:22s} {seconds * 1e6:9.1f} µs "
@@ -288,6 +293,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--roofline", action="store_true", help="print the on-paper H100 roofline (no GPU needed)")
     ap.add_argument("--quick", action="store_true", help="step shapes tiny, SD-1.5, SDXL only")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles ~20 s)")
     ap.add_argument("--peak-tbps", type=float, default=None, help="the card's peak DRAM bandwidth in TB/s")
     ap.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/gpu_bench_<gpu>)")
     args = ap.parse_args(argv)
@@ -307,7 +313,7 @@ def main(argv=None) -> int:
     peak, source = peak_tbps(args.peak_tbps)
     copy = copy_tbps()
     log(f"{device}: peak {peak:.2f} TB/s ({source}), copy {copy:.2f} TB/s")
-    steps = step_rows(QUICK_SHAPES if args.quick else tuple(SHAPES), peak, copy, log)
+    steps = step_rows(QUICK_SHAPES if args.quick else tuple(SHAPES), peak, copy, log, with_compile=not args.no_compile)
     attn = attention_rows(ATTENTION_SHAPES, log)
     stem = args.out or RESULTS / ("gpu_bench_" + "".join(c if c.isalnum() else "_" for c in device))
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -471,6 +471,24 @@ def test_attention_rejects_unsupported_head_dim_on_explicit_triton():
     assert attention(q, q, q).shape == q.shape     # auto falls back to SDPA
 
 
+@interpreted
+def test_gpu_benchmark_code_paths_on_the_interpreter():
+    """benchmarks/gpu_bench.py cannot be measured here; this runs its step and attention tables on
+    CPU tensors (one call each, untimed) so a GPU run does not die of a typo."""
+    from benchmarks import gpu_bench as G
+
+    def once(fn):
+        fn()
+        return 1e-3
+
+    steps = G.step_rows(["tiny"], 1.0, 1.0, lambda msg: None, device="cpu", timer=once, with_compile=False)
+    assert {r["impl"] for r in steps} >= {"fastdiff triton fused step + model input", "eager PyTorch"}
+    tiny = [G.AttentionShape("tiny joint", 1, 2, 40, 33, 72, joint_tokens=9), G.AttentionShape("tiny", 1, 2, 40, 7, 40)]
+    rows = G.attention_rows(tiny, lambda msg: None, device="cpu", timer=once)
+    assert len(rows) == 2 * 2 * 3
+    assert "| tiny joint | bfloat16 | triton |" in G.measured_markdown("cpu", 1.0, "test", 1.0, steps, rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # outside the interpreter
 
