@@ -135,9 +135,11 @@ class Sampler:
         model_in = torch.empty(((2 * B) if use_cfg else B,) + shape[1:], dtype=model_dtype, device=dev)
         table = torch.from_numpy(prog.table).to(dev)
         bad_row = torch.zeros(1, dtype=torch.int32, device=dev) if check_finite != "off" else None
-        t_half = [torch.full((B,), float(r.point.model_t), dtype=time_dtype, device=dev) if r.needs_model else None
-                  for r in rows]
-        t_both = [torch.cat([t, t]) if t is not None and use_cfg else None for t in t_half]
+        # Model times for every row in one tensor; per-row views are taken once, before the loop.
+        t_rows = torch.tensor([r.point.model_t if r.needs_model else 0.0 for r in rows], dtype=time_dtype)
+        t_rows = t_rows.to(dev)[:, None].expand(len(rows), model_in.shape[0])
+        t_full = list(t_rows.unbind(0))
+        t_half = [t[:B] for t in t_full] if use_cfg else t_full
         if inpaint is not None:
             known, mask = inpaint
             known = known.to(device=dev, dtype=self.state_dtype)
@@ -156,13 +158,18 @@ class Sampler:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
         seed = 0 if seed is None else int(seed)
 
-        # Which rows can write the next model input in their epilogue (saves a pass).
-        writes_next = []
+        # Per-row static facts, looked up once (the loop below runs thousands of times per second).
+        g_col = prog.table[:, COL_G]
+        plan = []
         for i, r in enumerate(rows):
             nxt = rows[i + 1] if i + 1 < len(rows) else None
-            ok = (nxt is not None and nxt.needs_model and inpaint is None
-                  and ((nxt.eval_at == "x" and r.out_x is not None) or (nxt.eval_at == "y" and r.out_y is not None)))
-            writes_next.append(ok)
+            # The row writes the next model input in its epilogue when it writes the buffer the next
+            # model call reads (saves a pass over the tensor).
+            writes_next = (nxt is not None and nxt.needs_model and inpaint is None
+                           and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
+            plan.append((r, r.needs_model, bool(use_cfg and r.needs_model and g_col[i] != 1.0),
+                         r.eval_at == "y", r.out_x is not None, r.out_y is not None, r.hist_write, r.noise_id,
+                         writes_next, writes_next and nxt.eval_at == "y", nxt is None or nxt.step != r.step))
         step_fn = ops.prepare_fused_step(x, table=table, y=y, cond_like=model_in, hist=hist, model_in=model_in,
                                          backend=backend)
         # Non-linear guidance (rescale, classifier, x0 clipping) only on runs that use it.
@@ -174,36 +181,35 @@ class Sampler:
             from tqdm.auto import tqdm
             bar = tqdm(total=prog.steps, desc=f"fastdiff {self.solver.name}", leave=False)
         model_in_ready = False
-        for i, r in enumerate(rows):
-            E = y if r.eval_at == "y" else x
+        shape_both = (2 * B,) + shape[1:]
+        cond_in = model_in[B:] if use_cfg else model_in
+        for i, (r, needs_model, both, eval_y, write_x, write_y, hist_write, noise_id, writes_next, next_y,
+                step_done) in enumerate(plan):
+            E = y if eval_y else x
             cond_out = uncond_out = None
-            if r.needs_model:
+            if needs_model:
                 if not model_in_ready:
                     model_in[:B].copy_(E)
-                    if model_in.shape[0] > B:
-                        model_in[B:].copy_(model_in[:B])
-                if use_cfg and float(prog.table[i, COL_G]) != 1.0:
-                    out = _model_output(model(model_in, t_both[i], **kw_both))
-                    self._check_model_output(out, (2 * B,) + shape[1:], i)
-                    uncond_out, cond_out = out[:B], out[B:]
+                    if use_cfg:
+                        model_in[B:].copy_(E)
+                if both:
+                    out = _model_output(model(model_in, t_full[i], **kw_both))
+                    self._check_model_output(out, shape_both, i)
+                    uncond_out, cond_out = out.split(B)
                 else:
-                    inp = model_in[B:] if use_cfg else model_in
-                    cond_out = _model_output(model(inp, t_half[i], **kw_cond))
+                    cond_out = _model_output(model(cond_in, t_half[i], **kw_cond))
                     self._check_model_output(cond_out, shape, i)
             noise_t = None
-            if r.noise_id >= 0 and noise_sampler is not None:
+            if noise_id >= 0 and noise_sampler is not None:
                 noise_t = noise_sampler(r, x)
                 if not isinstance(noise_t, torch.Tensor) or tuple(noise_t.shape) != shape:
                     raise ValueError(f"noise_sampler must return a tensor of shape {shape}")
             step_table = table
-            if hook is not None and r.needs_model:
+            if hook is not None and needs_model:
                 step_table, cond_out, uncond_out = hook(i, r, E, cond_out, uncond_out, t_half[i])
-            step_fn(step_table, i, x, y, cond_out, uncond_out, hist, r.hist_write, r.eval_at == "y",
-                    r.out_x is not None, r.out_y is not None, noise_t, seed, r.noise_id,
-                    model_in if writes_next[i] else None, (rows[i + 1].eval_at == "y") if writes_next[i] else False,
-                    bad_row)
-            model_in_ready = writes_next[i]
-            step_done = i + 1 == len(rows) or rows[i + 1].step != r.step
+            step_fn(step_table, i, x, y, cond_out, uncond_out, hist, hist_write, eval_y, write_x, write_y,
+                    noise_t, seed, noise_id, model_in if writes_next else None, next_y, bad_row)
+            model_in_ready = writes_next
             if step_done:
                 n = r.step
                 if inpaint is not None:
@@ -223,8 +229,9 @@ class Sampler:
             self._raise_nonfinite(int(bad_row.item()))
         return x
 
-    def _check_model_output(self, out: torch.Tensor, shape, row: int):
-        if tuple(out.shape) != tuple(shape):
+    @staticmethod
+    def _check_model_output(out: torch.Tensor, shape, row: int):
+        if out.shape != shape:
             raise ValueError(f"model output at row {row} has shape {tuple(out.shape)}, expected {tuple(shape)} "
                              "(the shape of its input)")
         if not out.is_floating_point():
