@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from ..program import table_width
-from .backends import BACKENDS, PRIORITY, available_backends, register_backend, select  # noqa: F401
+from .backends import BACKENDS, available_backends, register_backend, select  # noqa: F401
+from . import triton_backend  # noqa: F401,E402  (registers the "triton" backend; triton is imported lazily)
 
 __all__ = ["fused_step", "prepare_fused_step", "cfg_combine", "philox_normal", "available_backends",
            "BACKENDS", "select"]

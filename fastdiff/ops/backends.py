@@ -21,6 +21,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class Backend:
     name = "?"
+    #: Device types this backend is for (None: any). Skipping a backend that is not for the
+    #: inputs' device is normal and never warned about.
+    device_types: Optional[tuple] = None
+
+    def serves(self, device_type: str) -> bool:
+        return self.device_types is None or device_type in self.device_types
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -61,6 +67,7 @@ class CpuBackend(Backend):
     outputs / noise / model input in float32, float16, bfloat16 or float64."""
 
     name = "cpu"
+    device_types = ("cpu",)
 
     def unavailable_reason(self):
         ext = load_extension()
@@ -148,8 +155,9 @@ def select(op: str, backend: str, tensors, state_dtype=None) -> Backend:
                     warnings.warn(f"fastdiff: {op} falls back to the reference backend: "
                                   + "; ".join(f"{n}: {r}" for n, r in skipped), RuntimeWarning, stacklevel=3)
             return BACKENDS[name]
-        # Only a backend that could have served this device (and has the op) is worth a warning.
-        if not any("tensors, got a tensor on" in r or "does not implement" in r for r in why):
+        # Only a backend meant for this device (and having the op) is worth a warning.
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if BACKENDS[name].serves(device_type) and not any("does not implement" in r for r in why):
             skipped.append((name, why[0]))
     raise RuntimeError(f"no backend can run {op}")
 

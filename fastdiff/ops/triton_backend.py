@@ -57,6 +57,9 @@ class TritonBackend(Backend):
 
     name = "triton"
 
+    def serves(self, device_type: str) -> bool:
+        return device_type == "cuda" or (device_type == "cpu" and interpreted())
+
     def unavailable_reason(self) -> Optional[str]:
         if not torch.cuda.is_available() and not _interpreter_requested():
             # Decided without importing triton (a second or two), so CPU-only dispatch stays cheap.
