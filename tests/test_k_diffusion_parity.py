@@ -2,12 +2,17 @@
 
 The denoiser is the exact posterior mean of fastdiff's Gaussian mixture on a VE schedule (what a
 k-diffusion denoiser returns: x0 at noise level sigma). Stochastic samplers get the same noise
-on both sides from a noise sampler keyed by (sigma, sigma_next).
+on both sides from a noise sampler keyed by (sigma, sigma_next) (k-diffusion calls it with the
+same arguments, whoever calls first), or from two equally seeded BrownianTreeNoiseSamplers.
 
 Tolerance: |fastdiff - k-diffusion| <= RTOL[dtype] * max|x_init|. Both sides round at the scale of
 the initial state (~sigma_max), e.g. the last Euler step x + (x - x0)/sigma * (0 - sigma) cancels
-x to leave x0. float64: 1e-10 (measured worst 2.3e-15); float32: 64 eps (measured worst 13 eps,
-Heun with 2 steps).
+x to leave x0. float64: 1e-10 (measured worst 2.3e-15; dpm_adaptive 5e-12, its accept/reject
+arithmetic differs); float32: 64 eps (measured worst 13 eps, Heun with 2 steps).
+sample_dpm_fast in float32 is judged against k-diffusion in float64 instead: k-diffusion does its
+coefficient arithmetic in float32 there (h, expm1(h), the ancestral sqrt(sigma^2 - sigma_down^2)),
+which alone is off by up to 390 eps (measured, 5 calls, eta = 1); fastdiff must be within
+2 x k-diffusion's float32 error + 16 eps (measured worst: 1.8x with both at ~15 eps, 2 calls).
 """
 from __future__ import annotations
 
@@ -26,7 +31,12 @@ from kdiffusion_loader import load_kdiffusion_sampling
 KD = load_kdiffusion_sampling()
 
 RTOL = {torch.float64: 1e-10, torch.float32: 64 * torch.finfo(torch.float32).eps}
-SAMPLERS = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_euler_ancestral"]
+# The samplers that take a list of noise levels; NOISY ones take eta / s_noise / noise_sampler.
+NOISY = ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+         "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+SAMPLERS = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m"] + NOISY
+BRANCH_ON_SIGMA_DOWN = {"sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"}   # Euler where sigma_down == 0
+TWO_STAGE = {"sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"}
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 
 
@@ -35,7 +45,20 @@ def _quiet_fallback():
     # Until fastdiff._C is built the ops fall back to the reference backend, with a warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*falls back to the reference backend.*")
+        # torchsde, inside k-diffusion's default BrownianTreeNoiseSampler, when k-diffusion queries
+        # it at its range's end with sigma_fn(t_fn(sigma_min)), one rounding below sigma_min.
+        warnings.filterwarnings("ignore", message="Should have ta>=t0")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small tensors on a shared 2-core machine: intra-op threads only add wake-up latency (measured
+    # 15x on the 20000-sample test under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def denoiser_for(shape) -> GaussianMixture:
@@ -62,20 +85,36 @@ class PairNoise:
         return torch.randn(self.shape, generator=g, dtype=torch.float64).to(self.dtype)
 
 
-def run_both(name, model, x, sigmas, **kwargs):
-    """(fastdiff result, k-diffusion result); stochastic samplers get a fresh PairNoise each."""
+def deterministic(name) -> dict:
+    """Options that make a sampler deterministic (no noise at all)."""
+    return {"eta": 0.0} if name in NOISY else {}
+
+
+def run_both(name, model, x, sigmas, their_sigmas=None, **kwargs):
+    """(fastdiff result, k-diffusion result); stochastic samplers get a fresh PairNoise each.
+    ``their_sigmas``: other sigmas (the same values in another dtype) for k-diffusion."""
     noise = {}
-    if name == "sample_euler_ancestral" and "noise_sampler" not in kwargs:
+    if name in NOISY and "noise_sampler" not in kwargs:
         noise = {"ours": PairNoise(x), "theirs": PairNoise(x)}
     ours = getattr(K, name)(model, x, sigmas, disable=True, **kwargs,
                             **({"noise_sampler": noise["ours"]} if noise else {}))
-    theirs = getattr(KD, name)(model, x, sigmas, disable=True, **kwargs,
+    if name in ("sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde") and len(sigmas) == 2 and sigmas[-1] == 0:
+        # k-diffusion 0.1.1 raises UnboundLocalError (h) on a single step to 0; its step is x = denoised.
+        return ours, model(x, sigmas[0] * x.new_ones(x.shape[0]))
+    theirs = getattr(KD, name)(model, x, sigmas if their_sigmas is None else their_sigmas, disable=True, **kwargs,
                                **({"noise_sampler": noise["theirs"]} if noise else {}))
     if noise:
         adds_noise = kwargs.get("eta", 1.0) > 0 and kwargs.get("s_noise", 1.0) > 0
         # k-diffusion also draws (and discards) noise when eta == 0 or s_noise == 0; fastdiff does not.
         assert noise["ours"].calls == (noise["theirs"].calls if adds_noise else [])
     return ours, theirs
+
+
+def sigma_down_vanishes_in_float32(sigmas) -> bool:
+    if sigmas.dtype != torch.float32:
+        return False
+    return any(float(KD.get_ancestral_step(a, b)[0]) == 0 < float(KD.get_ancestral_step(a.double(), b.double())[0])
+               for a, b in zip(sigmas[:-1], sigmas[1:]))
 
 
 def assert_parity(ours, theirs, x):
@@ -100,17 +139,37 @@ def test_sampler_matches_k_diffusion(name, n, spacing, shape, dtype):
         sigmas = sigmas.double()  # k-diffusion does its sigma arithmetic in the dtype of sigmas
     x = initial_x(shape, sigmas, dtype, seed=n)
     x_before = x.clone()
-    ours, theirs = run_both(name, denoiser_for(shape), x, sigmas)
+    their_sigmas = None
+    if name in BRANCH_ON_SIGMA_DOWN and sigma_down_vanishes_in_float32(sigmas):
+        # k-diffusion's get_ancestral_step in float32 rounds sigma_down to 0 here (it does when
+        # sigma_next / sigma < ~2.4e-4), so it takes an Euler step (DPM-2: without noise) where the
+        # float64 value asks for a second-order step. fastdiff computes it in float64: compare with
+        # k-diffusion doing the same (float64 sigmas; it then also keeps a float64 state).
+        their_sigmas = sigmas.double()
+    ours, theirs = run_both(name, denoiser_for(shape), x, sigmas, their_sigmas)
+    theirs = theirs.to(x.dtype)
     assert_parity(ours, theirs, x)
     assert torch.equal(x, x_before), "the sampler modified its input x"
 
 
-@pytest.mark.parametrize("eta,s_noise", [(0.5, 1.0), (1.0, 0.7), (0.0, 1.0)])
-def test_euler_ancestral_eta_and_s_noise(eta, s_noise):
+OPTIONS = [(name, kw) for name in NOISY for kw in ({"eta": 0.5}, {"s_noise": 0.7}, {"eta": 0.0}, {"eta": 2.0})] + [
+    ("sample_dpmpp_sde", {"r": 0.3}), ("sample_dpmpp_sde", {"r": 1.0, "eta": 0.5}),
+    ("sample_dpmpp_2m_sde", {"solver_type": "heun"}), ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.0}),
+    ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.3, "s_noise": 1.3}),
+    ("sample_dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.0}),
+    ("sample_lms", {"order": 1}), ("sample_lms", {"order": 2}), ("sample_lms", {"order": 3}),
+]
+
+
+@pytest.mark.parametrize("name,kw", OPTIONS, ids=[f"{n[7:]}-{kw}" for n, kw in OPTIONS])
+def test_options_match_k_diffusion(name, kw):
+    """eta (0: deterministic; 2: sigma_up capped at sigma_next, sigma_down = 0), s_noise, r,
+    solver_type and the LMS order, on both shapes."""
     sigmas = K.get_sigmas_karras(8, SIGMA_MIN, SIGMA_MAX).double()
-    x = initial_x((3, 2), sigmas, torch.float64)
-    ours, theirs = run_both("sample_euler_ancestral", denoiser_for((3, 2)), x, sigmas, eta=eta, s_noise=s_noise)
-    assert_parity(ours, theirs, x)
+    for shape in [(3, 2), (2, 4, 3, 3)]:
+        x = initial_x(shape, sigmas, torch.float64)
+        ours, theirs = run_both(name, denoiser_for(shape), x, sigmas, **kw)
+        assert_parity(ours, theirs, x)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -133,18 +192,19 @@ def test_default_noise_sampler_reproduces_k_diffusion_stream():
     assert_parity(ours, theirs, x)
 
 
-def test_default_noise_is_seeded_by_torch_global_rng():
+@pytest.mark.parametrize("name", NOISY)
+def test_default_noise_is_seeded_by_torch_global_rng(name):
     sigmas = K.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX).double()
     x = initial_x((3, 2), sigmas, torch.float64)
     model = denoiser_for(x.shape)
     runs = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)
-        runs.append(K.sample_euler_ancestral(model, x, sigmas, disable=True))
+        runs.append(getattr(K, name)(model, x, sigmas, disable=True))
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
-    deterministic = K.sample_euler_ancestral(model, x, sigmas, disable=True, eta=0.0)
-    assert not torch.allclose(runs[0], deterministic)
+    no_noise = getattr(K, name)(model, x, sigmas, disable=True, eta=0.0)
+    assert not torch.allclose(runs[0], no_noise)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -190,13 +250,16 @@ def test_model_calls_match_k_diffusion(name):
     x = initial_x((3, 2), sigmas, torch.float64)
     extra = {"cond": torch.arange(3.0), "scale": 2.5}
     ours, theirs = Recorder(x.shape), Recorder(x.shape)
-    kw = {"eta": 0.0} if name == "sample_euler_ancestral" else {}
-    getattr(K, name)(ours, x, sigmas, extra_args=extra, disable=True, **kw)
-    getattr(KD, name)(theirs, x, sigmas, extra_args=extra, disable=True, **kw)
-    assert len(ours.sigmas) == len(theirs.sigmas) == {"sample_heun": 2 * 5 - 1}.get(name, 5)
+    getattr(K, name)(ours, x, sigmas, extra_args=extra, disable=True, **deterministic(name))
+    getattr(KD, name)(theirs, x, sigmas, extra_args=extra, disable=True, **deterministic(name))
+    # Two-stage samplers: a second call per step, except the (Euler) step to 0.
+    assert len(ours.sigmas) == len(theirs.sigmas) == (2 * 5 - 1 if name in TWO_STAGE else 5)
     for a, b in zip(ours.sigmas, theirs.sigmas):
         assert a.shape == b.shape == (3,) and a.dtype == b.dtype == torch.float64
-        assert torch.equal(a, b)
+        if bool((sigmas == b[0]).any()):
+            assert torch.equal(a, b)  # a level of the grid: passed through exactly
+        else:  # a stage's level (e.g. DPM-2's geometric mean), computed in float64 on both sides
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
     assert all(kw.keys() == extra.keys() and kw["cond"] is extra["cond"] and kw["scale"] == 2.5
                for kw in ours.kwargs)
 
@@ -207,9 +270,8 @@ def test_callback_matches_k_diffusion(name):
     x = initial_x((2, 4, 3, 3), sigmas, torch.float64)
     model = denoiser_for(x.shape)
     ours, theirs = [], []
-    kw = {"eta": 0.0} if name == "sample_euler_ancestral" else {}
-    getattr(K, name)(model, x, sigmas, disable=True, callback=ours.append, **kw)
-    getattr(KD, name)(model, x, sigmas, disable=True, callback=theirs.append, **kw)
+    getattr(K, name)(model, x, sigmas, disable=True, callback=ours.append, **deterministic(name))
+    getattr(KD, name)(model, x, sigmas, disable=True, callback=theirs.append, **deterministic(name))
     assert [c["i"] for c in ours] == [c["i"] for c in theirs] == list(range(5))
     for a, b in zip(ours, theirs):
         assert set(a) == set(b) == {"x", "i", "sigma", "sigma_hat", "denoised"}
@@ -241,13 +303,14 @@ def test_disable_controls_progress_bar(capsys):
     assert "fastdiff euler" in capsys.readouterr().err
 
 
-def test_churn_outside_s_tmin_s_tmax_is_plain_sampling():
+@pytest.mark.parametrize("name", ["sample_heun", "sample_dpm_2"])
+def test_churn_outside_s_tmin_s_tmax_is_plain_sampling(name):
     """k-diffusion applies churn only where s_tmin <= sigma <= s_tmax: elsewhere s_churn is a no-op."""
     sigmas = K.get_sigmas_karras(5, SIGMA_MIN, SIGMA_MAX).double()
     x = initial_x((3, 2), sigmas, torch.float64)
     model = denoiser_for(x.shape)
-    ours = K.sample_heun(model, x, sigmas, disable=True, s_churn=1.0, s_tmin=100.0)
-    theirs = KD.sample_heun(model, x, sigmas, disable=True, s_churn=1.0, s_tmin=100.0)
+    ours = getattr(K, name)(model, x, sigmas, disable=True, s_churn=1.0, s_tmin=100.0)
+    theirs = getattr(KD, name)(model, x, sigmas, disable=True, s_churn=1.0, s_tmin=100.0)
     assert_parity(ours, theirs, x)
 
 
@@ -258,7 +321,7 @@ needs_edm = pytest.mark.skipif(not {"edm_euler", "edm_heun"} <= set(SOLVERS),
 @needs_edm
 @pytest.mark.parametrize("churn", [{"s_churn": 1.0}, {"s_churn": 40.0},  # 40: gamma capped at sqrt(2) - 1
                                    {"s_churn": 3.0, "s_tmin": 0.1, "s_tmax": 10.0}], ids=["1", "40", "window"])
-@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpm_2"])
 def test_churn_geometry_matches_k_diffusion(name, churn):
     """With s_noise = 0 churn is deterministic: the model is called at sigma_hat = sigma (1 + gamma)
     and the step runs from there; everything but the noise is compared."""
@@ -275,9 +338,10 @@ def test_churn_geometry_matches_k_diffusion(name, churn):
 
 
 @needs_edm
-@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpm_2"])
 def test_churn_noise_is_fresh_standard_normal(name):
-    """With a denoiser that returns 0, step n maps x_hat to x_hat * sigma_{n+1} / sigma_hat, so the
+    """With a denoiser that returns 0, step n maps x_hat to x_hat * sigma_{n+1} / sigma_hat (for
+    Euler, Heun and DPM-2 alike: the derivative is x/sigma all along the step), so the
     churn noise of every step can be read back from the callback: it must be N(0, 1) scaled by
     s_noise, new at every step, and reproducible under torch.manual_seed."""
     sigmas = K.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).double()
@@ -428,7 +492,7 @@ def test_churn_without_edm_solver_is_not_implemented(name, monkeypatch):
     assert model.calls == 0
 
 
-@pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpm_2"])
 @pytest.mark.parametrize("opts", [{"s_churn": -1.0}, {"s_churn": float("inf")}])
 def test_bad_churn_options(name, opts):
     model, x, sigmas = _good()
@@ -437,9 +501,351 @@ def test_bad_churn_options(name, opts):
     assert model.calls == 0
 
 
-@pytest.mark.parametrize("opts", [{"eta": -0.1}, {"s_noise": float("nan")}])
-def test_ancestral_bad_options(opts):
+@pytest.mark.parametrize("name", NOISY)
+@pytest.mark.parametrize("opts,match", [({"eta": -0.1}, "eta"), ({"s_noise": float("nan")}, "s_noise"),
+                                        ({"noise_sampler": "randn"}, "noise_sampler")])
+def test_noisy_sampler_bad_options(name, opts, match):
     model, x, sigmas = _good()
-    with pytest.raises(ValueError):
-        K.sample_euler_ancestral(model, x, sigmas, disable=True, **opts)
+    with pytest.raises((ValueError, TypeError), match=match):
+        getattr(K, name)(model, x, sigmas, disable=True, **opts)
     assert model.calls == 0
+
+
+@pytest.mark.parametrize("name,opts,match", [
+    ("sample_lms", {"order": 5}, "order must be one of 1, 2, 3, 4"),
+    ("sample_lms", {"order": 0}, "order"),
+    ("sample_lms", {"order": 2.0}, "order"),
+    ("sample_dpmpp_2m_sde", {"solver_type": "euler"}, "solver_type"),
+    ("sample_dpmpp_sde", {"r": 0.0}, "r "),
+    ("sample_dpmpp_sde", {"r": 1.5}, "r "),
+])
+def test_sampler_bad_options(name, opts, match):
+    model, x, sigmas = _good()
+    with pytest.raises(ValueError, match=match):
+        getattr(K, name)(model, x, sigmas, disable=True, **opts)
+    assert model.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Brownian-tree noise and the SDE samplers' default noise
+
+
+@pytest.mark.parametrize("seed,transform", [(5, None), ([5, 6, 7], None), (11, lambda s: s.log())],
+                         ids=["int-seed", "per-item-seeds", "log-transform"])
+def test_brownian_tree_noise_sampler_matches_k_diffusion(seed, transform):
+    x = torch.zeros(3, 4, 2, dtype=torch.float64)
+    kw = {} if transform is None else {"transform": transform}
+    ours = K.BrownianTreeNoiseSampler(x, 0.02, 80.0, seed=seed, **kw)
+    theirs = KD.BrownianTreeNoiseSampler(x, 0.02, 80.0, seed=seed, **kw)
+    draws = []
+    for a, b in [(80.0, 14.0), (14.0, 3.0), (14.0, 7.0), (3.0, 0.02), (0.02, 3.0)]:
+        z = ours(torch.tensor(a), torch.tensor(b))
+        assert z.shape == x.shape and z.dtype == x.dtype
+        assert torch.equal(z, theirs(torch.tensor(a), torch.tensor(b)))
+        draws.append(z)
+    assert torch.equal(draws[3], -draws[4])  # W(b) - W(a) = -(W(a) - W(b))
+    if isinstance(seed, list):  # one independent tree per batch item
+        assert not torch.allclose(draws[0][0], draws[0][1])
+
+
+def test_brownian_tree_increments_are_nested():
+    """noise(s, s_mid) and noise(s, s_next) are unit-variance increments over nested intervals:
+    correlation sqrt((s - s_mid) / (s - s_next)), what sample_dpmpp_sde's two draws per step need."""
+    x = torch.zeros(20000, dtype=torch.float64)
+    ns = K.BrownianTreeNoiseSampler(x, 0.02, 80.0, seed=0)
+    s, s_mid, s_next = torch.tensor(10.0), torch.tensor(6.0), torch.tensor(1.0)
+    z1, z2 = ns(s, s_mid), ns(s, s_next)
+    assert abs(z1.std().item() - 1) < 0.03 and abs(z2.std().item() - 1) < 0.03
+    expected = ((s - s_mid) / (s - s_next)).sqrt().item()
+    assert abs(torch.corrcoef(torch.stack([z1, z2]))[0, 1].item() - expected) < 0.03
+
+
+def test_brownian_tree_bad_seed_list():
+    with pytest.raises(ValueError, match="one seed per batch item"):
+        K.BrownianTreeNoiseSampler(torch.zeros(3, 2), 0.02, 80.0, seed=[1, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+def test_sde_samplers_with_equal_brownian_trees_match(name, dtype):
+    """k-diffusion's default noise, made reproducible: equally seeded Brownian trees on both sides."""
+    sigmas = K.get_sigmas_karras(10, SIGMA_MIN, SIGMA_MAX)
+    sigmas = sigmas.double() if dtype == torch.float64 else sigmas
+    x = initial_x((2, 4, 3, 3), sigmas, dtype)
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    model = denoiser_for(x.shape)
+    ours = getattr(K, name)(model, x, sigmas, disable=True, noise_sampler=K.BrownianTreeNoiseSampler(x, lo, hi, seed=3))
+    theirs = getattr(KD, name)(model, x, sigmas, disable=True,
+                               noise_sampler=KD.BrownianTreeNoiseSampler(x, lo, hi, seed=3))
+    assert_parity(ours, theirs, x)
+
+
+def test_dpmpp_sde_default_noise_has_k_diffusions_law():
+    """Without a noise_sampler fastdiff draws Philox noise, coupling a step's two draws as
+    k-diffusion's default Brownian tree does: the samples must have k-diffusion's mean and
+    covariance (20000 samples: Monte Carlo error ~0.004). Independent draws (default_noise_sampler)
+    give a visibly different covariance (0.18 vs 0.29 here, measured), so the test can fail."""
+    sigmas = K.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX).double()
+    x = initial_x((20000, 2), sigmas, torch.float64)
+    model = denoiser_for(x.shape)
+    torch.manual_seed(1)
+    ours = K.sample_dpmpp_sde(model, x, sigmas, disable=True)
+    torch.manual_seed(2)
+    theirs = KD.sample_dpmpp_sde(model, x, sigmas, disable=True)
+    torch.manual_seed(3)
+    independent = K.sample_dpmpp_sde(model, x, sigmas, disable=True, noise_sampler=K.default_noise_sampler(x))
+    assert (ours.mean(0) - theirs.mean(0)).abs().max().item() < 0.025
+    cov_ours, cov_theirs, cov_indep = (torch.cov(s.T) for s in (ours, theirs, independent))
+    assert (cov_ours - cov_theirs).abs().max().item() < 0.03
+    assert (cov_indep - cov_theirs).abs().max().item() > 0.08
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver-fast and DPM-Solver-12/23 adaptive (between sigma_min and sigma_max)
+
+
+class default_dtype:
+    """torch's default dtype inside a with-block (k-diffusion's dpm_fast/adaptive compute their
+    log-sigma grid and step sizes in it)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.saved)
+
+
+FAST_NFE = [1, 2, 3, 4, 5, 6, 10, 17]
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n", FAST_NFE)
+def test_dpm_fast_matches_k_diffusion(n, eta):
+    """float64: every mix of orders (n % 3 = 0, 1, 2; a single step of order 1/2), ancestral or
+    not, on both shapes; k-diffusion draws noise at every step and zeroes the last one's."""
+    with default_dtype(torch.float64):
+        for shape in [(3, 2), (2, 4, 3, 3)]:
+            x = initial_x(shape, torch.tensor([SIGMA_MAX]), torch.float64, seed=n)
+            model, noise = denoiser_for(shape), {"ours": PairNoise(x), "theirs": PairNoise(x)}
+            ours = K.sample_dpm_fast(model, x, SIGMA_MIN, SIGMA_MAX, n, disable=True, eta=eta,
+                                     noise_sampler=noise["ours"])
+            theirs = KD.sample_dpm_fast(model, x, SIGMA_MIN, SIGMA_MAX, n, disable=True, eta=eta,
+                                        noise_sampler=noise["theirs"])
+            assert_parity(ours, theirs, x)
+            steps = n // 3 + 1
+            assert len(noise["theirs"].calls) == steps
+            assert noise["ours"].calls == (noise["theirs"].calls[:-1] if eta else [])
+
+
+@pytest.mark.parametrize("n", [2, 5, 10])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_fast_float32_is_as_accurate_as_k_diffusion(n, eta):
+    """float32, default dtype float32: fastdiff's and k-diffusion's errors against k-diffusion in
+    float64 (see the module docstring for the rule and the measurements)."""
+    shape = (2, 4, 3, 3)
+    x64 = initial_x(shape, torch.tensor([SIGMA_MAX]), torch.float64, seed=n)
+    x32 = x64.float()
+    model = denoiser_for(shape)
+    with default_dtype(torch.float64):
+        ref = KD.sample_dpm_fast(model, x64, SIGMA_MIN, SIGMA_MAX, n, disable=True, eta=eta, noise_sampler=PairNoise(x64))
+    ours = K.sample_dpm_fast(model, x32, SIGMA_MIN, SIGMA_MAX, n, disable=True, eta=eta, noise_sampler=PairNoise(x32))
+    theirs = KD.sample_dpm_fast(model, x32, SIGMA_MIN, SIGMA_MAX, n, disable=True, eta=eta,
+                                noise_sampler=PairNoise(x32))
+    assert ours.dtype == torch.float32
+    scale, eps = x64.abs().max().item(), torch.finfo(torch.float32).eps
+    err_ours = (ours.double() - ref).abs().max().item()
+    err_theirs = (theirs.double() - ref).abs().max().item()
+    assert err_ours <= 2 * err_theirs + 16 * eps * scale, (err_ours / scale / eps, err_theirs / scale / eps)
+
+
+def test_dpm_fast_model_calls_and_callback_match_k_diffusion():
+    with default_dtype(torch.float64):
+        x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+        extra = {"cond": torch.arange(3.0)}
+        ours, theirs = Recorder(x.shape), Recorder(x.shape)
+        ours_cb, theirs_cb = [], []
+        K.sample_dpm_fast(ours, x, SIGMA_MIN, SIGMA_MAX, 7, extra_args=extra, disable=True, callback=ours_cb.append)
+        KD.sample_dpm_fast(theirs, x, SIGMA_MIN, SIGMA_MAX, 7, extra_args=extra, disable=True,
+                           callback=theirs_cb.append)
+    assert len(ours.sigmas) == len(theirs.sigmas) == 7
+    for a, b in zip(ours.sigmas, theirs.sigmas):
+        assert a.dtype == b.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+    assert all(kw["cond"] is extra["cond"] for kw in ours.kwargs)
+    assert [c["i"] for c in ours_cb] == [c["i"] for c in theirs_cb] == [0, 1, 2]
+    for a, b in zip(ours_cb, theirs_cb):
+        assert set(a) == set(b) == {"x", "i", "t", "t_up", "sigma", "sigma_hat", "denoised"}
+        for key in ("t", "t_up", "sigma", "sigma_hat"):
+            assert torch.equal(a[key], b[key]), key
+        for key in ("x", "denoised"):
+            assert (a[key] - b[key]).abs().max().item() <= RTOL[torch.float64] * x.abs().max().item()
+
+
+def test_dpm_fast_default_noise_is_seeded_by_torch_global_rng():
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    model = denoiser_for(x.shape)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(K.sample_dpm_fast(model, x, SIGMA_MIN, SIGMA_MAX, 9, disable=True, eta=1.0))
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], K.sample_dpm_fast(model, x, SIGMA_MIN, SIGMA_MAX, 9, disable=True))
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (2, 4, 3, 3)], ids=["3x2", "2x4x3x3"])
+@pytest.mark.parametrize("order,tols", [(2, {}), (3, {}), (3, {"rtol": 1e-3, "atol": 1e-4}),
+                                        (2, {"h_init": 0.5, "pcoeff": 0.1, "dcoeff": 0.05})])
+def test_dpm_adaptive_matches_k_diffusion(order, tols, shape):
+    """The same accepted/rejected steps and the same sample (float64); fastdiff reuses the model
+    output at the start of a rejected step, so it makes n_reject fewer model calls."""
+    x = initial_x(shape, torch.tensor([SIGMA_MAX]), torch.float64)
+    model = denoiser_for(shape)
+    extra = {"unused": 1}
+    ours, info = K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, extra_args=extra, order=order,
+                                       return_info=True, **tols)
+    with default_dtype(torch.float64):  # k-diffusion's step-size arithmetic in float64
+        theirs, kinfo = KD.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, extra_args=extra, disable=True,
+                                               order=order, return_info=True, **tols)
+    assert_parity(ours, theirs, x)
+    assert (info["steps"], info["n_accept"], info["n_reject"]) == (kinfo["steps"], kinfo["n_accept"], kinfo["n_reject"])
+    assert info["nfe"] == kinfo["nfe"] - kinfo["n_reject"]
+    assert info["n_reject"] > 0  # every case here rejects some steps (1 to 9, measured)
+    out = K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, order=order, **tols)  # return_info=False
+    assert torch.equal(out, ours)
+
+
+def test_dpm_adaptive_float32():
+    x64 = initial_x((2, 4, 3, 3), torch.tensor([SIGMA_MAX]), torch.float64)
+    x = x64.float()
+    model = denoiser_for(x.shape)
+    ours, info = K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, return_info=True)
+    theirs, kinfo = KD.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, disable=True, return_info=True)
+    assert ours.dtype == torch.float32
+    assert info["n_accept"] == kinfo["n_accept"]
+    assert_parity(ours, theirs, x)
+
+
+def test_dpm_adaptive_ancestral_default_noise():
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    model = denoiser_for(x.shape)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, eta=1.0))
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX))
+
+
+def test_dpm_adaptive_ignores_noise_sampler_without_eta():
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    model, noise = denoiser_for(x.shape), PairNoise(x)
+    out = K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, noise_sampler=noise)
+    assert noise.calls == [] and torch.equal(out, K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX))
+
+
+@pytest.mark.parametrize("kw,match", [({"callback": print}, "callback"),
+                                      ({"eta": 1.0, "noise_sampler": lambda s, t: None}, "noise_sampler")])
+def test_dpm_adaptive_unsupported_options(kw, match):
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    model = denoiser_for(x.shape)
+    with pytest.raises(NotImplementedError, match=match):
+        K.sample_dpm_adaptive(model, x, SIGMA_MIN, SIGMA_MAX, **kw)
+    assert model.calls == 0
+
+
+BAD_RANGE = [
+    ({"sigma_min": 0.0}, ValueError, "0 < sigma_min < sigma_max"),
+    ({"sigma_min": 90.0}, ValueError, "0 < sigma_min < sigma_max"),
+    ({"sigma_max": float("inf")}, ValueError, "sigma_max < inf"),
+    ({"sigma_min": "small"}, TypeError, "numbers"),
+    ({"x": torch.ones(3, 2, dtype=torch.int64)}, TypeError, "floating-point"),
+    ({"model": None}, TypeError, "model"),
+    ({"eta": -1.0}, ValueError, "eta"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,match", BAD_RANGE + [
+    ({"n": 0}, ValueError, "n \\(the number of model evaluations\\)"),
+    ({"n": 2.5}, ValueError, "integer"),
+    ({"n": True}, ValueError, "integer"),
+])
+def test_dpm_fast_bad_input(bad, exc, match):
+    model = denoiser_for((3, 2))
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    args = {"model": model, "x": x, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "n": 5, **bad}
+    with pytest.raises(exc, match=match):
+        K.sample_dpm_fast(args.pop("model"), args.pop("x"), args.pop("sigma_min"), args.pop("sigma_max"),
+                          args.pop("n"), disable=True, **args)
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("bad,exc,match", BAD_RANGE + [
+    ({"order": 1}, ValueError, "order"),
+    ({"rtol": 0.0}, ValueError, "rtol"),
+    ({"h_init": -0.1}, ValueError, "h_init"),
+])
+def test_dpm_adaptive_bad_input(bad, exc, match):
+    model = denoiser_for((3, 2))
+    x = initial_x((3, 2), torch.tensor([SIGMA_MAX]), torch.float64)
+    x_before = x.clone()
+    args = {"model": model, "x": x, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, **bad}
+    with pytest.raises(exc, match=match):
+        K.sample_dpm_adaptive(args.pop("model"), args.pop("x"), args.pop("sigma_min"), args.pop("sigma_max"), **args)
+    assert model.calls == 0 and torch.equal(x, x_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The singlestep DPM-Solver options dpm_fast runs on (fastdiff.solvers.dpm_solver: orders, eta)
+
+
+def test_dpm_solver_orders_equal_to_a_fixed_order_is_that_order():
+    from fastdiff.solvers import get_solver
+    from fastdiff.schedules import DiscreteVP, make_grid
+    for schedule in (VESchedule(), DiscreteVP()):
+        grid = make_grid(schedule, 5, "karras")
+        for k in (1, 2, 3):
+            assert get_solver("dpm_solver", orders=[k] * 5).rows(grid) == get_solver("dpm_solver", order=k).rows(grid)
+
+
+def test_dpm_solver_ancestral_steps_on_a_vp_grid():
+    """eta > 0 on a VP schedule (epsilon model, native x) equals the VE run on the same noise
+    levels sigma/alpha with the same noise, after dividing by alpha: the ancestral split and the
+    rescaling after the step are done in the k-diffusion coordinates x/alpha."""
+    from fastdiff import Sampler
+    from fastdiff.schedules import DiscreteVP, Grid
+    vp = DiscreteVP()
+    ks = np.geomspace(vp.ksigma_max, vp.ksigma_min * 2, 6)
+    grid_vp, grid_ve = Grid.from_ksigmas(vp, ks), Grid.from_ksigmas(VESchedule(ks[-1], ks[0]), ks)
+    gm = GaussianMixture.default(vp, dim=2, prediction="epsilon")
+    x_ve = initial_x((4, 2), torch.tensor([ks[0]]), torch.float64)
+    zs = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    options = {"orders": [3, 3, 2, 1, 2], "eta": 0.7, "s_noise": 0.9}
+    run = dict(noise_sampler=lambda row, x: zs[row.noise_id], progress=False)
+    ours_vp = Sampler.build(solver="dpm_solver", solver_options=options, grid=grid_vp, prediction="epsilon",
+                            state_dtype=torch.float64)(gm, x_ve, x_init=x_ve * float(grid_vp.alpha[0]), **run)
+    ours_ve = Sampler.build(solver="dpm_solver", solver_options=options, grid=grid_ve, prediction="sample",
+                            state_dtype=torch.float64)(lambda y, s: gm.x0(y, 1.0, s), x_ve, x_init=x_ve, **run)
+    assert not torch.allclose(ours_ve, Sampler.build(solver="dpm_solver", solver_options={"orders": options["orders"]},
+                                                     grid=grid_ve, prediction="sample", state_dtype=torch.float64)(
+        lambda y, s: gm.x0(y, 1.0, s), x_ve, x_init=x_ve, progress=False))   # the noise did something
+    torch.testing.assert_close(ours_vp / float(grid_vp.alpha[-1]), ours_ve, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options,match", [({"orders": [3, 4]}, "each of orders"), ({"orders": []}, "non-empty"),
+                                           ({"orders": "33"}, "non-empty"), ({"eta": -1.0}, "eta"),
+                                           ({"s_noise": float("inf")}, "s_noise")])
+def test_dpm_solver_bad_options(options, match):
+    from fastdiff.solvers import get_solver
+    with pytest.raises(ValueError, match=match):
+        get_solver("dpm_solver", **options)
+
+
+def test_dpm_solver_orders_must_match_the_grid():
+    from fastdiff.solvers import get_solver
+    from fastdiff.schedules import make_grid
+    with pytest.raises(ValueError, match="orders has 2 entries but the grid has 5 steps"):
+        get_solver("dpm_solver", orders=[3, 2]).rows(make_grid(VESchedule(), 5, "karras"))

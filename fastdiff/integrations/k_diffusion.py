@@ -12,9 +12,19 @@ The functions have the names and signatures of their namesakes in ``k_diffusion.
 How it maps onto fastdiff: the given ``sigmas`` become a ``fastdiff.Grid`` on a VE schedule
 (alpha = 1, sigma = the k-diffusion noise level, model time = sigma), so the denoiser is a
 fastdiff model with ``prediction="sample"`` and ``x`` (already scaled by ``sigmas[0]``) is the
-initial state. A final ``sigmas[-1] == 0`` is the clean end point of the grid. The solver
-(euler, heun, euler_ancestral, dpmpp_2m) computes its float64 coefficient program once, and
-``fastdiff.Sampler`` runs it, one fused op per stage; nothing here repeats a solver's math.
+initial state. A final ``sigmas[-1] == 0`` is the clean end point of the grid. The solver computes
+its float64 coefficient program once, and ``fastdiff.Sampler`` runs it, one fused op per stage;
+nothing here repeats a solver's math:
+
+    sample_euler / _heun / _dpm_2      euler / heun / dpm_2 (edm_euler / edm_heun / dpm_2 with churn)
+    sample_euler_ancestral             euler_ancestral
+    sample_dpm_2_ancestral             dpm_2_ancestral
+    sample_lms                         lms (order 1-4)
+    sample_dpmpp_2s_ancestral          dpmpp_2s_ancestral
+    sample_dpmpp_sde                   dpmpp_sde
+    sample_dpmpp_2m / _2m_sde / _3m_sde  dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde
+    sample_dpm_fast                    dpm_solver (singlestep) with per-step ``orders`` and ``eta``
+    sample_dpm_adaptive                fastdiff.adaptive.sample_dpm_adaptive (DPM-Solver-12/23)
 
 Where the results differ from k-diffusion's, and why:
 
@@ -24,10 +34,17 @@ Where the results differ from k-diffusion's, and why:
   (and sigmas), the solver keeps float32, and the result is cast back to ``x.dtype``.
 * ``noise_sampler=None`` uses fastdiff's in-kernel Philox noise, seeded from torch's global
   RNG: ``torch.manual_seed`` makes runs reproducible, but the values are not the ones
-  k-diffusion's ``torch.randn_like`` draws. Pass ``noise_sampler=default_noise_sampler(x)``
-  for k-diffusion's stream. A given ``noise_sampler(sigma, sigma_next)`` (called with the
-  0-d tensors ``sigmas[i]``, ``sigmas[i + 1]``) is called only for steps that add noise;
-  k-diffusion also calls it, and discards the result, when ``eta == 0`` or ``s_noise == 0``.
+  k-diffusion draws. Where k-diffusion's default is ``torch.randn_like`` (the ancestral
+  samplers, dpm_fast), pass ``noise_sampler=default_noise_sampler(x)`` for its stream. Where it
+  is a ``BrownianTreeNoiseSampler`` (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde), the Philox noise has
+  the Brownian tree's law: independent across steps, and for dpmpp_sde the second draw of a step
+  contains the first, as the tree's nested intervals do (the solver's ``brownian`` option); pass
+  ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=...)`` (this module's, on torchsde,
+  or k-diffusion's) for its values.
+* A given ``noise_sampler(sigma, sigma_next)`` is called with the 0-d tensors k-diffusion passes
+  (``sigmas[i]``, ``sigmas[i + 1]``; dpmpp_sde's stage levels computed as k-diffusion computes
+  them), in k-diffusion's order, but only for draws that add noise: k-diffusion also calls it,
+  and discards the result, when ``eta == 0`` or ``s_noise == 0`` (and at dpm_fast's last step).
 * ``callback`` is called when k-diffusion calls it: right after the first model evaluation of
   step ``i``, before the step, with ``{'x': a copy of the state the model saw, 'i': i,
   'sigma': sigmas[i], 'sigma_hat': the noise level the model saw (sigmas[i] unless churned),
@@ -35,20 +52,28 @@ Where the results differ from k-diffusion's, and why:
   reused by the next step.
 * Non-finite values in the sample raise ``FloatingPointError`` at the end of the run (one
   device-flag read), naming the step; k-diffusion returns the NaNs.
-* ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun``) runs fastdiff's
-  ``edm_euler`` / ``edm_heun`` solvers; the churn noise is fastdiff's in-kernel Philox noise
-  seeded from torch's global RNG (k-diffusion draws ``torch.randn_like(x)`` at every step).
-  Without those solvers registered, churn raises ``NotImplementedError``.
+* ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2``)
+  runs fastdiff's ``edm_euler`` / ``edm_heun`` / ``dpm_2`` solvers; the churn noise is fastdiff's
+  in-kernel Philox noise seeded from torch's global RNG (k-diffusion draws ``torch.randn_like(x)``
+  at every step). Without those solvers registered, churn raises ``NotImplementedError``.
+* With float32 ``sigmas``, k-diffusion's ``get_ancestral_step`` rounds sigma_down to 0 when
+  sigma_next / sigma < ~2.4e-4 (e.g. a 2-step schedule from 80 to 0.02); sample_dpm_2_ancestral
+  and sample_dpmpp_2s_ancestral then take an Euler step where fastdiff's float64 value asks for a
+  second-order one (the result of k-diffusion with float64 sigmas).
+* k-diffusion 0.1.1's sample_dpmpp_2m_sde / _3m_sde raise UnboundLocalError on a single step to
+  sigma = 0; here that step returns the denoised sample (their denoising step).
+* sample_dpm_fast / sample_dpm_adaptive: see their docstrings (levels, nfe, what is unsupported).
 """
 from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .. import adaptive
 from ..program import Row
 from ..sampler import Sampler
 from ..schedules import ContinuousVP, Grid, VESchedule, exponential_ksigmas, karras_ksigmas
@@ -56,21 +81,24 @@ from ..solvers import SOLVERS
 from ..solvers.base import ancestral_step
 
 __all__ = [
-    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms",
+    "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
     "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp",
     "append_zero", "to_d", "get_ancestral_step", "default_noise_sampler",
+    "BatchedBrownianTree", "BrownianTreeNoiseSampler",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Samplers
+# Samplers on a given list of noise levels
 
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1.):
     """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2)."""
-    solver, options = _with_churn("euler", sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    solver, options = _with_churn("euler", "edm_euler", sigmas, s_churn, s_tmin, s_tmax, s_noise)
     return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
 
 
@@ -86,8 +114,63 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1.):
     """Heun steps (Karras et al. 2022, Algorithm 2); the step to sigma = 0 is Euler."""
-    solver, options = _with_churn("heun", sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    solver, options = _with_churn("heun", "edm_heun", sigmas, s_churn, s_tmin, s_tmax, s_noise)
     return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1.):
+    """DPM-Solver-2-like midpoint steps (model at the geometric mean of the two noise levels),
+    with EDM churn; the step to sigma = 0 is Euler."""
+    solver, options = _with_churn("dpm_2", "dpm_2", sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None):
+    """Ancestral sampling with DPM-2 steps: down to sigma_down, then fresh noise of std sigma_up
+    (a step whose sigma_down is 0 is Euler and adds no noise)."""
+    return _run("dpm_2_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
+                disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (Adams-Bashforth in sigma) of order 1-4; the first steps use the orders
+    their history allows."""
+    return _run("lms", {"order": order}, model, x, sigmas, extra_args, callback, disable)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None):
+    """Ancestral sampling with DPM-Solver++(2S) steps; the step to sigma_down = 0 is Euler."""
+    return _run("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
+                disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2):
+    """DPM-Solver++ (stochastic): two ancestral stages per step, the second at lambda + r h.
+
+    ``noise_sampler`` is called as k-diffusion calls it, with (sigma, sigma at the stage) and
+    then (sigma, sigma_next), the levels computed as k-diffusion computes them. Without one,
+    fastdiff draws Philox noise with the coupling of k-diffusion's default
+    BrownianTreeNoiseSampler (the second draw contains the first): the same distribution, not
+    the same values; pass ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=...)`` for those."""
+    noise_args = None
+    if isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1:
+        def noise_args(row: Row):
+            # k-diffusion: t = -log sigma, s = t + r h; the draws over [sigma_fn(s), sigma_fn(t)]
+            # (first stage, the row that writes the stage point y) and [sigma_fn(t_next), sigma_fn(t)].
+            t, t_next = sigmas[row.step].log().neg(), sigmas[row.step + 1].log().neg()
+            end = t + (t_next - t) * r if row.out_y is not None else t_next
+            return t.neg().exp(), end.neg().exp()
+    options = {"eta": eta, "s_noise": s_noise, "r": r, "brownian": noise_sampler is None}
+    return _run("dpmpp_sde", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise_args)
 
 
 @torch.no_grad()
@@ -96,18 +179,137 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable)
 
 
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, solver_type='midpoint'):
+    """DPM-Solver++(2M) SDE (``solver_type`` 'midpoint' or 'heun'); eta = 0 is the ODE solver.
+    Without a noise_sampler the noise is Philox: independent standard normal draws per step,
+    which is the law of k-diffusion's default BrownianTreeNoiseSampler over disjoint steps."""
+    return _run("dpmpp_2m_sde", {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}, model, x, sigmas,
+                extra_args, callback, disable, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None):
+    """DPM-Solver++(3M) SDE; eta = 0 is the ODE solver. Default noise as sample_dpmpp_2m_sde."""
+    return _run("dpmpp_3m_sde", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback, disable,
+                noise_sampler)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver between two noise levels: fixed steps (fast) and adaptive
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
+                    s_noise=1., noise_sampler=None):
+    """DPM-Solver-fast (Lu et al. 2022): ``n`` model calls in floor(n/3) + 1 steps uniform in
+    log sigma, all of order 3 but the last ones (orders [3, ..., 3, n % 3], or [3, ..., 3, 2, 1]
+    when 3 divides n). ``eta > 0``: ancestral steps (noise_sampler(sigma, sigma_next) per step).
+
+    The levels are k-diffusion's: ``torch.linspace`` in torch's default dtype between
+    -log(sigma_max) and -log(sigma_min). Only the denoising direction (sigma_min < sigma_max) is
+    supported. ``callback`` receives k-diffusion's keys (x, i, t, t_up, sigma, sigma_hat, denoised)."""
+    _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    _check_sigma_bounds(sigma_min, sigma_max)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (the number of model evaluations) must be an integer >= 1, got {n!r}")
+    steps = n // 3 + 1
+    orders = [3] * (steps - 2) + [2, 1] if n % 3 == 0 else [3] * (steps - 1) + [n % 3]
+    # k-diffusion's t = -log sigma: of torch.tensor(sigma_max / sigma_min), then linspace in the default dtype.
+    ts = torch.linspace(torch.as_tensor(sigma_max).log().neg(), torch.as_tensor(sigma_min).log().neg(), steps + 1)
+    levels = torch.stack([t.neg().exp() for t in ts])   # k-diffusion's sigma(t), one 0-d tensor at a time
+
+    def callback_fields(i: int, point) -> dict:
+        return {'i': i, 't': ts[i], 't_up': ts[i], 'sigma': levels[i], 'sigma_hat': levels[i]}
+
+    return _sample(_grid_from_sigmas(levels), "dpm_solver", {"orders": orders, "eta": eta, "s_noise": s_noise},
+                   model, x, extra_args, callback, callback_fields, disable, noise_sampler,
+                   lambda row: (levels[row.step], levels[row.step + 1]))
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0., icoeff=1., dcoeff=0., accept_safety=0.81,
+                        eta=0., s_noise=1., noise_sampler=None, return_info=False):
+    """DPM-Solver-12 (``order=2``) or DPM-Solver-23 (``order=3``) with adaptive steps in log sigma
+    from sigma_max to sigma_min (no final denoising step), run by ``fastdiff.adaptive``: the same
+    controller, accept/reject rule and error norm as k-diffusion, so the same steps. The step
+    sizes are float64 (k-diffusion computes them in the dtype of ``torch.tensor(sigma_min)``).
+
+    Differences: the model output at the start of a rejected step is reused, so
+    ``info['nfe']`` (with ``return_info=True``) counts the model calls made (k-diffusion counts
+    ``order`` per attempt); info also lists the accepted levels (``'ksigmas'``). With ``eta > 0``
+    the noise is Philox, seeded from torch's global RNG. Not supported (NotImplementedError):
+    ``callback``, and a ``noise_sampler`` with ``eta > 0`` (fastdiff.adaptive does not pass a
+    step's noise levels to it); the progress bar is never shown."""
+    _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    lo, hi = _check_sigma_bounds(sigma_min, sigma_max)
+    if callback is not None:
+        raise NotImplementedError("sample_dpm_adaptive does not support callback: fastdiff.adaptive has no hook "
+                                  "for it; pass callback=None")
+    if noise_sampler is not None and float(eta) > 0:
+        raise NotImplementedError("sample_dpm_adaptive with eta > 0 does not take a noise_sampler: fastdiff.adaptive "
+                                  "does not pass a step's noise levels to it; pass noise_sampler=None (Philox noise "
+                                  "seeded from torch's global RNG)")
+    sigma_dtype = x.dtype
+
+    def denoiser(x_, sigma, **kwargs):
+        return model(x_, sigma.to(sigma_dtype), **kwargs)
+
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out, info = adaptive.sample_dpm_adaptive(
+        denoiser, x, schedule=VESchedule(sigma_min=lo, sigma_max=hi), prediction="sample", ksigma_min=lo,
+        ksigma_max=hi, order=order, rtol=rtol, atol=atol, h_init=h_init, pcoeff=pcoeff, icoeff=icoeff,
+        dcoeff=dcoeff, accept_safety=accept_safety, eta=eta, s_noise=s_noise, max_nfe=sys.maxsize,
+        model_kwargs=dict(extra_args or {}), state_dtype=state_dtype, model_dtype=x.dtype, x_init=x)
+    out = out.to(x.dtype)
+    return (out, info) if return_info else out
+
+
+def _check_sigma_bounds(sigma_min, sigma_max) -> Tuple[float, float]:
+    """(sigma_min, sigma_max) as floats, checked."""
+    try:
+        lo, hi = float(sigma_min), float(sigma_max)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sigma_min and sigma_max must be numbers (or 1-element tensors), got "
+                        f"{type(sigma_min).__name__} and {type(sigma_max).__name__}") from None
+    if not (0 < lo < hi < math.inf):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf (sampling from sigma_max down to sigma_min), got "
+                         f"sigma_min={lo}, sigma_max={hi}")
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: k-diffusion's arguments onto fastdiff.Sampler
+
+
 def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callback, disable,
-         noise_sampler=None) -> torch.Tensor:
+         noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None) -> torch.Tensor:
+    """Sample along the k-diffusion noise levels ``sigmas``. ``noise_args(row)``: the arguments
+    k-diffusion passes to its noise_sampler for that row's draw (default (sigmas[i], sigmas[i + 1]))."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
     grid = _grid_from_sigmas(sigmas)
+
+    def callback_fields(i: int, point) -> dict:
+        churned = point.ksigma != float(grid.ksigma[i])
+        return {'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas.new_tensor(point.ksigma) if churned else sigmas[i]}
+
+    return _sample(grid, solver, solver_options, model, x, extra_args, callback, callback_fields, disable,
+                   noise_sampler, noise_args or (lambda row: (sigmas[row.step], sigmas[row.step + 1])))
+
+
+def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args, callback, callback_fields,
+            disable, noise_sampler, noise_args) -> torch.Tensor:
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
                             device=x.device, state_dtype=state_dtype)
-    denoiser = _Denoiser(model, sampler.program.rows, sigmas, grid, callback, x.dtype)
+    denoiser = _Denoiser(model, sampler.program.rows, callback, callback_fields, x.dtype)
     adapted_noise = None
     if noise_sampler is not None:
         def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
-            return noise_sampler(sigmas[row.step], sigmas[row.step + 1])
+            return noise_sampler(*noise_args(row))
     out = sampler(denoiser, x, x_init=x, model_kwargs=dict(extra_args or {}), noise_sampler=adapted_noise,
                   progress=_show_progress(disable), model_dtype=x.dtype)
     return out.to(x.dtype)
@@ -115,23 +317,20 @@ def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callba
 
 class _Denoiser:
     """The k-diffusion denoiser as a fastdiff model (prediction="sample"); fires the k-diffusion
-    callback at the first model evaluation of each step, which is where k-diffusion fires it."""
+    callback at the first model evaluation of each step, which is where k-diffusion fires it,
+    with ``callback_fields(step, point evaluated)`` plus the state ``x`` and ``denoised``."""
 
-    def __init__(self, model: Callable, rows: List[Row], sigmas: torch.Tensor, grid: Grid,
-                 callback: Optional[Callable], sigma_dtype: torch.dtype):
-        self.model, self.sigmas, self.callback, self.sigma_dtype = model, sigmas, callback, sigma_dtype
+    def __init__(self, model: Callable, rows: List[Row], callback: Optional[Callable],
+                 callback_fields: Callable[[int, object], dict], sigma_dtype: torch.dtype):
+        self.model, self.callback, self.sigma_dtype = model, callback, sigma_dtype
         # For the k-th model call of the run: its step if it is the step's first call, else -1.
         evals = [r for r in rows if r.needs_model]
         self.callback_step = [r.step if k == 0 or evals[k - 1].step != r.step else -1 for k, r in enumerate(evals)]
         self.calls = 0
-        # sigma_hat of each step: sigmas[i], or the churned level the step's first call is made at.
-        self.sigma_hat = {}
+        self.fields = {}
         if callback is not None:
-            for k, r in enumerate(evals):
-                i = self.callback_step[k]
-                if i >= 0:
-                    churned = r.point.ksigma != float(grid.ksigma[i])
-                    self.sigma_hat[i] = sigmas.new_tensor(r.point.ksigma) if churned else sigmas[i]
+            self.fields = {r.step: callback_fields(r.step, r.point) for k, r in enumerate(evals)
+                           if self.callback_step[k] >= 0}
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
         # k-diffusion passes sigmas[i] * x.new_ones(B), i.e. sigma in x's dtype (fp16 models too).
@@ -141,8 +340,7 @@ class _Denoiser:
         step = self.callback_step[self.calls]
         self.calls += 1
         if self.callback is not None and step >= 0:
-            self.callback({'x': x.clone(), 'i': step, 'sigma': self.sigmas[step], 'sigma_hat': self.sigma_hat[step],
-                           'denoised': denoised})
+            self.callback({'x': x.clone(), **self.fields[step], 'denoised': denoised})
         return denoised
 
 
@@ -180,23 +378,23 @@ def _grid_from_sigmas(sigmas) -> Grid:
     return Grid.from_ksigmas(schedule, ks)
 
 
-def _with_churn(method: str, sigmas, s_churn, s_tmin, s_tmax, s_noise):
-    """(solver name, options) for k-diffusion's Euler/Heun: the plain RK solver, or fastdiff's EDM
-    solver when churn applies (s_churn > 0 at some step with s_tmin <= sigmas[i] <= s_tmax)."""
+def _with_churn(plain: str, churned: str, sigmas, s_churn, s_tmin, s_tmax, s_noise):
+    """(solver name, options) for k-diffusion's samplers with EDM churn (Euler, Heun, DPM-2): the
+    ``plain`` solver, or the ``churned`` one with the churn options when churn applies (s_churn > 0
+    at some step with s_tmin <= sigmas[i] <= s_tmax)."""
     s_churn = float(s_churn)
     if not (s_churn >= 0.0 and math.isfinite(s_churn)):
         raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn}")
     if s_churn == 0.0 or not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1:
-        return method, {}  # no churn; bad sigmas are reported by _grid_from_sigmas
+        return plain, {}  # no churn; bad sigmas are reported by _grid_from_sigmas
     levels = sigmas[:-1].detach().to(device="cpu", dtype=torch.float64)
     if not bool(((levels >= float(s_tmin)) & (levels <= float(s_tmax))).any()):
-        return method, {}
-    edm = f"edm_{method}"
-    if edm not in SOLVERS:
-        raise NotImplementedError(f"sample_{method} with s_churn > 0 (EDM stochastic churn) needs fastdiff's "
-                                  f"{edm!r} solver, which is not registered. Use s_churn=0, or "
+        return plain, {}
+    if churned not in SOLVERS:
+        raise NotImplementedError(f"sample_{plain} with s_churn > 0 (EDM stochastic churn) needs fastdiff's "
+                                  f"{churned!r} solver, which is not registered. Use s_churn=0, or "
                                   "sample_euler_ancestral for a stochastic sampler.")
-    return edm, {"s_churn": s_churn, "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)}
+    return churned, {"s_churn": s_churn, "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)}
 
 
 def _show_progress(disable) -> bool:
@@ -282,3 +480,54 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.):
 def default_noise_sampler(x):
     """k-diffusion's default noise: ``torch.randn_like(x)`` from torch's global RNG at every call."""
     return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+class BatchedBrownianTree:
+    """k-diffusion's wrapper around ``torchsde.BrownianTree``: a Brownian motion with the shape of
+    ``x`` on [t0, t1] (either order); with a list of seeds, one tree per batch item.
+    ``tree(a, b)`` is the increment W(b) - W(a)."""
+
+    def __init__(self, x, t0, t1, seed=None, **kwargs):
+        try:
+            import torchsde
+        except ImportError as e:
+            raise ImportError("BrownianTreeNoiseSampler needs torchsde (pip install torchsde)") from e
+        t0, t1, self.sign = self.sort(t0, t1)
+        w0 = kwargs.pop('w0', torch.zeros_like(x))
+        if seed is None:
+            seed = torch.randint(0, 2 ** 63 - 1, []).item()
+        self.batched = isinstance(seed, (list, tuple))
+        if self.batched:
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"a list of seeds needs one seed per batch item ({x.shape[0]}), got {len(seed)}")
+            w0 = w0[0]
+        else:
+            seed = [seed]
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, **kwargs) for s in seed]
+
+    @staticmethod
+    def sort(a, b):
+        return (a, b, 1) if a < b else (b, a, -1)
+
+    def __call__(self, t0, t1):
+        t0, t1, sign = self.sort(t0, t1)
+        w = torch.stack([tree(t0, t1) for tree in self.trees]) * (self.sign * sign)
+        return w if self.batched else w[0]
+
+
+class BrownianTreeNoiseSampler:
+    """k-diffusion's noise sampler backed by a Brownian tree: ``noise_sampler(sigma, sigma_next)``
+    is the increment of one Brownian motion over [sigma_next, sigma] (of ``transform(sigma)``),
+    normalised to unit variance, so draws over overlapping intervals are correlated as the SDE
+    samplers (sample_dpmpp_sde, _2m_sde, _3m_sde) assume. ``seed``: an int, or a list with one
+    seed per batch item; None draws one from torch's global RNG. Gives the values k-diffusion's
+    class of the same name gives for the same arguments and calls."""
+
+    def __init__(self, x, sigma_min, sigma_max, seed=None, transform=lambda x: x):
+        self.transform = transform
+        t0, t1 = self.transform(torch.as_tensor(sigma_min)), self.transform(torch.as_tensor(sigma_max))
+        self.tree = BatchedBrownianTree(x, t0, t1, seed)
+
+    def __call__(self, sigma, sigma_next):
+        t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
+        return self.tree(t0, t1) / (t1 - t0).abs().sqrt()

@@ -23,9 +23,10 @@ final step); ``final_sigmas_type`` itself is the grid's ``final`` ('zero' / 'sig
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -112,54 +113,99 @@ def check_order(order, allowed: Sequence[int], name: str = "order") -> int:
 class DPMSolverSinglestep(Solver):
     """DPM-Solver-k (Lu et al. 2022a), singlestep, on the noise prediction: each step of order k
     evaluates the model k times, at lambda_s + r_i h with r = (1/2) for k = 2 and (1/3, 2/3) for
-    k = 3 (k-diffusion's dpm_solver_{1,2,3}_step). order=1 is DDIM."""
+    k = 3 (k-diffusion's dpm_solver_{1,2,3}_step). order=1 is DDIM.
+
+    ``orders``: one order per step (as many as the grid has steps; overrides ``order``), for
+    DPM-Solver-fast, which mixes orders to fit a budget of model calls (k-diffusion
+    sample_dpm_fast). ``eta > 0``: ancestral steps in the noise levels sigma/alpha, as k-diffusion's
+    dpm_solver_fast takes them: step n goes down to max(sigma_down, the grid's last level)
+    (get_ancestral_step(s_n, s_{n+1}, eta)), then fresh noise of std
+    sqrt(s_{n+1}^2 - that^2) * s_noise brings it to s_{n+1}."""
 
     num_slots = 1
 
-    def __init__(self, order: int = 3):
+    def __init__(self, order: int = 3, orders: Optional[Sequence[int]] = None, eta: float = 0.0,
+                 s_noise: float = 1.0):
         self.order = check_order(order, (1, 2, 3))
+        self.orders = None
+        if orders is not None:
+            if isinstance(orders, (str, bytes)) or not hasattr(orders, "__len__") or len(orders) == 0:
+                raise ValueError(f"orders must be a non-empty sequence of step orders (1, 2 or 3), got {orders!r}")
+            self.orders = tuple(check_order(k, (1, 2, 3), "each of orders") for k in orders)
+            self.order = min(self.orders)
+        self.eta = check_eta(eta)
+        self.s_noise = check_eta(s_noise, "s_noise")
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+        if self.stochastic:
+            self.order = 1
 
     def rows(self, grid: Grid) -> List[Row]:
         check_finite_lambda(grid, "dpm_solver")
+        if self.orders is not None and len(self.orders) != grid.steps:
+            raise ValueError(f"orders has {len(self.orders)} entries but the grid has {grid.steps} steps")
+        noise_ids = itertools.count()
         rows: List[Row] = []
         for n in range(grid.steps):
             p, q = grid_point(grid, n), grid_point(grid, n + 1)
-            a, b = ddim_eps(p, q)
-            eps_p = eps_quantity(p)
-            if self.order == 1 or q.sigma == 0.0:
-                rows.append(Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1],
-                                out_x=Out(x=a, h=b), next_eval="x"))
-                continue
-            lam_s = half_log_snr(p)
-            h = half_log_snr(q) - lam_s
-            em1 = math.expm1(h)
-            if self.order == 2:
-                r1 = 0.5
-                p1 = point_at_lambda(grid, lam_s + r1 * h)
-                rows.append(Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1], hist_write=0,
-                                out_y=Out(x=p1.alpha / p.alpha, h=-p1.sigma * math.expm1(r1 * h)), next_eval="y"))
-                # x_t = a x - sigma_t (e^h - 1) eps - sigma_t/(2 r1) (e^h - 1) (eps_1 - eps)
-                c = q.sigma * em1 / (2.0 * r1)
-                e1 = eps_quantity(p1)
-                rows.append(Row(step=n, eval_at="y", point=p1, q_y=e1[0], q_x0=e1[1],
-                                out_x=Out(x=a, h=-c, hist=((0, -q.sigma * em1 + c),)), next_eval="x"))
-                continue
-            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-            p1, p2 = point_at_lambda(grid, lam_s + r1 * h), point_at_lambda(grid, lam_s + r2 * h)
-            rows.append(Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1], hist_write=0,
-                            out_y=Out(x=p1.alpha / p.alpha, h=-p1.sigma * math.expm1(r1 * h)), next_eval="y"))
-            # u2 = a2 x - sigma_2 (e^{r2 h} - 1) eps - sigma_2 (r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) (eps_1 - eps)
-            c2 = p2.sigma * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1.0)
-            e1 = eps_quantity(p1)
-            rows.append(Row(step=n, eval_at="y", point=p1, q_y=e1[0], q_x0=e1[1],
-                            out_y=Out(x=p2.alpha / p.alpha, h=-c2,
-                                      hist=((0, -p2.sigma * math.expm1(r2 * h) + c2),)), next_eval="y"))
-            # x_t = a x - sigma_t (e^h - 1) eps - sigma_t / r2 ((e^h - 1)/h - 1) (eps_2 - eps)
-            c3 = q.sigma / r2 * (em1 / h - 1.0)
-            e2 = eps_quantity(p2)
-            rows.append(Row(step=n, eval_at="y", point=p2, q_y=e2[0], q_x0=e2[1],
-                            out_x=Out(x=a, h=-c3, hist=((0, -q.sigma * em1 + c3),)), next_eval="x"))
+            k = self.orders[n] if self.orders is not None else self.order
+            target, std = (q, 0.0) if not self.eta else self._ancestral_target(grid, n)
+            step_rows = self._step_rows(grid, n, p, target, k)
+            if std:   # x_{n+1} = alpha_{n+1} (x_target / alpha_target + std * s_noise * z)
+                c, z = q.alpha / target.alpha, q.alpha * std * self.s_noise
+                last = step_rows[-1]
+                out = last.out_x
+                step_rows[-1] = dataclasses.replace(
+                    last, out_x=Out(x=c * out.x, y=c * out.y, h=c * out.h, z=z,
+                                    hist=tuple((j, c * b) for j, b in out.hist)),
+                    noise_id=next(noise_ids) if z else -1)
+            rows.extend(step_rows)
         return rows
+
+    def _ancestral_target(self, grid: Grid, n: int) -> Tuple[Point, float]:
+        """(the point step n's deterministic part ends at, the std of the noise that follows)."""
+        s, s_next, s_end = (float(grid.ksigma[i]) for i in (n, n + 1, grid.steps))
+        s_down = max(ancestral_step(s, s_next, self.eta)[0], s_end)
+        if s_down == s_next:
+            return grid_point(grid, n + 1), 0.0
+        target = grid_point(grid, grid.steps) if s_down == s_end else point_at_s(grid, "ve", s_down)
+        return target, math.sqrt(s_next * s_next - s_down * s_down)
+
+    @staticmethod
+    def _step_rows(grid: Grid, n: int, p: Point, q: Point, order: int) -> List[Row]:
+        """One DPM-Solver-``order`` step from p to q (first order when q is clean)."""
+        a, b = ddim_eps(p, q)
+        eps_p = eps_quantity(p)
+        if order == 1 or q.sigma == 0.0:
+            return [Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1],
+                        out_x=Out(x=a, h=b), next_eval="x")]
+        lam_s = half_log_snr(p)
+        h = half_log_snr(q) - lam_s
+        em1 = math.expm1(h)
+        if order == 2:
+            r1 = 0.5
+            p1 = point_at_lambda(grid, lam_s + r1 * h)
+            # x_t = a x - sigma_t (e^h - 1) eps - sigma_t/(2 r1) (e^h - 1) (eps_1 - eps)
+            c = q.sigma * em1 / (2.0 * r1)
+            e1 = eps_quantity(p1)
+            return [Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1], hist_write=0,
+                        out_y=Out(x=p1.alpha / p.alpha, h=-p1.sigma * math.expm1(r1 * h)), next_eval="y"),
+                    Row(step=n, eval_at="y", point=p1, q_y=e1[0], q_x0=e1[1],
+                        out_x=Out(x=a, h=-c, hist=((0, -q.sigma * em1 + c),)), next_eval="x")]
+        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+        p1, p2 = point_at_lambda(grid, lam_s + r1 * h), point_at_lambda(grid, lam_s + r2 * h)
+        # u2 = a2 x - sigma_2 (e^{r2 h} - 1) eps - sigma_2 (r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) (eps_1 - eps)
+        c2 = p2.sigma * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1.0)
+        e1 = eps_quantity(p1)
+        # x_t = a x - sigma_t (e^h - 1) eps - sigma_t / r2 ((e^h - 1)/h - 1) (eps_2 - eps)
+        c3 = q.sigma / r2 * (em1 / h - 1.0)
+        e2 = eps_quantity(p2)
+        return [Row(step=n, eval_at="x", point=p, q_y=eps_p[0], q_x0=eps_p[1], hist_write=0,
+                    out_y=Out(x=p1.alpha / p.alpha, h=-p1.sigma * math.expm1(r1 * h)), next_eval="y"),
+                Row(step=n, eval_at="y", point=p1, q_y=e1[0], q_x0=e1[1],
+                    out_y=Out(x=p2.alpha / p.alpha, h=-c2, hist=((0, -p2.sigma * math.expm1(r2 * h) + c2),)),
+                    next_eval="y"),
+                Row(step=n, eval_at="y", point=p2, q_y=e2[0], q_x0=e2[1],
+                    out_x=Out(x=a, h=-c3, hist=((0, -q.sigma * em1 + c3),)), next_eval="x")]
 
 
 # ---------------------------------------------------------------------------------------------
