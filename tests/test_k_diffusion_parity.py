@@ -851,3 +851,24 @@ def test_dpm_solver_orders_must_match_the_grid():
     from fastdiff.schedules import make_grid
     with pytest.raises(ValueError, match="orders has 2 entries but the grid has 5 steps"):
         get_solver("dpm_solver", orders=[3, 2]).rows(make_grid(VESchedule(), 5, "karras"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The API itself
+
+
+def test_every_k_diffusion_sampler_exists_with_its_signature():
+    import inspect
+    theirs = sorted(n for n in dir(KD) if n.startswith("sample_"))
+    assert theirs == sorted(n for n in K.__all__ if n.startswith("sample_"))
+    for name in [n for n in K.__all__ if hasattr(KD, n)]:
+        ours, kd = getattr(K, name), getattr(KD, name)
+        ours, kd = (f.__init__ if inspect.isclass(f) else f for f in (ours, kd))
+        a, b = inspect.signature(ours).parameters, inspect.signature(kd).parameters
+        assert list(a) == list(b), name
+        for p in a:  # defaults equal (a default function, BrownianTreeNoiseSampler's transform: both identity)
+            da, db = a[p].default, b[p].default
+            if callable(da) and da is not inspect.Parameter.empty:
+                assert da(3.0) == db(3.0) == 3.0, (name, p)
+            else:
+                assert da == db, (name, p)
