@@ -218,7 +218,8 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     steps = n // 3 + 1
     orders = [3] * (steps - 2) + [2, 1] if n % 3 == 0 else [3] * (steps - 1) + [n % 3]
     # k-diffusion's t = -log sigma: of torch.tensor(sigma_max / sigma_min), then linspace in the default dtype.
-    ts = torch.linspace(torch.as_tensor(sigma_max).log().neg(), torch.as_tensor(sigma_min).log().neg(), steps + 1)
+    ts = torch.linspace(torch.as_tensor(sigma_max).log().neg(), torch.as_tensor(sigma_min).log().neg(), steps + 1,
+                        device=x.device)
     levels = torch.stack([t.neg().exp() for t in ts])   # k-diffusion's sigma(t), one 0-d tensor at a time
 
     def callback_fields(i: int, point) -> dict:
