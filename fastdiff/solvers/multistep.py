@@ -20,7 +20,6 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from numpy.polynomial import Polynomial
-from scipy import integrate
 
 from ..program import Out, Row
 from ..schedules import Grid
@@ -45,6 +44,8 @@ def lms_coefficients(s: Sequence[float], n: int, order: int) -> List[float]:
     linear_multistep_coeff; the integrand is a polynomial of degree < 4, which quad's 21-point
     Gauss-Kronrod rule integrates exactly)."""
     nodes = [s[n - j] for j in range(order)]
+    from scipy import integrate  # only LMS needs it; keeps `import fastdiff` free of scipy
+
     return [integrate.quad(_lagrange_basis(nodes, j), s[n], s[n + 1], epsabs=0.0, epsrel=1e-13)[0]
             for j in range(order)]
 
