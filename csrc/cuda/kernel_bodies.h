@@ -1,0 +1,395 @@
+// What one thread of each elementwise CUDA kernel does, as FASTDIFF_HD functions: the __global__
+// wrappers in fused_step.cu / cfg.cu / philox.cu call them on the GPU, and tools/emulate.cpp calls
+// the very same code on the host (serially, grid by grid), which is how this code is tested on a
+// machine without a GPU. The per-element math is ../step_math.h, shared with the CPU backend.
+//
+// A thread owns one group of 4 consecutive logical elements (4t .. 4t+3): one Philox call gives
+// its 4 normals, and where the plan allows (layout.h: Plan::vec) every operand is read and
+// written as one 4-vector (16 bytes of float32, 8 of float16/bfloat16).
+//
+// Every value a thread writes depends only on the same element's inputs, and a thread reads all
+// of its inputs before its first store, so in-place updates (x, y, a history slot) are safe.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "../step_math.h"
+#include "launch.h"
+#include "layout.h"
+
+namespace fastdiff {
+namespace cuda {
+
+namespace m = fastdiff::math;
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores: any model dtype in memory, float32 in registers. Conversions round to
+// nearest even (torch's Tensor.to); explicit intrinsics, as torch's no-implicit-half flags require.
+// ---------------------------------------------------------------------------------------------
+struct alignas(8) Half4 { __half2 lo, hi; };
+struct alignas(8) Bf16x4 { __nv_bfloat162 lo, hi; };
+struct alignas(16) Double4 { double2 lo, hi; };
+
+FASTDIFF_HD inline float load1(const void* p, int64_t off, fastdiff_dtype dt) {
+  switch (dt) {
+    case FASTDIFF_FLOAT16: return __half2float(static_cast<const __half*>(p)[off]);
+    case FASTDIFF_BFLOAT16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
+    case FASTDIFF_FLOAT64: return (float)static_cast<const double*>(p)[off];
+    default: return static_cast<const float*>(p)[off];
+  }
+}
+
+FASTDIFF_HD inline void store1(void* p, int64_t off, fastdiff_dtype dt, float v) {
+  switch (dt) {
+    case FASTDIFF_FLOAT16: static_cast<__half*>(p)[off] = __float2half_rn(v); break;
+    case FASTDIFF_BFLOAT16: static_cast<__nv_bfloat16*>(p)[off] = __float2bfloat16_rn(v); break;
+    case FASTDIFF_FLOAT64: static_cast<double*>(p)[off] = (double)v; break;
+    default: static_cast<float*>(p)[off] = v; break;
+  }
+}
+
+// Four elements at off (off % 4 == 0, the pointer aligned to vector_alignment(dt)).
+FASTDIFF_HD inline void load4(const void* p, int64_t off, fastdiff_dtype dt, float v[4]) {
+  switch (dt) {
+    case FASTDIFF_FLOAT16: {
+      const Half4 w = *reinterpret_cast<const Half4*>(static_cast<const __half*>(p) + off);
+      const float2 a = __half22float2(w.lo), b = __half22float2(w.hi);
+      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+      break;
+    }
+    case FASTDIFF_BFLOAT16: {
+      const Bf16x4 w = *reinterpret_cast<const Bf16x4*>(static_cast<const __nv_bfloat16*>(p) + off);
+      const float2 a = __bfloat1622float2(w.lo), b = __bfloat1622float2(w.hi);
+      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+      break;
+    }
+    case FASTDIFF_FLOAT64: {
+      const Double4 w = *reinterpret_cast<const Double4*>(static_cast<const double*>(p) + off);
+      v[0] = (float)w.lo.x; v[1] = (float)w.lo.y; v[2] = (float)w.hi.x; v[3] = (float)w.hi.y;
+      break;
+    }
+    default: {
+      const float4 w = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + off);
+      v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+      break;
+    }
+  }
+}
+
+FASTDIFF_HD inline void store4(void* p, int64_t off, fastdiff_dtype dt, const float v[4]) {
+  switch (dt) {
+    case FASTDIFF_FLOAT16:
+      *reinterpret_cast<Half4*>(static_cast<__half*>(p) + off) =
+          Half4{__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3])};
+      break;
+    case FASTDIFF_BFLOAT16:
+      *reinterpret_cast<Bf16x4*>(static_cast<__nv_bfloat16*>(p) + off) =
+          Bf16x4{__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3])};
+      break;
+    case FASTDIFF_FLOAT64: {
+      Double4 w;
+      w.lo.x = v[0]; w.lo.y = v[1]; w.hi.x = v[2]; w.hi.y = v[3];
+      *reinterpret_cast<Double4*>(static_cast<double*>(p) + off) = w;
+      break;
+    }
+    default:
+      *reinterpret_cast<float4*>(static_cast<float*>(p) + off) = make_float4(v[0], v[1], v[2], v[3]);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The group of a thread and where its elements live
+// ---------------------------------------------------------------------------------------------
+struct Group {
+  int64_t t;        // group index: elements 4t .. 4t + n - 1; also the Philox counter
+  int n;            // valid elements (< 4 only in the last group)
+  int64_t b, m;     // sample and in-sample position of element 4t
+  bool dense;       // offset of element i = i in every operand
+  bool one_row;     // the n elements are adjacent in sample b
+  int64_t M;
+
+  // Offset of element e of the group in an operand with this batch stride.
+  FASTDIFF_HD int64_t at(int64_t batch_stride, int e) const {
+    if (dense) return kGroup * t + e;
+    if (one_row) return b * batch_stride + m + e;
+    return row_offset(kGroup * t + e, M, batch_stride);   // straddles samples (M % 4 != 0)
+  }
+  FASTDIFF_HD int64_t sample(int e) const { return one_row ? b : (kGroup * t + e) / M; }
+};
+
+FASTDIFF_HD inline Group make_group(const Plan& p, int64_t t) {
+  Group g;
+  g.t = t;
+  const int64_t i = kGroup * t;
+  const int64_t left = p.numel - i;
+  g.n = left < kGroup ? (int)left : kGroup;
+  g.M = p.M;
+  g.dense = p.dense;
+  // 32-bit division when it suffices (64-bit division is a long instruction sequence on a GPU)
+  g.b = (i <= 0xffffffffll && p.M <= 0xffffffffll) ? (int64_t)((uint32_t)i / (uint32_t)p.M) : i / p.M;
+  g.m = i - g.b * p.M;
+  g.one_row = g.m + g.n <= p.M;
+  return g;
+}
+
+// The group's values of one operand, as float32 (elements past n read as 0).
+template <bool VEC>
+FASTDIFF_HD inline void gather(const Group& g, const fastdiff_rows& r, float v[4]) {
+  if (VEC && g.n == kGroup) {
+    load4(r.data, g.at(r.batch_stride, 0), r.dtype, v);
+    return;
+  }
+  for (int e = 0; e < kGroup; ++e) v[e] = e < g.n ? load1(r.data, g.at(r.batch_stride, e), r.dtype) : 0.0f;
+}
+
+template <bool VEC>
+FASTDIFF_HD inline void scatter(const Group& g, const fastdiff_rows& r, const float v[4]) {
+  if (VEC && g.n == kGroup) {
+    store4(r.data, g.at(r.batch_stride, 0), r.dtype, v);
+    return;
+  }
+  for (int e = 0; e < kGroup; ++e)
+    if (e < g.n) store1(r.data, g.at(r.batch_stride, e), r.dtype, v[e]);
+}
+
+// The same rows, `elems` elements further on (a history slot, the second CFG half).
+FASTDIFF_HD inline fastdiff_rows advanced(const fastdiff_rows& r, int64_t elems) {
+  fastdiff_rows o = r;
+  o.data = static_cast<char*>(r.data) + elems * dtype_size(r.dtype);
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CFG: D = u + g (c - u), float32 (float64 for float64 model outputs, as the reference computes
+// the combine in the inputs' precision, then rounds D to float32). Rounded operations, never
+// contracted into FMA (the build passes --fmad=false as well).
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+FASTDIFF_HD inline float fdiv(float a, float b) { return __fdiv_rn(a, b); }
+FASTDIFF_HD inline double dmul(double a, double b) { return __dmul_rn(a, b); }
+FASTDIFF_HD inline double dadd(double a, double b) { return __dadd_rn(a, b); }
+FASTDIFF_HD inline double dsub(double a, double b) { return __dsub_rn(a, b); }
+#else
+inline float fdiv(float a, float b) { return a / b; }
+inline double dmul(double a, double b) { return a * b; }
+inline double dadd(double a, double b) { return a + b; }
+inline double dsub(double a, double b) { return a - b; }
+#endif
+
+// D of the group from cond (and uncond if present) with guidance g (g64: g as the float64 the
+// float64 path multiplies by).
+template <bool VEC>
+FASTDIFF_HD inline void guided(const Group& g, const fastdiff_rows& cond, const fastdiff_rows& uncond, float gf,
+                               double g64, float D[4]) {
+  if (cond.dtype == FASTDIFF_FLOAT64) {
+    const double* c = static_cast<const double*>(cond.data);
+    const double* u = static_cast<const double*>(uncond.data);
+    for (int e = 0; e < kGroup; ++e) {
+      if (e >= g.n) { D[e] = 0.0f; continue; }
+      const double ce = c[g.at(cond.batch_stride, e)];
+      D[e] = u == nullptr ? (float)ce : (float)dadd(u[g.at(uncond.batch_stride, e)], dmul(g64, dsub(ce, u[g.at(uncond.batch_stride, e)])));
+    }
+    return;
+  }
+  gather<VEC>(g, cond, D);
+  if (uncond.data == nullptr) return;
+  float U[4];
+  gather<VEC>(g, uncond, U);
+  for (int e = 0; e < kGroup; ++e) D[e] = m::cfg_combine(D[e], U[e], gf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused step (fastdiff/program.py; reference: fastdiff.ops.reference.fused_step)
+// ---------------------------------------------------------------------------------------------
+
+// coefs[c] = float(table[row, c]) for c in [first, width), every `step`-th (a block's threads).
+FASTDIFF_HD inline void load_row_coefs(const fastdiff_step_args& a, float* coefs, int first, int step) {
+  const int width = columns(a.num_slots).width;
+  const double* r = a.table + a.row * a.table_row_stride;
+  for (int c = first; c < width; c += step) coefs[c] = (float)r[c * a.table_col_stride];
+}
+
+FASTDIFF_HD inline m::RowCoefs row_coefs(const float* coefs, int K) {
+  const Columns col = columns(K);
+  m::RowCoefs k;
+  k.g = coefs[col.g];
+  k.qy = coefs[col.qy];
+  k.qd = coefs[col.qd];
+  k.s_in = coefs[col.s_in];
+  const float* ox = coefs + col.out_x;
+  const float* oy = coefs + col.out_y;
+  k.ox = m::OutCoefs{ox[OUT_X], ox[OUT_Y], ox[OUT_H], ox[OUT_Z], ox + OUT_FIXED};
+  k.oy = m::OutCoefs{oy[OUT_X], oy[OUT_Y], oy[OUT_H], oy[OUT_Z], oy + OUT_FIXED};
+  k.K = K;
+  return k;
+}
+
+FASTDIFF_HD inline fastdiff_rows hist_slot(const fastdiff_step_args& a, int j) {
+  return advanced(a.hist, (int64_t)j * a.hist_slot_stride);
+}
+
+// One group of the step; KT = K fixed at compile time (history values in registers), or -1 (any
+// K, read inside the output loop). coefs: the row, rounded to float32. Returns 1 if the row
+// checks for non-finite values and a written x/y value of the group is NaN or infinite.
+template <int KT, bool VEC>
+FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPlan& p, const float* coefs, int64_t t) {
+  const Group g = make_group(p.geo, t);
+  const int K = KT >= 0 ? KT : a.num_slots;
+  const m::RowCoefs k = row_coefs(coefs, K);
+
+  float X[4], E[4], h[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  gather<VEC>(g, a.x, X);
+  if (a.eval_y) gather<VEC>(g, a.y, E);
+  else for (int e = 0; e < kGroup; ++e) E[e] = X[e];
+
+  if (a.cond.data != nullptr) {
+    float D[4];
+    guided<VEC>(g, a.cond, a.uncond, k.g, (double)k.g, D);
+    for (int e = 0; e < kGroup; ++e) h[e] = m::step_h(k.qy, E[e], k.qd, D[e]);
+  } else {
+    for (int e = 0; e < kGroup; ++e) h[e] = 0.0f;
+  }
+
+  if (a.noise.data != nullptr) gather<VEC>(g, a.noise, Z);
+  else if (p.philox) m::philox_normal4((uint64_t)t, a.seed, (uint32_t)a.noise_id, Z[0], Z[1], Z[2], Z[3]);
+
+  // Outputs in step_math's order (m::step_output: base, noise, then the slots in order), with
+  // the slot loop outside the element loop so one slot's 4 values are live at a time.
+  float NX[4], NY[4];
+  for (int e = 0; e < kGroup; ++e) {
+    NX[e] = m::out_base(k.ox.x, X[e], k.ox.y, E[e], k.ox.h, h[e]);
+    NY[e] = m::out_base(k.oy.x, X[e], k.oy.y, E[e], k.oy.h, h[e]);
+    if (p.has_z) {
+      NX[e] = m::out_add(NX[e], k.ox.z, Z[e]);
+      NY[e] = m::out_add(NY[e], k.oy.z, Z[e]);
+    }
+  }
+  for (int j = 0; j < K; ++j) {
+    float Hj[4];
+    gather<VEC>(g, hist_slot(a, j), Hj);
+    for (int e = 0; e < kGroup; ++e) {
+      NX[e] = m::out_add(NX[e], k.ox.hist[j], Hj[e]);
+      NY[e] = m::out_add(NY[e], k.oy.hist[j], Hj[e]);
+    }
+  }
+  uint32_t bad = 0;
+  for (int e = 0; e < kGroup; ++e) {
+    const uint32_t valid = e < g.n;
+    if (a.write_x) bad |= valid & m::nonfinite(NX[e]);
+    if (a.write_y) bad |= valid & m::nonfinite(NY[e]);
+  }
+
+  // Stores, after every read of the group.
+  if (a.hist_write >= 0) scatter<VEC>(g, hist_slot(a, a.hist_write), h);
+  if (a.write_x) scatter<VEC>(g, a.x, NX);
+  if (a.write_y) scatter<VEC>(g, a.y, NY);
+  if (a.model_in.data != nullptr) {
+    float MI[4];
+    for (int e = 0; e < kGroup; ++e) MI[e] = m::model_input(k.s_in, a.model_in_from_y ? NY[e] : NX[e]);
+    for (int half = 0; half < a.model_in_halves; ++half)
+      scatter<VEC>(g, advanced(a.model_in, half * a.model_in_half_stride), MI);
+  }
+  return p.check ? bad : 0u;
+}
+
+// Calls f(std::integral_constant<int, KT>, std::integral_constant<bool, VEC>) for the compiled
+// variant serving K slots (KT = K up to kMaxFixedSlots, else -1) and the plan's vector flag.
+template <int KT, class F>
+inline void with_vec(bool vec, F&& f) {
+  if (vec) f(std::integral_constant<int, KT>{}, std::true_type{});
+  else f(std::integral_constant<int, KT>{}, std::false_type{});
+}
+
+template <class F>
+inline void with_step_variant(int K, bool vec, F&& f) {
+  static_assert(kMaxFixedSlots == 4, "list every fixed K below");
+  switch (K) {
+    case 0: with_vec<0>(vec, f); break;
+    case 1: with_vec<1>(vec, f); break;
+    case 2: with_vec<2>(vec, f); break;
+    case 3: with_vec<3>(vec, f); break;
+    case 4: with_vec<4>(vec, f); break;
+    default: with_vec<-1>(vec, f); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CFG combine (and cfg_rescale's final scaling): out = D [* factor[sample]]
+// ---------------------------------------------------------------------------------------------
+template <bool VEC>
+FASTDIFF_HD inline void cfg_group(const fastdiff_cfg_args& a, const Plan& p, const float* factor, int64_t t) {
+  const Group g = make_group(p, t);
+  const fastdiff_rows out{a.out, a.sample_size, a.out_dtype};
+  if (a.cond.dtype == FASTDIFF_FLOAT64 && a.out_dtype == FASTDIFF_FLOAT64) {   // float64 end to end
+    const double* c = static_cast<const double*>(a.cond.data);
+    const double* u = static_cast<const double*>(a.uncond.data);
+    double* o = static_cast<double*>(a.out);
+    for (int e = 0; e < kGroup; ++e) {
+      if (e >= g.n) break;
+      const double ce = c[g.at(a.cond.batch_stride, e)];
+      o[g.at(out.batch_stride, e)] =
+          u == nullptr ? ce : dadd(u[g.at(a.uncond.batch_stride, e)], dmul(a.g, dsub(ce, u[g.at(a.uncond.batch_stride, e)])));
+    }
+    return;
+  }
+  float D[4];
+  guided<VEC>(g, a.cond, a.uncond, (float)a.g, a.g, D);
+  if (factor != nullptr)
+    for (int e = 0; e < kGroup; ++e) D[e] = m::fmul(D[e], e < g.n ? factor[g.sample(e)] : 0.0f);
+  scatter<VEC>(g, out, D);
+}
+
+// ---------------------------------------------------------------------------------------------
+// cfg_rescale's statistics: (count, mean, sum of squared deviations), merged pairwise
+// (Chan, Golub & LeVeque 1979) in float64 so a large mean does not cancel the variance away
+// ---------------------------------------------------------------------------------------------
+struct Moments {
+  double n, mean, m2;
+};
+
+FASTDIFF_HD inline Moments merge(const Moments& a, const Moments& b) {
+  const double n = a.n + b.n;
+  if (n == 0.0) return a;
+  const double delta = b.mean - a.mean;
+  return Moments{n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
+}
+
+// phi * std(cond) / std(D) + (1 - phi) in float32, as the reference: the stds (Bessel-corrected,
+// as torch.std) rounded to float32, ratio 1 where std(D) is not > 0 (0, or NaN for one element).
+FASTDIFF_HD inline float rescale_factor(const Moments& c, const Moments& d, double phi) {
+  const float std_c = (float)sqrt(c.m2 / (c.n - 1.0));
+  const float std_d = (float)sqrt(d.m2 / (d.n - 1.0));
+  const float ratio = std_d > 0.0f ? fdiv(std_c, std_d) : 1.0f;
+  return m::fadd(m::fmul((float)phi, ratio), (float)(1.0 - phi));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Philox noise
+// ---------------------------------------------------------------------------------------------
+FASTDIFF_HD inline void philox_normal_group(float* out, int64_t numel, uint64_t seed, uint32_t noise_id, int64_t t) {
+  float z[4];
+  m::philox_normal4((uint64_t)t, seed, noise_id, z[0], z[1], z[2], z[3]);
+  const int64_t i = kGroup * t;
+  if (i + kGroup <= numel) {   // out is a fresh contiguous tensor: 16-byte aligned groups
+    *reinterpret_cast<float4*>(out + i) = make_float4(z[0], z[1], z[2], z[3]);
+  } else {
+    for (int e = 0; e < kGroup; ++e)
+      if (i + e < numel) out[i + e] = z[e];
+  }
+}
+
+FASTDIFF_HD inline void philox_uint32_group(int64_t* out, uint64_t seed, uint32_t noise_id, uint64_t first_group,
+                                            int64_t t) {
+  uint32_t r[4];
+  m::philox_group(first_group + (uint64_t)t, seed, noise_id, r[0], r[1], r[2], r[3]);
+  for (int w = 0; w < 4; ++w) out[kGroup * t + w] = (int64_t)r[w];
+}
+
+}  // namespace cuda
+}  // namespace fastdiff
