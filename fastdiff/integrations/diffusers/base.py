@@ -1,0 +1,433 @@
+"""What every drop-in scheduler shares: a diffusers scheduler whose ``step`` runs a fastdiff program.
+
+A drop-in class subclasses diffusers' own scheduler class (so its name, config, ``set_timesteps``,
+``timesteps`` / ``sigmas``, ``scale_model_input``, ``add_noise``, ``order`` and save/load are
+diffusers' own) and replaces ``step``. The first ``step`` of a run asks the class for a ``Plan``:
+the solver rows of the run, one per ``step`` call, built from diffusers' own arrays (sigmas,
+alphas_cumprod) by a fastdiff solver, with diffusers' conversion of the model output to x0 per
+call. The plan is compiled once into a float64 table on the device, and every ``step`` call is
+one fused kernel pass over state buffers the scheduler keeps (x, the evaluation point y of
+multi-stage methods, the history slots): no per-step host work beyond Python, no host sync.
+
+The state lives in diffusers' sample space (the ``sample`` a pipeline passes around: x/alpha for
+the Euler family, x itself for DDIM / DPM-Solver / UniPC), so nothing is converted at the
+boundary; a plan builds its grid in that space (alpha = 1 on the Euler family's VE grid).
+
+Where diffusers' ``step`` takes ``sample``, the drop-in reads it only if it is not the tensor the
+previous ``step`` returned, unmodified (same object, same version counter): then the state buffer
+already holds it, in float32. A pipeline that edits the latents between steps (inpainting) gets
+them copied in, as diffusers would use them. Each ``step`` returns a new tensor (written by the
+same kernel pass), never a view of the state, so a caller may keep it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ... import ops
+from ...program import COL_G, COL_QD, COL_QY, Row, compile_program
+from .cfg import GuidedOutput
+
+__all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
+
+
+@dataclass
+class Plan:
+    """The rows of one sampling run, one per ``step`` call from the run's first call on.
+
+    ``fold[i] = (A_x, A_d)``: diffusers' conversion of call i's model output to x0 in its sample
+    space, x0 = A_x * sample + A_d * model_output. ``draws[i]``: whether diffusers draws noise at
+    call i (also where the noise is multiplied by 0, so a shared generator advances the same way).
+    ``x0_transform``: clip_sample / thresholding, applied to x0 before the step."""
+
+    rows: List[Row]
+    fold: Sequence[Tuple[float, float]]
+    num_slots: int
+    draws: Optional[Sequence[bool]] = None
+    noise_dtype: Optional[torch.dtype] = None          # None: the model output's dtype
+    x0_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    extra: Optional[dict] = None                       # per-class data the class's own hooks read
+
+    def __post_init__(self):
+        if self.draws is None:
+            self.draws = [r.noise_id >= 0 for r in self.rows]
+        if not (len(self.rows) == len(self.fold) == len(self.draws)):
+            raise ValueError("a plan needs one fold and one draw flag per row")
+        for i, r in enumerate(self.rows):
+            if not r.needs_model:
+                raise ValueError(f"row {i} has no model evaluation; every step() call is one")
+            uses_z = any(o is not None and o.z != 0.0 for o in (r.out_x, r.out_y))
+            if uses_z and not self.draws[i]:
+                raise ValueError(f"row {i} adds noise but the plan draws none there")
+            if i and self.rows[i - 1].next_eval != r.eval_at:
+                raise ValueError(f"row {i} evaluates at {r.eval_at!r} but row {i - 1} returns {self.rows[i - 1].next_eval!r}")
+
+    def sliced(self, start: int) -> "Plan":
+        """The calls from ``start`` on, for plans whose rows do not read earlier steps' history."""
+        if start and self.rows[start].eval_at != "x":
+            raise ValueError(f"a run cannot begin at call {start}: it is the second stage of a step "
+                             "(begin at an even index of the interleaved timesteps)")
+        return Plan(self.rows[start:], self.fold[start:], self.num_slots, self.draws[start:], self.noise_dtype,
+                    self.x0_transform, self.extra)
+
+
+class _Program:
+    """A plan compiled: the float64 tables and the fused-step arguments of each row."""
+
+    def __init__(self, plan: Plan):
+        rows, K = plan.rows, plan.num_slots
+        # Compiled with the model output taken as x0 itself; then diffusers' conversion folded in.
+        self.x0_table = compile_program(rows, "sample", K, rows[-1].step + 1).table
+        fold = np.asarray(plan.fold, dtype=np.float64).reshape(len(rows), 2)
+        table = self.x0_table.copy()
+        table[:, COL_QY] += table[:, COL_QD] * fold[:, 0]
+        table[:, COL_QD] *= fold[:, 1]
+        if not np.all(np.isfinite(table)):
+            bad = sorted({int(i) for i in np.argwhere(~np.isfinite(table))[:, 0]})
+            raise ValueError(f"non-finite step coefficients at calls {bad[:10]} (a degenerate schedule?)")
+        self.table = table
+        self.fold = [(float(a), float(b)) for a, b in fold]
+        self.plan = plan
+        self.uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
+        # Per row: (hist_write, eval_y, write_x, write_y, returns_y, draws)
+        self.args = [(r.hist_write, r.eval_at == "y", r.out_x is not None, r.out_y is not None,
+                      (r.next_eval == "y") if i + 1 < len(rows) else False, bool(plan.draws[i]))
+                     for i, r in enumerate(rows)]
+        if self.args[-1][2] is False:
+            raise ValueError("the last row of a plan must write x")
+
+
+class _Run:
+    """Device state of one sampling run: buffers, device tables, the chosen kernel."""
+
+    def __init__(self, program: _Program, start: int, key, sample: torch.Tensor, model_output: torch.Tensor,
+                 timesteps: List[float], backend: str):
+        self.program, self.start, self.key = program, start, key
+        self.n = len(program.args)
+        self.shape, self.device = sample.shape, sample.device
+        self.timesteps = timesteps
+        K = program.plan.num_slots
+        self.x = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        self.y = torch.empty_like(self.x) if program.uses_y else None
+        self.hist = torch.zeros((K,) + tuple(self.shape), dtype=torch.float32, device=self.device) if K else None
+        self.table = torch.from_numpy(program.table).to(self.device)
+        self._x0_table = None
+        self.g = 1.0                           # the CFG scale currently in the table's g column
+        probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
+        self.fused = ops.prepare_fused_step(self.x, table=self.table, y=self.y, cond_like=probe, hist=self.hist,
+                                            model_in=probe, backend=backend)
+        self.last = None                       # the tensor the previous step returned, and its version
+        self.last_version = -1
+
+    @property
+    def x0_table(self) -> torch.Tensor:
+        if self._x0_table is None:
+            self._x0_table = torch.from_numpy(self.program.x0_table).to(self.device)
+        return self._x0_table
+
+    def set_g(self, g: float):
+        self.table[:, COL_G] = g
+        self.g = g
+
+
+class StepOutput:
+    """What ``step`` returns: ``prev_sample`` and, for the schedulers whose diffusers ``step``
+    returns it, ``pred_original_sample``, computed on first access (it costs a pass over the
+    tensors, which pipelines rarely read). Indexable like diffusers' outputs (``out[0]``,
+    ``out["prev_sample"]``, ``out.to_tuple()``, unpacking); ``return_dict=False`` returns this
+    object too where diffusers returns a 2-tuple, and a plain 1-tuple otherwise."""
+
+    __slots__ = ("prev_sample", "_x0", "_x0_args", "_has_x0")
+
+    def __init__(self, prev_sample: torch.Tensor, has_x0: bool, x0=None, x0_args=None):
+        self.prev_sample = prev_sample
+        self._has_x0 = has_x0
+        self._x0 = x0
+        self._x0_args = x0_args
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor:
+        if not self._has_x0:
+            raise AttributeError("this scheduler's step output has no pred_original_sample (diffusers' has none)")
+        if self._x0 is None:
+            self._x0 = _lazy_x0(*self._x0_args)
+            self._x0_args = None
+        return self._x0
+
+    def keys(self):
+        return ("prev_sample", "pred_original_sample") if self._has_x0 else ("prev_sample",)
+
+    def to_tuple(self):
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        if key == 0:
+            return self.prev_sample
+        return self.to_tuple()[key]
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __repr__(self):
+        return f"StepOutput(prev_sample={tuple(self.prev_sample.shape)}, keys={self.keys()})"
+
+
+def _lazy_x0(a_x: float, a_d: float, sample, cond, uncond, g, versions) -> torch.Tensor:
+    for t, v in versions:
+        if t._version != v:
+            raise RuntimeError("pred_original_sample is computed on first access from the step's inputs, but the "
+                               "sample or the model output was modified in place since; read it before modifying them")
+    return a_x * sample.float() + a_d * _guided(cond, uncond, g)
+
+
+def _guided(cond, uncond, g) -> torch.Tensor:
+    """D = u + g (c - u) in float32, the pipelines' CFG formula."""
+    if uncond is None:
+        return cond.float()
+    u = uncond.float()
+    return u + g * (cond.float() - u)
+
+
+def drop_in(base: type):
+    """Class decorator: ``cls`` (a FastdiffScheduler subclassing ``base``) keeps the signatures of
+    ``base.__init__`` and ``base.set_timesteps`` (from_config and pipelines inspect them), rejects
+    the options it cannot run at construction time, and starts a new run at set_timesteps."""
+    init, set_timesteps = base.__init__, base.set_timesteps
+
+    def deco(cls):
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            self._fd_reset()
+            init(self, *args, **kwargs)
+            self._check_config()
+
+        @functools.wraps(set_timesteps)
+        def _set_timesteps(self, *args, **kwargs):
+            set_timesteps(self, *args, **kwargs)
+            self._fd_reset()
+
+        cls.__init__ = __init__
+        cls.set_timesteps = _set_timesteps
+        return cls
+    return deco
+
+
+class FastdiffScheduler:
+    """Mixin placed before the diffusers scheduler class in a drop-in's bases.
+
+    Subclasses implement ``_plan(start, **step_options) -> Plan`` (the rows of the calls from
+    ``start``, the step index of the run's first call) and may override ``_check_config``;
+    their ``step`` has diffusers' signature and calls ``_fd_step``."""
+
+    #: which backend runs the fused step ("auto", "cpu", "reference", ...)
+    fastdiff_backend = "auto"
+    #: diffusers' step returns pred_original_sample too
+    _returns_x0 = False
+    #: diffusers' step rejects integer timesteps (the Euler family: they are indices, not times)
+    _float_timesteps = False
+    #: prev_sample dtype: the model output's ("model") or the promotion of sample and model output
+    _out_dtype = "model"
+    #: the two-stage schedulers keep diffusers' stage flag (state_in_first_order), which their
+    #: inherited scale_model_input reads: "sample" (KDPM2, DPMSolverSDE) or "dt" (Heun)
+    _stage_flag = None
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks
+
+    def _plan(self, start: int, **options) -> Plan:
+        raise NotImplementedError
+
+    def _check_config(self):
+        """Raise NotImplementedError naming any option the drop-in cannot reproduce."""
+
+    def _draw_noise(self, k: int, shape, dtype, device, generator, variance_noise):
+        """The noise of call ``k`` of the run, drawn as diffusers draws it."""
+        if variance_noise is not None:
+            return variance_noise
+        from diffusers.utils.torch_utils import randn_tensor
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _set_stage(self, k: int, second_next: bool, sample: torch.Tensor):
+        """Keep diffusers' stage flag: set while the next call is a step's second stage."""
+        setattr(self, self._stage_flag, (sample if self._stage_flag == "sample" else 1.0) if second_next else None)
+
+    def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
+        """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
+        here, transformed, and given to the rows compiled for D = x0."""
+        a_x, a_d = run.program.fold[k]
+        x0 = run.program.plan.x0_transform(a_x * E + a_d * _guided(cond, uncond, g))
+        return run.x0_table, x0, x0
+
+    # ------------------------------------------------------------------------------------------
+    # Run bookkeeping
+
+    def _fd_reset(self):
+        self._fd_run = None
+
+    def set_begin_index(self, begin_index: int = 0):
+        super().set_begin_index(begin_index)
+        self._fd_reset()
+
+    def _init_index(self, timestep) -> int:
+        if getattr(self, "_step_index", None) is None:
+            self._init_step_index(timestep)
+        return self._step_index
+
+    def _fd_begin(self, model_output, timestep, sample, key) -> _Run:
+        if getattr(self, "num_inference_steps", None) is None or self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}.step() called before set_timesteps(); call "
+                             "set_timesteps(num_inference_steps) first")
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point torch.Tensor, got "
+                            f"{sample.dtype if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+        if sample.dim() < 1 or sample.shape[0] < 1:
+            raise ValueError(f"sample must have a non-empty batch dimension, got shape {tuple(sample.shape)}")
+        run = self._fd_run
+        if run is not None:          # a step option (eta, order, ...) changed mid-run: same state, new table
+            program = _Program(self._plan(run.start, **dict(key)))
+            if len(program.args) != run.n or program.plan.num_slots != run.program.plan.num_slots:
+                raise ValueError("changing this step option mid-run changes the program's structure; "
+                                 "call set_timesteps() and start a new run")
+            run.program, run.key = program, key
+            run.table = torch.from_numpy(program.table).to(run.device)
+            run._x0_table, run.g = None, 1.0
+            return run
+        start = self._init_index(timestep)
+        timesteps = [float(t) for t in self.timesteps.detach().cpu().tolist()]
+        if not 0 <= start < len(timesteps):
+            raise ValueError(f"step index {start} is outside the {len(timesteps)} timesteps of this run")
+        program = _Program(self._plan(start, **dict(key)))
+        if len(program.args) != len(timesteps) - start:
+            raise AssertionError(f"{type(self).__name__}: plan has {len(program.args)} calls for "
+                                 f"{len(timesteps) - start} timesteps")
+        self._fd_run = _Run(program, start, key, sample, _model_tensor(model_output), timesteps, self.fastdiff_backend)
+        return self._fd_run
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+
+    def _fd_step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True,
+                 key=(), x0=None):
+        """One diffusers step() call: the next row of the run's program, one fused pass.
+
+        ``key``: step options that change the coefficients (as a tuple of (name, value) pairs).
+        ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample)."""
+        run = self._fd_run
+        if run is None or self._step_index is None or key != run.key:
+            run = self._fd_begin(model_output, timestep, sample, key)
+        i = self._step_index
+        k = i - run.start
+        if k >= run.n:
+            raise IndexError(f"{type(self).__name__}.step() called after the last of the run's {len(run.timesteps)} "
+                             "timesteps; call set_timesteps() to start a new run")
+
+        if type(model_output) is torch.Tensor:
+            cond, uncond, g = model_output, None, 1.0
+        else:
+            cond, uncond, g = _unpack(model_output)
+        shape = run.shape
+        if sample.shape != shape or cond.shape != shape:
+            what, got = ("sample", sample.shape) if sample.shape != shape else ("model_output", cond.shape)
+            raise ValueError(f"{what} has shape {tuple(got)}, but this run's samples have shape {tuple(shape)} "
+                             f"(model_output must have the shape of sample; call set_timesteps() for a new run)")
+        if type(timestep) is torch.Tensor and timestep.is_cpu and timestep.numel() == 1:
+            if self._float_timesteps and not timestep.is_floating_point():
+                self._reject_integer_timestep()
+            if timestep.item() != run.timesteps[i]:
+                self._wrong_timestep(timestep.item(), run, i)
+        elif type(timestep) is not torch.Tensor:
+            self._check_number_timestep(timestep, run, i)
+
+        hist_write, eval_y, write_x, write_y, returns_y, draws = run.program.args[k]
+        E = run.y if eval_y else run.x
+        if sample is not run.last or sample._version != run.last_version:
+            E.copy_(sample)
+        noise = None
+        if draws:
+            dtype = run.program.plan.noise_dtype or cond.dtype
+            noise = self._draw_noise(k, shape, dtype, run.device, generator, variance_noise)
+        table, pred_x0 = run.table, None
+        if x0 is not None:
+            table, cond, uncond, pred_x0 = run.x0_table, x0, None, x0
+        elif run.program.plan.x0_transform is not None:
+            table, cond, pred_x0 = self._transform_step(run, k, E, cond, uncond, g)
+            uncond = None
+        elif uncond is not None and g != run.g:
+            run.set_g(g)
+
+        out_dtype = cond.dtype if self._out_dtype == "model" else torch.promote_types(sample.dtype, cond.dtype)
+        out = torch.empty_like(run.x, dtype=out_dtype)
+        run.fused(table, k, run.x, run.y, cond, uncond, run.hist, hist_write, eval_y, write_x, write_y,
+                  noise, 0, -1, out, returns_y, None)
+        self._step_index = i + 1
+        run.last, run.last_version = out, out._version
+        if self._stage_flag is not None:
+            self._set_stage(k, returns_y, sample)
+
+        if not self._returns_x0:
+            return StepOutput(out, False) if return_dict else (out,)
+        if pred_x0 is not None:
+            return StepOutput(out, True, x0=pred_x0)
+        a_x, a_d = run.program.fold[k]
+        versions = tuple((t, t._version) for t in (sample, cond, uncond) if t is not None)
+        return StepOutput(out, True, x0_args=(a_x, a_d, sample, cond, uncond, g, versions))
+
+    # Timestep checks (a tensor timestep is read only on the CPU, where that costs no device sync)
+
+    def _reject_integer_timestep(self):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
+                         "`scheduler.timesteps` as a timestep.")
+
+    def _check_number_timestep(self, timestep, run: _Run, i: int):
+        if isinstance(timestep, torch.Tensor):       # a tensor subclass, or on a device
+            if not timestep.is_cpu or timestep.numel() != 1:
+                return
+            if self._float_timesteps and not timestep.is_floating_point():
+                self._reject_integer_timestep()
+            value = timestep.item()
+        elif isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+            if self._float_timesteps and isinstance(timestep, (int, np.integer)):
+                self._reject_integer_timestep()
+            value = float(timestep)
+        else:
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        if value != run.timesteps[i]:
+            self._wrong_timestep(value, run, i)
+
+    @staticmethod
+    def _wrong_timestep(value: float, run: _Run, i: int):
+        raise ValueError(f"step() got timestep {value:g}, but call {i} of this run is at timestep "
+                         f"{run.timesteps[i]:g} (scheduler.timesteps[{i}]); pass the scheduler's timesteps in order, "
+                         "or call set_timesteps() to start over")
+
+
+def _unpack(model_output):
+    """(cond, uncond, g) of a model output: a lazy CFG combination (fastdiff.integrations.diffusers.cfg)
+    or a tensor (tagged or plain)."""
+    if isinstance(model_output, GuidedOutput):
+        return model_output.parts()
+    if isinstance(model_output, torch.Tensor):
+        return model_output.as_subclass(torch.Tensor), None, 1.0
+    raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+
+
+def _model_tensor(model_output) -> torch.Tensor:
+    if isinstance(model_output, GuidedOutput):
+        return model_output.parts()[0]
+    if not isinstance(model_output, torch.Tensor):
+        raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+    if not model_output.is_floating_point():
+        raise TypeError(f"model_output must be floating point, got {model_output.dtype}")
+    return model_output

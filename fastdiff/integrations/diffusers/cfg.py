@@ -1,0 +1,188 @@
+"""Classifier-free guidance fused into the step, inside unmodified diffusers pipelines.
+
+Pipelines combine the two CFG branches themselves before ``scheduler.step``::
+
+    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+(or, as Flux's true CFG, from two separate model calls). A forward hook on the denoiser tags its
+output as a ``ModelPart``; the three tensor operations above on tagged tensors then record what
+they would compute instead of computing it: ``chunk(2)`` gives the two halves (real views),
+``c - u`` a ``_Difference``, ``g * (c - u)`` a ``_Scaled`` and ``u + g * (c - u)`` a
+``GuidedOutput``, which a fastdiff drop-in scheduler takes apart (``parts()``) and combines in
+its fused step: the pipeline's three elementwise passes and their temporaries disappear.
+
+Anything else done to a lazy value (a different formula, ``guidance_rescale``'s std, a slice,
+``.to``, printing) computes it first, with the pipeline's own formula and operation order, so
+the result is what eager PyTorch gives; a lazy value only ever stands for that value. Tensor
+metadata (shape, dtype, device, ...) is answered without computing.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch.utils._pytree import tree_map
+
+__all__ = ["ModelPart", "GuidedOutput", "tag_model_output"]
+
+_T = torch.Tensor
+_METADATA = {_T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.ndim.__get__, _T.layout.__get__,
+             _T.requires_grad.__get__, _T.is_cuda.__get__, _T.dim, _T.size, _T.numel, _T.is_floating_point,
+             _T.is_complex, _T.element_size, _T.__len__}
+_CHUNK = {_T.chunk, torch.chunk}
+_SUB = {_T.__sub__, _T.sub, torch.sub}
+_MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul}
+_ADD = {_T.__add__, _T.__radd__, _T.add, torch.add}
+
+
+class _CFGTensor(torch.Tensor):
+    """Base of the tagged and lazy tensors: recognizes the CFG expression, computes anything else."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        fused = _record(func, args, kwargs)
+        if fused is not None:
+            return fused
+        args, kwargs = tree_map(_value, (args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+class ModelPart(_CFGTensor):
+    """The denoiser's output, or one half of it along the batch (real data, tagged)."""
+
+    _whole: bool
+
+
+class _Lazy(_CFGTensor):
+    """A value not computed yet; its storage is a NaN placeholder of the right metadata."""
+
+    _cached: Optional[torch.Tensor]
+
+    def _compute(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self) -> torch.Tensor:
+        if self._cached is None:
+            self._cached = self._compute()
+        return self._cached
+
+
+class _Difference(_Lazy):
+    def _compute(self):
+        return _plain(self._c) - _plain(self._u)
+
+
+class _Scaled(_Lazy):
+    def _compute(self):
+        return self._g * (_plain(self._c) - _plain(self._u))
+
+
+class GuidedOutput(_Lazy):
+    """``u + g * (c - u)`` not computed yet; ``parts()`` gives (c, u, g) to a fused step."""
+
+    def _compute(self):
+        u = _plain(self._u)
+        return u + self._g * (_plain(self._c) - u)
+
+    def parts(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
+        """(cond, uncond, g) with D = uncond + g (cond - uncond); (D, None, 1.0) if D was computed
+        already (then it may have been modified in place, and D is what counts)."""
+        if self._cached is not None:
+            return self._cached, None, 1.0
+        if self._c._version != self._versions[0] or self._u._version != self._versions[1]:
+            raise RuntimeError("a CFG branch output was modified in place after the guidance formula was applied; "
+                               "the fused step cannot recover the value the pipeline meant")
+        return _plain(self._c), _plain(self._u), self._g
+
+
+def tag_model_output(out):
+    """The denoiser's output with its tensor tagged (tensor, tuple/list first element, or an output
+    object's ``.sample``); anything else is returned unchanged."""
+    if isinstance(out, torch.Tensor):
+        return _tag(out)
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return (_tag(out[0]),) + out[1:]
+    if isinstance(out, list) and out and isinstance(out[0], torch.Tensor):
+        return [_tag(out[0])] + out[1:]
+    if isinstance(getattr(out, "sample", None), torch.Tensor):
+        out.sample = _tag(out.sample)
+    return out
+
+
+def _tag(t: torch.Tensor, whole: bool = True) -> ModelPart:
+    if isinstance(t, _CFGTensor):
+        t = _value(t)
+    p = t.as_subclass(ModelPart)
+    p._whole = whole
+    return p
+
+
+def _placeholder(cls, like: torch.Tensor) -> _Lazy:
+    # Metadata of `like` without its data: an expanded NaN, so a reader that bypasses
+    # __torch_function__ sees NaNs, never a plausible wrong value.
+    data = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+    node = torch.Tensor._make_subclass(cls, data)
+    node._cached = None
+    return node
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(torch.Tensor) if isinstance(t, ModelPart) else t
+
+
+def _value(a):
+    """A tagged or lazy tensor as the plain tensor it stands for; anything else unchanged."""
+    if isinstance(a, _Lazy):
+        return a.value()
+    if isinstance(a, ModelPart):
+        return a.as_subclass(torch.Tensor)
+    return a
+
+
+def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def _record(func, args, kwargs):
+    """The lazy value of a recognized step of the CFG formula, or None."""
+    if func in _CHUNK:
+        x = args[0]
+        chunks = args[1] if len(args) > 1 else kwargs.get("chunks")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        if (type(x) is ModelPart and x._whole and chunks == 2 and dim == 0 and x.dim() > 0
+                and x.shape[0] % 2 == 0 and len(args) + len(kwargs) <= 3):
+            with torch._C.DisableTorchFunctionSubclass():
+                halves = torch.Tensor.chunk(x, 2, 0)
+            return tuple(_tag(h, whole=False) for h in halves)
+        return None
+    if kwargs or len(args) != 2:
+        return None
+    a, b = args
+    if func in _SUB:
+        if type(a) is ModelPart and type(b) is ModelPart and a is not b and _same_meta(a, b):
+            node = _placeholder(_Difference, a)
+            node._c, node._u = a, b
+            return node
+        return None
+    if func in _MUL:
+        diff, g = (a, b) if type(a) is _Difference else (b, a)
+        if type(diff) is _Difference and isinstance(g, numbers.Real) and not isinstance(g, bool):
+            node = _placeholder(_Scaled, diff)
+            node._c, node._u, node._g = diff._c, diff._u, float(g)
+            return node
+        return None
+    if func in _ADD:
+        scaled, u = (a, b) if type(a) is _Scaled else (b, a)
+        if type(scaled) is _Scaled and u is scaled._u:
+            node = _placeholder(GuidedOutput, u)
+            node._c, node._u, node._g = scaled._c, scaled._u, scaled._g
+            node._versions = (node._c._version, node._u._version)
+            return node
+    return None

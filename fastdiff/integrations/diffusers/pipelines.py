@@ -1,0 +1,107 @@
+"""``accelerate(pipe)``: a diffusers pipeline on fastdiff, without changing the pipeline's code.
+
+    from fastdiff.integrations.diffusers import accelerate
+    handle = accelerate(pipe)      # pipe(...) now samples with fastdiff
+    images = pipe(prompt_embeds=..., negative_prompt_embeds=..., guidance_scale=7.5).images
+    handle.remove()                # the pipeline as it was
+
+Three independent parts, each optional:
+
+* ``scheduler``: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class
+  and config (fastdiff.integrations.diffusers.schedulers); a config the drop-in cannot run raises
+  NotImplementedError naming the option (pass ``scheduler=False`` to keep diffusers' scheduler).
+* ``attention``: the denoiser's AttnProcessor2_0 processors become FastdiffAttnProcessor.
+* ``fuse_cfg``: a forward hook tags the denoiser's output, so the pipeline's own CFG formula
+  ``u + g * (c - u)`` is recorded instead of computed and the drop-in scheduler combines the two
+  branches inside its fused step (fastdiff.integrations.diffusers.cfg). This applies where the
+  pipeline writes CFG that way right before ``scheduler.step`` (StableDiffusion, SDXL, SD3,
+  PixArt, Flux's true CFG, ...). Where it does something else with the prediction first
+  (``guidance_rescale > 0``, DiT's learned-sigma split, slicing, casting), that expression is
+  computed as the pipeline wrote it and the step receives the plain tensor: same result, not fused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .attention import FastdiffAttnProcessor, replaceable_processor
+from .cfg import tag_model_output
+from .schedulers import DROP_INS
+
+__all__ = ["accelerate", "Acceleration", "denoiser_of"]
+
+_DENOISERS = ("unet", "transformer")
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The pipeline's denoising network: ``pipe.unet`` or ``pipe.transformer``."""
+    for name in _DENOISERS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has no denoiser fastdiff knows (looked for {', '.join(_DENOISERS)})")
+
+
+@dataclass
+class Acceleration:
+    """What ``accelerate`` changed on a pipeline; ``remove()`` puts it back."""
+
+    pipe: Any
+    scheduler: Optional[Any] = None                     # the original scheduler, if replaced
+    processors: Optional[Dict[str, Any]] = None         # the original processors, if replaced
+    hooks: List[Any] = field(default_factory=list)
+
+    def remove(self):
+        if self.scheduler is not None:
+            self.pipe.scheduler = self.scheduler
+            self.scheduler = None
+        if self.processors is not None:
+            denoiser_of(self.pipe).set_attn_processor(self.processors)
+            self.processors = None
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def accelerate(pipe, *, scheduler: bool = True, attention: bool = True, fuse_cfg: bool = True,
+               attention_backend: str = "auto") -> Acceleration:
+    """Run ``pipe`` on fastdiff: drop-in scheduler, fastdiff attention, CFG fused into the step
+    (see the module docstring). Returns an ``Acceleration`` whose ``remove()`` undoes it."""
+    denoiser = denoiser_of(pipe)
+    if fuse_cfg and not scheduler and not _is_fastdiff(pipe.scheduler):
+        raise ValueError("fuse_cfg needs a fastdiff scheduler to combine the CFG branches; pass scheduler=True "
+                         "(or fuse_cfg=False)")
+    handle = Acceleration(pipe)
+    try:
+        if scheduler and not _is_fastdiff(pipe.scheduler):
+            name = type(pipe.scheduler).__name__
+            if name not in DROP_INS:
+                raise NotImplementedError(f"fastdiff has no drop-in for {name}; available: {', '.join(sorted(DROP_INS))} "
+                                          "(pass scheduler=False to keep the pipeline's scheduler)")
+            replacement = DROP_INS[name].from_config(pipe.scheduler.config)
+            handle.scheduler = pipe.scheduler
+            pipe.scheduler = replacement
+        if attention and hasattr(denoiser, "attn_processors"):
+            current = denoiser.attn_processors
+            if any(replaceable_processor(p) for p in current.values()):
+                handle.processors = dict(current)
+                processor = FastdiffAttnProcessor(attention_backend)
+                denoiser.set_attn_processor({k: processor if replaceable_processor(p) else p
+                                             for k, p in current.items()})
+        if fuse_cfg:
+            handle.hooks.append(denoiser.register_forward_hook(_tag_output))
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def _is_fastdiff(scheduler) -> bool:
+    from .base import FastdiffScheduler
+    return isinstance(scheduler, FastdiffScheduler)
+
+
+def _tag_output(module, args, output):
+    return tag_model_output(output)

@@ -1,0 +1,698 @@
+"""Drop-in replacements for diffusers' schedulers: same names, same config, fastdiff's fused step.
+
+    from fastdiff.integrations.diffusers import DPMSolverMultistepScheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+Each class subclasses diffusers' class of the same name (config, set_timesteps, timesteps,
+sigmas, scale_model_input, add_noise, save/load are diffusers' own) and replaces ``step`` with one
+fused pass of a fastdiff coefficient program (fastdiff.integrations.diffusers.base). Its ``_plan``
+builds the run's grid from diffusers' own arrays after ``set_timesteps`` and asks a fastdiff
+solver for the rows:
+
+=================================  =====================  ==============================================
+class                              sample space / grid    fastdiff solver
+=================================  =====================  ==============================================
+DDPMScheduler                      VP, alphas_cumprod     ddpm (fixed_small / fixed_large)
+DDIMScheduler                      VP, (t, t - T/N) pairs ddim(eta)
+EulerDiscreteScheduler             VE (x / alpha)         euler
+EulerAncestralDiscreteScheduler    VE                     euler_ancestral
+HeunDiscreteScheduler              VE                     heun
+LMSDiscreteScheduler               VE                     lms coefficients (diffusers' order rule)
+KDPM2DiscreteScheduler             VE                     dpm_2
+KDPM2AncestralDiscreteScheduler    VE                     dpm_2_ancestral
+DPMSolverSDEScheduler              VE                     dpmpp_sde (r = 1/2, diffusers' Brownian noise)
+DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep
+UniPCMultistepScheduler            VP / flow              unipc
+DEISMultistepScheduler             VP / flow              deis
+EDMEulerScheduler                  VE, EDM precondition   euler
+EDMDPMSolverMultistepScheduler     VE, EDM precondition   dpm_solver_multistep (dpmsolver++)
+FlowMatchEulerDiscreteScheduler    flow                   flow_euler (stochastic_sampling: re-noising)
+FlowMatchHeunDiscreteScheduler     flow                   flow_heun
+=================================  =====================  ==============================================
+
+One ``step`` call is one row: multi-stage methods (Heun, KDPM2, DPMSolverSDE, FlowMatchHeun)
+take one call per model evaluation, on diffusers' interleaved timesteps. A run may begin at any
+step (``set_begin_index`` or the first timestep, as img2img pipelines do); multistep solvers warm
+up from there, as diffusers' do. Noise is drawn as diffusers draws it (``randn_tensor`` with the
+given generator, same shape, dtype and order), so stochastic schedulers give the same samples
+for the same generator. Options the drop-in cannot reproduce raise ``NotImplementedError``
+naming the option, at construction (or at ``step`` for step arguments).
+
+Not reproduced: ``DPMSolverSinglestepScheduler`` (diffusers' singlestep solver takes its
+intermediate stages at grid points, which fastdiff's ``dpm_solver`` does not: the class raises
+NotImplementedError), EDM churn (``s_churn > 0``), learned variances, ``sde-dpmsolver``,
+UniPC's ``solver_p``, flow ``invert_sigmas`` / ``per_token_timesteps``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
+
+import diffusers
+import numpy as np
+import torch
+
+from ...guidance import ClipSample, DynamicThresholding
+from ...program import Out, Point, Row
+from ...schedules import DiscreteVP, FlowMatching, Grid, VESchedule
+from ...solvers import get_solver
+from ...solvers.base import derivative_quantity
+from ...solvers.dpm_solver import history_terms, ring_write
+from ...solvers.multistep import lms_coefficients
+from .base import FastdiffScheduler, Plan, _guided, _Run, drop_in
+
+__all__ = [
+    "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DROP_INS",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and diffusers' model-output conversions
+
+
+def _f64(t) -> np.ndarray:
+    return (t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64))
+
+
+def _ve_grid(sigmas: np.ndarray) -> Grid:
+    """The Euler family's sample space: x / alpha, i.e. a VE grid (alpha = 1, sigma = diffusers' sigma).
+    The schedule only maps off-grid noise levels (stage midpoints) to (alpha, sigma) = (1, level)."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    return Grid(VESchedule(), s, np.ones_like(s), s, s)
+
+
+def _vp_grid(schedule, alpha, sigma, t=None) -> Grid:
+    alpha, sigma = np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    t = np.arange(len(alpha), dtype=np.float64)[::-1].copy() if t is None else np.asarray(t, dtype=np.float64)
+    return Grid(schedule, t, alpha, sigma, t)
+
+
+def _point(grid: Grid, i: int) -> Point:
+    return Point(float(grid.t[i]), float(grid.alpha[i]), float(grid.sigma[i]), float(grid.model_t[i]))
+
+
+def _ve_fold(prediction: str, sigma: float) -> Tuple[float, float]:
+    """x0 = A_x * sample + A_d * model_output as the Euler family computes it (sample = x / alpha)."""
+    if prediction == "epsilon":
+        return 1.0, -sigma
+    if prediction == "v_prediction":
+        return 1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0)
+    return 0.0, 1.0                                        # "sample" / "original_sample"
+
+
+def _vp_fold(prediction: str, alpha: float, sigma: float, ksigma: float) -> Tuple[float, float]:
+    """x0 as DDIM / DPM-Solver / UniPC / DEIS compute it (note v: alpha x - sigma v, unnormalized;
+    flow_prediction: x - sigmas[i] v with diffusers' own sigma)."""
+    if prediction == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction == "v_prediction":
+        return alpha, -sigma
+    if prediction == "flow_prediction":
+        return 1.0, -ksigma
+    return 0.0, 1.0                                        # "sample"
+
+
+def _edm_fold(prediction: str, sigma: float, sigma_data: float) -> Tuple[float, float]:
+    """EDM's precondition_outputs: x0 = c_skip * sample + c_out * model_output."""
+    n = sigma * sigma + sigma_data * sigma_data
+    c_out = sigma * sigma_data / math.sqrt(n)
+    return sigma_data * sigma_data / n, (-c_out if prediction == "v_prediction" else c_out)
+
+
+def _unsupported(cls_name: str, option: str, value, why: str = ""):
+    raise NotImplementedError(f"fastdiff's {cls_name} does not support {option}={value!r}{why}; use diffusers' own "
+                              f"diffusers.{cls_name} for this configuration")
+
+
+def _check_prediction(self, allowed: Sequence[str]):
+    p = self.config.prediction_type
+    if p not in allowed:
+        _unsupported(type(self).__name__, "prediction_type", p, f" (supported: {', '.join(allowed)})")
+
+
+def _x0_transform(config) -> Optional[object]:
+    """diffusers' thresholding (which wins over clip_sample) or clip_sample, as fastdiff transforms."""
+    if config.get("thresholding", False):
+        return DynamicThresholding(config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.get("clip_sample", False):
+        return ClipSample(config.clip_sample_range)
+    return None
+
+
+def _vp_schedule(self):
+    """A schedule object for VP grids (it is only asked about off-grid points, which the VP plans
+    never visit); the flow sigmas of DPM/UniPC/DEIS are a flow-matching schedule."""
+    if self.config.get("use_flow_sigmas", False):
+        return FlowMatching(self.config.num_train_timesteps)
+    return DiscreteVP(betas=_f64(self.betas))
+
+
+def _ksigma_points(self):
+    """(schedule, alpha, sigma, ksigma) of diffusers' ``self.sigmas`` via its _sigma_to_alpha_sigma_t."""
+    ks = _f64(self.sigmas)
+    if self.config.get("use_flow_sigmas", False):
+        return _vp_schedule(self), 1.0 - ks, ks, ks
+    alpha = 1.0 / np.sqrt(ks * ks + 1.0)
+    return _vp_schedule(self), alpha, ks * alpha, ks
+
+
+class _StepIndexed:
+    """step_index / begin_index for the schedulers diffusers indexes by timestep value (DDIM, DDPM):
+    the drop-in counts calls, so a run may also begin mid-schedule (set_begin_index or the first
+    timestep found in ``timesteps``)."""
+
+    def _fd_reset(self):
+        super()._fd_reset()
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._fd_run = None
+        self._begin_index = begin_index
+
+    def _init_step_index(self, timestep):
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        t = timestep.to(self.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+        hits = (self.timesteps == t).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(t):g} is not one of this run's timesteps {self.timesteps.tolist()}")
+        self._step_index = int(hits[0].item())
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM, DDIM
+
+
+@drop_in(diffusers.DDPMScheduler)
+class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
+    """DDPM ancestral sampling (fastdiff ``ddpm``): fixed_small(_log) / fixed_large variances."""
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "sample", "v_prediction"))
+        v = self.config.variance_type
+        if v not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            _unsupported("DDPMScheduler", "variance_type", v, " (a variance from the model output is not linear in it)")
+
+    def _plan(self, start: int) -> Plan:
+        acp = _f64(self.alphas_cumprod)
+        ts = [int(t) for t in self.timesteps.tolist()]
+        a = np.array([acp[t] for t in ts] + [1.0])           # previous_timestep of the last is -1: alpha_prod = 1
+        grid = _vp_grid(_vp_schedule(self), np.sqrt(a), np.sqrt(1.0 - a), ts + [-1])
+        variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
+        rows = get_solver("ddpm", variance=variance).rows(grid)
+        p = self.config.prediction_type
+        fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(len(ts))]
+        return Plan(rows, fold, 0, draws=[t > 0 for t in ts], x0_transform=_x0_transform(self.config)).sliced(start)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+@drop_in(diffusers.DDIMScheduler)
+class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
+    """DDIM(eta) (fastdiff ``ddim``) from each timestep t to t - T // N, as diffusers steps.
+
+    With clip_sample / thresholding diffusers keeps the model's raw noise estimate next to the
+    clipped x0 unless ``use_clipped_model_output``; the plan then reads that estimate from a
+    history slot the step fills."""
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "sample", "v_prediction"))
+
+    def _plan(self, start: int, eta: float = 0.0, use_clipped_model_output: bool = False) -> Plan:
+        acp = _f64(self.alphas_cumprod)
+        final = float(self.final_alpha_cumprod)
+        T, N = self.config.num_train_timesteps, self.num_inference_steps
+        solver = get_solver("ddim", eta=eta)
+        transform = _x0_transform(self.config)
+        raw_eps = transform is not None and not use_clipped_model_output
+        schedule = _vp_schedule(self)
+        p = self.config.prediction_type
+        rows, fold, eps_fold = [], [], []
+        for n, t in enumerate(int(t) for t in self.timesteps.tolist()[start:]):
+            prev = t - T // N
+            a_t, a_p = acp[t], (acp[prev] if prev >= 0 else final)
+            grid = _vp_grid(schedule, [math.sqrt(a_t), math.sqrt(a_p)], [math.sqrt(1 - a_t), math.sqrt(1 - a_p)],
+                            [t, prev])
+            row = replace(solver.rows(grid)[0], step=n)
+            if raw_eps:   # prev = sqrt(a_p) x0_clipped + c_eps eps_raw + std z, eps_raw in slot 0
+                std = row.out_x.z
+                c_eps = math.sqrt(max(1.0 - a_p - std * std, 0.0))
+                row = replace(row, out_x=Out(h=math.sqrt(a_p), z=std, hist=((0, c_eps),)))
+                eps_fold.append({"epsilon": (0.0, 1.0), "sample": (1 / math.sqrt(1 - a_t), -math.sqrt(a_t / (1 - a_t))),
+                                 "v_prediction": (math.sqrt(1 - a_t), math.sqrt(a_t))}[p])
+            rows.append(row)
+            fold.append(_vp_fold(p, math.sqrt(a_t), math.sqrt(1 - a_t), 0.0))
+        return Plan(rows, fold, 1 if raw_eps else 0, draws=[eta > 0] * len(rows), x0_transform=transform,
+                    extra={"eps_fold": eps_fold} if raw_eps else None)
+
+    def _transform_step(self, run: _Run, k, E, cond, uncond, g):
+        table, x0, pred = super()._transform_step(run, k, E, cond, uncond, g)
+        extra = run.program.plan.extra
+        if extra is not None:     # the raw noise estimate, before clipping
+            e_x, e_d = extra["eps_fold"][k]
+            torch.add(e_x * E, _guided(cond, uncond, g), alpha=e_d, out=run.hist[0])
+        return table, x0, pred
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` "
+                             "or `variance_noise` stays `None`.")
+        key = (("eta", float(eta)), ("use_clipped_model_output", bool(use_clipped_model_output)))
+        return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict, key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Euler family (sample space x / alpha: a VE grid)
+
+
+@drop_in(diffusers.EulerDiscreteScheduler)
+class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler):
+    """Euler on the probability-flow ODE (fastdiff ``euler``)."""
+
+    _returns_x0 = True
+    _float_timesteps = True
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction", "sample", "original_sample"))
+
+    def _plan(self, start: int) -> Plan:
+        grid = _ve_grid(_f64(self.sigmas))
+        rows = get_solver("euler", ode_space="ve").rows(grid)
+        p = self.config.prediction_type
+        return Plan(rows, [_ve_fold(p, s) for s in grid.sigma[:-1]], 0).sliced(start)
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        if s_churn:
+            _unsupported(type(self).__name__, "s_churn", s_churn, " (diffusers' churned Euler step)")
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+@drop_in(diffusers.EulerAncestralDiscreteScheduler)
+class EulerAncestralDiscreteScheduler(FastdiffScheduler, diffusers.EulerAncestralDiscreteScheduler):
+    """Euler ancestral (fastdiff ``euler_ancestral``, eta = 1); noise at every step, as diffusers."""
+
+    _returns_x0 = True
+    _float_timesteps = True
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        grid = _ve_grid(_f64(self.sigmas))
+        rows = get_solver("euler_ancestral", ode_space="ve").rows(grid)
+        p = self.config.prediction_type
+        return Plan(rows, [_ve_fold(p, s) for s in grid.sigma[:-1]], 0, draws=[True] * len(rows)).sliced(start)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+def _stage_fold(prediction, rows: List[Row], fold=_ve_fold):
+    """The conversion at each row's own evaluation point (a stage's midpoint, or the next grid point)."""
+    return [fold(prediction, r.point.sigma) for r in rows]
+
+
+def _unique_sigmas(self) -> np.ndarray:
+    """The grid of the two-stage schedulers, whose ``sigmas`` repeat the inner points."""
+    return _f64(torch.unique_consecutive(self.sigmas.detach().cpu()))
+
+
+@drop_in(diffusers.HeunDiscreteScheduler)
+class HeunDiscreteScheduler(FastdiffScheduler, diffusers.HeunDiscreteScheduler):
+    """Heun (fastdiff ``heun``): two calls per step, the last step Euler."""
+
+    _stage_flag = "dt"
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction", "sample"))
+
+    def _plan(self, start: int) -> Plan:
+        rows = get_solver("heun", ode_space="ve").rows(_ve_grid(_unique_sigmas(self)))
+        return Plan(rows, _stage_fold(self.config.prediction_type, rows), 1,
+                    x0_transform=_x0_transform(self.config)).sliced(start)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+
+
+@drop_in(diffusers.LMSDiscreteScheduler)
+class LMSDiscreteScheduler(FastdiffScheduler, diffusers.LMSDiscreteScheduler):
+    """Linear multistep (fastdiff's LMS coefficients) with diffusers' order rule: the order of
+    step n is min(n + 1, order) counted from the schedule's start, using the derivatives of the
+    steps this run took (so a run begun mid-schedule uses the leading coefficients only)."""
+
+    _returns_x0 = True
+    _float_timesteps = False
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction", "sample"))
+
+    def _plan(self, start: int, order: int = 4) -> Plan:
+        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        grid = _ve_grid(_f64(self.sigmas))
+        s = [float(v) for v in grid.sigma]
+        N, S = grid.steps, order - 1
+        rows = []
+        for n in range(start, N):
+            local = n - start
+            w = lms_coefficients(s, n, min(n + 1, order))[:min(local + 1, order)]
+            h_coef, hist = history_terms(local, w, S)
+            p = _point(grid, n)
+            qy, qx0 = derivative_quantity("ve", p)
+            rows.append(Row(step=local, eval_at="x", point=p, q_y=qy, q_x0=qx0, out_x=Out(x=1.0, h=h_coef, hist=hist),
+                            hist_write=ring_write(local, N - start, S), next_eval="x"))
+        return Plan(rows, _stage_fold(self.config.prediction_type, rows), S)
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict, key=(("order", order),))
+
+
+@drop_in(diffusers.KDPM2DiscreteScheduler)
+class KDPM2DiscreteScheduler(FastdiffScheduler, diffusers.KDPM2DiscreteScheduler):
+    """DPM-Solver-2 in k-diffusion's form (fastdiff ``dpm_2``): model at the geometric mean of the
+    step's noise levels; two calls per step, the last step Euler."""
+
+    _stage_flag = "sample"
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        rows = get_solver("dpm_2", ode_space="ve").rows(_ve_grid(_unique_sigmas(self)))
+        return Plan(rows, _stage_fold(self.config.prediction_type, rows), 0).sliced(start)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+
+
+@drop_in(diffusers.KDPM2AncestralDiscreteScheduler)
+class KDPM2AncestralDiscreteScheduler(FastdiffScheduler, diffusers.KDPM2AncestralDiscreteScheduler):
+    """DPM-2 ancestral (fastdiff ``dpm_2_ancestral``): noise in each step's second call."""
+
+    _stage_flag = "sample"
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        rows = get_solver("dpm_2_ancestral").rows(_ve_grid(_unique_sigmas(self)))
+        return Plan(rows, _stage_fold(self.config.prediction_type, rows), 0,
+                    draws=[r.eval_at == "y" for r in rows]).sliced(start)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+@drop_in(diffusers.DPMSolverSDEScheduler)
+class DPMSolverSDEScheduler(FastdiffScheduler, diffusers.DPMSolverSDEScheduler):
+    """DPM-Solver++ SDE (fastdiff ``dpmpp_sde`` with r = 1/2 and independent draws per stage), its
+    noise taken from diffusers' own Brownian-tree noise sampler at diffusers' query points."""
+
+    _stage_flag = "sample"
+
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int, s_noise: float = 1.0) -> Plan:
+        rows = get_solver("dpmpp_sde", r=0.5, s_noise=s_noise, brownian=False).rows(_ve_grid(_unique_sigmas(self)))
+        sig = self.sigmas.detach().cpu().float()
+        queries, draws = [], []
+        for c, r in enumerate(rows):                         # c: the call index in diffusers' arrays
+            first = r.eval_at == "x"
+            sigma, sigma_next = (sig[c], sig[c + 1]) if first else (sig[c - 1], sig[c])
+            t, t_next = sigma.log().neg(), sigma_next.log().neg()      # diffusers' float32 arithmetic
+            t_target = t + (t_next - t) * 0.5 if first else t_next
+            queries.append((t.neg().exp(), t_target.neg().exp()))
+            draws.append(bool(sigma_next != 0))
+        plan = Plan(rows, _stage_fold(self.config.prediction_type, rows), 1, draws=draws).sliced(start)
+        plan.extra = {"queries": queries[start:]}
+        return plan
+
+    def _draw_noise(self, k, shape, dtype, device, generator, variance_noise):
+        return self.noise_sampler(*self._fd_run.program.plan.extra["queries"][k])
+
+    def _set_stage(self, k, second_next, sample):
+        super()._set_stage(k, second_next, sample)
+        # the midpoint's noise level, as diffusers computed it (its scale_model_input reads it)
+        self.mid_point_sigma = self._fd_run.program.plan.extra["queries"][k][1] if second_next else None
+
+    def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
+        if self.noise_sampler is None:     # diffusers' tree over the run's noise levels, seeded as diffusers seeds it
+            from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+            min_sigma, max_sigma = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
+            self.noise_sampler = BrownianTreeNoiseSampler(sample, min_sigma.item(), max_sigma.item(),
+                                                          self.noise_sampler_seed)
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict, key=(("s_noise", s_noise),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multistep exponential integrators (sample space: VP, or flow with use_flow_sigmas)
+
+
+def _multistep_grid(self, start: int):
+    schedule, alpha, sigma, ks = _ksigma_points(self)
+    t = np.arange(len(alpha), dtype=np.float64)[::-1].copy()
+    grid = _vp_grid(schedule, alpha[start:], sigma[start:], t[start:])
+    p = self.config.prediction_type
+    fold = [_vp_fold(p, alpha[n], sigma[n], ks[n]) for n in range(start, len(alpha) - 1)]
+    return grid, fold
+
+
+@drop_in(diffusers.DPMSolverMultistepScheduler)
+class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultistepScheduler):
+    """Multistep DPM-Solver / DPM-Solver++ (fastdiff ``dpm_solver_multistep``), orders 1-3, ODE or
+    SDE (sde-dpmsolver++: eta = 1), with diffusers' lower_order_final / euler_at_final rules."""
+
+    def _check_config(self):
+        c = self.config
+        if c.algorithm_type == "sde-dpmsolver":
+            _unsupported(type(self).__name__, "algorithm_type", c.algorithm_type)
+        if c.variance_type is not None:
+            _unsupported(type(self).__name__, "variance_type", c.variance_type)
+        allowed = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if c.algorithm_type != "dpmsolver" else ())
+        _check_prediction(self, allowed)
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        grid, fold = _multistep_grid(self, start)
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        solver = get_solver("dpm_solver_multistep", order=c.solver_order,
+                            algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++",
+                            solver_type=c.solver_type,
+                            lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15),
+                            euler_at_final=c.euler_at_final, eta=1.0 if sde else 0.0)
+        rows = solver.rows(grid)
+        return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), noise_dtype=torch.float32 if sde else None,
+                    x0_transform=_x0_transform(c))
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict)
+
+
+@drop_in(diffusers.UniPCMultistepScheduler)
+class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepScheduler):
+    """UniPC (fastdiff ``unipc``): UniP predictor and UniC corrector, bh1 / bh2, orders 1-3.
+    Where diffusers' bh1 or noise-prediction UniPC gives NaN on a final step to sigma = 0, this
+    gives the first-order step."""
+
+    def _check_config(self):
+        c = self.config
+        if c.solver_p is not None:
+            _unsupported(type(self).__name__, "solver_p", type(c.solver_p).__name__)
+        allowed = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if c.predict_x0 else ())
+        _check_prediction(self, allowed)
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        grid, fold = _multistep_grid(self, start)
+        disabled = [int(d) - start for d in c.disable_corrector if int(d) >= start]
+        solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
+                            disable_corrector=disabled, lower_order_final=c.lower_order_final)
+        return Plan(solver.rows(grid), fold, solver.num_slots, x0_transform=_x0_transform(c) if c.predict_x0 else None)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+
+
+@drop_in(diffusers.DEISMultistepScheduler)
+class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler):
+    """DEIS (fastdiff ``deis``, log-rho), orders 1-3; its schedule ends at sigma_min, as diffusers'."""
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "sample", "v_prediction", "flow_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        grid, fold = _multistep_grid(self, start)
+        solver = get_solver("deis", order=c.solver_order, lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15))
+        return Plan(solver.rows(grid), fold, solver.num_slots, x0_transform=_x0_transform(c))
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+
+
+@drop_in(diffusers.DPMSolverSinglestepScheduler)
+class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSinglestepScheduler):
+    """Not reproduced: diffusers' singlestep DPM-Solver evaluates its intermediate stages at the
+    grid's own points (r = the ratio of log-SNR steps) and starts each group from a first-order
+    estimate there; fastdiff's ``dpm_solver`` takes the textbook stages at r = 1/2 (and 1/3, 2/3)
+    of the step. Constructing this class raises NotImplementedError; use diffusers' class, or
+    fastdiff's sampler with solver="dpm_solver"."""
+
+    def _check_config(self):
+        raise NotImplementedError(
+            "fastdiff has no drop-in for DPMSolverSinglestepScheduler: diffusers' singlestep solver takes its "
+            "intermediate stages at the grid's points, fastdiff's dpm_solver at r = 1/2 (1/3, 2/3) of each step, so the "
+            "samples would differ; use diffusers.DPMSolverSinglestepScheduler, or fastdiff.sample(solver='dpm_solver')")
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM (VE sample space with EDM's preconditioning)
+
+
+@drop_in(diffusers.EDMEulerScheduler)
+class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
+    """EDM Euler (fastdiff ``euler`` on EDM's sigmas, x0 by EDM's c_skip / c_out)."""
+
+    _returns_x0 = True
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        grid = _ve_grid(_f64(self.sigmas))
+        rows = get_solver("euler", ode_space="ve").rows(grid)
+        p, sd = self.config.prediction_type, self.config.sigma_data
+        return Plan(rows, [_edm_fold(p, s, sd) for s in grid.sigma[:-1]], 0).sliced(start)
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True, pred_original_sample=None):
+        if s_churn:
+            _unsupported(type(self).__name__, "s_churn", s_churn, " (diffusers' churned Euler step)")
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict, x0=pred_original_sample)
+
+
+@drop_in(diffusers.EDMDPMSolverMultistepScheduler)
+class EDMDPMSolverMultistepScheduler(FastdiffScheduler, diffusers.EDMDPMSolverMultistepScheduler):
+    """DPM-Solver++ multistep (ODE or SDE) on EDM's sigmas with EDM's preconditioning."""
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "v_prediction"))
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        grid = _ve_grid(_f64(self.sigmas)[start:])
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        solver = get_solver("dpm_solver_multistep", order=c.solver_order, algorithm_type="dpmsolver++",
+                            solver_type=c.solver_type,
+                            lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15),
+                            euler_at_final=c.euler_at_final, eta=1.0 if sde else 0.0)
+        rows = solver.rows(grid)
+        fold = [_edm_fold(c.prediction_type, s, c.sigma_data) for s in grid.sigma[:-1]]
+        return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching (sample space: x = (1 - t) x0 + t eps)
+
+
+def _flow_grid(self, sigmas: np.ndarray) -> Grid:
+    return _vp_grid(FlowMatching(self.config.num_train_timesteps), 1.0 - sigmas, sigmas, sigmas)
+
+
+@drop_in(diffusers.FlowMatchEulerDiscreteScheduler)
+class FlowMatchEulerDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler (fastdiff ``flow_euler``): shift, dynamic shifting (mu), custom sigmas or
+    timesteps, karras/exponential/beta sigmas, shift_terminal: whatever diffusers' set_timesteps
+    gives. ``stochastic_sampling``: x0 = x - sigma v re-noised to the next level with fresh noise."""
+
+    _float_timesteps = True
+
+    def _check_config(self):
+        if self.config.invert_sigmas:
+            _unsupported(type(self).__name__, "invert_sigmas", True, " (its noise levels rise to 1)")
+
+    def _plan(self, start: int) -> Plan:
+        grid = _flow_grid(self, _f64(self.sigmas))
+        fold = [(1.0, -s) for s in grid.sigma[:-1]]                  # x0 = sample - sigma * v
+        if not self.config.stochastic_sampling:
+            return Plan(get_solver("flow_euler").rows(grid), fold, 0).sliced(start)
+        rows = [Row(step=n, eval_at="x", point=_point(grid, n), q_y=0.0, q_x0=1.0,
+                    out_x=Out(h=float(grid.alpha[n + 1]), z=float(grid.sigma[n + 1])),
+                    noise_id=n if grid.sigma[n + 1] else -1, next_eval="x") for n in range(grid.steps)]
+        return Plan(rows, fold, 0, draws=[True] * len(rows), noise_dtype=torch.float32).sliced(start)
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, per_token_timesteps=None, return_dict=True):
+        if per_token_timesteps is not None:
+            _unsupported(type(self).__name__, "per_token_timesteps", "<tensor>")
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+@drop_in(diffusers.FlowMatchHeunDiscreteScheduler)
+class FlowMatchHeunDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchHeunDiscreteScheduler):
+    """Flow-matching Heun (fastdiff ``flow_heun``): two calls per step, the last step Euler."""
+
+    _stage_flag = "dt"
+
+    _float_timesteps = True
+
+    def _plan(self, start: int) -> Plan:
+        grid = _flow_grid(self, _unique_sigmas(self))
+        rows = get_solver("flow_heun").rows(grid)
+        return Plan(rows, [(1.0, -r.point.sigma) for r in rows], 1).sliced(start)
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        if s_churn:
+            _unsupported(type(self).__name__, "s_churn", s_churn)
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
+#: diffusers' scheduler class name -> the drop-in
+DROP_INS = {cls.__name__: cls for cls in (
+    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+    LMSDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DPMSolverSDEScheduler,
+    DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
