@@ -56,12 +56,22 @@ def find_nvcc() -> Optional[str]:
 
 
 def cuda_include_dir(nvcc: Optional[str] = None) -> Optional[str]:
-    """The CUDA headers beside nvcc (for host-only builds of the kernel headers with g++)."""
+    """The CUDA headers of nvcc's toolkit (for host-only builds of the kernel headers with g++):
+    beside nvcc, or where nvcc itself says (it may be a wrapper script elsewhere)."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         return None
-    inc = Path(os.path.realpath(nvcc)).parent.parent / "include"
-    return str(inc) if (inc / "cuda_runtime_api.h").exists() else None
+    candidates = [Path(os.path.realpath(nvcc)).parent.parent / "include"]
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+        candidates += [Path(m) for m in re.findall(r'INCLUDES="-I([^"]+?)"', dry)]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for inc in candidates:
+        if (inc / "cuda_runtime_api.h").exists():
+            return str(inc.resolve())
+    return None
 
 
 def launch_threads() -> Dict[str, int]:

@@ -1,0 +1,521 @@
+"""The CUDA kernels' own code, run on the host, against the reference ops (and the CPU backend).
+
+csrc/cuda/tools/emulate.cpp replays each CUDA launch serially, calling the same kernel_bodies.h
+functions the __global__ kernels call (built here with g++ as a shared library, used via ctypes).
+So the kernels' addressing of [B, M] rows, the vector/scalar paths, coefficient reading from the
+table, dtype conversions, in-kernel Philox, the model_in epilogue and the bad_row logic are
+tested on CPU tensors, without a GPU. What runs only on a GPU (block reductions, atomics,
+__syncthreads_or) is not covered here; its math pieces are.
+
+The packing of torch tensors into the C argument structs below mirrors csrc/cuda/torch_binding.cpp.
+
+Tolerances: without noise the emulated kernel is bitwise equal to the reference (the same float32
+operations in the same order, no FMA). With Philox noise it is bitwise equal to the CPU backend
+(same step_math.h) and within NOISE_ULPS of the reference (torch's log/sin/cos).
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
+from fastdiff.ops import philox as P  # noqa: E402
+from fastdiff.ops import reductions, reference  # noqa: E402
+from fastdiff.ops.backends import load_extension  # noqa: E402
+from fastdiff.program import table_width  # noqa: E402
+
+_C = load_extension()
+HAVE_CPU = not isinstance(_C, str)
+NOISE_ULPS = 4      # as tests/test_ops_cpu.py: |z_kernel - z_torch| <= 4 ulp
+# Philox noise vs the reference (torch's log/sin/cos): the CPU backend's tolerances.
+NOISE_TOL = {"state": dict(atol=2e-5, rtol=1e-5), torch.float32: dict(atol=2e-5, rtol=1e-5),
+             torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
+             torch.float64: dict(atol=2e-5, rtol=1e-5)}
+
+# ----------------------------------------------------------------------------------------------
+# The emulator library and the ctypes mirror of csrc/cuda/launch.h
+# ----------------------------------------------------------------------------------------------
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+class Rows(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("batch_stride", ctypes.c_int64), ("dtype", ctypes.c_int)]
+
+
+class StepArgs(ctypes.Structure):
+    _fields_ = [("table", ctypes.c_void_p), ("table_rows", ctypes.c_int64), ("table_cols", ctypes.c_int64),
+                ("table_row_stride", ctypes.c_int64), ("table_col_stride", ctypes.c_int64), ("row", ctypes.c_int64),
+                ("batch", ctypes.c_int64), ("sample_size", ctypes.c_int64),
+                ("x", Rows), ("y", Rows), ("cond", Rows), ("uncond", Rows), ("noise", Rows), ("hist", Rows),
+                ("hist_slot_stride", ctypes.c_int64), ("num_slots", ctypes.c_int32), ("hist_write", ctypes.c_int32),
+                ("eval_y", ctypes.c_int32), ("write_x", ctypes.c_int32), ("write_y", ctypes.c_int32),
+                ("seed", ctypes.c_uint64), ("noise_id", ctypes.c_int64),
+                ("model_in", Rows), ("model_in_halves", ctypes.c_int32), ("model_in_half_stride", ctypes.c_int64),
+                ("model_in_from_y", ctypes.c_int32), ("bad_row", ctypes.c_void_p)]
+
+
+class CfgArgs(ctypes.Structure):
+    _fields_ = [("batch", ctypes.c_int64), ("sample_size", ctypes.c_int64), ("cond", Rows), ("uncond", Rows),
+                ("g", ctypes.c_double), ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int)]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs a C++ compiler and the CUDA headers (nvcc's include folder)")
+    lib = tmp_path_factory.mktemp("cuda_emulate") / "libfastdiff_cuda_emulate.so"
+    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+           "-I", inc, *[f for f in TORCH_FLAGS if f.startswith("-D")],
+           str(REPO / "csrc" / "cuda" / "tools" / "emulate.cpp"), "-o", str(lib)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    so = ctypes.CDLL(str(lib))
+    for fn in ("fastdiff_emulate_fused_step", "fastdiff_emulate_cfg_combine", "fastdiff_emulate_cfg_rescale",
+               "fastdiff_emulate_step_plan"):
+        getattr(so, fn).restype = ctypes.c_char_p
+    so.fastdiff_emulate_cfg_rescale.argtypes = [ctypes.POINTER(CfgArgs), ctypes.c_double, ctypes.c_void_p,
+                                                ctypes.c_size_t]
+    so.fastdiff_emulate_philox_normal.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
+    so.fastdiff_emulate_philox_uint32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
+                                                  ctypes.c_uint64]
+    for fn in ("sizeof_step_args", "sizeof_cfg_args", "offsetof_bad_row", "offsetof_out_dtype"):
+        getattr(so, f"fastdiff_emulate_{fn}").restype = ctypes.c_size_t
+    # The mirror above must match the C layout exactly.
+    assert so.fastdiff_emulate_sizeof_step_args() == ctypes.sizeof(StepArgs)
+    assert so.fastdiff_emulate_offsetof_bad_row() == StepArgs.bad_row.offset
+    assert so.fastdiff_emulate_sizeof_cfg_args() == ctypes.sizeof(CfgArgs)
+    assert so.fastdiff_emulate_offsetof_out_dtype() == CfgArgs.out_dtype.offset
+    return so
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing torch tensors as [B, M] rows (what csrc/cuda/torch_binding.cpp does)
+# ----------------------------------------------------------------------------------------------
+def batch_stride(t: torch.Tensor):
+    """The stride between samples if each sample t[b] is dense (row-major), else None."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return t.stride(0) if t.shape[0] > 1 else math.prod(t.shape[1:])
+
+
+class Packer:
+    """Rows for each tensor: in place when its samples are dense, else a contiguous copy (outputs
+    are copied back by finish())."""
+
+    def __init__(self):
+        self.keep, self.back = [], []
+
+    def rows(self, t, output=False):
+        if t is None:
+            return Rows(None, 0, 0), None
+        sb = batch_stride(t)
+        used = t
+        if sb is None:
+            used = t.contiguous()
+            sb = batch_stride(used)
+            if output:
+                self.back.append((t, used))
+        self.keep.append(used)
+        return Rows(used.data_ptr(), sb, DTYPE_CODE[used.dtype]), used
+
+    def finish(self):
+        for original, used in self.back:
+            original.copy_(used)
+
+
+def step_args(kw, packer: Packer) -> StepArgs:
+    x, table = kw["x"], kw["table"]
+    a = StepArgs()
+    a.table, a.table_rows, a.table_cols = table.data_ptr(), table.shape[0], table.shape[1]
+    a.table_row_stride, a.table_col_stride, a.row = table.stride(0), table.stride(1), kw["row"]
+    a.batch, a.sample_size = x.shape[0], math.prod(x.shape[1:])
+    a.x, _ = packer.rows(x, output=kw["write_x"])
+    a.y, _ = packer.rows(kw.get("y"), output=kw["write_y"])
+    a.cond, _ = packer.rows(kw.get("cond"))
+    a.uncond, _ = packer.rows(kw.get("uncond"))
+    a.noise, _ = packer.rows(kw.get("noise"))
+    hist = kw.get("hist")
+    if hist is not None and hist.shape[0] > 0:
+        slot0 = hist[0]
+        used = hist if batch_stride(slot0) is not None else hist.contiguous()
+        if used is not hist and kw["hist_write"] >= 0:
+            packer.back.append((hist, used))
+        a.hist, _ = packer.rows(used[0])
+        packer.keep.append(used)
+        a.hist_slot_stride, a.num_slots = used.stride(0), hist.shape[0]
+    a.hist_write = kw["hist_write"]
+    a.eval_y, a.write_x, a.write_y = kw["eval_y"], kw["write_x"], kw["write_y"]
+    a.seed, a.noise_id = kw["seed"], kw["noise_id"]
+    mi = kw.get("model_in")
+    if mi is not None:
+        a.model_in, used = packer.rows(mi, output=True)
+        a.model_in_halves = mi.shape[0] // x.shape[0]
+        a.model_in_half_stride = x.shape[0] * a.model_in.batch_stride
+        a.model_in_from_y = kw["model_in_from_y"]
+    bad = kw.get("bad_row")
+    a.bad_row = None if bad is None else bad.data_ptr()
+    return a
+
+
+def emulate_step(emu, kw):
+    packer = Packer()
+    a = step_args(kw, packer)
+    err = emu.fastdiff_emulate_fused_step(ctypes.byref(a))
+    assert err is None, err.decode()
+    packer.finish()
+
+
+def step_plan(emu, kw):
+    out = (ctypes.c_int64 * 3)()
+    a = step_args(kw, Packer())
+    assert emu.fastdiff_emulate_step_plan(ctypes.byref(a), out) is None
+    return dict(dense=bool(out[0]), vec=bool(out[1]), groups=out[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout, inside NaN padding where there is any."""
+    if layout == "contig":
+        return t.contiguous()
+    if layout == "batch_slice":        # every other sample of a twice-as-large batch: read in place
+        big = torch.full((2 * t.shape[0],) + tuple(t.shape[1:]), float("nan"), dtype=t.dtype)
+        v = big[::2]
+        v.copy_(t)
+        return v
+    if layout == "channels_last":      # samples not dense: the binding copies
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 3 else t.contiguous()
+    if layout == "offset":             # contiguous, one element past an aligned address: scalar path
+        big = torch.full((t.numel() + 2,), float("nan"), dtype=t.dtype)
+        v = big[1:1 + t.numel()].view(t.shape)
+        v.copy_(t)
+        return v
+    raise ValueError(layout)
+
+
+def random_table(gen, K, rows=3):
+    T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
+    T[:, 0] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # the guidance scale g
+    return T
+
+
+def make_case(gen, shape, *, K=1, model="cfg", noise="philox", writes="x", model_in="2B", eval_y=None,
+              model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig", bad_row=True):
+    L = (lambda t: relayout(t, layout))
+    write_x, write_y = "x" in writes, "y" in writes
+    eval_y = write_y if eval_y is None else eval_y
+    B = shape[0]
+    kw = dict(table=random_table(gen, K), row=1, x=L(torch.randn(shape, generator=gen)))
+    kw["y"] = L(torch.randn(shape, generator=gen)) if (write_y or eval_y) else None
+    kw["cond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model != "none" else None
+    kw["uncond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model == "cfg" else None
+    kw["hist"] = relayout_stack(torch.randn((K,) + tuple(shape), generator=gen), layout) if K else None
+    kw["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen)) if K else -1
+    kw["eval_y"], kw["write_x"], kw["write_y"] = bool(eval_y), write_x, write_y
+    kw["noise"] = L(torch.randn(shape, generator=gen).to(noise_dtype)) if noise == "given" else None
+    kw["seed"], kw["noise_id"] = 1234, (3 if noise == "philox" else -1)
+    kw["model_in"], kw["model_in_from_y"] = None, False
+    if model_in != "none":
+        rows = B if model_in == "B" else 2 * B
+        kw["model_in"] = L(torch.full((rows,) + tuple(shape[1:]), float("nan")).to(model_dtype))
+        kw["model_in_from_y"] = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
+    kw["bad_row"] = torch.zeros(1, dtype=torch.int32) if bad_row else None
+    return kw
+
+
+def relayout_stack(h: torch.Tensor, layout: str) -> torch.Tensor:
+    """A history stack [K, B, ...]: each slot in `layout` (slots of one buffer)."""
+    if layout == "contig":
+        return h.contiguous()
+    if layout == "batch_slice":
+        big = torch.full((h.shape[0], 2 * h.shape[1]) + tuple(h.shape[2:]), float("nan"))
+        v = big[:, ::2]
+        v.copy_(h)
+        return v
+    if layout == "channels_last":
+        return h.transpose(-1, -2).contiguous().transpose(-1, -2) if h.dim() >= 4 else h.contiguous()
+    if layout == "offset":
+        big = torch.full((h.numel() + 2,), float("nan"))
+        v = big[1:1 + h.numel()].view(h.shape)
+        v.copy_(h)
+        return v
+    raise ValueError(layout)
+
+
+def clone_case(kw):
+    """A deep copy keeping each tensor's strides, storage offset and NaN padding."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor):
+            need = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride())) + 1
+            buf = torch.full((max(need, 1),), float("nan") if v.is_floating_point() else 0, dtype=v.dtype)
+            out[k] = buf.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(v)
+        else:
+            out[k] = v
+    return out
+
+
+OUTPUTS = ("x", "y", "hist", "model_in", "bad_row")
+ARG_ORDER = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
+             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row")
+
+
+def run(kw, how, emu=None):
+    c = clone_case(kw)
+    if how == "emulated":
+        emulate_step(emu, c)
+    elif how == "reference":
+        reference.fused_step(*[c[k] for k in ARG_ORDER])
+    else:
+        _C.fused_step(*[c[k] for k in ARG_ORDER])
+    return c
+
+
+def ulp32(t: torch.Tensor) -> torch.Tensor:
+    a = t.abs().float().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.nextafter(a, torch.tensor(math.inf)) - a
+
+
+def assert_outputs(got, want, what, *, exact=True):
+    """Every in-place output bitwise equal (NaN == NaN), or, for Philox noise against the
+    reference, within the CPU backend's tolerances (tests/test_ops_cpu.py)."""
+    for name in OUTPUTS:
+        g, w = got.get(name), want.get(name)
+        if g is None:
+            continue
+        if exact or name == "bad_row":
+            same = (g == w) | (g.isnan() & w.isnan()) if g.is_floating_point() else g == w
+            assert bool(same.all()), f"{name} differs ({what}): {int((~same).sum())} of {same.numel()} elements"
+        else:
+            tol = NOISE_TOL[g.dtype] if name == "model_in" else NOISE_TOL["state"]
+            torch.testing.assert_close(g, w, equal_nan=True, msg=f"{name} ({what})", **tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_step
+# ----------------------------------------------------------------------------------------------
+CASES = list(itertools.product((0, 1, 5), ("none", "cond", "cfg"), ("none", "given", "philox"), ("x", "y", "xy"),
+                               ("none", "B", "2B")))
+
+
+@pytest.mark.parametrize("K,model,noise,writes,model_in", CASES)
+def test_fused_step_matches_reference(emu, K, model, noise, writes, model_in):
+    """K = 5 runs the any-K loop variant; 0 and 1 the fixed-K ones."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((K, model, noise, writes, model_in)).encode()))
+    for eval_y in ((False, True) if writes != "x" else (False,)):
+        kw = make_case(gen, (2, 3, 4, 6), K=K, model=model, noise=noise, writes=writes, model_in=model_in,
+                       eval_y=eval_y)
+        got = run(kw, "emulated", emu)
+        if noise == "philox":
+            assert_outputs(got, run(kw, "reference"), f"eval_y={eval_y}", exact=False)
+            if HAVE_CPU:
+                assert_outputs(got, run(kw, "cpu"), f"eval_y={eval_y} vs cpu")
+        else:
+            assert_outputs(got, run(kw, "reference"), f"eval_y={eval_y}")
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 5, 7), (1, 4, 8, 8), (3, 4, 6, 6)])
+def test_fused_step_dtypes_and_sizes(emu, model_dtype, shape):
+    """Odd sizes (groups straddling samples, a partial last group) in every model dtype, noise
+    given in the model dtype or drawn in the kernel."""
+    gen = torch.Generator().manual_seed(7)
+    for noise in ("given", "philox"):
+        kw = make_case(gen, shape, K=2, model="cfg", noise=noise, writes="xy", model_in="2B",
+                       model_dtype=model_dtype, noise_dtype=model_dtype)
+        got = run(kw, "emulated", emu)
+        if noise == "given":
+            assert_outputs(got, run(kw, "reference"), f"{model_dtype} {shape}")
+        elif HAVE_CPU:
+            assert_outputs(got, run(kw, "cpu"), f"{model_dtype} {shape} philox vs cpu")
+
+
+@pytest.mark.parametrize("layout,dense,vec", [("contig", True, True), ("batch_slice", False, True),
+                                              ("channels_last", True, True), ("offset", True, False)])
+@pytest.mark.parametrize("noise", ["given", "philox"])
+def test_fused_step_layouts(emu, layout, dense, vec, noise):
+    """Batch slices are read in place (vector path), channels-last runs on contiguous copies, a
+    misaligned tensor takes the scalar path: all give the reference's values."""
+    gen = torch.Generator().manual_seed(11)
+    kw = make_case(gen, (3, 4, 6, 10), K=2, model="cfg", noise=noise, writes="xy", model_in="2B", layout=layout,
+                   model_dtype=torch.float16)
+    plan = step_plan(emu, clone_case(kw))
+    assert (plan["dense"], plan["vec"]) == (dense, vec)
+    got = run(kw, "emulated", emu)
+    for name in OUTPUTS:
+        if got.get(name) is not None:
+            assert got[name].stride() == kw[name].stride()
+    if noise == "given":
+        assert_outputs(got, run(kw, "reference"), layout)
+    else:
+        assert_outputs(got, run(kw, "reference"), layout, exact=False)
+        if HAVE_CPU:
+            assert_outputs(got, run(kw, "cpu"), f"{layout} vs cpu")
+
+
+def test_fused_step_straddling_groups_take_scalar_path(emu):
+    """M = 5 with samples 8 apart: a 4-group spans two samples; nothing between samples is touched."""
+    gen = torch.Generator().manual_seed(4)
+    kw = make_case(gen, (6, 5), K=1, noise="given", writes="x", model_in="B")
+    big = torch.full((6, 8), float("nan"))
+    for name in ("x", "cond", "uncond", "noise"):
+        v = big.clone()[:, :5]
+        v.copy_(kw[name])
+        kw[name] = v
+    assert step_plan(emu, kw) == dict(dense=False, vec=False, groups=8)
+    got = run(kw, "emulated", emu)
+    assert_outputs(got, run(kw, "reference"), "M=5")
+    pad = got["x"].as_strided((5, 3), (8, 1), 5)     # the gaps after samples 0..4
+    assert bool(pad.isnan().all()), "wrote between samples"
+
+
+def test_fused_step_any_k_loop_matches_fixed_k(emu):
+    """The same row through the K=4 fixed variant and, with a fifth zero slot, the any-K loop."""
+    gen = torch.Generator().manual_seed(2)
+    kw4 = make_case(gen, (2, 4, 8, 8), K=4, noise="philox", writes="xy", model_in="2B")
+    kw4["hist_write"] = 3
+    kw5 = clone_case(kw4)
+    T4 = kw4["table"]
+    T5 = torch.zeros(T4.shape[0], table_width(5), dtype=torch.float64)
+    T5[:, :3 + 8] = T4[:, :3 + 8]                 # g, q_y, q_d, x block (4 + 4 slots)
+    T5[:, 3 + 9:3 + 9 + 8] = T4[:, 3 + 8:3 + 16]  # y block
+    T5[:, -1] = T4[:, -1]
+    kw5["table"] = T5
+    kw5["hist"] = torch.cat([kw4["hist"], torch.full((1,) + tuple(kw4["x"].shape), 123.0)])
+    a, b = run(kw4, "emulated", emu), run(kw5, "emulated", emu)
+    for name in ("x", "y", "model_in", "bad_row"):
+        assert torch.equal(a[name], b[name]), name
+    assert torch.equal(a["hist"], b["hist"][:4])
+
+
+def test_fused_step_bad_row(emu):
+    gen = torch.Generator().manual_seed(9)
+    kw = make_case(gen, (4, 4, 16, 16), K=1, noise="none", writes="x", model_in="none")
+    kw["table"][:, :] = kw["table"].abs() + 0.1      # every term reaches x
+    assert run(kw, "emulated", emu)["bad_row"].item() == 0
+    kw["cond"][3, 3, 15, 15] = float("nan")          # in the last block only
+    assert run(kw, "emulated", emu)["bad_row"].item() == kw["row"] + 1
+    kw["bad_row"][0] = 5                             # an earlier bad row is kept
+    assert run(kw, "emulated", emu)["bad_row"].item() == 5
+    kw["bad_row"][0] = 0
+    kw["cond"][3, 3, 15, 15] = 0.0
+    kw["x"][0, 0, 0, 0] = float("inf")
+    assert run(kw, "emulated", emu)["bad_row"].item() == kw["row"] + 1
+
+
+def test_fused_step_rejects_bad_arguments(emu):
+    gen = torch.Generator().manual_seed(1)
+    kw = make_case(gen, (2, 4, 4), K=2)
+    a = step_args(kw, Packer())
+    a.table_cols = 99
+    assert b"table_cols" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
+    a = step_args(kw, Packer())
+    a.hist_write = 2
+    assert b"hist_write" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
+    a = step_args(kw, Packer())
+    a.row = 3
+    assert b"row" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
+
+
+# ----------------------------------------------------------------------------------------------
+# CFG, cfg_rescale, Philox
+# ----------------------------------------------------------------------------------------------
+def cfg_args(cond, uncond, g, out, packer):
+    """The caller keeps cond, uncond and out alive while the struct is used (it holds raw pointers)."""
+    a = CfgArgs()
+    a.batch, a.sample_size = cond.shape[0], math.prod(cond.shape[1:])
+    a.cond, _ = packer.rows(cond)
+    a.uncond, _ = packer.rows(uncond)
+    a.g, a.out, a.out_dtype = g, out.data_ptr(), DTYPE_CODE[out.dtype]
+    return a
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
+                                             (torch.float64, torch.float32)])
+@pytest.mark.parametrize("layout", ["contig", "batch_slice", "offset"])
+def test_cfg_combine(emu, dtype, out_dtype, layout):
+    gen = torch.Generator().manual_seed(3)
+    for uncond_given in (True, False):
+        c = relayout(torch.randn(3, 5, 7, generator=gen).to(dtype), layout)
+        u = relayout(torch.randn(3, 5, 7, generator=gen).to(dtype), layout) if uncond_given else None
+        out = torch.full(c.shape, float("nan"), dtype=out_dtype)
+        assert emu.fastdiff_emulate_cfg_combine(ctypes.byref(cfg_args(c, u, 7.3, out, Packer()))) is None
+        want = reference.cfg_combine(c, u, 7.3, out_dtype=out_dtype)
+        assert torch.equal(out, want), f"{dtype}->{out_dtype} {layout} uncond={uncond_given}"
+
+
+@pytest.mark.filterwarnings("ignore:std.*degrees of freedom:UserWarning")   # the reference, one element per sample
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (3, 5000), (2, 1), (1, 2 * 2048 + 1)])
+@pytest.mark.parametrize("phi", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cfg_rescale(emu, shape, phi, dtype):
+    """Several chunks per sample (5000, 4097 elements), one element per sample (std NaN: factor 1)."""
+    gen = torch.Generator().manual_seed(5)
+    c = (3.0 + torch.randn(shape, generator=gen)).to(dtype)
+    u = torch.randn(shape, generator=gen).to(dtype)
+    out = torch.full(shape, float("nan"))
+    ws = torch.zeros(emu_workspace_bytes(shape) // 8 + 1, dtype=torch.float64)
+    a = cfg_args(c, u, 7.5, out, Packer())
+    assert emu.fastdiff_emulate_cfg_rescale(ctypes.byref(a), phi, ws.data_ptr(), ws.numel() * 8) is None
+    want = reductions.reference_cfg_rescale(c, u, 7.5, phi)
+    # std in float64 then rounded: the factor may differ from torch's by an ulp of float32.
+    torch.testing.assert_close(out, want, rtol=4e-7 * 4, atol=0)
+
+
+def emu_workspace_bytes(shape):
+    B, M = shape[0], math.prod(shape[1:])
+    chunks = -(-M // 2048)
+    return B * chunks * 5 * 8 + B * 4
+
+
+def test_cfg_rescale_constant_guided_output(emu):
+    """std(D) = 0 (cond == uncond, constant): the reference keeps D (ratio 1)."""
+    c, u = torch.full((2, 64), 0.5), torch.full((2, 64), 0.5)
+    out = torch.empty(2, 64)
+    ws = torch.zeros(64, dtype=torch.float64)
+    a = cfg_args(c, u, 3.0, out, Packer())
+    assert emu.fastdiff_emulate_cfg_rescale(ctypes.byref(a), 0.7, ws.data_ptr(), 512) is None
+    assert torch.equal(out, reductions.reference_cfg_rescale(c, u, 3.0, 0.7))
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 1001])
+def test_philox(emu, numel):
+    seed, nid = 0x1234_5678_9ABC_DEF0, 77
+    G = (numel + 3) // 4
+    words = torch.full((G, 4), -1, dtype=torch.int64)
+    emu.fastdiff_emulate_philox_uint32(words.data_ptr(), numel, seed, nid, 0)
+    assert torch.equal(words, P.philox_uint32(numel, seed, nid))
+    # Counters from 2**32 - 1 on: the group index carries into the counter's second word.
+    first = 2 ** 32 - 1
+    emu.fastdiff_emulate_philox_uint32(words.data_ptr(), numel, seed, nid, first)
+    g = first + torch.arange(G, dtype=torch.int64)
+    want = P.philox4x32_10(g & P.MASK32, g >> 32, torch.full_like(g, nid), torch.zeros_like(g),
+                           seed & P.MASK32, seed >> 32)
+    assert torch.equal(words, torch.stack(want, dim=1))
+    z = torch.full((numel + 5,), float("nan"))
+    emu.fastdiff_emulate_philox_normal(z.data_ptr(), numel, seed, nid)
+    assert bool(z[numel:].isnan().all()), "wrote past numel"
+    ref = P.philox_normal((numel,), seed, nid)
+    assert bool(((z[:numel] - ref).abs() <= NOISE_ULPS * ulp32(ref)).all())
+    if HAVE_CPU:
+        assert torch.equal(z[:numel], _C.philox_normal([numel], seed, nid))
