@@ -23,7 +23,7 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastdiff C++ CPU kernels (OpenMP + SIMD): fused solver step, CFG, Philox noise";
+  m.doc() = "fastdiff C++ CPU kernels (OpenMP + SIMD): fused solver step, CFG, Philox noise, per-sample reductions";
 
   m.def(
       "fused_step",
@@ -75,6 +75,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("numel"), py::arg("seed"), py::arg("noise_id"), py::arg("first_group") = 0,
       "The raw Philox words: int64 [ceil(numel/4), 4] (fastdiff.ops.philox.philox_uint32); row t is "
       "group first_group + t.");
+
+  m.def(
+      "cfg_rescale",
+      [](const at::Tensor& cond, const at::Tensor& uncond, double g, double rescale) {
+        py::gil_scoped_release nogil;
+        return fastdiff::cfg_rescale(cond, uncond, g, rescale);
+      },
+      py::arg("cond"), py::arg("uncond"), py::arg("g"), py::arg("rescale"),
+      "CFG with the per-sample std rescale (fastdiff.ops.reductions.reference_cfg_rescale).");
+
+  m.def(
+      "dynamic_threshold",
+      [](const at::Tensor& x0, double ratio, double max_value) {
+        py::gil_scoped_release nogil;
+        return fastdiff::dynamic_threshold(x0, ratio, max_value);
+      },
+      py::arg("x0"), py::arg("ratio"), py::arg("max_value"),
+      "Imagen's dynamic thresholding, exact quantile (fastdiff.ops.reductions.reference_dynamic_threshold).");
+
+  m.def(
+      "error_norm",
+      [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& ref, double rtol, double atol) {
+        py::gil_scoped_release nogil;
+        return fastdiff::error_norm(a, b, ref, rtol, atol);
+      },
+      py::arg("a"), py::arg("b"), py::arg("ref"), py::arg("rtol"), py::arg("atol"),
+      "The scaled RMS error norm (fastdiff.ops.reductions.reference_error_norm), a 0-d tensor.");
+
+  m.def(
+      "per_sample_norm",
+      [](const at::Tensor& x) {
+        py::gil_scoped_release nogil;
+        return fastdiff::per_sample_norm(x);
+      },
+      py::arg("x"), "Per-sample L2 norms (fastdiff.ops.reductions.reference_per_sample_norm), a [B] tensor.");
 
   m.def(
       "build_info", []() { return fastdiff::build_info(); },

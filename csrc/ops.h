@@ -32,6 +32,17 @@ at::Tensor philox_normal(const std::vector<int64_t>& shape, uint64_t seed, int64
 // first_group + t (first_group > 0 only to test counters past 2**32 groups).
 at::Tensor philox_uint32(int64_t numel, uint64_t seed, int64_t noise_id, uint64_t first_group = 0);
 
+// Per-sample reductions (csrc/cpu/reductions.cpp; semantics: fastdiff/ops/reductions.py). Math in
+// float32 (float64 for float64 inputs); each returns a new contiguous tensor of the math dtype.
+// D = uncond + g (cond - uncond), then D * (rescale * std(cond) / std(D) + 1 - rescale) per sample.
+at::Tensor cfg_rescale(const at::Tensor& cond, const at::Tensor& uncond, double g, double rescale);
+// s = the ratio-quantile of |x0| per sample, clamped to [1, max_value]; clamp(x0, -s, s) / s.
+at::Tensor dynamic_threshold(const at::Tensor& x0, double ratio, double max_value);
+// sqrt(mean(((a - b) / max(atol, rtol * max(|a|, |ref|)))^2)) over the whole batch, a 0-d tensor.
+at::Tensor error_norm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ref, double rtol, double atol);
+// The L2 norm of each sample, a [B] tensor.
+at::Tensor per_sample_norm(const at::Tensor& x);
+
 // Build facts for `fastdiff info`: compiler flags, OpenMP, SIMD width.
 std::vector<std::pair<std::string, std::string>> build_info();
 

@@ -79,6 +79,8 @@ class CpuBackend(Backend):
 
     def not_supported_reasons(self, op, tensors, state_dtype=None):
         reasons = []
+        if not hasattr(load_extension(), op):   # an extension built before the op was added
+            reasons.append(f"fastdiff._C was built without {op}; rebuild with `pip install --no-build-isolation -e .`")
         for t in tensors:
             if t.device.type != "cpu":
                 reasons.append(f"cpu backend runs on CPU tensors, got a tensor on {t.device}")
@@ -105,6 +107,23 @@ class CpuBackend(Backend):
 
     def philox_normal(self, shape, seed, noise_id, device):
         return load_extension().philox_normal([int(s) for s in shape], int(seed), int(noise_id))
+
+    # Per-sample reductions (csrc/cpu/reductions.cpp): float32 math for float32/float16/bfloat16
+    # inputs, float64 for float64, as the reference.
+    def cfg_rescale(self, cond, uncond, g, rescale):
+        return load_extension().cfg_rescale(cond, uncond, float(g), float(rescale))
+
+    def dynamic_threshold(self, x0, ratio, max_value):
+        return load_extension().dynamic_threshold(x0, float(ratio), float(max_value))
+
+    def error_norm(self, a, b, ref, rtol, atol):
+        if not a.dtype == b.dtype == ref.dtype:   # mixed dtypes: the reference's conversion to a's math dtype
+            md = torch.float64 if a.dtype == torch.float64 else torch.float32
+            a, b, ref = a.to(md), b.to(md), ref.to(md)
+        return load_extension().error_norm(a, b, ref, float(rtol), float(atol))
+
+    def per_sample_norm(self, x):
+        return load_extension().per_sample_norm(x)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (CpuBackend(), ReferenceBackend())}
