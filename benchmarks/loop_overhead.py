@@ -34,7 +34,7 @@ import fastdiff
 
 from . import baselines as bl
 from .step_bench import RESULTS
-from .timing import describe_machine, load_average, machine_info, measure, torch_threads
+from .timing import describe_machine, load_average, machine_info, measure_interleaved, torch_threads
 
 SHAPE = (1, 4, 8, 8)
 STEPS = 20
@@ -94,13 +94,15 @@ def run(loops: Sequence[str], threads: int, fit_steps: Sequence[int], *, min_sam
     noise = torch.randn(SHAPE, generator=gen)
     model = zero_cost_model(torch.randn((2 * SHAPE[0],) + SHAPE[1:], generator=gen))
     results = []
+    step_counts = sorted(set(fit_steps) | {STEPS})
     with torch_threads(threads):
+        # Every (loop, steps) pair measured together, samples interleaved.
+        timings = measure_interleaved({(key, n): LOOPS[key][1](n, model, noise) for key in loops for n in step_counts},
+                                      min_samples=min_samples, min_time=min_time)
         for key in loops:
-            label, make = LOOPS[key]
-            per_steps = {}
-            for n in sorted(set(fit_steps) | {STEPS}):
-                t = measure(make(n, model, noise), min_samples=min_samples, min_time=min_time)
-                per_steps[n] = t
+            label = LOOPS[key][0]
+            per_steps = {n: timings[(key, n)] for n in step_counts}
+            for n, t in per_steps.items():
                 log(f"{key:18s} steps={n:3d}: {t.median * 1e6:9.1f} us per call ({t.median / n * 1e6:.1f} per step)")
             ns = np.array(sorted(fit_steps), dtype=float)
             slope, fixed = np.polyfit(ns, [per_steps[int(n)].median for n in ns], 1)

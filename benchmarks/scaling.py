@@ -6,8 +6,8 @@
 Small tensors are overhead-bound (the time is flat: call, dispatch, thread start-up); large ones
 are bandwidth-bound (the time grows with the bytes). The plot shows where each implementation
 crosses from one to the other: fastdiff cpu, eager PyTorch and torch.compile (static shapes,
-one compile per size, as step_bench does), for 1 and 2 threads, beside two floors measured in
-the same run: the bytes divided by the copy bandwidth, and the fastdiff._C call on an empty
+one compile per size, as step_bench does; the three measured together, samples interleaved),
+for 1 and 2 threads, beside two floors measured in the same run: the bytes divided by the copy bandwidth, and the fastdiff._C call on an empty
 tensor (argument passing and checks, no elements).
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 from . import baselines as bl
 from .step_bench import IMPL_BY_KEY, RESULTS, bytes_moved, step_callable
-from .timing import copy_bandwidth, describe_machine, load_average, machine_info, measure, torch_threads
+from .timing import (copy_bandwidth, describe_machine, load_average, machine_info, measure, measure_interleaved,
+                     torch_threads)
 
 DEFAULT_SIZES = tuple(256 * 4 ** k for k in range(8)) + (2 ** 23,)     # 256 .. 4M, 8M
 QUICK_SIZES = (256, 4096, 65536, 1048576)
@@ -63,15 +64,18 @@ def run(sizes: Sequence[int], threads: Sequence[int], impls: Sequence[str], *, m
         problem = bl.make_problem((1, n))
         for nt in threads:
             with torch_threads(nt):
+                torch._dynamo.reset()
+                made = {key: step_callable(IMPL_BY_KEY[key], problem, log) for key in impls}
+                timings = measure_interleaved({k: fn for k, (fn, _) in made.items()}, min_samples=min_samples,
+                                              min_time=min_time)
                 for key in impls:
-                    impl = IMPL_BY_KEY[key]
-                    fn, extra = step_callable(impl, problem, log)
-                    t = measure(fn, min_samples=min_samples, min_time=min_time)
-                    del fn
+                    impl, t = IMPL_BY_KEY[key], timings[key]
                     nbytes = bytes_moved(n, impl.model_dtype, impl.model_input)
                     points.append({"numel": n, "threads": nt, "impl": key, "median_s": t.median, "iqr_s": t.iqr,
-                                   "samples": t.samples, "bytes": nbytes, "gbps": nbytes / t.median / 1e9, **extra})
+                                   "samples": t.samples, "bytes": nbytes, "gbps": nbytes / t.median / 1e9,
+                                   **made[key][1]})
                     log(f"  numel={n:>8} threads={nt} {key:14s} {t.median * 1e6:10.1f} us")
+                del made
         del problem
     info["load_average_end"] = load_average()
     return {"machine": info, "settings": {"sizes": list(sizes), "threads": list(threads), "impls": list(impls),

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import baselines as bl
-from .timing import (copy_bandwidth, describe_machine, inplace_add_bandwidth, load_average, machine_info, measure,
+from .timing import (BandwidthProbe, describe_machine, load_average, machine_info, measure_interleaved,
                      torch_threads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,8 +97,8 @@ def step_callable(impl: Impl, problem: bl.StepProblem, log) -> Tuple[object, dic
     if impl.key.startswith("compile"):
         # A sampling loop calls the compiled step with new scalars every step: the first call
         # compiles, the second (new scalars) recompiles once with the scalars as inputs; time
-        # the kernel the loop then keeps using.
-        torch._dynamo.reset()
+        # the kernel the loop then keeps using. (The caller resets dynamo when the thread
+        # count changes: a reset here would send the other compiled variant back to compile.)
         fn = bl.compiled_step(impl.model_input)
         previous = bl.step_scalars(p.scheduler, p.step_index - 1, p.scalars.guidance)
         t0 = time.perf_counter()
@@ -117,7 +117,10 @@ def step_callable(impl: Impl, problem: bl.StepProblem, log) -> Tuple[object, dic
 
 def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *, min_samples: int,
         min_time: float, copy_mib: int, log=lambda s: None) -> dict:
-    """Measure every (shape, threads, impl); returns the report (what the JSON file holds)."""
+    """Measure every (shape, threads, impl); returns the report (what the JSON file holds).
+
+    Per (shape, threads) block, the implementations and the two bandwidth probes are measured
+    together, their samples interleaved (benchmarks.timing.measure_interleaved)."""
     info = machine_info()
     blocks, results = [], []
     for name in shapes:
@@ -127,15 +130,21 @@ def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *,
         problem = bl.make_problem(shape)
         for nt in threads:
             with torch_threads(nt):
-                copy = copy_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
-                inplace = inplace_add_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
-                log(f"  threads={nt}: copy {copy['gbps']:.1f} GB/s, in-place add {inplace['gbps']:.1f} GB/s")
-                blocks.append({"shape_name": name, "threads": nt, "copy": copy, "inplace_add": inplace,
-                               "load_average": load_average()})
+                torch._dynamo.reset()        # compile this block's functions afresh for nt threads
+                probes = {k: BandwidthProbe(k, copy_mib) for k in BandwidthProbe.KINDS}
+                fns, extras = {}, {}
                 for impl in impls:
-                    fn, extra = step_callable(impl, problem, log)
-                    t = measure(fn, min_samples=min_samples, min_time=min_time)
-                    del fn
+                    fns[impl.key], extras[impl.key] = step_callable(impl, problem, log)
+                load = load_average()
+                timings = measure_interleaved({**probes, **fns}, min_samples=min_samples, min_time=min_time)
+                bw = {k: p.result(timings[k]) for k, p in probes.items()}
+                del probes, fns
+                log(f"  threads={nt}: copy {bw['copy']['gbps']:.1f} GB/s, in-place add "
+                    f"{bw['inplace_add']['gbps']:.1f} GB/s (load {load[0]})")
+                blocks.append({"shape_name": name, "threads": nt, "copy": bw["copy"], "inplace_add": bw["inplace_add"],
+                               "load_average": load})
+                for impl in impls:
+                    t = timings[impl.key]
                     nbytes = bytes_moved(numel, impl.model_dtype, impl.model_input)
                     gbps = nbytes / t.median / 1e9
                     results.append({
@@ -143,7 +152,8 @@ def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *,
                         "label": impl.label, "model_dtype": str(impl.model_dtype).replace("torch.", ""),
                         "model_input": impl.model_input, "median_s": t.median, "iqr_s": t.iqr,
                         "samples": t.samples, "calls_per_sample": t.number, "bytes": nbytes, "gbps": gbps,
-                        "pct_copy": 100.0 * gbps / copy["gbps"], **extra})
+                        "pct_copy": 100.0 * gbps / bw["copy"]["gbps"],
+                        "pct_inplace_add": 100.0 * gbps / bw["inplace_add"]["gbps"], **extras[impl.key]})
                     log(f"    {impl.key:32s} {t.median * 1e6:12.1f} us  (IQR {t.iqr * 1e6:.1f}, n={t.samples})")
         del problem
     info["load_average_end"] = load_average()

@@ -5,7 +5,9 @@ Timing: a *sample* is ``number`` back-to-back calls (``number`` chosen so a samp
 ``sample_time``, which makes timer overhead negligible), reported per call; a measurement takes
 samples until it has at least ``min_samples`` and has run ``min_time`` seconds, and reports the
 median and the interquartile range over samples. Medians, because this machine is shared: a
-sample that lost the CPU to another process is an outlier, not a trend.
+sample that lost the CPU to another process is an outlier, not a trend. Implementations that
+are to be compared are measured together, their samples interleaved, so that the others' load
+at the time falls on all of them alike.
 
 Threads: fastdiff._C runs its OpenMP loops with ``at::get_num_threads()``, i.e. torch's setting,
 so ``torch.set_num_threads(n)`` governs fastdiff, eager PyTorch and torch.compile alike
@@ -22,7 +24,7 @@ import time
 import timeit
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Hashable, Iterator
 
 import numpy as np
 import torch
@@ -43,39 +45,58 @@ class Timing:
         return asdict(self)
 
 
-def measure(fn: Callable[[], object], *, min_samples: int = 15, min_time: float = 0.5,
-            sample_time: float = 2e-3, warmup: int = 3) -> Timing:
-    """Median time per call of ``fn()`` (see the module docstring).
+class _Sampler:
+    """Samples of one callable: ``number`` calls each, after an untimed ``fn.prepare(number)``."""
 
-    A stateful ``fn`` (one that updates its inputs in place) may have ``fn.prepare(number)`` and
+    def __init__(self, fn: Callable[[], object], sample_time: float, warmup: int):
+        self.prepare = getattr(fn, "prepare", lambda number: None)
+        max_calls = int(getattr(fn, "max_calls", 1 << 20))
+        self.timer = timeit.Timer(fn)
+        self.prepare(warmup)
+        for _ in range(warmup):
+            fn()
+        self.number = 1
+        while True:                      # calibrate: double until one sample is long enough
+            t = self.sample()
+            if t * self.number >= sample_time or 2 * self.number > max_calls:
+                break
+            self.number *= 2
+        self.per_call = [t]
+
+    def sample(self) -> float:
+        self.prepare(self.number)
+        return self.timer.timeit(self.number) / self.number
+
+    def timing(self) -> Timing:
+        q1, med, q3 = np.percentile(self.per_call, [25, 50, 75])
+        return Timing(float(med), float(q3 - q1), len(self.per_call), self.number)
+
+
+def measure_interleaved(fns: Dict[Hashable, Callable[[], object]], *, min_samples: int = 15, min_time: float = 0.5,
+                        sample_time: float = 2e-3, warmup: int = 3) -> Dict[Hashable, Timing]:
+    """Median time per call of each ``fn()``, taking their samples in turn (A, B, C, A, B, C, ...)
+    so that a change in the machine's load during the measurement hits all of them alike: ratios
+    between them stay meaningful on a shared machine. Stops when every fn has ``min_samples``
+    samples and the whole took ``min_time`` seconds per fn.
+
+    A stateful fn (one that updates its inputs in place) may have ``fn.prepare(number)`` and
     ``fn.max_calls``: ``prepare`` runs untimed before each sample of ``number`` calls (e.g. to
     restore a state that repeated calls would drive to overflow), and no sample makes more than
     ``max_calls`` calls."""
     if min_samples < 1:
         raise ValueError(f"min_samples must be >= 1, got {min_samples}")
-    prepare = getattr(fn, "prepare", lambda number: None)
-    max_calls = int(getattr(fn, "max_calls", 1 << 20))
-    prepare(warmup)
-    for _ in range(warmup):
-        fn()
-    timer = timeit.Timer(fn)
-
-    def sample(number: int) -> float:
-        prepare(number)
-        return timer.timeit(number)
-
-    number = 1
-    while True:                          # calibrate: double until one sample is long enough
-        t = sample(number)
-        if t >= sample_time or 2 * number > max_calls:
-            break
-        number *= 2
-    per_call = [t / number]
+    samplers = {k: _Sampler(fn, sample_time, warmup) for k, fn in fns.items()}
     start = time.perf_counter()
-    while len(per_call) < min_samples or time.perf_counter() - start < min_time:
-        per_call.append(sample(number) / number)
-    q1, med, q3 = np.percentile(per_call, [25, 50, 75])
-    return Timing(float(med), float(q3 - q1), len(per_call), number)
+    while (min(len(s.per_call) for s in samplers.values()) < min_samples
+           or time.perf_counter() - start < min_time * len(samplers)):
+        for s in samplers.values():
+            s.per_call.append(s.sample())
+    return {k: s.timing() for k, s in samplers.items()}
+
+
+def measure(fn: Callable[[], object], **options) -> Timing:
+    """Median time per call of one ``fn()``; see ``measure_interleaved`` for the options."""
+    return measure_interleaved({"fn": fn}, **options)["fn"]
 
 
 @contextlib.contextmanager
@@ -91,32 +112,47 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(prior)
 
 
+class BandwidthProbe:
+    """An out-of-cache streaming op on float32 buffers of ``mib`` MiB each; ``nbytes`` is what one
+    call counts as moved.
+
+    ``copy``: ``dst.copy_(src)``, counted as read + write. ``inplace_add``: ``a.add_(b)``, counted
+    as three streams. The copy's destination lines are read before they are written
+    (write-allocate) without being counted; an in-place update pays for exactly what it counts,
+    as fastdiff's in-place step does. So a fused step can exceed 100% of the copy bandwidth, and
+    the in-place add is the closer ceiling for it."""
+
+    KINDS = ("copy", "inplace_add")
+
+    def __init__(self, kind: str, mib: int = 256):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown probe {kind!r}; expected one of {self.KINDS}")
+        n = mib * 2 ** 20 // 4
+        self.kind, self.mib = kind, mib
+        self.a = torch.randn(n)
+        if kind == "copy":
+            self.b = torch.empty_like(self.a)
+            self.b.copy_(self.a)               # fault the pages in before timing
+            self.nbytes = 2 * n * 4
+        else:
+            self.b = torch.randn(n) * 1e-30    # keeps a from growing over many calls
+            self.nbytes = 3 * n * 4
+
+    def __call__(self):
+        if self.kind == "copy":
+            self.b.copy_(self.a)
+        else:
+            self.a.add_(self.b)
+
+    def result(self, t: Timing) -> Dict[str, float]:
+        return {"mib_per_buffer": self.mib, "bytes": self.nbytes, "median_s": t.median, "iqr_s": t.iqr,
+                "samples": t.samples, "gbps": self.nbytes / t.median / 1e9}
+
+
 def copy_bandwidth(mib: int = 256, **measure_options) -> Dict[str, float]:
-    """Out-of-cache copy bandwidth with torch's current thread count: ``dst.copy_(src)`` of two
-    float32 buffers of ``mib`` MiB each, counted as read + write (2 * mib MiB per copy)."""
-    n = mib * 2 ** 20 // 4
-    src = torch.randn(n)
-    dst = torch.empty_like(src)
-    dst.copy_(src)                         # fault the pages in before timing
-    t = measure(lambda: dst.copy_(src), **measure_options)
-    nbytes = 2 * n * 4
-    return {"mib_per_buffer": mib, "bytes": nbytes, "median_s": t.median, "iqr_s": t.iqr, "samples": t.samples,
-            "gbps": nbytes / t.median / 1e9}
-
-
-def inplace_add_bandwidth(mib: int = 256, **measure_options) -> Dict[str, float]:
-    """Out-of-cache bandwidth of ``a.add_(b)`` on two float32 buffers of ``mib`` MiB, counted as
-    three streams (read a, read b, write a). Unlike the copy, whose destination lines are read
-    before they are written (write-allocate) without being counted, an in-place update pays for
-    exactly what it counts, as fastdiff's in-place step does; so a fused step can exceed 100% of
-    the copy bandwidth, and this is the closer ceiling for it."""
-    n = mib * 2 ** 20 // 4
-    a = torch.randn(n)
-    b = torch.randn(n) * 1e-30             # keeps a from growing over many calls
-    t = measure(lambda: a.add_(b), **measure_options)
-    nbytes = 3 * n * 4
-    return {"mib_per_buffer": mib, "bytes": nbytes, "median_s": t.median, "iqr_s": t.iqr, "samples": t.samples,
-            "gbps": nbytes / t.median / 1e9}
+    """Out-of-cache copy bandwidth with torch's current thread count (see BandwidthProbe)."""
+    probe = BandwidthProbe("copy", mib)
+    return probe.result(measure(probe, **measure_options))
 
 
 def load_average() -> list:
