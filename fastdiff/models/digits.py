@@ -54,7 +54,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODEL_FILE = "digits_unet.safetensors"
 METADATA_KEY = "fastdiff"        # the safetensors metadata entry holding our JSON (config, training info)
 # SHA-256 of the shipped weights; scripts/train_digits.py prints the digest of what it writes.
-MODEL_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+MODEL_SHA256 = "5864805086792d302f6d94da6e0299ecee5e798515e249f4829543bc97f5f37f"
 
 
 def digits_schedule() -> DiscreteVP:

@@ -25,7 +25,7 @@ __all__ = ["CLASSIFIER_FILE", "CLASSIFIER_SHA256", "DigitsClassifier", "load_dig
            "classifier_features", "frechet_distance", "digits_fd", "class_accuracy", "sample_quality"]
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
-CLASSIFIER_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+CLASSIFIER_SHA256 = "a96b24c35ad94aa4b241879a922a0787a6d4b7a759dee83ff27b9541dbcde3af"
 
 
 class DigitsClassifier(nn.Module):
