@@ -69,7 +69,7 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
     if y is not None:
         _check_tensor("y", y, shape=shape, dtype=x.dtype, device=dev)
         _check_writable("y", y)
-        if y.data_ptr() == x.data_ptr():
+        if not torch.compiler.is_compiling() and y.data_ptr() == x.data_ptr():   # (traced: checked when the op runs)
             raise ValueError("y must be a different buffer from x (pass y=None to evaluate at x)")
     if (eval_y or write_y or model_in_from_y) and y is None:
         raise ValueError("this row reads or writes y, but y is None")

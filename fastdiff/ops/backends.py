@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import reductions, reference
+from . import custom_ops, reductions, reference
 
 OPS = ("fused_step", "cfg_combine", "philox_normal") + reductions.OPS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,6 +156,9 @@ def select(op: str, backend: str, tensors, state_dtype=None) -> Backend:
     """The backend to run ``op`` on these tensors. An explicit choice runs or raises with its
     reasons; ``auto`` takes the first supporting backend in PRIORITY and warns once when a
     faster backend had to be skipped for a reason the user may want to fix."""
+    if op in custom_ops.OPS and torch.compiler.is_compiling():
+        # Traced by torch.compile: the registered custom ops, which choose the backend when they run.
+        return custom_ops.TracedBackend(backend)
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
