@@ -285,7 +285,7 @@ class FastdiffScheduler:
         return self._step_index
 
     def _fd_begin(self, model_output, timestep, sample, key) -> _Run:
-        if getattr(self, "num_inference_steps", None) is None or self.timesteps is None:
+        if getattr(self, "num_inference_steps", None) is None and not getattr(self, "custom_timesteps", False):
             raise ValueError(f"{type(self).__name__}.step() called before set_timesteps(); call "
                              "set_timesteps(num_inference_steps) first")
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():

@@ -46,7 +46,7 @@ UniPC's ``solver_p``, flow ``invert_sigmas`` / ``per_token_timesteps``.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import diffusers
@@ -79,17 +79,69 @@ def _f64(t) -> np.ndarray:
     return (t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64))
 
 
-def _ve_grid(sigmas: np.ndarray) -> Grid:
+@dataclass
+class _DiffusersGrid(Grid):
+    """A fastdiff Grid that may end with ``tail`` steps that do not lower the noise level.
+
+    diffusers' Karras / exponential / beta / lu sigmas with ``final_sigmas_type='sigma_min'`` end
+    with a step from sigma_min to sigma_min (to a hair above it, in float32, for EDM DPM-Solver),
+    and its solvers take it as the identity, or nearly: the first-order steps of fastdiff's
+    solvers do the same from these two points (a zero step size), so the grid keeps them. The
+    noise levels before the tail strictly decrease, as fastdiff's Grid requires."""
+
+    tail: int = 0
+
+    def __post_init__(self):
+        n = len(self.t) - self.tail
+        if n > 1:             # (a one-step schedule may be a single zero-length step)
+            Grid(self.schedule, self.t[:n], self.alpha[:n], self.sigma[:n], self.model_t[:n])
+
+    def without_tail(self) -> Grid:
+        n = len(self.t) - self.tail
+        return Grid(self.schedule, self.t[:n], self.alpha[:n], self.sigma[:n], self.model_t[:n])
+
+
+def _zero_length_tail(levels: np.ndarray) -> int:
+    """How many steps at the end do not lower the noise level (equal within float32 rounding)."""
+    r = 0
+    while len(levels) - r >= 2 and abs(levels[-1 - r] - levels[-2 - r]) <= 5e-7 * levels[-2 - r]:
+        r += 1
+    return r
+
+
+def _grid(schedule, t, alpha, sigma, levels) -> _DiffusersGrid:
+    levels = np.asarray(levels, dtype=np.float64)
+    tail = _zero_length_tail(levels)
+    if np.any(np.diff(levels[:len(levels) - tail]) >= 0):
+        raise ValueError(f"this run's schedule repeats (or raises) a noise level, noise levels {levels.tolist()}: "
+                         "diffusers then takes zero-length steps, fastdiff's solvers need decreasing noise levels; "
+                         "choose another number of steps or spacing")
+    t = np.asarray(t, dtype=np.float64)
+    return _DiffusersGrid(schedule, t, np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64), t,
+                          tail=tail)
+
+
+def _ve_grid(sigmas: np.ndarray) -> _DiffusersGrid:
     """The Euler family's sample space: x / alpha, i.e. a VE grid (alpha = 1, sigma = diffusers' sigma).
     The schedule only maps off-grid noise levels (stage midpoints) to (alpha, sigma) = (1, level)."""
     s = np.asarray(sigmas, dtype=np.float64)
-    return Grid(VESchedule(), s, np.ones_like(s), s, s)
+    return _grid(VESchedule(), s, np.ones_like(s), s, s)
 
 
-def _vp_grid(schedule, alpha, sigma, t=None) -> Grid:
+def _vp_grid(schedule, alpha, sigma, t=None) -> _DiffusersGrid:
     alpha, sigma = np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
-    t = np.arange(len(alpha), dtype=np.float64)[::-1].copy() if t is None else np.asarray(t, dtype=np.float64)
-    return Grid(schedule, t, alpha, sigma, t)
+    t = np.arange(len(alpha), dtype=np.float64)[::-1].copy() if t is None else t
+    with np.errstate(divide="ignore"):
+        return _grid(schedule, t, alpha, sigma, sigma / alpha)
+
+
+def _identity_tail(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
+    """The rows of ``grid.without_tail()`` followed by the tail's steps as the identity (the model
+    is still called there, as diffusers calls it, and its output is not used)."""
+    n = len(grid.t) - grid.tail - 1
+    p = _point(grid, n)
+    return rows + [Row(step=n + j, eval_at="x", point=p, q_y=0.0, q_x0=0.0, out_x=Out(x=1.0), next_eval="x")
+                   for j in range(grid.tail)]
 
 
 def _point(grid: Grid, i: int) -> Point:
@@ -218,6 +270,9 @@ class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
         grid = _vp_grid(_vp_schedule(self), np.sqrt(a), np.sqrt(1.0 - a), ts + [-1])
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
         rows = get_solver("ddpm", variance=variance).rows(grid)
+        if variance == "fixed_large" and ts[-1] > 0:
+            # diffusers adds noise of variance beta_t = 1 - abar_t also on its last step (to abar = 1, sigma = 0)
+            rows[-1] = replace(rows[-1], out_x=replace(rows[-1].out_x, z=math.sqrt(1.0 - a[-2])), noise_id=len(ts) - 1)
         p = self.config.prediction_type
         fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(len(ts))]
         return Plan(rows, fold, 0, draws=[t > 0 for t in ts], x0_transform=_x0_transform(self.config)).sliced(start)
@@ -299,7 +354,9 @@ class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler
         _check_prediction(self, ("epsilon", "v_prediction", "sample", "original_sample"))
 
     def _plan(self, start: int) -> Plan:
-        grid = _ve_grid(_f64(self.sigmas))
+        # the steps go through sigmas[: len(timesteps) + 1] (with interpolation_type='log_linear'
+        # diffusers' sigmas have one more entry, which no step reaches)
+        grid = _ve_grid(_f64(self.sigmas)[:len(self.timesteps) + 1])
         rows = get_solver("euler", ode_space="ve").rows(grid)
         p = self.config.prediction_type
         return Plan(rows, [_ve_fold(p, s) for s in grid.sigma[:-1]], 0).sliced(start)
@@ -487,6 +544,21 @@ class DPMSolverSDEScheduler(FastdiffScheduler, diffusers.DPMSolverSDEScheduler):
 # Multistep exponential integrators (sample space: VP, or flow with use_flow_sigmas)
 
 
+def _dpm_rows(make_solver, grid: _DiffusersGrid, lower_order_final: bool, euler_at_final: bool):
+    """(solver, rows) of multistep DPM-Solver with diffusers' final-step options. A zero-length
+    final step that diffusers takes at order >= 2 (no final order lowering) computes 0 * inf
+    there: the identity at order 2, NaN at order 3; fastdiff takes it as the identity, after the
+    steps before it, which then have no final lowering either."""
+    solver = make_solver(lower_order_final, euler_at_final)
+    try:
+        return solver, solver.rows(grid)
+    except ZeroDivisionError:
+        if not grid.tail:
+            raise
+    solver = make_solver(False, False)
+    return solver, _identity_tail(solver.rows(grid.without_tail()), grid)
+
+
 def _multistep_grid(self, start: int):
     schedule, alpha, sigma, ks = _ksigma_points(self)
     t = np.arange(len(alpha), dtype=np.float64)[::-1].copy()
@@ -514,12 +586,11 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
         c = self.config
         grid, fold = _multistep_grid(self, start)
         sde = c.algorithm_type == "sde-dpmsolver++"
-        solver = get_solver("dpm_solver_multistep", order=c.solver_order,
-                            algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++",
-                            solver_type=c.solver_type,
-                            lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15),
-                            euler_at_final=c.euler_at_final, eta=1.0 if sde else 0.0)
-        rows = solver.rows(grid)
+        solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
+            "dpm_solver_multistep", order=c.solver_order,
+            algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++", solver_type=c.solver_type,
+            lower_order_final=lof, euler_at_final=eaf, eta=1.0 if sde else 0.0),
+            grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
         return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), noise_dtype=torch.float32 if sde else None,
                     x0_transform=_x0_transform(c))
 
@@ -546,7 +617,15 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
         disabled = [int(d) - start for d in c.disable_corrector if int(d) >= start]
         solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
                             disable_corrector=disabled, lower_order_final=c.lower_order_final)
-        return Plan(solver.rows(grid), fold, solver.num_slots, x0_transform=_x0_transform(c) if c.predict_x0 else None)
+        try:
+            rows = solver.rows(grid)
+        except ZeroDivisionError:
+            if not grid.tail:
+                raise
+            raise ValueError("this schedule ends with a zero-length step (final_sigmas_type='sigma_min' with Karras/"
+                             "exponential/beta sigmas), which UniPC with lower_order_final=False takes at order >= 2, "
+                             "dividing by its zero step size; use lower_order_final=True or final_sigmas_type='zero'")
+        return Plan(rows, fold, solver.num_slots, x0_transform=_x0_transform(c) if c.predict_x0 else None)
 
     def step(self, model_output, timestep, sample, return_dict=True):
         return self._fd_step(model_output, timestep, sample, None, None, return_dict)
@@ -621,11 +700,10 @@ class EDMDPMSolverMultistepScheduler(FastdiffScheduler, diffusers.EDMDPMSolverMu
         c = self.config
         grid = _ve_grid(_f64(self.sigmas)[start:])
         sde = c.algorithm_type == "sde-dpmsolver++"
-        solver = get_solver("dpm_solver_multistep", order=c.solver_order, algorithm_type="dpmsolver++",
-                            solver_type=c.solver_type,
-                            lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15),
-                            euler_at_final=c.euler_at_final, eta=1.0 if sde else 0.0)
-        rows = solver.rows(grid)
+        solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
+            "dpm_solver_multistep", order=c.solver_order, algorithm_type="dpmsolver++", solver_type=c.solver_type,
+            lower_order_final=lof, euler_at_final=eaf, eta=1.0 if sde else 0.0),
+            grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
         fold = [_edm_fold(c.prediction_type, s, c.sigma_data) for s in grid.sigma[:-1]]
         return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
 
