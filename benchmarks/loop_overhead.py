@@ -88,7 +88,7 @@ LOOPS: Dict[str, tuple] = {
 
 
 def run(loops: Sequence[str], threads: int, fit_steps: Sequence[int], *, min_samples: int, min_time: float,
-        log=lambda s: None) -> dict:
+        clock: str = "wall", log=lambda s: None) -> dict:
     info = machine_info()
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(SHAPE, generator=gen)
@@ -98,7 +98,7 @@ def run(loops: Sequence[str], threads: int, fit_steps: Sequence[int], *, min_sam
     with torch_threads(threads):
         # Every (loop, steps) pair measured together, samples interleaved.
         timings = measure_interleaved({(key, n): LOOPS[key][1](n, model, noise) for key in loops for n in step_counts},
-                                      min_samples=min_samples, min_time=min_time)
+                                      min_samples=min_samples, min_time=min_time, clock=clock)
         for key in loops:
             label = LOOPS[key][0]
             per_steps = {n: timings[(key, n)] for n in step_counts}
@@ -113,7 +113,7 @@ def run(loops: Sequence[str], threads: int, fit_steps: Sequence[int], *, min_sam
                             "calls": {str(n): t.as_dict() for n, t in per_steps.items()}})
     info["load_average_end"] = load_average()
     return {"machine": info, "settings": {"shape": list(SHAPE), "threads": threads, "fit_steps": list(fit_steps),
-                                          "guidance": bl.GUIDANCE, "min_samples": min_samples,
+                                          "guidance": bl.GUIDANCE, "min_samples": min_samples, "clock": clock,
                                           "min_time_s": min_time}, "results": results,
             "target_us_per_step": TARGET_US}
 
@@ -123,7 +123,7 @@ def render_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"Machine: {describe_machine(m)}; load {m['load_average_start']} at start, {m['load_average_end']} at end.",
              f"Zero-cost model, {'×'.join(map(str, s['shape']))}, CFG {s['guidance']}, DPM-Solver++(2M), "
-             f"threads={s['threads']}; medians.", "",
+             f"threads={s['threads']}; medians ({s.get('clock', 'wall')} clock).", "",
              f"| loop | µs per call ({STEPS} steps) | µs per step | fixed µs per call | marginal µs per step |",
              "|---|---:|---:|---:|---:|"]
     by_key = {r["loop"]: r for r in report["results"]}
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float)
     p.add_argument("--json", type=Path, default=None, help="default results/loop_overhead.json "
                    "(quick: results/loop_overhead_quick.json)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time (leaves out waiting for a core)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the fastdiff loop")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -184,7 +186,8 @@ def main(argv=None) -> int:
         p.error(f"--threads must be >= 1, got {a.threads}")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     report = run(a.loops, a.threads, a.fit_steps, min_samples=a.min_samples or (5 if a.quick else 31),
-                 min_time=a.min_time if a.min_time is not None else (0.1 if a.quick else 1.0), log=log)
+                 min_time=a.min_time if a.min_time is not None else (0.1 if a.quick else 1.0), clock=a.clock,
+                 log=log)
     out = a.json or RESULTS / ("loop_overhead_quick.json" if a.quick else "loop_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

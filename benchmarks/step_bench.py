@@ -116,7 +116,7 @@ def step_callable(impl: Impl, problem: bl.StepProblem, log) -> Tuple[object, dic
 
 
 def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *, min_samples: int,
-        min_time: float, copy_mib: int, log=lambda s: None) -> dict:
+        min_time: float, copy_mib: int, clock: str = "wall", log=lambda s: None) -> dict:
     """Measure every (shape, threads, impl); returns the report (what the JSON file holds).
 
     Per (shape, threads) block, the implementations and the two bandwidth probes are measured
@@ -136,7 +136,8 @@ def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *,
                 for impl in impls:
                     fns[impl.key], extras[impl.key] = step_callable(impl, problem, log)
                 load = load_average()
-                timings = measure_interleaved({**probes, **fns}, min_samples=min_samples, min_time=min_time)
+                timings = measure_interleaved({**probes, **fns}, min_samples=min_samples, min_time=min_time,
+                                              clock=clock)
                 bw = {k: p.result(timings[k]) for k, p in probes.items()}
                 del probes, fns
                 log(f"  threads={nt}: copy {bw['copy']['gbps']:.1f} GB/s, in-place add "
@@ -159,7 +160,7 @@ def run(shapes: Sequence[str], threads: Sequence[int], impls: Sequence[Impl], *,
     info["load_average_end"] = load_average()
     report = {"machine": info, "settings": {"shapes": list(shapes), "threads": list(threads),
                                             "impls": [i.key for i in impls], "min_samples": min_samples,
-                                            "min_time_s": min_time, "copy_mib": copy_mib,
+                                            "min_time_s": min_time, "copy_mib": copy_mib, "clock": clock,
                                             "guidance": bl.GUIDANCE, "steps": bl.STEPS,
                                             "step_index": bl.MID_STEP},
               "blocks": blocks, "results": results}
@@ -231,7 +232,7 @@ def render_markdown(report: dict) -> str:
              f"Load average (1, 5, 15 min): {info['load_average_start']} at start, "
              f"{info.get('load_average_end')} at end. Step {report['settings']['step_index']} of "
              f"{report['settings']['steps']}, CFG scale {report['settings']['guidance']}, fp32 state; "
-             "times are medians per step.", ""]
+             f"times are medians per step ({report['settings'].get('clock', 'wall')} clock).", ""]
     by_block: Dict[Tuple[str, int], List[dict]] = {}
     for r in report["results"]:
         by_block.setdefault((r["shape_name"], r["threads"]), []).append(r)
@@ -381,6 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--min-samples", type=int, help="samples per measurement (default 21, quick 5)")
     p.add_argument("--min-time", type=float, help="seconds per measurement at least (default 0.5, quick 0.1)")
     p.add_argument("--copy-mib", type=int, help="MiB per buffer of the copy-bandwidth probe (default 256, quick 64)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, which leaves out the time "
+                        "it waited for a core on a busy machine (meaningful for --threads 1)")
     p.add_argument("--inductor-cache", choices=("fresh", "shared"), default="fresh",
                    help="fresh: compile into a new temporary inductor cache, so compile times are cold "
                         "(default); shared: the user's cache")
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
             report = run(shapes, a.threads, impls,
                          min_samples=a.min_samples or (5 if a.quick else 21),
                          min_time=a.min_time if a.min_time is not None else (0.1 if a.quick else 0.5),
-                         copy_mib=a.copy_mib or (64 if a.quick else 256), log=log)
+                         copy_mib=a.copy_mib or (64 if a.quick else 256), clock=a.clock, log=log)
         finally:
             if cache_dir is not None:
                 shutil.rmtree(cache_dir, ignore_errors=True)

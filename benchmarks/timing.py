@@ -45,23 +45,26 @@ class Timing:
         return asdict(self)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class _Sampler:
     """Samples of one callable: ``number`` calls each, after an untimed ``fn.prepare(number)``."""
 
-    def __init__(self, fn: Callable[[], object], sample_time: float, warmup: int):
+    def __init__(self, fn: Callable[[], object], sample_time: float, warmup: int, clock: str):
         self.prepare = getattr(fn, "prepare", lambda number: None)
         max_calls = int(getattr(fn, "max_calls", 1 << 20))
-        self.timer = timeit.Timer(fn)
+        self.timer = timeit.Timer(fn, timer=CLOCKS[clock])
         self.prepare(warmup)
         for _ in range(warmup):
             fn()
         self.number = 1
-        while True:                      # calibrate: double until one sample is long enough
-            t = self.sample()
+        while True:                      # calibrate: double until a sample is long enough
+            t = min(self.sample() for _ in range(3))     # min: one preempted sample must not decide
             if t * self.number >= sample_time or 2 * self.number > max_calls:
                 break
             self.number *= 2
-        self.per_call = [t]
+        self.per_call = []
 
     def sample(self) -> float:
         self.prepare(self.number)
@@ -73,7 +76,7 @@ class _Sampler:
 
 
 def measure_interleaved(fns: Dict[Hashable, Callable[[], object]], *, min_samples: int = 15, min_time: float = 0.5,
-                        sample_time: float = 2e-3, warmup: int = 3) -> Dict[Hashable, Timing]:
+                        sample_time: float = 2e-3, warmup: int = 3, clock: str = "wall") -> Dict[Hashable, Timing]:
     """Median time per call of each ``fn()``, taking their samples in turn (A, B, C, A, B, C, ...)
     so that a change in the machine's load during the measurement hits all of them alike: ratios
     between them stay meaningful on a shared machine. Stops when every fn has ``min_samples``
@@ -82,10 +85,18 @@ def measure_interleaved(fns: Dict[Hashable, Callable[[], object]], *, min_sample
     A stateful fn (one that updates its inputs in place) may have ``fn.prepare(number)`` and
     ``fn.max_calls``: ``prepare`` runs untimed before each sample of ``number`` calls (e.g. to
     restore a state that repeated calls would drive to overflow), and no sample makes more than
-    ``max_calls`` calls."""
+    ``max_calls`` calls.
+
+    ``clock``: ``"wall"`` (elapsed time, what a user waits) or ``"cpu"`` (CPU time of this
+    process, all its threads): on a machine shared with other jobs, the CPU time of
+    single-threaded work leaves out the time the process waited for a core, so it shows the
+    work itself; it also leaves out time a thread slept (e.g. an OpenMP worker waiting to be
+    scheduled), so for several threads prefer wall time."""
     if min_samples < 1:
         raise ValueError(f"min_samples must be >= 1, got {min_samples}")
-    samplers = {k: _Sampler(fn, sample_time, warmup) for k, fn in fns.items()}
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    samplers = {k: _Sampler(fn, sample_time, warmup, clock) for k, fn in fns.items()}
     start = time.perf_counter()
     while (min(len(s.per_call) for s in samplers.values()) < min_samples
            or time.perf_counter() - start < min_time * len(samplers)):
