@@ -43,6 +43,10 @@
 
 #include "convert.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastdiff {
 namespace {
 
@@ -256,6 +260,31 @@ inline M from_key(typename Magnitude<M>::U key) {
   return v;
 }
 
+// Appends the keys of v[0 .. k) whose bin (key >> SHIFT) is bl or bh to dst; returns the new end.
+template <class M, int SHIFT>
+inline typename Magnitude<M>::U* collect_keys(const M* v, int64_t k, typename Magnitude<M>::U bl,
+                                              typename Magnitude<M>::U bh, typename Magnitude<M>::U* dst) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<M, float>::value) {   // compress-store: no branch per element (~3x faster)
+    const __m512i vbl = _mm512_set1_epi32((int)bl), vbh = _mm512_set1_epi32((int)bh);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    for (; j + 16 <= k; j += 16) {
+      const __m512i key = _mm512_and_si512(_mm512_loadu_si512(v + j), magnitude);
+      const __m512i bin = _mm512_srli_epi32(key, SHIFT);
+      const __mmask16 hit = _mm512_cmpeq_epi32_mask(bin, vbl) | _mm512_cmpeq_epi32_mask(bin, vbh);
+      _mm512_mask_compressstoreu_epi32(dst, hit, key);
+      dst += __builtin_popcount((unsigned)hit);
+    }
+  }
+#endif
+  for (; j < k; ++j) {
+    const typename Magnitude<M>::U key = magnitude_key(v[j]), bin = key >> SHIFT;
+    if (bin == bl || bin == bh) *dst++ = key;
+  }
+  return dst;
+}
+
 // The (lo, hi) order statistics (0-based ranks) of |x| in each sample, exactly; hi = lo when
 // no interpolation is needed.
 template <class In, class M>
@@ -265,16 +294,24 @@ void abs_order_statistics(const In* x, int64_t B, int64_t n, int64_t lo, int64_t
   const Pieces P(B, n, HIST_PIECE);
 
   // Pass 1: a histogram of the top bits per piece (integers: any split gives the same counts).
+  // Counted into 4 interleaved uint16 sub-histograms (32 KB, in L1): increments of the same bin
+  // by consecutive elements go to different counters instead of waiting on each other.
+  static_assert(HIST_PIECE / 4 <= 65535, "a uint16 sub-histogram counts at most HIST_PIECE / 4 elements");
   std::vector<int64_t> hist(P.count() * HIST_BINS, 0);
   for_pieces(P, [&](int64_t i) {
     const In* xs = x + P.sample(i) * n;
-    int64_t* h = hist.data() + i * HIST_BINS;
+    alignas(64) uint16_t h0[4 * HIST_BINS] = {};
     alignas(64) M buf[BLK];
+    alignas(64) uint32_t bins[BLK];
     for (int64_t s = P.begin(i); s < P.end(i); s += BLK) {
       const int64_t k = std::min(BLK, P.end(i) - s);
       const M* v = load_block(xs + s, buf, k);
-      for (int64_t j = 0; j < k; ++j) ++h[magnitude_key(v[j]) >> SHIFT];
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) bins[j] = (uint32_t)(magnitude_key(v[j]) >> SHIFT) + (uint32_t)(j & 3) * HIST_BINS;
+      for (int64_t j = 0; j < k; ++j) ++h0[bins[j]];
     }
+    int64_t* h = hist.data() + i * HIST_BINS;
+    for (int64_t r = 0; r < HIST_BINS; ++r) h[r] = (int64_t)h0[r] + h0[r + HIST_BINS] + h0[r + 2 * HIST_BINS] + h0[r + 3 * HIST_BINS];
   });
 
   // Per sample: the bins holding ranks lo and hi, and the rank of lo among their elements.
@@ -312,12 +349,7 @@ void abs_order_statistics(const In* x, int64_t B, int64_t n, int64_t lo, int64_t
     alignas(64) M buf[BLK];
     for (int64_t s = P.begin(i); s < P.end(i); s += BLK) {
       const int64_t k = std::min(BLK, P.end(i) - s);
-      const M* v = load_block(xs + s, buf, k);
-      for (int64_t j = 0; j < k; ++j) {
-        const U key = magnitude_key(v[j]);
-        const U bin = key >> SHIFT;
-        if (bin == bl || bin == bh) *dst++ = key;
-      }
+      dst = collect_keys<M, SHIFT>(load_block(xs + s, buf, k), k, bl, bh, dst);
     }
   });
 
