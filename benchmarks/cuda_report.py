@@ -183,6 +183,35 @@ def compile_sources(archs: Sequence[int] = ARCHS, out_dir: Optional[str] = None,
         return list(pool.map(lambda s: compile_source(s, archs, out_dir), sources))
 
 
+def check_binding(out_dir: Optional[str] = None) -> CompileResult:
+    """g++ -fsyntax-only of csrc/cuda/torch_binding.cpp against this torch's headers, as torch's build
+    compiles it (C++20, warnings as errors here). A CPU build of torch ships the c10/cuda headers but
+    not the generated c10/cuda/impl/cuda_cmake_macros.h; a one-line stub stands in for it. Nothing is
+    linked: a CUDA torch is needed for that (setup.py, FASTDIFF_CUDA=1)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = cuda_include_dir()
+    if cxx is None or inc is None:
+        raise FileNotFoundError("needs g++ and the CUDA headers")
+    out_dir = out_dir or tempfile.mkdtemp(prefix="fastdiff_binding_")
+    system = list(include_paths()) + [sysconfig.get_paths()["include"], inc]
+    if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in system):
+        stub = Path(out_dir) / "stub" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        system.append(str(Path(out_dir) / "stub"))
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DTORCH_EXTENSION_NAME=_cuda",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", *[f for p in system for f in ("-isystem", p)],
+           str(CUDA_DIR / "torch_binding.cpp")]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return CompileResult("torch_binding.cpp", (), r.returncode == 0, time.perf_counter() - t0, cmd,
+                         r.stderr + r.stdout)
+
+
 def render(results: List[CompileResult], nvcc_version: str) -> str:
     lines = [
         "# CUDA kernels: compiled for sm_80 / sm_90 (no GPU; generated)",
@@ -204,8 +233,43 @@ def render(results: List[CompileResult], nvcc_version: str) -> str:
     lines += ["", "Compile times (both archs per nvcc call): "
               + ", ".join(f"{r.source} {r.seconds:.0f} s" for r in results), ""]
     lines += ["`fused_step_kernel<K, VEC>`: K = history slots fixed at compile time (-1: any K, a loop), "
-              "VEC = 4-wide vector loads/stores (16 B of float32, 8 B of float16/bfloat16). Dtypes are run-time "
+              "VEC = 4-wide vector loads/stores (16 B of float32, 8 B of float16/bfloat16; float64 operands take the "
+              "scalar path), all of a thread's loads issued before the first use. Dtypes are run-time "
               "arguments of every variant.", ""]
+    return "\n".join(lines)
+
+
+# On-paper bandwidth check (Little's law), labelled as such in the report. Peak DRAM bandwidth
+# from the data sheets; the latency is an assumption (typical loaded DRAM latency), not measured.
+PAPER_GPUS = {80: dict(name="A100-SXM4-80GB", bandwidth=2.039e12, sms=108, latency=600e-9),
+              90: dict(name="H100-SXM5", bandwidth=3.35e12, sms=132, latency=700e-9)}
+# The fused step of CFG + DPM-Solver++(2M) with a float16 model: K = 2, 4-wide vectors. Bytes one
+# thread (4 elements) loads before its first dependent use: x 16, cond 8, uncond 8, 2 history slots
+# 32; the row moves 28 B per element in all (x r/w 8, cond/uncond 4, history r 8 / w 4, model_in 2x2).
+PAPER_KERNEL, PAPER_LOAD_BYTES_PER_THREAD, PAPER_BYTES_PER_ELEMENT = "fused_step_kernel<2, true>", 64, 28
+
+
+def render_on_paper(results: List[CompileResult]) -> str:
+    lines = ["## On paper: can the fused step saturate DRAM?", "",
+             f"`{PAPER_KERNEL}` (CFG + DPM-Solver++(2M), float16 model, 4-wide vectors; "
+             f"{PAPER_BYTES_PER_ELEMENT} B moved per element). Little's law: an SM needs bandwidth x latency / SMs "
+             "bytes of loads in flight to keep DRAM busy; the kernel has resident threads x "
+             f"{PAPER_LOAD_BYTES_PER_THREAD} B (each thread issues its loads before using them). Peak bandwidth from "
+             "the data sheet, latency assumed; nothing measured.", "",
+             "| GPU | registers | occupancy | in flight per SM | needed per SM | ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for arch, gpu in PAPER_GPUS.items():
+        k = next((k for r in results for k in r.kernels if k.kernel == PAPER_KERNEL and k.arch == arch), None)
+        if k is None:
+            continue
+        occ = k.occupancy()
+        have = occ * GPUS[arch]["warps"] * 32 * PAPER_LOAD_BYTES_PER_THREAD
+        need = gpu["bandwidth"] * gpu["latency"] / gpu["sms"]
+        lines.append(f"| {gpu['name']} (sm_{arch}, {gpu['bandwidth'] / 1e12:.2f} TB/s, {gpu['latency'] * 1e9:.0f} ns "
+                     f"assumed) | {k.registers} | {occ:.1%} | {have / 1024:.1f} KiB | {need / 1024:.1f} KiB | "
+                     f"{have / need:.1f}x |")
+    lines += ["", "A ratio above 1 means occupancy does not limit the step: it is DRAM-bound and should run at "
+              "the fraction of peak a streaming copy reaches on that GPU (typically ~85-92%); unmeasured here.", ""]
     return "\n".join(lines)
 
 
@@ -231,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if failed:
         return 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(results, nvcc_version(nvcc)))
+    Path(args.out).write_text(render(results, nvcc_version(nvcc)) + "\n" + render_on_paper(results))
     print(f"wrote {args.out}")
     return 0
 

@@ -14,9 +14,11 @@
 namespace fastdiff {
 namespace cuda {
 
-// kMinBlocks: ptxas otherwise trims a few registers to the next allocation boundary with small
-// spills; asking for 6 resident blocks (<= 85 registers) gives 70-80 registers and no spills.
-constexpr int kMinBlocks = 6;
+// kMinBlocks: each thread keeps its whole group's loads in flight at once (kernel_bodies.h: fetch,
+// then decode), which takes registers; 5 resident blocks of 128 threads cap them at 102 (ptxas
+// allocates <= 96, no spills: 31% occupancy, enough loads in flight to saturate DRAM on paper,
+// benchmarks/results/cuda_compile_report.md). 6 blocks would cap them at 80 and spill.
+constexpr int kMinBlocks = 5;
 
 template <int KT, bool VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fused_step_kernel(const fastdiff_step_args a, const StepPlan p) {

@@ -31,10 +31,6 @@ namespace m = fastdiff::math;
 // Loads and stores: any model dtype in memory, float32 in registers. Conversions round to
 // nearest even (torch's Tensor.to); explicit intrinsics, as torch's no-implicit-half flags require.
 // ---------------------------------------------------------------------------------------------
-struct alignas(8) Half4 { __half2 lo, hi; };
-struct alignas(8) Bf16x4 { __nv_bfloat162 lo, hi; };
-struct alignas(16) Double4 { double2 lo, hi; };
-
 FASTDIFF_HD inline float load1(const void* p, int64_t off, fastdiff_dtype dt) {
   switch (dt) {
     case FASTDIFF_FLOAT16: return __half2float(static_cast<const __half*>(p)[off]);
@@ -53,48 +49,55 @@ FASTDIFF_HD inline void store1(void* p, int64_t off, fastdiff_dtype dt, float v)
   }
 }
 
-// Four elements at off (off % 4 == 0, the pointer aligned to vector_alignment(dt)).
-FASTDIFF_HD inline void load4(const void* p, int64_t off, fastdiff_dtype dt, float v[4]) {
-  switch (dt) {
-    case FASTDIFF_FLOAT16: {
-      const Half4 w = *reinterpret_cast<const Half4*>(static_cast<const __half*>(p) + off);
-      const float2 a = __half22float2(w.lo), b = __half22float2(w.hi);
-      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-      break;
-    }
-    case FASTDIFF_BFLOAT16: {
-      const Bf16x4 w = *reinterpret_cast<const Bf16x4*>(static_cast<const __nv_bfloat16*>(p) + off);
-      const float2 a = __bfloat1622float2(w.lo), b = __bfloat1622float2(w.hi);
-      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-      break;
-    }
-    case FASTDIFF_FLOAT64: {
-      const Double4 w = *reinterpret_cast<const Double4*>(static_cast<const double*>(p) + off);
-      v[0] = (float)w.lo.x; v[1] = (float)w.lo.y; v[2] = (float)w.hi.x; v[3] = (float)w.hi.y;
-      break;
-    }
-    default: {
-      const float4 w = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + off);
-      v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
-      break;
-    }
+// 4-vectors (plans with a float64 operand never take the vector path: layout.h). Reading is split
+// into fetch4 (the load only, raw words) and decode4 (the conversion), so that a thread issues all
+// its loads before the first conversion has to wait for one: memory-level parallelism despite the
+// run-time dtype switch around each load.
+struct Raw4 {
+  uint32_t w[4];   // 4 float32, or 4 halves packed in w[0], w[1]
+};
+
+FASTDIFF_HD inline Raw4 fetch4(const void* p, int64_t off, fastdiff_dtype dt) {
+  Raw4 r;
+  if (dt == FASTDIFF_FLOAT32) {
+    const uint4 v = *reinterpret_cast<const uint4*>(static_cast<const float*>(p) + off);
+    r.w[0] = v.x; r.w[1] = v.y; r.w[2] = v.z; r.w[3] = v.w;
+  } else {   // float16 / bfloat16: 8 bytes
+    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + off);
+    r.w[0] = v.x; r.w[1] = v.y; r.w[2] = 0u; r.w[3] = 0u;
   }
+  return r;
+}
+
+FASTDIFF_HD inline float half_bits_to_float(uint32_t bits16, fastdiff_dtype dt) {
+  if (dt == FASTDIFF_BFLOAT16) return m::as_f32(bits16 << 16);   // bfloat16 is float32's high half: exact
+  return __half2float(__ushort_as_half((unsigned short)bits16));
+}
+
+FASTDIFF_HD inline void decode4(const Raw4& r, fastdiff_dtype dt, float v[4]) {
+  if (dt == FASTDIFF_FLOAT32) {
+    for (int e = 0; e < 4; ++e) v[e] = m::as_f32(r.w[e]);
+    return;
+  }
+  for (int e = 0; e < 4; ++e) v[e] = half_bits_to_float((r.w[e >> 1] >> (16 * (e & 1))) & 0xffffu, dt);
 }
 
 FASTDIFF_HD inline void store4(void* p, int64_t off, fastdiff_dtype dt, const float v[4]) {
   switch (dt) {
-    case FASTDIFF_FLOAT16:
-      *reinterpret_cast<Half4*>(static_cast<__half*>(p) + off) =
-          Half4{__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3])};
+    case FASTDIFF_FLOAT16: {
+      const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+      uint2 w;
+      memcpy(&w.x, &a, 4);
+      memcpy(&w.y, &b, 4);
+      *reinterpret_cast<uint2*>(static_cast<__half*>(p) + off) = w;
       break;
-    case FASTDIFF_BFLOAT16:
-      *reinterpret_cast<Bf16x4*>(static_cast<__nv_bfloat16*>(p) + off) =
-          Bf16x4{__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3])};
-      break;
-    case FASTDIFF_FLOAT64: {
-      Double4 w;
-      w.lo.x = v[0]; w.lo.y = v[1]; w.hi.x = v[2]; w.hi.y = v[3];
-      *reinterpret_cast<Double4*>(static_cast<double*>(p) + off) = w;
+    }
+    case FASTDIFF_BFLOAT16: {
+      const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+      uint2 w;
+      memcpy(&w.x, &a, 4);
+      memcpy(&w.y, &b, 4);
+      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p) + off) = w;
       break;
     }
     default:
@@ -138,14 +141,39 @@ FASTDIFF_HD inline Group make_group(const Plan& p, int64_t t) {
   return g;
 }
 
-// The group's values of one operand, as float32 (elements past n read as 0).
+// The group's values of one operand in two phases (see fetch4): fetch() issues the load(s),
+// decode() converts to float32; elements past n read as 0. The scalar path (unaligned or
+// sample-straddling groups) converts as it loads.
+struct Fetched {
+  Raw4 raw;
+  fastdiff_dtype dtype;
+  bool vector;
+};
+
+template <bool VEC>
+FASTDIFF_HD inline Fetched fetch(const Group& g, const fastdiff_rows& r) {
+  Fetched f;
+  f.dtype = r.dtype;
+  f.vector = VEC && g.n == kGroup;
+  if (f.vector) {
+    f.raw = fetch4(r.data, g.at(r.batch_stride, 0), r.dtype);
+  } else {
+    for (int e = 0; e < kGroup; ++e) f.raw.w[e] = m::as_u32(e < g.n ? load1(r.data, g.at(r.batch_stride, e), r.dtype) : 0.0f);
+  }
+  return f;
+}
+
+FASTDIFF_HD inline void decode(const Fetched& f, float v[4]) {
+  if (f.vector) {
+    decode4(f.raw, f.dtype, v);
+  } else {
+    for (int e = 0; e < kGroup; ++e) v[e] = m::as_f32(f.raw.w[e]);
+  }
+}
+
 template <bool VEC>
 FASTDIFF_HD inline void gather(const Group& g, const fastdiff_rows& r, float v[4]) {
-  if (VEC && g.n == kGroup) {
-    load4(r.data, g.at(r.batch_stride, 0), r.dtype, v);
-    return;
-  }
-  for (int e = 0; e < kGroup; ++e) v[e] = e < g.n ? load1(r.data, g.at(r.batch_stride, e), r.dtype) : 0.0f;
+  decode(fetch<VEC>(g, r), v);
 }
 
 template <bool VEC>
@@ -182,26 +210,33 @@ inline double dadd(double a, double b) { return a + b; }
 inline double dsub(double a, double b) { return a - b; }
 #endif
 
-// D of the group from cond (and uncond if present) with guidance g (g64: g as the float64 the
-// float64 path multiplies by).
-template <bool VEC>
-FASTDIFF_HD inline void guided(const Group& g, const fastdiff_rows& cond, const fastdiff_rows& uncond, float gf,
-                               double g64, float D[4]) {
-  if (cond.dtype == FASTDIFF_FLOAT64) {
-    const double* c = static_cast<const double*>(cond.data);
-    const double* u = static_cast<const double*>(uncond.data);
-    for (int e = 0; e < kGroup; ++e) {
-      if (e >= g.n) { D[e] = 0.0f; continue; }
-      const double ce = c[g.at(cond.batch_stride, e)];
-      D[e] = u == nullptr ? (float)ce : (float)dadd(u[g.at(uncond.batch_stride, e)], dmul(g64, dsub(ce, u[g.at(uncond.batch_stride, e)])));
-    }
-    return;
-  }
-  gather<VEC>(g, cond, D);
-  if (uncond.data == nullptr) return;
+// D of the group: from fetched float32/16/bf16 model outputs (u: the fetched uncond if has_u)...
+FASTDIFF_HD inline void combine(const Fetched& c, bool has_u, const Fetched& u, float g, float D[4]) {
+  decode(c, D);
+  if (!has_u) return;
   float U[4];
-  gather<VEC>(g, uncond, U);
-  for (int e = 0; e < kGroup; ++e) D[e] = m::cfg_combine(D[e], U[e], gf);
+  decode(u, U);
+  for (int e = 0; e < kGroup; ++e) D[e] = m::cfg_combine(D[e], U[e], g);
+}
+
+// ... or from float64 ones, combined in float64 with g64 (scalar loads).
+FASTDIFF_HD inline void combine_f64(const Group& g, const fastdiff_rows& cond, const fastdiff_rows& uncond, double g64,
+                                    float D[4]) {
+  const double* c = static_cast<const double*>(cond.data);
+  const double* u = static_cast<const double*>(uncond.data);
+  for (int e = 0; e < kGroup; ++e) {
+    if (e >= g.n) {
+      D[e] = 0.0f;
+      continue;
+    }
+    const double ce = c[g.at(cond.batch_stride, e)];
+    if (u == nullptr) {
+      D[e] = (float)ce;
+    } else {
+      const double ue = u[g.at(uncond.batch_stride, e)];
+      D[e] = (float)dadd(ue, dmul(g64, dsub(ce, ue)));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,20 +278,33 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   const int K = KT >= 0 ? KT : a.num_slots;
   const m::RowCoefs k = row_coefs(coefs, K);
 
+  // Phase 1: every load of the group (fetch), phase 2: conversions and math.
+  const bool model = a.cond.data != nullptr, model_f64 = model && a.cond.dtype == FASTDIFF_FLOAT64;
+  const bool cfg = a.uncond.data != nullptr;
+  const Fetched fx = fetch<VEC>(g, a.x);
+  const Fetched fy = a.eval_y ? fetch<VEC>(g, a.y) : Fetched{};
+  const Fetched fc = model && !model_f64 ? fetch<VEC>(g, a.cond) : Fetched{};
+  const Fetched fu = cfg && !model_f64 ? fetch<VEC>(g, a.uncond) : Fetched{};
+  const Fetched fz = a.noise.data != nullptr ? fetch<VEC>(g, a.noise) : Fetched{};
+  constexpr int KH = KT > 0 ? KT : 1;
+  Fetched fh[KH];
+  for (int j = 0; j < KT; ++j) fh[j] = fetch<VEC>(g, hist_slot(a, j));
+
   float X[4], E[4], h[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  gather<VEC>(g, a.x, X);
-  if (a.eval_y) gather<VEC>(g, a.y, E);
+  decode(fx, X);
+  if (a.eval_y) decode(fy, E);
   else for (int e = 0; e < kGroup; ++e) E[e] = X[e];
 
-  if (a.cond.data != nullptr) {
+  if (model) {
     float D[4];
-    guided<VEC>(g, a.cond, a.uncond, k.g, (double)k.g, D);
+    if (model_f64) combine_f64(g, a.cond, a.uncond, (double)k.g, D);
+    else combine(fc, cfg, fu, k.g, D);
     for (int e = 0; e < kGroup; ++e) h[e] = m::step_h(k.qy, E[e], k.qd, D[e]);
   } else {
     for (int e = 0; e < kGroup; ++e) h[e] = 0.0f;
   }
 
-  if (a.noise.data != nullptr) gather<VEC>(g, a.noise, Z);
+  if (a.noise.data != nullptr) decode(fz, Z);
   else if (p.philox) m::philox_normal4((uint64_t)t, a.seed, (uint32_t)a.noise_id, Z[0], Z[1], Z[2], Z[3]);
 
   // Outputs in step_math's order (m::step_output: base, noise, then the slots in order), with
@@ -272,7 +320,8 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   }
   for (int j = 0; j < K; ++j) {
     float Hj[4];
-    gather<VEC>(g, hist_slot(a, j), Hj);
+    if constexpr (KT >= 0) decode(fh[j], Hj);
+    else gather<VEC>(g, hist_slot(a, j), Hj);
     for (int e = 0; e < kGroup; ++e) {
       NX[e] = m::out_add(NX[e], k.ox.hist[j], Hj[e]);
       NY[e] = m::out_add(NY[e], k.oy.hist[j], Hj[e]);
@@ -339,7 +388,13 @@ FASTDIFF_HD inline void cfg_group(const fastdiff_cfg_args& a, const Plan& p, con
     return;
   }
   float D[4];
-  guided<VEC>(g, a.cond, a.uncond, (float)a.g, a.g, D);
+  if (a.cond.dtype == FASTDIFF_FLOAT64) {
+    combine_f64(g, a.cond, a.uncond, a.g, D);
+  } else {
+    const Fetched fc = fetch<VEC>(g, a.cond);
+    const Fetched fu = a.uncond.data != nullptr ? fetch<VEC>(g, a.uncond) : Fetched{};
+    combine(fc, a.uncond.data != nullptr, fu, (float)a.g, D);
+  }
   if (factor != nullptr)
     for (int e = 0; e < kGroup; ++e) D[e] = m::fmul(D[e], e < g.n ? factor[g.sample(e)] : 0.0f);
   scatter<VEC>(g, out, D);

@@ -66,8 +66,8 @@ struct StepPlan {
 
 inline int64_t blocks_for(int64_t groups) { return (groups + kThreads - 1) / kThreads; }
 
-// Bytes a 4-vector of dt needs to be aligned to (two 16-byte loads for float64).
-inline int vector_alignment(fastdiff_dtype dt) { return dt == FASTDIFF_FLOAT64 ? 16 : 4 * dtype_size(dt); }
+// Bytes a 4-vector of dt is aligned to (float64 operands take the scalar path).
+inline int vector_alignment(fastdiff_dtype dt) { return 4 * dtype_size(dt); }
 
 // operands: the [B, M] tensors (absent ones are skipped); extra_strides: further element strides
 // a thread adds to an operand's offset (history slots, the second CFG half of model_in).
@@ -82,10 +82,12 @@ inline Plan make_plan(int64_t B, int64_t M, std::initializer_list<const fastdiff
     if (r->data != nullptr && B > 1 && r->batch_stride != M) p.dense = false;
   // A group of 4 logical elements is 4 adjacent elements of one sample if the tensors are dense
   // (offset = index) or M % 4 == 0 (groups never straddle samples); it is a vector if, besides,
-  // every operand's first group is aligned and every stride keeps it so.
+  // every operand's first group is aligned and every stride keeps it so. float64 operands (test
+  // and oracle use, not a GPU model's dtype) take the scalar path.
   p.vec = p.dense || M % kGroup == 0;
   for (const fastdiff_rows* r : operands) {
     if (r->data == nullptr) continue;
+    if (r->dtype == FASTDIFF_FLOAT64) p.vec = false;
     if ((uintptr_t)r->data % (uintptr_t)vector_alignment(r->dtype) != 0) p.vec = false;
     if (!p.dense && B > 1 && r->batch_stride % kGroup != 0) p.vec = false;
   }
