@@ -15,6 +15,7 @@ import torch
 from ..program import table_width
 from .backends import BACKENDS, available_backends, register_backend, select  # noqa: F401
 from . import triton_backend  # noqa: F401,E402  (registers the "triton" backend; triton is imported lazily)
+from . import cuda_backend  # noqa: F401,E402  (registers the "cuda" backend; fastdiff._cuda is imported lazily)
 
 __all__ = ["fused_step", "prepare_fused_step", "cfg_combine", "philox_normal", "available_backends",
            "BACKENDS", "select"]

@@ -42,6 +42,7 @@ class CudaBackend(Backend):
     """csrc/cuda kernels: CUDA tensors, float32 state."""
 
     name = "cuda"
+    device_types = ("cuda",)
 
     def unavailable_reason(self) -> Optional[str]:
         ext = load_cuda_extension()
