@@ -26,7 +26,7 @@ _C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SHAPES = [(1,), (7,), (1, 7), (3, 4, 9, 11), (2, 4, 64, 64), (1, 70001), (9, 1)]
+SHAPES = [(1,), (7,), (1, 7), (3, 4, 9, 11), (2, 4, 64, 64), (1, 70001), (9, 1), (65, 3, 5, 7)]
 LAYOUTS = ("contig", "channels_last", "strided")
 F32_ULP = 2.0 ** -23
 F64_RTOL = 1e-12
