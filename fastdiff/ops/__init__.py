@@ -97,8 +97,9 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
                              f"got {tuple(model_in.shape)}")
         _check_writable("model_in", model_in)
         if not (write_y if model_in_from_y else write_x):
-            raise ValueError(f"model_in is written from the new {'y' if model_in_from_y else 'x'}, "
-                             "but this row does not write it")
+            which = "y" if model_in_from_y else "x"
+            raise ValueError(f"model_in_from_{which} needs a row that writes {which} (the epilogue copies "
+                             f"the new {which} into model_in)")
     if bad_row is not None:
         _check_tensor("bad_row", bad_row, shape=(1,), dtype=torch.int32, device=dev)
     _check_writable("x", x)
