@@ -11,6 +11,7 @@ between steps, the outputs' types, and bad input.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -31,9 +32,30 @@ SD_DDIM = dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 ZSNR = dict(SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: torch's thread pool costs more than it gives on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_BUILT = {}
+
+
+def _fresh(lib, name, config):
+    """A new scheduler of lib.name(**config); copies of one built instance, since some constructors
+    are slow (KDPM2's runs set_timesteps(1000))."""
+    key = (lib.__name__, name, repr(sorted(config.items())))
+    if key not in _BUILT:
+        _BUILT[key] = (getattr(fd, name).from_config(_fresh(diffusers, name, config).config) if lib is fd
+                       else getattr(diffusers, name)(**config))
+    return copy.deepcopy(_BUILT[key])
+
+
 def _pair(name, config):
-    ref = getattr(diffusers, name)(**config)
-    return ref, getattr(fd, name).from_config(ref.config)
+    return _fresh(diffusers, name, config), _fresh(fd, name, config)
 
 
 def _to_float64(scheduler):
@@ -56,7 +78,7 @@ def run_parity(name, config, steps, *, stochastic=False, set_kwargs=None, step_k
     # no float64 run for stochastic schedulers: float64 draws (and DPMSolverSDE's Brownian tree on a
     # float64 sample) are other numbers
     exact = not stochastic and name != "DPMSolverSDEScheduler"
-    ref64 = _to_float64_after_set(getattr(diffusers, name)(**config), steps, set_kwargs, begin) if exact else None
+    ref64 = _to_float64_after_set(_fresh(diffusers, name, config), steps, set_kwargs, begin) if exact else None
     for s in (ref, ours):
         s.set_timesteps(steps, **(set_kwargs or {})) if steps is not None else s.set_timesteps(**set_kwargs)
         if begin is not None and hasattr(ref, "set_begin_index"):     # DDIM: the first timestep places the run

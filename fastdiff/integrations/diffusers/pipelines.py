@@ -10,7 +10,8 @@ Three independent parts, each optional:
 * ``scheduler``: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class
   and config (fastdiff.integrations.diffusers.schedulers); a config the drop-in cannot run raises
   NotImplementedError naming the option (pass ``scheduler=False`` to keep diffusers' scheduler).
-* ``attention``: the denoiser's AttnProcessor2_0 processors become FastdiffAttnProcessor.
+* ``attention``: the denoiser's attention modules that run AttnProcessor2_0 run
+  FastdiffAttnProcessor instead (other processors, e.g. joint or rotary attention, are kept).
 * ``fuse_cfg``: a forward hook tags the denoiser's output, so the pipeline's own CFG formula
   ``u + g * (c - u)`` is recorded instead of computed and the drop-in scheduler combines the two
   branches inside its fused step (fastdiff.integrations.diffusers.cfg). This applies where the
@@ -50,7 +51,7 @@ class Acceleration:
 
     pipe: Any
     scheduler: Optional[Any] = None                     # the original scheduler, if replaced
-    processors: Optional[Dict[str, Any]] = None         # the original processors, if replaced
+    processors: Optional[Dict[Any, Any]] = None         # attention module -> its original processor
     hooks: List[Any] = field(default_factory=list)
 
     def remove(self):
@@ -58,7 +59,8 @@ class Acceleration:
             self.pipe.scheduler = self.scheduler
             self.scheduler = None
         if self.processors is not None:
-            denoiser_of(self.pipe).set_attn_processor(self.processors)
+            for module, processor in self.processors.items():
+                module.set_processor(processor)
             self.processors = None
         for h in self.hooks:
             h.remove()
@@ -83,13 +85,13 @@ def accelerate(pipe, *, scheduler: bool = True, attention: bool = True, fuse_cfg
             replacement = DROP_INS[name].from_config(pipe.scheduler.config)
             handle.scheduler = pipe.scheduler
             pipe.scheduler = replacement
-        if attention and hasattr(denoiser, "attn_processors"):
-            current = denoiser.attn_processors
-            if any(replaceable_processor(p) for p in current.values()):
-                handle.processors = dict(current)
-                processor = FastdiffAttnProcessor(attention_backend)
-                denoiser.set_attn_processor({k: processor if replaceable_processor(p) else p
-                                             for k, p in current.items()})
+        if attention:
+            processor = FastdiffAttnProcessor(attention_backend)
+            handle.processors = {}
+            for module in denoiser.modules():
+                if hasattr(module, "set_processor") and replaceable_processor(getattr(module, "processor", None)):
+                    handle.processors[module] = module.processor
+                    module.set_processor(processor)
         if fuse_cfg:
             handle.hooks.append(denoiser.register_forward_hook(_tag_output))
     except Exception:
