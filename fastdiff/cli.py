@@ -1,24 +1,47 @@
 """The ``fastdiff`` command line (also ``python -m fastdiff``).
 
-    fastdiff demo   sample the analytic Gaussian mixture with a solver; error vs the exact ODE
-                    solution and time per step (the embedded default job; needs no model file)
-    fastdiff info   versions, built extensions, available backends
+    fastdiff sample  sample digits from the shipped model with any solver; write a PNG grid;
+                     time per step and NFE
+    fastdiff bench   the benchmark suite (kernel table, accuracy vs NFE, sample quality vs NFE):
+                     markdown, JSON and PNG plots; needs a source checkout (benchmarks/)
+    fastdiff check   parity of every kernel on every backend here vs the reference oracles;
+                     exit status 1 on any failure (for CI)
+    fastdiff info    versions, built extensions, available backends
+    fastdiff demo    sample the analytic Gaussian mixture with a solver; error vs the exact ODE
+                     solution and time per step (needs no model file)
 
-Errors in the user's arguments print one line and exit with status 2, without a traceback.
+Errors in the user's arguments print one line, ``fastdiff: error: ...``, and exit with status 2,
+without a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import math
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
+
+EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """A mistake in the command line: reported as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block) and goes through main's handler."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types
+# ---------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -29,8 +52,269 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def cmd_demo(args) -> int:
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
+    return v
+
+
+def parse_labels(text: str) -> List[int]:
+    """Digit labels from "0-9", "3,3,7" or "0-4,7" (ranges inclusive, repeats kept, in order)."""
+    labels: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            ends = [int(lo)] if not sep else [int(lo), int(hi)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected digits like '0-9' or '3,3,7', got {text!r}")
+        if any(not 0 <= d <= 9 for d in ends):
+            raise argparse.ArgumentTypeError(f"labels must be digits 0-9, got {part!r} in {text!r}")
+        if sep and ends[1] < ends[0]:
+            raise argparse.ArgumentTypeError(f"range {part!r} runs backwards; write it as {hi}-{lo}")
+        labels += list(range(ends[0], ends[-1] + 1))
+    return labels
+
+
+def _option(text: str):
+    """A solver option ``key=value``; the value read as a Python literal (2, 0.5, True, None),
+    true/false/none in any case, or else kept as a string (bh1)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    value = value.strip()
+    lowered = {"true": True, "false": False, "none": None}
+    if value.lower() in lowered:
+        return key.strip(), lowered[value.lower()]
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
+def _png_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"expected a .png file name, got {text!r}")
+    return path
+
+
+def check_writable(path: Path) -> None:
+    """Raise UsageError unless ``path`` can be written (checked before any work is done)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output path {str(path)!r} is a directory; expected a .png file name")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write {str(path)!r}: permission denied")
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdiff sample
+# ---------------------------------------------------------------------------------------------
+def save_digit_grid(images, path: Path, columns: int, scale: int = 4, pad: int = 2) -> None:
+    """Write images [N, 1, H, W] in [-1, 1] as a PNG grid, ``columns`` per row, each image enlarged
+    ``scale`` times (nearest neighbour: the 8x8 pixels stay crisp), ``pad`` gray pixels between."""
     import numpy as np
+    import torch
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("writing PNGs needs Pillow: pip install pillow") from None
+
+    x = images.detach().float().cpu().clamp(-1.0, 1.0)
+    pixels = ((x[:, 0] + 1.0) * 127.5).round().to(torch.uint8).numpy()
+    n, h, w = pixels.shape
+    rows = -(-n // columns)
+    H, W = h * scale, w * scale
+    canvas = np.full((pad + rows * (H + pad), pad + columns * (W + pad)), 128, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        tile = pixels[i].repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = tile
+    Image.fromarray(canvas, mode="L").save(path, format="PNG")
+
+
+def cmd_sample(args) -> int:
+    import fastdiff
+    from fastdiff.ops import BACKENDS, guidance_scale_to_g
+
+    # Everything the user typed is checked before the model loads and sampling starts.
+    if args.solver not in fastdiff.SOLVERS:
+        raise UsageError(f"unknown solver {args.solver!r}; available: {', '.join(sorted(fastdiff.SOLVERS))}")
+    options = dict(args.option or [])
+    fastdiff.get_solver(args.solver, **options)   # unknown or invalid options raise ValueError here
+    if args.backend != "auto" and args.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {args.backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    check_writable(args.out)
+    g = guidance_scale_to_g(args.guidance, args.convention)
+
+    import torch
+    from fastdiff.models.digits import load_digits_model, sample_digits
+
+    model = load_digits_model()
+    labels = torch.tensor(args.labels, dtype=torch.int64).repeat_interleave(args.n)
+
+    calls, model_seconds = 0, 0.0
+
+    def timed_model(x, t, **kwargs):
+        nonlocal calls, model_seconds
+        t0 = time.perf_counter()
+        out = model(x, t, **kwargs)
+        model_seconds += time.perf_counter() - t0
+        calls += 1
+        return out
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = sample_digits(timed_model, labels, solver=args.solver, steps=args.steps, guidance=g,
+                               seed=args.seed, solver_options=options, backend=args.backend,
+                               progress=args.steps >= 200 and sys.stderr.isatty())
+    total = time.perf_counter() - t0
+    save_digit_grid(images, args.out, columns=args.n, scale=args.scale)
+
+    cfg = f"CFG {args.guidance:g} ({args.convention} convention)" if g != 1.0 else "no CFG"
+    print(f"fastdiff {fastdiff.__version__} sample: digits U-Net (shipped), {args.solver}"
+          f"{' ' + str(options) if options else ''}, {args.steps} steps, {cfg}, seed {args.seed}, "
+          f"{len(labels)} samples (labels {','.join(map(str, args.labels))} x {args.n}), backend {args.backend}")
+    print(f"NFE: {calls} model evaluations" + (" (each one batched call of both CFG halves)" if g != 1.0 else ""))
+    print(f"time: {total * 1e3:.1f} ms total, {total / args.steps * 1e3:.2f} ms per step "
+          f"(model {model_seconds * 1e3:.1f} ms, solver and loop {(total - model_seconds) * 1e3:.1f} ms)")
+    print(f"wrote {args.out} ({len(args.labels)} rows x {args.n}, 8x8 digits enlarged x{args.scale})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdiff bench
+# ---------------------------------------------------------------------------------------------
+# Where `pip install -e .` left the package: benchmarks/ sits beside it in a source checkout.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _benchmark_suite():
+    """benchmarks.suite from the source checkout this fastdiff was installed from (the benchmarks/
+    folder is not part of the installed package)."""
+    import importlib
+
+    root = CHECKOUT
+    if not (root / "benchmarks" / "suite.py").is_file():
+        raise UsageError("fastdiff bench runs the benchmark scripts of a source checkout (benchmarks/ is not "
+                         "installed with the package): clone the repository and `pip install -e .` from it")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    suite = importlib.import_module("benchmarks.suite")
+    if Path(suite.__file__).resolve().parent.parent != root:
+        raise UsageError(f"another module named 'benchmarks' shadows the checkout's: {suite.__file__}")
+    return suite
+
+
+def cmd_bench(args, rest: List[str]) -> int:
+    return _benchmark_suite().main(rest, prog="fastdiff bench", parser_class=_Parser)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdiff check
+# ---------------------------------------------------------------------------------------------
+def cmd_check(args) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from fastdiff import check
+
+    if args.json is not None:
+        check_writable(args.json)
+    names = None if not args.backend else [n for part in args.backend for n in part.split(",") if n]
+    groups = None if not args.only else [g for part in args.only for g in part.split(",") if g]
+    total = len(groups or check.OP_GROUPS) * len(names or check.kernel_backends())
+    bar = tqdm(total=total, desc="fastdiff check", leave=False, disable=None)   # None: only on a terminal
+
+    def progress(done: str) -> None:
+        bar.set_postfix_str(done)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        results = check.run_checks(names, groups=groups, large=not args.quick, progress=progress)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    print(check.render_table(results))
+    bad = check.failed(results)
+    for r in bad:
+        print(f"FAIL {r.op} on {r.backend} ({r.case}): {r.detail}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"results": [r.to_json() for r in results], "failed": len(bad),
+                                         "seconds": elapsed}, indent=1) + "\n")
+    ran = sorted({r.backend for r in results if r.status != check.SKIPPED})
+    if not ran:
+        print("no kernel backend can run here: fastdiff runs on its reference backend, which is the oracle, "
+              "so there is nothing to compare")
+    else:
+        checked = sum(r.status in (check.PASS, check.FAIL) for r in results)
+        print(f"{checked - len(bad)} of {checked} checks passed on {', '.join(ran)} in {elapsed:.1f} s"
+              + (f"; {len(bad)} FAILED" if bad else ""))
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdiff info, fastdiff demo
+# ---------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    import torch
+
+    import fastdiff
+    from fastdiff.ops import available_backends
+    from fastdiff.ops.backends import load_extension
+
+    print(f"fastdiff {fastdiff.__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}  machine {platform.machine()}  "
+          f"threads {torch.get_num_threads()}")
+    cuda = f"yes ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "no"
+    print(f"cuda available: {cuda}  (torch built with CUDA {torch.version.cuda or 'none'})")
+    ext = load_extension()
+    if isinstance(ext, str):
+        print(f"fastdiff._C: not available: {ext}")
+    elif hasattr(ext, "build_info"):
+        print("fastdiff._C: built (" + ", ".join(f"{k} {v}" for k, v in ext.build_info()) + ")")
+    else:
+        print("fastdiff._C: built (no build_info in this build)")
+    try:
+        import triton
+        print(f"triton {triton.__version__}" + ("  (TRITON_INTERPRET=1: kernels run on the CPU interpreter)"
+                                                 if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+    except ImportError:
+        print("triton: not installed")
+    backends = available_backends()
+    try:
+        from fastdiff.ops.cuda_backend import BACKEND as cuda, load_cuda_extension
+        ext = load_cuda_extension()
+        print("CUDA extension: " + (ext if isinstance(ext, str) else
+                                    "fastdiff._cuda built (" + ", ".join(f"{k} {v}" for k, v in cuda.build_info()) + ")"))
+    except ImportError:
+        print("CUDA extension: no CUDA backend in this fastdiff")
+    for name, why in backends.items():
+        print(f"  backend {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    print(f"solvers: {', '.join(sorted(fastdiff.SOLVERS))}")
+    return 0
+
+
+def cmd_demo(args) -> int:
     import torch
 
     import fastdiff
@@ -68,25 +352,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    import torch
-
-    import fastdiff
-    from fastdiff.ops import available_backends
-
-    print(f"fastdiff {fastdiff.__version__}")
-    print(f"python {platform.python_version()}  torch {torch.__version__}  machine {platform.machine()}  "
-          f"threads {torch.get_num_threads()}")
-    print(f"cuda available: {torch.cuda.is_available()}")
-    for name, why in available_backends().items():
-        print(f"  backend {name:10s} {'available' if why is None else 'unavailable: ' + why}")
-    print(f"solvers: {', '.join(sorted(fastdiff.SOLVERS))}")
-    return 0
-
-
+# ---------------------------------------------------------------------------------------------
+# The parser and main
+# ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastdiff", description="Exact diffusion samplers on fused kernels.")
-    sub = p.add_subparsers(dest="command")
+    p = _Parser(prog="fastdiff", description="Exact diffusion samplers on fused kernels.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="sample digits from the shipped model; write a PNG grid; time per step, NFE",
+                       description="Sample class-conditional 8x8 digits from the model fastdiff ships.")
+    s.add_argument("--solver", default="dpmpp_2m", help="any of fastdiff.SOLVERS (default dpmpp_2m)")
+    s.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
+                   help="a solver option, repeatable (e.g. --option order=3 --option solver_type=bh1)")
+    s.add_argument("--steps", type=_positive_int, default=20)
+    s.add_argument("--guidance", type=_finite_float, default=3.0,
+                   help="classifier-free guidance scale on the digit label (default 3; 1 with --convention w, "
+                        "or 0 with 1+w: no guidance)")
+    s.add_argument("--convention", choices=("w", "1+w"), default="w",
+                   help="w: uncond + w (cond - uncond) (diffusers); 1+w: (1 + w) cond - w uncond (Ho & Salimans)")
+    s.add_argument("--labels", type=parse_labels, default=list(range(10)), metavar="DIGITS",
+                   help="digits, one grid row each: '0-9' (default), '3,3,7', '0-4,7'")
+    s.add_argument("--n", type=_positive_int, default=8, help="samples per label (grid columns; default 8)")
+    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--out", type=_png_path, default=Path("fastdiff_digits.png"), help="PNG file to write "
+                   "(default fastdiff_digits.png)")
+    s.add_argument("--scale", type=_positive_int, default=4, help="enlarge each 8x8 digit this many times (default 4)")
+    s.add_argument("--backend", default="auto", help="auto (default), cpu, reference, triton, ...")
+    s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", add_help=False,
+                       help="the benchmark suite: kernel table, accuracy and sample quality vs NFE "
+                            "(source checkout; `fastdiff bench --help` for its options)")
+    b.set_defaults(func=cmd_bench, passes_rest=True)
+
+    c = sub.add_parser("check", help="parity of every kernel on every backend here vs the reference oracles "
+                                     "(exit status 1 on failure)")
+    c.add_argument("--backend", action="append", metavar="NAME[,NAME]",
+                   help="check only these backends (default: every kernel backend registered)")
+    c.add_argument("--only", action="append", metavar="GROUP[,GROUP]",
+                   help="check only these op groups: fused_step, cfg_combine, philox, reductions")
+    c.add_argument("--quick", action="store_true", help="leave out the 1000003-element cases")
+    c.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser("info", help="versions, built extensions, available backends")
+    i.set_defaults(func=cmd_info)
+
     d = sub.add_parser("demo", help="sample the analytic Gaussian mixture; error vs exact; time per step")
     d.add_argument("--solver", default="dpmpp_2m")
     d.add_argument("--steps", type=_positive_int, default=20)
@@ -95,25 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", default="auto")
     d.set_defaults(func=cmd_demo)
-    i = sub.add_parser("info", help="versions, built extensions, available backends")
-    i.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo"] + list(argv or []))
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if args.command is None:   # no command: the demo (it needs no model file)
+            args, rest = parser.parse_known_args(["demo"] + argv)
+        if getattr(args, "passes_rest", False):
+            return args.func(args, rest)
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except UsageError as e:
         print(f"fastdiff: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError, PermissionError) as e:
+        return EXIT_USAGE
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, PermissionError, ImportError) as e:
         # Bad configurations surface as these from the library; one line, no traceback.
         print(f"fastdiff: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
