@@ -52,8 +52,9 @@ class _Sampler:
     """Samples of one callable: ``number`` calls each, after an untimed ``fn.prepare(number)``."""
 
     def __init__(self, fn: Callable[[], object], sample_time: float, warmup: int, clock: str):
+        self.fn = fn
         self.prepare = getattr(fn, "prepare", lambda number: None)
-        max_calls = int(getattr(fn, "max_calls", 1 << 20))
+        max_calls = int(getattr(fn, "max_calls", 1 << 20)) - 1      # one call of each sample is untimed
         self.timer = timeit.Timer(fn, timer=CLOCKS[clock])
         self.prepare(warmup)
         for _ in range(warmup):
@@ -67,7 +68,14 @@ class _Sampler:
         self.per_call = []
 
     def sample(self) -> float:
-        self.prepare(self.number)
+        # Samples of short calls start with one untimed call: the caches, TLB and branch state the
+        # interleaved neighbours (e.g. a 256 MiB copy) left behind would otherwise weigh on the
+        # first timed call, and bias short samples by their order. Long calls (one per sample) are
+        # timed as they come.
+        warm = self.number > 1
+        self.prepare(self.number + warm)
+        if warm:
+            self.fn()
         return self.timer.timeit(self.number) / self.number
 
     def timing(self) -> Timing:
