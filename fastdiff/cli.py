@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import math
 import os
 import platform
@@ -132,10 +133,7 @@ def save_digit_grid(images, path: Path, columns: int, scale: int = 4, pad: int =
     ``scale`` times (nearest neighbour: the 8x8 pixels stay crisp), ``pad`` gray pixels between."""
     import numpy as np
     import torch
-    try:
-        from PIL import Image
-    except ImportError:
-        raise UsageError("writing PNGs needs Pillow: pip install pillow") from None
+    from PIL import Image
 
     x = images.detach().float().cpu().clamp(-1.0, 1.0)
     pixels = ((x[:, 0] + 1.0) * 127.5).round().to(torch.uint8).numpy()
@@ -161,7 +159,11 @@ def cmd_sample(args) -> int:
     fastdiff.get_solver(args.solver, **options)   # unknown or invalid options raise ValueError here
     if args.backend != "auto" and args.backend not in BACKENDS:
         raise UsageError(f"unknown backend {args.backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    if args.backend != "auto" and BACKENDS[args.backend].unavailable_reason():
+        raise UsageError(f"backend {args.backend!r} cannot run here: {BACKENDS[args.backend].unavailable_reason()}")
     check_writable(args.out)
+    if importlib.util.find_spec("PIL") is None:
+        raise UsageError("writing the PNG grid needs Pillow: pip install pillow")
     g = guidance_scale_to_g(args.guidance, args.convention)
 
     import torch
@@ -209,8 +211,6 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 def _benchmark_suite():
     """benchmarks.suite from the source checkout this fastdiff was installed from (the benchmarks/
     folder is not part of the installed package)."""
-    import importlib
-
     root = CHECKOUT
     if not (root / "benchmarks" / "suite.py").is_file():
         raise UsageError("fastdiff bench runs the benchmark scripts of a source checkout (benchmarks/ is not "
@@ -386,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench, passes_rest=True)
 
     c = sub.add_parser("check", help="parity of every kernel on every backend here vs the reference oracles "
-                                     "(exit status 1 on failure)")
+                                     "(exit status 1 on failure)",
+                       description="Compare every kernel on every backend that can run here with the reference "
+                                   "oracles; exit status 1 if any check fails. Without a GPU, the Triton kernels run "
+                                   "on the CPU interpreter: TRITON_INTERPRET=1 fastdiff check --backend triton --quick "
+                                   "(slow: about a minute or more).")
     c.add_argument("--backend", action="append", metavar="NAME[,NAME]",
                    help="check only these backends (default: every kernel backend registered)")
     c.add_argument("--only", action="append", metavar="GROUP[,GROUP]",

@@ -78,6 +78,33 @@ def assert_png(path: Path, size=None):
         return im.copy()
 
 
+class Wrapped:
+    """A backend delegating to another one; tests replace single ops to break them."""
+
+    def __init__(self, inner, name="fake"):
+        self._inner, self.name = inner, name
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+    def serves(self, device_type):
+        return device_type == "cpu"
+
+    def unavailable_reason(self):
+        return None
+
+    @staticmethod
+    def philox_uint32(numel, seed, noise_id, device):
+        return philox_oracle.philox_uint32(numel, seed, noise_id)
+
+
+class Ghost(Wrapped):
+    """A backend that cannot run on this machine."""
+
+    def unavailable_reason(self):
+        return "no ghost device here"
+
+
 # ---------------------------------------------------------------------------------------------
 # In a fresh process, as a user runs it
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +165,12 @@ def test_sample_bad_input(args, match, tmp_path, capsys, monkeypatch):
     argv = ["sample", "--out", str(tmp_path / "grid.png")] + [a.format(tmp=tmp_path) for a in args]
     assert_one_line_error(*run(capsys, argv), match=match)
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_sample_on_a_backend_that_cannot_run_here(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(BACKENDS, "ghost", Ghost(BACKENDS["reference"], name="ghost"))
+    argv = ["sample", "--backend", "ghost", "--out", str(tmp_path / "g.png")]
+    assert_one_line_error(*run(capsys, argv), match="backend 'ghost' cannot run here: no ghost device here")
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -220,26 +253,6 @@ def test_check_passes_here(tmp_path, capsys, one_thread):
     assert {"fused_step", "cfg_combine", "philox"} <= groups
 
 
-class Wrapped:
-    """A backend delegating to another one; tests replace single ops to break them."""
-
-    def __init__(self, inner, name="fake"):
-        self._inner, self.name = inner, name
-
-    def __getattr__(self, attr):
-        return getattr(self._inner, attr)
-
-    def serves(self, device_type):
-        return device_type == "cpu"
-
-    def unavailable_reason(self):
-        return None
-
-    @staticmethod
-    def philox_uint32(numel, seed, noise_id, device):
-        return philox_oracle.philox_uint32(numel, seed, noise_id)
-
-
 def test_check_passes_a_correct_backend(small_cases):
     """A backend made of the oracles passes every check (the checks do not fail by themselves)."""
     results = check.check_backend(Wrapped(BACKENDS["reference"]), large=False)
@@ -308,9 +321,6 @@ def test_fastdiff_check_exits_1_when_the_cpu_kernel_is_broken(capsys, monkeypatc
 
 
 def test_check_skips_a_backend_that_cannot_run(capsys, monkeypatch):
-    class Ghost(Wrapped):
-        def unavailable_reason(self):
-            return "no ghost device here"
     monkeypatch.setitem(BACKENDS, "ghost", Ghost(BACKENDS["reference"], name="ghost"))
     status, out, _ = run(capsys, ["check", "--backend", "ghost"])
     assert status == 0
