@@ -55,9 +55,12 @@ class _CFGTensor(torch.Tensor):
 
 
 class ModelPart(_CFGTensor):
-    """The denoiser's output, or one half of it along the batch (real data, tagged)."""
+    """The denoiser's output, or one half of it along the batch (real data, tagged). ``_plain``
+    is the same tensor untagged: the recording below works on it, so that it does not go through
+    __torch_function__ itself."""
 
     _whole: bool
+    _plain: torch.Tensor
 
 
 class _Lazy(_CFGTensor):
@@ -76,30 +79,31 @@ class _Lazy(_CFGTensor):
 
 class _Difference(_Lazy):
     def _compute(self):
-        return _plain(self._c) - _plain(self._u)
+        return self._c._plain - self._u._plain
 
 
 class _Scaled(_Lazy):
     def _compute(self):
-        return self._g * (_plain(self._c) - _plain(self._u))
+        return self._g * (self._c._plain - self._u._plain)
 
 
 class GuidedOutput(_Lazy):
     """``u + g * (c - u)`` not computed yet; ``parts()`` gives (c, u, g) to a fused step."""
 
     def _compute(self):
-        u = _plain(self._u)
-        return u + self._g * (_plain(self._c) - u)
+        u = self._u._plain
+        return u + self._g * (self._c._plain - u)
 
     def parts(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
         """(cond, uncond, g) with D = uncond + g (cond - uncond); (D, None, 1.0) if D was computed
         already (then it may have been modified in place, and D is what counts)."""
         if self._cached is not None:
             return self._cached, None, 1.0
-        if self._c._version != self._versions[0] or self._u._version != self._versions[1]:
+        c, u = self._c._plain, self._u._plain
+        if c._version != self._versions[0] or u._version != self._versions[1]:
             raise RuntimeError("a CFG branch output was modified in place after the guidance formula was applied; "
                                "the fused step cannot recover the value the pipeline meant")
-        return _plain(self._c), _plain(self._u), self._g
+        return c, u, self._g
 
 
 def tag_model_output(out):
@@ -120,21 +124,25 @@ def _tag(t: torch.Tensor, whole: bool = True) -> ModelPart:
     if isinstance(t, _CFGTensor):
         t = _value(t)
     p = t.as_subclass(ModelPart)
-    p._whole = whole
+    p._whole, p._plain = whole, t
     return p
 
 
+_NAN = {}
+
+
 def _placeholder(cls, like: torch.Tensor) -> _Lazy:
-    # Metadata of `like` without its data: an expanded NaN, so a reader that bypasses
-    # __torch_function__ sees NaNs, never a plausible wrong value.
-    data = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
+    # Metadata of `like` without its data: an expanded NaN (shared, never written), so a reader
+    # that bypasses __torch_function__ sees NaNs, never a plausible wrong value.
+    key = (like.shape, like.dtype, like.device)
+    data = _NAN.get(key)
+    if data is None:
+        if len(_NAN) > 64:
+            _NAN.clear()
+        data = _NAN[key] = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
     node = torch.Tensor._make_subclass(cls, data)
     node._cached = None
     return node
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.as_subclass(torch.Tensor) if isinstance(t, ModelPart) else t
 
 
 def _value(a):
@@ -142,7 +150,7 @@ def _value(a):
     if isinstance(a, _Lazy):
         return a.value()
     if isinstance(a, ModelPart):
-        return a.as_subclass(torch.Tensor)
+        return a._plain
     return a
 
 
@@ -156,33 +164,33 @@ def _record(func, args, kwargs):
         x = args[0]
         chunks = args[1] if len(args) > 1 else kwargs.get("chunks")
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-        if (type(x) is ModelPart and x._whole and chunks == 2 and dim == 0 and x.dim() > 0
-                and x.shape[0] % 2 == 0 and len(args) + len(kwargs) <= 3):
-            with torch._C.DisableTorchFunctionSubclass():
-                halves = torch.Tensor.chunk(x, 2, 0)
-            return tuple(_tag(h, whole=False) for h in halves)
+        if type(x) is ModelPart and x._whole and chunks == 2 and dim == 0 and len(args) + len(kwargs) <= 3:
+            plain = x._plain
+            if plain.dim() > 0 and plain.shape[0] % 2 == 0:
+                return tuple(_tag(h, whole=False) for h in plain.chunk(2, 0))
         return None
     if kwargs or len(args) != 2:
         return None
     a, b = args
     if func in _SUB:
-        if type(a) is ModelPart and type(b) is ModelPart and a is not b and _same_meta(a, b):
-            node = _placeholder(_Difference, a)
+        if type(a) is ModelPart and type(b) is ModelPart and a is not b and _same_meta(a._plain, b._plain):
+            node = _placeholder(_Difference, a._plain)
             node._c, node._u = a, b
             return node
         return None
     if func in _MUL:
         diff, g = (a, b) if type(a) is _Difference else (b, a)
-        if type(diff) is _Difference and isinstance(g, numbers.Real) and not isinstance(g, bool):
-            node = _placeholder(_Scaled, diff)
+        if type(diff) is _Difference and (type(g) in (float, int) or (isinstance(g, numbers.Real)
+                                                                      and not isinstance(g, (bool, torch.Tensor)))):
+            node = _placeholder(_Scaled, diff._c._plain)
             node._c, node._u, node._g = diff._c, diff._u, float(g)
             return node
         return None
     if func in _ADD:
         scaled, u = (a, b) if type(a) is _Scaled else (b, a)
         if type(scaled) is _Scaled and u is scaled._u:
-            node = _placeholder(GuidedOutput, u)
+            node = _placeholder(GuidedOutput, u._plain)
             node._c, node._u, node._g = scaled._c, scaled._u, scaled._g
-            node._versions = (node._c._version, node._u._version)
+            node._versions = (node._c._plain._version, node._u._plain._version)
             return node
     return None
