@@ -101,6 +101,7 @@ def guided_steps(monkeypatch):
     ("EulerAncestralDiscreteScheduler", SD_SCHEDULER, True),
     ("UniPCMultistepScheduler", dict(SD_SCHEDULER, solver_order=3), False),
     ("HeunDiscreteScheduler", dict(SD_SCHEDULER, use_karras_sigmas=True), False),
+    ("DPMSolverSinglestepScheduler", dict(SD_SCHEDULER, solver_order=3), False),
 ])
 def test_sd_swapped_scheduler_and_accelerated_match_stock(sd, name, config, generator_noise, guided_steps):
     pipe, inputs = sd
@@ -254,15 +255,15 @@ def test_accelerate_remove_restores_the_pipeline(sd):
 def test_accelerate_unsupported_scheduler_raises_and_leaves_the_pipeline(sd):
     pipe, _ = sd
     original = pipe.scheduler
-    pipe.scheduler = diffusers.DPMSolverSinglestepScheduler(**SD_SCHEDULER)
+    pipe.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULER)           # SD 1.5's original scheduler: no drop-in
     processors = dict(pipe.unet.attn_processors)
     try:
-        with pytest.raises(NotImplementedError, match="DPMSolverSinglestepScheduler"):
+        with pytest.raises(NotImplementedError, match="no drop-in for PNDMScheduler"):
             fd.accelerate(pipe)
-        assert type(pipe.scheduler) is diffusers.DPMSolverSinglestepScheduler
+        assert type(pipe.scheduler) is diffusers.PNDMScheduler
         assert pipe.unet.attn_processors == processors and not pipe.unet._forward_hooks
         handle = fd.accelerate(pipe, scheduler=False, fuse_cfg=False)      # attention only
-        assert type(pipe.scheduler) is diffusers.DPMSolverSinglestepScheduler
+        assert type(pipe.scheduler) is diffusers.PNDMScheduler
         handle.remove()
         with pytest.raises(ValueError, match="fuse_cfg needs a fastdiff scheduler"):
             fd.accelerate(pipe, scheduler=False)

@@ -193,6 +193,15 @@ CASES = [
      False, FEW),
     ("DPMSolverMultistepScheduler", dict(SD, timestep_spacing="leading", steps_offset=1, lambda_min_clipped=-5.1),
      None, False, FEW),
+    ("DPMSolverSinglestepScheduler", SD, None, False, ALL_STEPS),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3), None, False, (1, 5, 6, 20)),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3, solver_type="heun", use_karras_sigmas=True,
+                                          final_sigmas_type="sigma_min", lower_order_final=False), None, False, (6, 21)),
+    ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="dpmsolver", solver_type="heun", final_sigmas_type="sigma_min",
+                                          prediction_type="v_prediction"), None, False, (5, 20)),
+    ("DPMSolverSinglestepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3), None, True, (5, 12)),
+    ("DPMSolverSinglestepScheduler", dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+     None, False, (6,)),
     ("UniPCMultistepScheduler", SD, None, False, ALL_STEPS),
     ("UniPCMultistepScheduler", dict(SD, solver_order=3), None, False, ALL_STEPS),
     ("UniPCMultistepScheduler", dict(SD, solver_order=1, prediction_type="v_prediction"), None, False, FEW),
@@ -272,6 +281,7 @@ def test_parity_custom_timesteps_and_sigmas(name, set_kwargs):
     ("LMSDiscreteScheduler", SD, 5),                                  # diffusers' order rule counts from step 0
     ("HeunDiscreteScheduler", SD, 6),                                 # an even call: a first stage
     ("DEISMultistepScheduler", dict(SD, solver_order=3), 2),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3), 4),      # begins inside a group: orders lowered
     ("DDIMScheduler", SD_DDIM, 3),
     ("EDMDPMSolverMultistepScheduler", {}, 5),
 ])
@@ -443,7 +453,7 @@ def test_step_options_change_the_program_mid_run():
     ("KDPM2DiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
     ("FlowMatchEulerDiscreteScheduler", dict(invert_sigmas=True), "invert_sigmas"),
     ("UniPCMultistepScheduler", dict(predict_x0=False, prediction_type="flow_prediction"), "prediction_type"),
-    ("DPMSolverSinglestepScheduler", {}, "DPMSolverSinglestepScheduler"),
+    ("DPMSolverSinglestepScheduler", dict(variance_type="learned_range"), "variance_type"),
 ])
 def test_unsupported_config_names_the_option(name, config, option):
     with pytest.raises(NotImplementedError, match=option):

@@ -22,6 +22,7 @@ KDPM2DiscreteScheduler             VE                     dpm_2
 KDPM2AncestralDiscreteScheduler    VE                     dpm_2_ancestral
 DPMSolverSDEScheduler              VE                     dpmpp_sde (r = 1/2, diffusers' Brownian noise)
 DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep
+DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (_singlestep_rows)
 UniPCMultistepScheduler            VP / flow              unipc
 DEISMultistepScheduler             VP / flow              deis
 EDMEulerScheduler                  VE, EDM precondition   euler
@@ -38,10 +39,9 @@ given generator, same shape, dtype and order), so stochastic schedulers give the
 for the same generator. Options the drop-in cannot reproduce raise ``NotImplementedError``
 naming the option, at construction (or at ``step`` for step arguments).
 
-Not reproduced: ``DPMSolverSinglestepScheduler`` (diffusers' singlestep solver takes its
-intermediate stages at grid points, which fastdiff's ``dpm_solver`` does not: the class raises
-NotImplementedError), EDM churn (``s_churn > 0``), learned variances, ``sde-dpmsolver``,
-UniPC's ``solver_p``, flow ``invert_sigmas`` / ``per_token_timesteps``.
+Not reproduced (NotImplementedError naming the option): EDM churn (``s_churn > 0``), learned
+variances, ``sde-dpmsolver``, UniPC's ``solver_p``, flow ``invert_sigmas`` /
+``per_token_timesteps``.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ from ...program import Out, Point, Row
 from ...schedules import DiscreteVP, FlowMatching, Grid, VESchedule
 from ...solvers import get_solver
 from ...solvers.base import derivative_quantity
-from ...solvers.dpm_solver import history_terms, ring_write
+from ...solvers.base import eps_quantity
+from ...solvers.dpm_solver import ddim_data, ddim_eps, half_log_snr, history_terms, ring_write
 from ...solvers.multistep import lms_coefficients
 from .base import FastdiffScheduler, Plan, _guided, _Run, drop_in
 
@@ -648,19 +649,101 @@ class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler
         return self._fd_step(model_output, timestep, sample, None, None, return_dict)
 
 
+def _singlestep_rows(grid: Grid, orders: Sequence[int], algorithm: str, solver_type: str, slots: int) -> List[Row]:
+    """diffusers' singlestep DPM-Solver as a coefficient program: call n (effective order
+    ``orders[n]``) steps from its group's start g = n - orders[n] + 1 (kept in x) to point n + 1,
+    with the model quantities m of calls g..n (x0, or eps for 'dpmsolver'): a group's first call
+    (order 1) is a first-order step from the sample itself, its later calls are evaluated at
+    the previous call's estimate (y) and restart from x. A call writes y while its group
+    continues, x when it ends. diffusers' formulas (scheduling_dpmsolver_singlestep.py),
+    including its third-order 'midpoint' variant, which uses D1_1 and no D2 term; sde-dpmsolver++
+    adds noise of std sigma_t sqrt(1 - e^{-2h}) at every call."""
+    points = [_point(grid, i) for i in range(len(grid.t))]
+    lam = [half_log_snr(p) for p in points]
+    eps = algorithm == "dpmsolver"
+    sde = algorithm == "sde-dpmsolver++"
+    N = len(orders)
+    rows = []
+    for n, k in enumerate(orders):
+        p, q = points[n], points[n + 1]
+        quantity = eps_quantity(p) if eps else (0.0, 1.0)
+        z = 0.0
+        if k == 1:      # fastdiff's first-order steps (exact at sigma_t = 0, where h is infinite)
+            if eps:
+                a, b = ddim_eps(p, q)
+            else:
+                a, b, z = ddim_data(p, q, 1.0 if sde else 0.0)
+            m = [b]
+        else:
+            s = points[n - k + 1]
+            h = lam[n + 1] - lam[n - k + 1]
+            if eps:
+                a = q.alpha / s.alpha
+                c0, c1, c2 = -q.sigma * math.expm1(h), -q.sigma * (math.expm1(h) / h - 1.0), \
+                    -q.sigma * ((math.expm1(h) - h) / h ** 2 - 0.5)
+                c1_mid = -0.5 * q.sigma * math.expm1(h)
+            elif sde:
+                a = q.sigma / s.sigma * math.exp(-h)
+                e2 = -math.expm1(-2.0 * h)                                     # 1 - e^{-2h}
+                c0, c1, c2 = q.alpha * e2, q.alpha * (e2 / (-2.0 * h) + 1.0), \
+                    q.alpha * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5)
+                c1_mid = 0.5 * q.alpha * e2
+                z = q.sigma * math.sqrt(e2)
+            else:
+                a = q.sigma / s.sigma
+                c0, c1, c2 = -q.alpha * math.expm1(-h), q.alpha * (math.expm1(-h) / h + 1.0), \
+                    -q.alpha * ((math.expm1(-h) + h) / h ** 2 - 0.5)
+                c1_mid = -0.5 * q.alpha * math.expm1(-h)
+            # D terms as combinations of (m_n, m_{n-1}, m_{n-2}), as diffusers writes them
+            if k == 2:
+                r0 = (lam[n] - lam[n - 1]) / h
+                D0, D1 = np.array([0.0, 1.0, 0.0]), np.array([1.0, -1.0, 0.0]) / r0
+                m = c0 * D0 + (c1_mid if solver_type == "midpoint" else c1) * D1
+            else:
+                r0, r1 = (lam[n] - lam[n - 2]) / h, (lam[n - 1] - lam[n - 2]) / h
+                D0 = np.array([0.0, 0.0, 1.0])
+                D1_0, D1_1 = np.array([0.0, 1.0, -1.0]) / r1, np.array([1.0, 0.0, -1.0]) / r0
+                D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
+                D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
+                m = c0 * D0 + (c1 * D1_1 if solver_type == "midpoint" else c1 * D1 + c2 * D2)
+        h_coef, hist = history_terms(n, list(m[:k]), slots)
+        continues = n + 1 < N and orders[n + 1] > 1
+        out = Out(x=a if k > 1 else 0.0, y=0.0 if k > 1 else a, h=h_coef, hist=hist, z=z)
+        rows.append(Row(step=n, eval_at="x" if k == 1 else "y", point=p, q_y=quantity[0], q_x0=quantity[1],
+                        out_x=None if continues else out, out_y=out if continues else None,
+                        hist_write=ring_write(n, N, slots), noise_id=n if z else -1,
+                        next_eval="y" if continues else "x"))
+    return rows
+
+
 @drop_in(diffusers.DPMSolverSinglestepScheduler)
 class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSinglestepScheduler):
-    """Not reproduced: diffusers' singlestep DPM-Solver evaluates its intermediate stages at the
-    grid's own points (r = the ratio of log-SNR steps) and starts each group from a first-order
-    estimate there; fastdiff's ``dpm_solver`` takes the textbook stages at r = 1/2 (and 1/3, 2/3)
-    of the step. Constructing this class raises NotImplementedError; use diffusers' class, or
-    fastdiff's sampler with solver="dpm_solver"."""
+    """diffusers' singlestep DPM-Solver (orders 1-3 by its order list, dpmsolver / dpmsolver++ /
+    sde-dpmsolver++, midpoint / heun): its intermediate stages are the grid's own points, which
+    fastdiff's ``dpm_solver`` (stages at r = 1/2, 1/3, 2/3 of a step) does not take, so the
+    coefficients are diffusers' formulas (``_singlestep_rows``)."""
 
     def _check_config(self):
-        raise NotImplementedError(
-            "fastdiff has no drop-in for DPMSolverSinglestepScheduler: diffusers' singlestep solver takes its "
-            "intermediate stages at the grid's points, fastdiff's dpm_solver at r = 1/2 (1/3, 2/3) of each step, so the "
-            "samples would differ; use diffusers.DPMSolverSinglestepScheduler, or fastdiff.sample(solver='dpm_solver')")
+        c = self.config
+        if c.variance_type is not None:
+            _unsupported(type(self).__name__, "variance_type", c.variance_type)
+        allowed = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if c.algorithm_type != "dpmsolver" else ())
+        _check_prediction(self, allowed)
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        grid, fold = _multistep_grid(self, start)
+        orders, made = [], 0
+        for o in self.order_list[start:]:           # diffusers lowers an order its stored outputs cannot support
+            orders.append(min(int(o), made + 1))
+            made += 1
+        S = c.solver_order - 1
+        rows = _singlestep_rows(grid, orders, c.algorithm_type, c.solver_type, S)
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        return Plan(rows, fold, S, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,4 +856,5 @@ DROP_INS = {cls.__name__: cls for cls in (
     DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
     LMSDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DPMSolverSDEScheduler,
     DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, EDMEulerScheduler,
-    EDMDPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
+    EDMDPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+    DPMSolverSinglestepScheduler)}
