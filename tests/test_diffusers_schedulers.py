@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import numpy as np
 import pytest

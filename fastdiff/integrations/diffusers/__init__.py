@@ -10,7 +10,18 @@ pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``
 from .attention import FastdiffAttnProcessor
 from .base import StepOutput
 from .pipelines import Acceleration, accelerate
-from .schedulers import *  # noqa: F401,F403
-from .schedulers import __all__ as _schedulers_all
+from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                         DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
+                         EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                         FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler,
+                         KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LMSDiscreteScheduler,
+                         UniPCMultistepScheduler)
 
-__all__ = list(_schedulers_all) + ["FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate"]
+__all__ = [
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
+    "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+    "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
+]
