@@ -498,6 +498,17 @@ def test_wrong_timestep(started):
     s.step(torch.randn(SHAPE), s.timesteps[1], x)
 
 
+def test_first_timestep_not_in_the_run():
+    s = fd.EulerDiscreteScheduler(**SD)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="not one of this run's timesteps"):
+        s.step(torch.randn(SHAPE), 123.5, torch.randn(SHAPE))
+    d = fd.DDIMScheduler(**SD_DDIM)
+    d.set_timesteps(4)
+    with pytest.raises(ValueError, match="not one of this run's timesteps"):
+        d.step(torch.randn(SHAPE), 3, torch.randn(SHAPE))
+
+
 def test_mismatched_shapes(started):
     s, x = started
     with pytest.raises(ValueError, match="model_output has shape"):

@@ -280,8 +280,14 @@ class FastdiffScheduler:
         self._fd_reset()
 
     def _init_index(self, timestep) -> int:
+        """The step index of the run's first call: diffusers' rule (set_begin_index, else the
+        position of ``timestep`` in ``timesteps``)."""
         if getattr(self, "_step_index", None) is None:
-            self._init_step_index(timestep)
+            try:
+                self._init_step_index(timestep)
+            except IndexError:            # diffusers' lookup found no such timestep
+                raise ValueError(f"step() got timestep {float(timestep):g}, which is not one of this run's "
+                                 f"timesteps {self.timesteps.tolist()}") from None
         return self._step_index
 
     def _fd_begin(self, model_output, timestep, sample, key) -> _Run:
