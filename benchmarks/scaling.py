@@ -8,7 +8,7 @@ are bandwidth-bound (the time grows with the bytes). The plot shows where each i
 crosses from one to the other: fastdiff cpu, eager PyTorch and torch.compile (static shapes,
 one compile per size, as step_bench does; the three measured together, samples interleaved),
 for 1 and 2 threads, beside two floors measured in the same run: the bytes divided by the copy bandwidth, and the fastdiff._C call on an empty
-tensor (argument passing and checks, no elements).
+tensor (argument passing and checks, no elements; measured alongside at every size, median).
 """
 from __future__ import annotations
 
@@ -22,52 +22,58 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 
 from . import baselines as bl
 from .step_bench import IMPL_BY_KEY, RESULTS, bytes_moved, step_callable
-from .timing import (copy_bandwidth, describe_machine, load_average, machine_info, measure, measure_interleaved,
-                     torch_threads)
+from .timing import copy_bandwidth, describe_machine, load_average, machine_info, measure_interleaved, torch_threads
 
 DEFAULT_SIZES = tuple(256 * 4 ** k for k in range(8)) + (2 ** 23,)     # 256 .. 4M, 8M
 QUICK_SIZES = (256, 4096, 65536, 1048576)
 IMPLS = ("fastdiff_cpu", "eager", "compile")
 
 
-def empty_call_overhead(**measure_options) -> float:
-    """Seconds per fastdiff._C.fused_step call on a [1, 0] tensor: pybind11 argument conversion,
-    the C++ checks and the early return; the floor of any fastdiff cpu step."""
-    from fastdiff.ops.backends import BACKENDS
+class EmptyCall:
+    """fastdiff._C.fused_step on a [1, 0] state: pybind11 argument conversion, the C++ checks and
+    the early return; the floor of any fastdiff cpu step."""
 
-    fn = BACKENDS["cpu"].fused_step
-    x, out, hist = torch.empty(1, 0), torch.empty(2, 0), torch.empty(1, 1, 0)
-    table = bl.make_problem((1, 8)).table
-    bad = torch.zeros(1, dtype=torch.int32)
-    args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, False, True, False, None, 0, -1, None, False, bad)
-    return measure(lambda: fn(*args), **measure_options).median
+    def __init__(self):
+        from fastdiff.ops.backends import BACKENDS
+
+        self.fn = BACKENDS["cpu"].fused_step
+        x, out, hist = torch.empty(1, 0), torch.empty(2, 0), torch.empty(1, 1, 0)
+        table = bl.make_problem((1, 8)).table
+        bad = torch.zeros(1, dtype=torch.int32)
+        self.args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, False, True, False, None, 0, -1, None,
+                     False, bad)
+
+    def __call__(self):
+        self.fn(*self.args)
 
 
 def run(sizes: Sequence[int], threads: Sequence[int], impls: Sequence[str], *, min_samples: int, min_time: float,
         copy_mib: int, clock: str = "wall", log=lambda s: None) -> dict:
     info = machine_info()
     copy: Dict[int, dict] = {}
-    overhead: Dict[int, float] = {}
+    empty: Dict[int, List[float]] = {nt: [] for nt in threads}
     points: List[dict] = []
     for nt in threads:
         with torch_threads(nt):
-            copy[nt] = copy_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time)
-            if "fastdiff_cpu" in impls:
-                overhead[nt] = empty_call_overhead(min_samples=min_samples, min_time=min_time)
-            log(f"threads={nt}: copy {copy[nt]['gbps']:.1f} GB/s"
-                + (f", empty fastdiff call {overhead[nt] * 1e6:.2f} us" if nt in overhead else ""))
+            copy[nt] = copy_bandwidth(copy_mib, min_samples=min_samples, min_time=min_time, clock=clock)
+            log(f"threads={nt}: copy {copy[nt]['gbps']:.1f} GB/s")
     for n in sizes:
         problem = bl.make_problem((1, n))
         for nt in threads:
             with torch_threads(nt):
                 torch._dynamo.reset()
                 made = {key: step_callable(IMPL_BY_KEY[key], problem, log) for key in impls}
-                timings = measure_interleaved({k: fn for k, (fn, _) in made.items()}, min_samples=min_samples,
-                                              min_time=min_time, clock=clock)
+                fns = {k: fn for k, (fn, _) in made.items()}
+                if "fastdiff_cpu" in impls:         # the call floor, measured alongside at every size
+                    fns["empty_call"] = EmptyCall()
+                timings = measure_interleaved(fns, min_samples=min_samples, min_time=min_time, clock=clock)
+                if "empty_call" in timings:
+                    empty[nt].append(timings["empty_call"].median)
                 for key in impls:
                     impl, t = IMPL_BY_KEY[key], timings[key]
                     nbytes = bytes_moved(n, impl.model_dtype, impl.model_input)
@@ -82,7 +88,7 @@ def run(sizes: Sequence[int], threads: Sequence[int], impls: Sequence[str], *, m
                                           "min_samples": min_samples, "min_time_s": min_time, "copy_mib": copy_mib,
                                           "clock": clock},
             "copy": {str(k): v for k, v in copy.items()},
-            "empty_call_s": {str(k): v for k, v in overhead.items()}, "points": points}
+            "empty_call_s": {str(k): float(np.median(v)) for k, v in empty.items() if v}, "points": points}
 
 
 def render_markdown(report: dict) -> str:
