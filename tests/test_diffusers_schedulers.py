@@ -349,6 +349,22 @@ def ours_out_x0(o):
     return o.pred_original_sample if hasattr(o, "pred_original_sample") else o[1]
 
 
+@pytest.mark.parametrize("name, config", [("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
+                                          ("HeunDiscreteScheduler", SD), ("EulerAncestralDiscreteScheduler", SD)])
+def test_reference_backend_gives_the_same_steps(name, config):
+    """The plain-PyTorch fused step (the oracle of fastdiff._C) runs the same programs."""
+    cpu, ref = _fresh(fd, name, config), _fresh(fd, name, config)
+    ref.fastdiff_backend = "reference"
+    for s in (cpu, ref):
+        s.set_timesteps(7)
+    xa = xb = torch.randn(SHAPE) * float(cpu.init_noise_sigma)
+    for t in cpu.timesteps:
+        out = torch.randn(SHAPE)
+        xa = cpu.step(out, t, xa, **({"generator": torch.Generator().manual_seed(1)} if "Ancestral" in name else {}))[0]
+        xb = ref.step(out, t, xb, **({"generator": torch.Generator().manual_seed(1)} if "Ancestral" in name else {}))[0]
+    assert float((xa - xb).abs().max()) <= TOL * max(1.0, float(xa.abs().max()))
+
+
 def test_prev_sample_is_a_new_tensor_each_step():
     s = fd.DPMSolverMultistepScheduler(**SD)
     s.set_timesteps(5)
