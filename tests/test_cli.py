@@ -382,7 +382,7 @@ def test_bench_quality_writes_json_markdown_and_png(tmp_path, capsys, one_thread
                                   "--quality-options", quality])
     assert status == 0 and "| DDIM |" in out and "floor: real held-out images" in out
     report = json.loads((tmp_path / "quality_table_quick.json").read_text())
-    assert [r["solver"] for r in report["rows"]] == ["ddim", "heun"]
+    assert [r["solver"] for r in report["rows"]] == ["ddim", "heun", "heun"]   # heun in VE and flow coordinates
     for row in report["rows"]:
         for c in row["cells"]:
             assert c["nfe"] <= c["budget"] and 0.0 <= c["class_accuracy"] <= 1.0 and c["digits_fd"] > 0
