@@ -36,7 +36,11 @@ IMPLS = ("fastdiff_cpu", "eager", "compile")
 
 class EmptyCall:
     """fastdiff._C.fused_step on a [1, 0] state: pybind11 argument conversion, the C++ checks and
-    the early return; the floor of any fastdiff cpu step."""
+    the early return; the floor of any fastdiff cpu step. Samples as short as the in-place step's
+    (FastdiffStep.max_calls): on a busy machine a longer sample is preempted more often, and its
+    wall-clock median would not be comparable."""
+
+    max_calls = bl.FastdiffStep.max_calls
 
     def __init__(self):
         from fastdiff.ops.backends import BACKENDS
