@@ -195,7 +195,7 @@ class Sampler:
                 if both:
                     out = _model_output(model(model_in, t_full[i], **kw_both))
                     self._check_model_output(out, shape_both, i)
-                    uncond_out, cond_out = out.split(B)
+                    uncond_out, cond_out = out.chunk(2)  # views; cheaper than split()
                 else:
                     cond_out = _model_output(model(cond_in, t_half[i], **kw_cond))
                     self._check_model_output(cond_out, shape, i)
