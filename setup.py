@@ -109,6 +109,8 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=_packages(),
     package_dir={"fastdiff.kernels": "kernels"},
+    # The shipped digits model: weights and their checksums travel with the package.
+    package_data={"fastdiff.models": ["weights/*.safetensors", "weights/*.sha256"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
