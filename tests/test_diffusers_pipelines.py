@@ -113,7 +113,7 @@ def test_sd_swapped_scheduler_and_accelerated_match_stock(sd, name, config, gene
         _assert_close(_run(pipe, inputs), stock)
         assert not guided_steps                      # a plain swap: the pipeline combined CFG itself
         pipe.scheduler = getattr(diffusers, name)(**config)
-        handle = fd.accelerate(pipe)
+        handle = fd.accelerate(pipe, attention=True)           # every part, also where 'auto' would keep SDPA
         try:
             assert isinstance(pipe.scheduler, getattr(fd, name))
             accelerated = _run(pipe, inputs)
@@ -223,7 +223,7 @@ def test_dit_accelerated_matches_stock(guided_steps):
                                         scheduler=diffusers.DDIMScheduler(clip_sample=False), id2label={0: "a", 1: "b"}))
     kw = {"class_labels": [1, 0], "num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "np"}
     stock = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    handle = fd.accelerate(pipe)
+    handle = fd.accelerate(pipe, attention=True)
     try:
         processors = {type(m.processor).__name__ for m in transformer.modules() if hasattr(m, "set_processor")}
         assert processors == {"FastdiffAttnProcessor"}
@@ -242,7 +242,7 @@ def test_accelerate_remove_restores_the_pipeline(sd):
     pipe, inputs = sd
     scheduler, unet = pipe.scheduler, pipe.unet
     processors = dict(unet.attn_processors)
-    handle = fd.accelerate(pipe)
+    handle = fd.accelerate(pipe, attention=True)
     assert pipe.scheduler is not scheduler and isinstance(pipe.scheduler, fd.DPMSolverMultistepScheduler)
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FastdiffAttnProcessor"}
     assert isinstance(unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 7, 16), return_dict=False)[0], ModelPart)
@@ -262,7 +262,7 @@ def test_accelerate_unsupported_scheduler_raises_and_leaves_the_pipeline(sd):
             fd.accelerate(pipe)
         assert type(pipe.scheduler) is diffusers.PNDMScheduler
         assert pipe.unet.attn_processors == processors and not pipe.unet._forward_hooks
-        handle = fd.accelerate(pipe, scheduler=False, fuse_cfg=False)      # attention only
+        handle = fd.accelerate(pipe, scheduler=False, fuse_cfg=False, attention=True)      # attention only
         assert type(pipe.scheduler) is diffusers.PNDMScheduler
         handle.remove()
         with pytest.raises(ValueError, match="fuse_cfg needs a fastdiff scheduler"):
@@ -271,9 +271,25 @@ def test_accelerate_unsupported_scheduler_raises_and_leaves_the_pipeline(sd):
         pipe.scheduler = original
 
 
-def test_accelerate_needs_a_denoiser():
+def test_accelerate_needs_a_denoiser_and_a_valid_attention_option(sd):
     with pytest.raises(ValueError, match="no denoiser"):
         fd.accelerate(object())
+    with pytest.raises(ValueError, match="attention must be True, False or 'auto'"):
+        fd.accelerate(sd[0], attention="yes")
+
+
+def test_accelerate_auto_attention_keeps_sdpa_where_fastdiff_has_no_kernel(sd):
+    """On the CPU fastdiff's attention is torch's SDPA: 'auto' keeps the pipeline's processors."""
+    from fastdiff.integrations.diffusers.pipelines import has_attention_kernel
+    pipe, _ = sd
+    before = dict(pipe.unet.attn_processors)
+    handle = fd.accelerate(pipe)
+    try:
+        expected = has_attention_kernel(pipe.unet)
+        kinds = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+        assert kinds == ({"FastdiffAttnProcessor"} if expected else {type(p).__name__ for p in before.values()})
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Three independent parts, each optional:
   NotImplementedError naming the option (pass ``scheduler=False`` to keep diffusers' scheduler).
 * ``attention``: the denoiser's attention modules that run AttnProcessor2_0 run
   FastdiffAttnProcessor instead (other processors, e.g. joint or rotary attention, are kept).
+  ``"auto"`` (default) does so only where fastdiff has an attention kernel for the denoiser's
+  device and dtype (the Triton flash kernel on CUDA); elsewhere FastdiffAttnProcessor would call
+  the same torch SDPA as AttnProcessor2_0, plus its dispatch, so the processors are kept.
 * ``fuse_cfg``: a forward hook tags the denoiser's output, so the pipeline's own CFG formula
   ``u + g * (c - u)`` is recorded instead of computed and the drop-in scheduler combines the two
   branches inside its fused step (fastdiff.integrations.diffusers.cfg). This applies where the
@@ -31,7 +34,7 @@ from .attention import FastdiffAttnProcessor, replaceable_processor
 from .cfg import tag_model_output
 from .schedulers import DROP_INS
 
-__all__ = ["accelerate", "Acceleration", "denoiser_of"]
+__all__ = ["accelerate", "Acceleration", "denoiser_of", "has_attention_kernel"]
 
 _DENOISERS = ("unet", "transformer")
 
@@ -67,11 +70,16 @@ class Acceleration:
         self.hooks.clear()
 
 
-def accelerate(pipe, *, scheduler: bool = True, attention: bool = True, fuse_cfg: bool = True,
+def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool = True,
                attention_backend: str = "auto") -> Acceleration:
-    """Run ``pipe`` on fastdiff: drop-in scheduler, fastdiff attention, CFG fused into the step
-    (see the module docstring). Returns an ``Acceleration`` whose ``remove()`` undoes it."""
+    """Run ``pipe`` on fastdiff: drop-in scheduler, fastdiff attention (True, False or "auto"), CFG
+    fused into the step (see the module docstring). Returns an ``Acceleration`` whose
+    ``remove()`` undoes it."""
+    if attention not in (True, False, "auto"):
+        raise ValueError(f"attention must be True, False or 'auto', got {attention!r}")
     denoiser = denoiser_of(pipe)
+    if attention == "auto":
+        attention = has_attention_kernel(denoiser)
     if fuse_cfg and not scheduler and not _is_fastdiff(pipe.scheduler):
         raise ValueError("fuse_cfg needs a fastdiff scheduler to combine the CFG branches; pass scheduler=True "
                          "(or fuse_cfg=False)")
@@ -98,6 +106,22 @@ def accelerate(pipe, *, scheduler: bool = True, attention: bool = True, fuse_cfg
         handle.remove()
         raise
     return handle
+
+
+def has_attention_kernel(module: torch.nn.Module) -> bool:
+    """Whether fastdiff.attention has a kernel of its own (not torch's SDPA, not the reference)
+    for the device and dtype of ``module``'s parameters."""
+    from ... import attention as fd_attention
+    p = next(module.parameters(), None)
+    if p is None:
+        return False
+    probe = torch.empty(1, 1, 1, 8, dtype=p.dtype, device=p.device)
+    for name, backend in fd_attention.ATTENTION_BACKENDS.items():
+        if name in ("sdpa", "reference"):
+            continue
+        if not backend.unavailable_reason() and not backend.not_supported_reasons("attention", [probe] * 3):
+            return True
+    return False
 
 
 def _is_fastdiff(scheduler) -> bool:
