@@ -211,7 +211,10 @@ def main(argv=None) -> int:
                    help=f"torch threads (default: torch's, here {torch.get_num_threads()})")
     p.add_argument("--schedulers", type=lambda t: t.split(","), default=None,
                    help=f"subset of {', '.join(SCHEDULERS)}")
-    p.add_argument("--pipeline-steps", type=int, default=20)
+    p.add_argument("--pipeline-steps", type=int, default=10)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, which leaves out waiting for a "
+                        "core on a busy machine (use with --threads 1)")
     p.add_argument("--json", type=Path, default=None,
                    help="default results/diffusers_bench.json (quick: results/diffusers_bench_quick.json)")
     p.add_argument("--quiet", action="store_true")
@@ -224,10 +227,12 @@ def main(argv=None) -> int:
         p.error("--threads and --pipeline-steps must be >= 1")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     opts = dict(min_samples=5, min_time=0.2) if a.quick else dict(min_samples=21, min_time=1.0)
+    pipeline_opts = dict(min_samples=3 if a.quick else 7, min_time=0.0, sample_time=0.0, warmup=1)
     shapes = {k: v for k, v in SHAPES.items() if not a.quick or k.startswith("SD-1.5")}
-    report = {"machine": machine_info(), "load_average_before": load_average(),
-              "step": bench_steps(names, shapes, a.threads, opts, log),
-              "pipeline": bench_pipeline([16] if a.quick else [16, 64], a.pipeline_steps, a.threads, opts, log),
+    report = {"machine": machine_info(), "threads": a.threads, "clock": a.clock, "load_average_before": load_average(),
+              "step": bench_steps(names, shapes, a.threads, dict(opts, clock=a.clock), log),
+              "pipeline": bench_pipeline([16] if a.quick else [16, 64], a.pipeline_steps, a.threads,
+                                         dict(pipeline_opts, clock=a.clock), log),
               "load_average_after": load_average()}
     out = a.json or RESULTS / ("diffusers_bench_quick.json" if a.quick else "diffusers_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)

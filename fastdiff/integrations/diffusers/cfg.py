@@ -16,6 +16,12 @@ Anything else done to a lazy value (a different formula, ``guidance_rescale``'s 
 ``.to``, printing) computes it first, with the pipeline's own formula and operation order, so
 the result is what eager PyTorch gives; a lazy value only ever stands for that value. Tensor
 metadata (shape, dtype, device, ...) is answered without computing.
+
+Cost: recording goes through ``__torch_function__`` (a few microseconds per operation, ~20 us per
+step for the four operations); it saves the formula's three elementwise passes over the
+latents and their temporaries. On the CPU at SD-1.5's latent (64 KiB per branch) the two are
+about even; the saving grows with the latents (SDXL batches, video) and with the cost of a kernel
+launch (GPUs).
 """
 from __future__ import annotations
 
