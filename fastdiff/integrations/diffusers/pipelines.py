@@ -22,6 +22,9 @@ Three independent parts, each optional:
   PixArt, Flux's true CFG, ...). Where it does something else with the prediction first
   (``guidance_rescale > 0``, DiT's learned-sigma split, slicing, casting), that expression is
   computed as the pipeline wrote it and the step receives the plain tensor: same result, not fused.
+  Recording costs ~20 us of Python per step (benchmarks/diffusers_bench.py): on the CPU that is
+  more than the eager formula at SD-1.5's latent and less at an SDXL batch; on a GPU it runs
+  while the device works, and the formula's three kernels and their memory traffic are saved.
 """
 from __future__ import annotations
 
