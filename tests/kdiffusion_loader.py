@@ -8,7 +8,6 @@ unused by the sampling code. So: stub the torchvision modules and register an em
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -23,16 +22,21 @@ def load_kdiffusion_sampling():
     if spec is None or not spec.submodule_search_locations:
         import pytest
         pytest.skip("k-diffusion is not installed", allow_module_level=True)
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-        stub = sys.modules.setdefault(name, types.ModuleType(name))
-        # A spec, so importlib.util.find_spec(name) still works for libraries that probe for
-        # torchvision afterwards (diffusers does: without it, importing diffusers raises ValueError).
-        if getattr(stub, "__spec__", None) is None:
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    # Stub torchvision only while k_diffusion.sampling imports (k_diffusion.utils binds its names
+    # then), and take the stubs out again: libraries imported later (diffusers, transformers) probe
+    # for torchvision and must not find a hollow one.
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    added = [n for n in names if n not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
-    if "k_diffusion" not in sys.modules:
-        pkg = types.ModuleType("k_diffusion")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = pkg
-    return importlib.import_module("k_diffusion.sampling")
+    try:
+        if "k_diffusion" not in sys.modules:
+            pkg = types.ModuleType("k_diffusion")
+            pkg.__path__ = list(spec.submodule_search_locations)
+            sys.modules["k_diffusion"] = pkg
+        return importlib.import_module("k_diffusion.sampling")
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
