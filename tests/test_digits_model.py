@@ -28,9 +28,12 @@ TRAIN_SCRIPT = REPO / "scripts" / "train_digits.py"
 MIN_ACCURACY_64 = 0.8
 MAX_FD_64 = 80.0
 # Shipped model, 1000 samples, dpmpp_2m 20 steps, no guidance, seed 0 (the held-out floor at 360 real
-# images is 5.36, and these samples' first 360 score 4.52): the full-retrain reference.
+# images is 5.36, and these samples' first 360 score 4.52): the full-retrain reference. Retrained with
+# --seed 1 the model scored 1.81 (accuracy 0.990 vs 0.997); the same seed and thread count reproduce
+# the shipped file bit for bit. The tolerance is ~7x that seed-to-seed spread; 5 sampler steps
+# instead of 20 already cost +2.1.
 SHIPPED_FD_1000 = 1.952
-FULL_RETRAIN_FD_TOLERANCE = 1.5
+FULL_RETRAIN_FD_TOLERANCE = 1.0
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +228,8 @@ def test_training_twice_with_the_same_seed_gives_identical_weights():
 @pytest.mark.slow
 def test_full_training_reproduces_the_shipped_quality(tmp_path, request, train_images):
     """The full recipe (scripts/train_digits.py defaults) trains a model of the shipped quality."""
-    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption("markexpr"):
+    # pytest runs marked tests unless deselected; this one only runs when asked for by name (-m slow).
+    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
         pytest.skip("retrains the shipped model (minutes on 2 cores); run with -m slow")
     run = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--eval-samples", "0", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=3 * 3600)
@@ -235,6 +239,6 @@ def test_full_training_reproduces_the_shipped_quality(tmp_path, request, train_i
     for name, m in (("shipped", load_digits_model()), ("retrained", load_digits_model(tmp_path / MODEL_FILE))):
         x = sample_digits(m, labels, solver="dpmpp_2m", steps=20, guidance=1.0, seed=0)
         scores[name] = (digits_fd(x, train_images), class_accuracy(x, labels))
-    assert scores["shipped"][0] == pytest.approx(SHIPPED_FD_1000, abs=0.05)
+    assert scores["shipped"][0] == pytest.approx(SHIPPED_FD_1000, abs=0.1)
     assert abs(scores["retrained"][0] - scores["shipped"][0]) <= FULL_RETRAIN_FD_TOLERANCE, scores
     assert scores["retrained"][1] >= scores["shipped"][1] - 0.03, scores
