@@ -17,6 +17,10 @@ branch of classifier-free guidance (``None`` means all unconditional). Sample wi
                         prediction=PREDICTION, guidance=3.0,
                         cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels, 10)})
 
+Guidance trades variety for prototypical digits. Measured on the shipped model (1000 samples,
+dpmpp_2m, 20 steps): no guidance gives digits-FD 1.95 at 99.7% class accuracy, w = 2 FD 19.1 and
+w = 3 FD 34.0, both at 100% (scripts/train_digits.py; fastdiff.models.digits_fd).
+
 Weights are safetensors files next to this module; each load checks the file's SHA-256 (the
 digest of the shipped file is stored below, a retrained file carries a ``.sha256`` sidecar).
 """
@@ -242,6 +246,8 @@ def load_checkpoint(path: Union[str, Path], sha256: Optional[str] = None) -> Tup
             raise FileNotFoundError(f"no checksum for {path}: expected the sidecar {side} "
                                     "(written by scripts/train_digits.py) or pass sha256=...")
         sha256 = (side.read_text().split() or [""])[0]
+    elif not isinstance(sha256, str):
+        raise TypeError(f"sha256 must be a hex digest string, got {type(sha256).__name__}")
     actual = sha256_of(path)
     if actual != sha256.strip().lower():
         raise ValueError(f"checksum mismatch for {path}: SHA-256 is {actual}, expected {sha256} "
