@@ -25,6 +25,13 @@ class _ODESpaceSolver(Solver):
                              "pass ode_space='ve' with a grid whose noise levels are finite")
         return space
 
+    @staticmethod
+    def _noise_removal_row(n, space, p0, s0, c0, c1) -> Row:
+        """The last step to s = 0 of the SDE solvers: y' = x0 = y - s d."""
+        qy, qx0 = derivative_quantity(space, p0)
+        return Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0, out_x=Out(x=c1 / c0, h=-c1 * s0),
+                   next_eval="x")
+
     def _step_geometry(self, grid: Grid, n: int, space: str):
         p0, p1 = grid_point(grid, n), grid_point(grid, n + 1)
         s0, s1 = ode_s(space, p0.alpha, p0.sigma), ode_s(space, p1.alpha, p1.sigma)
@@ -68,10 +75,8 @@ class EulerMaruyama(_ODESpaceSolver):
         rows = []
         for n in range(grid.steps):
             p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
-            if s1 == 0.0:  # noise removal: y' = x0 = y - s d
-                qy, qx0 = derivative_quantity(space, p0)
-                rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
-                                out_x=Out(x=c1 / c0, h=-c1 * s0), next_eval="x"))
+            if s1 == 0.0:
+                rows.append(self._noise_removal_row(n, space, p0, s0, c0, c1))
                 continue
             ds = s1 - s0
             qy, qx0 = derivative_quantity(space, p0)
@@ -96,11 +101,10 @@ class HeunSDE(_ODESpaceSolver):
         rows = []
         for n in range(grid.steps):
             p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
-            qy, qx0 = derivative_quantity(space, p0)
             if s1 == 0.0:
-                rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
-                                out_x=Out(x=c1 / c0, h=-c1 * s0), next_eval="x"))
+                rows.append(self._noise_removal_row(n, space, p0, s0, c0, c1))
                 continue
+            qy, qx0 = derivative_quantity(space, p0)
             ds = s1 - s0
             g = math.sqrt(-2.0 * s0 * ds)
             rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0, hist_write=0,
