@@ -18,6 +18,9 @@ from .base import (Solver, ancestral_step, check_eta, check_space, derivative_qu
 class _ODESpaceSolver(Solver):
     stochastic = True
 
+    def __init__(self, ode_space: str = "auto"):
+        self.ode_space = ode_space
+
     def _space(self, grid: Grid) -> str:
         space = check_space(self.ode_space, grid)
         if space != "ve":
@@ -67,9 +70,6 @@ class EulerAncestral(_ODESpaceSolver):
 class EulerMaruyama(_ODESpaceSolver):
     """Euler-Maruyama on the reverse SDE: y' = y + 2 d ds + sqrt(2 s |ds|) z."""
 
-    def __init__(self, ode_space: str = "auto"):
-        self.ode_space = ode_space
-
     def rows(self, grid: Grid) -> List[Row]:
         space = self._space(grid)
         rows = []
@@ -92,9 +92,6 @@ class HeunSDE(_ODESpaceSolver):
     drifts at both ends with the same noise draw."""
 
     num_slots = 1
-
-    def __init__(self, ode_space: str = "auto"):
-        self.ode_space = ode_space
 
     def rows(self, grid: Grid) -> List[Row]:
         space = self._space(grid)
