@@ -1,6 +1,6 @@
 """Build fastdiff and its C++ CPU extension fastdiff._C.
 
-Install (after torch):  pip install --no-build-isolation -e .
+Install (after torch):  pip install --no-build-isolation .      (or -e . for development)
 
 Environment:
   FASTDIFF_SKIP_EXT=1        build a pure-Python package (the reference backend still works)
@@ -25,7 +25,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _packages():
-    pkgs = find_packages(where=HERE, include=["fastdiff", "fastdiff.*"])
+    # src/ layout: nothing importable named ``fastdiff`` sits in the checkout root, so running from
+    # the root (``python -m pytest``) never shadows the installed package. The Triton kernels keep
+    # their top-level folder kernels/, which has no __init__.py, so it can never shadow PyPI's
+    # ``kernels`` package; src/fastdiff/kernels is a link to it, which makes it the subpackage
+    # fastdiff.kernels in a normal install (copied) and in an editable one (found through the link).
+    pkgs = find_packages(where=os.path.join(HERE, "src"), include=["fastdiff", "fastdiff.*"])
     return pkgs + ["fastdiff.kernels"]
 
 
@@ -108,7 +113,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=_packages(),
-    package_dir={"fastdiff.kernels": "kernels"},
+    package_dir={"": "src"},
     # The shipped digits model: weights and their checksums travel with the package.
     package_data={"fastdiff.models": ["weights/*.safetensors", "weights/*.sha256"]},
     ext_modules=ext_modules,

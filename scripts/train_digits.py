@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # run from a checkout without installing
 
 from fastdiff.models.digits import (BETA_SCHEDULE, MODEL_FILE, NULL_LABEL, PREDICTION, WEIGHTS_DIR,  # noqa: E402
                                     DigitsUNet, digits_schedule, load_digits_data, sample_digits,

@@ -35,15 +35,6 @@ KD = load_kdiffusion_sampling()
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: intra-op threads only add wake-up latency (10x).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*falls back to the reference backend.*")

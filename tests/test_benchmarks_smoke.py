@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:          # `benchmarks` is a top-level folder of the repo, not installed
-    sys.path.insert(0, str(REPO))
+from conftest import REPO  # noqa: E402
 
 pytest.importorskip("diffusers")
 

@@ -20,7 +20,7 @@ from fastdiff.models import digits
 from fastdiff.ops import philox as philox_oracle
 from fastdiff.ops.backends import BACKENDS, load_extension
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402
 # Subprocesses run torch on one thread: OpenMP threads that wait for each other are slow on a
 # shared 2-core machine, and these tests are about exit codes and files, not speed.
 ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -30,16 +30,6 @@ needs_weights = pytest.mark.skipif(
     not (digits.WEIGHTS_DIR / digits.MODEL_FILE).is_file(),
     reason="the shipped digits weights (fastdiff/models/weights/) are not in this checkout")
 needs_cpu_extension = pytest.mark.skipif(isinstance(load_extension(), str), reason=str(load_extension()))
-
-
-@pytest.fixture
-def one_thread():
-    # The cpu kernels' OpenMP threads wait for each other; on a shared 2-core machine one thread
-    # keeps these checks fast. (The results do not depend on the thread count.)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -24,9 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from conftest import REPO  # noqa: E402
 
 from benchmarks import cuda_report  # noqa: E402
 

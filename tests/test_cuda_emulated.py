@@ -27,9 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from conftest import REPO  # noqa: E402
 
 from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
 from fastdiff.ops import philox as P  # noqa: E402

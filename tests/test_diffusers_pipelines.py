@@ -41,15 +41,6 @@ def _tiny_unet(**extra):
         cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4, **extra).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it gives on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -31,15 +31,6 @@ SD_DDIM = dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 ZSNR = dict(SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: torch's thread pool costs more than it gives on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _BUILT = {}
 
 

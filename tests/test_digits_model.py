@@ -18,7 +18,7 @@ from fastdiff.models.digits import (IMAGE_SHAPE, MODEL_FILE, MODEL_SHA256, NULL_
 from fastdiff.models.digits_fd import (CLASSIFIER_FILE, CLASSIFIER_SHA256, class_accuracy, digits_fd,
                                        load_digits_classifier)
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO  # noqa: E402
 TRAIN_SCRIPT = REPO / "scripts" / "train_digits.py"
 
 # Measured on the shipped model with 64 samples (labels 0-9 in turn), 10 dpmpp_2m steps, guidance 2,
@@ -34,16 +34,6 @@ MAX_FD_64 = 80.0
 # instead of 20 already cost +2.1.
 SHIPPED_FD_1000 = 1.952
 FULL_RETRAIN_FD_TOLERANCE = 1.0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On the shared 2-core machine, 2 OpenMP threads spin-waiting for a descheduled peer made these
-    # small models ~10x slower; one thread keeps the file fast. Nothing here depends on the count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

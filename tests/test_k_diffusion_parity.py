@@ -53,16 +53,6 @@ def _quiet_fallback():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors on a shared 2-core machine: intra-op threads only add wake-up latency (measured
-    # 15x on the 20000-sample test under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def denoiser_for(shape) -> GaussianMixture:
     """k-diffusion denoiser model(x, sigma) -> x0 for inputs of ``shape``."""
     return GaussianMixture.default(VESchedule(), dim=int(np.prod(shape[1:])), prediction="sample")

@@ -24,15 +24,6 @@ CASES = [(VESchedule(0.002, 80.0), "sample"), (ContinuousVP(), "epsilon"), (Disc
 IDS = ["ve-sample", "vp-epsilon", "sd-v"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: intra-op threads only add wake-up latency.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(schedule, prediction, n=16, seed=0):
     gm = GaussianMixture.default(schedule, dim=2, prediction=prediction)
     ends = {}

@@ -15,15 +15,6 @@ from fastdiff.schedules import DiscreteVP, VESchedule, make_grid
 SHAPE = (4, 2, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds wake-up latency on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def schedule():
     return DiscreteVP()

@@ -30,15 +30,6 @@ ZOO_MODULES = {f"fastdiff.solvers.{m}" for m in ("dpm_solver", "multistep", "edm
 ZOO = sorted(n for n, cls in SOLVERS.items() if cls.__module__ in ZOO_MODULES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The mixture's tiny tensor ops wake torch's thread pool, ~15 ms a call on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_zoo_solver_has_an_oracle():
     assert len(ZOO) >= 17
     assert sorted(ZOO_ORACLES) == ZOO

@@ -146,15 +146,6 @@ def assert_close(out, ref, grid):
     assert err < tol, f"program vs textbook: relative error {err:.3g} > {tol:.3g} (sample scale {scale:.3g})"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds wake-up latency on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_solver_has_an_oracle():
     missing = sorted(n for n in SOLVERS if n not in ORACLES and n not in COVERED_ELSEWHERE)
     assert not missing, (f"solvers without a textbook oracle: {missing}; add one to fastdiff.textbook "

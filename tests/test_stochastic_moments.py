@@ -48,16 +48,6 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small elementwise ops on a shared 2-core machine: torch's thread pool costs ~20x more CPU
-    than it saves (measured: 131 ms vs 7 ms of CPU per mixture call on 20000 samples)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def moments_and_errors(x: torch.Tensor):
     x = x.to(torch.float64)
     n = x.shape[0]

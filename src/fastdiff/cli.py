@@ -204,8 +204,8 @@ def cmd_sample(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # fastdiff bench
 # ---------------------------------------------------------------------------------------------
-# Where `pip install -e .` left the package: benchmarks/ sits beside it in a source checkout.
-CHECKOUT = Path(__file__).resolve().parent.parent
+# Where `pip install -e .` left the package: benchmarks/ sits two levels up in a source checkout.
+CHECKOUT = Path(__file__).resolve().parents[2]     # src/fastdiff/cli.py -> the checkout root
 
 
 def _benchmark_suite():

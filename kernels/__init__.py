@@ -1,1 +1,0 @@
-"""Triton kernels (see issue: GPU kernels)."""
