@@ -4,7 +4,8 @@
     python -m benchmarks.suite --quick                  # CI-sized: a few minutes on 2 cores
     python -m benchmarks.suite --parts accuracy,quality --out-dir /tmp/bench
 
-Parts (files in --out-dir, default benchmarks/results/; ``--quick`` runs write ``*_quick.*``):
+Parts (files in --out-dir: default benchmarks/results/ here, the committed results; ./fastdiff_bench/
+for ``fastdiff bench``; ``--quick`` runs write ``*_quick.*``):
 
 * kernels   the fused step vs eager PyTorch, torch.compile and diffusers (benchmarks.step_bench):
             step_bench.{json,md,png}; --quick leaves out torch.compile and runs 1 thread
@@ -20,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
+from fastdiff.cli import BENCH_PARTS as PARTS, add_bench_arguments
+
 from . import accuracy_table, quality_table, step_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("kernels", "accuracy", "quality")
 
 QUICK_KERNEL_ARGS = ["--quick", "--threads", "1", "--skip", "compile,compile_model_input"]
 QUICK_ACCURACY = dict(dim=4, samples=16, budgets=(5, 10, 20),
@@ -165,30 +166,20 @@ def run_quality(out_dir: Path, quick: bool, options: Sequence[str], log, progres
 
 
 # ---------------------------------------------------------------------------------------------
-def _parts(text: str) -> List[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(PARTS)}, got {text!r}")
-    return parts
-
-
 def build_parser(prog: str, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``python -m benchmarks.suite``'s options: those of ``fastdiff bench`` (one definition, in
+    fastdiff.cli), writing to benchmarks/results by default (the committed results)."""
     p = parser_class(prog=prog, description=__doc__.split("\n\n")[0],
                      epilog="Parts: kernels (step_bench), accuracy (Gaussian mixture), quality (digits model).")
-    p.add_argument("--quick", action="store_true", help="CI-sized runs; output files get a _quick suffix")
-    p.add_argument("--parts", type=_parts, default=list(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where to write (default benchmarks/results)")
-    p.add_argument("--kernel-options", type=shlex.split, default=[], metavar="ARGS",
-                   help="more arguments for benchmarks.step_bench, e.g. \"--shapes sd15 --threads 2\"")
-    p.add_argument("--quality-options", type=shlex.split, default=[], metavar="ARGS",
-                   help="more arguments for benchmarks.quality_table, e.g. \"--samples 100 --threads 1\"")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
+    return add_bench_arguments(p, out_dir=RESULTS)
 
 
 def main(argv=None, *, prog: str = "python -m benchmarks.suite", parser_class=argparse.ArgumentParser) -> int:
-    a = build_parser(prog, parser_class).parse_args(argv)
+    return run(build_parser(prog, parser_class).parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the parts ``a.parts`` (options as add_bench_arguments defines them)."""
     a.out_dir.mkdir(parents=True, exist_ok=True)
     log: Callable[[str], None] = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     written: Dict[str, List[Path]] = {}

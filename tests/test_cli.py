@@ -345,11 +345,13 @@ def test_bench_help(capsys):
 
 
 def test_bench_outside_a_source_checkout(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)    # a normal install, run outside any checkout
+    monkeypatch.chdir(tmp_path)
     assert_one_line_error(*run(capsys, ["bench", "--quick"]), match="source checkout")
 
 
-def test_bench_accuracy_and_kernels_write_json_markdown_and_png(tmp_path, capsys, one_thread):
+def test_bench_accuracy_and_kernels_write_json_markdown_and_png(tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.chdir(REPO)   # where a normal (non-editable) install finds the checkout's benchmarks/
     kernels = "--shapes tiny --impls fastdiff_public_op,eager --copy-mib 4 --min-samples 3 --min-time 0"
     status, out, _ = run(capsys, ["bench", "--quick", "--quiet", "--parts", "accuracy,kernels", "--out-dir",
                                   str(tmp_path), "--kernel-options", kernels])
@@ -366,7 +368,8 @@ def test_bench_accuracy_and_kernels_write_json_markdown_and_png(tmp_path, capsys
 
 
 @needs_weights
-def test_bench_quality_writes_json_markdown_and_png(tmp_path, capsys, one_thread):
+def test_bench_quality_writes_json_markdown_and_png(tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.chdir(REPO)
     quality = "--samples 20 --nfe 2,4 --solvers ddim,heun --reference-steps 4"
     status, out, _ = run(capsys, ["bench", "--quick", "--quiet", "--parts", "quality", "--out-dir", str(tmp_path),
                                   "--quality-options", quality])

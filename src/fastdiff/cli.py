@@ -21,6 +21,7 @@ import importlib.util
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -204,17 +205,88 @@ def cmd_sample(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # fastdiff bench
 # ---------------------------------------------------------------------------------------------
-# Where `pip install -e .` left the package: benchmarks/ sits two levels up in a source checkout.
+# Where `pip install -e .` left the package: benchmarks/ sits two levels up in a source checkout. After a
+# normal `pip install .` this is site-packages' parent, which has no benchmarks/: then the checkout is
+# --checkout DIR, or the current directory (or one above it).
 CHECKOUT = Path(__file__).resolve().parents[2]     # src/fastdiff/cli.py -> the checkout root
 
+BENCH_PARTS = ("kernels", "accuracy", "quality")
+#: ``fastdiff bench`` writes here by default: a fresh folder in the working directory, never the
+#: results committed under benchmarks/results (pass --out-dir benchmarks/results to regenerate those).
+BENCH_OUT_DIR = Path("fastdiff_bench")
+#: What each part needs beyond fastdiff's own dependencies (checked before anything runs).
+BENCH_NEEDS = {"kernels": ("matplotlib",), "accuracy": ("matplotlib",),
+               "quality": ("matplotlib", "sklearn", "safetensors", "PIL")}
+_PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow"}
 
-def _benchmark_suite():
-    """benchmarks.suite from the source checkout this fastdiff was installed from (the benchmarks/
-    folder is not part of the installed package)."""
-    root = CHECKOUT
-    if not (root / "benchmarks" / "suite.py").is_file():
-        raise UsageError("fastdiff bench runs the benchmark scripts of a source checkout (benchmarks/ is not "
-                         "installed with the package): clone the repository and `pip install -e .` from it")
+
+def _bench_parts(text: str) -> List[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in BENCH_PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(BENCH_PARTS)}, got {text!r}")
+    return parts
+
+
+def add_bench_arguments(p: argparse.ArgumentParser, out_dir: Path = BENCH_OUT_DIR) -> argparse.ArgumentParser:
+    """The options of the benchmark suite: the one definition, shared by ``fastdiff bench`` (which
+    needs them without a checkout, for --help and checking) and ``python -m benchmarks.suite``."""
+    p.add_argument("--quick", action="store_true", help="CI-sized runs; output files get a _quick suffix")
+    p.add_argument("--parts", type=_bench_parts, default=list(BENCH_PARTS),
+                   help=f"comma-separated subset of {','.join(BENCH_PARTS)} (default: all)")
+    p.add_argument("--out-dir", type=Path, default=out_dir, help=f"where to write (default {out_dir})")
+    p.add_argument("--kernel-options", type=shlex.split, default=[], metavar="ARGS",
+                   help="more arguments for benchmarks.step_bench, e.g. \"--shapes sd15 --threads 2\"")
+    p.add_argument("--quality-options", type=shlex.split, default=[], metavar="ARGS",
+                   help="more arguments for benchmarks.quality_table, e.g. \"--samples 100 --threads 1\"")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastdiff bench",
+                description="The benchmark suite: kernel table, accuracy and sample quality vs NFE (markdown, "
+                            "JSON and a PNG plot per part). It runs the benchmarks/ scripts of a source checkout.",
+                epilog="Parts: kernels (step_bench), accuracy (Gaussian mixture), quality (digits model). Needs "
+                       "matplotlib (and scikit-learn, safetensors, Pillow for quality).")
+    add_bench_arguments(p)
+    p.add_argument("--checkout", type=Path, metavar="DIR",
+                   help="the source checkout whose benchmarks/ to run (default: the checkout of an editable "
+                        "install, else the current directory or the nearest one above it that has benchmarks/)")
+    return p
+
+
+def _is_checkout(root: Path) -> bool:
+    return (root / "benchmarks" / "suite.py").is_file()
+
+
+def find_checkout(explicit: Optional[Path] = None) -> Path:
+    """The source checkout to benchmark: ``explicit`` (--checkout), else the checkout of an editable
+    install (CHECKOUT), else the working directory or the nearest parent with benchmarks/suite.py."""
+    if explicit is not None:
+        root = Path(explicit).expanduser().resolve()
+        if not _is_checkout(root):
+            raise UsageError(f"--checkout {str(explicit)!r} has no benchmarks/suite.py: expected the root of a "
+                             "fastdiff source checkout")
+        return root
+    if _is_checkout(CHECKOUT):
+        return CHECKOUT
+    cwd = Path.cwd().resolve()
+    for root in (cwd, *cwd.parents):
+        if _is_checkout(root):
+            return root
+    raise UsageError("fastdiff bench runs the benchmark scripts of a source checkout (benchmarks/ is not installed "
+                     "with the package): run it from the checkout's root, or pass --checkout DIR")
+
+
+def _benchmark_suite(checkout: Optional[Path] = None):
+    """benchmarks.suite from the source checkout (the benchmarks/ folder is not part of the
+    installed package)."""
+    root = find_checkout(checkout)
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve().parent.parent != root:
+        raise UsageError(f"another module named 'benchmarks' is already loaded from {Path(loaded.__file__).parent}, "
+                         f"not {root / 'benchmarks'}")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     suite = importlib.import_module("benchmarks.suite")
@@ -223,8 +295,29 @@ def _benchmark_suite():
     return suite
 
 
+def check_writable_dir(path: Path, what: str = "--out-dir") -> None:
+    """Raise UsageError unless the folder ``path`` exists and is writable or can be created."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} {str(path)!r}: permission denied")
+
+
 def cmd_bench(args, rest: List[str]) -> int:
-    return _benchmark_suite().main(rest, prog="fastdiff bench", parser_class=_Parser)
+    a = _bench_parser().parse_args(rest)      # --help and bad options work without a checkout
+    missing = sorted({m for part in a.parts for m in BENCH_NEEDS[part] if importlib.util.find_spec(m) is None})
+    if missing:
+        names = " ".join(_PIP_NAMES.get(m, m) for m in missing)
+        raise UsageError(f"fastdiff bench --parts {','.join(a.parts)} needs {', '.join(missing)}, which "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {names}")
+    check_writable_dir(a.out_dir)
+    suite = _benchmark_suite(a.checkout)
+    return suite.run(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", add_help=False,
                        help="the benchmark suite: kernel table, accuracy and sample quality vs NFE "
-                            "(source checkout; `fastdiff bench --help` for its options)")
+                            "(runs a source checkout's benchmarks/; `fastdiff bench --help` for its options)")
     b.set_defaults(func=cmd_bench, passes_rest=True)
 
     c = sub.add_parser("check", help="parity of every kernel on every backend here vs the reference oracles "
