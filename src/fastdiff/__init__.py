@@ -25,3 +25,8 @@ from . import adaptive, interpolation, likelihood, predictor_corrector  # noqa: 
 
 __all__ += ["ClassifierGuidance", "ClipSample", "DynamicThresholding", "adaptive", "interpolation", "likelihood",
             "predictor_corrector"]
+
+# Sharded generation over torch.distributed ranks (fastdiff.distributed; `fastdiff generate`).
+from .distributed import generate  # noqa: E402
+
+__all__ += ["generate"]
