@@ -70,9 +70,22 @@ class ModelPart(_CFGTensor):
 
 
 class _Lazy(_CFGTensor):
-    """A value not computed yet; its storage is a NaN placeholder of the right metadata."""
+    """A value not computed yet: a tensor with the value's metadata and no storage of its own.
+
+    Every read computes the value first (once; it is kept): Python reads through
+    ``__torch_function__``, and reads that bypass Python (C++ extensions such as fastdiff's own
+    ops, ``as_subclass``, ``_make_subclass``) through ``__torch_dispatch__``, since any ATen op on
+    it, including the ``contiguous()`` / ``alias`` / ``detach`` that such readers start with, lands
+    there. Its strides are 0, so a reader never takes it for contiguous memory and reads its raw
+    pointer without that op; a raw pointer read of a one-element value would raise (it has no
+    storage), never give a wrong number, and one-element formulas are not recorded at all."""
 
     _cached: Optional[torch.Tensor]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        args, kwargs = tree_map(_value, (args, kwargs or {}))
+        return func(*args, **kwargs)
 
     def _compute(self) -> torch.Tensor:
         raise NotImplementedError
@@ -134,19 +147,10 @@ def _tag(t: torch.Tensor, whole: bool = True) -> ModelPart:
     return p
 
 
-_NAN = {}
-
-
 def _placeholder(cls, like: torch.Tensor) -> _Lazy:
-    # Metadata of `like` without its data: an expanded NaN (shared, never written), so a reader
-    # that bypasses __torch_function__ sees NaNs, never a plausible wrong value.
-    key = (like.shape, like.dtype, like.device)
-    data = _NAN.get(key)
-    if data is None:
-        if len(_NAN) > 64:
-            _NAN.clear()
-        data = _NAN[key] = torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(like.shape)
-    node = torch.Tensor._make_subclass(cls, data)
+    # The metadata of `like`, no storage (see _Lazy), strides 0: never contiguous.
+    node = torch.Tensor._make_wrapper_subclass(cls, like.shape, strides=(0,) * like.dim(), dtype=like.dtype,
+                                               device=like.device, requires_grad=False)
     node._cached = None
     return node
 
@@ -179,7 +183,8 @@ def _record(func, args, kwargs):
         return None
     a, b = args
     if func in _SUB:
-        if type(a) is ModelPart and type(b) is ModelPart and a is not b and _same_meta(a._plain, b._plain):
+        if (type(a) is ModelPart and type(b) is ModelPart and a is not b and _same_meta(a._plain, b._plain)
+                and a._plain.numel() > 1):
             node = _placeholder(_Difference, a._plain)
             node._c, node._u = a, b
             return node

@@ -1,0 +1,235 @@
+"""Issue 12, drop-in items 2, 5 and 7, and whole pipelines on every drop-in.
+
+* item 2: a pipeline saved after a scheduler swap or ``accelerate`` is a stock diffusers folder
+  (``model_index.json`` names diffusers' scheduler class), which stock diffusers loads with its own
+  scheduler and fastdiff loads with its drop-in; ``from_pretrained(..., scheduler=<drop-in>)`` works.
+* item 5: the lazy CFG tensors of ``accelerate`` read correctly in every way, including fastdiff's
+  own C++ ops, ``as_subclass`` and anything else that reaches the storage without Python.
+* item 7: the PNDMScheduler drop-in (PLMS with its Runge-Kutta warm-up, ``skip_prk_steps``),
+  step-by-step parity with stock PNDM within diffusers' own float32 precision.
+* Must show: a whole fp16 tiny SD (and SDXL) pipeline, end to end after ``accelerate(pipe)`` and
+  after a swap, for every drop-in class (clip_sample/thresholding on where the class has them),
+  saved and reloaded with stock diffusers and with fastdiff.
+
+Everything is built offline from tiny random-weight configs (no downloads).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close_to_peer, dtype_tolerance, peer_tolerance
+
+diffusers = pytest.importorskip("diffusers")
+fd = pytest.importorskip("fastdiff.integrations.diffusers")
+from fastdiff import ops  # noqa: E402
+from fastdiff.integrations.diffusers.cfg import GuidedOutput, tag_model_output  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+diffusers.utils.logging.set_verbosity_error()
+
+SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny pipelines
+
+
+def _tiny_vae():
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                   latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+
+
+def _tiny_unet(**extra):
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4, **extra).eval()
+
+
+def _sd(scheduler, dtype=torch.float32):
+    pytest.importorskip("transformers")        # diffusers' Stable Diffusion pipelines import it
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=None, tokenizer=None, unet=_tiny_unet(),
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype),
+              "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype)}
+    return pipe, inputs
+
+
+def _sdxl(scheduler, dtype=torch.float32):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = _tiny_unet(addition_embed_type="text_time", addition_time_embed_dim=4,
+                      projection_class_embeddings_input_dim=4 * 6 + 8)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype),
+              "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype),
+              "pooled_prompt_embeds": torch.randn(1, 8, generator=g).to(dtype),
+              "negative_pooled_prompt_embeds": torch.randn(1, 8, generator=g).to(dtype)}
+    return pipe, inputs
+
+
+def _run(pipe, inputs, steps=3, **kw):
+    kw = {"num_inference_steps": steps, "guidance_scale": 5.0, "output_type": "pt", "height": 16, "width": 16, **kw}
+    return pipe(**inputs, generator=torch.Generator().manual_seed(0), **kw).images
+
+
+def _scheduler_entry(folder):
+    with open(folder / "model_index.json") as f:
+        return json.load(f)["scheduler"]
+
+
+def _stock_config(scheduler) -> dict:
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: saving and loading
+
+
+@pytest.mark.parametrize("how", ["accelerate", "swap"])
+def test_saved_pipeline_is_a_stock_folder_loaded_by_diffusers_and_by_fastdiff(tmp_path, how):
+    stock_scheduler = diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER, solver_order=3)
+    pipe, inputs = _sd(stock_scheduler)
+    reference = _run(pipe, inputs)
+    if how == "accelerate":
+        handle = fd.accelerate(pipe)
+    else:
+        pipe.scheduler = fd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, fd.DPMSolverMultistepScheduler)
+    ours = _run(pipe, inputs)
+    pipe.save_pretrained(tmp_path)
+    assert _scheduler_entry(tmp_path) == ["diffusers", "DPMSolverMultistepScheduler"]
+
+    # stock diffusers: its own scheduler, same config, same images
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is diffusers.DPMSolverMultistepScheduler
+    assert _stock_config(loaded.scheduler) == _stock_config(stock_scheduler)
+    torch.testing.assert_close(_run(loaded, inputs), reference, rtol=0, atol=1e-5)
+
+    # fastdiff: the drop-in of the same config, same images
+    h = fd.accelerate(loaded)
+    assert type(loaded.scheduler) is fd.DPMSolverMultistepScheduler
+    torch.testing.assert_close(_run(loaded, inputs), ours, rtol=0, atol=1e-5)
+    h.remove()
+    scheduler = fd.DPMSolverMultistepScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert _stock_config(scheduler) == _stock_config(stock_scheduler)
+    if how == "accelerate":
+        handle.remove()
+
+
+def test_from_pretrained_with_a_drop_in_scheduler_passed_explicitly(tmp_path):
+    pipe, inputs = _sd(diffusers.EulerDiscreteScheduler(**SD_SCHEDULER))
+    fd.accelerate(pipe)
+    pipe.save_pretrained(tmp_path)
+    drop_in = fd.EulerDiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path, scheduler=drop_in)
+    assert loaded.scheduler is drop_in
+    # and a drop-in of another class, passed to a folder saved by stock diffusers
+    stock, _ = _sd(diffusers.DDIMScheduler(**SD_SCHEDULER))
+    stock.save_pretrained(tmp_path / "stock")
+    other = fd.UniPCMultistepScheduler.from_config(stock.scheduler.config)
+    loaded = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "stock", scheduler=other)
+    assert loaded.scheduler is other
+    loaded.save_pretrained(tmp_path / "again")
+    assert _scheduler_entry(tmp_path / "again") == ["diffusers", "UniPCMultistepScheduler"]
+
+
+def test_every_drop_in_reports_diffusers_library_and_class():
+    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+    for name, cls in fd.DROP_INS.items():
+        assert cls.__name__ == name and issubclass(cls, getattr(diffusers, name))
+        assert _fetch_class_library_tuple(cls.from_config(getattr(diffusers, name)().config)) == ("diffusers", name)
+        assert cls.__module__.startswith("fastdiff.")      # the class itself stays fastdiff's (pickle, repr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: the lazy CFG tensors read correctly in every way
+
+
+def _lazy(shape=(4, 3, 5), g=2.5, dtype=torch.float32):
+    out = tag_model_output(torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype))
+    u, c = out.chunk(2)
+    pu, pc = out._plain.chunk(2)
+    return u + g * (c - u), pu + g * (pc - pu), (c - u), (pc - pu), g * (c - u), g * (pc - pu)
+
+
+def _fresh(kind):
+    d, eager, diff, ediff, scaled, escaled = _lazy()
+    return {"guided": (d, eager), "difference": (diff, ediff), "scaled": (scaled, escaled)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["guided", "difference", "scaled"])
+@pytest.mark.parametrize("read", [
+    "cfg_combine_cpu", "cfg_combine_reference", "cfg_combine_as_uncond", "as_subclass", "make_subclass", "data",
+    "detach", "contiguous", "clone", "numpy", "data_ptr", "storage", "dlpack", "fused_step_cpu", "fused_step_reference",
+])
+def test_lazy_cfg_tensors_read_correctly_everywhere(kind, read):
+    lazy, eager = _fresh(kind)
+    assert type(lazy) is not torch.Tensor and lazy.shape == eager.shape
+    if read.startswith("cfg_combine"):
+        if read == "cfg_combine_as_uncond":
+            got = ops.cfg_combine(eager, lazy, 0.0, backend="cpu")           # u + 0 (c - u) = u
+        else:
+            got = ops.cfg_combine(lazy, None, 1.0, backend=read.split("_")[-1])
+    elif read == "as_subclass":
+        got = lazy.as_subclass(torch.Tensor)
+        assert type(got) is torch.Tensor
+    elif read == "make_subclass":
+        got = torch.Tensor._make_subclass(torch.Tensor, lazy)
+    elif read in ("data", "detach", "contiguous", "clone"):
+        got = lazy.data if read == "data" else getattr(lazy, read)()
+    elif read == "numpy":
+        got = torch.from_numpy(lazy.numpy().copy())
+    elif read == "data_ptr":                     # the pointer leads to the value
+        import ctypes
+        ptr = ctypes.cast(lazy.data_ptr(), ctypes.POINTER(ctypes.c_float))
+        got = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(eager.numel(),)).copy()).view(eager.shape)
+    elif read == "storage":
+        got = torch.empty(0).set_(lazy.untyped_storage(), lazy.storage_offset(), lazy.shape, lazy.stride())
+    elif read == "dlpack":
+        got = torch.from_dlpack(lazy)
+    else:                                         # the fused step reads it as the model output: x' = D
+        from fastdiff.program import COL_G, COL_QD, col_out, table_width, OUT_H
+        table = torch.zeros(1, table_width(0), dtype=torch.float64)
+        table[0, COL_G], table[0, COL_QD], table[0, col_out(0, "x") + OUT_H] = 1.0, 1.0, 1.0
+        got = torch.zeros(eager.shape)
+        ops.fused_step(table, 0, got, cond=lazy, backend=read.split("_")[-1])
+    assert torch.equal(got, eager), f"{read}: max |diff| {float((got - eager).abs().max())}"
+
+
+def test_lazy_cfg_tensor_in_a_drop_in_step_as_a_plain_model_output():
+    """A lazy value that is not the whole formula (``g * (c - u)``) given to step() is its value."""
+    _, _, _, _, scaled, escaled = _lazy((2, 4, 4, 4))
+    s = fd.EulerDiscreteScheduler(**SD_SCHEDULER)
+    ref = diffusers.EulerDiscreteScheduler(**SD_SCHEDULER)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    for sch in (s, ref):
+        sch.set_timesteps(3)
+    got = s.step(scaled, s.timesteps[0], x).prev_sample
+    want = ref.step(escaled, ref.timesteps[0], x).prev_sample
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_lazy_cfg_tensor_still_reaches_the_step_unevaluated():
+    d, eager, *_ = _lazy((2, 4, 4, 4))
+    assert type(d) is GuidedOutput and d._cached is None
+    assert d.shape == (1, 4, 4, 4) and d.dtype == torch.float32 and d.dim() == 4 and d.device.type == "cpu"
+    cond, uncond, g = d.parts()
+    assert g == 2.5 and type(cond) is torch.Tensor and type(uncond) is torch.Tensor
