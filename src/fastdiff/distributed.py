@@ -242,15 +242,18 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
              seed: int = 0, batch: int = 64, guidance: Optional[float] = None, shape: Optional[Sequence[int]] = None,
              schedule=None, prediction: Optional[str] = None, spacing: str = "trailing",
              conditions: Optional[Callable[[torch.Tensor], Tuple[dict, Optional[dict]]]] = None,
-             solver_options: Optional[dict] = None, batch_invariant: bool = False, raw: bool = False,
-             metrics: bool = True, progress: bool = True, device="cpu", timeout_s: float = 300.0) -> GenerateResult:
+             solver_options: Optional[dict] = None, batch_invariant: bool = False, cfg_parallel: bool = False,
+             raw: bool = False, metrics: bool = True, progress: bool = True, device="cpu",
+             timeout_s: float = 300.0) -> GenerateResult:
     """Generate ``n`` samples into the folder ``out``, sharded over the torch.distributed ranks.
 
     ``model=None`` uses the shipped digits model (its schedule, v-prediction, labels ``i % 10``,
     metrics on); another ``model(x, t, **kw)`` needs ``shape`` (one sample), ``schedule`` and
     ``prediction``, and ``conditions(indices) -> (cond, uncond)`` kwarg dicts for the batch
     (``uncond`` needed with guidance). ``guidance`` is the CFG scale ("w" convention; None: off).
-    Every rank calls this with the same arguments; see the module docstring for the guarantee."""
+    ``cfg_parallel``: ranks work in pairs on the same chunk, one evaluating the conditional and one
+    the unconditional half of each guided model call, exchanged with one all_gather; both run the
+    same fused step. Every rank calls this with the same arguments; see the module docstring."""
     from . import __version__
     from .sampler import Sampler
 
@@ -294,7 +297,8 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
 
     config = {"n": n, "solver": solver, "steps": steps, "seed": seed, "batch": None if batch_invariant else batch,
               "guidance": guidance, "spacing": spacing, "solver_options": solver_options or {},
-              "batch_invariant": bool(batch_invariant), "raw": bool(raw), "shape": list(shape),
+              "batch_invariant": bool(batch_invariant), "cfg_parallel": bool(cfg_parallel), "raw": bool(raw),
+              "shape": list(shape),
               "prediction": prediction, "model": "digits" if digits else getattr(model, "__class__", type(model)).__name__}
 
     # Everything that can fail is checked before the process group forms and before any sampling.
@@ -305,6 +309,13 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
     try:
         if n < ctx.world:
             raise ValueError(f"n={n} is smaller than the world size {ctx.world}: every rank needs a sample")
+        if cfg_parallel and (guidance is None or ctx.world % 2):
+            raise ValueError("cfg_parallel needs guidance and an even number of ranks (they work in pairs), got "
+                             f"guidance={guidance}, world size {ctx.world}")
+        # Work groups: one rank each, or a pair of ranks sharing every chunk (CFG-parallel).
+        group_size = 2 if cfg_parallel else 1
+        groups, group, member = ctx.world // group_size, ctx.rank // group_size, ctx.rank % group_size
+        pair = _pair_group(ctx, groups) if cfg_parallel else None
         # Rank 0 checks the folder; every rank gets its verdict (the same error everywhere).
         verdict = None
         if ctx.rank == 0:
@@ -325,10 +336,11 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
                         "versions": {"fastdiff": __version__, "torch": torch.__version__}}
             _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
         ctx.barrier()
-        # Chunk c belongs to rank c mod world; each rank checks its own chunks' records.
-        mine = [c for c in range(len(chunks)) if c % ctx.world == ctx.rank]
+        # Chunk c belongs to group c mod groups; each rank checks its group's chunks' records.
+        mine = [c for c in range(len(chunks)) if c % groups == group]
+        writer = member == 0
         todo = [c for c in mine if not _chunk_done(out, c, chunks[c], width)]
-        done_before = int(ctx.all_reduce(torch.tensor([sum(len(chunks[c]) for c in mine if c not in todo)],
+        done_before = int(ctx.all_reduce(torch.tensor([writer * sum(len(chunks[c]) for c in mine if c not in todo)],
                                                        dtype=torch.int64))[0])
         rounds = _max_over_ranks(ctx, len(todo))     # every rank joins every round's all_reduce
 
@@ -338,6 +350,8 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
             bar = tqdm(total=n, initial=done_before, desc=f"fastdiff generate ({ctx.world} rank{'s' * (ctx.world > 1)})",
                        unit="sample")
         run_model = _per_sample(model) if batch_invariant else model
+        if cfg_parallel:
+            run_model = _CfgParallel(run_model, pair, member)
         t0 = time.perf_counter()
         generated = 0
         for k in range(rounds):
@@ -345,8 +359,8 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
             if k < len(todo):
                 c = todo[k]
                 _run_chunk(sampler, run_model, conditions, chunks[c], c, shape, seed, stochastic, device, out, width,
-                           raw, write_png)
-                count = len(chunks[c])
+                           raw, write_png, writer)
+                count = len(chunks[c]) * writer
             total = int(ctx.all_reduce(torch.tensor([count], dtype=torch.int64))[0])
             generated += total
             if bar is not None:
@@ -357,7 +371,7 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
         complete = done_before + generated == n
         result_metrics: Dict[str, float] = {}
         if metrics and digits and complete:
-            result_metrics = _digits_metrics(ctx, out, chunks, mine, width, device)
+            result_metrics = _digits_metrics(ctx, out, chunks, mine if writer else [], width, device)
         ctx.barrier()
         if ctx.rank == 0:
             sums: Dict[str, str] = {}
@@ -410,9 +424,44 @@ def _per_sample(model: Callable) -> Callable:
     return run
 
 
+def _pair_group(ctx: _Dist, groups: int):
+    """This rank's process group of two (every rank must create every group, in the same order)."""
+    import torch.distributed as dist
+    mine = None
+    for g in range(groups):
+        pg = dist.new_group([2 * g, 2 * g + 1])
+        if ctx.rank // 2 == g:
+            mine = pg
+    return mine
+
+
+class _CfgParallel:
+    """One half of every guided model call: member 0 the unconditional, member 1 the conditional
+    half of the [uncond; cond] batch, exchanged with one all_gather. Unguided calls (batch B) run
+    whole on both members."""
+
+    def __init__(self, model: Callable, group, member: int):
+        self.model, self.group, self.member = model, group, member
+        self.batch = None                         # B of the current chunk (set by _run_chunk)
+
+    def __call__(self, x, t, **kw):
+        import torch.distributed as dist
+        B = self.batch
+        if x.shape[0] != 2 * B:
+            return self.model(x, t, **kw)
+        sl = slice(self.member * B, (self.member + 1) * B)
+        kw_half = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 * B else v)
+                   for k, v in kw.items()}
+        half = self.model(x[sl], t[sl] if isinstance(t, torch.Tensor) and t.dim() else t, **kw_half)
+        half = (half.sample if hasattr(half, "sample") else half).contiguous()
+        parts = [torch.empty_like(half) for _ in range(2)]
+        dist.all_gather(parts, half, group=self.group)
+        return torch.cat(parts)
+
+
 @torch.no_grad()
 def _run_chunk(sampler, model, conditions, chunk: range, c: int, shape, seed: int, stochastic: bool, device,
-               out: Path, width: int, raw: bool, write_png: bool):
+               out: Path, width: int, raw: bool, write_png: bool, writer: bool = True):
     from . import ops
     seeds = [sample_seed(seed, i) for i in chunk]
     noise = torch.stack([ops.philox_normal(shape, s, 0, device=device) for s in seeds])
@@ -422,7 +471,11 @@ def _run_chunk(sampler, model, conditions, chunk: range, c: int, shape, seed: in
             return torch.stack([ops.philox_normal(shape, s, row.noise_id + 1, device=device) for s in seeds])
     idx = torch.tensor(list(chunk), dtype=torch.int64)
     cond, uncond = conditions(idx) if conditions is not None else ({}, None)
+    if isinstance(model, _CfgParallel):
+        model.batch = len(chunk)
     x = sampler(model, noise, cond=cond, uncond=uncond, noise_sampler=noise_sampler, progress=False)
+    if not writer:
+        return
     sums = {}
     if write_png:
         for j, i in enumerate(chunk):
@@ -486,6 +539,8 @@ def add_arguments(p):
     p.add_argument("--spacing", default="trailing", help="timestep spacing (default trailing)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="evaluate the model one sample at a time: the same bits for any --batch too (slower)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="ranks in pairs: one evaluates the conditional, one the unconditional half (needs --guidance)")
     p.add_argument("--raw", action="store_true", help="also write the raw float32 samples per chunk (raw/chunk_*.pt)")
     p.add_argument("--no-metrics", action="store_true", help="skip digits-FD and class accuracy at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -495,6 +550,7 @@ def add_arguments(p):
 def run_from_args(args) -> int:
     result = generate(n=args.n, out=args.out, solver=args.solver, steps=args.steps, seed=args.seed, batch=args.batch,
                       guidance=args.guidance, spacing=args.spacing, batch_invariant=args.batch_invariant,
+                      cfg_parallel=args.cfg_parallel,
                       raw=args.raw, metrics=not args.no_metrics, progress=not args.no_progress,
                       timeout_s=args.timeout)
     if int(os.environ.get("RANK", "0")) == 0:
