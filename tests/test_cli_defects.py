@@ -69,3 +69,97 @@ def test_bench_from_a_normal_install_with_checkout_option(installed, tmp_path, m
                                   "--out-dir", str(tmp_path / "out")])
     assert status == 0 and "| DPM-Solver++(2M) |" in out
     assert (tmp_path / "out" / "accuracy_table_quick.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 12: non-finite values raise FloatingPointError naming the step, on every driver
+# ---------------------------------------------------------------------------------------------
+class NaNOnce:
+    """A model that returns NaN at its ``bad``-th call and is fine otherwise; counts its calls and
+    stops a runaway loop (AssertionError) after ``limit`` calls."""
+
+    def __init__(self, inner, bad=1, limit=400, value=float("nan")):
+        self.inner, self.bad, self.limit, self.value, self.calls = inner, bad, limit, value, 0
+
+    def __call__(self, x, t, **kw):
+        self.calls += 1
+        assert self.calls <= self.limit, f"no error after {self.calls} model calls: the driver loops"
+        out = self.inner(x, t, **kw)
+        return torch.full_like(out, self.value) if self.calls == self.bad else out
+
+
+def _mixture(dim=2, prediction="sample"):
+    from fastdiff.models import GaussianMixture
+    from fastdiff.schedules import VESchedule
+    return GaussianMixture.default(VESchedule(), dim=dim, prediction=prediction)
+
+
+KD_NAN_SAMPLERS = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
+                   "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
+                   "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_k_dpm_adaptive_raises_on_a_nan_instead_of_looping(value):
+    from fastdiff.integrations import k_diffusion as K
+    model = NaNOnce(_mixture(), bad=3, value=value)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0
+    with pytest.raises(FloatingPointError, match=r"step \d+"):
+        K.sample_dpm_adaptive(model, x, 0.02, 80.0)
+    assert model.calls < 20
+
+
+@pytest.mark.parametrize("driver", ["dpm_adaptive", "step_doubling"])
+def test_fastdiff_adaptive_raises_floating_point_error_not_max_nfe(driver):
+    from fastdiff import adaptive
+    from fastdiff.schedules import VESchedule
+    model = NaNOnce(_mixture(), bad=2)
+    fn = adaptive.sample_dpm_adaptive if driver == "dpm_adaptive" else adaptive.sample_step_doubling
+    with pytest.raises(FloatingPointError, match=r"step \d+") as e:
+        fn(model, torch.randn(4, 2), schedule=VESchedule(sigma_min=0.02, sigma_max=80.0), prediction="sample",
+           max_nfe=300)
+    assert "rtol" not in str(e.value) and model.calls < 20
+
+
+def test_adaptive_raises_when_the_last_noise_makes_the_state_non_finite():
+    from fastdiff import adaptive
+    from fastdiff.schedules import VESchedule
+
+    def bad_noise(row, x):
+        return torch.full_like(x, float("nan"))
+    with pytest.raises(FloatingPointError, match=r"step \d+"):
+        adaptive.sample_dpm_adaptive(_mixture(), torch.randn(4, 2), schedule=VESchedule(sigma_min=0.02, sigma_max=80.0),
+                                     prediction="sample", eta=1.0, noise_sampler=bad_noise, max_nfe=300)
+
+
+@pytest.mark.parametrize("bad", [1, 4], ids=["predictor", "corrector"])
+def test_predictor_corrector_raises_naming_the_step(bad):
+    from fastdiff.predictor_corrector import sample_pc
+    from fastdiff.schedules import VESchedule
+    model = NaNOnce(_mixture(), bad=bad)
+    with pytest.raises(FloatingPointError, match=r"step \d+"):
+        sample_pc(model, torch.randn(4, 2), predictor="euler", steps=5,
+                  schedule=VESchedule(sigma_min=0.02, sigma_max=80.0), spacing="karras", prediction="sample", seed=0)
+
+
+@pytest.mark.parametrize("name", KD_NAN_SAMPLERS)
+def test_k_diffusion_nan_message_gives_advice_that_works(name):
+    from fastdiff.integrations import k_diffusion as K
+    sigmas = K.get_sigmas_karras(4, 0.02, 80.0, device="cpu").double()
+    x = torch.randn(3, 2, dtype=torch.float64) * 80.0
+    with pytest.raises(FloatingPointError, match=r"step \d+") as e:
+        getattr(K, name)(NaNOnce(_mixture(), bad=2), x, sigmas)
+    advice = re.findall(r"check_finite='(\w+)'", str(e.value))
+    assert advice == ["off"], str(e.value)
+    torch.manual_seed(0)
+    out = getattr(K, name)(NaNOnce(_mixture(), bad=2), x, sigmas, check_finite="off")   # the advice works
+    assert out.shape == x.shape and not torch.isfinite(out).all()
+
+
+def test_k_dpm_fast_raises_and_accepts_check_finite():
+    from fastdiff.integrations import k_diffusion as K
+    x = torch.randn(3, 2, dtype=torch.float64) * 80.0
+    with pytest.raises(FloatingPointError, match=r"step \d+"):
+        K.sample_dpm_fast(NaNOnce(_mixture(), bad=2), x, 0.02, 80.0, 6)
+    out = K.sample_dpm_fast(NaNOnce(_mixture(), bad=2), x, 0.02, 80.0, 6, check_finite="off")
+    assert not torch.isfinite(out).all()

@@ -847,6 +847,9 @@ def test_dpm_solver_orders_must_match_the_grid():
 # The API itself
 
 
+FASTDIFF_EXTRAS = {"check_finite", "noise"}
+
+
 def test_every_k_diffusion_sampler_exists_with_its_signature():
     import inspect
     theirs = sorted(n for n in dir(KD) if n.startswith("sample_"))
@@ -855,8 +858,12 @@ def test_every_k_diffusion_sampler_exists_with_its_signature():
         ours, kd = getattr(K, name), getattr(KD, name)
         ours, kd = (f.__init__ if inspect.isclass(f) else f for f in (ours, kd))
         a, b = inspect.signature(ours).parameters, inspect.signature(kd).parameters
-        assert list(a) == list(b), name
-        for p in a:  # defaults equal (a default function, BrownianTreeNoiseSampler's transform: both identity)
+        # k-diffusion's parameters, in its order; fastdiff's only additions are keyword-only
+        # (check_finite, noise) after them, so every call written for k-diffusion means the same.
+        extra = list(a)[len(b):]
+        assert list(a)[:len(b)] == list(b), name
+        assert set(extra) <= FASTDIFF_EXTRAS and all(a[p].kind is inspect.Parameter.KEYWORD_ONLY for p in extra), name
+        for p in b:  # defaults equal (a default function, BrownianTreeNoiseSampler's transform: both identity)
             da, db = a[p].default, b[p].default
             if callable(da) and da is not inspect.Parameter.empty:
                 assert da(3.0) == db(3.0) == 3.0, (name, p)

@@ -17,6 +17,11 @@ accept/reject decision reads a number back from the device (one ``error_norm`` p
 The model evaluation at the start of a step is reused when the step is retried after a
 rejection (k-diffusion evaluates it again), so NFE = model calls actually made.
 
+Non-finite values (a NaN/Inf model output, a diverging state) raise ``FloatingPointError`` naming
+the step and its noise levels, as soon as the error estimate of an attempt is not finite (which
+reads no extra number back) and once at the end; k-diffusion's controller instead shrinks h to
+NaN and never stops.
+
 Models are ``model(x, t, **model_kwargs)`` as for ``fastdiff.sample``; for classifier-free
 guidance wrap the two calls in one model (the drivers do not fuse CFG). ``backend`` selects the
 fused step's backend; the error norm (a reduction) always dispatches automatically.
@@ -132,11 +137,12 @@ class RowRunner:
         return out
 
     def step(self, table: torch.Tensor, i: int, row: Row, x: torch.Tensor, y=None, hist=None, D=None,
-             noise=None, seed: int = 0) -> None:
-        """Row ``i`` of ``table`` in place on x / y / hist, with model output D (None: no model)."""
+             noise=None, seed: int = 0, bad_row: Optional[torch.Tensor] = None) -> None:
+        """Row ``i`` of ``table`` in place on x / y / hist, with model output D (None: no model).
+        ``bad_row`` (int32 [1]): the kernel's non-finite flag, 1 + the first row that wrote NaN/Inf."""
         ops.fused_step(table, i, x, y=y, cond=D, hist=hist, hist_write=row.hist_write, eval_y=row.eval_at == "y",
                        write_x=row.out_x is not None, write_y=row.out_y is not None, noise=noise, seed=seed,
-                       noise_id=row.noise_id, backend=self.backend)
+                       noise_id=row.noise_id, bad_row=bad_row, backend=self.backend)
 
     def run(self, rows: List[Row], table: torch.Tensor, x, y=None, hist=None, first_output=None,
             start: int = 0, stop: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -194,6 +200,26 @@ def _check_common(rtol, atol, max_nfe):
     _positive("atol", atol)
     if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1:
         raise ValueError(f"max_nfe must be an int >= 1, got {max_nfe!r}")
+
+
+def _raise_nonfinite(info: Dict, ks_from: float, ks_to: Optional[float], model_output=None):
+    """FloatingPointError for non-finite values met at accepted step ``info['n_accept']`` (the
+    step from noise level ``ks_from`` to ``ks_to``; None: the state after the last step). A NaN
+    error estimate would otherwise make the controller shrink h to NaN and never finish."""
+    if model_output is not None and not bool(torch.isfinite(model_output).all()):
+        cause = "the model output is NaN/Inf"
+    else:
+        cause = "the solver's state diverged (or the model output is NaN/Inf)"
+    where = (f"step {info['n_accept']} (attempt {info['steps'] + 1}, from noise level sigma/alpha={ks_from:.4g} "
+             f"towards {ks_to:.4g})" if ks_to is not None
+             else f"step {max(info['n_accept'] - 1, 0)} (the state at the end, noise level sigma/alpha={ks_from:.4g})")
+    raise FloatingPointError(f"non-finite values (NaN/Inf) at adaptive {where}: {cause}; check the model at that "
+                             "noise level (step-size control cannot step past a NaN)")
+
+
+def _check_final(x: torch.Tensor, info: Dict, ks: float) -> None:
+    if not bool(torch.isfinite(x).all()):
+        _raise_nonfinite(info, ks, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +315,8 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
         # The error in k-diffusion's coordinates x/alpha.
         low_k, high_k = x_low / pd.alpha, x_high / pd.alpha
         error = float(error_norm(low_k, high_k, x_prev, rtol, atol))
+        if not math.isfinite(error):
+            _raise_nonfinite(info, math.exp(-lam), math.exp(-lam_t), D0)
         info["steps"] += 1
         if pid.propose(error):
             x_prev = low_k
@@ -309,6 +337,7 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
         else:
             info["n_reject"] += 1
     info["nfe"] = runner.nfe
+    _check_final(x, info, math.exp(-lam))
     return x, info
 
 
@@ -383,6 +412,8 @@ def sample_step_doubling(model: Callable, noise: torch.Tensor, *, schedule: Sche
             D0 = runner.run(rows, table, buf, y, hist, first_output=D0)
         a_s, a_t = float(full.alpha[0]), float(full.alpha[1])
         error = float(error_norm(x_full / a_t, x_half / a_t, x / a_s, rtol, atol))
+        if not math.isfinite(error):
+            _raise_nonfinite(info, math.exp(-lam), math.exp(-lam_t), D0)
         info["steps"] += 1
         if pid.propose(error):
             if extrapolate:
@@ -393,4 +424,5 @@ def sample_step_doubling(model: Callable, noise: torch.Tensor, *, schedule: Sche
         else:
             info["n_reject"] += 1
     info["nfe"] = runner.nfe
+    _check_final(x, info, math.exp(-lam))
     return x, info

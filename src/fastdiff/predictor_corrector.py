@@ -16,7 +16,9 @@ ratio (``norm="batch"``). The state is the schedule's native x (VE: x = x0 + sig
 x = alpha x0 + sigma eps), as in the score-SDE code. No corrector runs at sigma = 0.
 
 The predictor's rows run through ``fastdiff.ops.fused_step``; the corrector is a per-sample
-reduction (``fastdiff.ops.reductions.per_sample_norm``) and one elementwise update.
+reduction (``fastdiff.ops.reductions.per_sample_norm``) and one elementwise update. Non-finite
+values raise ``FloatingPointError`` naming the first bad step (flags kept on the device, read
+once at the end).
 """
 from __future__ import annotations
 
@@ -107,10 +109,15 @@ def sample_pc(model: Callable, noise: torch.Tensor, *, predictor: Union[str, Sol
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     B = x.shape[0]
     bshape = (B,) + (1,) * (x.dim() - 1)
+    # Non-finite values, flagged on the device (no host sync per step) and read once at the end:
+    # the predictor's rows by the fused step's flag, the corrector's updates by the first step
+    # after which x is not finite.
+    bad_row = torch.zeros(1, dtype=torch.int32, device=x.device)
+    bad_corrector = torch.zeros((), dtype=torch.int64, device=x.device)
 
     for i, r in enumerate(rows):
         D = runner.evaluate(r.point, y if r.eval_at == "y" else x) if r.needs_model else None
-        runner.step(table, i, r, x, y, hist, D, seed=seed)
+        runner.step(table, i, r, x, y, hist, D, seed=seed, bad_row=bad_row)
         if i + 1 < len(rows) and rows[i + 1].step == r.step:
             continue
         p = grid_point(grid, r.step + 1)
@@ -125,5 +132,23 @@ def sample_pc(model: Callable, noise: torch.Tensor, *, predictor: Union[str, Sol
                                   device=x.device).to(x.dtype)
             e = langevin_step_size(score, z, snr, a, norm).reshape(bshape)
             x += e * score + torch.sqrt(2.0 * e) * z
+        if corrector_steps:
+            bad_corrector = torch.where((bad_corrector == 0) & ~torch.isfinite(x).all(), r.step + 1, bad_corrector)
+    _check_finite(rows, grid, int(bad_row.item()), int(bad_corrector.item()))
     info = {"nfe": runner.nfe, "corrector_nfe": runner.nfe - sum(r.needs_model for r in rows)}
     return x, info
+
+
+def _check_finite(rows, grid: Grid, bad_row: int, bad_corrector: int) -> None:
+    """FloatingPointError naming the first step that wrote NaN/Inf: ``bad_row`` is the fused
+    step's flag (1 + row), ``bad_corrector`` 1 + the first step whose corrector left x non-finite."""
+    if not bad_row and not bad_corrector:
+        return
+    inf = float("inf")
+    pred = rows[bad_row - 1].step if bad_row else inf
+    corr = bad_corrector - 1 if bad_corrector else inf
+    step, part = (pred, "predictor") if pred <= corr else (corr, "Langevin corrector")
+    raise FloatingPointError(
+        f"non-finite values (NaN/Inf) in the sample at step {step} ({part}, noise level "
+        f"sigma={float(grid.sigma[step + 1 if part != 'predictor' else step]):.4g}): the model output or the "
+        "sampler diverged there; check the model at that noise level (or lower snr)")

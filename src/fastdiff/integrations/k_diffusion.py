@@ -51,7 +51,10 @@ Where the results differ from k-diffusion's, and why:
   'denoised': the model's output}``. ``x`` is a copy because the buffer the model reads is
   reused by the next step.
 * Non-finite values in the sample raise ``FloatingPointError`` at the end of the run (one
-  device-flag read), naming the step; k-diffusion returns the NaNs.
+  device-flag read), naming the step; k-diffusion returns the NaNs. Every sampler takes a
+  keyword-only ``check_finite``: 'end' (default), 'step' (raise at the bad step, one read per
+  step) or 'off' (return the NaNs, as k-diffusion does). ``sample_dpm_adaptive`` always raises,
+  at the first step whose error estimate is not finite (k-diffusion's controller loops forever).
 * ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2``)
   runs fastdiff's ``edm_euler`` / ``edm_heun`` / ``dpm_2`` solvers; the churn noise is fastdiff's
   in-kernel Philox noise seeded from torch's global RNG (k-diffusion draws ``torch.randn_like(x)``
@@ -96,64 +99,64 @@ __all__ = [
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                 s_tmax=float('inf'), s_noise=1.):
+                 s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
     """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2)."""
     solver, options = _with_churn("euler", "edm_euler", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                           noise_sampler=None):
+                           noise_sampler=None, *, check_finite='end'):
     """Ancestral sampling with Euler steps: down to sigma_down, then fresh noise of std sigma_up."""
     return _run("euler_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler)
+                disable, noise_sampler, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                s_tmax=float('inf'), s_noise=1.):
+                s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
     """Heun steps (Karras et al. 2022, Algorithm 2); the step to sigma = 0 is Euler."""
     solver, options = _with_churn("heun", "edm_heun", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                 s_tmax=float('inf'), s_noise=1.):
+                 s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
     """DPM-Solver-2-like midpoint steps (model at the geometric mean of the two noise levels),
     with EDM churn; the step to sigma = 0 is Euler."""
     solver, options = _with_churn("dpm_2", "dpm_2", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                           noise_sampler=None):
+                           noise_sampler=None, *, check_finite='end'):
     """Ancestral sampling with DPM-2 steps: down to sigma_down, then fresh noise of std sigma_up
     (a step whose sigma_down is 0 is Euler and adds no noise)."""
     return _run("dpm_2_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler)
+                disable, noise_sampler, check_finite=check_finite)
 
 
 @torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, check_finite='end'):
     """Linear multistep (Adams-Bashforth in sigma) of order 1-4; the first steps use the orders
     their history allows."""
-    return _run("lms", {"order": order}, model, x, sigmas, extra_args, callback, disable)
+    return _run("lms", {"order": order}, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                              noise_sampler=None):
+                              noise_sampler=None, *, check_finite='end'):
     """Ancestral sampling with DPM-Solver++(2S) steps; the step to sigma_down = 0 is Euler."""
     return _run("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler)
+                disable, noise_sampler, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                     noise_sampler=None, r=1 / 2):
+                     noise_sampler=None, r=1 / 2, *, check_finite='end'):
     """DPM-Solver++ (stochastic): two ancestral stages per step, the second at lambda + r h.
 
     ``noise_sampler`` is called as k-diffusion calls it, with (sigma, sigma at the stage) and
@@ -170,31 +173,32 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
             end = t + (t_next - t) * r if row.out_y is not None else t_next
             return t.neg().exp(), end.neg().exp()
     options = {"eta": eta, "s_noise": s_noise, "r": r, "brownian": noise_sampler is None}
-    return _run("dpmpp_sde", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise_args)
+    return _run("dpmpp_sde", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise_args,
+                check_finite=check_finite)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, check_finite='end'):
     """DPM-Solver++(2M); the first step and the step to sigma = 0 are first order."""
-    return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable)
+    return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                        noise_sampler=None, solver_type='midpoint'):
+                        noise_sampler=None, solver_type='midpoint', *, check_finite='end'):
     """DPM-Solver++(2M) SDE (``solver_type`` 'midpoint' or 'heun'); eta = 0 is the ODE solver.
     Without a noise_sampler the noise is Philox: independent standard normal draws per step,
     which is the law of k-diffusion's default BrownianTreeNoiseSampler over disjoint steps."""
     return _run("dpmpp_2m_sde", {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}, model, x, sigmas,
-                extra_args, callback, disable, noise_sampler)
+                extra_args, callback, disable, noise_sampler, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                        noise_sampler=None):
+                        noise_sampler=None, *, check_finite='end'):
     """DPM-Solver++(3M) SDE; eta = 0 is the ODE solver. Default noise as sample_dpmpp_2m_sde."""
     return _run("dpmpp_3m_sde", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback, disable,
-                noise_sampler)
+                noise_sampler, check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +207,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
-                    s_noise=1., noise_sampler=None):
+                    s_noise=1., noise_sampler=None, *, check_finite='end'):
     """DPM-Solver-fast (Lu et al. 2022): ``n`` model calls in floor(n/3) + 1 steps uniform in
     log sigma, all of order 3 but the last ones (orders [3, ..., 3, n % 3], or [3, ..., 3, 2, 1]
     when 3 divides n). ``eta > 0``: ancestral steps (noise_sampler(sigma, sigma_next) per step).
@@ -227,7 +231,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
 
     return _sample(_grid_from_sigmas(levels), "dpm_solver", {"orders": orders, "eta": eta, "s_noise": s_noise},
                    model, x, extra_args, callback, callback_fields, disable, noise_sampler,
-                   lambda row: (levels[row.step], levels[row.step + 1]))
+                   lambda row: (levels[row.step], levels[row.step + 1]), check_finite=check_finite)
 
 
 @torch.no_grad()
@@ -287,7 +291,8 @@ def _check_sigma_bounds(sigma_min, sigma_max) -> Tuple[float, float]:
 
 
 def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callback, disable,
-         noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None) -> torch.Tensor:
+         noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None, *,
+         check_finite: str = 'end') -> torch.Tensor:
     """Sample along the k-diffusion noise levels ``sigmas``. ``noise_args(row)``: the arguments
     k-diffusion passes to its noise_sampler for that row's draw (default (sigmas[i], sigmas[i + 1]))."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
@@ -298,11 +303,12 @@ def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callba
         return {'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas.new_tensor(point.ksigma) if churned else sigmas[i]}
 
     return _sample(grid, solver, solver_options, model, x, extra_args, callback, callback_fields, disable,
-                   noise_sampler, noise_args or (lambda row: (sigmas[row.step], sigmas[row.step + 1])))
+                   noise_sampler, noise_args or (lambda row: (sigmas[row.step], sigmas[row.step + 1])),
+                   check_finite=check_finite)
 
 
 def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args, callback, callback_fields,
-            disable, noise_sampler, noise_args) -> torch.Tensor:
+            disable, noise_sampler, noise_args, *, check_finite: str = "end") -> torch.Tensor:
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
                             device=x.device, state_dtype=state_dtype)
@@ -312,7 +318,7 @@ def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args,
         def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
             return noise_sampler(*noise_args(row))
     out = sampler(denoiser, x, x_init=x, model_kwargs=dict(extra_args or {}), noise_sampler=adapted_noise,
-                  progress=_show_progress(disable), model_dtype=x.dtype)
+                  progress=_show_progress(disable), model_dtype=x.dtype, check_finite=check_finite)
     return out.to(x.dtype)
 
 
