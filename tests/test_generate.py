@@ -260,3 +260,20 @@ def test_cfg_parallel_needs_guidance_and_pairs(tmp_path, monkeypatch):
     _no_sampling(monkeypatch)
     with pytest.raises(ValueError, match="cfg_parallel needs guidance and an even number of ranks"):
         G.generate(n=4, out=tmp_path / "o", cfg_parallel=True, guidance=2.0, **SMALL)
+
+
+def test_cli_generate_and_its_errors(tmp_path, capsys):
+    from fastdiff.cli import main
+    out = tmp_path / "cli"
+    assert main(["generate", "--n", "5", "--out", str(out), "--steps", "3", "--batch", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "5 samples in" in text and "digits-FD" in text
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    # a rerun with other arguments: one line, exit 2, nothing touched
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["generate", "--n", "5", "--out", str(out), "--steps", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds another run" in err and "steps" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(["generate", "--n", "0", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "n must be an integer >= 1" in capsys.readouterr().err
