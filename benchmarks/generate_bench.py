@@ -43,7 +43,7 @@ def _run(nproc: int, args, timeout=3600):
 def speed(n: int, repeats: int):
     rows = []
     for nproc in (1, 2):
-        runs = [_run(nproc, ["--n", str(n), "--steps", "10", "--batch", "64", "--no-metrics"]) for _ in range(repeats)]
+        runs = [_run(nproc, ["-n", str(n), "--steps", "10", "--batch", "64", "--no-metrics"]) for _ in range(repeats)]
         sps = [r["samples_per_s"] for r in runs]
         rows.append({"processes": nproc, "samples_per_s_median": statistics.median(sps), "min": min(sps),
                      "max": max(sps), "runs": repeats, "n": n})
@@ -54,7 +54,7 @@ def speed(n: int, repeats: int):
 def quality(n: int, nproc: int):
     rows = []
     for solver in QUALITY_SOLVERS:
-        r = _run(nproc, ["--n", str(n), "--steps", "10", "--solver", solver, "--batch", "100"])
+        r = _run(nproc, ["-n", str(n), "--steps", "10", "--solver", solver, "--batch", "100"])
         rows.append({"solver": solver, "nfe": 10, "n": n, **r})
         print(f"{solver}: digits-FD {r['digits_fd']:.3f}, accuracy {100 * r['class_accuracy']:.1f}%")
     return rows

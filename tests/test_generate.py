@@ -277,3 +277,13 @@ def test_cli_generate_and_its_errors(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert main(["generate", "--n", "0", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "n must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_torchrun_command_line_as_documented(tmp_path):
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff",
+           "generate", "-n", "6", "--out", str(out), "--steps", "2", "--batch", "2", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("6 samples in") == 1                 # rank 0 reports
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]

@@ -3,7 +3,7 @@ work was split.
 
     fastdiff generate --n 10000 --out samples/                         one process
     fastdiff.generate(n=10000, out="samples/")                         the same from Python
-    torchrun --nproc_per_node=2 -m fastdiff generate --n 10000 --out samples/
+    torchrun --nproc_per_node=2 -m fastdiff generate -n 10000 --out samples/
 
 The guarantee. Sample ``i`` starts from its own noise, Philox-4x32-10 keyed by
 ``sample_seed(seed, i)``, and a stochastic solver draws its step noise from the same key (one
@@ -529,7 +529,9 @@ def _digits_metrics(ctx: _Dist, out: Path, chunks, mine, width: int, device) -> 
 # Command line (fastdiff generate)
 # ---------------------------------------------------------------------------------------------
 def add_arguments(p):
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    # -n / --num-samples: under torchrun, its own parser takes `--n` for an abbreviation of its options.
+    p.add_argument("-n", "--n", "--num-samples", dest="n", type=int, required=True,
+                   help="number of samples (write -n N or --num-samples N after torchrun)")
     p.add_argument("--out", required=True, help="output folder (created; a rerun with the same arguments resumes)")
     p.add_argument("--solver", default="dpmpp_2m", help="solver name (fastdiff.SOLVERS); default dpmpp_2m")
     p.add_argument("--steps", type=int, default=10, help="solver steps (default 10)")
