@@ -163,3 +163,47 @@ def test_k_dpm_fast_raises_and_accepts_check_finite():
         K.sample_dpm_fast(NaNOnce(_mixture(), bad=2), x, 0.02, 80.0, 6)
     out = K.sample_dpm_fast(NaNOnce(_mixture(), bad=2), x, 0.02, 80.0, 6, check_finite="off")
     assert not torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 15: fastdiff sample validates everything before sampling; one line, exit 2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(digits, "load_digits_model", refuse)
+
+
+SAMPLE_BAD = [
+    (["--guidance", "1e300"], "--guidance"),
+    (["--guidance=-1e300"], "--guidance"),
+    (["--guidance", "1e6", "--convention", "1+w"], "--guidance"),
+    (["--scale", "100000"], "--scale"),
+    (["--n", "100000"], "--n"),
+    (["--solver", "ddim", "--option", "eta=abc"], "eta"),
+    (["--solver", "unipc", "--option", "order=2", "--option", "solver_type=nope"], "solver_type"),
+    (["--out", "/proc/fastdiff_grid.png"], "cannot write"),
+    (["--out", "/sys/fastdiff_grid.png"], "cannot write"),
+]
+
+
+@pytest.mark.parametrize("args,match", SAMPLE_BAD, ids=[" ".join(a) for a, _ in SAMPLE_BAD])
+def test_sample_validates_before_sampling(args, match, tmp_path, capsys, no_model):
+    argv = ["sample", "--out", str(tmp_path / "grid.png")] + args
+    assert_one_line_error(*run(capsys, argv), match=match)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_option_error_names_the_option(tmp_path, capsys, no_model):
+    status, out, err = run(capsys, ["sample", "--solver", "ddim", "--option", "eta=abc", "--out", str(tmp_path / "g.png")])
+    assert_one_line_error(status, out, err, match="--option eta='abc'")
+
+
+def test_sample_writable_check_leaves_no_file_behind(tmp_path, capsys, no_model):
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep")
+    assert_one_line_error(*run(capsys, ["sample", "--steps", "0", "--out", str(existing)]), match="--steps")
+    assert existing.read_bytes() == b"keep"
+    assert_one_line_error(*run(capsys, ["sample", "--solver", "nope", "--out", str(tmp_path / "new.png")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]

@@ -116,14 +116,56 @@ def _png_path(text: str) -> Path:
 
 
 def check_writable(path: Path) -> None:
-    """Raise UsageError unless ``path`` can be written (checked before any work is done)."""
+    """Raise UsageError unless ``path`` can be written (checked before any work is done): by opening
+    it for appending, which is what the operating system will allow (root ignores permission bits,
+    /proc and read-only mounts refuse anyway); a file created by the check is removed again, an
+    existing one is left as it was."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UsageError(f"output path {str(path)!r} is a directory; expected a .png file name")
     if not parent.is_dir():
         raise UsageError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"cannot write {str(path)!r}: permission denied")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    if not existed:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+#: |CFG scale| above this is refused: practical scales are 1-20, and near 1e38 / |cond - uncond| the
+#: float32 state overflows (the run would end in NaN/Inf after all the work).
+MAX_GUIDANCE = 1000.0
+#: The PNG grid: at most this many pixels a side and in all (many viewers and decoders refuse more).
+MAX_GRID_SIDE = 65535
+MAX_GRID_PIXELS = 1 << 28
+
+
+def grid_size(rows: int, columns: int, scale: int, pad: int = 2, image: int = 8) -> tuple:
+    """(width, height) in pixels of the grid save_digit_grid writes."""
+    return pad + columns * (image * scale + pad), pad + rows * (image * scale + pad)
+
+
+def _check_solver_options(name: str, options: dict) -> None:
+    """The solver accepts these options; a bad one is named with the value the user gave."""
+    import fastdiff
+    try:
+        fastdiff.get_solver(name, **options)
+        return
+    except (ValueError, TypeError) as e:
+        error = e
+    for key, value in options.items():      # name the first option that is wrong on its own
+        try:
+            fastdiff.get_solver(name, **{key: value})
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--option {key}={value!r} (solver {name}): {e}") from None
+    given = " ".join(f"--option {k}={v!r}" for k, v in options.items())
+    raise UsageError(f"{given} (solver {name}): {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +199,15 @@ def cmd_sample(args) -> int:
     if args.solver not in fastdiff.SOLVERS:
         raise UsageError(f"unknown solver {args.solver!r}; available: {', '.join(sorted(fastdiff.SOLVERS))}")
     options = dict(args.option or [])
-    fastdiff.get_solver(args.solver, **options)   # unknown or invalid options raise ValueError here
+    _check_solver_options(args.solver, options)
+    if abs(args.guidance) > MAX_GUIDANCE:
+        raise UsageError(f"--guidance: a CFG scale of {args.guidance:g} is outside [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] "
+                         "(practical scales are 1-20; larger ones overflow the float32 sample)")
+    width, height = grid_size(len(args.labels), args.n, args.scale)
+    if max(width, height) > MAX_GRID_SIDE or width * height > MAX_GRID_PIXELS:
+        raise UsageError(f"the PNG grid would be {width} x {height} pixels (--n {args.n} columns, "
+                         f"{len(args.labels)} label rows, --scale {args.scale}); the limit is {MAX_GRID_SIDE} a side "
+                         f"and {MAX_GRID_PIXELS >> 20} megapixels: lower --scale or --n")
     if args.backend != "auto" and args.backend not in BACKENDS:
         raise UsageError(f"unknown backend {args.backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     if args.backend != "auto" and BACKENDS[args.backend].unavailable_reason():
@@ -445,6 +495,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .distributed import run_from_args
+    return run_from_args(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser and main
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, built extensions, available backends")
     i.set_defaults(func=cmd_info)
 
+    g = sub.add_parser("generate", help="N samples of the digits model into a folder, sharded over torchrun ranks, "
+                                        "resumable; digits-FD at the end",
+                       description="Generate N samples (one PNG each + manifest.json), sharded over the ranks of "
+                                   "torchrun (`torchrun --nproc_per_node=2 -m fastdiff generate ...`); sample i is the "
+                                   "same bits for any number of ranks. See fastdiff.distributed.")
+    from .distributed import add_arguments as _generate_arguments
+    _generate_arguments(g)
+    g.set_defaults(func=cmd_generate)
+
     d = sub.add_parser("demo", help="sample the analytic Gaussian mixture; error vs exact; time per step")
     d.add_argument("--solver", default="dpmpp_2m")
     d.add_argument("--steps", type=_positive_int, default=20)
@@ -521,7 +585,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"fastdiff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError, PermissionError, ImportError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError, ArithmeticError, MemoryError) as e:
         # Bad configurations surface as these from the library; one line, no traceback.
         print(f"fastdiff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
