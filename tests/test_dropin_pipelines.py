@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 diffusers.utils.logging.set_verbosity_error()
 
-SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +94,20 @@ def _scheduler_entry(folder):
         return json.load(f)["scheduler"]
 
 
+_ABSENT = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, safety_checker=None,
+               feature_extractor=None, image_encoder=None)
+
+
+def _load(folder, pipeline_class=None, **kw):
+    """``from_pretrained`` of a tiny pipeline (its text encoders etc. were None when saved)."""
+    cls = pipeline_class or diffusers.DiffusionPipeline
+    with open(folder / "model_index.json") as f:
+        absent = {k: None for k, v in json.load(f).items() if k in _ABSENT and v == [None, None]}
+    pipe = cls.from_pretrained(folder, **absent, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _stock_config(scheduler) -> dict:
     return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
 
@@ -117,8 +131,7 @@ def test_saved_pipeline_is_a_stock_folder_loaded_by_diffusers_and_by_fastdiff(tm
     assert _scheduler_entry(tmp_path) == ["diffusers", "DPMSolverMultistepScheduler"]
 
     # stock diffusers: its own scheduler, same config, same images
-    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path)
     assert type(loaded.scheduler) is diffusers.DPMSolverMultistepScheduler
     assert _stock_config(loaded.scheduler) == _stock_config(stock_scheduler)
     torch.testing.assert_close(_run(loaded, inputs), reference, rtol=0, atol=1e-5)
@@ -139,16 +152,29 @@ def test_from_pretrained_with_a_drop_in_scheduler_passed_explicitly(tmp_path):
     fd.accelerate(pipe)
     pipe.save_pretrained(tmp_path)
     drop_in = fd.EulerDiscreteScheduler.from_pretrained(tmp_path, subfolder="scheduler")
-    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path, scheduler=drop_in)
+    loaded = _load(tmp_path, scheduler=drop_in)
     assert loaded.scheduler is drop_in
     # and a drop-in of another class, passed to a folder saved by stock diffusers
     stock, _ = _sd(diffusers.DDIMScheduler(**SD_SCHEDULER))
     stock.save_pretrained(tmp_path / "stock")
     other = fd.UniPCMultistepScheduler.from_config(stock.scheduler.config)
-    loaded = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "stock", scheduler=other)
+    loaded = _load(tmp_path / "stock", diffusers.StableDiffusionPipeline, scheduler=other)
     assert loaded.scheduler is other
     loaded.save_pretrained(tmp_path / "again")
     assert _scheduler_entry(tmp_path / "again") == ["diffusers", "UniPCMultistepScheduler"]
+
+
+def test_accelerate_keeps_the_config_the_pipeline_fixed_up():
+    """StableDiffusionPipeline rewrites an old config's steps_offset to 1 without updating its
+    ``_use_default_values``, which ``from_config`` then drops: the drop-in must keep the value."""
+    pipe, _ = _sd(diffusers.DDIMScheduler(timestep_spacing="leading"))
+    assert pipe.scheduler.config.steps_offset == 1
+    stock = pipe.scheduler
+    fd.accelerate(pipe)
+    assert pipe.scheduler.config.steps_offset == 1
+    for s in (stock, pipe.scheduler):
+        s.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == stock.timesteps.tolist()
 
 
 def test_every_drop_in_reports_diffusers_library_and_class():

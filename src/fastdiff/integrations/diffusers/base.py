@@ -209,6 +209,9 @@ def drop_in(base: type):
         @functools.wraps(init)
         def __init__(self, *args, **kwargs):
             self._fd_reset()
+            # diffusers' save_pretrained records an object's library from its __module__: record
+            # diffusers' (the class stays fastdiff's), so a saved pipeline is a stock folder.
+            self.__module__ = base.__module__
             init(self, *args, **kwargs)
             self._check_config()
 

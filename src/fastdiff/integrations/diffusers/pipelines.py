@@ -93,7 +93,10 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
             if name not in DROP_INS:
                 raise NotImplementedError(f"fastdiff has no drop-in for {name}; available: {', '.join(sorted(DROP_INS))} "
                                           "(pass scheduler=False to keep the pipeline's scheduler)")
-            replacement = DROP_INS[name].from_config(pipe.scheduler.config)
+            # the same class: the config as it is (from_config would drop the keys listed in
+            # _use_default_values, which pipelines do not update when they fix up a config)
+            config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+            replacement = DROP_INS[name].from_config(config)
             handle.scheduler = pipe.scheduler
             pipe.scheduler = replacement
         if attention:
