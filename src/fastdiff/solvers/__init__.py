@@ -9,5 +9,6 @@ from . import edm  # noqa: F401  (registration)
 from . import dpm_solver  # noqa: F401  (registration)
 from . import multistep  # noqa: F401  (registration)
 from . import flow  # noqa: F401  (registration)
+from . import ipndm  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]
