@@ -366,7 +366,6 @@ def sampler_bad_calls():
         "cond list": (TypeError, "cond", dict(cond=[emb])),
         "uncond list": (TypeError, "uncond", dict(guidance=3.0, cond={"emb": emb}, uncond=[-emb])),
         "model_kwargs list": (TypeError, "model_kwargs", dict(model_kwargs=[emb])),
-        "uncond without guidance": (ValueError, "uncond.*guidance", dict(cond={"emb": emb}, uncond={"emb": -emb})),
         "uncond keys differ": (ValueError, "keys", dict(guidance=3.0, cond={"emb": emb}, uncond={"e": -emb})),
         "backend unknown": (ValueError, "backend", dict(backend="cuda9")),
         "progress str": (TypeError, "progress", dict(progress="yes")),
@@ -409,6 +408,17 @@ def test_item13_numpy_float_init_noise_scale_accepted(mixture, noise):
     a = run(mixture, noise, init_noise_scale=np.float32(2.0))
     b = run(mixture, noise, init_noise_scale=2)
     assert torch.equal(a, b)
+
+
+def test_item13_uncond_without_guidance_warns_and_is_unused(mixture, noise):
+    """Not an error: fastdiff's own helpers (sample_digits, distributed.generate) always pass the
+    unconditional inputs and let ``guidance`` decide; but a user who forgot ``guidance=`` is told."""
+    emb = torch.ones(SHAPE[0], 3)
+    model = Recorder(lambda x, t, emb=None: mixture(x, t))
+    with pytest.warns(UserWarning, match="uncond.*guidance"):
+        a = run(model, noise, cond={"emb": emb}, uncond={"emb": -emb})
+    assert model.calls == 5
+    assert torch.equal(a, run(mixture, noise))
 
 
 def test_item13_uncond_with_guidance_scale_1_is_accepted(mixture, noise):

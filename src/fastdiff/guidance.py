@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .ops import guidance_scale_to_g
@@ -147,10 +148,21 @@ class Guidance:
         _finite("guidance scale", self.scale)
         guidance_scale_to_g(self.scale, self.convention)  # validates the convention
         if self.interval is not None:
-            lo, hi = self.interval
-            if not (0 <= lo < hi):
-                raise ValueError(f"guidance interval must be (lo, hi) with 0 <= lo < hi (noise levels "
-                                 f"sigma/alpha), got {self.interval}")
+            iv = self.interval
+            if isinstance(iv, (str, bytes)) or not isinstance(iv, (tuple, list, np.ndarray)):
+                raise TypeError(f"guidance interval must be a pair (lo, hi) of noise levels sigma/alpha, "
+                                f"got {type(iv).__name__} {iv!r}")
+            if len(iv) != 2:
+                raise ValueError(f"guidance interval must be a pair (lo, hi) of noise levels sigma/alpha, "
+                                 f"got {len(iv)} values: {tuple(iv)!r}")
+            for v in iv:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                    raise TypeError(f"guidance interval bounds must be numbers, got {type(v).__name__} {v!r}")
+            lo, hi = float(iv[0]), float(iv[1])
+            if not (0 <= lo < hi) or math.isnan(hi):
+                raise ValueError(f"guidance interval must be (lo, hi) with 0 <= lo < hi <= inf (noise levels "
+                                 f"sigma/alpha), got {tuple(iv)!r}")
+            object.__setattr__(self, "interval", (lo, hi))
         if not 0.0 <= _finite("guidance rescale (guidance_rescale)", self.rescale) <= 1.0:
             raise ValueError(f"guidance rescale (guidance_rescale) must lie in [0, 1], got {self.rescale}")
         if self.x0_clip is not None and not isinstance(self.x0_clip, (ClipSample, DynamicThresholding)):

@@ -7,6 +7,8 @@ tensor is read back (non-finite values raise a device-side flag that is read onc
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +25,59 @@ from .solvers import Solver, get_solver
 __all__ = ["sample", "Sampler"]
 
 CHECK_FINITE = ("end", "step", "off")
+_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_sample_like(name: str, t, shape: tuple, dev: torch.device) -> None:
+    """A floating tensor of the sample's shape, with values, on the sample's device, finite."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(t).__name__}"
+                        + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else ""))
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it has no values)")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have the shape of noise {shape}, got {tuple(t.shape)}")
+    if t.device != dev and not (t.device.type == dev.type == "cpu"):
+        raise ValueError(f"{name} must be on {dev} (the device of noise), got {t.device}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_inpaint(inpaint, shape: tuple, dev: torch.device):
+    """(known, mask), validated: known a floating tensor of the sample's shape, finite where the
+    mask is non-zero; mask bool or real, broadcasting to the sample without enlarging it, in [0, 1]."""
+    if not isinstance(inpaint, (tuple, list)) or len(inpaint) != 2:
+        raise TypeError(f"inpaint must be a pair (known, mask), got {type(inpaint).__name__}"
+                        + (f" of length {len(inpaint)}" if isinstance(inpaint, (tuple, list)) else ""))
+    known, mask = inpaint
+    if not isinstance(known, torch.Tensor) or not known.is_floating_point():
+        raise TypeError(f"inpaint known data must be a floating-point torch.Tensor, got {type(known).__name__}"
+                        + (f" of dtype {known.dtype}" if isinstance(known, torch.Tensor) else ""))
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        raise TypeError(f"inpaint mask must be a bool or real torch.Tensor, got {type(mask).__name__}"
+                        + (f" of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else ""))
+    for name, t in (("known data", known), ("mask", mask)):
+        if t.device.type == "meta":
+            raise ValueError(f"inpaint {name} is on the meta device (it has no values)")
+        if t.device != dev and not (t.device.type == dev.type == "cpu"):
+            raise ValueError(f"inpaint {name} must be on {dev} (the device of noise), got {t.device}")
+    if tuple(known.shape) != shape:
+        raise ValueError(f"inpaint known data must have the shape of noise {shape}, got {tuple(known.shape)}")
+    try:
+        full = tuple(torch.broadcast_shapes(mask.shape, shape))
+    except RuntimeError:
+        full = None
+    if full != shape:
+        raise ValueError(f"inpaint mask of shape {tuple(mask.shape)} does not broadcast to the sample's shape "
+                         f"{shape}" + (f" (it would enlarge it to {full})" if full is not None else ""))
+    if mask.dtype != torch.bool:
+        m = mask.double() if mask.is_floating_point() else mask
+        if not bool(((m >= 0) & (m <= 1)).all()):
+            bad = m[~((m >= 0) & (m <= 1))].reshape(-1)[0].item()
+            raise ValueError(f"inpaint mask values must lie in [0, 1] (1 = known), got {bad}")
+    if not bool((torch.isfinite(known) | (mask == 0)).all()):
+        raise ValueError("inpaint known data contains NaN or Inf where the mask is non-zero")
+    return known, mask
 
 
 def _model_output(out) -> torch.Tensor:
@@ -98,10 +153,18 @@ class Sampler:
                  progress: bool = True, backend: str = "auto", model_dtype: Optional[torch.dtype] = None,
                  inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, check_finite: str = "end",
                  init_noise_scale: Optional[float] = None, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
-        prog, rows = self.program, self.program.rows
+        """Sample from ``noise``. Every argument is checked here, before any tensor is written or
+        the model is called. Sampling is not differentiable: it runs under ``torch.no_grad()`` (as
+        diffusers' pipelines and k-diffusion's samplers do), and inputs that require grad in grad
+        mode raise instead of getting a wrong gradient."""
+        # --- Validation: everything before the first write or model call. ----------------------
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}"
                             + (f" of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else ""))
+        if noise.device.type == "meta":
+            raise ValueError("noise is on the meta device (it has no values); pass a tensor on cpu or a GPU")
         if noise.dim() < 1 or noise.shape[0] < 1:
             raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
         if not torch.isfinite(noise).all():
@@ -111,12 +174,62 @@ class Sampler:
         dev = noise.device
         if dev != self.device and not (dev.type == self.device.type == "cpu"):
             raise ValueError(f"noise is on {dev} but the sampler was built for {self.device}")
+        shape = tuple(noise.shape)
+        if seed is not None:
+            seed = ops.as_int("seed", seed, 0, 2 ** 64)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if init_noise_scale is not None:
+            init_noise_scale = ops.as_real("init_noise_scale", init_noise_scale)
+            if not init_noise_scale > 0:
+                raise ValueError(f"init_noise_scale must be > 0, got {init_noise_scale}")
+        if x_init is not None:
+            _check_sample_like("x_init", x_init, shape, dev)
+        if model_dtype is not None and model_dtype not in _MODEL_DTYPES:
+            raise TypeError(f"model_dtype must be None or one of {', '.join(map(str, _MODEL_DTYPES))}, "
+                            f"got {model_dtype!r}")
+        if not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__} {progress!r}")
+        for name, f in (("callback", callback), ("noise_sampler", noise_sampler)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a backend name), got {type(backend).__name__}")
+        for name, d in (("cond", cond), ("uncond", uncond), ("model_kwargs", model_kwargs)):
+            if d is not None and not isinstance(d, Mapping):
+                raise TypeError(f"{name} must be a dict of model keyword arguments (or None), got {type(d).__name__}")
+        cond = dict(cond or {})
+        model_kwargs = dict(model_kwargs or {})
+        if uncond is not None:
+            if set(uncond) != set(cond):
+                raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+            if self.guidance is None:
+                warnings.warn("uncond is ignored: no guidance was given (pass guidance=<scale> for classifier-free "
+                              "guidance)", UserWarning, stacklevel=3)
+        mask = known = None
+        if inpaint is not None:
+            known, mask = _check_inpaint(inpaint, shape, dev)
+        if torch.is_grad_enabled():
+            named = [("noise", noise), ("x_init", x_init), ("inpaint known", known), ("inpaint mask", mask)]
+            for prefix, d in (("cond", cond), ("uncond", uncond or {}), ("model_kwargs", model_kwargs)):
+                named += [(f"{prefix}[{k!r}]", v) for k, v in d.items()]
+            for name, t in named:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise ValueError(f"{name} requires grad, but sampling is not differentiable (the fused steps "
+                                     "have no backward): detach it, or call under torch.no_grad()")
+        with torch.no_grad():
+            return self._run(model, noise, cond, uncond, model_kwargs, generator, seed, noise_sampler, callback,
+                             progress, backend, model_dtype, known, mask, check_finite, init_noise_scale, x_init)
+
+    def _run(self, model, noise, cond, uncond, model_kwargs, generator, seed, noise_sampler, callback, progress,
+             backend, model_dtype, known, mask, check_finite, init_noise_scale, x_init) -> torch.Tensor:
+        prog, rows = self.program, self.program.rows
+        dev = noise.device
         shape, B = tuple(noise.shape), noise.shape[0]
+        inpaint = mask is not None
         model_dtype = model_dtype or (torch.float64 if self.state_dtype == torch.float64 else torch.float32)
         time_dtype = torch.float64 if self.state_dtype == torch.float64 else torch.float32
 
-        cond = dict(cond or {})
-        model_kwargs = dict(model_kwargs or {})
         use_cfg = any(float(prog.table[r, COL_G]) != 1.0 for r in range(len(rows)) if rows[r].needs_model)
         if use_cfg and uncond is None:
             raise ValueError("guidance needs the unconditional inputs: pass uncond={...} (and cond={...})")
@@ -125,7 +238,7 @@ class Sampler:
 
         # State and buffers, allocated once.
         a0, s0 = float(self.grid.alpha[0]), float(self.grid.sigma[0])
-        scale = self.grid.schedule.init_noise_scale(a0, s0) if init_noise_scale is None else float(init_noise_scale)
+        scale = self.grid.schedule.init_noise_scale(a0, s0) if init_noise_scale is None else init_noise_scale
         x = noise.to(self.state_dtype) * scale if x_init is None else x_init.to(self.state_dtype).clone()
         x = x.contiguous()
         uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
@@ -140,23 +253,16 @@ class Sampler:
         t_rows = t_rows.to(dev)[:, None].expand(len(rows), model_in.shape[0])
         t_full = list(t_rows.unbind(0))
         t_half = [t[:B] for t in t_full] if use_cfg else t_full
-        if inpaint is not None:
-            known, mask = inpaint
-            known = known.to(device=dev, dtype=self.state_dtype)
+        if inpaint:
+            # Converted copies (never the caller's tensors); known is zeroed where the mask is 0, so
+            # NaN or Inf there cannot leak into the sample through 0 * NaN.
             mask = mask.to(device=dev, dtype=self.state_dtype)
-            if known.shape != x.shape:
-                raise ValueError(f"inpaint known data must have the shape of noise {shape}, got {tuple(known.shape)}")
-            try:
-                torch.broadcast_shapes(mask.shape, x.shape)
-            except RuntimeError:
-                raise ValueError(f"inpaint mask of shape {tuple(mask.shape)} does not broadcast to {shape}") from None
-            if mask.shape != torch.broadcast_shapes(mask.shape, x.shape):
-                raise ValueError(f"inpaint mask of shape {tuple(mask.shape)} would enlarge the sample {shape}")
+            known = torch.where(mask != 0, known.to(device=dev, dtype=self.state_dtype), 0.0)
             base_noise = noise.to(self.state_dtype)
 
         if noise_sampler is None and any(r.noise_id >= 0 for r in rows) and seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
-        seed = 0 if seed is None else int(seed)
+        seed = 0 if seed is None else seed
 
         # Per-row static facts, looked up once (the loop below runs thousands of times per second).
         g_col = prog.table[:, COL_G]
@@ -165,7 +271,7 @@ class Sampler:
             nxt = rows[i + 1] if i + 1 < len(rows) else None
             # The row writes the next model input in its epilogue when it writes the buffer the next
             # model call reads (saves a pass over the tensor).
-            writes_next = (nxt is not None and nxt.needs_model and inpaint is None
+            writes_next = (nxt is not None and nxt.needs_model and not inpaint
                            and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
             plan.append((r, r.needs_model, bool(use_cfg and r.needs_model and g_col[i] != 1.0),
                          r.eval_at == "y", r.out_x is not None, r.out_y is not None, r.hist_write, r.noise_id,
@@ -212,7 +318,7 @@ class Sampler:
             model_in_ready = writes_next
             if step_done:
                 n = r.step
-                if inpaint is not None:
+                if inpaint:
                     a, s = float(self.grid.alpha[n + 1]), float(self.grid.sigma[n + 1])
                     # x <- mask * (known noised to this level, with the initial noise) + (1 - mask) * x
                     x.add_(mask * (a * known + s * base_noise - x))

@@ -8,8 +8,10 @@ backends receive only valid arguments. The sampler validates once per run and th
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..program import table_width
@@ -18,10 +20,86 @@ from . import triton_backend  # noqa: F401,E402  (registers the "triton" backend
 from . import cuda_backend  # noqa: F401,E402  (registers the "cuda" backend; fastdiff._cuda is imported lazily)
 
 __all__ = ["fused_step", "prepare_fused_step", "cfg_combine", "philox_normal", "available_backends",
-           "BACKENDS", "select"]
+           "BACKENDS", "select", "as_int", "as_bool", "as_real"]
 
 _STATE_DTYPES = (torch.float32, torch.float64)
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar arguments: Python and numpy integers wherever an int is taken, never bool or float.
+
+def as_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``v`` as a Python int (Python or numpy integer; bools and floats raise TypeError), in
+    [lo, hi) if given (else ValueError)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v >= hi):
+        rng = f"[{lo}, {'2**' + str(hi.bit_length() - 1) if hi and hi >= 2 ** 16 else hi})"
+        raise ValueError(f"{name} must be an int in {rng}, got {v}")
+    return v
+
+
+def as_bool(name: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
+    return bool(v)
+
+
+def as_real(name: str, v, *, finite: bool = True) -> float:
+    """``v`` as a float (Python or numpy int/float; bools, strings and tensors raise TypeError);
+    NaN and +-Inf raise ValueError when ``finite``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _check_no_grad(op: str, named) -> None:
+    """The fused ops have no backward (they write in place): never return a wrong gradient."""
+    if torch.is_grad_enabled():
+        for name, t in named:
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{op}: {name} requires grad, but this op has no backward (it writes its outputs "
+                                 "in place); detach it or run under torch.no_grad()")
+
+
+def _span(t: torch.Tensor):
+    """(storage address, first byte, one past the last byte) that ``t`` can touch, or None if empty."""
+    if t.numel() == 0:
+        return None
+    extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return t.untyped_storage().data_ptr(), lo, lo + (extent + 1) * t.element_size()
+
+
+def _check_overlap(written, read=()) -> None:
+    """Raise if a tensor written in place shares memory with any other argument. Reads of an
+    exact alias of x or y (same address, shape, strides, dtype: a model returning its input) are
+    allowed: every backend reads an element before it writes that element."""
+    spans = [(n, t, _span(t), True) for n, t in written if t is not None]
+    spans += [(n, t, _span(t), False) for n, t in read if t is not None]
+    for i, (nw, tw, sw, w) in enumerate(spans):
+        if not w or sw is None:
+            continue
+        for no, to, so, wo in spans[i + 1:]:
+            if so is None or so[0] != sw[0] or so[1] >= sw[2] or sw[1] >= so[2]:
+                continue
+            if (not wo and nw in ("x", "y") and to.data_ptr() == tw.data_ptr() and to.shape == tw.shape
+                    and to.stride() == tw.stride() and to.dtype == tw.dtype):
+                continue
+            raise ValueError(f"{nw} and {no} overlap in memory; {nw} is written in place, so they must be "
+                             "separate buffers")
+
+
+def _check_finite_table(table: torch.Tensor, row: Optional[int] = None) -> None:
+    t = table if row is None else table[row]
+    if not bool(torch.isfinite(t).all()):
+        where = "the table" if row is None else f"table row {row}"
+        raise ValueError(f"{where} has NaN/Inf coefficients (they would be written into x)")
 
 
 def _check_tensor(name, t, *, shape=None, dtypes=None, device=None, dtype=None):
@@ -54,8 +132,12 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
         raise ValueError(f"table must be 2-D [rows, columns], got shape {tuple(table.shape)}")
     if table.device != dev and not (table.device.type == "cpu" and dev.type == "cpu"):
         raise ValueError(f"table must be on {dev} (the kernels read it there), got {table.device}")
-    if not isinstance(row, int) or not 0 <= row < table.shape[0]:
-        raise ValueError(f"row must be an int in [0, {table.shape[0]}), got {row!r}")
+    row = as_int("row", row, 0, table.shape[0])
+    hist_write = as_int("hist_write", hist_write)
+    eval_y, write_x, write_y = as_bool("eval_y", eval_y), as_bool("write_x", write_x), as_bool("write_y", write_y)
+    model_in_from_y = as_bool("model_in_from_y", model_in_from_y)
+    seed = as_int("seed", seed, 0, 2 ** 64)
+    noise_id = as_int("noise_id", noise_id, -1, 2 ** 32)
     K = 0
     if hist is not None:
         _check_tensor("hist", hist, dtype=x.dtype, device=dev)
@@ -84,11 +166,6 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
         _check_tensor("model output (uncond)", uncond, shape=shape, dtype=cond.dtype, device=dev)
     if noise is not None:
         _check_tensor("noise", noise, shape=shape, dtypes=_MODEL_DTYPES, device=dev)
-    if noise is None and noise_id >= 0:
-        if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"seed must be an int in [0, 2**64) for in-kernel noise, got {seed!r}")
-        if noise_id >= 2 ** 32:
-            raise ValueError(f"noise_id must be < 2**32, got {noise_id}")
     if model_in is not None:
         _check_tensor("model_in", model_in, dtypes=_MODEL_DTYPES, device=dev)
         B = shape[0]
@@ -103,12 +180,35 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
     if bad_row is not None:
         _check_tensor("bad_row", bad_row, shape=(1,), dtype=torch.int32, device=dev)
     _check_writable("x", x)
+    if not torch.compiler.is_compiling():   # (traced: checked when the op runs)
+        _check_no_grad("fastdiff.ops.fused_step", (("x", x), ("y", y), ("cond", cond), ("uncond", uncond),
+                                                   ("hist", hist), ("noise", noise), ("model_in", model_in),
+                                                   ("table", table)))
+        _check_overlap((("x", x), ("y", y), ("hist", hist), ("model_in", model_in), ("bad_row", bad_row)),
+                       (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table)))
+        _check_finite_table(table, row)
+    return (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
+            noise, seed, noise_id, model_in, model_in_from_y, bad_row)
 
 
 def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_like=None,
                        model_in=None, backend: str = "auto") -> Callable:
     """Choose the backend once for a sampling run; returns its raw ``fused_step`` (arguments in
-    the order of ``fused_step`` below, unchecked)."""
+    the order of ``fused_step`` below, unchecked: the buffers given here are checked once, here)."""
+    _check_tensor("x", x, dtypes=_STATE_DTYPES)
+    _check_tensor("table", table, dtype=torch.float64)
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D [rows, columns], got shape {tuple(table.shape)}")
+    for name, t in (("y", y), ("hist", hist), ("model_in", model_in)):
+        if t is not None:
+            _check_tensor(name, t)
+            _check_writable(name, t)
+    _check_writable("x", x)
+    if not torch.compiler.is_compiling():
+        _check_no_grad("fastdiff.ops.prepare_fused_step", (("x", x), ("y", y), ("hist", hist),
+                                                           ("model_in", model_in), ("table", table)))
+        _check_overlap((("x", x), ("y", y), ("hist", hist), ("model_in", model_in)), (("table", table),))
+        _check_finite_table(table)
     tensors = [t for t in (x, table, y, cond_like, hist, noise_like, model_in) if t is not None]
     return select("fused_step", backend, tensors, state_dtype=x.dtype).fused_step
 
@@ -127,9 +227,8 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
     in the kernel. model_in: if given, receives s_in * (new x or new y), cast to its dtype, in one
     or both CFG halves. See fastdiff.program for the formula.
     """
-    args = (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-            noise, seed, noise_id, model_in, model_in_from_y, bad_row)
-    _validate_step(*args)
+    args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
+                          noise, seed, noise_id, model_in, model_in_from_y, bad_row)
     tensors = [t for t in (x, table, y, cond, uncond, hist, noise, model_in) if t is not None]
     select("fused_step", backend, tensors, state_dtype=x.dtype).fused_step(*args)
 
@@ -137,32 +236,51 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
 def cfg_combine(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float, *,
                 convention: str = "w", backend: str = "auto") -> torch.Tensor:
     """Classifier-free guidance, out of place. ``convention='w'``: uncond + w (cond - uncond);
-    ``'1+w'``: (1 + w) cond - w uncond (Imagen / the CFG paper's w)."""
+    ``'1+w'``: (1 + w) cond - w uncond (Imagen / the CFG paper's w). Differentiable in cond and
+    uncond (the backward is g * grad and (1 - g) * grad)."""
     _check_tensor("cond", cond, dtypes=_MODEL_DTYPES)
     if uncond is not None:
         _check_tensor("uncond", uncond, shape=cond.shape, dtype=cond.dtype, device=cond.device)
     g = guidance_scale_to_g(scale, convention)
+    if torch.is_grad_enabled() and (cond.requires_grad or (uncond is not None and uncond.requires_grad)):
+        # The registered custom op carries the autograd formula (fastdiff.ops.custom_ops).
+        return torch.ops.fastdiff.cfg_combine(cond, uncond, g, None, backend)
     tensors = [t for t in (cond, uncond) if t is not None]
     return select("cfg_combine", backend, tensors).cfg_combine(cond, uncond, g)
 
 
 def guidance_scale_to_g(scale: float, convention: str = "w") -> float:
     """Both CFG conventions as the g of D = uncond + g (cond - uncond)."""
-    if convention == "w":
-        return float(scale)
-    if convention == "1+w":
-        return 1.0 + float(scale)
-    raise ValueError(f"unknown CFG convention {convention!r}; expected 'w' or '1+w'")
+    if convention not in ("w", "1+w"):
+        raise ValueError(f"unknown CFG convention {convention!r}; expected 'w' or '1+w'")
+    scale = as_real("guidance scale", scale)
+    return scale if convention == "w" else 1.0 + scale
+
+
+def _shape_arg(shape) -> tuple:
+    """A shape as a tuple of Python ints: an int, or a sequence (tuple, list, torch.Size, 1-D
+    integer array) of ints; numpy integers accepted, bools and floats rejected."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    elif isinstance(shape, np.ndarray) and shape.ndim == 1:
+        shape = tuple(shape.tolist()) if np.issubdtype(shape.dtype, np.integer) else tuple(shape)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__} {shape!r}")
+    out = []
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"shape must contain ints, got {type(s).__name__} {s!r} in {tuple(shape)!r}")
+        if s < 0:
+            raise ValueError(f"shape must be non-negative, got {tuple(int(v) for v in shape)}")
+        out.append(int(s))
+    return tuple(out)
 
 
 def philox_normal(shape, seed: int, noise_id: int = 0, *, device="cpu", backend: str = "auto") -> torch.Tensor:
-    """Counter-based standard normal noise (float32); see fastdiff.ops.philox for the stream."""
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape must be non-negative, got {shape}")
-    if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    if not isinstance(noise_id, int) or not 0 <= noise_id < 2 ** 32:
-        raise ValueError(f"noise_id must be an int in [0, 2**32), got {noise_id!r}")
+    """Counter-based standard normal noise (float32); see fastdiff.ops.philox for the stream.
+    ``shape`` an int or a sequence of ints, as torch.empty takes."""
+    shape = _shape_arg(shape)
+    seed = as_int("seed", seed, 0, 2 ** 64)
+    noise_id = as_int("noise_id", noise_id, 0, 2 ** 32)
     probe = torch.empty(0, device=device)
     return select("philox_normal", backend, [probe]).philox_normal(shape, seed, noise_id, torch.device(device))

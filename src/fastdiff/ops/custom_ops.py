@@ -165,6 +165,31 @@ for _name in OPS:
 
 
 # ---------------------------------------------------------------------------------------------
+# Autograd. cfg_combine is linear: D = uncond + g (cond - uncond), so dD/dcond = g and
+# dD/duncond = 1 - g (without uncond, D = cond). fused_step has no backward: the public op refuses
+# inputs that require grad (it writes in place), as do the reductions' callers.
+
+def _cfg_combine_setup_context(ctx, inputs, output):
+    cond, uncond, g, out_dtype, backend = inputs
+    ctx.g = float(g)
+    ctx.has_uncond = uncond is not None
+    ctx.cond_dtype = cond.dtype
+    ctx.uncond_dtype = uncond.dtype if uncond is not None else None
+
+
+def _cfg_combine_backward(ctx, grad):
+    md = _math_dtype(ctx.cond_dtype)
+    gm = grad.to(md)
+    g_cond = (gm * ctx.g).to(ctx.cond_dtype) if ctx.has_uncond else gm.to(ctx.cond_dtype)
+    g_uncond = (gm * (1.0 - ctx.g)).to(ctx.uncond_dtype) if ctx.has_uncond else None
+    return g_cond, g_uncond, None, None, None
+
+
+torch.library.register_autograd("fastdiff::cfg_combine", _cfg_combine_backward,
+                                setup_context=_cfg_combine_setup_context, lib=_LIB)
+
+
+# ---------------------------------------------------------------------------------------------
 # What fastdiff.ops.backends.select returns while torch.compile traces.
 
 class TracedBackend:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -54,15 +55,20 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def _check_seed(seed: int, noise_id: int):
-    if not (0 <= seed < 2 ** 64):
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if not (0 <= noise_id < 2 ** 32):
-        raise ValueError(f"noise_id must be in [0, 2**32), got {noise_id}")
+    """(seed, noise_id) as Python ints; Python or numpy integers, never bools or floats."""
+    out = []
+    for name, v, hi in (("seed", seed, 2 ** 64), ("noise_id", noise_id, 2 ** 32)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if not 0 <= int(v) < hi:
+            raise ValueError(f"{name} must be in [0, 2**{hi.bit_length() - 1}), got {v}")
+        out.append(int(v))
+    return out
 
 
 def philox_uint32(numel: int, seed: int, noise_id: int, device=None) -> torch.Tensor:
     """The raw words: an int64 tensor [ceil(numel/4), 4] of uint32 values."""
-    _check_seed(seed, noise_id)
+    seed, noise_id = _check_seed(seed, noise_id)
     groups = (numel + 3) // 4
     g = torch.arange(groups, dtype=torch.int64, device=device)
     c0, c1 = g & MASK32, g >> 32
@@ -87,6 +93,7 @@ def box_muller(r: torch.Tensor) -> torch.Tensor:
 
 def philox_normal(shape, seed: int, noise_id: int, device=None) -> torch.Tensor:
     """Standard normal float32 tensor of ``shape``, element i = z_(i%4) of group i//4."""
+    shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     z = box_muller(philox_uint32(numel, seed, noise_id, device))
     return z.reshape(-1)[:numel].reshape(shape)
