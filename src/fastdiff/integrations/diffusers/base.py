@@ -13,15 +13,22 @@ The state lives in diffusers' sample space (the ``sample`` a pipeline passes aro
 the Euler family, x itself for DDIM / DPM-Solver / UniPC), so nothing is converted at the
 boundary; a plan builds its grid in that space (alpha = 1 on the Euler family's VE grid).
 
-Where diffusers' ``step`` takes ``sample``, the drop-in reads it only if it is not the tensor the
-previous ``step`` returned, unmodified (same object, same version counter): then the state buffer
-already holds it, in float32. A pipeline that edits the latents between steps (inpainting) gets
-them copied in, as diffusers would use them. Each ``step`` returns a new tensor (written by the
-same kernel pass), never a view of the state, so a caller may keep it.
+Every ``step`` reads ``sample`` (one copy into the float32 state buffer): no cached copy of the
+caller's tensor is ever trusted, since edits that bypass the version counter (``x.data[...] = v``,
+writes through ``x.numpy()``) cannot be detected cheaply. A pipeline that edits the latents between
+steps (inpainting) gets exactly what diffusers would use. Each ``step`` returns a new tensor
+(written by the same kernel pass), never a view of the state, so a caller may keep it.
+
+What ``step`` returns is what diffusers' own ``step`` returns: with ``return_dict=False`` a plain
+tuple (``(prev_sample,)`` or ``(prev_sample, pred_original_sample)``), else diffusers' own output
+class of the scheduler (``DDIMSchedulerOutput``, ``SchedulerOutput``, ...), with the dtypes
+diffusers' arithmetic gives for the dtypes of ``sample`` and ``model_output``. A call that raises
+leaves the scheduler as it was before the call.
 """
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -120,8 +127,6 @@ class _Run:
         probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
         self.fused = ops.prepare_fused_step(self.x, table=self.table, y=self.y, cond_like=probe, hist=self.hist,
                                             model_in=probe, backend=backend)
-        self.last = None                       # the tensor the previous step returned, and its version
-        self.last_version = -1
 
     @property
     def x0_table(self) -> torch.Tensor:
@@ -135,11 +140,9 @@ class _Run:
 
 
 class StepOutput:
-    """What ``step`` returns: ``prev_sample`` and, for the schedulers whose diffusers ``step``
-    returns it, ``pred_original_sample``, computed on first access (it costs a pass over the
-    tensors, which pipelines rarely read). Indexable like diffusers' outputs (``out[0]``,
-    ``out["prev_sample"]``, ``out.to_tuple()``, unpacking); ``return_dict=False`` returns this
-    object too where diffusers returns a 2-tuple, and a plain 1-tuple otherwise."""
+    """Kept for code that imports it; ``step`` no longer returns it (it returns diffusers' own
+    output class, or a plain tuple). ``prev_sample`` and, where given, ``pred_original_sample``
+    (computed on first access), indexable like diffusers' outputs."""
 
     __slots__ = ("prev_sample", "_x0", "_x0_args", "_has_x0")
 
@@ -191,12 +194,47 @@ def _lazy_x0(a_x: float, a_d: float, sample, cond, uncond, g, versions) -> torch
     return a_x * sample.float() + a_d * _guided(cond, uncond, g)
 
 
-def _guided(cond, uncond, g) -> torch.Tensor:
-    """D = u + g (c - u) in float32, the pipelines' CFG formula."""
+def _guided(cond, uncond, g, dtype=torch.float32) -> torch.Tensor:
+    """D = u + g (c - u) in float32 (or ``dtype``), the pipelines' CFG formula."""
     if uncond is None:
-        return cond.float()
-    u = uncond.float()
-    return u + g * (cond.float() - u)
+        return cond.to(dtype)
+    u = uncond.to(dtype)
+    return u + g * (cond.to(dtype) - u)
+
+
+def _x0_now(a_x: float, a_d: float, E: torch.Tensor, sample: torch.Tensor, cond, uncond, g, dtype) -> torch.Tensor:
+    """pred_original_sample = a_x * sample + a_d * D in ``dtype``, computed in float32 from the
+    float32 copy ``E`` of the sample (in float64 from ``sample`` itself when ``dtype`` is float64)."""
+    if dtype == torch.float64:
+        return a_x * sample.double() + a_d * _guided(cond, uncond, g, torch.float64)
+    if uncond is None:
+        x0 = torch.mul(E, a_x)
+        x0.add_(cond, alpha=a_d)
+    else:
+        x0 = torch.add(a_x * E, _guided(cond, uncond, g), alpha=a_d)
+    return x0 if dtype == torch.float32 else x0.to(dtype)
+
+
+def _listing(values, head: int = 4, tail: int = 2) -> str:
+    """A short rendering of a long list of numbers: the first and last few, and the count."""
+    v = [float(x) for x in values]
+    fmt = lambda xs: ", ".join(f"{x:.6g}" for x in xs)  # noqa: E731
+    if len(v) <= head + tail + 1:
+        return f"[{fmt(v)}]"
+    return f"[{fmt(v[:head])}, ..., {fmt(v[-tail:])}] ({len(v)} values)"
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_output_class(cls: type) -> type:
+    """diffusers' own step output class for a drop-in class: ``<Name>Output`` of the module of the
+    diffusers scheduler it subclasses (e.g. DDIMSchedulerOutput), else ``SchedulerOutput``."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+    for base in cls.__mro__:
+        module = getattr(base, "__module__", "") or ""
+        if module.startswith("diffusers.") and base.__name__.endswith("Scheduler"):
+            out = getattr(sys.modules.get(module), base.__name__ + "Output", None)
+            return out if isinstance(out, type) else SchedulerOutput
+    return SchedulerOutput
 
 
 def drop_in(base: type):
@@ -239,8 +277,15 @@ class FastdiffScheduler:
     _returns_x0 = False
     #: diffusers' step rejects integer timesteps (the Euler family: they are indices, not times)
     _float_timesteps = False
-    #: prev_sample dtype: the model output's ("model") or the promotion of sample and model output
+    #: prev_sample dtype, as diffusers' arithmetic gives it: the model output's ("model"), the
+    #: promotion of sample and model output ("promote"), or the sample's ("sample")
     _out_dtype = "model"
+    #: pred_original_sample dtype: "promote" (of sample and model output), or "promote_f32" (of
+    #: float32 and the model output: the Euler family, which upcasts the sample first)
+    _x0_dtype = "promote"
+    #: diffusers' step refuses to run before set_timesteps() (the schedulers whose constructor
+    #: leaves no usable schedule: num_inference_steps is None there)
+    _needs_set_timesteps = True
     #: the two-stage schedulers keep diffusers' stage flag (state_in_first_order), which their
     #: inherited scale_model_input reads: "sample" (KDPM2, DPMSolverSDE) or "dt" (Heun)
     _stage_flag = None
@@ -265,6 +310,13 @@ class FastdiffScheduler:
         """Keep diffusers' stage flag: set while the next call is a step's second stage."""
         setattr(self, self._stage_flag, (sample if self._stage_flag == "sample" else 1.0) if second_next else None)
 
+    def _result_dtypes(self, sample_dtype: torch.dtype, model_dtype: torch.dtype):
+        """(prev_sample dtype, pred_original_sample dtype) of diffusers' step for these inputs."""
+        promoted = torch.promote_types(sample_dtype, model_dtype)
+        out = {"model": model_dtype, "promote": promoted, "sample": sample_dtype}[self._out_dtype]
+        x0 = torch.promote_types(torch.float32, model_dtype) if self._x0_dtype == "promote_f32" else promoted
+        return out, x0
+
     def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
         """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
         here, transformed, and given to the rows compiled for D = x0."""
@@ -286,15 +338,29 @@ class FastdiffScheduler:
         """The step index of the run's first call: diffusers' rule (set_begin_index, else the
         position of ``timestep`` in ``timesteps``)."""
         if getattr(self, "_step_index", None) is None:
+            if getattr(self, "begin_index", None) is None:
+                t = timestep.to(self.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+                found = isinstance(t, (int, float, np.integer, np.floating, torch.Tensor)) and not isinstance(t, bool) \
+                    and bool((self.timesteps == t).any())
+                if not found:      # (diffusers' multistep schedulers would silently take the last step)
+                    self._not_a_timestep(timestep)
             try:
                 self._init_step_index(timestep)
-            except IndexError:            # diffusers' lookup found no such timestep
-                raise ValueError(f"step() got timestep {float(timestep):g}, which is not one of this run's "
-                                 f"timesteps {self.timesteps.tolist()}") from None
+            except (IndexError, ValueError):            # diffusers' lookup found no such timestep
+                self._not_a_timestep(timestep)
         return self._step_index
 
+    def _not_a_timestep(self, timestep):
+        try:
+            value = f"{float(timestep):g}"
+        except (TypeError, ValueError, RuntimeError):
+            value = repr(timestep)[:40]
+        raise ValueError(f"step() got timestep {value}, which is not one of this run's timesteps "
+                         f"{_listing(self.timesteps.tolist())}") from None
+
     def _fd_begin(self, model_output, timestep, sample, key) -> _Run:
-        if getattr(self, "num_inference_steps", None) is None and not getattr(self, "custom_timesteps", False):
+        if self._needs_set_timesteps and getattr(self, "num_inference_steps", None) is None \
+                and not getattr(self, "custom_timesteps", False):
             raise ValueError(f"{type(self).__name__}.step() called before set_timesteps(); call "
                              "set_timesteps(num_inference_steps) first")
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
@@ -317,7 +383,9 @@ class FastdiffScheduler:
         if not 0 <= start < len(timesteps):
             raise ValueError(f"step index {start} is outside the {len(timesteps)} timesteps of this run")
         program = _Program(self._plan(start, **dict(key)))
-        if len(program.args) != len(timesteps) - start:
+        # (a plan may end before the timesteps do where diffusers has no noise level after the last
+        # one, e.g. FlowMatchEuler's schedule before set_timesteps(): its last step fails there too)
+        if len(program.args) > len(timesteps) - start or len(program.args) < len(timesteps) - start - 1:
             raise AssertionError(f"{type(self).__name__}: plan has {len(program.args)} calls for "
                                  f"{len(timesteps) - start} timesteps")
         self._fd_run = _Run(program, start, key, sample, _model_tensor(model_output), timesteps, self.fastdiff_backend)
@@ -331,13 +399,31 @@ class FastdiffScheduler:
         """One diffusers step() call: the next row of the run's program, one fused pass.
 
         ``key``: step options that change the coefficients (as a tuple of (name, value) pairs).
-        ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample)."""
+        ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample).
+        A call that raises leaves the scheduler as it was (run, step index, tables)."""
+        run = self._fd_run
+        saved = (run, getattr(self, "_step_index", None),
+                 None if run is None else (run.program, run.key, run.table, run._x0_table, run.g))
+        try:
+            return self._fd_step_unsafe(model_output, timestep, sample, generator, variance_noise, return_dict,
+                                        key, x0)
+        except BaseException:
+            run, self._step_index, fields = saved
+            self._fd_run = run
+            if run is not None:
+                run.program, run.key, run.table, run._x0_table, run.g = fields
+            raise
+
+    def _fd_step_unsafe(self, model_output, timestep, sample, generator, variance_noise, return_dict, key, x0):
         run = self._fd_run
         if run is None or self._step_index is None or key != run.key:
             run = self._fd_begin(model_output, timestep, sample, key)
         i = self._step_index
         k = i - run.start
         if k >= run.n:
+            if i < len(run.timesteps):
+                raise IndexError(f"{type(self).__name__}.step(): this schedule has no noise level after timestep "
+                                 f"{run.timesteps[i]:g} (diffusers' step fails here too); call set_timesteps() first")
             raise IndexError(f"{type(self).__name__}.step() called after the last of the run's {len(run.timesteps)} "
                              "timesteps; call set_timesteps() to start a new run")
 
@@ -346,10 +432,18 @@ class FastdiffScheduler:
         else:
             cond, uncond, g = _unpack(model_output)
         shape = run.shape
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point torch.Tensor, got "
+                            f"{sample.dtype if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+        if not cond.is_floating_point():
+            raise TypeError(f"model_output must be floating point, got {cond.dtype}")
         if sample.shape != shape or cond.shape != shape:
             what, got = ("sample", sample.shape) if sample.shape != shape else ("model_output", cond.shape)
             raise ValueError(f"{what} has shape {tuple(got)}, but this run's samples have shape {tuple(shape)} "
                              f"(model_output must have the shape of sample; call set_timesteps() for a new run)")
+        if sample.device != run.device or cond.device != run.device:
+            raise ValueError(f"sample and model_output must be on {run.device}, this run's device; got "
+                             f"{sample.device} and {cond.device}")
         if type(timestep) is torch.Tensor and timestep.is_cpu and timestep.numel() == 1:
             if self._float_timesteps and not timestep.is_floating_point():
                 self._reject_integer_timestep()
@@ -359,13 +453,18 @@ class FastdiffScheduler:
             self._check_number_timestep(timestep, run, i)
 
         hist_write, eval_y, write_x, write_y, returns_y, draws = run.program.args[k]
+        out_dtype, x0_dtype = self._result_dtypes(sample.dtype, cond.dtype)
+        model_dtype = cond.dtype
         E = run.y if eval_y else run.x
-        if sample is not run.last or sample._version != run.last_version:
-            E.copy_(sample)
+        E.copy_(sample)                  # read every call: no cached copy of the caller's tensor is trusted
         noise = None
         if draws:
-            dtype = run.program.plan.noise_dtype or cond.dtype
+            dtype = run.program.plan.noise_dtype or model_dtype
             noise = self._draw_noise(k, shape, dtype, run.device, generator, variance_noise)
+            if not isinstance(noise, torch.Tensor) or noise.shape != shape or not noise.is_floating_point():
+                raise ValueError(f"variance_noise must be a floating-point tensor of shape {tuple(shape)}, got "
+                                 f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+            noise = noise.to(run.device)
         table, pred_x0 = run.table, None
         if x0 is not None:
             table, cond, uncond, pred_x0 = run.x0_table, x0, None, x0
@@ -375,22 +474,23 @@ class FastdiffScheduler:
         elif uncond is not None and g != run.g:
             run.set_g(g)
 
-        out_dtype = cond.dtype if self._out_dtype == "model" else torch.promote_types(sample.dtype, cond.dtype)
         out = torch.empty_like(run.x, dtype=out_dtype)
+        if self._returns_x0 and pred_x0 is None:        # (before the pass: the pass overwrites x / y)
+            a_x, a_d = run.program.fold[k]
+            pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
         run.fused(table, k, run.x, run.y, cond, uncond, run.hist, hist_write, eval_y, write_x, write_y,
                   noise, 0, -1, out, returns_y, None)
         self._step_index = i + 1
-        run.last, run.last_version = out, out._version
         if self._stage_flag is not None:
             self._set_stage(k, returns_y, sample)
 
         if not self._returns_x0:
-            return StepOutput(out, False) if return_dict else (out,)
-        if pred_x0 is not None:
-            return StepOutput(out, True, x0=pred_x0)
-        a_x, a_d = run.program.fold[k]
-        versions = tuple((t, t._version) for t in (sample, cond, uncond) if t is not None)
-        return StepOutput(out, True, x0_args=(a_x, a_d, sample, cond, uncond, g, versions))
+            return (out,) if not return_dict else diffusers_output_class(type(self))(prev_sample=out)
+        if x0 is None and pred_x0.dtype != x0_dtype:
+            pred_x0 = pred_x0.to(x0_dtype)
+        if not return_dict:
+            return (out, pred_x0)
+        return diffusers_output_class(type(self))(prev_sample=out, pred_original_sample=pred_x0)
 
     # Timestep checks (a tensor timestep is read only on the CPU, where that costs no device sync)
 
@@ -417,7 +517,7 @@ class FastdiffScheduler:
 
     @staticmethod
     def _wrong_timestep(value: float, run: _Run, i: int):
-        raise ValueError(f"step() got timestep {value:g}, but call {i} of this run is at timestep "
+        raise ValueError(f"step() got timestep {value:g}, but call {i - run.start + 1} of this run is at timestep "
                          f"{run.timesteps[i]:g} (scheduler.timesteps[{i}]); pass the scheduler's timesteps in order, "
                          "or call set_timesteps() to start over")
 

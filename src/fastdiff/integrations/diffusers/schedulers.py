@@ -255,6 +255,8 @@ class _StepIndexed:
 class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
     """DDPM ancestral sampling (fastdiff ``ddpm``): fixed_small(_log) / fixed_large variances."""
 
+    _needs_set_timesteps = False     # diffusers: the constructor's 1000-step schedule, t -> t - 1
+
     _returns_x0 = True
     _out_dtype = "promote"
 
@@ -348,6 +350,9 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
 class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler):
     """Euler on the probability-flow ODE (fastdiff ``euler``)."""
 
+    _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
+    _needs_set_timesteps = False
+
     _returns_x0 = True
     _float_timesteps = True
 
@@ -372,6 +377,9 @@ class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler
 @drop_in(diffusers.EulerAncestralDiscreteScheduler)
 class EulerAncestralDiscreteScheduler(FastdiffScheduler, diffusers.EulerAncestralDiscreteScheduler):
     """Euler ancestral (fastdiff ``euler_ancestral``, eta = 1); noise at every step, as diffusers."""
+
+    _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
+    _needs_set_timesteps = False
 
     _returns_x0 = True
     _float_timesteps = True
@@ -403,6 +411,8 @@ def _unique_sigmas(self) -> np.ndarray:
 class HeunDiscreteScheduler(FastdiffScheduler, diffusers.HeunDiscreteScheduler):
     """Heun (fastdiff ``heun``): two calls per step, the last step Euler."""
 
+    _needs_set_timesteps = False
+
     _stage_flag = "dt"
 
     _returns_x0 = True
@@ -425,6 +435,8 @@ class LMSDiscreteScheduler(FastdiffScheduler, diffusers.LMSDiscreteScheduler):
     """Linear multistep (fastdiff's LMS coefficients) with diffusers' order rule: the order of
     step n is min(n + 1, order) counted from the schedule's start, using the derivatives of the
     steps this run took (so a run begun mid-schedule uses the leading coefficients only)."""
+
+    _needs_set_timesteps = False
 
     _returns_x0 = True
     _float_timesteps = False
@@ -459,6 +471,8 @@ class KDPM2DiscreteScheduler(FastdiffScheduler, diffusers.KDPM2DiscreteScheduler
     """DPM-Solver-2 in k-diffusion's form (fastdiff ``dpm_2``): model at the geometric mean of the
     step's noise levels; two calls per step, the last step Euler."""
 
+    _needs_set_timesteps = False
+
     _stage_flag = "sample"
 
     _returns_x0 = True
@@ -478,6 +492,8 @@ class KDPM2DiscreteScheduler(FastdiffScheduler, diffusers.KDPM2DiscreteScheduler
 @drop_in(diffusers.KDPM2AncestralDiscreteScheduler)
 class KDPM2AncestralDiscreteScheduler(FastdiffScheduler, diffusers.KDPM2AncestralDiscreteScheduler):
     """DPM-2 ancestral (fastdiff ``dpm_2_ancestral``): noise in each step's second call."""
+
+    _needs_set_timesteps = False
 
     _stage_flag = "sample"
 
@@ -500,6 +516,8 @@ class KDPM2AncestralDiscreteScheduler(FastdiffScheduler, diffusers.KDPM2Ancestra
 class DPMSolverSDEScheduler(FastdiffScheduler, diffusers.DPMSolverSDEScheduler):
     """DPM-Solver++ SDE (fastdiff ``dpmpp_sde`` with r = 1/2 and independent draws per stage), its
     noise taken from diffusers' own Brownian-tree noise sampler at diffusers' query points."""
+
+    _needs_set_timesteps = False
 
     _stage_flag = "sample"
 
@@ -533,12 +551,20 @@ class DPMSolverSDEScheduler(FastdiffScheduler, diffusers.DPMSolverSDEScheduler):
         self.mid_point_sigma = self._fd_run.program.plan.extra["queries"][k][1] if second_next else None
 
     def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
-        if self.noise_sampler is None:     # diffusers' tree over the run's noise levels, seeded as diffusers seeds it
+        created = self.noise_sampler is None
+        if created:     # diffusers' tree over the run's noise levels, seeded as diffusers seeds it
             from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+            if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+                raise TypeError(f"sample must be a floating-point torch.Tensor, got {type(sample).__name__}")
             min_sigma, max_sigma = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
             self.noise_sampler = BrownianTreeNoiseSampler(sample, min_sigma.item(), max_sigma.item(),
                                                           self.noise_sampler_seed)
-        return self._fd_step(model_output, timestep, sample, None, None, return_dict, key=(("s_noise", s_noise),))
+        try:
+            return self._fd_step(model_output, timestep, sample, None, None, return_dict, key=(("s_noise", s_noise),))
+        except BaseException:
+            if created:                    # a rejected call changes nothing
+                self.noise_sampler = None
+            raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,6 +600,16 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
     """Multistep DPM-Solver / DPM-Solver++ (fastdiff ``dpm_solver_multistep``), orders 1-3, ODE or
     SDE (sde-dpmsolver++: eta = 1), with diffusers' lower_order_final / euler_at_final rules."""
 
+    def _result_dtypes(self, sample_dtype, model_dtype):
+        """diffusers casts its result to the dtype of the converted model output: the model output's
+        where the conversion is the identity (x0 = output for dpmsolver++ 'sample' prediction,
+        eps = output for dpmsolver 'epsilon' without thresholding), else the promotion."""
+        c = self.config
+        identity = (c.prediction_type == "sample" and c.algorithm_type != "dpmsolver") or \
+            (c.prediction_type == "epsilon" and c.algorithm_type == "dpmsolver" and not c.thresholding)
+        dtype = model_dtype if identity else torch.promote_types(sample_dtype, model_dtype)
+        return dtype, dtype
+
     def _check_config(self):
         c = self.config
         if c.algorithm_type == "sde-dpmsolver":
@@ -605,6 +641,8 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
     Where diffusers' bh1 or noise-prediction UniPC gives NaN on a final step to sigma = 0, this
     gives the first-order step."""
 
+    _out_dtype = "sample"              # diffusers casts its result to the sample's dtype
+
     def _check_config(self):
         c = self.config
         if c.solver_p is not None:
@@ -635,6 +673,8 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
 @drop_in(diffusers.DEISMultistepScheduler)
 class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler):
     """DEIS (fastdiff ``deis``, log-rho), orders 1-3; its schedule ends at sigma_min, as diffusers'."""
+
+    _out_dtype = "promote"
 
     def _check_config(self):
         _check_prediction(self, ("epsilon", "sample", "v_prediction", "flow_prediction"))
@@ -723,6 +763,8 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
     fastdiff's ``dpm_solver`` (stages at r = 1/2, 1/3, 2/3 of a step) does not take, so the
     coefficients are diffusers' formulas (``_singlestep_rows``)."""
 
+    _out_dtype = "promote"
+
     def _check_config(self):
         c = self.config
         if c.variance_type is not None:
@@ -754,6 +796,9 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
 class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
     """EDM Euler (fastdiff ``euler`` on EDM's sigmas, x0 by EDM's c_skip / c_out)."""
 
+    _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
+    _needs_set_timesteps = False
+
     _returns_x0 = True
 
     def _check_config(self):
@@ -775,6 +820,8 @@ class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
 @drop_in(diffusers.EDMDPMSolverMultistepScheduler)
 class EDMDPMSolverMultistepScheduler(FastdiffScheduler, diffusers.EDMDPMSolverMultistepScheduler):
     """DPM-Solver++ multistep (ODE or SDE) on EDM's sigmas with EDM's preconditioning."""
+
+    _out_dtype = "promote"
 
     def _check_config(self):
         _check_prediction(self, ("epsilon", "v_prediction"))
@@ -807,6 +854,8 @@ class FlowMatchEulerDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchEule
     """Flow-matching Euler (fastdiff ``flow_euler``): shift, dynamic shifting (mu), custom sigmas or
     timesteps, karras/exponential/beta sigmas, shift_terminal: whatever diffusers' set_timesteps
     gives. ``stochastic_sampling``: x0 = x - sigma v re-noised to the next level with fresh noise."""
+
+    _needs_set_timesteps = False
 
     _float_timesteps = True
 
