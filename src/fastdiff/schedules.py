@@ -39,6 +39,32 @@ def _as_f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def _real(name: str, v, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+          hi_open: bool = False, why: str = "") -> float:
+    """A schedule/grid parameter as a float in the interval (NaN never is); a number (Python,
+    numpy, 0-d array) or TypeError, else ValueError naming the parameter and its valid range."""
+    if isinstance(v, (str, bytes, bool, np.bool_, complex)) or v is None:
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from None
+    ok = (f > lo if lo_open else f >= lo) and (f < hi if hi_open else f <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {v!r}{why}")
+    return f
+
+
+def _integer(name: str, v, lo: int) -> int:
+    """A Python or numpy integer >= lo (bools and floats raise TypeError)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v}")
+    return int(v)
+
+
 class Schedule:
     """Base class. Subclasses define ``alpha_sigma(t)`` and ``t_from_ksigma(ks)``."""
 
@@ -106,12 +132,19 @@ class DiscreteVP(Schedule):
                  beta_start: float = 0.00085, beta_end: float = 0.012,
                  num_train_timesteps: int = 1000, zero_terminal_snr: bool = False):
         if betas is None:
-            betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+            n = _integer("num_train_timesteps", num_train_timesteps, 2)
+            one = (": beta = 1 leaves no signal at the last step (alpha_cumprod = 0), which an epsilon model "
+                   "cannot be sampled from; for a zero-terminal-SNR schedule pass zero_terminal_snr=True "
+                   "and use a v-prediction model")
+            beta_start = _real("beta_start", beta_start, 0.0, 1.0, lo_open=True, hi_open=True, why=one)
+            beta_end = _real("beta_end", beta_end, 0.0, 1.0, lo_open=True, hi_open=True, why=one)
+            betas = make_betas(beta_schedule, n, beta_start, beta_end)
         betas = _as_f64(betas)
         if betas.ndim != 1 or betas.size < 2:
             raise ValueError(f"betas must be a 1-D array of at least 2 values, got shape {betas.shape}")
-        if np.any(betas <= 0) or np.any(betas > 1):
-            raise ValueError("betas must lie in (0, 1]")
+        if not np.all((betas > 0) & (betas <= 1)):
+            bad = betas[~((betas > 0) & (betas <= 1))][0]
+            raise ValueError(f"betas must lie in (0, 1], got {bad}")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.betas = betas
@@ -173,10 +206,10 @@ class ContinuousVP(Schedule):
     """Song et al.'s VP-SDE with linear beta(t) on t in [eps, 1]: log alpha = -∫beta/2."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
-        if not (0 < beta_min < beta_max):
-            raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
-        if not (0 < t_min < t_max):
-            raise ValueError(f"need 0 < t_min < t_max, got {t_min}, {t_max}")
+        beta_min = _real("beta_min", beta_min, 0.0, math.inf, lo_open=True, hi_open=True)
+        beta_max = _real("beta_max", beta_max, beta_min, math.inf, lo_open=True, hi_open=True)
+        t_min = _real("t_min", t_min, 0.0, math.inf, lo_open=True, hi_open=True)
+        t_max = _real("t_max", t_max, t_min, math.inf, lo_open=True, hi_open=True)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
@@ -203,8 +236,9 @@ class VESchedule(Schedule):
         return np.ones_like(ks)
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
-        if not (0 < sigma_min < sigma_max):
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        sigma_min = _real("sigma_min", sigma_min, 0.0, math.inf, lo_open=True, hi_open=True)
+        sigma_max = _real("sigma_max", sigma_max, sigma_min, math.inf, lo_open=True, hi_open=True)
+        sigma_data = _real("sigma_data", sigma_data, 0.0, math.inf, lo_open=True, hi_open=True)
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
         self.t_min, self.t_max = self.sigma_min, self.sigma_max
 
@@ -229,8 +263,11 @@ class FlowMatching(Schedule):
 
     def __init__(self, num_train_timesteps: int = 1000, t_min: Optional[float] = None, t_max: float = 1.0):
         # diffusers' FlowMatchEulerDiscrete samples down to t = 1/T before the final jump to 0.
+        num_train_timesteps = _integer("num_train_timesteps", num_train_timesteps, 1)
+        t_max = _real("t_max", t_max, 0.0, 1.0, lo_open=True)
         t_min = 1.0 / num_train_timesteps if t_min is None else t_min
-        self.num_train_timesteps = int(num_train_timesteps)
+        t_min = _real("t_min", t_min, 0.0, t_max, lo_open=True, hi_open=True)
+        self.num_train_timesteps = num_train_timesteps
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def alpha_sigma(self, t):
@@ -255,11 +292,20 @@ def time_shift(t, shift: float = 1.0, *, mu: Optional[float] = None):
     """SD3's static shift ``s t / (1 + (s-1) t)``; with ``mu`` the resolution-dependent (Flux)
     exponential shift ``e^mu / (e^mu + 1/t - 1)``."""
     t = _as_f64(t)
-    if mu is not None:
-        shift = math.exp(mu)
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    shift = _shift_factor(shift, mu)
     return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+# Shifts beyond this collapse a float64 time grid near t = 1 (and e^mu for |mu| > ~700 overflows).
+MAX_SHIFT = 1e6
+
+
+def _shift_factor(shift, mu) -> float:
+    if mu is not None:
+        lim = math.log(MAX_SHIFT)
+        mu = _real("mu", mu, -lim, lim, why=f" (the shift factor e^mu must lie in [1/{MAX_SHIFT:g}, {MAX_SHIFT:g}])")
+        return math.exp(mu)
+    return _real("shift", shift, 1.0 / MAX_SHIFT, MAX_SHIFT)
 
 
 @dataclass
@@ -282,8 +328,11 @@ class Grid:
                 raise ValueError(f"Grid.{name} has {len(getattr(self, name))} points, t has {n}")
         if n < 2:
             raise ValueError("a grid needs at least 2 points (1 step)")
+        for name in ("t", "alpha", "sigma", "model_t"):
+            if np.any(np.isnan(_as_f64(getattr(self, name)))):
+                raise ValueError(f"Grid.{name} contains NaN: {getattr(self, name)}")
         ks = self.ksigma
-        if np.any(np.diff(ks) >= 0):
+        if not np.all(ks[1:] < ks[:-1]):
             raise ValueError(f"grid noise levels must strictly decrease, got ksigma={ks}")
 
     @property
@@ -343,6 +392,7 @@ class Grid:
 
 
 def karras_ksigmas(n: int, ks_min: float, ks_max: float, rho: float = 7.0) -> np.ndarray:
+    rho = _real("rho", rho, 0.0, math.inf, lo_open=True, hi_open=True)
     ramp = np.linspace(0.0, 1.0, n)
     lo, hi = ks_min ** (1.0 / rho), ks_max ** (1.0 / rho)
     return (hi + ramp * (lo - hi)) ** rho
@@ -365,18 +415,27 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastdiff Schedule, got {type(schedule).__name__}")
+    rho = _real("rho", rho, 0.0, math.inf, lo_open=True, hi_open=True)
+    steps_offset = _integer("steps_offset", steps_offset, 0)
+    shifted = mu is not None or _real("shift", shift, 0.0, math.inf, lo_open=True, hi_open=True) != 1.0
+    if shifted:
+        _shift_factor(shift, mu)
     if spacing == "auto":
         spacing = {DiscreteVP: "leading", VESchedule: "karras"}.get(type(schedule), "uniform")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
-    if (shift != 1.0 or mu is not None) and not (isinstance(schedule, FlowMatching)
+    if shifted and not (isinstance(schedule, FlowMatching)
                                                  and spacing in ("uniform", "quadratic", "cosine")):
         raise ValueError(f"shift/mu apply to FlowMatching schedules with the uniform, quadratic or cosine "
                          f"spacing, got {type(schedule).__name__} with {spacing!r}")
-    hi = schedule.t_max if t_max is None else float(t_max)
-    lo = schedule.t_min if t_min is None else float(t_min)
+    hi = schedule.t_max if t_max is None else _real("t_max", t_max)
+    lo = schedule.t_min if t_min is None else _real("t_min", t_min)
     if not schedule.t_min <= lo < hi <= schedule.t_max:
-        raise ValueError(f"need {schedule.t_min} <= t_min < t_max <= {schedule.t_max}, got {lo}, {hi}")
+        which = "t_min" if not schedule.t_min <= lo < hi else "t_max"
+        raise ValueError(f"{which}: need {schedule.t_min} <= t_min < t_max <= {schedule.t_max} (the schedule's "
+                         f"range), got t_min={lo}, t_max={hi}")
 
     if spacing in ("leading", "trailing", "linspace"):
         if not isinstance(schedule, DiscreteVP):
@@ -411,6 +470,10 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
         t = hi + (lo - hi) * 0.5 * (1.0 - np.cos(math.pi * u))
     else:
         t = hi + u * (lo - hi)
-    if shift != 1.0 or mu is not None:
+    if shifted:
         t = time_shift(t, shift, mu=mu)
+        if not np.all(t[1:] < t[:-1]):
+            what = f"mu={mu}" if mu is not None else f"shift={shift}"
+            raise ValueError(f"{what} maps the {n} grid times onto fewer distinct values in float64 (the grid "
+                             "collapses near t = 1); use a smaller shift or fewer steps")
     return Grid.from_times(schedule, t, final)
