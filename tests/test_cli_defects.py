@@ -207,3 +207,60 @@ def test_sample_writable_check_leaves_no_file_behind(tmp_path, capsys, no_model)
     assert existing.read_bytes() == b"keep"
     assert_one_line_error(*run(capsys, ["sample", "--solver", "nope", "--out", str(tmp_path / "new.png")]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 18: README truthfulness
+# ---------------------------------------------------------------------------------------------
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_drop_in_count_is_computed_truthfully():
+    pytest.importorskip("diffusers")
+    from fastdiff.integrations import diffusers as fd
+    stated = [int(n) for n in re.findall(r"(\d+)\s+drop-in scheduler", README)]
+    assert all(n == len(fd.DROP_INS) for n in stated), (stated, len(fd.DROP_INS))
+    assert "fastdiff.integrations.diffusers.DROP_INS" in README
+
+
+def _readme_python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_readme_stable_diffusion_snippet_gives_diffusers_timesteps(monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    import fastdiff
+    from fastdiff.schedules import make_grid
+    snippet = next(b for b in _readme_python_blocks() if "Stable Diffusion's schedule" in b)
+    seen = {}
+
+    def record(model, noise, **kw):
+        seen.update(kw)
+    monkeypatch.setattr(fastdiff, "sample", record)
+    exec(snippet, {"unet_fn": None, "text": None, "empty": None})
+    grid = make_grid(seen["schedule"], seen["steps"], seen["spacing"], **seen.get("grid_options", {}))
+    # Stable Diffusion 1.x's scheduler config (its PNDM/DDIM: leading spacing, steps_offset=1)
+    stock = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    stock.set_timesteps(seen["steps"])
+    assert [int(t) for t in grid.t[:seen["steps"]]] == stock.timesteps.tolist()
+    assert torch.allclose(torch.as_tensor(seen["schedule"].alphas_cumprod), stock.alphas_cumprod.double())
+
+
+def test_readme_and_docstring_say_when_k_diffusion_results_differ():
+    from fastdiff.integrations import k_diffusion as K
+    assert "exactly as before" not in README
+    for text in (README, K.__doc__):
+        assert 'noise="torch"' in text and "Philox" in text and "same seed" in text
+
+
+@needs_weights
+@pytest.mark.parametrize("convention", ["w", "1+w"])
+def test_sample_default_shows_the_model_at_its_best(convention, tmp_path, capsys):
+    """No CFG by default (digits-FD 1.95 vs 34.0 at w = 3, from the model's own docstring), and
+    the README explains the two digits-FD scales (sample counts)."""
+    status, out, _ = run(capsys, ["sample", "--steps", "2", "--n", "1", "--labels", "3", "--convention", convention,
+                                  "--out", str(tmp_path / "g.png")])
+    assert status == 0 and "no CFG" in out and "NFE: 2 model evaluations\n" in out
+    assert "1.95" in digits.__doc__ and "1.95" in README and "34.0" in README
+    assert "biased upwards" in README and "--guidance 1" in README

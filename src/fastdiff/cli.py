@@ -200,6 +200,8 @@ def cmd_sample(args) -> int:
         raise UsageError(f"unknown solver {args.solver!r}; available: {', '.join(sorted(fastdiff.SOLVERS))}")
     options = dict(args.option or [])
     _check_solver_options(args.solver, options)
+    if args.guidance is None:     # no guidance, in either convention
+        args.guidance = 1.0 if args.convention == "w" else 0.0
     if abs(args.guidance) > MAX_GUIDANCE:
         raise UsageError(f"--guidance: a CFG scale of {args.guidance:g} is outside [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] "
                          "(practical scales are 1-20; larger ones overflow the float32 sample)")
@@ -513,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
                    help="a solver option, repeatable (e.g. --option order=3 --option solver_type=bh1)")
     s.add_argument("--steps", type=_positive_int, default=20)
-    s.add_argument("--guidance", type=_finite_float, default=3.0,
-                   help="classifier-free guidance scale on the digit label (default 3; 1 with --convention w, "
-                        "or 0 with 1+w: no guidance)")
+    s.add_argument("--guidance", type=_finite_float, default=None,
+                   help="classifier-free guidance scale on the digit label (default: none, i.e. 1 with --convention "
+                        "w, 0 with 1+w; the model's best digits-FD. 2-3 gives prototypical digits with less variety)")
     s.add_argument("--convention", choices=("w", "1+w"), default="w",
                    help="w: uncond + w (cond - uncond) (diffusers); 1+w: (1 + w) cond - w uncond (Ho & Salimans)")
     s.add_argument("--labels", type=parse_labels, default=list(range(10)), metavar="DIGITS",

@@ -32,15 +32,24 @@ Where the results differ from k-diffusion's, and why:
   (k-diffusion does that arithmetic in the dtype of ``sigmas``). The state is float64 for
   float64 ``x`` and float32 otherwise: for fp16/bf16 ``x`` the model sees ``x.dtype`` inputs
   (and sigmas), the solver keeps float32, and the result is cast back to ``x.dtype``.
-* ``noise_sampler=None`` uses fastdiff's in-kernel Philox noise, seeded from torch's global
-  RNG: ``torch.manual_seed`` makes runs reproducible, but the values are not the ones
-  k-diffusion draws. Where k-diffusion's default is ``torch.randn_like`` (the ancestral
-  samplers, dpm_fast), pass ``noise_sampler=default_noise_sampler(x)`` for its stream. Where it
-  is a ``BrownianTreeNoiseSampler`` (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde), the Philox noise has
-  the Brownian tree's law: independent across steps, and for dpmpp_sde the second draw of a step
-  contains the first, as the tree's nested intervals do (the solver's ``brownian`` option); pass
-  ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=...)`` (this module's, on torchsde,
-  or k-diffusion's) for its values.
+* **Same seed, different samples (the stochastic samplers), unless you ask for k-diffusion's noise.**
+  By default (``noise="philox"``) a sampler that adds noise draws fastdiff's in-kernel Philox
+  noise, seeded from torch's global RNG: ``torch.manual_seed`` makes runs reproducible, and the
+  noise has the right law, but the values are not the ones k-diffusion draws, so the images of
+  sample_euler_ancestral, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde,
+  sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_dpm_fast / _adaptive with eta > 0, and of
+  churn (s_churn > 0) differ from k-diffusion's for the same seed. For k-diffusion's values pass
+  ``noise="torch"`` (every sampler takes it, keyword-only): the ancestral samplers, dpm_fast,
+  dpm_adaptive and churn then draw ``torch.randn_like(x)`` exactly where and in the order
+  k-diffusion does (also the draws it discards, so torch's RNG ends in the same state), and the
+  SDE samplers build k-diffusion's default ``BrownianTreeNoiseSampler`` (seeded from torch's
+  global RNG as k-diffusion seeds it). Same seed, same result, to float64 rounding (tested
+  against k-diffusion 0.1.1). Or pass k-diffusion's noise sampler yourself:
+  ``noise_sampler=default_noise_sampler(x)`` or ``BrownianTreeNoiseSampler(x, sigma_min,
+  sigma_max, seed=...)`` (this module's, on torchsde, or k-diffusion's). Without either, the
+  Philox noise of dpmpp_sde has the Brownian tree's law: independent across steps, and the
+  second draw of a step contains the first, as the tree's nested intervals do (the solver's
+  ``brownian`` option).
 * A given ``noise_sampler(sigma, sigma_next)`` is called with the 0-d tensors k-diffusion passes
   (``sigmas[i]``, ``sigmas[i + 1]``; dpmpp_sde's stage levels computed as k-diffusion computes
   them), in k-diffusion's order, but only for draws that add noise: k-diffusion also calls it,
@@ -58,7 +67,8 @@ Where the results differ from k-diffusion's, and why:
 * ``s_churn > 0`` (EDM's stochastic churn in ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2``)
   runs fastdiff's ``edm_euler`` / ``edm_heun`` / ``dpm_2`` solvers; the churn noise is fastdiff's
   in-kernel Philox noise seeded from torch's global RNG (k-diffusion draws ``torch.randn_like(x)``
-  at every step). Without those solvers registered, churn raises ``NotImplementedError``.
+  at every step; ``noise="torch"`` does the same). Without those solvers registered, churn raises
+  ``NotImplementedError``.
 * With float32 ``sigmas``, k-diffusion's ``get_ancestral_step`` rounds sigma_down to 0 when
   sigma_next / sigma < ~2.4e-4 (e.g. a 2-step schedule from 80 to 0.02); sample_dpm_2_ancestral
   and sample_dpmpp_2s_ancestral then take an Euler step where fastdiff's float64 value asks for a
@@ -99,64 +109,69 @@ __all__ = [
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                 s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
+                 s_tmax=float('inf'), s_noise=1., *, noise='philox', check_finite='end'):
     """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2)."""
     solver, options = _with_churn("euler", "edm_euler", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, noise=noise, kd_draws='every',
+                check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                           noise_sampler=None, *, check_finite='end'):
+                           noise_sampler=None, *, noise='philox', check_finite='end'):
     """Ancestral sampling with Euler steps: down to sigma_down, then fresh noise of std sigma_up."""
     return _run("euler_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler, check_finite=check_finite)
+                disable, noise_sampler, noise=noise, kd_draws='next_positive', check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
+                s_tmax=float('inf'), s_noise=1., *, noise='philox', check_finite='end'):
     """Heun steps (Karras et al. 2022, Algorithm 2); the step to sigma = 0 is Euler."""
     solver, options = _with_churn("heun", "edm_heun", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, noise=noise, kd_draws='every',
+                check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                 s_tmax=float('inf'), s_noise=1., *, check_finite='end'):
+                 s_tmax=float('inf'), s_noise=1., *, noise='philox', check_finite='end'):
     """DPM-Solver-2-like midpoint steps (model at the geometric mean of the two noise levels),
     with EDM churn; the step to sigma = 0 is Euler."""
     solver, options = _with_churn("dpm_2", "dpm_2", sigmas, s_churn, s_tmin, s_tmax, s_noise)
-    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
+    return _run(solver, options, model, x, sigmas, extra_args, callback, disable, noise=noise, kd_draws='every',
+                check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                           noise_sampler=None, *, check_finite='end'):
+                           noise_sampler=None, *, noise='philox', check_finite='end'):
     """Ancestral sampling with DPM-2 steps: down to sigma_down, then fresh noise of std sigma_up
     (a step whose sigma_down is 0 is Euler and adds no noise)."""
     return _run("dpm_2_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler, check_finite=check_finite)
+                disable, noise_sampler, noise=noise, kd_draws='sigma_down', check_finite=check_finite)
 
 
 @torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, check_finite='end'):
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, noise='philox',
+               check_finite='end'):
     """Linear multistep (Adams-Bashforth in sigma) of order 1-4; the first steps use the orders
     their history allows."""
-    return _run("lms", {"order": order}, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
+    return _run("lms", {"order": order}, model, x, sigmas, extra_args, callback, disable, noise=noise,
+                check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                              noise_sampler=None, *, check_finite='end'):
+                              noise_sampler=None, *, noise='philox', check_finite='end'):
     """Ancestral sampling with DPM-Solver++(2S) steps; the step to sigma_down = 0 is Euler."""
     return _run("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
-                disable, noise_sampler, check_finite=check_finite)
+                disable, noise_sampler, noise=noise, kd_draws='next_positive', check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                     noise_sampler=None, r=1 / 2, *, check_finite='end'):
+                     noise_sampler=None, r=1 / 2, *, noise='philox', check_finite='end'):
     """DPM-Solver++ (stochastic): two ancestral stages per step, the second at lambda + r h.
 
     ``noise_sampler`` is called as k-diffusion calls it, with (sigma, sigma at the stage) and
@@ -172,33 +187,38 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
             t, t_next = sigmas[row.step].log().neg(), sigmas[row.step + 1].log().neg()
             end = t + (t_next - t) * r if row.out_y is not None else t_next
             return t.neg().exp(), end.neg().exp()
+    noise_sampler = _tree_noise(noise, noise_sampler, x, sigmas)
     options = {"eta": eta, "s_noise": s_noise, "r": r, "brownian": noise_sampler is None}
     return _run("dpmpp_sde", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise_args,
+                noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, noise='philox',
+                    check_finite='end'):
+    """DPM-Solver++(2M); the first step and the step to sigma = 0 are first order."""
+    return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable, noise=noise,
                 check_finite=check_finite)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, check_finite='end'):
-    """DPM-Solver++(2M); the first step and the step to sigma = 0 are first order."""
-    return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable, check_finite=check_finite)
-
-
-@torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                        noise_sampler=None, solver_type='midpoint', *, check_finite='end'):
+                        noise_sampler=None, solver_type='midpoint', *, noise='philox', check_finite='end'):
     """DPM-Solver++(2M) SDE (``solver_type`` 'midpoint' or 'heun'); eta = 0 is the ODE solver.
     Without a noise_sampler the noise is Philox: independent standard normal draws per step,
     which is the law of k-diffusion's default BrownianTreeNoiseSampler over disjoint steps."""
+    noise_sampler = _tree_noise(noise, noise_sampler, x, sigmas)
     return _run("dpmpp_2m_sde", {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}, model, x, sigmas,
-                extra_args, callback, disable, noise_sampler, check_finite=check_finite)
+                extra_args, callback, disable, noise_sampler, noise=noise, check_finite=check_finite)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                        noise_sampler=None, *, check_finite='end'):
+                        noise_sampler=None, *, noise='philox', check_finite='end'):
     """DPM-Solver++(3M) SDE; eta = 0 is the ODE solver. Default noise as sample_dpmpp_2m_sde."""
+    noise_sampler = _tree_noise(noise, noise_sampler, x, sigmas)
     return _run("dpmpp_3m_sde", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback, disable,
-                noise_sampler, check_finite=check_finite)
+                noise_sampler, noise=noise, check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +227,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
-                    s_noise=1., noise_sampler=None, *, check_finite='end'):
+                    s_noise=1., noise_sampler=None, *, noise='philox', check_finite='end'):
     """DPM-Solver-fast (Lu et al. 2022): ``n`` model calls in floor(n/3) + 1 steps uniform in
     log sigma, all of order 3 but the last ones (orders [3, ..., 3, n % 3], or [3, ..., 3, 2, 1]
     when 3 divides n). ``eta > 0``: ancestral steps (noise_sampler(sigma, sigma_next) per step).
@@ -216,6 +236,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     -log(sigma_max) and -log(sigma_min). Only the denoising direction (sigma_min < sigma_max) is
     supported. ``callback`` receives k-diffusion's keys (x, i, t, t_up, sigma, sigma_hat, denoised)."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    _check_noise_mode(noise)
     _check_sigma_bounds(sigma_min, sigma_max)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (the number of model evaluations) must be an integer >= 1, got {n!r}")
@@ -231,13 +252,16 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
 
     return _sample(_grid_from_sigmas(levels), "dpm_solver", {"orders": orders, "eta": eta, "s_noise": s_noise},
                    model, x, extra_args, callback, callback_fields, disable, noise_sampler,
-                   lambda row: (levels[row.step], levels[row.step + 1]), check_finite=check_finite)
+                   lambda row: (levels[row.step], levels[row.step + 1]), check_finite=check_finite,
+                   # k-diffusion draws at every step, also with eta = 0 (and uses none of those draws)
+                   torch_draws=_TorchDraws(x, list(range(steps))) if noise == "torch" and noise_sampler is None
+                   else None)
 
 
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
                         rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0., icoeff=1., dcoeff=0., accept_safety=0.81,
-                        eta=0., s_noise=1., noise_sampler=None, return_info=False):
+                        eta=0., s_noise=1., noise_sampler=None, return_info=False, *, noise='philox'):
     """DPM-Solver-12 (``order=2``) or DPM-Solver-23 (``order=3``) with adaptive steps in log sigma
     from sigma_max to sigma_min (no final denoising step), run by ``fastdiff.adaptive``: the same
     controller, accept/reject rule and error norm as k-diffusion, so the same steps. The step
@@ -246,10 +270,13 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     Differences: the model output at the start of a rejected step is reused, so
     ``info['nfe']`` (with ``return_info=True``) counts the model calls made (k-diffusion counts
     ``order`` per attempt); info also lists the accepted levels (``'ksigmas'``). With ``eta > 0``
-    the noise is Philox, seeded from torch's global RNG. Not supported (NotImplementedError):
+    the noise is Philox, seeded from torch's global RNG, or with ``noise="torch"`` k-diffusion's
+    own ``torch.randn_like(x)`` at each accepted step. Not supported (NotImplementedError):
     ``callback``, and a ``noise_sampler`` with ``eta > 0`` (fastdiff.adaptive does not pass a
-    step's noise levels to it); the progress bar is never shown."""
+    step's noise levels to it); the progress bar is never shown. A NaN/Inf raises
+    FloatingPointError naming the step (k-diffusion's controller loops forever)."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    _check_noise_mode(noise)
     lo, hi = _check_sigma_bounds(sigma_min, sigma_max)
     if callback is not None:
         raise NotImplementedError("sample_dpm_adaptive does not support callback: fastdiff.adaptive has no hook "
@@ -264,11 +291,22 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         return model(x_, sigma.to(sigma_dtype), **kwargs)
 
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    drawn = [0]
+    row_noise = None
+    if noise == "torch" and noise_sampler is None and float(eta) > 0:
+        def row_noise(row, state):
+            drawn[0] += 1
+            return torch.randn_like(x)
     out, info = adaptive.sample_dpm_adaptive(
         denoiser, x, schedule=VESchedule(sigma_min=lo, sigma_max=hi), prediction="sample", ksigma_min=lo,
         ksigma_max=hi, order=order, rtol=rtol, atol=atol, h_init=h_init, pcoeff=pcoeff, icoeff=icoeff,
         dcoeff=dcoeff, accept_safety=accept_safety, eta=eta, s_noise=s_noise, max_nfe=sys.maxsize,
-        model_kwargs=dict(extra_args or {}), state_dtype=state_dtype, model_dtype=x.dtype, x_init=x)
+        model_kwargs=dict(extra_args or {}), state_dtype=state_dtype, model_dtype=x.dtype, x_init=x,
+        noise_sampler=row_noise)
+    if noise == "torch" and noise_sampler is None:
+        # k-diffusion draws at every accepted step, also where it adds none of it (eta = 0, the last step).
+        for _ in range(info["n_accept"] - drawn[0]):
+            torch.randn_like(x)
     out = out.to(x.dtype)
     return (out, info) if return_info else out
 
@@ -291,12 +329,19 @@ def _check_sigma_bounds(sigma_min, sigma_max) -> Tuple[float, float]:
 
 
 def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callback, disable,
-         noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None, *,
-         check_finite: str = 'end') -> torch.Tensor:
+         noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None, *, noise: str = "philox",
+         kd_draws: Optional[str] = None, check_finite: str = 'end') -> torch.Tensor:
     """Sample along the k-diffusion noise levels ``sigmas``. ``noise_args(row)``: the arguments
-    k-diffusion passes to its noise_sampler for that row's draw (default (sigmas[i], sigmas[i + 1]))."""
+    k-diffusion passes to its noise_sampler for that row's draw (default (sigmas[i], sigmas[i + 1])).
+    ``kd_draws``: where k-diffusion's sampler calls ``torch.randn_like`` (``noise="torch"``):
+    'every' step, the steps whose 'next_positive' sigma is > 0, those whose 'sigma_down' is not 0
+    (computed as k-diffusion computes it), or None (it draws nothing)."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    _check_noise_mode(noise)
     grid = _grid_from_sigmas(sigmas)
+    torch_draws = None
+    if noise == "torch" and noise_sampler is None and kd_draws is not None:
+        torch_draws = _TorchDraws(x, _kd_draw_steps(kd_draws, sigmas, solver_options.get("eta", 1.0)))
 
     def callback_fields(i: int, point) -> dict:
         churned = point.ksigma != float(grid.ksigma[i])
@@ -304,11 +349,12 @@ def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callba
 
     return _sample(grid, solver, solver_options, model, x, extra_args, callback, callback_fields, disable,
                    noise_sampler, noise_args or (lambda row: (sigmas[row.step], sigmas[row.step + 1])),
-                   check_finite=check_finite)
+                   torch_draws=torch_draws, check_finite=check_finite)
 
 
 def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args, callback, callback_fields,
-            disable, noise_sampler, noise_args, *, check_finite: str = "end") -> torch.Tensor:
+            disable, noise_sampler, noise_args, *, torch_draws: Optional["_TorchDraws"] = None,
+            check_finite: str = "end") -> torch.Tensor:
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
                             device=x.device, state_dtype=state_dtype)
@@ -317,9 +363,83 @@ def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args,
     if noise_sampler is not None:
         def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
             return noise_sampler(*noise_args(row))
+    elif torch_draws is not None:
+        adapted_noise = torch_draws
     out = sampler(denoiser, x, x_init=x, model_kwargs=dict(extra_args or {}), noise_sampler=adapted_noise,
                   progress=_show_progress(disable), model_dtype=x.dtype, check_finite=check_finite)
+    if torch_draws is not None:
+        torch_draws.finish()
     return out.to(x.dtype)
+
+
+NOISE_MODES = ("philox", "torch")
+
+
+def _check_noise_mode(noise) -> None:
+    if not isinstance(noise, str) or noise not in NOISE_MODES:
+        raise ValueError(f"noise must be 'philox' (fastdiff's in-kernel noise, the default) or 'torch' (k-diffusion's "
+                         f"own draws from torch's global RNG), got {noise!r}")
+
+
+class _TorchDraws:
+    """k-diffusion's default noise, draw for draw: ``torch.randn_like(x)`` from torch's global RNG
+    at each of ``steps`` (the steps at which k-diffusion's sampler draws, whether it uses the draw
+    or not), in k-diffusion's order. Called as a fastdiff noise sampler ``(row, state)``, it makes
+    the draws of the steps before ``row.step`` that fastdiff does not need (k-diffusion multiplies
+    them by 0) and returns the draw of ``row.step``; ``finish()`` makes the remaining ones, so
+    torch's RNG ends where k-diffusion leaves it."""
+
+    def __init__(self, x: torch.Tensor, steps: List[int]):
+        self.x, self.pending = x, sorted(steps)
+
+    def __call__(self, row: Row, state: torch.Tensor) -> torch.Tensor:
+        z = None
+        while self.pending and self.pending[0] <= row.step:
+            draw = torch.randn_like(self.x)
+            if self.pending.pop(0) == row.step:
+                z = draw
+        # A step where k-diffusion adds no noise but fastdiff's float64 coefficients do (float32
+        # sigmas whose sigma_down rounds to 0 in k-diffusion): a fresh draw.
+        return torch.randn_like(self.x) if z is None else z
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.pop(0)
+            torch.randn_like(self.x)
+
+
+def _kd_draw_steps(kind: str, sigmas: torch.Tensor, eta) -> List[int]:
+    """The steps at which k-diffusion's sampler calls ``torch.randn_like`` (see ``_run``)."""
+    n = len(sigmas) - 1
+    if kind == "every":
+        return list(range(n))
+    if kind == "next_positive":
+        return [i for i in range(n) if sigmas[i + 1] > 0]
+    if kind == "sigma_down":     # k-diffusion's get_ancestral_step, in the dtype of sigmas
+        steps = []
+        for i in range(n):
+            lo, hi = sigmas[i + 1], sigmas[i]
+            if not eta:
+                down = lo
+            else:
+                up = min(lo, eta * (lo ** 2 * (hi ** 2 - lo ** 2) / hi ** 2) ** 0.5)
+                down = (lo ** 2 - up ** 2) ** 0.5
+            if down != 0:
+                steps.append(i)
+        return steps
+    raise ValueError(f"unknown kind of k-diffusion draws {kind!r}")
+
+
+def _tree_noise(noise, noise_sampler, x, sigmas):
+    """``noise="torch"`` for the SDE samplers: k-diffusion's default noise sampler, built as
+    k-diffusion builds it (a BrownianTreeNoiseSampler over the positive range of ``sigmas``, seeded
+    from torch's global RNG); otherwise ``noise_sampler`` as given."""
+    _check_noise_mode(noise)
+    if noise != "torch" or noise_sampler is not None:
+        return noise_sampler
+    _check_run_inputs(lambda: None, x, None, None, None)
+    _grid_from_sigmas(sigmas)
+    return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max())
 
 
 class _Denoiser:
