@@ -264,3 +264,11 @@ def test_sample_default_shows_the_model_at_its_best(convention, tmp_path, capsys
     assert status == 0 and "no CFG" in out and "NFE: 2 model evaluations\n" in out
     assert "1.95" in digits.__doc__ and "1.95" in README and "34.0" in README
     assert "biased upwards" in README and "--guidance 1" in README
+
+
+@pytest.mark.parametrize("rho", [0.0, -1.0, float("nan"), float("inf"), "2", None])
+def test_polyexponential_rejects_bad_rho(rho):
+    from fastdiff.integrations import k_diffusion as K
+    with pytest.raises((ValueError, TypeError), match="rho"):
+        K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=rho)
+    assert torch.isfinite(K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=0.5)).all()

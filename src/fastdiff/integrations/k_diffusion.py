@@ -540,9 +540,7 @@ def _show_progress(disable) -> bool:
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
     """The noise schedule of Karras et al. (2022), with a final 0."""
     _check_sigma_range(n, sigma_min, sigma_max)
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
-    return _sigmas_tensor(karras_ksigmas(n, float(sigma_min), float(sigma_max), float(rho)), device)
+    return _sigmas_tensor(karras_ksigmas(n, float(sigma_min), float(sigma_max), _check_rho(rho)), device)
 
 
 def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
@@ -554,8 +552,9 @@ def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
 def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1., device='cpu'):
     """log sigma a polynomial (power rho) in the step, with a final 0; rho = 1 is exponential."""
     _check_sigma_range(n, sigma_min, sigma_max)
+    rho = _check_rho(rho)
     lo, hi = math.log(sigma_min), math.log(sigma_max)
-    ramp = np.linspace(1.0, 0.0, n) ** float(rho)
+    ramp = np.linspace(1.0, 0.0, n) ** rho
     return _sigmas_tensor(np.exp(ramp * (hi - lo) + lo), device)
 
 
@@ -569,6 +568,17 @@ def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
 def _check_count(n):
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n (the number of noise levels before the final 0) must be an integer >= 1, got {n!r}")
+
+
+def _check_rho(rho) -> float:
+    """rho as a float, a finite number > 0 (rho <= 0 or NaN would give inf/NaN or constant levels)."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float, np.integer, np.floating)) and not (
+            isinstance(rho, torch.Tensor) and rho.numel() == 1):
+        raise TypeError(f"rho must be a number, got {type(rho).__name__}")
+    value = float(rho)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho}")
+    return value
 
 
 def _check_sigma_range(n, sigma_min, sigma_max):
