@@ -246,15 +246,15 @@ def test_accelerate_remove_restores_the_pipeline(sd):
 def test_accelerate_unsupported_scheduler_raises_and_leaves_the_pipeline(sd):
     pipe, _ = sd
     original = pipe.scheduler
-    pipe.scheduler = diffusers.PNDMScheduler(**SD_SCHEDULER)           # SD 1.5's original scheduler: no drop-in
+    pipe.scheduler = diffusers.LCMScheduler(**SD_SCHEDULER)            # (no drop-in)
     processors = dict(pipe.unet.attn_processors)
     try:
-        with pytest.raises(NotImplementedError, match="no drop-in for PNDMScheduler"):
+        with pytest.raises(NotImplementedError, match="no drop-in for LCMScheduler"):
             fd.accelerate(pipe)
-        assert type(pipe.scheduler) is diffusers.PNDMScheduler
+        assert type(pipe.scheduler) is diffusers.LCMScheduler
         assert pipe.unet.attn_processors == processors and not pipe.unet._forward_hooks
         handle = fd.accelerate(pipe, scheduler=False, fuse_cfg=False, attention=True)      # attention only
-        assert type(pipe.scheduler) is diffusers.PNDMScheduler
+        assert type(pipe.scheduler) is diffusers.LCMScheduler
         handle.remove()
         with pytest.raises(ValueError, match="fuse_cfg needs a fastdiff scheduler"):
             fd.accelerate(pipe, scheduler=False)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_to_peer, dtype_tolerance, peer_tolerance
+from conftest import PEER_MARGIN, assert_close_to_peer, peer_tolerance
 
 diffusers = pytest.importorskip("diffusers")
 fd = pytest.importorskip("fastdiff.integrations.diffusers")
@@ -259,3 +259,81 @@ def test_lazy_cfg_tensor_still_reaches_the_step_unevaluated():
     assert d.shape == (1, 4, 4, 4) and d.dtype == torch.float32 and d.dim() == 4 and d.device.type == "cpu"
     cond, uncond, g = d.parts()
     assert g == 2.5 and type(cond) is torch.Tensor and type(uncond) is torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: PNDMScheduler
+
+
+PNDM_GRID = [(skip, prediction, steps, one)
+             for skip in (True, False) for prediction in ("epsilon", "v_prediction") for steps in (1, 5, 20, 50)
+             for one in (False, True)]
+
+
+def _pndm_config(skip, prediction, one, **extra):
+    return dict(SD_SCHEDULER, skip_prk_steps=skip, prediction_type=prediction, set_alpha_to_one=one, **extra)
+
+
+def _trajectory(scheduler, steps, dtype, x_init, outputs):
+    """Every step's prev_sample of a run fed from its own outputs; model output = o_k + 0.3 x."""
+    scheduler.set_timesteps(steps)
+    x, xs = x_init.to(dtype), []
+    for k, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(outputs[k].to(dtype) + 0.3 * x, t, x).prev_sample
+        xs.append(x)
+    return xs
+
+
+@pytest.mark.parametrize("skip, prediction, steps, one", PNDM_GRID)
+def test_pndm_step_by_step_matches_stock(skip, prediction, steps, one):
+    config = _pndm_config(skip, prediction, one)
+    stock = diffusers.PNDMScheduler(**config)
+    ours = fd.PNDMScheduler(**config)
+    if not skip and steps < 4:           # diffusers' PRK warm-up needs 4 timesteps: the same error
+        with pytest.raises(ValueError) as want:
+            stock.set_timesteps(steps)
+        with pytest.raises(ValueError) as got:
+            ours.set_timesteps(steps)
+        assert str(got.value) == str(want.value)
+        return
+    stock.set_timesteps(steps)
+    calls = len(stock.timesteps)
+    g = torch.Generator().manual_seed(steps)
+    x_init = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=g)
+    outputs = [torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=g) for _ in range(calls)]
+    peer = _trajectory(diffusers.PNDMScheduler(**config), steps, torch.float32, x_init, outputs)
+    peer64 = _trajectory(diffusers.PNDMScheduler(**config), steps, torch.float64, x_init, outputs)
+    mine = _trajectory(ours, steps, torch.float32, x_init, outputs)
+    assert len(mine) == calls
+    for k, (a, p, p64) in enumerate(zip(mine, peer, peer64)):
+        assert a.dtype == p.dtype
+        # the peer's precision at this call: elementwise, and its worst error over the tensor
+        # (where its float32 run happens to hit the float64 value, ours need not)
+        tol = peer_tolerance(p, p64) + PEER_MARGIN * float((p.double() - p64).abs().max())
+        assert_close_to_peer(a, p, tol, f"call {k} of {calls}")
+
+
+def test_pndm_drop_in_is_found_by_accelerate_and_listed():
+    pipe, inputs = _sd(diffusers.PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True))
+    stock = _run(pipe, inputs, steps=4)
+    handle = fd.accelerate(pipe)
+    assert type(pipe.scheduler) is fd.PNDMScheduler
+    torch.testing.assert_close(_run(pipe, inputs, steps=4), stock, rtol=0, atol=1e-5)
+    handle.remove()
+    assert "PNDMScheduler" in fd.DROP_INS and fd.DROP_INS["PNDMScheduler"] is fd.PNDMScheduler
+    listed = {c.__name__ for c in fd.DPMSolverMultistepScheduler().compatibles}
+    assert "PNDMScheduler" in listed and set(listed) & set(fd.DROP_INS) >= {"PNDMScheduler", "DDIMScheduler"}
+
+
+def test_pndm_unsupported_configurations_say_what():
+    s = fd.PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True, timestep_spacing="linspace")
+    s.set_timesteps(5)
+    with pytest.raises(NotImplementedError, match="timestep_spacing='linspace'"):
+        s.step(torch.zeros(1, 4), s.timesteps[0], torch.zeros(1, 4))
+    s = fd.PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True)
+    s.set_timesteps(5)
+    s.set_begin_index(2)
+    with pytest.raises(NotImplementedError, match="first timestep"):
+        s.step(torch.zeros(1, 4), s.timesteps[2], torch.zeros(1, 4))
+    with pytest.raises(NotImplementedError, match="prediction_type"):
+        fd.PNDMScheduler(prediction_type="sample")

@@ -18,8 +18,10 @@ and the gradient part e is a combination of noise predictions:
 
 ``quantity='v'`` is diffusers' PNDMScheduler with v_prediction: the combination is taken of the
 v predictions and converted to noise at the step's start, e = alpha_a * v + sigma_a * x_a (so it is
-not the noise-space method). ``midpoints``: the Runge-Kutta midpoints as ``Point`` s (one per
-warm-up step; diffusers' discrete timestep t - T // N // 2), default the schedule at the time midpoint.
+not the noise-space method). ``midpoints``: the Runge-Kutta midpoints, one per warm-up step, each a
+``Point`` or a pair of them (where the first stage steps to, where the second and third stages
+evaluate and step to: diffusers' discrete t - h and t - delta + h, h = T // N // 2, which differ by one
+when delta = T // N is odd); default the schedule at the time midpoint.
 
 History: the multistep predictions e_k in a ring of min(3, N - 1) slots (e_k in slot k % size),
 plus two slots for a Runge-Kutta step's middle stages.
@@ -62,18 +64,22 @@ class PNDM(Solver):
     def __init__(self, warmup: str = "prk", quantity: str = "eps", midpoints: Optional[Sequence[Point]] = None):
         self.warmup = check_choice(warmup, ("prk", "skip"), "warmup")
         self.quantity = check_choice(quantity, ("eps", "v"), "quantity")
-        if midpoints is not None and not all(isinstance(p, Point) for p in midpoints):
-            raise TypeError("midpoints must be a sequence of fastdiff.program.Point")
-        self.midpoints = None if midpoints is None else tuple(midpoints)
+        if midpoints is not None:
+            midpoints = tuple(m if isinstance(m, Point) else tuple(m) for m in midpoints)
+            if not all(isinstance(m, Point) or (len(m) == 2 and all(isinstance(p, Point) for p in m))
+                       for m in midpoints):
+                raise TypeError("midpoints must be a sequence of fastdiff.program.Point or of pairs of them")
+        self.midpoints = midpoints
 
-    def _midpoint(self, grid: Grid, n: int) -> Point:
+    def _midpoints(self, grid: Grid, n: int) -> Tuple[Point, Point]:
         if self.midpoints is not None:
             if n >= len(self.midpoints):
                 raise ValueError(f"midpoints gives {len(self.midpoints)} points; the warm-up needs one for step {n}")
-            return self.midpoints[n]
+            m = self.midpoints[n]
+            return (m, m) if isinstance(m, Point) else m
         t = 0.5 * (float(grid.t[n]) + float(grid.t[n + 1]))
         alpha, sigma = (float(v) for v in grid.schedule.alpha_sigma(t))
-        return Point(t, alpha, sigma, t)
+        return (Point(t, alpha, sigma, t),) * 2
 
     def slots(self, steps: int) -> Tuple[int, int]:
         """(ring size of the multistep history, total slots)."""
@@ -94,10 +100,11 @@ class PNDM(Solver):
             qy, qx0 = quantity_of(P[n], q)
             A, B = transfer(P[n], P[n + 1], q)
             if n < warm:                                            # pseudo Runge-Kutta
-                pm = self._midpoint(grid, n)
+                pm0, pm = self._midpoints(grid, n)
+                A0, B0 = transfer(P[n], pm0, q)
                 Am, Bm = transfer(P[n], pm, q)
                 e0, e1, e2 = n % ring, ring, ring + 1
-                rows.append(Row(step=n, eval_at="x", point=P[n], q_y=qy, q_x0=qx0, out_y=Out(x=Am, h=Bm),
+                rows.append(Row(step=n, eval_at="x", point=P[n], q_y=qy, q_x0=qx0, out_y=Out(x=A0, h=B0),
                                 hist_write=e0, next_eval="y"))
                 my, mx0 = quantity_of(pm, q)
                 rows.append(Row(step=n, eval_at="y", point=pm, q_y=my, q_x0=mx0, out_y=Out(x=Am, h=Bm),

@@ -35,13 +35,15 @@ def sample_pndm(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, n
     N = grid.steps
     pts = [(float(grid.alpha[i]), float(grid.sigma[i]), float(grid.model_t[i])) for i in range(N + 1)]
 
-    def mid(n) -> Pt:
+    def mid(n) -> Tuple[Pt, Pt]:
+        """Where the first stage steps to; where the second and third evaluate and step to."""
         if midpoints is not None:
-            p = midpoints[n]
-            return (p.alpha, p.sigma, p.model_t)
+            m = midpoints[n]
+            m = (m, m) if hasattr(m, "alpha") else m
+            return tuple((p.alpha, p.sigma, p.model_t) for p in m)
         t = 0.5 * (float(grid.t[n]) + float(grid.t[n + 1]))
         a, s = (float(v) for v in grid.schedule.alpha_sigma(t))
-        return (a, s, t)
+        return (a, s, t), (a, s, t)
 
     def pred(xx: torch.Tensor, p: Pt) -> torch.Tensor:
         """The model's eps (or its v, for quantity='v') at xx, point p."""
@@ -60,10 +62,10 @@ def sample_pndm(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, n
     for n in range(N):
         a, b = pts[n], pts[n + 1]
         if n < warm:
-            pm = mid(n)
+            pm0, pm = mid(n)
             e1 = pred(x, a)
             ets.append(e1)
-            x1 = step(x, e1, a, pm)
+            x1 = step(x, e1, a, pm0)
             e2 = pred(x1, pm)
             x2 = step(x, e2, a, pm)
             e3 = pred(x2, pm)
