@@ -272,3 +272,62 @@ def test_polyexponential_rejects_bad_rho(rho):
     with pytest.raises((ValueError, TypeError), match="rho"):
         K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=rho)
     assert torch.isfinite(K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=0.5)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 17: the weights loader validates every architecture field (valid checksum, bad metadata)
+# ---------------------------------------------------------------------------------------------
+def _checkpoint_with_config(tmp_path, config, cls_name="unet"):
+    """A safetensors file (with a matching .sha256 sidecar) whose metadata holds ``config``."""
+    pytest.importorskip("safetensors")
+    from fastdiff.models.digits_fd import DigitsClassifier
+    module = digits.DigitsUNet(channels=(8, 16), heads=2) if cls_name == "unet" else DigitsClassifier(channels=4)
+    path = tmp_path / f"{cls_name}.safetensors"
+    digits.save_checkpoint(module, path, {"config": config})
+    return path
+
+
+UNET_BAD = [
+    ({"channels": [8, 16], "heads": 0, "num_classes": 10}, "heads"),
+    ({"channels": [8, 16], "heads": -2, "num_classes": 10}, "heads"),
+    ({"channels": [8, 16], "heads": 3, "num_classes": 10}, "heads"),
+    ({"channels": [8, 16], "heads": 2.5, "num_classes": 10}, "heads"),
+    ({"channels": [8, 16], "heads": True, "num_classes": 10}, "heads"),
+    ({"channels": [8, 16], "heads": "2", "num_classes": 10}, "heads"),
+    ({"channels": [0, 16], "heads": 2, "num_classes": 10}, "channels"),
+    ({"channels": [8], "heads": 2, "num_classes": 10}, "channels"),
+    ({"channels": 8, "heads": 2, "num_classes": 10}, "channels"),
+    ({"channels": [8, 12], "heads": 2, "num_classes": 10}, "channels"),
+    ({"channels": [8, 10 ** 9], "heads": 2, "num_classes": 10}, "channels"),
+    ({"channels": [8, 16], "heads": 2, "num_classes": 0}, "num_classes"),
+    ({"channels": [8, 16], "heads": 2, "num_classes": None}, "num_classes"),
+    ({"channels": [8, 16], "heads": 2}, "num_classes"),
+    ({"channels": [8, 16], "heads": 2, "num_classes": 10, "depth": 3}, "depth"),
+    ([8, 16, 2], "config"),
+]
+
+
+@pytest.mark.parametrize("config,field", UNET_BAD, ids=[str(c) for c, _ in UNET_BAD])
+def test_weights_loader_validates_architecture_fields(config, field, tmp_path):
+    path = _checkpoint_with_config(tmp_path, config)
+    with pytest.raises(ValueError, match=field) as e:
+        digits.load_digits_model(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"channels": 0, "feature_dim": 64, "num_classes": 10}, "channels"),
+    ({"channels": 4, "feature_dim": -1, "num_classes": 10}, "feature_dim"),
+    ({"channels": 4, "feature_dim": 64, "num_classes": 0}, "num_classes"),
+])
+def test_classifier_loader_validates_architecture_fields(config, field, tmp_path):
+    from fastdiff.models.digits_fd import load_digits_classifier
+    path = _checkpoint_with_config(tmp_path, config, "classifier")
+    with pytest.raises(ValueError, match=field):
+        load_digits_classifier(path)
+
+
+def test_valid_small_checkpoint_still_loads(tmp_path):
+    path = _checkpoint_with_config(tmp_path, {"channels": [8, 16], "heads": 2, "num_classes": 10})
+    model = digits.load_digits_model(path)
+    assert model(torch.zeros(1, 1, 8, 8), torch.zeros(1)).shape == (1, 1, 8, 8)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -106,6 +107,32 @@ def _groups(channels: int) -> int:
     return min(8, channels)
 
 
+# ------------------------------------------------------------------------------------------------
+# Architecture fields: checked before a module is built (a checkpoint's metadata is data from a file)
+# ------------------------------------------------------------------------------------------------
+MAX_WIDTH = 4096
+
+
+def check_int_field(name: str, value, lo: int = 1, hi: int = MAX_WIDTH) -> int:
+    """``value`` as an int, if it is an integer (not a bool) in [lo, hi]; else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
+        raise ValueError(f"architecture field {name}={value!r}: expected an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def check_config_keys(config, required: Sequence[str]) -> None:
+    """``config`` is a dict with exactly the keys ``required`` (each named if missing or unknown)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"the architecture config must be an object with the fields {', '.join(required)}, "
+                         f"got {type(config).__name__} {config!r}")
+    missing = [k for k in required if k not in config]
+    unknown = sorted(set(config) - set(required))
+    if missing or unknown:
+        raise ValueError("architecture config: " + "; ".join(
+            ([f"missing field(s) {', '.join(missing)}"] if missing else [])
+            + ([f"unknown field(s) {', '.join(unknown)}"] if unknown else [])) + f" (expected {', '.join(required)})")
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time/class embedding added in between."""
 
@@ -155,10 +182,33 @@ class DigitsUNet(nn.Module):
     ``forward(x, t, *, class_labels=None)`` follows fastdiff's model convention (module docstring).
     """
 
+    CONFIG_FIELDS = ("channels", "heads", "num_classes")
+
+    @staticmethod
+    def check_config(config: dict) -> dict:
+        """The architecture fields, validated (ValueError naming the field): ``channels`` two widths
+        in [1, 4096] whose GroupNorms divide (c0, c1, c0 + c1, 2 c1 each a multiple of min(8, width)),
+        ``heads`` in [1, c1] dividing c1, ``num_classes`` in [1, 1000]."""
+        check_config_keys(config, DigitsUNet.CONFIG_FIELDS)
+        channels = config["channels"]
+        if not isinstance(channels, (list, tuple)) or len(channels) != 2:
+            raise ValueError(f"architecture field channels={channels!r}: expected two widths [c0, c1]")
+        c0, c1 = (check_int_field(f"channels[{i}]", c) for i, c in enumerate(channels))
+        bad = [w for w in (c0, c1, c0 + c1, 2 * c1) if w % _groups(w)]
+        if bad:
+            raise ValueError(f"architecture field channels={list(channels)!r}: the GroupNorm widths c0, c1, c0 + c1, "
+                             f"2 c1 must be multiples of min(8, width); {bad[0]} is not")
+        heads = check_int_field("heads", config["heads"], 1, c1)
+        if c1 % heads:
+            raise ValueError(f"architecture field heads={heads}: must divide channels[1]={c1}")
+        num_classes = check_int_field("num_classes", config["num_classes"], 1, 1000)
+        return {"channels": [c0, c1], "heads": heads, "num_classes": num_classes}
+
     def __init__(self, channels: Sequence[int] = (32, 64), heads: int = 4, num_classes: int = NUM_CLASSES):
         super().__init__()
-        c0, c1 = (int(c) for c in channels)
-        self.config = {"channels": [c0, c1], "heads": int(heads), "num_classes": int(num_classes)}
+        listed = list(channels) if isinstance(channels, (list, tuple)) else channels
+        self.config = self.check_config({"channels": listed, "heads": heads, "num_classes": num_classes})
+        c0, c1 = self.config["channels"]
         self.num_classes = num_classes
         emb = 4 * c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -263,10 +313,13 @@ def load_checkpoint(path: Union[str, Path], sha256: Optional[str] = None) -> Tup
 
 def _build_from_checkpoint(cls, path: Path, sha256: Optional[str], what: str) -> nn.Module:
     tensors, metadata = load_checkpoint(path, sha256)
+    if not isinstance(metadata, dict) or "config" not in metadata:
+        raise ValueError(f"{path} does not hold {what} weights: its metadata has no architecture 'config'")
     try:
-        model = cls(**metadata["config"])
+        config = cls.check_config(metadata["config"])     # every field, before anything is allocated
+        model = cls(**config)
         model.load_state_dict(tensors, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError) as e:
         raise ValueError(f"{path} does not hold {what} weights: {e}") from e
     model.training_metadata = metadata
     return model.eval().requires_grad_(False)

@@ -19,7 +19,8 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from .digits import IMAGE_SHAPE, NUM_CLASSES, WEIGHTS_DIR, _build_from_checkpoint
+from .digits import (IMAGE_SHAPE, NUM_CLASSES, WEIGHTS_DIR, _build_from_checkpoint, check_config_keys,
+                     check_int_field)
 
 __all__ = ["CLASSIFIER_FILE", "CLASSIFIER_SHA256", "DigitsClassifier", "load_digits_classifier",
            "classifier_features", "frechet_distance", "digits_fd", "class_accuracy", "sample_quality"]
@@ -31,10 +32,20 @@ CLASSIFIER_SHA256 = "a96b24c35ad94aa4b241879a922a0787a6d4b7a759dee83ff27b9541dbc
 class DigitsClassifier(nn.Module):
     """A small CNN on [B, 1, 8, 8] images in [-1, 1]; ``features`` is its penultimate layer."""
 
+    CONFIG_FIELDS = ("channels", "feature_dim", "num_classes")
+
+    @staticmethod
+    def check_config(config: dict) -> dict:
+        """The architecture fields, validated (ValueError naming the field)."""
+        check_config_keys(config, DigitsClassifier.CONFIG_FIELDS)
+        return {"channels": check_int_field("channels", config["channels"]),
+                "feature_dim": check_int_field("feature_dim", config["feature_dim"], 1, 65536),
+                "num_classes": check_int_field("num_classes", config["num_classes"], 1, 1000)}
+
     def __init__(self, channels: int = 32, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.config = {"channels": int(channels), "feature_dim": int(feature_dim), "num_classes": int(num_classes)}
-        c = channels
+        self.config = self.check_config({"channels": channels, "feature_dim": feature_dim, "num_classes": num_classes})
+        c, feature_dim, num_classes = self.config["channels"], self.config["feature_dim"], self.config["num_classes"]
         self.body = nn.Sequential(
             nn.Conv2d(IMAGE_SHAPE[0], c, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
