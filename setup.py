@@ -105,7 +105,7 @@ def _cuda_extension():
         sources=sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE)) + ["csrc/cuda/torch_binding.cpp"],
         include_dirs=[os.path.join(HERE, "csrc", "cuda")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": [flag for flag in nvcc if flag]},
-        depends=sorted(glob.glob("csrc/cuda/*.h", root_dir=HERE)) + ["csrc/step_math.h"],
+        depends=sorted(glob.glob("csrc/cuda/*.h", root_dir=HERE)) + ["csrc/step_math.h", "csrc/program_layout.h"],
     )
 
 
@@ -115,7 +115,8 @@ setup(
     packages=_packages(),
     package_dir={"": "src"},
     # The shipped digits model: weights and their checksums travel with the package.
-    package_data={"fastdiff.models": ["weights/*.safetensors", "weights/*.sha256"]},
+    package_data={"fastdiff.models": ["weights/*.safetensors", "weights/*.sha256"],
+                  "fastdiff": ["data/*.json"]},       # tuned grids (fastdiff.tune.tuned_grid)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -20,10 +20,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef FASTDIFF_HD  // (also defined, identically, by program_layout.h)
 #if defined(__CUDACC__)
 #define FASTDIFF_HD __host__ __device__
 #else
 #define FASTDIFF_HD
+#endif
 #endif
 
 namespace fastdiff {
@@ -188,7 +190,7 @@ FASTDIFF_HD inline void philox_normal4(uint64_t g, uint64_t seed, uint32_t noise
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused step of one element (fastdiff/program.py), in the reference's order of operations
+// The fused step of one element (fastdiff/program), in the reference's order of operations
 // ---------------------------------------------------------------------------------------------
 
 // CFG: D = u + g * (c - u)

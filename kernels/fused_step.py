@@ -1,4 +1,4 @@
-"""The fused solver step in Triton: one row of a coefficient program (fastdiff/program.py) per
+"""The fused solver step in Triton: one row of a coefficient program (fastdiff/program) per
 launch, with exactly the semantics of fastdiff.ops.reference.fused_step.
 
 The kernel reads the row's coefficients from the float64 table on the device (pointer + row
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.program import COL_G, COL_QD, COL_QY, OUT_BASE, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z
+from fastdiff.program.layout import (COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out_x, col_out_y,
+                                     col_s_in)
 
 from ._common import EXACT_FP, INT32_MAX, as_int32, dense_rows, key_words, max_offset, sample_size, write_back
 from .philox import philox_normal_block
@@ -30,15 +31,21 @@ NUM_WARPS = 4
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
+# The row ABI (fastdiff/program/layout.py): fixed columns as module constants, the columns that
+# move with K as constexpr arguments (layout_constexprs), so the kernel computes no offset itself.
 _COL_G = tl.constexpr(COL_G)
 _COL_QY = tl.constexpr(COL_QY)
 _COL_QD = tl.constexpr(COL_QD)
-_OUT_BASE = tl.constexpr(OUT_BASE)
 _OUT_FIXED = tl.constexpr(OUT_FIXED)
 _OUT_X = tl.constexpr(OUT_X)
 _OUT_Y = tl.constexpr(OUT_Y)
 _OUT_H = tl.constexpr(OUT_H)
 _OUT_Z = tl.constexpr(OUT_Z)
+
+
+def layout_constexprs(K: int) -> dict:
+    """The K-dependent columns of the table, as the kernel's constexpr arguments."""
+    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K), COL_S_IN=col_s_in(K))
 
 
 @triton.jit
@@ -86,6 +93,7 @@ def fused_step_kernel(
     HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr, WRITE_HIST: tl.constexpr,
     MODEL_IN_HALVES: tl.constexpr, MODEL_IN_FROM_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
     STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+    COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_S_IN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INDEX_64:
@@ -95,8 +103,7 @@ def fused_step_kernel(
     b = i // M                                      # only used when STRIDED
     m = i - b * M
 
-    # Column layout of fastdiff.program: [g, q_y, q_d, x-out block, y-out block, s_in]; any strides.
-    OUT_W: tl.constexpr = _OUT_FIXED + K
+    # Columns: fastdiff/program/layout.py (table strides: any).
     row_ptr = table_ptr + row * table_sr
 
     X = tl.load(x_ptr + _at(i, b, m, x_sb, STRIDED), mask=mask, other=0.0)
@@ -123,9 +130,9 @@ def fused_step_kernel(
 
     hist_off = _at(i, b, m, hist_sb, STRIDED)
     if WRITE_X:
-        new_x = _output(row_ptr, table_sc, _OUT_BASE, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+        new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
     if WRITE_Y:
-        new_y = _output(row_ptr, table_sc, _OUT_BASE + OUT_W, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
+        new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
                         mask)
 
     if CHECK_FINITE:
@@ -149,7 +156,7 @@ def fused_step_kernel(
             src = new_y
         else:
             src = new_x
-        v = (_coef(row_ptr, _OUT_BASE + 2 * OUT_W, table_sc) * src).to(model_in_ptr.dtype.element_ty)
+        v = (_coef(row_ptr, COL_S_IN, table_sc) * src).to(model_in_ptr.dtype.element_ty)
         mi = model_in_ptr + _at(i, b, m, model_in_sb, STRIDED)
         tl.store(mi, v, mask=mask)
         if MODEL_IN_HALVES == 2:
@@ -208,7 +215,7 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
         K=K, EVAL_Y=bool(eval_y), WRITE_X=bool(write_x), WRITE_Y=bool(write_y),
         HAS_COND=cond is not None, HAS_UNCOND=uncond is not None, NOISE=noise_kind,
         WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves, MODEL_IN_FROM_Y=bool(model_in_from_y),
-        CHECK_FINITE=bad_row is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK,
+        CHECK_FINITE=bad_row is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK, **layout_constexprs(K),
         num_warps=NUM_WARPS, **EXACT_FP,
     )
     write_back(x, xk if write_x else None)

@@ -47,7 +47,7 @@ class Variant:
 
 
 def _fused_step_variant(model: str, *, full: bool) -> Variant:
-    from .fused_step import BLOCK, NUM_WARPS, NOISE_PHILOX, NOISE_TENSOR
+    from .fused_step import BLOCK, NUM_WARPS, NOISE_PHILOX, NOISE_TENSOR, layout_constexprs
     from ._common import EXACT_FP
     types = {"table_ptr": "*fp64", "x_ptr": "*fp32", "y_ptr": "*fp32", "cond_ptr": _DT[model],
              "uncond_ptr": _DT[model], "hist_ptr": "*fp32", "noise_ptr": "*fp32", "model_in_ptr": _DT[model],
@@ -64,7 +64,8 @@ def _fused_step_variant(model: str, *, full: bool) -> Variant:
         name = f"fused_step {model}: y, noise tensor, strided, 64-bit index"
         types["numel"] = "i64"
     # table_sc=1: a contiguous table, which Triton's JIT specializes to a constant as it does every 1.
-    return Variant(name, "fused_step.fused_step_kernel", types, dict(flags, table_sc=1, BLOCK=BLOCK),
+    return Variant(name, "fused_step.fused_step_kernel", types,
+                   dict(flags, table_sc=1, BLOCK=BLOCK, **layout_constexprs(flags["K"])),
                    dict(num_warps=NUM_WARPS, **EXACT_FP))
 
 

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "../program_layout.h"
 #include "../step_math.h"
 #include "convert.h"
 
@@ -510,7 +511,8 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
                       shape_str(H.sizes()));
     K = H.size(0);
   }
-  const int64_t width = 3 + 2 * (4 + K) + 1;
+  namespace L = fastdiff::layout;
+  const int64_t width = L::table_width((int)K);
   TORCH_CHECK_VALUE(table.size(1) == width, "fastdiff._C.fused_step: table has ", table.size(1), " columns; ", K,
                     " history slots need ", width);
   TORCH_CHECK_VALUE(hist_write >= -1 && hist_write < K, "fastdiff._C.fused_step: hist_write must be -1 or a slot in [0, ",
@@ -586,18 +588,21 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
     hx = hx_heap.data();
     hy = hy_heap.data();
   }
-  const int64_t bx = 3, by = 3 + 4 + K;
+  const L::Columns cols = L::columns((int)K);
   for (int64_t j = 0; j < K; ++j) {
-    hx[j] = col(bx + 4 + j);
-    hy[j] = col(by + 4 + j);
+    hx[j] = col(cols.out_x + L::OUT_FIXED + j);
+    hy[j] = col(cols.out_y + L::OUT_FIXED + j);
   }
+  auto out_coefs = [&](int64_t b, const float* hist) {
+    return math::OutCoefs{col(b + L::OUT_X), col(b + L::OUT_Y), col(b + L::OUT_H), col(b + L::OUT_Z), hist};
+  };
   cpu::StepKernel kr{};
-  kr.k.g = col(0);
-  kr.k.qy = col(1);
-  kr.k.qd = col(2);
-  kr.k.s_in = col(width - 1);
-  kr.k.ox = {col(bx + 0), col(bx + 1), col(bx + 2), col(bx + 3), hx};
-  kr.k.oy = {col(by + 0), col(by + 1), col(by + 2), col(by + 3), hy};
+  kr.k.g = col(cols.g);
+  kr.k.qy = col(cols.qy);
+  kr.k.qd = col(cols.qd);
+  kr.k.s_in = col(cols.s_in);
+  kr.k.ox = out_coefs(cols.out_x, hx);
+  kr.k.oy = out_coefs(cols.out_y, hy);
   kr.k.K = (int)K;
 
   // ---- layout ----

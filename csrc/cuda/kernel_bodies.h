@@ -240,7 +240,7 @@ FASTDIFF_HD inline void combine_f64(const Group& g, const fastdiff_rows& cond, c
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused step (fastdiff/program.py; reference: fastdiff.ops.reference.fused_step)
+// The fused step (fastdiff/program; reference: fastdiff.ops.reference.fused_step)
 // ---------------------------------------------------------------------------------------------
 
 // coefs[c] = float(table[row, c]) for c in [first, width), every `step`-th (a block's threads).
@@ -259,6 +259,7 @@ FASTDIFF_HD inline m::RowCoefs row_coefs(const float* coefs, int K) {
   k.s_in = coefs[col.s_in];
   const float* ox = coefs + col.out_x;
   const float* oy = coefs + col.out_y;
+  using namespace layout;
   k.ox = m::OutCoefs{ox[OUT_X], ox[OUT_Y], ox[OUT_H], ox[OUT_Z], ox + OUT_FIXED};
   k.oy = m::OutCoefs{oy[OUT_X], oy[OUT_Y], oy[OUT_H], oy[OUT_Z], oy + OUT_FIXED};
   k.K = K;

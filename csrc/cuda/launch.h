@@ -37,10 +37,10 @@ typedef struct fastdiff_rows {
   fastdiff_dtype dtype;
 } fastdiff_rows;
 
-/* One row of a coefficient program (fastdiff/program.py), in place on x, y, hist, model_in and
+/* One row of a coefficient program (fastdiff/program), in place on x, y, hist, model_in and
  * bad_row; argument for argument fastdiff.ops.reference.fused_step. */
 typedef struct fastdiff_step_args {
-  const double* table;      /* [table_rows, table_cols = 3 + 2 * (4 + K) + 1] float64, on the device */
+  const double* table;      /* [table_rows, table_cols] float64 on the device; columns: ../program_layout.h */
   int64_t table_rows;
   int64_t table_cols;
   int64_t table_row_stride; /* in elements */

@@ -1,6 +1,5 @@
-// Host-side planning for the CUDA kernels, free of device code: the column layout of the
-// coefficient table, [B, M] row addressing, argument checks, and the launch plan (may the kernel
-// use 4-wide vector loads? are all operands dense?). Plain C++ (no nvcc needed), so
+// Host-side planning for the CUDA kernels, free of device code: [B, M] row addressing, argument
+// checks, and the launch plan (may the kernel use 4-wide vector loads? are all operands dense?). Plain C++ (no nvcc needed), so
 // tools/host_check.cpp tests it with g++; the kernels include it for the shared definitions.
 #pragma once
 
@@ -8,7 +7,8 @@
 
 #include <initializer_list>
 
-#include "../step_math.h"  // FASTDIFF_HD
+#include "../program_layout.h"  // the table's columns (the row ABI)
+#include "../step_math.h"       // FASTDIFF_HD
 #include "launch.h"
 
 namespace fastdiff {
@@ -17,22 +17,11 @@ namespace cuda {
 constexpr int kThreads = 128;     // threads per block of the elementwise kernels
 constexpr int kGroup = 4;         // elements per thread: one Philox group, one 4-wide vector
 constexpr int kMaxFixedSlots = 4; // K = 0..4 compile with K fixed (registers); larger K loops
-constexpr int kMaxSlots = 1024;   // the row (2K + 12 floats) fits the default 48 KB of shared memory
+constexpr int kMaxSlots = 1024;   // the row (layout::table_width(K) floats) fits the default 48 KB of shared memory
 
-// ---------------------------------------------------------------------------------------------
-// Coefficient table columns (fastdiff/program.py): [g, q_y, q_d, x-out block, y-out block, s_in],
-// an out block being [x, y, h, z, H_0 .. H_{K-1}].
-// ---------------------------------------------------------------------------------------------
-constexpr int OUT_X = 0, OUT_Y = 1, OUT_H = 2, OUT_Z = 3, OUT_FIXED = 4;
-
-struct Columns {
-  int g, qy, qd, out_x, out_y, s_in, width;
-};
-
-FASTDIFF_HD inline Columns columns(int K) {
-  const int w = OUT_FIXED + K;
-  return Columns{0, 1, 2, 3, 3 + w, 3 + 2 * w, 3 + 2 * w + 1};
-}
+// The coefficient table's columns: csrc/program_layout.h (fastdiff/program/layout.py).
+using layout::Columns;
+using layout::columns;
 
 FASTDIFF_HD inline int dtype_size(fastdiff_dtype dt) {
   return dt == FASTDIFF_FLOAT64 ? 8 : dt == FASTDIFF_FLOAT32 ? 4 : 2;
@@ -125,7 +114,7 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->row < 0 || a->row >= a->table_rows) return "row is outside the table";
   if (a->row >= INT32_MAX) return "row + 1 does not fit the int32 bad_row flag";
   if (a->num_slots < 0 || a->num_slots > kMaxSlots) return "num_slots (K) must be in [0, 1024]";
-  if (a->table_cols != columns(a->num_slots).width) return "table_cols does not match num_slots (3 + 2 * (4 + K) + 1)";
+  if (a->table_cols != columns(a->num_slots).width) return "table_cols does not match num_slots (layout::table_width(K))";
   if (a->x.data == nullptr || a->x.dtype != FASTDIFF_FLOAT32) return "x must be a float32 tensor";
   if (!a->write_x && !a->write_y) return "a row must write x or y";
   if ((a->eval_y || a->write_y || (a->model_in.data && a->model_in_from_y)) && a->y.data == nullptr)

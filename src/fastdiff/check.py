@@ -33,7 +33,7 @@ import torch
 from .ops import philox as philox_oracle
 from .ops import reductions as reductions_oracle
 from .ops import reference as reference_oracle
-from .program import table_width
+from .program.layout import table_width
 
 __all__ = ["Tolerance", "TOLERANCES", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
            "check_backend", "run_checks", "render_table", "failed"]

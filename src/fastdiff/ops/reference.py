@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..program import COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out, col_s_in
+from ..program.layout import COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out, col_s_in
 from .philox import philox_normal
 
 

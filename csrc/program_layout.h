@@ -1,0 +1,60 @@
+// The row ABI in C/C++: the column layout of the coefficient table and the row flags, the mirror
+// of fastdiff/program/layout.py (the declaration; same names, same values). Used by the CPU
+// kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) alike: no other file in csrc/ writes a
+// column offset. tests/test_row_abi.py compiles this header against the Python module for
+// several K and fails on any difference.
+//
+// A table has table_width(K) float64 columns, K being the number of history slots:
+//   [ g, q_y, q_d,  x-out block,  y-out block,  s_in ]
+//   an out block: [ x, y, h, z, H_0 .. H_{K-1} ]   (out_width(K) = 4 + K columns)
+//
+// Plain C++11 constexpr, host and device (no torch, no CUDA headers).
+#pragma once
+
+#ifndef FASTDIFF_HD
+#if defined(__CUDACC__)
+#define FASTDIFF_HD __host__ __device__
+#else
+#define FASTDIFF_HD
+#endif
+#endif
+
+namespace fastdiff {
+namespace layout {
+
+// ---- table columns ----
+constexpr int COL_G = 0;      // CFG scale g of D = uncond + g (cond - uncond)
+constexpr int COL_QY = 1;     // h = q_y E + q_d D
+constexpr int COL_QD = 2;
+constexpr int OUT_BASE = 3;   // first column of the x-out block; the y-out block follows it
+// offsets inside an out block
+constexpr int OUT_X = 0;
+constexpr int OUT_Y = 1;
+constexpr int OUT_H = 2;
+constexpr int OUT_Z = 3;
+constexpr int OUT_FIXED = 4;  // the history coefficients H_0 .. H_{K-1} start here
+
+FASTDIFF_HD constexpr int out_width(int K) { return OUT_FIXED + K; }
+FASTDIFF_HD constexpr int table_width(int K) { return OUT_BASE + 2 * out_width(K) + 1; }
+FASTDIFF_HD constexpr int col_out_x(int /*K*/) { return OUT_BASE; }
+FASTDIFF_HD constexpr int col_out_y(int K) { return OUT_BASE + out_width(K); }
+FASTDIFF_HD constexpr int col_s_in(int K) { return OUT_BASE + 2 * out_width(K); }
+
+// ---- row flags (one bitmask per row) ----
+constexpr unsigned FLAG_EVAL_Y = 1u << 0;           // E (the point the model was evaluated at) is y, else x
+constexpr unsigned FLAG_WRITE_X = 1u << 1;          // the row writes x
+constexpr unsigned FLAG_WRITE_Y = 1u << 2;          // the row writes y
+constexpr unsigned FLAG_MODEL_IN_FROM_Y = 1u << 3;  // the next model input is s_in * new y, else s_in * new x
+constexpr unsigned FLAG_ALL = FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y;
+
+// Every column of a row with K slots, for code that reads them all (derived from the above).
+struct Columns {
+  int g, qy, qd, out_x, out_y, s_in, width;
+};
+
+FASTDIFF_HD constexpr Columns columns(int K) {
+  return Columns{COL_G, COL_QY, COL_QD, col_out_x(K), col_out_y(K), col_s_in(K), table_width(K)};
+}
+
+}  // namespace layout
+}  // namespace fastdiff

@@ -1,0 +1,102 @@
+"""The row ABI: the column layout of the coefficient table and the row flags, declared once.
+
+This module is the single Python declaration of what a fused kernel reads. Its mirror for C++
+and CUDA is ``csrc/program_layout.h`` (same names, same values); ``tests/test_row_abi.py``
+compiles the header against this module for several K and fails on any difference, and on any
+literal column offset elsewhere in csrc/. The reference op (fastdiff/ops/reference.py), the
+Triton kernel (kernels/fused_step.py) and the table builder (fastdiff/program/compile.py) read
+the names below; nobody else computes a column.
+
+A table has one row per pass of the fused step (see fastdiff.program for the formula) and
+``table_width(K)`` float64 columns, K being the number of history slots::
+
+    [ g, q_y, q_d,  x-out block,  y-out block,  s_in ]
+    an out block:  [ x, y, h, z, H_0 .. H_{K-1} ]     (out_width(K) = 4 + K columns)
+
+Row flags: the booleans of one row, as one bitmask (``Row.flags``). Kernels take them today as
+separate arguments (eval_y, write_x, write_y, model_in_from_y); ``unpack_flags`` gives those.
+
+Pure Python, no imports: a kernel module can import it without loading the rest of fastdiff.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "COL_G", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_Z", "OUT_FIXED",
+    "out_width", "table_width", "col_out_x", "col_out_y", "col_s_in", "col_out",
+    "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL",
+    "pack_flags", "unpack_flags", "CONSTANTS", "FUNCTIONS",
+]
+
+# ---- table columns --------------------------------------------------------------------------
+COL_G = 0          # CFG scale g of D = uncond + g (cond - uncond)
+COL_QY = 1         # h = q_y E + q_d D
+COL_QD = 2
+OUT_BASE = 3       # first column of the x-out block; the y-out block follows it
+# offsets inside an out block
+OUT_X = 0
+OUT_Y = 1
+OUT_H = 2
+OUT_Z = 3
+OUT_FIXED = 4      # the history coefficients H_0 .. H_{K-1} start here
+
+
+def out_width(K: int) -> int:
+    """Columns of one out block."""
+    return OUT_FIXED + K
+
+
+def table_width(K: int) -> int:
+    """Columns of a table with K history slots."""
+    return OUT_BASE + 2 * out_width(K) + 1
+
+
+def col_out_x(K: int) -> int:
+    """First column of the x-out block."""
+    return OUT_BASE
+
+
+def col_out_y(K: int) -> int:
+    """First column of the y-out block."""
+    return OUT_BASE + out_width(K)
+
+
+def col_s_in(K: int) -> int:
+    """The model-input scale s_in: the last column."""
+    return OUT_BASE + 2 * out_width(K)
+
+
+def col_out(K: int, which: str) -> int:
+    """First column of the x-out block ('x') or the y-out block ('y')."""
+    if which == "x":
+        return col_out_x(K)
+    if which == "y":
+        return col_out_y(K)
+    raise ValueError(f"which must be 'x' or 'y', got {which!r}")
+
+
+# ---- row flags ------------------------------------------------------------------------------
+FLAG_EVAL_Y = 1 << 0           # E (the point the model was evaluated at) is y, else x
+FLAG_WRITE_X = 1 << 1          # the row writes x
+FLAG_WRITE_Y = 1 << 2          # the row writes y
+FLAG_MODEL_IN_FROM_Y = 1 << 3  # the next model input is s_in * new y, else s_in * new x
+FLAG_ALL = FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y
+
+
+def pack_flags(eval_y: bool, write_x: bool, write_y: bool, model_in_from_y: bool = False) -> int:
+    return ((FLAG_EVAL_Y if eval_y else 0) | (FLAG_WRITE_X if write_x else 0)
+            | (FLAG_WRITE_Y if write_y else 0) | (FLAG_MODEL_IN_FROM_Y if model_in_from_y else 0))
+
+
+def unpack_flags(flags: int):
+    """(eval_y, write_x, write_y, model_in_from_y): the kernels' argument order."""
+    if flags & ~FLAG_ALL:
+        raise ValueError(f"unknown row flag bits {flags & ~FLAG_ALL:#x}")
+    return (bool(flags & FLAG_EVAL_Y), bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y),
+            bool(flags & FLAG_MODEL_IN_FROM_Y))
+
+
+# What the C/C++ mirror must declare (tests/test_row_abi.py): constants by value, functions of K.
+CONSTANTS = {name: globals()[name] for name in (
+    "COL_G", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_Z", "OUT_FIXED",
+    "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL")}
+FUNCTIONS = {f.__name__: f for f in (out_width, table_width, col_out_x, col_out_y, col_s_in)}

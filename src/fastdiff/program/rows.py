@@ -1,0 +1,94 @@
+"""The static side of a coefficient program: rows, their outputs and evaluation points, and the
+compiled ``Program`` (see fastdiff.program for the formula a row stands for)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .layout import pack_flags, table_width
+
+
+@dataclass(frozen=True)
+class Out:
+    """Coefficients of one output: x_out = x*x + y*E + h*h + z*z + sum hist[j]*H[j]."""
+
+    x: float = 0.0
+    y: float = 0.0
+    h: float = 0.0
+    z: float = 0.0
+    hist: Tuple[Tuple[int, float], ...] = ()
+
+    @property
+    def slots(self) -> Tuple[int, ...]:
+        return tuple(j for j, _ in self.hist)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point where the model is evaluated: schedule time, alpha, sigma, model time."""
+
+    t: float
+    alpha: float
+    sigma: float
+    model_t: float
+
+    @property
+    def ksigma(self) -> float:
+        return self.sigma / self.alpha if self.alpha != 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One pass of the fused step (see the module docstring)."""
+
+    step: int                              # the solver step this row belongs to (0-based)
+    eval_at: str = "x"                     # E: the buffer ('x' or 'y') the model was evaluated at
+    point: Optional[Point] = None          # where the model is evaluated; None: no model call
+    q_y: float = 0.0                       # h = q_y * E + q_x0 * x0
+    q_x0: float = 1.0
+    out_x: Optional[Out] = None
+    out_y: Optional[Out] = None
+    hist_write: int = -1
+    noise_id: int = -1                     # which Gaussian draw (same id -> same noise); -1: none
+    next_eval: Optional[str] = None        # 'x'/'y': which output the next model call reads
+
+    def __post_init__(self):
+        if self.eval_at not in ("x", "y"):
+            raise ValueError(f"eval_at must be 'x' or 'y', got {self.eval_at!r}")
+        if self.out_x is None and self.out_y is None:
+            raise ValueError("a row must write x or y")
+        if self.next_eval not in ("x", "y", None):
+            raise ValueError(f"next_eval must be 'x', 'y' or None, got {self.next_eval!r}")
+        uses_z = any(o is not None and o.z != 0.0 for o in (self.out_x, self.out_y))
+        if uses_z and self.noise_id < 0:
+            raise ValueError("a row with a noise coefficient needs a noise_id")
+
+    @property
+    def needs_model(self) -> bool:
+        return self.point is not None
+
+    @property
+    def flags(self) -> int:
+        """The row's booleans as the ABI's bitmask (fastdiff.program.layout): E is y, writes x,
+        writes y, the next model call reads y."""
+        return pack_flags(self.eval_at == "y", self.out_x is not None, self.out_y is not None,
+                          self.next_eval == "y")
+
+
+@dataclass
+class Program:
+    """A compiled coefficient program: static rows plus the float64 table the kernel reads."""
+
+    rows: List[Row]
+    num_slots: int
+    table: np.ndarray                       # [len(rows), table_width(num_slots)] float64
+    steps: int
+    nfe: int = field(init=False)
+
+    def __post_init__(self):
+        self.nfe = sum(r.needs_model for r in self.rows)
+        if self.table.shape != (len(self.rows), table_width(self.num_slots)):
+            raise ValueError(f"table shape {self.table.shape} does not match {len(self.rows)} rows, "
+                             f"{self.num_slots} slots")

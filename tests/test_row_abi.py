@@ -1,0 +1,175 @@
+"""The row ABI is declared once: fastdiff/program/layout.py, mirrored by csrc/program_layout.h.
+
+* the header declares exactly the Python module's constants and functions of K (by name);
+* its values equal the module's: parsed and evaluated here, and compiled with g++ as
+  static_asserts for several K (what the kernels' compiler computes, not what a regex reads);
+* no other file in csrc/ writes a column offset (the literals the layout used to be spelled in),
+  and no other Python module declares a column constant or re-derives the table width.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fastdiff.program import layout
+
+from conftest import REPO
+
+HEADER = REPO / "csrc" / "program_layout.h"
+KS = (0, 1, 2, 3, 4, 5, 7, 16, 64, 1024)
+
+_CONST = re.compile(r"^\s*constexpr\s+(?:int|unsigned)\s+(\w+)\s*=\s*([^;]+);", re.M)
+_FUNC = re.compile(r"constexpr\s+int\s+(\w+)\s*\(\s*int\s*(?:K|/\*\s*K\s*\*/)\s*\)\s*\{\s*return\s+([^;]+);\s*\}")
+
+
+def _c_expr_to_py(expr: str) -> str:
+    return re.sub(r"\b(\d+)[uU]\b", r"\1", expr)
+
+
+def parse_header():
+    text = HEADER.read_text()
+    consts = {name: _c_expr_to_py(expr) for name, expr in _CONST.findall(text)}
+    funcs = {name: _c_expr_to_py(expr) for name, expr in _FUNC.findall(text)}
+    return consts, funcs
+
+
+def _evaluate(consts, funcs):
+    """The header's constants and functions as Python values / callables (integer arithmetic only)."""
+    env: dict = {}
+    for name, expr in consts.items():
+        env[name] = eval(expr, {"__builtins__": {}}, dict(env))
+    for name, expr in funcs.items():
+        env[name] = (lambda e: lambda K: eval(e, {"__builtins__": {}}, dict(env, K=K)))(expr)
+    return env
+
+
+def test_header_declares_the_python_names():
+    consts, funcs = parse_header()
+    assert set(consts) == set(layout.CONSTANTS), (
+        f"constants only in the header: {sorted(set(consts) - set(layout.CONSTANTS))}; "
+        f"only in layout.py: {sorted(set(layout.CONSTANTS) - set(consts))}")
+    assert set(funcs) == set(layout.FUNCTIONS), (
+        f"functions only in the header: {sorted(set(funcs) - set(layout.FUNCTIONS))}; "
+        f"only in layout.py: {sorted(set(layout.FUNCTIONS) - set(funcs))}")
+
+
+def test_header_values_match_the_python_module():
+    env = _evaluate(*parse_header())
+    for name, value in layout.CONSTANTS.items():
+        assert env[name] == value, f"{name}: header {env[name]}, layout.py {value}"
+    for K in KS:
+        for name, fn in layout.FUNCTIONS.items():
+            assert env[name](K) == fn(K), f"{name}({K}): header {env[name](K)}, layout.py {fn(K)}"
+
+
+def test_header_compiles_to_the_python_values(tmp_path):
+    """The same diff through the C++ compiler: static_asserts generated from layout.py."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++")
+    lines = [f'#include "{HEADER}"', "namespace L = fastdiff::layout;"]
+    for name, value in layout.CONSTANTS.items():
+        lines.append(f'static_assert(L::{name} == {value}u, "{name}");')
+    for K in KS:
+        for name, fn in layout.FUNCTIONS.items():
+            lines.append(f'static_assert(L::{name}({K}) == {fn(K)}, "{name}({K})");')
+        c = f"L::columns({K})"
+        expect = dict(g=layout.COL_G, qy=layout.COL_QY, qd=layout.COL_QD, out_x=layout.col_out(K, "x"),
+                      out_y=layout.col_out(K, "y"), s_in=layout.col_s_in(K), width=layout.table_width(K))
+        for field, v in expect.items():
+            lines.append(f'static_assert({c}.{field} == {v}, "columns({K}).{field}");')
+    src = tmp_path / "abi.cpp"
+    src.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", str(src)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_python_layout_is_consistent():
+    for K in KS:
+        assert layout.col_out(K, "x") == layout.col_out_x(K) == layout.OUT_BASE
+        assert layout.col_out(K, "y") == layout.col_out_x(K) + layout.out_width(K)
+        assert layout.col_s_in(K) == layout.table_width(K) - 1 == layout.col_out_y(K) + layout.out_width(K)
+    with pytest.raises(ValueError):
+        layout.col_out(0, "z")
+    for bits in range(layout.FLAG_ALL + 1):
+        assert layout.pack_flags(*layout.unpack_flags(bits)) == bits
+    with pytest.raises(ValueError, match="unknown row flag"):
+        layout.unpack_flags(layout.FLAG_ALL + 1)
+
+
+def test_row_flags():
+    from fastdiff.program import Out, Row
+    r = Row(step=0, eval_at="y", out_x=Out(x=1.0), out_y=Out(y=1.0), next_eval="y")
+    assert layout.unpack_flags(r.flags) == (True, True, True, True)
+    r = Row(step=0, out_x=Out(x=1.0), next_eval="x")
+    assert layout.unpack_flags(r.flags) == (False, True, False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nobody else spells the layout
+
+# How the layout was written out before it had one home (csrc/cpu/ops.cpp, csrc/cuda/layout.h, ...).
+_C_LITERALS = [
+    (r"\b3\s*\+\s*2\s*\*", "the table width spelled out (3 + 2 * ...)"),
+    (r"\b4\s*\+\s*K\b|\bK\s*\+\s*4\b", "an out-block width spelled out (4 + K)"),
+    (r"\bb[xy]\s*=\s*3\b", "an out-block start spelled out"),
+    (r"\bcol\(\s*\d+\s*\)|\bcoefs\[\s*\d+\s*\]|\btrow\[\s*\d+", "a table column read by number"),
+    (r"\bwidth\s*-\s*1\b", "s_in as 'the last column'"),
+    (r"Columns\s*\{\s*\d", "a Columns value spelled out"),
+    (r"constexpr\s+int\s+(?:COL_|OUT_)\w*\s*=", "a layout constant declared outside program_layout.h"),
+]
+
+
+def _csrc_files():
+    for ext in ("*.h", "*.cpp", "*.cu", "*.cuh"):
+        yield from (REPO / "csrc").rglob(ext)
+
+
+def test_no_literal_offsets_in_csrc():
+    bad = []
+    for path in _csrc_files():
+        if path == HEADER:
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            for pattern, what in _C_LITERALS:
+                if re.search(pattern, code):
+                    bad.append(f"{path.relative_to(REPO)}:{lineno}: {what}: {line.strip()}")
+    assert not bad, "the row layout belongs in csrc/program_layout.h only:\n" + "\n".join(bad)
+
+
+def test_kernels_include_the_header():
+    users = [REPO / "csrc" / "cpu" / "ops.cpp", REPO / "csrc" / "cuda" / "layout.h"]
+    for path in users:
+        assert '#include "../program_layout.h"' in path.read_text(), f"{path} does not include the layout header"
+
+
+_PY_LITERALS = [
+    (r"^\s*(?:COL_G|COL_QY|COL_QD|OUT_BASE|OUT_FIXED|OUT_[XYHZ])\s*(?:,\s*\w+\s*)*=", "a column constant declared"),
+    (r"^\s*_?(?:COL_G|COL_QY|COL_QD|OUT_BASE|OUT_FIXED)\s*,", "a column constant declared"),
+    (r"\b3\s*\+\s*2\s*\*\s*\(", "the table width spelled out"),
+    (r"OUT_BASE\s*\+\s*2\s*\*|OUT_FIXED\s*\+\s*K\b", "a column derived outside layout.py"),
+]
+
+
+def test_no_second_python_layout():
+    roots = [REPO / "src" / "fastdiff", REPO / "kernels"]
+    own = (REPO / "src" / "fastdiff" / "program" / "layout.py").resolve()
+    bad = []
+    seen = set()
+    for root in roots:
+        for path in root.rglob("*.py"):
+            real = path.resolve()
+            if real == own or real in seen:
+                continue
+            seen.add(real)
+            for lineno, line in enumerate(real.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                for pattern, what in _PY_LITERALS:
+                    if re.search(pattern, code):
+                        bad.append(f"{path.relative_to(REPO)}:{lineno}: {what}: {line.strip()}")
+    assert not bad, "the row layout belongs in fastdiff/program/layout.py only:\n" + "\n".join(bad)
