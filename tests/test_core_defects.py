@@ -444,6 +444,17 @@ def test_item13_guidance_bad_arguments(kw, exc, match):
         Guidance(3.0, **{k: v for k, v in kw.items() if k != "scale"}) if "scale" not in kw else Guidance(**kw)
 
 
+def test_item13_numpy_guidance_scale_accepted(mixture, noise):
+    emb = torch.ones(SHAPE[0], 3)
+    model = (lambda x, t, emb=None: mixture(x, t))
+    kw = dict(cond={"emb": emb}, uncond={"emb": -emb})
+    want = run(model, noise, guidance=3.0, **kw)
+    for g in (np.float32(3.0), np.int64(3), Guidance(np.float64(3.0))):
+        assert torch.equal(run(model, noise, guidance=g, **kw), want)
+    with pytest.raises(TypeError, match="guidance"):
+        run(model, noise, guidance=np.bool_(True), **kw)
+
+
 def test_item13_guidance_interval_infinite_hi_and_numpy_accepted():
     g = Guidance(3.0, interval=(np.float64(0.1), float("inf")))
     assert g.interval == (0.1, float("inf"))

@@ -51,7 +51,8 @@ from .program import COL_G, Point, Program, Row, compile_program
 
 
 def _finite(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+    if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(float(v))):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
@@ -197,7 +198,7 @@ class Guidance:
 def as_guidance(guidance) -> Optional[Guidance]:
     if guidance is None or isinstance(guidance, Guidance):
         return guidance
-    if isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+    if isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, (bool, np.bool_)):
         return Guidance(float(guidance))
     raise TypeError(f"guidance must be None, a number or a fastdiff.Guidance, got {type(guidance).__name__}")
 

@@ -32,9 +32,10 @@ _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def as_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     """``v`` as a Python int (Python or numpy integer; bools and floats raise TypeError), in
     [lo, hi) if given (else ValueError)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    v = int(v)
+    if type(v) is not int:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v >= hi):
         rng = f"[{lo}, {'2**' + str(hi.bit_length() - 1) if hi and hi >= 2 ** 16 else hi})"
         raise ValueError(f"{name} must be an int in {rng}, got {v}")
@@ -42,7 +43,9 @@ def as_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> 
 
 
 def as_bool(name: str, v) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
+    if v is True or v is False:
+        return v
+    if not isinstance(v, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
     return bool(v)
 
@@ -80,8 +83,11 @@ def _check_overlap(written, read=()) -> None:
     """Raise if a tensor written in place shares memory with any other argument. Reads of an
     exact alias of x or y (same address, shape, strides, dtype: a model returning its input) are
     allowed: every backend reads an element before it writes that element."""
-    spans = [(n, t, _span(t), True) for n, t in written if t is not None]
-    spans += [(n, t, _span(t), False) for n, t in read if t is not None]
+    named = [(n, t, True) for n, t in written if t is not None] + [(n, t, False) for n, t in read if t is not None]
+    storages = [t.untyped_storage().data_ptr() for _, t, _ in named]
+    if len(set(storages)) == len(storages):       # the usual case: no two arguments share memory
+        return
+    spans = [(n, t, _span(t), w) for n, t, w in named]
     for i, (nw, tw, sw, w) in enumerate(spans):
         if not w or sw is None:
             continue
@@ -96,8 +102,9 @@ def _check_overlap(written, read=()) -> None:
 
 
 def _check_finite_table(table: torch.Tensor, row: Optional[int] = None) -> None:
-    t = table if row is None else table[row]
-    if not bool(torch.isfinite(t).all()):
+    # (A row is a few dozen values: a host list is cheaper than a tensor reduction.)
+    ok = bool(torch.isfinite(table).all()) if row is None else all(map(math.isfinite, table[row].tolist()))
+    if not ok:
         where = "the table" if row is None else f"table row {row}"
         raise ValueError(f"{where} has NaN/Inf coefficients (they would be written into x)")
 
