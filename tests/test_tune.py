@@ -198,3 +198,26 @@ def test_ipndm_convergence_order(mixture):
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     assert slope >= get_solver("ipndm").order - 2.3, (slope, errs)
     assert errs[-1] < errs[0]
+
+
+def test_tuned_grid_drives_stock_diffusers_and_the_drop_in():
+    """A grid on diffusers' default (linear-beta) schedule drives stock diffusers: EulerDiscrete
+    takes its sigmas exactly (to float32), DPMSolverMultistep its rounded integer timesteps."""
+    diffusers = pytest.importorskip("diffusers")
+    from conftest import dtype_tolerance
+    sched = DiscreteVP()
+    gm = GaussianMixture.default(sched, dim=3, prediction="epsilon", seed=2)
+    grid = tune.tune_grid(gm, _noise(16, 3), solver="euler", steps=4, schedule=sched, prediction="epsilon",
+                          candidates=12, max_evals=30, method="refine")
+    stock = diffusers.EulerDiscreteScheduler()
+    kw = tune.diffusers_kwargs(grid, stock)
+    assert "sigmas" in kw
+    stock.set_timesteps(**kw)
+    # the stock scheduler now walks the tuned grid's noise levels (to its float32 precision)
+    assert np.allclose(stock.sigmas.double().numpy(), grid.ksigma, rtol=0,
+                       atol=float(dtype_tolerance(torch.tensor(grid.ksigma, dtype=torch.float32), 1).max()))
+    dpm = diffusers.DPMSolverMultistepScheduler()
+    kw2 = tune.diffusers_kwargs(grid, dpm)
+    assert list(kw2) == ["timesteps"] and kw2["timesteps"] == sorted(kw2["timesteps"], reverse=True)
+    dpm.set_timesteps(**kw2)
+    assert len(dpm.timesteps) == grid.steps

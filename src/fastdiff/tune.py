@@ -41,7 +41,7 @@ import torch
 from .schedules import DiscreteVP, FlowMatching, Grid, Schedule, VESchedule, ContinuousVP, make_grid
 
 __all__ = ["tune_grid", "TuneInfo", "dp_search", "save_grid", "load_grid", "tuned_grid", "TABLES",
-           "sigmas_for_k_diffusion", "reference_trajectory"]
+           "sigmas_for_k_diffusion", "diffusers_kwargs", "reference_trajectory"]
 
 METHODS = ("dp", "refine", "dp+refine")
 
@@ -411,3 +411,27 @@ def sigmas_for_k_diffusion(grid: Grid) -> torch.Tensor:
     """The grid's noise levels sigma/alpha as k-diffusion's ``sigmas`` (float64, ending at 0 or
     sigma_min as the grid does)."""
     return torch.tensor(np.asarray(grid.ksigma, dtype=np.float64))
+
+
+def diffusers_kwargs(grid: Grid, scheduler) -> dict:
+    """Keyword arguments of ``scheduler.set_timesteps`` that put a diffusers scheduler (stock or a
+    fastdiff drop-in) on ``grid``: ``sigmas=`` (the noise levels sigma/alpha, exact) where the
+    class takes them, else ``timesteps=`` (the model times rounded to diffusers' integers, which
+    moves the points to the nearest training step)."""
+    import copy
+    import inspect
+    params = inspect.signature(scheduler.set_timesteps).parameters
+    if "sigmas" in params:
+        sigmas = [float(v) for v in grid.ksigma]
+        try:
+            copy.deepcopy(scheduler).set_timesteps(sigmas=sigmas)
+            return {"sigmas": sigmas}
+        except (ValueError, TypeError):
+            pass                                      # e.g. UniPC takes sigmas only for flow models
+    if "timesteps" in params:
+        ts = [int(round(float(v))) for v in grid.model_t[:-1]]
+        if any(a <= b for a, b in zip(ts[:-1], ts[1:])):
+            raise ValueError("the grid's model times collide when rounded to diffusers' integer timesteps; "
+                             f"{type(scheduler).__name__} takes no sigmas: use a scheduler that does (e.g. Euler)")
+        return {"timesteps": ts}
+    raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes neither sigmas= nor timesteps=")
