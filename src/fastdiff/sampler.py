@@ -254,8 +254,8 @@ class Sampler:
         t_full = list(t_rows.unbind(0))
         t_half = [t[:B] for t in t_full] if use_cfg else t_full
         if inpaint:
-            # Converted copies (never the caller's tensors); known is zeroed where the mask is 0, so
-            # NaN or Inf there cannot leak into the sample through 0 * NaN.
+            # Read only; known becomes a new tensor, zero where the mask is 0, so NaN or Inf there
+            # (validated only where the mask is non-zero) cannot leak into the sample as 0 * NaN.
             mask = mask.to(device=dev, dtype=self.state_dtype)
             known = torch.where(mask != 0, known.to(device=dev, dtype=self.state_dtype), 0.0)
             base_noise = noise.to(self.state_dtype)
@@ -363,7 +363,9 @@ def sample(model: Callable, noise: torch.Tensor, *, solver: Union[str, Solver] =
     ``fastdiff.Guidance`` with ``cond``/``uncond`` kwarg dicts for the two passes. Run options:
     ``cond``, ``uncond``, ``model_kwargs``, ``generator`` / ``seed`` (Philox noise),
     ``noise_sampler``, ``callback``, ``progress``, ``backend``, ``model_dtype``,
-    ``inpaint=(known, mask)``, ``check_finite``. Returns the float32 (state_dtype) sample.
+    ``inpaint=(known, mask)`` (mask bool or in [0, 1], broadcasting to the sample; 1 = known),
+    ``check_finite``. Returns the float32 (state_dtype) sample. Sampling is not differentiable:
+    it runs under ``torch.no_grad()``, and in grad mode an input that requires grad raises.
     """
     if isinstance(noise, torch.Tensor):
         dev = noise.device
