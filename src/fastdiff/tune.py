@@ -225,7 +225,18 @@ def tune_grid(model: Callable, noise: torch.Tensor, *, solver: str, steps: int, 
         # damped later, and multistep errors interact): refine both the DP grid and the starting
         # spacing against the global error and keep the better.
         lowest = min(v for v in ks_c if v > 0)
-        starts = [_refine(ks, lowest, global_error, max_evals) for ks in starts]
+        objective = global_error
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=max_evals * len(starts), desc="tune: refinement", leave=False)
+
+            def objective(ks):
+                bar.update(1)
+                return global_error(ks)
+        starts = [_refine(ks, lowest, objective, max_evals) for ks in starts]
+        if bar is not None:
+            bar.close()
     errors = [global_error(ks) for ks in starts]
     ks_best = starts[int(np.argmin(errors))]
     info.error_final = min(errors)
