@@ -33,7 +33,7 @@ from fastdiff.schedules import VESchedule, make_grid
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = Path(__file__).resolve().parent.parent / "src" / "fastdiff" / "data" / "tuned_grids.json"
 SOLVERS = ("dpmpp_2m", "unipc", "ipndm")
-MIXTURE_NFE = (4, 5, 6, 8, 10)
+MIXTURE_NFE = (4, 5, 6, 7, 8, 9, 10)
 MIXTURE_SPACINGS = ("karras", "exponential", "uniform", "quadratic")
 DIGITS_NFE = (4, 5, 6, 7, 8, 9, 10)
 DIGITS_SPACINGS = ("trailing", "leading", "linspace", "karras", "exponential")
