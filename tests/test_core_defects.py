@@ -505,6 +505,15 @@ def test_item13_fused_step_numpy_integers_accepted(backend):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_item13_fused_step_on_meta_device():
+    T = torch.zeros(1, table_width(0), dtype=torch.float64, device="meta")
+    m = torch.empty(2, 3, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        ops.fused_step(T, 0, m)
+    with pytest.raises(ValueError, match="meta"):
+        ops.prepare_fused_step(m, table=T)
+
+
 def test_item13_prepare_fused_step_rejects_nonfinite_table():
     x = torch.zeros(2, 3)
     T = torch.zeros(2, table_width(0), dtype=torch.float64)

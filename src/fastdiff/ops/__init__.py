@@ -132,6 +132,8 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
                    noise, seed, noise_id, model_in, model_in_from_y, bad_row):
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
     dev, shape = x.device, tuple(x.shape)
+    if dev.type == "meta":
+        raise ValueError("x is on the meta device (it has no values); fused_step runs on cpu or GPU tensors")
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension")
     _check_tensor("table", table, dtype=torch.float64, device=None)
@@ -203,6 +205,8 @@ def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_lik
     """Choose the backend once for a sampling run; returns its raw ``fused_step`` (arguments in
     the order of ``fused_step`` below, unchecked: the buffers given here are checked once, here)."""
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device (it has no values); fused_step runs on cpu or GPU tensors")
     _check_tensor("table", table, dtype=torch.float64)
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D [rows, columns], got shape {tuple(table.shape)}")
