@@ -331,3 +331,96 @@ def test_valid_small_checkpoint_still_loads(tmp_path):
     path = _checkpoint_with_config(tmp_path, {"channels": [8, 16], "heads": 2, "num_classes": 10})
     model = digits.load_digits_model(path)
     assert model(torch.zeros(1, 1, 8, 8), torch.zeros(1)).shape == (1, 1, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 16: progress and honest timing (demo), bench's up-front checks and fresh output folder,
+# sample's progress bar, --spacing and --threads
+# ---------------------------------------------------------------------------------------------
+def test_demo_reports_the_reference_solve_and_shows_progress(capsys):
+    status, out, err = run(capsys, ["demo", "--steps", "5", "--batch", "16"])
+    assert status == 0 and "max |x - exact ODE solution|" in out
+    assert re.search(r"reference: exact ODE solution .* in \d+\.\d+ s", out), out
+    assert "solving the exact ODE" in err            # the slow part announces itself before it starts
+
+
+def test_demo_progress_bar_follows_the_reference_solve(capsys, monkeypatch):
+    from fastdiff.models import GaussianMixture
+    seen = []
+    original = GaussianMixture.solve_ode
+
+    def spy(self, *a, progress=None, **k):
+        seen.append(progress)
+        return original(self, *a, progress=progress, **k)
+    monkeypatch.setattr(GaussianMixture, "solve_ode", spy)
+    assert run(capsys, ["demo", "--steps", "3", "--batch", "8", "--progress"])[0] == 0
+    assert callable(seen[0])
+
+
+def test_solve_ode_progress_callback_reaches_the_end():
+    from fastdiff.models import GaussianMixture
+    from fastdiff.schedules import VESchedule
+    mixture = GaussianMixture.default(VESchedule(), dim=2, prediction="sample")
+    fractions = []
+    mixture.solve_ode(torch.randn(4, 2, dtype=torch.float64) * 80, 80.0, 0.5, progress=fractions.append)
+    assert fractions and fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] == 1.0
+
+
+def test_bench_without_matplotlib_fails_up_front(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out_dir = tmp_path / "bench"
+    assert_one_line_error(*run(capsys, ["bench", "--quick", "--parts", "accuracy", "--out-dir", str(out_dir)]),
+                          match="pip install matplotlib")
+    assert not out_dir.exists()
+
+
+def test_bench_defaults_to_a_fresh_folder_not_the_committed_results(capsys):
+    args = cli._bench_parser().parse_args([])
+    assert args.out_dir == Path("fastdiff_bench")
+    assert "benchmarks/results" not in str(args.out_dir)
+
+
+def test_bench_refuses_an_unusable_out_dir(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_one_line_error(*run(capsys, ["bench", "--out-dir", str(f)]), match="is a file")
+    assert_one_line_error(*run(capsys, ["bench", "--out-dir", "/proc/fastdiff_bench"]), match="--out-dir")
+
+
+@needs_weights
+def test_sample_progress_spacing_and_threads(tmp_path, capsys, monkeypatch):
+    calls = {}
+    real = digits.sample_digits
+
+    def spy(*a, **k):
+        calls.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(digits, "sample_digits", spy)
+    threads = torch.get_num_threads()
+    status, out, err = run(capsys, ["sample", "--steps", "3", "--n", "1", "--labels", "2", "--spacing", "leading",
+                                    "--threads", "1", "--progress", "--out", str(tmp_path / "g.png")])
+    assert status == 0
+    assert calls["spacing"] == "leading" and calls["progress"] is True
+    assert "fastdiff dpmpp_2m" in err                      # the sampler's progress bar (tqdm, on stderr)
+    assert "leading spacing" in out and "1 thread" in out
+    assert torch.get_num_threads() == threads             # restored after the run
+    status, out, err = run(capsys, ["sample", "--steps", "2", "--n", "1", "--labels", "2", "--no-progress",
+                                    "--out", str(tmp_path / "g.png")])
+    assert status == 0 and calls["progress"] is False and calls["spacing"] == "trailing" and err == ""
+
+
+@pytest.mark.parametrize("args,match", [(["--spacing", "nope"], "argument --spacing: invalid choice"),
+                                        (["--threads", "0"], "argument --threads: must be >= 1"),
+                                        (["--threads", "x"], "argument --threads: expected an integer")])
+def test_sample_spacing_and_threads_bad_input(args, match, tmp_path, capsys, no_model):
+    assert_one_line_error(*run(capsys, ["sample", "--out", str(tmp_path / "g.png")] + args), match=match)
+
+
+@needs_weights
+def test_sample_every_spacing_runs(tmp_path, capsys):
+    from fastdiff.schedules import SPACINGS
+    for spacing in SPACINGS:
+        status, out, err = run(capsys, ["sample", "--steps", "3", "--n", "1", "--labels", "7", "--spacing", spacing,
+                                        "--out", str(tmp_path / "g.png")])
+        assert status == 0 and f"{spacing} spacing" in out, (spacing, err)

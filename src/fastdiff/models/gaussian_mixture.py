@@ -11,7 +11,7 @@ with w_k the posterior component weights: every quantity is closed form, for any
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,9 +127,11 @@ class GaussianMixture:
 
     # -- a high-accuracy reference solution of the probability-flow ODE ------------------------
     def solve_ode(self, x_start: torch.Tensor, ksigma_from: float, ksigma_to: float, rtol: float = 1e-12,
-                  atol: float = 1e-12) -> torch.Tensor:
+                  atol: float = 1e-12, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
         """Integrate dy/ds = (y - x0)/s in k-diffusion coordinates (y = x/alpha, s = ksigma) with
-        scipy's DOP853; ``x_start`` is in the schedule's native space (x = alpha*y), as is the result."""
+        scipy's DOP853; ``x_start`` is in the schedule's native space (x = alpha*y), as is the result.
+        ``progress(fraction)``: called as the solve advances (fraction of the way in log ksigma, never
+        decreasing, 1.0 at the end); the solve takes tens of seconds for thousands of samples."""
         from scipy.integrate import solve_ivp
 
         a_from = float(self.schedule.alpha_from_ksigma(np.float64(ksigma_from)))
@@ -138,7 +140,15 @@ class GaussianMixture:
         y0 = (x_start.to(torch.float64) / a_from).reshape(-1).numpy()
         B = shape[0]
 
+        span = math.log(ksigma_from / ksigma_to) if ksigma_to > 0 else 1.0
+        done = [0.0]
+
         def f(s, yflat):
+            if progress is not None and s > 0:
+                frac = min(max(math.log(ksigma_from / s) / span, 0.0), 1.0)
+                if frac > done[0]:
+                    done[0] = frac
+                    progress(frac)
             y = torch.from_numpy(yflat).reshape(B, -1)
             x0 = self.x0(y, 1.0, s)  # in y coordinates alpha = 1, sigma = s
             return ((y - x0) / s).reshape(-1).numpy()
@@ -148,4 +158,6 @@ class GaussianMixture:
         sol = solve_ivp(f, (ksigma_from, ksigma_to), y0, method="DOP853", rtol=rtol, atol=atol)
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+        if progress is not None and done[0] < 1.0:
+            progress(1.0)
         return torch.from_numpy(sol.y[:, -1] * a_to).reshape(shape)
