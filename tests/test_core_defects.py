@@ -529,8 +529,10 @@ def test_item13_prepare_fused_step_rejects_nonfinite_table():
                          ids=["nan", "inf", "-inf", "str", "None", "bool", "tensor"])
 def test_item13_cfg_combine_bad_scale(backend, scale, exc):
     c, u = torch.randn(2, 3), torch.randn(2, 3)
+    snap = snapshot(c, u)
     with pytest.raises(exc, match="scale"):
         ops.cfg_combine(c, u, scale, backend=backend)
+    assert unchanged(snap)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
