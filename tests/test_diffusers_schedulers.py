@@ -222,6 +222,9 @@ CASES = [
      (5, 20)),                                        # 1 step: diffusers' shift_terminal gives NaN
     ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), None, False, ALL_STEPS),
     ("FlowMatchHeunDiscreteScheduler", {}, None, False, FEW),
+    # PNDM (pndm.py): Stable Diffusion 1.x's config (PLMS, skip_prk_steps) and the Runge-Kutta warm-up
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1), None, False, (5, 20, 50)),
+    ("PNDMScheduler", SD, None, False, (5, 20, 50)),
 ]
 
 

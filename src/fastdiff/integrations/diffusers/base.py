@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -207,12 +208,33 @@ def _x0_now(a_x: float, a_d: float, E: torch.Tensor, sample: torch.Tensor, cond,
     float32 copy ``E`` of the sample (in float64 from ``sample`` itself when ``dtype`` is float64)."""
     if dtype == torch.float64:
         return a_x * sample.double() + a_d * _guided(cond, uncond, g, torch.float64)
-    if uncond is None:
-        x0 = torch.mul(E, a_x)
-        x0.add_(cond, alpha=a_d)
+    d = cond if uncond is None else _guided(cond, uncond, g)
+    if a_x == 1.0:                  # (the common folds: one pass)
+        x0 = torch.add(E, d, alpha=a_d)
+    elif a_x == 0.0:
+        x0 = torch.mul(d, a_d) if d.dtype == torch.float32 else d.float().mul_(a_d)
     else:
-        x0 = torch.add(a_x * E, _guided(cond, uncond, g), alpha=a_d)
+        x0 = torch.mul(E, a_x)
+        x0.add_(d, alpha=a_d)
     return x0 if dtype == torch.float32 else x0.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple:
+    import dataclasses
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _make_output(cls: type, **values):
+    """``cls(**values)`` for a diffusers BaseOutput dataclass, built directly (its generic
+    __init__/__post_init__ cost several microseconds a step): the same mapping and attributes."""
+    if tuple(values) != _field_names(cls) or any(v is None for v in values.values()):
+        return cls(**values)
+    out = cls.__new__(cls)
+    for k, v in values.items():
+        OrderedDict.__setitem__(out, k, v)
+        object.__setattr__(out, k, v)
+    return out
 
 
 def _listing(values, head: int = 4, tail: int = 2) -> str:
@@ -485,12 +507,12 @@ class FastdiffScheduler:
             self._set_stage(k, returns_y, sample)
 
         if not self._returns_x0:
-            return (out,) if not return_dict else diffusers_output_class(type(self))(prev_sample=out)
+            return (out,) if not return_dict else _make_output(diffusers_output_class(type(self)), prev_sample=out)
         if x0 is None and pred_x0.dtype != x0_dtype:
             pred_x0 = pred_x0.to(x0_dtype)
         if not return_dict:
             return (out, pred_x0)
-        return diffusers_output_class(type(self))(prev_sample=out, pred_original_sample=pred_x0)
+        return _make_output(diffusers_output_class(type(self)), prev_sample=out, pred_original_sample=pred_x0)
 
     # Timestep checks (a tensor timestep is read only on the CPU, where that costs no device sync)
 

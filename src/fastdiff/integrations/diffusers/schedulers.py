@@ -91,6 +91,9 @@ class _DiffusersGrid(Grid):
     noise levels before the tail strictly decrease, as fastdiff's Grid requires."""
 
     tail: int = 0
+    #: calls j (of the run's calls) whose step goes to the same noise level (j -> j + 1, zero length):
+    #: the grid leaves out point j + 1, and a first-order plan takes the call as the identity
+    repeats: tuple = ()
 
     def __post_init__(self):
         n = len(self.t) - self.tail
@@ -110,16 +113,46 @@ def _zero_length_tail(levels: np.ndarray) -> int:
     return r
 
 
-def _grid(schedule, t, alpha, sigma, levels) -> _DiffusersGrid:
+def _grid(schedule, t, alpha, sigma, levels, allow_repeats: bool = False, hint: str = "") -> _DiffusersGrid:
+    """The run's grid; ``allow_repeats``: a noise level repeated inside the schedule (diffusers'
+    1000-step 'linspace' timesteps repeat 500) is left out, its call recorded in ``repeats``."""
     levels = np.asarray(levels, dtype=np.float64)
     tail = _zero_length_tail(levels)
-    if np.any(np.diff(levels[:len(levels) - tail]) >= 0):
-        raise ValueError(f"this run's schedule repeats (or raises) a noise level, noise levels {levels.tolist()}: "
-                         "diffusers then takes zero-length steps, fastdiff's solvers need decreasing noise levels; "
-                         "choose another number of steps or spacing")
-    t = np.asarray(t, dtype=np.float64)
-    return _DiffusersGrid(schedule, t, np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64), t,
-                          tail=tail)
+    n = len(levels) - tail
+    d = np.diff(levels[:n])
+    bad = np.nonzero(d >= 0)[0]
+    repeats = ()
+    if len(bad):
+        if not (allow_repeats and np.all(d[bad] == 0)):
+            j = int(bad[0])
+            raise ValueError(f"this run's schedule repeats (or raises) a noise level: {levels[j]:.6g} at step {j}, "
+                             f"then {levels[j + 1]:.6g} ({len(levels)} levels): a zero-length (or backward) step; "
+                             f"fastdiff's solvers need decreasing levels{hint}; choose another number of steps or "
+                             "timestep spacing")
+        repeats = tuple(int(j) for j in bad)
+    keep = np.ones(len(levels), dtype=bool)
+    keep[[j + 1 for j in repeats]] = False
+    t = np.asarray(t, dtype=np.float64)[keep]
+    return _DiffusersGrid(schedule, t, np.asarray(alpha, dtype=np.float64)[keep], np.asarray(sigma, dtype=np.float64)[keep],
+                          t, tail=tail, repeats=repeats)
+
+
+def _with_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
+    """First-order ``rows`` of a grid that left out repeated noise levels, with the zero-length
+    steps there taken as the identity, as diffusers' first-order updates take them (the model is
+    still called, its output unused)."""
+    if not grid.repeats:
+        return rows
+    out, real = [], iter(rows)
+    pending = next(real)
+    for call in range(len(rows) + len(grid.repeats)):
+        if call in grid.repeats:
+            out.append(Row(step=call, eval_at="x", point=pending.point, q_y=0.0, q_x0=0.0, out_x=Out(x=1.0),
+                           next_eval="x"))
+        else:
+            out.append(replace(pending, step=call))
+            pending = next(real, None)
+    return out
 
 
 def _ve_grid(sigmas: np.ndarray) -> _DiffusersGrid:
@@ -129,11 +162,11 @@ def _ve_grid(sigmas: np.ndarray) -> _DiffusersGrid:
     return _grid(VESchedule(), s, np.ones_like(s), s, s)
 
 
-def _vp_grid(schedule, alpha, sigma, t=None) -> _DiffusersGrid:
+def _vp_grid(schedule, alpha, sigma, t=None, **kwargs) -> _DiffusersGrid:
     alpha, sigma = np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     t = np.arange(len(alpha), dtype=np.float64)[::-1].copy() if t is None else t
     with np.errstate(divide="ignore"):
-        return _grid(schedule, t, alpha, sigma, sigma / alpha)
+        return _grid(schedule, t, alpha, sigma, sigma / alpha, **kwargs)
 
 
 def _identity_tail(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
@@ -586,10 +619,16 @@ def _dpm_rows(make_solver, grid: _DiffusersGrid, lower_order_final: bool, euler_
     return solver, _identity_tail(solver.rows(grid.without_tail()), grid)
 
 
-def _multistep_grid(self, start: int):
+_REPEAT_HINT = (" (diffusers' own result there is NaN at solver_order >= 2; at solver_order=1 both take the step "
+                "as the identity)")
+
+
+def _multistep_grid(self, start: int, first_order: bool = False, hint: str = _REPEAT_HINT):
+    """(grid, fold) of the calls from ``start``; ``first_order``: the plan takes zero-length steps
+    inside the schedule as the identity (``_with_identity_steps``)."""
     schedule, alpha, sigma, ks = _ksigma_points(self)
     t = np.arange(len(alpha), dtype=np.float64)[::-1].copy()
-    grid = _vp_grid(schedule, alpha[start:], sigma[start:], t[start:])
+    grid = _vp_grid(schedule, alpha[start:], sigma[start:], t[start:], allow_repeats=first_order, hint=hint)
     p = self.config.prediction_type
     fold = [_vp_fold(p, alpha[n], sigma[n], ks[n]) for n in range(start, len(alpha) - 1)]
     return grid, fold
@@ -621,13 +660,14 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
 
     def _plan(self, start: int) -> Plan:
         c = self.config
-        grid, fold = _multistep_grid(self, start)
+        grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         sde = c.algorithm_type == "sde-dpmsolver++"
         solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
             "dpm_solver_multistep", order=c.solver_order,
             algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++", solver_type=c.solver_type,
             lower_order_final=lof, euler_at_final=eaf, eta=1.0 if sde else 0.0),
             grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
+        rows = _with_identity_steps(rows, grid)
         return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), noise_dtype=torch.float32 if sde else None,
                     x0_transform=_x0_transform(c))
 
@@ -652,7 +692,8 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
 
     def _plan(self, start: int) -> Plan:
         c = self.config
-        grid, fold = _multistep_grid(self, start)
+        grid, fold = _multistep_grid(self, start, hint=" (diffusers' own UniPC result is NaN there at solver_order >= 2; "
+                                                       "fastdiff's UniPC does not take it at any order)")
         disabled = [int(d) - start for d in c.disable_corrector if int(d) >= start]
         solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
                             disable_corrector=disabled, lower_order_final=c.lower_order_final)
@@ -681,9 +722,9 @@ class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler
 
     def _plan(self, start: int) -> Plan:
         c = self.config
-        grid, fold = _multistep_grid(self, start)
+        grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         solver = get_solver("deis", order=c.solver_order, lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15))
-        return Plan(solver.rows(grid), fold, solver.num_slots, x0_transform=_x0_transform(c))
+        return Plan(_with_identity_steps(solver.rows(grid), grid), fold, solver.num_slots, x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, return_dict=True):
         return self._fd_step(model_output, timestep, sample, None, None, return_dict)
@@ -774,13 +815,14 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
 
     def _plan(self, start: int) -> Plan:
         c = self.config
-        grid, fold = _multistep_grid(self, start)
+        grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         orders, made = [], 0
         for o in self.order_list[start:]:           # diffusers lowers an order its stored outputs cannot support
             orders.append(min(int(o), made + 1))
             made += 1
         S = c.solver_order - 1
-        rows = _singlestep_rows(grid, orders, c.algorithm_type, c.solver_type, S)
+        orders = orders[:len(orders) - len(grid.repeats)]      # (all 1 where the grid has repeats)
+        rows = _with_identity_steps(_singlestep_rows(grid, orders, c.algorithm_type, c.solver_type, S), grid)
         sde = c.algorithm_type == "sde-dpmsolver++"
         return Plan(rows, fold, S, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
 
