@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Dict, List, Optional, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -57,7 +57,14 @@ def get_solver(name, **options) -> "Solver":
 
 
 class Solver:
-    """Subclasses set ``order``, ``stochastic``, ``num_slots`` and implement ``rows(grid)``."""
+    """Subclasses set ``order``, ``stochastic``, ``num_slots`` and implement ``rows(grid)``.
+
+    ``order`` is the method's global order of accuracy on the probability-flow ODE: the slope the
+    convergence tests measure (tests/test_convergence.py, tests/test_solver_zoo.py read it from
+    here). It is not always a constructor option of the same name: UniPC's ``order`` option is the
+    predictor's order p (diffusers' ``solver_order``) and its corrector makes the method order
+    p + 1; diffusers' third-order DPM-Solver++ formula is order 2; stochastic samplers report 1.
+    """
 
     name = "?"
     order = 1
@@ -139,3 +146,22 @@ def check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def history_terms(n: int, coefs: Sequence[float], size: int) -> Tuple[float, Tuple[Tuple[int, float], ...]]:
+    """A combination sum_j coefs[j] * m_{n-j} of this step's quantity (j = 0: the row's h) and
+    earlier ones, kept in ``size`` history slots used as a ring buffer (m_k lives in slot k % size).
+    Returns (h coefficient, Out.hist)."""
+    hist = tuple(((n - j) % size, float(c)) for j, c in enumerate(coefs) if j > 0 and c != 0.0)
+    return float(coefs[0]), hist
+
+
+def ring_write(n: int, steps: int, size: int) -> int:
+    """The slot step n writes its quantity into (none after the last step)."""
+    return n % size if size and n < steps - 1 else -1
+
+
+def check_order(order, allowed: Sequence[int], name: str = "order") -> int:
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {order!r}")
+    return int(order)

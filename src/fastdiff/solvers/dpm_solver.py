@@ -6,9 +6,10 @@ linear part of the probability-flow ODE and valid for any schedule:
 * ``dpm_solver``            DPM-Solver-1/2/3, singlestep, noise prediction (Lu et al. 2022a,
                             Algorithms 1 and 5; k-diffusion DPMSolver.dpm_solver_{1,2,3}_step)
 * ``dpm_solver_multistep``  multistep DPM-Solver / DPM-Solver++ of order 1-3, optionally SDE
-                            (diffusers DPMSolverMultistepScheduler; k-diffusion sample_dpmpp_2m_sde
-                            and sample_dpmpp_3m_sde), with aliases ``dpmpp_3m``, ``dpmpp_2m_sde``,
-                            ``dpmpp_3m_sde`` that differ only in their default options
+                            (diffusers DPMSolverMultistepScheduler; k-diffusion sample_dpmpp_2m,
+                            sample_dpmpp_2m_sde and sample_dpmpp_3m_sde), with aliases ``dpmpp_2m``,
+                            ``dpmpp_3m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde`` that differ only in their
+                            default options
 * ``dpmpp_2s`` / ``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpm_2`` / ``dpm_2_ancestral``:
                             k-diffusion's sample_* functions of those names, in its coordinates
                             y = x/alpha, s = sigma/alpha (exact on VE; on VP the same up to
@@ -32,77 +33,17 @@ import numpy as np
 
 from ..program import Out, Point, Row
 from ..schedules import Grid
-from .base import (Solver, ancestral_step, check_choice, check_eta, check_space, derivative_quantity, eps_quantity,
-                   grid_point, ode_scale, ode_s, point_at_s, register)
+from .base import (Solver, ancestral_step, check_choice, check_eta, check_order, check_space, derivative_quantity,
+                   eps_quantity, grid_point, history_terms, ode_scale, ode_s, point_at_s, register, ring_write)
 from .edm import Churn
+from .exponential import X0_QUANTITY, check_finite_lambda, ddim_data, ddim_eps, half_log_snr, point_at_lambda
 
-X0_QUANTITY = (0.0, 1.0)   # (q_y, q_x0) of h = x0
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces of the exponential integrators (also used by fastdiff.solvers.multistep)
-
-
-def half_log_snr(p: Point) -> float:
-    """lambda = log(alpha / sigma); +inf at the clean end, -inf where alpha = 0."""
-    if p.sigma == 0.0:
-        return math.inf
-    if p.alpha == 0.0:
-        return -math.inf
-    return math.log(p.alpha) - math.log(p.sigma)
-
-
-def point_at_lambda(grid: Grid, lam: float) -> Point:
-    t, a, s, mt = grid.point_at_ksigma(np.float64(math.exp(-lam)))
-    return Point(float(t), float(a), float(s), float(mt))
-
-
-def check_finite_lambda(grid: Grid, name: str):
-    """Solvers that step in lambda from every grid point need alpha > 0 there."""
-    if not np.all(grid.alpha[:-1] > 0):
-        raise ValueError(f"{name} steps in log-SNR and needs alpha > 0 at every evaluated point; this grid starts "
-                         "at alpha = 0 (flow t = 1): pass t_max < 1 to make_grid")
-
-
-def ddim_data(p: Point, q: Point, eta: float = 0.0) -> Tuple[float, float, float]:
-    """(a, b, std) of the first-order data-prediction step x_q = a x + b x0 + std z:
-    a = sigma_q/sigma_p e^{-eta h}, b = alpha_q (1 - e^{-(1+eta) h}), std = sigma_q sqrt(1 - e^{-2 eta h})."""
-    if q.sigma == 0.0:
-        return 0.0, q.alpha, 0.0
-    h = half_log_snr(q) - half_log_snr(p)
-    a = q.sigma / p.sigma * (math.exp(-eta * h) if eta else 1.0)   # (h may be inf: alpha_p = 0)
-    b = -q.alpha * math.expm1(-(1.0 + eta) * h)
-    std = q.sigma * math.sqrt(-math.expm1(-2.0 * eta * h)) if eta else 0.0
-    return a, b, std
-
-
-def ddim_eps(p: Point, q: Point) -> Tuple[float, float]:
-    """(a, b) of the first-order noise-prediction step x_q = a x + b eps:
-    a = alpha_q/alpha_p, b = -sigma_q (e^h - 1), written so that sigma_q = 0 stays finite."""
-    a = q.alpha / p.alpha
-    if q.sigma == 0.0:
-        return a, -q.alpha * p.sigma / p.alpha      # sigma_q e^h = alpha_q sigma_p / alpha_p
-    h = half_log_snr(q) - half_log_snr(p)
-    return a, -q.sigma * math.expm1(h)
-
-
-def history_terms(n: int, coefs: Sequence[float], size: int) -> Tuple[float, Tuple[Tuple[int, float], ...]]:
-    """A combination sum_j coefs[j] * m_{n-j} of this step's quantity (j = 0: the row's h) and
-    earlier ones, kept in ``size`` history slots used as a ring buffer (m_k lives in slot k % size).
-    Returns (h coefficient, Out.hist)."""
-    hist = tuple(((n - j) % size, float(c)) for j, c in enumerate(coefs) if j > 0 and c != 0.0)
-    return float(coefs[0]), hist
-
-
-def ring_write(n: int, steps: int, size: int) -> int:
-    """The slot step n writes its quantity into (none after the last step)."""
-    return n % size if size and n < steps - 1 else -1
-
-
-def check_order(order, allowed: Sequence[int], name: str = "order") -> int:
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {order!r}")
-    return int(order)
+# The exponential-integrator math has its home in .exponential and the history helpers theirs in
+# .base; callers that import them from this module (adaptive, the diffusers drop-ins, ipndm) still can.
+__all__ = ["DPMSolverSinglestep", "DPMSolverMultistep", "DPMSolverPP2M", "DPMSolverPP3M", "DPMSolverPP2MSDE",
+           "DPMSolverPP3MSDE", "DPMSolverPP2S", "DPMSolverPP2SAncestral", "DPMSolverPPSDE", "DPM2", "DPM2Ancestral",
+           "multistep_order", "X0_QUANTITY", "check_finite_lambda", "check_order", "ddim_data", "ddim_eps",
+           "half_log_snr", "history_terms", "point_at_lambda", "ring_write"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +268,18 @@ class DPMSolverMultistep(Solver):
                             out_x=Out(x=a, h=h_coef, hist=hist, z=z), hist_write=ring_write(n, N, S),
                             noise_id=next(noise_ids) if z else -1, next_eval="x"))
         return rows
+
+
+@register("dpmpp_2m", "dpm_solver++_2m")
+class DPMSolverPP2M(DPMSolverMultistep):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2; k-diffusion sample_dpmpp_2m): the multistep
+    DPM-Solver++ of order 2 with the midpoint formula. The first step, and any step to sigma = 0,
+    is first order; ``lower_order_final`` also makes the last step first order when steps < 15
+    (diffusers' default; k-diffusion's is False)."""
+
+    def __init__(self, lower_order_final: bool = False):
+        super().__init__(order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                         lower_order_final=lower_order_final)
 
 
 @register("dpmpp_3m")

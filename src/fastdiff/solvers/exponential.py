@@ -1,25 +1,77 @@
-"""Exponential-integrator family, written with (alpha, sigma, lambda = log(alpha/sigma)): DDIM(eta),
-DDPM ancestral sampling, and DPM-Solver++(2M). These are exact for the linear part of the ODE and
-invariant to rescaling x, so one formula serves VP, VE and flow schedules alike.
+"""The exponential-integrator family's shared math, and its first-order members DDIM(eta) and DDPM.
+
+Exponential integrators are written with (alpha, sigma, lambda = log(alpha/sigma)): exact for the
+linear part of the probability-flow ODE and invariant to rescaling x, so one formula serves VP, VE
+and flow schedules alike. This module is the one home of the pieces they share: lambda
+(``half_log_snr``), the point at a given lambda (``point_at_lambda``), the first-order steps on the
+data and the noise prediction (``ddim_data``, ``ddim_eps``), DDIM's noise std. The multistep and
+singlestep DPM-Solvers (dpm_solver.py, including DPM-Solver++(2M)), DEIS and UniPC (multistep.py)
+and the adaptive driver build on them.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Tuple, Union
 
 import numpy as np
 
-from ..program import Out, Row
-from ..schedules import Grid
+from ..program import Out, Point, Row
+from ..schedules import Grid, Schedule
 from .base import Solver, check_choice, check_eta, grid_point, register
 
+X0_QUANTITY = (0.0, 1.0)   # (q_y, q_x0) of h = x0
 
-def _lambda(alpha: float, sigma: float) -> float:
-    if sigma == 0.0:
+
+# ---------------------------------------------------------------------------------------------
+# Shared math
+
+
+def half_log_snr(p: Point) -> float:
+    """lambda = log(alpha / sigma); +inf at the clean end, -inf where alpha = 0."""
+    if p.sigma == 0.0:
         return math.inf
-    if alpha == 0.0:
+    if p.alpha == 0.0:
         return -math.inf
-    return math.log(alpha) - math.log(sigma)
+    return math.log(p.alpha) - math.log(p.sigma)
+
+
+def point_at_lambda(grid: Union[Grid, Schedule], lam: float) -> Point:
+    """The (off-grid) point whose lambda is ``lam``, on a Grid or directly on a Schedule."""
+    ks = np.float64(math.exp(-lam))
+    if isinstance(grid, Grid):
+        t, a, s, mt = grid.point_at_ksigma(ks)
+        return Point(float(t), float(a), float(s), float(mt))
+    t, a, s = (float(v) for v in grid.point_at_ksigma(ks))
+    return Point(t, a, s, float(grid.model_time(t)))
+
+
+def check_finite_lambda(grid: Grid, name: str):
+    """Solvers that step in lambda from every grid point need alpha > 0 there."""
+    if not np.all(grid.alpha[:-1] > 0):
+        raise ValueError(f"{name} steps in log-SNR and needs alpha > 0 at every evaluated point; this grid starts "
+                         "at alpha = 0 (flow t = 1): pass t_max < 1 to make_grid")
+
+
+def ddim_data(p: Point, q: Point, eta: float = 0.0) -> Tuple[float, float, float]:
+    """(a, b, std) of the first-order data-prediction step x_q = a x + b x0 + std z:
+    a = sigma_q/sigma_p e^{-eta h}, b = alpha_q (1 - e^{-(1+eta) h}), std = sigma_q sqrt(1 - e^{-2 eta h})."""
+    if q.sigma == 0.0:
+        return 0.0, q.alpha, 0.0
+    h = half_log_snr(q) - half_log_snr(p)
+    a = q.sigma / p.sigma * (math.exp(-eta * h) if eta else 1.0)   # (h may be inf: alpha_p = 0)
+    b = -q.alpha * math.expm1(-(1.0 + eta) * h)
+    std = q.sigma * math.sqrt(-math.expm1(-2.0 * eta * h)) if eta else 0.0
+    return a, b, std
+
+
+def ddim_eps(p: Point, q: Point) -> Tuple[float, float]:
+    """(a, b) of the first-order noise-prediction step x_q = a x + b eps:
+    a = alpha_q/alpha_p, b = -sigma_q (e^h - 1), written so that sigma_q = 0 stays finite."""
+    a = q.alpha / p.alpha
+    if q.sigma == 0.0:
+        return a, -q.alpha * p.sigma / p.alpha      # sigma_q e^h = alpha_q sigma_p / alpha_p
+    h = half_log_snr(q) - half_log_snr(p)
+    return a, -q.sigma * math.expm1(h)
 
 
 def ddim_noise_std(a_t, s_t, a_s, s_s, eta):
@@ -81,37 +133,4 @@ class DDPM(Solver):
                 std = math.sqrt(max(var_ts, 0.0)) * math.hypot(q.alpha, q.sigma) / math.hypot(p.alpha, p.sigma)
             rows.append(Row(step=n, eval_at="x", point=p, q_y=0.0, q_x0=1.0,
                             out_x=Out(x=coef_xt, h=coef_x0, z=std), noise_id=n if std else -1, next_eval="x"))
-        return rows
-
-
-@register("dpmpp_2m", "dpm_solver++_2m")
-class DPMSolverPP2M(Solver):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; k-diffusion sample_dpmpp_2m): a multistep
-    second-order method on the data prediction. The first step, and any step to sigma = 0, is
-    first order; ``lower_order_final`` also makes the last step first order when steps < 15
-    (diffusers' default)."""
-
-    order = 2
-    num_slots = 1
-
-    def __init__(self, lower_order_final: bool = False):
-        self.lower_order_final = bool(lower_order_final)
-
-    def rows(self, grid: Grid) -> List[Row]:
-        rows = []
-        lam = [_lambda(float(a), float(s)) for a, s in zip(grid.alpha, grid.sigma)]
-        N = grid.steps
-        for n in range(N):
-            p, q = grid_point(grid, n), grid_point(grid, n + 1)
-            h = lam[n + 1] - lam[n]
-            phi = -math.expm1(-h)                 # 1 - e^{-h}
-            x_coef = q.sigma / p.sigma
-            first_order = (n == 0 or q.sigma == 0.0 or (self.lower_order_final and n == N - 1 and N < 15))
-            if first_order:
-                out = Out(x=x_coef, h=q.alpha * phi)
-            else:
-                r = (lam[n] - lam[n - 1]) / h
-                out = Out(x=x_coef, h=q.alpha * phi * (1.0 + 0.5 / r), hist=((0, -q.alpha * phi * 0.5 / r),))
-            rows.append(Row(step=n, eval_at="x", point=p, q_y=0.0, q_x0=1.0, out_x=out,
-                            hist_write=0 if n < N - 1 else -1, next_eval="x"))
         return rows

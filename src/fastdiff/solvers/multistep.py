@@ -23,9 +23,10 @@ from numpy.polynomial import Polynomial
 
 from ..program import Out, Row
 from ..schedules import Grid
-from .base import Solver, check_choice, check_space, derivative_quantity, eps_quantity, grid_point, ode_scale, ode_s, register
-from .dpm_solver import (X0_QUANTITY, check_finite_lambda, check_order, ddim_data, ddim_eps, half_log_snr,
-                         history_terms, multistep_order, ring_write)
+from .base import (Solver, check_choice, check_order, check_space, derivative_quantity, eps_quantity, grid_point,
+                   history_terms, ode_scale, ode_s, register, ring_write)
+from .dpm_solver import multistep_order
+from .exponential import X0_QUANTITY, check_finite_lambda, ddim_data, ddim_eps, half_log_snr
 
 
 def _lagrange_basis(nodes: Sequence[float], j: int):
@@ -169,7 +170,10 @@ class UniPC(Solver):
     not corrected, diffusers' option), B(h) by ``solver_type`` 'bh1' / 'bh2', on the data
     prediction (``predict_x0=True``) or the noise prediction. ``lower_order_final`` lowers the
     order to the number of steps left (diffusers' default); a step to sigma = 0 is first order.
-    With the corrector UniPC-k has order k + 1."""
+
+    ``order`` (the option, kept as ``solver_order``) is the predictor's order k, as diffusers'
+    ``solver_order``; the solver's ``order`` attribute is the method's: k + 1 with the corrector
+    (Zhao et al. 2023, Theorem 3.3; measured by tests/test_solver_zoo.py), k without it."""
 
     def __init__(self, order: int = 2, solver_type: str = "bh2", predict_x0: bool = True, use_corrector: bool = True,
                  disable_corrector: Sequence[int] = (), lower_order_final: bool = True):
