@@ -94,7 +94,8 @@ def _scheduler_entry(folder):
         return json.load(f)["scheduler"]
 
 
-_ABSENT = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, safety_checker=None,
+_ABSENT = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+               tokenizer_3=None, safety_checker=None,
                feature_extractor=None, image_encoder=None)
 
 
@@ -337,3 +338,125 @@ def test_pndm_unsupported_configurations_say_what():
         s.step(torch.zeros(1, 4), s.timesteps[2], torch.zeros(1, 4))
     with pytest.raises(NotImplementedError, match="prediction_type"):
         fd.PNDMScheduler(prediction_type="sample")
+
+
+def test_pndm_solver_variants_equal_the_textbook():
+    """fastdiff's pndm solver (skip warm-up, diffusers' v form) against its textbook oracle, float64."""
+    from fastdiff import Sampler
+    from fastdiff.models.gaussian_mixture import GaussianMixture
+    from fastdiff.schedules import DiscreteVP, make_grid
+    from fastdiff.textbook.pndm import sample_pndm
+    schedule = DiscreteVP(beta_schedule="scaled_linear")
+    for steps in (1, 2, 3, 4, 9):
+        grid = make_grid(schedule, steps, "leading", steps_offset=1)
+        for opts in ({"warmup": "skip"}, {"warmup": "skip", "quantity": "v"}, {"warmup": "prk", "quantity": "v"}):
+            for prediction in ("epsilon", "v_prediction"):
+                model = GaussianMixture.default(schedule, dim=6, prediction=prediction)
+                noise = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+                sampler = Sampler.build(solver="pndm", grid=grid, prediction=prediction, solver_options=opts,
+                                        state_dtype=torch.float64)
+                out = sampler(model, noise, backend="reference", progress=False)
+                ref = sample_pndm(model, noise * schedule.init_noise_scale(float(grid.alpha[0]), float(grid.sigma[0])),
+                                  grid, prediction, **opts)
+                err = float((out - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+                assert err < 1e-10, (steps, opts, prediction, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Must show: whole fp16 pipelines on every drop-in class
+
+
+FLOW = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+FP16_GRID = ([("sd", n) for n in sorted(fd.DROP_INS) if n not in FLOW] +
+             [("sdxl", n) for n in sorted(fd.DROP_INS) if n not in FLOW] + [("sd3", n) for n in sorted(FLOW)])
+
+
+def _class_config(name: str) -> dict:
+    """The class's config for SD latents, with clip_sample / thresholding on where it has them."""
+    import inspect
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters
+    config = {k: v for k, v in SD_SCHEDULER.items() if k in params}
+    for option in ("clip_sample", "thresholding"):
+        if option in params:
+            config[option] = True
+    if "noise_sampler_seed" in params:          # else diffusers seeds its Brownian tree at random
+        config["noise_sampler_seed"] = 0
+    return config
+
+
+def _sd3(scheduler, dtype=torch.float32):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.1,
+                                  scaling_factor=1.5).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                              tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                              text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype),
+              "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g).to(dtype),
+              "pooled_prompt_embeds": torch.randn(1, 8, generator=g).to(dtype),
+              "negative_pooled_prompt_embeds": torch.randn(1, 8, generator=g).to(dtype)}
+    return pipe, inputs
+
+
+BUILDERS = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3}
+
+
+@pytest.mark.parametrize("kind, name", FP16_GRID)
+def test_fp16_pipeline_end_to_end_on_every_drop_in(tmp_path, kind, name):
+    """fp16 weights and latents: the stock pipeline, a swap, ``accelerate``; saved after
+    ``accelerate`` and loaded by stock diffusers (stock scheduler) and by fastdiff (the drop-in).
+    The tolerance is the stock pipeline's own fp16 error: |stock fp16 - stock fp32| on the same
+    (fp16-valued) weights, x PEER_MARGIN."""
+    config = _class_config(name)
+    # (set after construction: StableDiffusionPipeline's constructor turns clip_sample off)
+    pipe, inputs = BUILDERS[kind](getattr(diffusers, name)(**config), torch.float16)
+    pipe.scheduler = getattr(diffusers, name)(**config)
+    steps = 4                                           # PNDM's Runge-Kutta warm-up needs 4
+    stock16 = _run(pipe, inputs, steps)
+    ref32, ref_inputs = BUILDERS[kind](getattr(diffusers, name)(**config), torch.float16)
+    ref32.scheduler = getattr(diffusers, name)(**config)
+    ref32.to(dtype=torch.float32)
+    stock32 = _run(ref32, {k: v.float() for k, v in ref_inputs.items()}, steps)
+    del ref32
+    assert stock16.dtype == torch.float16 or stock16.dtype == torch.float32
+    assert torch.isfinite(stock16).all()
+    tol = PEER_MARGIN * float((stock16.float() - stock32).abs().max()) + 2e-3     # + 2 ulps of fp16 at 1.0
+
+    def close(images, what):
+        err = float((images.float() - stock16.float()).abs().max())
+        assert images.dtype == stock16.dtype and err <= tol, f"{what}: max |diff| {err:.3g} > {tol:.3g}"
+
+    stock_scheduler = pipe.scheduler
+    pipe.scheduler = getattr(fd, name).from_config(stock_scheduler.config)         # a swap
+    for option in ("clip_sample", "thresholding"):
+        if option in config:
+            assert pipe.scheduler.config[option] is True
+    close(_run(pipe, inputs, steps), "swap")
+    pipe.scheduler = stock_scheduler
+    handle = fd.accelerate(pipe)                                                     # accelerate
+    assert type(pipe.scheduler) is getattr(fd, name)
+    accelerated = _run(pipe, inputs, steps)
+    close(accelerated, "accelerate")
+
+    pipe.save_pretrained(tmp_path)                                                   # saved, reloaded
+    handle.remove()
+    assert _scheduler_entry(tmp_path) == ["diffusers", name]
+    loaded = _load(tmp_path, torch_dtype=torch.float16)
+    assert type(loaded.scheduler) is getattr(diffusers, name)
+    # the saved scheduler config as it is (a loading SD pipeline turns clip_sample off again)
+    loaded.scheduler = getattr(diffusers, name).from_pretrained(tmp_path, subfolder="scheduler")
+    assert _stock_config(loaded.scheduler) == _stock_config(stock_scheduler)
+    torch.testing.assert_close(_run(loaded, inputs, steps), stock16, rtol=0, atol=0)
+    fd.accelerate(loaded)
+    assert type(loaded.scheduler) is getattr(fd, name)
+    torch.testing.assert_close(_run(loaded, inputs, steps), accelerated, rtol=0, atol=0)
