@@ -3,6 +3,7 @@
     from fastdiff.integrations import diffusers as fd
     pipe.scheduler = fd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     fd.accelerate(pipe)          # scheduler + attention processor + CFG fused into the step
+    pipe.save_pretrained(folder) # a stock diffusers folder; fastdiff: fd.accelerate(DiffusionPipeline.from_pretrained(folder))
 
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).

@@ -8,8 +8,9 @@
 Three independent parts, each optional:
 
 * ``scheduler``: the pipeline's scheduler is replaced by the fastdiff drop-in of the same class
-  and config (fastdiff.integrations.diffusers.schedulers); a config the drop-in cannot run raises
-  NotImplementedError naming the option (pass ``scheduler=False`` to keep diffusers' scheduler).
+  and config, exactly (fastdiff.integrations.diffusers.schedulers, ``pndm``; ``DROP_INS``); a
+  config the drop-in cannot run raises NotImplementedError naming the option (pass
+  ``scheduler=False`` to keep diffusers' scheduler).
 * ``attention``: the denoiser's attention modules that run AttnProcessor2_0 run
   FastdiffAttnProcessor instead (other processors, e.g. joint or rotary attention, are kept).
   ``"auto"`` (default) does so only where fastdiff has an attention kernel for the denoiser's
@@ -25,6 +26,12 @@ Three independent parts, each optional:
   Recording costs ~20 us of Python per step (benchmarks/diffusers_bench.py): on the CPU that is
   more than the eager formula at SD-1.5's latent and less at an SDXL batch; on a GPU it runs
   while the device works, and the formula's three kernels and their memory traffic are saved.
+
+Saving and loading: a drop-in records diffusers' library and class in ``model_index.json``, so
+``pipe.save_pretrained(folder)`` after a swap or ``accelerate`` writes a stock diffusers folder.
+Stock diffusers loads it with its own scheduler of the same config; fastdiff loads it with
+``accelerate(DiffusionPipeline.from_pretrained(folder))``, or the scheduler alone with
+``DiffusionPipeline.from_pretrained(folder, scheduler=fd.<Class>.from_pretrained(folder, subfolder="scheduler"))``.
 """
 from __future__ import annotations
 
