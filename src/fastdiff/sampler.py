@@ -215,8 +215,8 @@ class Sampler:
                 named += [(f"{prefix}[{k!r}]", v) for k, v in d.items()]
             for name, t in named:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
-                    raise ValueError(f"{name} requires grad, but sampling is not differentiable (the fused steps "
-                                     "have no backward): detach it, or call under torch.no_grad()")
+                    raise ValueError(f"{name} requires grad, but fastdiff's sampler is not differentiable (it "
+                                     "would return a wrong gradient): detach it, or call under torch.no_grad()")
         with torch.no_grad():
             return self._run(model, noise, cond, uncond, model_kwargs, generator, seed, noise_sampler, callback,
                              progress, backend, model_dtype, known, mask, check_finite, init_noise_scale, x_init)

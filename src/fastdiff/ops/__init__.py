@@ -190,9 +190,6 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
         _check_tensor("bad_row", bad_row, shape=(1,), dtype=torch.int32, device=dev)
     _check_writable("x", x)
     if not torch.compiler.is_compiling():   # (traced: checked when the op runs)
-        _check_no_grad("fastdiff.ops.fused_step", (("x", x), ("y", y), ("cond", cond), ("uncond", uncond),
-                                                   ("hist", hist), ("noise", noise), ("model_in", model_in),
-                                                   ("table", table)))
         _check_overlap((("x", x), ("y", y), ("hist", hist), ("model_in", model_in), ("bad_row", bad_row)),
                        (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table)))
         _check_finite_table(table, row)
@@ -232,6 +229,7 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
                model_in: Optional[torch.Tensor] = None, model_in_from_y: bool = False,
                bad_row: Optional[torch.Tensor] = None, backend: str = "auto") -> None:
     """Execute row ``row`` of a coefficient table, in place on x / y / hist / model_in.
+    Differentiable (on the reference backend) when an input requires grad in grad mode.
 
     cond/uncond: model outputs (the two CFG halves; uncond=None means no CFG; cond=None: the row
     does not use the model). noise: explicit noise, else (seed, noise_id >= 0) draws Philox noise
@@ -240,8 +238,39 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
     """
     args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
                           noise, seed, noise_id, model_in, model_in_from_y, bad_row)
+    if not torch.compiler.is_compiling() and _needs_grad(x, y, cond, uncond, hist, noise, model_in, table):
+        _reference_with_autograd(backend, args)
+        return
     tensors = [t for t in (x, table, y, cond, uncond, hist, noise, model_in) if t is not None]
     select("fused_step", backend, tensors, state_dtype=x.dtype).fused_step(*args)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _reference_with_autograd(backend: str, args) -> None:
+    """fused_step where autograd must see it: the reference backend's plain PyTorch math, which
+    autograd differentiates (its in-place writes are copies autograd records), so the gradient
+    with respect to x, y, cond, uncond, hist and noise is the transposed row. The compiled
+    backends have no backward: asking for one by name raises."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"fastdiff.ops.fused_step: an input requires grad, and only the reference backend "
+                         f"differentiates (got backend={backend!r}); pass backend='auto' or 'reference', or "
+                         "detach the inputs / run under torch.no_grad()")
+    (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
+     noise, seed, noise_id, model_in, model_in_from_y, bad_row) = args
+    if table.requires_grad:
+        raise ValueError("fastdiff.ops.fused_step: table requires grad, but the coefficients are not "
+                         "differentiable; detach it")
+    for name, t in (("x", x), ("y", y), ("hist", hist), ("model_in", model_in)):
+        if t is None:
+            continue
+        base = t if t._base is None else t._base
+        if base.requires_grad and base.is_leaf:
+            raise ValueError(f"fastdiff.ops.fused_step: {name} is written in place but is a leaf tensor that "
+                             f"requires grad (or a view of one); pass a clone ({name}.clone()) to differentiate")
+    BACKENDS["reference"].fused_step(*args)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float, *,

@@ -166,8 +166,8 @@ for _name in OPS:
 
 # ---------------------------------------------------------------------------------------------
 # Autograd. cfg_combine is linear: D = uncond + g (cond - uncond), so dD/dcond = g and
-# dD/duncond = 1 - g (without uncond, D = cond). fused_step has no backward: the public op refuses
-# inputs that require grad (it writes in place), as do the reductions' callers.
+# dD/duncond = 1 - g (without uncond, D = cond). fused_step needs no formula here: where an input
+# requires grad, fastdiff.ops.fused_step runs the reference row, whose PyTorch ops autograd records.
 
 def _cfg_combine_setup_context(ctx, inputs, output):
     cond, uncond, g, out_dtype, backend = inputs
