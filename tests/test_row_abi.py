@@ -4,7 +4,10 @@
 * its values equal the module's: parsed and evaluated here, and compiled with g++ as
   static_asserts for several K (what the kernels' compiler computes, not what a regex reads);
 * no other file in csrc/ writes a column offset (the literals the layout used to be spelled in),
-  and no other Python module declares a column constant or re-derives the table width.
+  and no other Python module declares a column constant or re-derives the table width;
+* the fused step's argument list (layout.STEP_ARGS) is the one every backend declares: the
+  reference, the public op, the custom op's schema and functions, the Triton launcher, the C++
+  and CUDA signatures and their pybind11 argument names.
 """
 from __future__ import annotations
 
@@ -173,3 +176,80 @@ def test_no_second_python_layout():
                     if re.search(pattern, code):
                         bad.append(f"{path.relative_to(REPO)}:{lineno}: {what}: {line.strip()}")
     assert not bad, "the row layout belongs in fastdiff/program/layout.py only:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused step's argument list: layout.STEP_ARGS, and every declaration of it diffed against it
+
+def _params(fn, drop=("self", "backend")):
+    import inspect
+    return tuple(p for p in inspect.signature(fn).parameters if p not in drop)
+
+
+def test_flag_arguments_are_the_row_flags():
+    names = layout.STEP_ARG_NAMES
+    assert tuple(n for n in names if n in layout.FLAG_ARG_NAMES) == layout.FLAG_ARG_NAMES
+    assert len(set(names)) == len(names)
+
+
+def test_python_declarations_match_step_args():
+    from fastdiff import ops
+    from fastdiff.ops import custom_ops, reference
+    decls = {
+        "fastdiff.ops.reference.fused_step": _params(reference.fused_step),
+        "fastdiff.ops.fused_step": _params(ops.fused_step),
+        "fastdiff.ops._validate_step": _params(ops._validate_step),
+        "custom_ops._fused_step_impl": _params(custom_ops._fused_step_impl),
+        "custom_ops._fused_step_fake": _params(custom_ops._fused_step_fake),
+        "custom_ops.TracedBackend.fused_step": _params(custom_ops.TracedBackend.fused_step),
+    }
+    for where, names in decls.items():
+        assert names == layout.STEP_ARG_NAMES, f"{where} takes {names}, the ABI is {layout.STEP_ARG_NAMES}"
+    assert custom_ops._SCHEMAS["fused_step"] == layout.step_schema(), \
+        "the custom op's schema differs from fastdiff.program.layout.step_schema()"
+
+
+def test_triton_launcher_matches_step_args():
+    pytest.importorskip("triton")
+    from fastdiff.kernels import fused_step as triton_fused_step
+    assert _params(triton_fused_step.fused_step) == layout.STEP_ARG_NAMES
+
+
+def _cpp_params(text: str, start: str):
+    """Parameter names of the C++ function whose declaration begins with ``start``."""
+    i = text.index(start) + len(start)
+    depth, j = 1, i
+    while depth:
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        j += 1
+    params = [p.strip() for p in text[i:j - 1].split(",")]
+    return tuple(re.findall(r"(\w+)\s*(?:=[^,]*)?$", p)[0] for p in params if p)
+
+
+def _pybind_args(text: str, op: str):
+    i = re.search(r'm\.def\(\s*"' + op + '"', text).end()
+    j = text.find("m.def(", i)
+    return tuple(re.findall(r'py::arg\("(\w+)"\)', text[i:j if j > 0 else None]))
+
+
+@pytest.mark.parametrize("path, start", [
+    ("csrc/ops.h", "void fused_step("),
+    ("csrc/cpu/ops.cpp", "void fused_step("),
+    ("csrc/cuda/torch_binding.cpp", "void fused_step("),
+])
+def test_cpp_signatures_match_step_args(path, start):
+    assert _cpp_params((REPO / path).read_text(), start) == layout.STEP_ARG_NAMES, path
+
+
+@pytest.mark.parametrize("path", ["csrc/bindings.cpp", "csrc/cuda/torch_binding.cpp"])
+def test_pybind_arguments_match_step_args(path):
+    assert _pybind_args((REPO / path).read_text(), "fused_step") == layout.STEP_ARG_NAMES, path
+
+
+def test_cuda_argument_struct_has_every_step_arg():
+    """csrc/cuda/launch.h's fastdiff_step_args carries each argument (tensors as [B, M] rows; the
+    table with its shape and strides; the CFG halves of model_in as a count)."""
+    text = (REPO / "csrc" / "cuda" / "launch.h").read_text()
+    body = text[text.index("typedef struct fastdiff_step_args {"):text.index("} fastdiff_step_args;")]
+    fields = set(re.findall(r"(\w+)\s*;", body))
+    assert set(layout.STEP_ARG_NAMES) <= fields, sorted(set(layout.STEP_ARG_NAMES) - fields)

@@ -16,6 +16,9 @@ A table has one row per pass of the fused step (see fastdiff.program for the for
 Row flags: the booleans of one row, as one bitmask (``Row.flags``). Kernels take them today as
 separate arguments (eval_y, write_x, write_y, model_in_from_y); ``unpack_flags`` gives those.
 
+The fused step's argument list (``STEP_ARGS``, and the custom-op schema built from it) is declared
+here too; tests/test_row_abi.py checks every backend's signature against it.
+
 Pure Python, no imports: a kernel module can import it without loading the rest of fastdiff.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ __all__ = [
     "COL_G", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_Z", "OUT_FIXED",
     "out_width", "table_width", "col_out_x", "col_out_y", "col_s_in", "col_out",
     "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL",
-    "pack_flags", "unpack_flags", "CONSTANTS", "FUNCTIONS",
+    "pack_flags", "unpack_flags", "STEP_ARGS", "STEP_ARG_NAMES", "FLAG_ARG_NAMES", "step_schema",
+    "CONSTANTS", "FUNCTIONS",
 ]
 
 # ---- table columns --------------------------------------------------------------------------
@@ -93,6 +97,25 @@ def unpack_flags(flags: int):
         raise ValueError(f"unknown row flag bits {flags & ~FLAG_ALL:#x}")
     return (bool(flags & FLAG_EVAL_Y), bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y),
             bool(flags & FLAG_MODEL_IN_FROM_Y))
+
+
+# ---- the fused step's arguments -------------------------------------------------------------
+# Every backend's fused_step takes these, in this order (fastdiff.ops.reference.fused_step is the
+# spec); the type is the torch custom-op schema's, with the buffers the step writes in place marked
+# (a!)..(e!). The four booleans are the row flags above, in unpack_flags' order.
+STEP_ARGS = (
+    ("table", "Tensor"), ("row", "int"), ("x", "Tensor(a!)"), ("y", "Tensor(b!)?"), ("cond", "Tensor?"),
+    ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_write", "int"), ("eval_y", "bool"), ("write_x", "bool"),
+    ("write_y", "bool"), ("noise", "Tensor?"), ("seed", "int"), ("noise_id", "int"), ("model_in", "Tensor(d!)?"),
+    ("model_in_from_y", "bool"), ("bad_row", "Tensor(e!)?"),
+)
+STEP_ARG_NAMES = tuple(name for name, _ in STEP_ARGS)
+FLAG_ARG_NAMES = ("eval_y", "write_x", "write_y", "model_in_from_y")   # unpack_flags' order
+
+
+def step_schema(name: str = "fused_step") -> str:
+    """The torch.library schema of the fused step (fastdiff.ops.custom_ops), backend name last."""
+    return f"{name}({', '.join(f'{t} {n}' for n, t in STEP_ARGS)}, str backend='auto') -> ()"
 
 
 # What the C/C++ mirror must declare (tests/test_row_abi.py): constants by value, functions of K.
