@@ -11,7 +11,7 @@ The packing of torch tensors into the C argument structs below mirrors csrc/cuda
 
 Tolerances: without noise the emulated kernel is bitwise equal to the reference (the same float32
 operations in the same order, no FMA). With Philox noise it is bitwise equal to the CPU backend
-(same step_math.h) and within NOISE_ULPS of the reference (torch's log/sin/cos).
+(same step_math.h) and within PHILOX_ULPS (fastdiff.check) of the reference (torch's log/sin/cos).
 """
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
 from fastdiff.ops import philox as P  # noqa: E402
 from fastdiff.ops import reductions, reference  # noqa: E402
 from fastdiff.ops.backends import load_extension  # noqa: E402
+from fastdiff.check import PHILOX_ULPS  # noqa: E402
 from fastdiff.program import table_width  # noqa: E402
 
 _C = load_extension()
 HAVE_CPU = not isinstance(_C, str)
-NOISE_ULPS = 4      # as tests/test_ops_cpu.py: |z_kernel - z_torch| <= 4 ulp
 # Philox noise vs the reference (torch's log/sin/cos): the CPU backend's tolerances.
 NOISE_TOL = {"state": dict(atol=2e-5, rtol=1e-5), torch.float32: dict(atol=2e-5, rtol=1e-5),
              torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
@@ -514,6 +514,6 @@ def test_philox(emu, numel):
     emu.fastdiff_emulate_philox_normal(z.data_ptr(), numel, seed, nid)
     assert bool(z[numel:].isnan().all()), "wrote past numel"
     ref = P.philox_normal((numel,), seed, nid)
-    assert bool(((z[:numel] - ref).abs() <= NOISE_ULPS * ulp32(ref)).all())
+    assert bool(((z[:numel] - ref).abs() <= PHILOX_ULPS * ulp32(ref)).all())
     if HAVE_CPU:
         assert torch.equal(z[:numel], _C.philox_normal([numel], seed, nid))

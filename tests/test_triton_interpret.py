@@ -10,9 +10,9 @@ this file again in such a subprocess (and the cases here are skipped); to run th
 Tolerances, stated once: float32 and float16 results equal the reference bit for bit (the
 kernels keep its order of operations and never contract into FMA); bfloat16 results may differ
 by 1 bf16 ulp (the interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest);
-Philox words are bit-equal; Philox normals are within PHILOX_ULPS of the reference (whose
-log/sin/cos come from libm; ours are the Cephes polynomials of csrc/step_math.h) and bit-equal to
-the C++ backend; attention's error against a float64 oracle is at most twice torch SDPA's error
+Philox words are bit-equal; Philox normals are within PHILOX_ULPS (fastdiff.check) of the
+reference (whose log/sin/cos come from libm; ours are the Cephes polynomials of csrc/step_math.h)
+and bit-equal to the C++ backend; attention's error against a float64 oracle is at most twice torch SDPA's error
 in the same dtype (flash-attention's rule), plus one output ulp for the bf16 truncation.
 
 Each interpreted program instance costs ~1 ms plus ~50 ms per 1024 Philox draws, so the shapes
@@ -28,11 +28,12 @@ import sys
 import pytest
 import torch
 
+from fastdiff.check import PHILOX_ULPS
+
 pytest.importorskip("triton")
 
 pytestmark = pytest.mark.triton
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-PHILOX_ULPS = 4   # largest distance to the reference seen over 2^20 draws: 3 ulp
 
 interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in test_cases_under_the_interpreter's "
                                                             "TRITON_INTERPRET=1 subprocess")
