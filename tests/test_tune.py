@@ -221,3 +221,18 @@ def test_tuned_grid_drives_stock_diffusers_and_the_drop_in():
     assert list(kw2) == ["timesteps"] and kw2["timesteps"] == sorted(kw2["timesteps"], reverse=True)
     dpm.set_timesteps(**kw2)
     assert len(dpm.timesteps) == grid.steps
+
+
+def test_cli_tune_writes_a_loadable_grid(tmp_path, capsys):
+    from fastdiff.cli import main
+    out = tmp_path / "g.json"
+    assert main(["tune", "--model", "mixture", "--solver", "ipndm", "--steps", "3", "--batch", "8",
+                 "--candidates", "10", "--max-evals", "10", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tuned 3 steps of ipndm" in text and "->" in text and f"wrote {out}" in text
+    g = tune.load_grid(out)
+    assert g.steps == 3 and np.all(np.diff(g.ksigma) < 0)
+    assert main(["tune", "--steps", "0", "--out", str(tmp_path / "h.json")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["tune", "--out", str(tmp_path / "missing" / "h.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -539,6 +539,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tune import run_from_args
+    return run_from_args(args)
+
+
 def cmd_generate(args) -> int:
     from .distributed import run_from_args
     return run_from_args(args)
@@ -607,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, built extensions, available backends")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("tune", help="time steps tuned to the model for a solver and step count (JSON grid file)",
+                       description="Tune the time steps of a deterministic solver to the shipped digits model (or the "
+                                   "analytic Gaussian mixture): dynamic programming over candidate points, then a "
+                                   "continuous refinement of the final error. See fastdiff.tune.")
+    from .tune import add_arguments as _tune_arguments
+    _tune_arguments(t)
+    t.set_defaults(func=cmd_tune)
 
     g = sub.add_parser("generate", help="N samples of the digits model into a folder, sharded over torchrun ranks, "
                                         "resumable; digits-FD at the end",
