@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from fastdiff import Guidance, Sampler, sample
+from fastdiff import Guidance, sample
 from fastdiff.models.gaussian_mixture import GaussianMixture
 from fastdiff.ops.backends import load_extension
 from fastdiff.program import table_width
