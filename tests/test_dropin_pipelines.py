@@ -266,13 +266,16 @@ def test_lazy_cfg_tensor_still_reaches_the_step_unevaluated():
 # Item 7: PNDMScheduler
 
 
-PNDM_GRID = [(skip, prediction, steps, one)
-             for skip in (True, False) for prediction in ("epsilon", "v_prediction") for steps in (1, 5, 20, 50)
-             for one in (False, True)]
+PNDM_GRID = [(skip, prediction, steps, one, offset)
+             for skip in (True, False) for prediction in ("epsilon", "v_prediction") for steps in (1, 4, 5, 20, 50)
+             for one in (False, True) for offset in (0, 1)]
 
 
-def _pndm_config(skip, prediction, one, **extra):
-    return dict(SD_SCHEDULER, skip_prk_steps=skip, prediction_type=prediction, set_alpha_to_one=one, **extra)
+def _pndm_config(skip, prediction, one, offset=1, **extra):
+    # steps_offset=0 (diffusers' default) ends at t = 0, and without set_alpha_to_one its last step
+    # goes to alphas_cumprod[0], the same noise level: the identity
+    return dict(SD_SCHEDULER, skip_prk_steps=skip, prediction_type=prediction, set_alpha_to_one=one,
+                **{**extra, "steps_offset": offset})
 
 
 def _trajectory(scheduler, steps, dtype, x_init, outputs):
@@ -285,9 +288,9 @@ def _trajectory(scheduler, steps, dtype, x_init, outputs):
     return xs
 
 
-@pytest.mark.parametrize("skip, prediction, steps, one", PNDM_GRID)
-def test_pndm_step_by_step_matches_stock(skip, prediction, steps, one):
-    config = _pndm_config(skip, prediction, one)
+@pytest.mark.parametrize("skip, prediction, steps, one, offset", PNDM_GRID)
+def test_pndm_step_by_step_matches_stock(skip, prediction, steps, one, offset):
+    config = _pndm_config(skip, prediction, one, offset)
     stock = diffusers.PNDMScheduler(**config)
     ours = fd.PNDMScheduler(**config)
     if not skip and steps < 4:           # diffusers' PRK warm-up needs 4 timesteps: the same error

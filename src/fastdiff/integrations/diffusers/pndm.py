@@ -27,8 +27,7 @@ import numpy as np
 from ...program import Point
 from ...solvers import get_solver
 from .base import FastdiffScheduler, Plan, drop_in
-from .schedulers import (DROP_INS, _check_prediction, _f64, _identity_tail, _StepIndexed, _unsupported, _vp_fold,
-                         _vp_grid, _vp_schedule)
+from .schedulers import DROP_INS, _check_prediction, _f64, _StepIndexed, _unsupported, _vp_fold, _vp_grid, _vp_schedule
 
 __all__ = ["PNDMScheduler"]
 
@@ -75,7 +74,9 @@ class PNDMScheduler(_StepIndexed, FastdiffScheduler, diffusers.PNDMScheduler):
         midpoints = None if skip else [(point(t - half), point(t - delta + half)) for t in ts[:3]]
         solver = get_solver("pndm", warmup="skip" if skip else "prk",
                             quantity="v" if prediction == "v_prediction" else "eps", midpoints=midpoints)
-        rows: List = _identity_tail(solver.rows(grid.without_tail()), grid)
+        # (the whole grid: a last step that does not lower the noise level, from t = 0 to
+        # final_alpha_cumprod = alphas_cumprod[0], is a step of the method, the identity)
+        rows: List = solver.rows(grid)
         fold = [_vp_fold(prediction, r.point.alpha, r.point.sigma, 0.0) for r in rows]
         return Plan(rows, fold, solver.num_slots)
 
