@@ -596,6 +596,13 @@ def test_item13_cfg_combine_bad_scale(backend, scale, exc):
     assert unchanged(snap)
 
 
+@pytest.mark.parametrize("g", [float("nan"), float("inf")])
+def test_item13_cfg_combine_custom_op_rejects_nonfinite_scale(g):
+    c = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.fastdiff.cfg_combine(c, None, g, None, "auto")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item13_cfg_combine_numpy_scale_accepted(backend):
     c, u = torch.randn(2, 3), torch.randn(2, 3)

@@ -90,8 +90,9 @@ def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, eval_y, w
 
 
 def _cfg_combine_impl(cond, uncond, g, out_dtype=None, backend="auto"):
-    from . import _check_tensor, _MODEL_DTYPES, select
+    from . import _check_tensor, _MODEL_DTYPES, as_real, select
     _check_tensor("cond", cond, dtypes=_MODEL_DTYPES)
+    g = as_real("guidance scale g", g)
     if uncond is not None:
         _check_tensor("uncond", uncond, shape=cond.shape, dtype=cond.dtype, device=cond.device)
     if out_dtype is not None and out_dtype not in _MODEL_DTYPES:
