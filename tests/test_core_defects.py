@@ -748,3 +748,11 @@ def test_item14_valid_shift_and_mu_still_work():
     b = make_grid(FlowMatching(), 8, mu=math.log(3.0))
     np.testing.assert_allclose(a.t, b.t, rtol=1e-12)
     assert np.all(np.diff(a.t) < 0)
+
+
+@pytest.mark.parametrize("ks", [[10.0, float("nan"), 0.0], [float("inf"), float("inf"), 1.0, 0.0]],
+                         ids=["nan", "inf twice"])
+def test_item14_grid_rejects_nan_and_repeated_levels(ks):
+    with pytest.raises(ValueError, match="Grid|strictly decrease"):
+        from fastdiff.schedules import Grid
+        Grid.from_ksigmas(DiscreteVP(zero_terminal_snr=True), np.array(ks))
