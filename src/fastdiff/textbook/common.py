@@ -27,6 +27,15 @@ def guided(cond_model: Callable, uncond_model: Callable, scale: float, conventio
     raise ValueError(f"unknown CFG convention {convention!r}; expected 'w' or '1+w'")
 
 
+def log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), the oracles' one definition: +inf where sigma = 0, -inf where alpha = 0."""
+    if sigma == 0.0:
+        return math.inf
+    if alpha == 0.0:
+        return -math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
 def noise_at(noise: NoiseSource, step: int) -> torch.Tensor:
     """The Gaussian draw of solver step ``step`` (each textbook sampler uses at most one per step)."""
     if noise is None:

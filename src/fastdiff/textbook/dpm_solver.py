@@ -16,22 +16,14 @@ from typing import Callable
 import torch
 
 from ..schedules import Grid
-from .common import denoise
-
-
-def _lam(alpha: float, sigma: float) -> float:
-    if sigma == 0.0:
-        return math.inf
-    if alpha == 0.0:
-        return -math.inf
-    return math.log(alpha / sigma)
+from .common import denoise, log_snr
 
 
 def sample_dpmpp_2m(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, noise=None,
                     lower_order_final: bool = False) -> torch.Tensor:
     alpha = [float(a) for a in grid.alpha]
     sigma = [float(s) for s in grid.sigma]
-    lam = [_lam(a, s) for a, s in zip(alpha, sigma)]
+    lam = [log_snr(a, s) for a, s in zip(alpha, sigma)]
     N = grid.steps
     old_denoised = None
     for i in range(N):

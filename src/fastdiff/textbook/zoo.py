@@ -30,7 +30,7 @@ import torch
 from numpy.polynomial import Polynomial
 
 from ..schedules import Grid
-from .common import ODECoordinates, denoise, noise_at
+from .common import ODECoordinates, denoise, log_snr, noise_at
 from .ode import sample_euler, sample_heun
 from .stochastic import get_ancestral_step
 
@@ -46,8 +46,7 @@ class _ExpGrid:
         self.model, self.grid, self.prediction = model, grid, prediction
         self.alpha = [float(a) for a in grid.alpha]
         self.sigma = [float(s) for s in grid.sigma]
-        self.lam = [math.inf if s == 0 else (-math.inf if a == 0 else math.log(a) - math.log(s))
-                    for a, s in zip(self.alpha, self.sigma)]
+        self.lam = [log_snr(a, s) for a, s in zip(self.alpha, self.sigma)]
 
     def x0(self, x, i):
         return denoise(self.model, x, self.alpha[i], self.sigma[i], float(self.grid.model_t[i]), self.prediction)
