@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -465,15 +465,15 @@ def _run_chunk(sampler, model, conditions, chunk: range, c: int, shape, seed: in
     from . import ops
     seeds = [sample_seed(seed, i) for i in chunk]
     noise = torch.stack([ops.philox_normal(shape, s, 0, device=device) for s in seeds])
-    noise_sampler = None
-    if stochastic:
-        def noise_sampler(row, x):
-            return torch.stack([ops.philox_normal(shape, s, row.noise_id + 1, device=device) for s in seeds])
+
+    def noise_sampler(row, x):       # a stochastic solver's draw k of sample i: noise_id k + 1 of its key
+        return torch.stack([ops.philox_normal(shape, s, row.noise_id + 1, device=device) for s in seeds])
     idx = torch.tensor(list(chunk), dtype=torch.int64)
     cond, uncond = conditions(idx) if conditions is not None else ({}, None)
     if isinstance(model, _CfgParallel):
         model.batch = len(chunk)
-    x = sampler(model, noise, cond=cond, uncond=uncond, noise_sampler=noise_sampler, progress=False)
+    x = sampler(model, noise, cond=cond, uncond=uncond, noise_sampler=noise_sampler if stochastic else None,
+                progress=False)
     if not writer:
         return
     sums = {}

@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .schedules import DiscreteVP, FlowMatching, Grid, Schedule, VESchedule, ContinuousVP, make_grid
+from .schedules import DiscreteVP, Grid, Schedule, VESchedule, make_grid
 
 __all__ = ["tune_grid", "TuneInfo", "dp_search", "save_grid", "load_grid", "tuned_grid", "TABLES",
            "sigmas_for_k_diffusion", "diffusers_kwargs", "reference_trajectory"]
@@ -225,15 +225,15 @@ def tune_grid(model: Callable, noise: torch.Tensor, *, solver: str, steps: int, 
         # damped later, and multistep errors interact): refine both the DP grid and the starting
         # spacing against the global error and keep the better.
         lowest = min(v for v in ks_c if v > 0)
-        objective = global_error
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=max_evals * len(starts), desc="tune: refinement", leave=False)
 
-            def objective(ks):
+        def objective(ks):
+            if bar is not None:
                 bar.update(1)
-                return global_error(ks)
+            return global_error(ks)
         starts = [_refine(ks, lowest, objective, max_evals) for ks in starts]
         if bar is not None:
             bar.close()
