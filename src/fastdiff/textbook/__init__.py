@@ -19,6 +19,7 @@ Use ``guided`` for CFG.
 from .common import ODECoordinates, denoise, guided  # noqa: F401
 from .ddpm_ddim import sample_ddim, sample_ddpm
 from .dpm_solver import sample_dpmpp_2m
+from .ipndm import sample_ipndm
 from .pndm import sample_pndm
 from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
 from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
@@ -38,6 +39,7 @@ ORACLES = {
     "euler_maruyama": sample_euler_maruyama,
     "heun_sde": sample_heun_sde,
     "pndm": sample_pndm,
+    "ipndm": sample_ipndm,
 }
 
 __all__ = ["ORACLES", "guided", "denoise", "ODECoordinates"] + sorted(
