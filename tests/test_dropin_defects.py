@@ -358,3 +358,28 @@ def test_item8_step_output_types_match_diffusers(name):
             assert type(o) is tuple and len(o) == len(r), f"{type(o)} of length {len(o)}; diffusers: {len(r)}"
             assert all(type(v) is torch.Tensor for v in o)
             xr, xo = r[0], o[0]
+
+
+def test_item3_rejected_call_with_a_new_guidance_scale_changes_nothing():
+    """A lazy CFG output with a new scale rewrites the table's g column; a call that then fails
+    must restore it."""
+    from fastdiff.integrations.diffusers.cfg import tag_model_output
+    s, clean = _fresh(fd, "DPMSolverMultistepScheduler"), _fresh(fd, "DPMSolverMultistepScheduler")
+    for sch in (s, clean):
+        sch.set_timesteps(4)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(SHAPE, generator=g)
+    both = [torch.randn((2,) + SHAPE[1:], generator=g) for _ in range(4)]
+
+    def lazy(i, scale):
+        u, c = tag_model_output(both[i]).chunk(2)
+        return u + scale * (c - u)
+
+    xs, xc = x, x
+    for i in range(4):
+        if i == 1:
+            with pytest.raises((ValueError, TypeError)):      # a new scale, and an integer sample
+                s.step(lazy(i, 9.0), s.timesteps[i], xs.to(torch.int32))
+        xs = s.step(lazy(i, 3.0), s.timesteps[i], xs).prev_sample
+        xc = clean.step(lazy(i, 3.0), clean.timesteps[i], xc).prev_sample
+    assert torch.equal(xs, xc)

@@ -42,6 +42,8 @@ from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
 
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
 
 @dataclass
 class Plan:
@@ -125,6 +127,7 @@ class _Run:
         self.table = torch.from_numpy(program.table).to(self.device)
         self._x0_table = None
         self.g = 1.0                           # the CFG scale currently in the table's g column
+        self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
         probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
         self.fused = ops.prepare_fused_step(self.x, table=self.table, y=self.y, cond_like=probe, hist=self.hist,
                                             model_in=probe, backend=backend)
@@ -339,6 +342,12 @@ class FastdiffScheduler:
         x0 = torch.promote_types(torch.float32, model_dtype) if self._x0_dtype == "promote_f32" else promoted
         return out, x0
 
+    def _checked_dtypes(self, sample_dtype: torch.dtype, model_dtype: torch.dtype):
+        for what, dtype in (("sample", sample_dtype), ("model_output", model_dtype)):
+            if dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{what} must be a float16, bfloat16, float32 or float64 tensor, got {dtype}")
+        return self._result_dtypes(sample_dtype, model_dtype)
+
     def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
         """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
         here, transformed, and given to the rows compiled for D = x0."""
@@ -434,6 +443,7 @@ class FastdiffScheduler:
             self._fd_run = run
             if run is not None:
                 run.program, run.key, run.table, run._x0_table, run.g = fields
+                run.table[:, COL_G] = run.g          # (set_g writes the table in place)
             raise
 
     def _fd_step_unsafe(self, model_output, timestep, sample, generator, variance_noise, return_dict, key, x0):
@@ -454,18 +464,18 @@ class FastdiffScheduler:
         else:
             cond, uncond, g = _unpack(model_output)
         shape = run.shape
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
-            raise TypeError(f"sample must be a floating-point torch.Tensor, got "
-                            f"{sample.dtype if isinstance(sample, torch.Tensor) else type(sample).__name__}")
-        if not cond.is_floating_point():
-            raise TypeError(f"model_output must be floating point, got {cond.dtype}")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a floating-point torch.Tensor, got {type(sample).__name__}")
+        dtypes = run.dtypes.get((sample.dtype, cond.dtype))      # (validates both dtypes too)
+        if dtypes is None:
+            dtypes = run.dtypes[(sample.dtype, cond.dtype)] = self._checked_dtypes(sample.dtype, cond.dtype)
+        out_dtype, x0_dtype = dtypes
         if sample.shape != shape or cond.shape != shape:
             what, got = ("sample", sample.shape) if sample.shape != shape else ("model_output", cond.shape)
             raise ValueError(f"{what} has shape {tuple(got)}, but this run's samples have shape {tuple(shape)} "
                              f"(model_output must have the shape of sample; call set_timesteps() for a new run)")
-        if sample.device != run.device or cond.device != run.device:
-            raise ValueError(f"sample and model_output must be on {run.device}, this run's device; got "
-                             f"{sample.device} and {cond.device}")
+        if cond.device != run.device:      # (sample is copied in from any device)
+            raise ValueError(f"model_output must be on {run.device}, this run's device; got {cond.device}")
         if type(timestep) is torch.Tensor and timestep.is_cpu and timestep.numel() == 1:
             if self._float_timesteps and not timestep.is_floating_point():
                 self._reject_integer_timestep()
@@ -475,7 +485,6 @@ class FastdiffScheduler:
             self._check_number_timestep(timestep, run, i)
 
         hist_write, eval_y, write_x, write_y, returns_y, draws = run.program.args[k]
-        out_dtype, x0_dtype = self._result_dtypes(sample.dtype, cond.dtype)
         model_dtype = cond.dtype
         E = run.y if eval_y else run.x
         E.copy_(sample)                  # read every call: no cached copy of the caller's tensor is trusted
