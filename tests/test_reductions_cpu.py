@@ -329,3 +329,23 @@ def test_extension_rejects_non_cpu_tensors():
         _C.per_sample_norm(m)
     with pytest.raises(ValueError, match="CPU tensor"):
         _C.cfg_rescale(m, m, 2.0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: never a silently cut graph (issue 12 item 10)
+
+
+@pytest.mark.parametrize("op", ["cfg_rescale", "dynamic_threshold", "per_sample_norm"])
+def test_reductions_differentiate_or_refuse(op):
+    gen = seeded("grad", op)
+    c = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    u = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    fn = {"cfg_rescale": lambda c, u, **k: R.cfg_rescale(c, u, 3.0, 0.7, **k),
+          "dynamic_threshold": lambda c, u, **k: R.dynamic_threshold(c * 3, 0.9, 2.0, **k),
+          "per_sample_norm": lambda c, u, **k: R.per_sample_norm(c + u, **k)}[op]
+    # auto: the differentiable implementation, gradients checked numerically
+    assert torch.autograd.gradcheck(lambda c, u: fn(c, u), (c, u))
+    with pytest.raises(ValueError, match="has no backward"):      # the module is skipped without _C
+        fn(c, u, backend="cpu")
+    with torch.no_grad():
+        fn(c, u, backend="cpu")              # without grad the kernel runs as always

@@ -100,6 +100,13 @@ def reference_per_sample_norm(x: torch.Tensor) -> torch.Tensor:
 def _backend(op: str, backend: str, tensors):
     # Imported here: fastdiff.ops.backends imports this module for the reference implementations.
     from .backends import select
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # Only the plain-PyTorch implementation has a backward; a kernel would silently cut the
+        # graph (a gradient of zero through this op), which is worse than an error.
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"{op}: backend {backend!r} has no backward and an input requires grad; use "
+                             "backend='auto' or 'reference' (differentiable), or call it under torch.no_grad()")
+        backend = "reference"
     return select(op, backend, tensors)
 
 
