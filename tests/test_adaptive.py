@@ -334,3 +334,13 @@ def test_pc_bad_input():
         sample_pc(gm, noise, schedule=schedule, norm="l1")
     with pytest.raises(ValueError, match="unknown solver"):
         sample_pc(gm, noise, schedule=schedule, predictor="nope")
+
+
+@pytest.mark.parametrize("seed, err", [(1.7, TypeError), ("5", TypeError), (True, TypeError), (-1, ValueError)])
+def test_adaptive_seed_must_be_an_integer(seed, err):
+    from fastdiff.adaptive import sample_dpm_adaptive
+    from fastdiff.schedules import VESchedule
+    sched = VESchedule(0.002, 80.0)
+    with pytest.raises(err, match="seed"):
+        sample_dpm_adaptive(lambda x, t: x * 0, torch.zeros(2, 3), schedule=sched, prediction="sample", eta=0.5,
+                            seed=seed)

@@ -289,7 +289,8 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
     pid = PIDController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     if eta and noise_sampler is None and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    seed = 0 if seed is None else int(seed)
+    from .ops import as_int
+    seed = 0 if seed is None else as_int("seed", seed, 0, 2 ** 64)
 
     K = order - 1
     y, hist = torch.empty_like(x), torch.zeros((K,) + x.shape, dtype=x.dtype, device=x.device)
