@@ -235,3 +235,26 @@ def test_cli_tune_writes_a_loadable_grid(tmp_path, capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["tune", "--out", str(tmp_path / "missing" / "h.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tuned_grid_in_the_euler_drop_in_matches_stock():
+    diffusers = pytest.importorskip("diffusers")
+    from conftest import assert_close_to_peer, peer_tolerance
+    from fastdiff.integrations import diffusers as fd
+    sched = DiscreteVP()
+    gm = GaussianMixture.default(sched, dim=3, prediction="epsilon", seed=2)
+    grid = tune.tune_grid(gm, _noise(16, 3), solver="euler", steps=4, schedule=sched, prediction="epsilon",
+                          candidates=12, max_evals=30, method="refine")
+
+    def run(s, dtype):
+        s.set_timesteps(**tune.diffusers_kwargs(grid, s))
+        x = (_noise(6, 9) * s.init_noise_sigma).to(dtype)
+        for t in s.timesteps:
+            eps = 0.3 * s.scale_model_input(x, t) + 0.1           # any smooth model
+            x = s.step(eps, t, x).prev_sample
+        return x
+
+    stock32 = run(diffusers.EulerDiscreteScheduler(), torch.float32)
+    stock64 = run(diffusers.EulerDiscreteScheduler(), torch.float64)
+    ours = run(fd.EulerDiscreteScheduler(), torch.float32)
+    assert_close_to_peer(ours, stock32, peer_tolerance(stock32, stock64), "drop-in on the tuned grid")
