@@ -296,15 +296,14 @@ def test_item6_step_without_set_timesteps_follows_stock(name):
 def test_item6_set_timesteps_1000(name, order):
     """diffusers' 1000-step linspace schedule repeats timestep 500: a zero-length step. At order 1
     diffusers takes it as the identity (a defined result: follow it); at higher orders its own
-    result is NaN or an error (fastdiff: a short error). UniPC at order 1: not reproduced (its
-    corrector around the repeated level), a short error."""
+    result is NaN or an error (fastdiff: a short error)."""
     config = {"solver_order": order}
     ref, ours = _fresh(diffusers, name, config), _fresh(fd, name, config)
     for s in (ref, ours):
         s.set_timesteps(1000)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(SHAPE, generator=g)
-    if order > 1 or name == "UniPCMultistepScheduler":
+    if order > 1:
         with pytest.raises(ValueError) as info:
             ours.step(torch.randn(SHAPE), ours.timesteps[0], x)
         assert len(str(info.value)) <= MAX_MESSAGE, f"{len(str(info.value))}-character message"
@@ -383,3 +382,24 @@ def test_item3_rejected_call_with_a_new_guidance_scale_changes_nothing():
         xs = s.step(lazy(i, 3.0), s.timesteps[i], xs).prev_sample
         xc = clean.step(lazy(i, 3.0), clean.timesteps[i], xc).prev_sample
     assert torch.equal(xs, xc)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("UniPCMultistepScheduler", {"solver_order": 1, "disable_corrector": [498, 500]}),   # around the repeat
+    ("DPMSolverMultistepScheduler", {"solver_order": 1, "algorithm_type": "sde-dpmsolver++"}),
+])
+def test_item6_set_timesteps_1000_first_order_variants(name, config):
+    ref, ours = _fresh(diffusers, name, config), _fresh(fd, name, config)
+    for s in (ref, ours):
+        s.set_timesteps(1000)
+    g = torch.Generator().manual_seed(7)
+    gens = [torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)]
+    kw = [{"generator": gens[0]}, {"generator": gens[1]}] if "sde" in str(config) else [{}, {}]
+    xr = xo = torch.randn(SHAPE, generator=g)
+    scale = float(xr.abs().max())
+    for t in ref.timesteps:
+        e = torch.randn(SHAPE, generator=g)
+        xr, xo = ref.step(e, t, xr, **kw[0]).prev_sample, ours.step(e, t, xo, **kw[1]).prev_sample
+        scale = max(scale, float(xr.abs().max()))
+    assert torch.isfinite(xr).all()
+    assert_close_to_peer(xo, xr, dtype_tolerance(torch.full(SHAPE, scale), ops=64), "after 1000 steps")

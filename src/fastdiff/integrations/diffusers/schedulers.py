@@ -675,6 +675,42 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
         return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict)
 
 
+def _unipc_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
+    """First-order UniPC rows of a grid that left out repeated noise levels, with diffusers' calls
+    there: at a zero-length step j diffusers applies the corrector of step j - 1 (with the model
+    output of call j) and predicts the identity; call j + 1 corrects that by the identity (its
+    step size is 0) and predicts the next step from the model output of call j + 1. So row j of
+    the grid splits in two: its corrector (out_x, also written to y), then its predictor (out_y
+    with the corrector taken out: out_y = a * out_x + b * D)."""
+    if not grid.repeats:
+        return rows
+    out, real = [], iter(rows)
+    pending = next(real)
+    calls = len(rows) + len(grid.repeats)
+    for call in range(calls):
+        if call not in grid.repeats:
+            out.append(replace(pending, step=call))
+            pending = next(real, None)
+            continue
+        r = pending
+        corrected = r.out_x if r.out_x is not None else Out(x=1.0)      # (a disabled corrector: Out(y=1))
+        ok = r.out_y is not None and r.next_eval == "y" and r.out_y.z == 0.0 and (corrected.x or corrected.y) \
+            and call + 1 not in grid.repeats
+        if ok:
+            a = r.out_y.x / corrected.x if corrected.x else r.out_y.y / corrected.y
+            b = r.out_y.h - a * corrected.h
+            close = lambda u, v: math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)  # noqa: E731
+            want = dict((j, a * v) for j, v in corrected.hist)
+            ok = close(r.out_y.x, a * corrected.x) and close(r.out_y.y, a * corrected.y) and \
+                all(close(v, want.get(j, 0.0)) for j, v in r.out_y.hist) and len(r.out_y.hist) >= len(want)
+        if not ok:
+            raise ValueError(f"this run's schedule repeats a noise level at call {call} (a zero-length step), which "
+                             "fastdiff's UniPC does not take there; choose another number of steps or timestep spacing")
+        out.append(replace(r, step=call, out_y=corrected, next_eval="y"))
+        pending = replace(r, eval_at="y", out_x=Out(x=1.0), out_y=Out(x=a, h=b), next_eval="y")
+    return out
+
+
 @drop_in(diffusers.UniPCMultistepScheduler)
 class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepScheduler):
     """UniPC (fastdiff ``unipc``): UniP predictor and UniC corrector, bh1 / bh2, orders 1-3.
@@ -692,13 +728,15 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
 
     def _plan(self, start: int) -> Plan:
         c = self.config
-        grid, fold = _multistep_grid(self, start, hint=" (diffusers' own UniPC result is NaN there at solver_order >= 2; "
-                                                       "fastdiff's UniPC does not take it at any order)")
+        grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         disabled = [int(d) - start for d in c.disable_corrector if int(d) >= start]
+        # (on a grid without repeated levels: steps after a zero-length one move down; the
+        # corrector of a zero-length step is the identity anyway)
+        disabled = [d - sum(j < d for j in grid.repeats) for d in disabled if d not in grid.repeats]
         solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
                             disable_corrector=disabled, lower_order_final=c.lower_order_final)
         try:
-            rows = solver.rows(grid)
+            rows = _unipc_identity_steps(solver.rows(grid), grid)
         except ZeroDivisionError:
             if not grid.tail:
                 raise
