@@ -39,6 +39,15 @@ given generator, same shape, dtype and order), so stochastic schedulers give the
 for the same generator. Options the drop-in cannot reproduce raise ``NotImplementedError``
 naming the option, at construction (or at ``step`` for step arguments).
 
+``step`` returns what diffusers' ``step`` returns: its own output class (``DDIMSchedulerOutput``,
+``SchedulerOutput``, ...) or, with ``return_dict=False``, a plain tuple; prev_sample and
+pred_original_sample have the dtypes diffusers' arithmetic gives (``_out_dtype`` / ``_x0_dtype``
+per class, e.g. the model output's for the Euler family, the sample's for UniPC). Where diffusers
+steps without ``set_timesteps`` (DDPM, the Euler family, flow Euler) so does the drop-in. A noise
+level repeated inside the schedule (diffusers' 1000-step 'linspace' timesteps repeat 500) is a
+zero-length step: at solver_order=1 both take it as the identity; at higher orders diffusers'
+own result is NaN and the drop-in raises.
+
 Not reproduced (NotImplementedError naming the option): EDM churn (``s_churn > 0``), learned
 variances, ``sde-dpmsolver``, UniPC's ``solver_p``, flow ``invert_sigmas`` /
 ``per_token_timesteps``.
@@ -133,8 +142,8 @@ def _grid(schedule, t, alpha, sigma, levels, allow_repeats: bool = False, hint: 
     keep = np.ones(len(levels), dtype=bool)
     keep[[j + 1 for j in repeats]] = False
     t = np.asarray(t, dtype=np.float64)[keep]
-    return _DiffusersGrid(schedule, t, np.asarray(alpha, dtype=np.float64)[keep], np.asarray(sigma, dtype=np.float64)[keep],
-                          t, tail=tail, repeats=repeats)
+    alpha, sigma = np.asarray(alpha, dtype=np.float64)[keep], np.asarray(sigma, dtype=np.float64)[keep]
+    return _DiffusersGrid(schedule, t, alpha, sigma, t, tail=tail, repeats=repeats)
 
 
 def _with_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
@@ -762,7 +771,8 @@ class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler
         c = self.config
         grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         solver = get_solver("deis", order=c.solver_order, lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15))
-        return Plan(_with_identity_steps(solver.rows(grid), grid), fold, solver.num_slots, x0_transform=_x0_transform(c))
+        rows = _with_identity_steps(solver.rows(grid), grid)
+        return Plan(rows, fold, solver.num_slots, x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, return_dict=True):
         return self._fd_step(model_output, timestep, sample, None, None, return_dict)
