@@ -27,7 +27,6 @@ from fastdiff.textbook.zoo import ZOO_ORACLES
 
 #: Solvers judged against their textbook form by another test file: name -> where.
 COVERED_ELSEWHERE: Dict[str, str] = {name: "tests/test_solver_zoo.py" for name in ZOO_ORACLES}
-COVERED_ELSEWHERE["ipndm"] = "tests/test_tune.py::test_ipndm_program_equals_textbook"
 
 TOL = 1e-10          # max |program - textbook| / max(1, max |textbook|), for well-conditioned grids
 SHAPE = (3, 2, 3)    # a batch of 3 samples of 6 elements, not flat, to catch reshaping slips
