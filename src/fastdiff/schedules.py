@@ -20,11 +20,17 @@ import numpy as np
 
 __all__ = [
     "Schedule", "DiscreteVP", "ContinuousVP", "VESchedule", "FlowMatching", "Grid", "make_grid",
-    "SPACINGS", "ksigma_to_lambda", "lambda_to_ksigma", "rescale_zero_terminal_snr", "time_shift",
+    "SPACINGS", "COMFY_SPACINGS", "ksigma_to_lambda", "lambda_to_ksigma", "rescale_zero_terminal_snr", "time_shift",
 ]
 
 SPACINGS = ("uniform", "quadratic", "cosine", "leading", "trailing", "linspace", "karras",
             "exponential", "logsnr")
+
+#: ComfyUI's schedulers under their ComfyUI names (fastdiff.comfy_schedulers; make_grid dispatches there).
+#: Kept apart from SPACINGS: several read a model's own sigma table or a model-specific published table.
+COMFY_SPACINGS = ("simple", "sgm_uniform", "normal", "ddim_uniform", "beta", "linear_quadratic", "kl_optimal",
+                  "laplace", "polyexponential", "sd_turbo", "align_your_steps", "gits", "optimal_steps",
+                  "flux", "flux2")
 
 
 def ksigma_to_lambda(ks):
@@ -403,21 +409,36 @@ def exponential_ksigmas(n: int, ks_min: float, ks_max: float) -> np.ndarray:
 
 
 def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: str = "zero",
-              rho: float = 7.0, shift: float = 1.0, mu: Optional[float] = None,
-              steps_offset: int = 0, t_max: Optional[float] = None, t_min: Optional[float] = None) -> Grid:
+              rho: Optional[float] = None, shift: float = 1.0, mu: Optional[float] = None,
+              steps_offset: int = 0, t_max: Optional[float] = None, t_min: Optional[float] = None,
+              **options) -> Grid:
     """Build the sampling grid of ``steps`` steps.
 
     spacing: ``uniform`` / ``quadratic`` / ``cosine`` (in the schedule's time), ``leading`` /
     ``trailing`` / ``linspace`` (diffusers' integer timesteps), ``karras`` (rho-spaced ksigma),
     ``exponential`` = ``logsnr`` (uniform in log ksigma, i.e. in logSNR). ``auto`` picks
     ``leading`` for DiscreteVP, ``karras`` for VE, ``uniform`` otherwise.
-    ``shift``/``mu`` apply the flow-matching time shift (FlowMatching only).
+    ``shift``/``mu`` apply the flow-matching time shift (FlowMatching only). ``rho``: karras' rho
+    (default 7).
+
+    ComfyUI's schedulers, under ComfyUI's names (``COMFY_SPACINGS``): ``simple``, ``sgm_uniform``,
+    ``normal``, ``ddim_uniform``, ``beta``, ``linear_quadratic``, ``kl_optimal``, ``laplace``,
+    ``polyexponential``, ``sd_turbo``, ``align_your_steps``, ``gits``, ``optimal_steps``, ``flux``,
+    ``flux2``; their keyword ``options`` (``alpha``/``beta``, ``model``, ``coeff``,
+    ``image_seq_len`` ...) and what they mean on each schedule: ``fastdiff.comfy_schedulers``.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastdiff Schedule, got {type(schedule).__name__}")
-    rho = _real("rho", rho, 0.0, math.inf, lo_open=True, hi_open=True)
+    if spacing in COMFY_SPACINGS:
+        from .comfy_schedulers import comfy_grid
+        return comfy_grid(schedule, steps, spacing, final=final, rho=rho, shift=shift, mu=mu, t_min=t_min,
+                          t_max=t_max, **options)
+    if options:
+        raise TypeError(f"make_grid() got unexpected keyword argument(s) {', '.join(map(repr, sorted(options)))} "
+                        f"(spacing options belong to the ComfyUI spacings: {', '.join(COMFY_SPACINGS)})")
+    rho = _real("rho", 7.0 if rho is None else rho, 0.0, math.inf, lo_open=True, hi_open=True)
     steps_offset = _integer("steps_offset", steps_offset, 0)
     shifted = mu is not None or _real("shift", shift, 0.0, math.inf, lo_open=True, hi_open=True) != 1.0
     if shifted:
@@ -425,7 +446,7 @@ def make_grid(schedule: Schedule, steps: int, spacing: str = "auto", *, final: s
     if spacing == "auto":
         spacing = {DiscreteVP: "leading", VESchedule: "karras"}.get(type(schedule), "uniform")
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS + COMFY_SPACINGS)}")
     if shifted and not (isinstance(schedule, FlowMatching)
                                                  and spacing in ("uniform", "quadratic", "cosine")):
         raise ValueError(f"shift/mu apply to FlowMatching schedules with the uniform, quadratic or cosine "

@@ -98,6 +98,9 @@ __all__ = [
     "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde",
     "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp",
+    "get_sigmas_simple", "get_sigmas_sgm_uniform", "get_sigmas_normal", "get_sigmas_ddim_uniform", "get_sigmas_beta",
+    "get_sigmas_linear_quadratic", "get_sigmas_kl_optimal", "get_sigmas_laplace", "get_sigmas_sd_turbo",
+    "get_sigmas_align_your_steps", "get_sigmas_gits", "get_sigmas_optimal_steps", "get_sigmas_flux", "get_sigmas_flux2",
     "append_zero", "to_d", "get_ancestral_step", "default_noise_sampler",
     "BatchedBrownianTree", "BrownianTreeNoiseSampler",
 ]
@@ -563,6 +566,98 @@ def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
     _check_count(n)
     schedule = ContinuousVP(beta_min=beta_min, beta_max=beta_min + beta_d, t_min=eps_s, t_max=1.0)
     return _sigmas_tensor(schedule.ksigma(np.linspace(1.0, eps_s, n)), device)
+
+
+# ComfyUI's schedulers (comfy/samplers.py SCHEDULER_HANDLERS and its scheduler nodes), computed in
+# float64 by fastdiff.comfy_schedulers. ``model_sampling``: None (Stable Diffusion's discrete
+# schedule), a fastdiff Schedule, ComfyUI's model_sampling (its ``.sigmas`` table) or an ascending
+# 1-D table of the model's training noise levels.
+
+
+def _comfy(spacing, n, device, model_sampling=None, **options):
+    from ..comfy_schedulers import comfy_sigmas
+    _check_count(n)
+    values = comfy_sigmas(spacing, int(n), model_sampling, **options)
+    return torch.from_numpy(values).to(torch.get_default_dtype()).to(device)
+
+
+def get_sigmas_simple(n, model_sampling=None, device='cpu'):
+    """ComfyUI's ``simple``: every (T/n)-th level of the model's sigma table from the top, with a final 0."""
+    return _comfy("simple", n, device, model_sampling)
+
+
+def get_sigmas_sgm_uniform(n, model_sampling=None, device='cpu'):
+    """ComfyUI's ``sgm_uniform``: ``normal`` over n + 1 timesteps with the last dropped, then a final 0."""
+    return _comfy("sgm_uniform", n, device, model_sampling)
+
+
+def get_sigmas_normal(n, model_sampling=None, device='cpu'):
+    """ComfyUI's ``normal``: n levels uniform in the model's timestep from sigma_max to sigma_min, with a final 0."""
+    return _comfy("normal", n, device, model_sampling)
+
+
+def get_sigmas_ddim_uniform(n, model_sampling=None, device='cpu'):
+    """ComfyUI's ``ddim_uniform``: table levels 1, 1 + T//n, ... (descending), with a final 0; as in
+    ComfyUI that is ceil((T - 1) / (T // n)) levels, which can exceed n."""
+    return _comfy("ddim_uniform", n, device, model_sampling)
+
+
+def get_sigmas_beta(n, model_sampling=None, alpha=0.6, beta=0.6, device='cpu'):
+    """ComfyUI's ``beta`` (arXiv 2407.12173): table levels at the Beta(alpha, beta) quantiles of
+    1 - i/n, rounded to indices, repeats dropped, with a final 0."""
+    return _comfy("beta", n, device, model_sampling, alpha=alpha, beta=beta)
+
+
+def get_sigmas_linear_quadratic(n, model_sampling=None, threshold_noise=0.025, linear_steps=None, device='cpu'):
+    """ComfyUI's ``linear_quadratic`` (Mochi): n + 1 levels from the model's sigma_max to 0."""
+    return _comfy("linear_quadratic", n, device, model_sampling, threshold_noise=threshold_noise,
+                  linear_steps=linear_steps)
+
+
+def get_sigmas_kl_optimal(n, sigma_min, sigma_max, device='cpu'):
+    """ComfyUI's ``kl_optimal``: tan of a linear ramp from atan(sigma_max) to atan(sigma_min), with a final 0."""
+    return _comfy("kl_optimal", n, device, sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def get_sigmas_laplace(n, sigma_min, sigma_max, mu=0., beta=0.5, device='cpu'):
+    """ComfyUI's ``get_sigmas_laplace``: log sigma at Laplace(mu, beta) quantiles, clamped to
+    [sigma_min, sigma_max]. n levels and, as ComfyUI's, no final 0 (``append_zero`` adds one)."""
+    return _comfy("laplace", n, device, sigma_min=sigma_min, sigma_max=sigma_max, mu=mu, beta=beta)
+
+
+def get_sigmas_sd_turbo(n, model_sampling=None, device='cpu'):
+    """ComfyUI's SDTurboScheduler: the table levels at timesteps 999, 899, ... (n <= 10), with a final 0."""
+    return _comfy("sd_turbo", n, device, model_sampling)
+
+
+def get_sigmas_align_your_steps(n, model_type='SD1', device='cpu'):
+    """Align Your Steps (arXiv 2404.14507): the published 10-step table of ``model_type`` (SD1, SDXL,
+    SVD), log-linearly interpolated to n steps; the last level replaced by 0 (as ComfyUI)."""
+    return _comfy("align_your_steps", n, device, model=model_type)
+
+
+def get_sigmas_gits(n, coeff=1.2, device='cpu'):
+    """GITS (arXiv 2405.11326): the published n-step SD1.5 table for ``coeff`` (0.80 .. 1.50), n in
+    2..20; beyond 20 the 20-step table log-linearly interpolated. Last level replaced by 0."""
+    return _comfy("gits", n, device, coeff=coeff)
+
+
+def get_sigmas_optimal_steps(n, model_type='FLUX', device='cpu'):
+    """OptimalSteps (arXiv 2503.21774): the published flow-matching table of ``model_type`` (FLUX,
+    Wan, Chroma), log-linearly interpolated to n steps; the last level replaced by 0."""
+    return _comfy("optimal_steps", n, device, model=model_type)
+
+
+def get_sigmas_flux(n, image_seq_len=4096, base_shift=0.5, max_shift=1.15, device='cpu'):
+    """Flux.1's schedule: flow times linspace(1, 0, n + 1) under the exponential shift with mu linear
+    in ``image_seq_len`` ((W/16)(H/16); diffusers' calculate_shift, ComfyUI's ModelSamplingFlux)."""
+    return _comfy("flux", n, device, image_seq_len=image_seq_len, base_shift=base_shift, max_shift=max_shift)
+
+
+def get_sigmas_flux2(n, image_seq_len=4096, device='cpu'):
+    """Flux.2's schedule (ComfyUI's Flux2Scheduler): as get_sigmas_flux with the empirical mu of
+    ``image_seq_len`` and the step count n."""
+    return _comfy("flux2", n, device, image_seq_len=image_seq_len)
 
 
 def _check_count(n):
