@@ -225,6 +225,11 @@ CASES = [
     # PNDM (pndm.py): Stable Diffusion 1.x's config (PLMS, skip_prk_steps) and the Runge-Kutta warm-up
     ("PNDMScheduler", dict(SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1), None, False, (5, 20, 50)),
     ("PNDMScheduler", SD, None, False, (5, 20, 50)),
+    # issue 14 (tests/test_dropins_more.py has their full grids): consistency models
+    ("LCMScheduler", {}, None, True, ALL_STEPS),
+    ("LCMScheduler", dict(prediction_type="v_prediction", thresholding=True), None, True, FEW),
+    ("TCDScheduler", {}, None, True, ALL_STEPS),
+    ("TCDScheduler", dict(prediction_type="sample"), {"eta": 0.0}, False, FEW),
 ]
 
 

@@ -89,6 +89,9 @@ DTYPE_CASES = [
     ("FlowMatchEulerDiscreteScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     ("FlowMatchHeunDiscreteScheduler", {}),
+    ("LCMScheduler", {}),
+    ("LCMScheduler", {"clip_sample": True}),
+    ("TCDScheduler", {}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},
                    marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False))]

@@ -21,6 +21,7 @@ from .ddpm_ddim import sample_ddim, sample_ddpm
 from .dpm_solver import sample_dpmpp_2m
 from .ipndm import sample_ipndm
 from .pndm import sample_pndm
+from .consistency import sample_lcm, sample_tcd
 from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
 from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
 
@@ -40,6 +41,8 @@ ORACLES = {
     "heun_sde": sample_heun_sde,
     "pndm": sample_pndm,
     "ipndm": sample_ipndm,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
 
 __all__ = ["ORACLES", "guided", "denoise", "ODECoordinates"] + sorted(

@@ -308,6 +308,8 @@ class FastdiffScheduler:
     #: pred_original_sample dtype: "promote" (of sample and model output), or "promote_f32" (of
     #: float32 and the model output: the Euler family, which upcasts the sample first)
     _x0_dtype = "promote"
+    #: the name of that second value in diffusers' output class (LCM: 'denoised', TCD: 'pred_noised_sample')
+    _x0_field = "pred_original_sample"
     #: diffusers' step refuses to run before set_timesteps() (the schedulers whose constructor
     #: leaves no usable schedule: num_inference_steps is None there)
     _needs_set_timesteps = True
@@ -323,6 +325,10 @@ class FastdiffScheduler:
 
     def _check_config(self):
         """Raise NotImplementedError naming any option the drop-in cannot reproduce."""
+
+    def _x0_fold(self, run: _Run, k: int) -> Tuple[float, float]:
+        """(A_x, A_d) of the second value call ``k`` returns (``_x0_field``): x0 by default."""
+        return run.program.fold[k]
 
     def _draw_noise(self, k: int, shape, dtype, device, generator, variance_noise):
         """The noise of call ``k`` of the run, drawn as diffusers draws it."""
@@ -507,7 +513,7 @@ class FastdiffScheduler:
 
         out = torch.empty_like(run.x, dtype=out_dtype)
         if self._returns_x0 and pred_x0 is None:        # (before the pass: the pass overwrites x / y)
-            a_x, a_d = run.program.fold[k]
+            a_x, a_d = self._x0_fold(run, k)
             pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
         run.fused(table, k, run.x, run.y, cond, uncond, run.hist, hist_write, eval_y, write_x, write_y,
                   noise, 0, -1, out, returns_y, None)
@@ -521,7 +527,7 @@ class FastdiffScheduler:
             pred_x0 = pred_x0.to(x0_dtype)
         if not return_dict:
             return (out, pred_x0)
-        return _make_output(diffusers_output_class(type(self)), prev_sample=out, pred_original_sample=pred_x0)
+        return _make_output(diffusers_output_class(type(self)), prev_sample=out, **{self._x0_field: pred_x0})
 
     # Timestep checks (a tensor timestep is read only on the CPU, where that costs no device sync)
 

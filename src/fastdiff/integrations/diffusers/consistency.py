@@ -1,0 +1,127 @@
+"""The consistency-model drop-ins: LCMScheduler and TCDScheduler.
+
+    from fastdiff.integrations.diffusers import LCMScheduler
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+Subclasses of diffusers' classes (config, ``set_timesteps`` with its LCM / TCD timestep schedule,
+``timesteps``, ``add_noise`` are diffusers' own) whose ``step`` runs one fused pass of fastdiff's
+``lcm`` / ``tcd`` solver (fastdiff.solvers.consistency) on diffusers' discrete alphas_cumprod:
+
+* LCMScheduler: denoised = c_skip x + c_out x0 (diffusers' boundary scalings of the timestep),
+  re-noised to the next timestep with fresh noise, the last step returning denoised; clip_sample /
+  thresholding act on x0 before the boundary condition, as diffusers'.
+* TCDScheduler(eta = gamma): DDIM to diffusers' floor((1 - gamma) t_prev), then the forward
+  process to t_prev with fresh noise (none on the last step, none for gamma = 0).
+
+The second value of the step is diffusers': ``denoised`` (LCM) / ``pred_noised_sample`` (TCD), the
+row's own quantity. Noise is drawn as diffusers draws it (``randn_tensor`` with the generator).
+"""
+from __future__ import annotations
+
+import math
+
+import diffusers
+import numpy as np
+import torch
+
+from ...program import Point
+from ...solvers import get_solver
+from .base import FastdiffScheduler, Plan, drop_in
+from .schedulers import DROP_INS, _check_prediction, _f64, _unsupported, _vp_fold, _vp_grid, _vp_schedule, _x0_transform
+
+__all__ = ["LCMScheduler", "TCDScheduler"]
+
+
+class _ConsistencyBase(FastdiffScheduler):
+    _returns_x0 = True
+    _out_dtype = "promote"
+
+    def _check_config(self):
+        _check_prediction(self, ("epsilon", "sample", "v_prediction"))
+
+    def _x0_fold(self, run, k):
+        """The row's quantity h = q_y E + q_x0 x0 (denoised / pred_noised_sample) in sample and output."""
+        r, (a_x, a_d) = run.program.plan.rows[k], run.program.fold[k]
+        return r.q_y + r.q_x0 * a_x, r.q_x0 * a_d
+
+    def _draw_noise(self, k, shape, dtype, device, generator, variance_noise):
+        # diffusers draws in the dtype of denoised: the promotion of sample and model output
+        dtype = torch.promote_types(self._fd_sample_dtype, dtype)
+        return super()._draw_noise(k, shape, dtype, device, generator, variance_noise)
+
+    def _consistency_step(self, model_output, timestep, sample, generator, return_dict, key=()):
+        self._fd_sample_dtype = sample.dtype if isinstance(sample, torch.Tensor) else torch.float32
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict, key=key)
+
+    def _timesteps(self):
+        ts = [int(t) for t in self.timesteps.tolist()]
+        if len(ts) != self.num_inference_steps:
+            _unsupported(type(self).__name__, "timesteps", "<custom with strength < 1>",
+                         f" ({len(ts)} timesteps of num_inference_steps={self.num_inference_steps}: diffusers then "
+                         "adds noise on the last step, to the same timestep)")
+        return ts
+
+    def _point(self, acp, t: int) -> Point:
+        a = float(acp[t]) if t >= 0 else float(self.final_alpha_cumprod)
+        return Point(float(t), math.sqrt(a), math.sqrt(1.0 - a), float(t))
+
+
+@drop_in(diffusers.LCMScheduler)
+class LCMScheduler(_ConsistencyBase, diffusers.LCMScheduler):
+    """Latent Consistency Model multistep sampling (fastdiff ``lcm``)."""
+
+    _x0_field = "denoised"
+
+    def _plan(self, start: int) -> Plan:
+        acp = _f64(self.alphas_cumprod)
+        ts = self._timesteps()
+        a = np.array([acp[t] for t in ts[start:]] + [1.0])   # the last step returns denoised: a clean end point
+        grid = _vp_grid(_vp_schedule(self), np.sqrt(a), np.sqrt(1.0 - a), np.array(ts[start:] + [-1], dtype=np.float64))
+        # diffusers' boundary scalings, as it computes them (float32, from the integer timestep)
+        scalings = [tuple(float(v) for v in self.get_scalings_for_boundary_condition_discrete(t))
+                    for t in self.timesteps[start:]]
+        rows = get_solver("lcm", scalings=scalings).rows(grid)
+        p = self.config.prediction_type
+        fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(grid.steps)]
+        return Plan(rows, fold, 0, draws=[n != self.num_inference_steps - 1 for n in range(start, len(ts))],
+                    x0_transform=_x0_transform(self.config))
+
+    def _transform_step(self, run, k, E, cond, uncond, g):
+        table, x0, _ = super()._transform_step(run, k, E, cond, uncond, g)
+        r = run.program.plan.rows[k]
+        return table, x0, r.q_y * E + r.q_x0 * x0          # denoised from the clipped x0
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._consistency_step(model_output, timestep, sample, generator, return_dict)
+
+
+@drop_in(diffusers.TCDScheduler)
+class TCDScheduler(_ConsistencyBase, diffusers.TCDScheduler):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (fastdiff ``tcd``)."""
+
+    _x0_field = "pred_noised_sample"
+
+    def _plan(self, start: int, eta: float = 0.3) -> Plan:
+        eta = float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta (gamma) must be in [0, 1], got {eta}")
+        acp = _f64(self.alphas_cumprod)
+        ts = self._timesteps()
+        prev = ts[1:] + [0]                                 # diffusers: the last step goes to timestep 0
+        a = np.array([acp[t] for t in ts[start:]] + [acp[0]])
+        grid = _vp_grid(_vp_schedule(self), np.sqrt(a), np.sqrt(1.0 - a), np.array(ts[start:] + [0], dtype=np.float64),
+                        hint=" (a custom schedule ending at timestep 0: TCD's last step goes to timestep 0)")
+        # diffusers' intermediate timesteps floor((1 - eta) t_prev), in its float32 arithmetic
+        s = torch.floor((1 - eta) * torch.tensor(prev)).to(torch.long).tolist()
+        rows = get_solver("tcd", gamma=eta, points=[self._point(acp, int(v)) for v in s[start:]]).rows(grid)
+        p = self.config.prediction_type
+        fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(grid.steps)]
+        draws = [eta > 0 and n != self.num_inference_steps - 1 for n in range(start, len(ts))]
+        return Plan(rows, fold, 0, draws=draws)
+
+    def step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
+        return self._consistency_step(model_output, timestep, sample, generator, return_dict, (("eta", float(eta)),))
+
+
+DROP_INS[LCMScheduler.__name__] = LCMScheduler          # accelerate(pipe) finds them there
+DROP_INS[TCDScheduler.__name__] = TCDScheduler

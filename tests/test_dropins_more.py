@@ -1,0 +1,166 @@
+"""Issue 14, "Scheduler drop-ins still missing": the newer drop-ins against stock diffusers.
+
+Each class runs step by step beside stock diffusers on the same inputs (model output = o_k + 0.3 x,
+fed from each run's own samples; stochastic ones with the same generator seed), and each call's
+outputs must agree within stock's own float32 precision: PEER_MARGIN x |stock fp32 - stock fp64|
+elementwise plus its worst error over the tensor (conftest.peer_tolerance), stock's float64 run
+drawing the same (float32) noise. The inverse schedulers also round-trip: invert a latent, sample
+it back, and the reconstruction error must be stock's within stock's precision.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from unittest import mock
+
+import pytest
+import torch
+
+from conftest import PEER_MARGIN, assert_close_to_peer, peer_tolerance
+
+diffusers = pytest.importorskip("diffusers")
+fd = pytest.importorskip("fastdiff.integrations.diffusers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+diffusers.utils.logging.set_verbosity_error()
+
+SHAPE = (2, 4, 4, 4)
+
+
+@contextlib.contextmanager
+def _float32_noise(module_name: str):
+    """Stock's float64 run draws the float32 noise its float32 run draws (then upcast)."""
+    import importlib
+    from diffusers.utils.torch_utils import randn_tensor
+    module = importlib.import_module(module_name)
+
+    def draw(shape, generator=None, device=None, dtype=None, **kw):
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32, **kw).to(dtype)
+    with mock.patch.object(module, "randn_tensor", draw):
+        yield
+
+
+def _trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, set_kwargs=None, step_kwargs=None, begin=None):
+    """(prev_sample, second value) of every call of a run fed from its own outputs."""
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    if begin is not None:
+        scheduler.set_begin_index(begin)
+    g = torch.Generator().manual_seed(seed)
+    x, xs = x_init.to(dtype), []
+    for k, t in enumerate(scheduler.timesteps[begin or 0:]):
+        kw = dict(step_kwargs or {})
+        if "generator" in __import__("inspect").signature(scheduler.step).parameters:
+            kw["generator"] = g
+        out = scheduler.step(outputs[k].to(dtype) + 0.3 * x, t, x, return_dict=False, **kw)
+        x = out[0]
+        xs.append(out)
+    return xs
+
+
+def _check_parity(make_stock, make_ours, steps, module, seed=0, set_kwargs=None, step_kwargs=None, begin=None,
+                  record=None):
+    stock = make_stock()
+    stock.set_timesteps(steps, **(set_kwargs or {}))
+    calls = len(stock.timesteps) - (begin or 0)
+    g = torch.Generator().manual_seed(1000 + steps)
+    x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    outputs = [torch.randn(SHAPE, dtype=torch.float64, generator=g) for _ in range(calls)]
+    args = (steps, None, x_init, outputs, seed, set_kwargs, step_kwargs, begin)
+    run = lambda s, dtype: _trajectory(s, args[0], dtype, *args[2:])  # noqa: E731
+    peer = run(make_stock(), torch.float32)
+    with _float32_noise(module):
+        peer64 = run(make_stock(), torch.float64)
+    mine = run(make_ours(), torch.float32)
+    assert len(mine) == len(peer) == calls
+    worst = 0.0
+    for k, (a, p, p64) in enumerate(zip(mine, peer, peer64)):
+        assert type(a) is tuple and len(a) == len(p)
+        for j, (aj, pj, pj64) in enumerate(zip(a, p, p64)):
+            assert aj.dtype == pj.dtype, (k, j, aj.dtype, pj.dtype)
+            tol = peer_tolerance(pj, pj64) + PEER_MARGIN * float((pj.double() - pj64).abs().max())
+            assert_close_to_peer(aj, pj, tol, f"call {k} of {calls}, output {j}")
+            worst = max(worst, float((aj.double() - pj.double()).abs().max()) / max(float(tol.max()), 1e-30))
+    if record is not None:
+        record.append(worst)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# LCMScheduler, TCDScheduler
+
+
+LCM_GRID = [(p, steps, opt) for p in ("epsilon", "v_prediction", "sample") for steps in (1, 4, 5, 20, 50)
+            for opt in ("plain", "clip", "threshold")
+            if opt == "plain" or (p == "epsilon" and steps in (4, 20))]
+
+
+def _lcm_config(prediction, opt, **extra):
+    return dict(prediction_type=prediction, clip_sample=opt == "clip", thresholding=opt == "threshold",
+                **extra)
+
+
+@pytest.mark.parametrize("prediction, steps, opt", LCM_GRID)
+def test_lcm_step_by_step_matches_stock(prediction, steps, opt):
+    config = _lcm_config(prediction, opt)
+    _check_parity(lambda: diffusers.LCMScheduler(**config), lambda: fd.LCMScheduler(**config), steps,
+                  "diffusers.schedulers.scheduling_lcm", seed=steps)
+
+
+@pytest.mark.parametrize("steps, begin, original", [(4, 2, 50), (8, 3, 50), (6, 0, 100), (3, 0, 10)])
+def test_lcm_mid_run_start_and_original_steps_match_stock(steps, begin, original):
+    config = dict(original_inference_steps=original, beta_schedule="linear", timestep_scaling=5.0)
+    _check_parity(lambda: diffusers.LCMScheduler(**config), lambda: fd.LCMScheduler(**config), steps,
+                  "diffusers.schedulers.scheduling_lcm", seed=7, begin=begin or None)
+
+
+TCD_GRID = [(p, steps, eta) for p in ("epsilon", "v_prediction", "sample") for steps in (1, 4, 5, 20, 50)
+            for eta in (0.0, 0.3, 1.0) if eta == 0.3 or steps in (1, 5)]
+
+
+@pytest.mark.parametrize("prediction, steps, eta", TCD_GRID)
+def test_tcd_step_by_step_matches_stock(prediction, steps, eta):
+    config = dict(prediction_type=prediction)
+    _check_parity(lambda: diffusers.TCDScheduler(**config), lambda: fd.TCDScheduler(**config), steps,
+                  "diffusers.schedulers.scheduling_tcd", seed=steps, step_kwargs={"eta": eta})
+
+
+def test_tcd_original_steps_and_mid_run_start_match_stock():
+    config = dict(beta_schedule="linear")
+    _check_parity(lambda: diffusers.TCDScheduler(**config), lambda: fd.TCDScheduler(**config), 6,
+                  "diffusers.schedulers.scheduling_tcd", seed=3, set_kwargs={"original_inference_steps": 100})
+    _check_parity(lambda: diffusers.TCDScheduler(**config), lambda: fd.TCDScheduler(**config), 8,
+                  "diffusers.schedulers.scheduling_tcd", seed=4, begin=3, step_kwargs={"eta": 0.5})
+
+
+def test_consistency_outputs_are_diffusers_classes():
+    for cls, stock_cls, field in ((fd.LCMScheduler, diffusers.LCMScheduler, "denoised"),
+                                  (fd.TCDScheduler, diffusers.TCDScheduler, "pred_noised_sample")):
+        s = cls()
+        s.set_timesteps(4)
+        x = torch.randn(1, 4, 2, 2)
+        out = s.step(torch.randn(1, 4, 2, 2), s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+        want = diffusers.utils.import_utils.importlib.import_module(stock_cls.__module__)
+        assert type(out) is getattr(want, stock_cls.__name__ + "Output")
+        assert set(out.keys()) == {"prev_sample", field}
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
+
+
+ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {})]
+
+
+@pytest.mark.parametrize("name, config", ACCELERATED, ids=[n for n, _ in ACCELERATED])
+def test_accelerate_takes_the_new_drop_ins(name, config):
+    from test_dropin_pipelines import SD_SCHEDULER, _run, _sd
+    import inspect
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters
+    config = {**{k: v for k, v in SD_SCHEDULER.items() if k in params}, **config}
+    pipe, inputs = _sd(getattr(diffusers, name)(**config))
+    stock = _run(pipe, inputs, steps=4)
+    handle = fd.accelerate(pipe)
+    assert type(pipe.scheduler) is getattr(fd, name) and fd.DROP_INS[name] is getattr(fd, name)
+    torch.testing.assert_close(_run(pipe, inputs, steps=4), stock, rtol=0, atol=1e-5)
+    handle.remove()
