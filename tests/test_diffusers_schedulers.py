@@ -230,6 +230,7 @@ CASES = [
     ("LCMScheduler", dict(prediction_type="v_prediction", thresholding=True), None, True, FEW),
     ("TCDScheduler", {}, None, True, ALL_STEPS),
     ("TCDScheduler", dict(prediction_type="sample"), {"eta": 0.0}, False, FEW),
+    ("IPNDMScheduler", {}, None, False, ALL_STEPS),
 ]
 
 

@@ -92,6 +92,7 @@ DTYPE_CASES = [
     ("LCMScheduler", {}),
     ("LCMScheduler", {"clip_sample": True}),
     ("TCDScheduler", {}),
+    ("IPNDMScheduler", {}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},
                    marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False))]

@@ -37,6 +37,9 @@ def _float32_noise(module_name: str):
 
     def draw(shape, generator=None, device=None, dtype=None, **kw):
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32, **kw).to(dtype)
+    if not hasattr(module, "randn_tensor"):          # (a deterministic scheduler)
+        yield
+        return
     with mock.patch.object(module, "randn_tensor", draw):
         yield
 
@@ -146,10 +149,32 @@ def test_consistency_outputs_are_diffusers_classes():
 
 
 # ---------------------------------------------------------------------------------------------
+# IPNDMScheduler
+
+
+@pytest.mark.parametrize("steps, begin", [(1, None), (2, None), (4, None), (5, None), (20, None), (50, None),
+                                          (1000, None), (12, 5)])
+def test_ipndm_step_by_step_matches_stock(steps, begin):
+    _check_parity(diffusers.IPNDMScheduler, fd.IPNDMScheduler, steps, "diffusers.schedulers.scheduling_ipndm",
+                  begin=begin)
+
+
+def test_ipndm_steps_without_set_timesteps_as_stock():
+    """diffusers' constructor sets a 1000-step schedule: both step from it at once."""
+    ref, ours = diffusers.IPNDMScheduler(), fd.IPNDMScheduler()
+    x = torch.randn(SHAPE)
+    xr = xo = x
+    for k, t in enumerate(ref.timesteps[:6]):
+        out = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k))
+        xr, xo = ref.step(out, t, xr).prev_sample, ours.step(out, t, xo).prev_sample
+    torch.testing.assert_close(xo, xr, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
-ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {})]
+ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n for n, _ in ACCELERATED])

@@ -12,5 +12,6 @@ from . import flow  # noqa: F401  (registration)
 from . import ipndm  # noqa: F401  (registration)
 from . import pndm  # noqa: F401  (registration)
 from . import consistency  # noqa: F401  (registration)
+from . import plms  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]

@@ -22,6 +22,7 @@ from .dpm_solver import sample_dpmpp_2m
 from .ipndm import sample_ipndm
 from .pndm import sample_pndm
 from .consistency import sample_lcm, sample_tcd
+from .plms import sample_plms
 from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
 from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
 
@@ -43,6 +44,7 @@ ORACLES = {
     "ipndm": sample_ipndm,
     "lcm": sample_lcm,
     "tcd": sample_tcd,
+    "plms": sample_plms,
 }
 
 __all__ = ["ORACLES", "guided", "denoise", "ODECoordinates"] + sorted(
