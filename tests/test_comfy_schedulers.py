@@ -448,3 +448,12 @@ def test_existing_spacings_keep_their_defaults():
     b = make_grid(VESchedule(), 10, "karras", rho=7.0)
     assert np.array_equal(a.ksigma, b.ksigma)
     assert make_grid(DiscreteVP(), 10).t[:-1].tolist() == [900.0 - 100 * i for i in range(10)]
+
+
+def test_range_spacings_take_t_min_t_max_and_get_sigmas_take_a_schedule():
+    close(make_grid(DiscreteVP(), 6, "kl_optimal", t_max=500.0).ksigma, oracle_kl_optimal(6, SD[0], SD[500]))
+    close(make_grid(DiscreteVP(), 6, "polyexponential", t_min=20.0).ksigma, oracle_polyexponential(6, SD[20], SD[-1]))
+    flow_table = [k / 1000 for k in range(1, 1001)]
+    close(K.get_sigmas_simple(7, FlowMatching()), oracle_simple(flow_table, 7))
+    close(K.get_sigmas_ddim_uniform(7, FlowMatching()), oracle_ddim_uniform(flow_table, 7))
+    close(K.get_sigmas_simple(7, DiscreteVP()), K.get_sigmas_simple(7))
