@@ -63,11 +63,11 @@ import json
 import math
 import os
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from .schedules import (COMFY_SPACINGS, ContinuousVP, DiscreteVP, FlowMatching, Grid, Schedule, VESchedule,
+from .schedules import (COMFY_SPACINGS, DiscreteVP, FlowMatching, Grid, Schedule, VESchedule,
                         _integer, _real, _shift_factor, time_shift)
 
 __all__ = [
@@ -292,7 +292,8 @@ class ComfySampling:
         if isinstance(schedule, DiscreteVP):
             T = schedule.num_train_timesteps
             self.times = np.arange(T, dtype=np.float64)
-            self.sigmas = schedule.ksigma(self.times)
+            with np.errstate(divide="ignore"):
+                self.sigmas = schedule.ksigma(self.times)
             if not np.all(np.isfinite(self.sigmas)):
                 raise ValueError("this DiscreteVP has an infinite top noise level (zero terminal SNR); ComfyUI's "
                                  "sigma-table schedulers need a finite one")
