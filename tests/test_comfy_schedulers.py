@@ -168,7 +168,7 @@ def float64_default():
     torch.set_default_dtype(old)
 
 
-STEPS = (1, 2, 3, 7, 10, 20, 33)
+STEPS = (1, 2, 3, 7, 10, 20, 33, 999)
 
 
 @pytest.mark.parametrize("steps", STEPS)
@@ -428,6 +428,7 @@ def test_ddim_uniform_and_beta_counts_are_comfyuis():
     (lambda: make_grid(DiscreteVP(), 10, "simple", t_max=500.0), "t_min/t_max apply"),
     (lambda: make_grid(DiscreteVP(), 10, "simple", final="end"), "final"),
     (lambda: make_grid(FlowMatching(), 10, "laplace"), "strictly decrease"),
+    (lambda: make_grid(DiscreteVP(), 1001, "simple"), "would repeat levels"),
 ])
 def test_bad_arguments_raise_clear_value_errors(call, match):
     with pytest.raises(ValueError, match=match):

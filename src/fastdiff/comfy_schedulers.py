@@ -217,8 +217,9 @@ LAPLACE_EPS = 1e-5
 def laplace_levels(n: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta: float = 0.5) -> np.ndarray:
     """``laplace``: exp(mu - beta sign(1/2 - x) log(1 - 2|1/2 - x| + 1e-5)), x = linspace(0, 1, n),
     clamped to [sigma_min, sigma_max] (n levels, no final 0, as ComfyUI's get_sigmas_laplace)."""
-    x = np.linspace(0.0, 1.0, n)
-    lmb = mu - beta * np.sign(0.5 - x) * np.log(1.0 - 2.0 * np.abs(0.5 - x) + LAPLACE_EPS)
+    i = np.arange(n, dtype=np.float64)
+    d = (n - 1 - 2.0 * i) / (2.0 * (n - 1)) if n > 1 else np.array([0.5])  # 1/2 - x, exactly 0 at the middle
+    lmb = mu - beta * np.sign(d) * np.log(1.0 - 2.0 * np.abs(d) + LAPLACE_EPS)
     return np.clip(np.exp(lmb), sigma_min, sigma_max)
 
 
@@ -490,6 +491,8 @@ def comfy_grid(schedule: Schedule, steps: int, spacing: str, *, final: str = "ze
 
     sampling = ComfySampling(schedule, shift=shift, mu=mu if flow_shift else None)
     T = sampling.sigmas.size
+    if spacing in ("simple", "normal", "sgm_uniform") and n > T:
+        raise ValueError(f"{spacing}: {n} levels from a table of {T} would repeat levels (steps <= {T})")
     if spacing == "simple":
         return sampling.grid_from_times(sampling.times[simple_indices(T, n)], final)
     if spacing == "ddim_uniform":
