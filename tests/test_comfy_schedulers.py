@@ -458,3 +458,41 @@ def test_range_spacings_take_t_min_t_max_and_get_sigmas_take_a_schedule():
     close(K.get_sigmas_simple(7, FlowMatching()), oracle_simple(flow_table, 7))
     close(K.get_sigmas_ddim_uniform(7, FlowMatching()), oracle_ddim_uniform(flow_table, 7))
     close(K.get_sigmas_simple(7, DiscreteVP()), K.get_sigmas_simple(7))
+
+
+class FlowModelSampling:
+    """Stands in for ComfyUI's ModelSamplingDiscreteFlow (SD3, shift 3): table shift(k / 1000),
+    timestep(sigma) = 1000 sigma, sigma(timestep) = shift(timestep / 1000)."""
+    shift = 3.0
+
+    def __init__(self):
+        self.sigmas = self.sigma(torch.arange(1, 1001, dtype=torch.float32))
+
+    def sigma(self, timestep):
+        t = timestep / 1000
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def timestep(self, sigma):
+        return sigma * 1000
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+def test_a_comfyui_model_sampling_is_used_through_its_own_methods():
+    ms = FlowModelSampling()
+    sh = lambda t: 3.0 * t / (1 + 2.0 * t)  # noqa: E731
+    table = [float(v) for v in ms.sigmas]
+    for steps in (1, 5, 12):
+        ts = linspace(1000 * table[-1], 1000 * table[0], steps)
+        close(K.get_sigmas_normal(steps, ms), [sh(t / 1000) for t in ts] + [0.0])
+        ts = linspace(1000 * table[-1], 1000 * table[0], steps + 1)[:-1]
+        close(K.get_sigmas_sgm_uniform(steps, ms), [sh(t / 1000) for t in ts] + [0.0])
+        close(K.get_sigmas_simple(steps, ms), oracle_simple(table, steps))
+        close(K.get_sigmas_beta(steps, ms), oracle_beta(table, steps))
+    close(K.get_sigmas_sd_turbo(3, ms), [sh(0.999), sh(0.899), sh(0.799), 0.0])

@@ -541,8 +541,9 @@ def comfy_grid(schedule: Schedule, steps: int, spacing: str, *, final: str = "ze
 
 def as_comfy_sampling(model_sampling) -> ComfySampling:
     """None (Stable Diffusion's DiscreteVP: scaled-linear 0.00085 .. 0.012, 1000 steps), a fastdiff
-    Schedule, ComfyUI's ``model_sampling`` (its ``.sigmas`` table, read as ModelSamplingDiscrete
-    does) or an ascending 1-D table of noise levels."""
+    Schedule, ComfyUI's ``model_sampling`` (its ``.sigmas`` table; normal / sgm_uniform / sd_turbo
+    call its own ``timestep()`` / ``sigma()``, so any ComfyUI model gives ComfyUI's values) or an
+    ascending 1-D table of noise levels (read as ComfyUI's ModelSamplingDiscrete reads its table)."""
     if model_sampling is None:
         return ComfySampling(DiscreteVP())
     if isinstance(model_sampling, Schedule):
@@ -579,6 +580,8 @@ def comfy_sigmas(spacing: str, steps: int, model_sampling=None, **options) -> np
                                           max_shift=options.pop("max_shift", 1.15)))
     if spacing == "flux2":
         return flux_levels(steps, flux2_mu(options.pop("image_seq_len", 4096), steps))
+    if spacing in ("normal", "sgm_uniform", "sd_turbo") and _has_comfy_methods(model_sampling):
+        return _comfy_object_sigmas(spacing, steps, model_sampling)
     sampling = as_comfy_sampling(model_sampling)
     T = sampling.sigmas.size
     if spacing == "simple":
@@ -606,3 +609,35 @@ def comfy_sigmas(spacing: str, steps: int, model_sampling=None, **options) -> np
     else:
         raise ValueError(f"unknown ComfyUI scheduler {spacing!r}; expected one of {', '.join(COMFY_SPACINGS)}")
     return np.append(out, 0.0)
+
+
+def _has_comfy_methods(obj) -> bool:
+    return (obj is not None and not isinstance(obj, Schedule) and callable(getattr(obj, "sigma", None))
+            and callable(getattr(obj, "timestep", None)) and hasattr(obj, "sigma_min") and hasattr(obj, "sigma_max"))
+
+
+def _comfy_object_sigmas(spacing: str, steps: int, ms) -> np.ndarray:
+    """normal / sgm_uniform / sd_turbo through a ComfyUI model_sampling's own timestep() and sigma()
+    (any ComfyUI model: discrete, flow with its shift, Flux, EDM), as ComfyUI calls them."""
+    import torch
+
+    def value(v) -> float:
+        return float(v.detach().cpu().double().reshape(-1)[0]) if hasattr(v, "detach") else float(v)
+
+    if spacing == "sd_turbo":
+        ts = torch.tensor([int(t) for t in sd_turbo_timesteps(steps)])
+        sig = ms.sigma(ts)
+        return np.append(np.asarray(sig.detach().cpu().double().numpy() if hasattr(sig, "detach") else sig,
+                                    dtype=np.float64).reshape(-1), 0.0)
+    start = value(ms.timestep(torch.as_tensor(ms.sigma_max)))
+    end = value(ms.timestep(torch.as_tensor(ms.sigma_min)))
+    append_zero = True
+    if spacing == "sgm_uniform":
+        ts = normal_timesteps(start, end, steps, sgm=True)
+    else:
+        if math.isclose(value(ms.sigma(torch.tensor(end))), 0.0, abs_tol=1e-5):  # a table that reaches 0
+            steps += 1
+            append_zero = False
+        ts = normal_timesteps(start, end, steps)
+    out = np.array([value(ms.sigma(torch.tensor(float(t)))) for t in ts], dtype=np.float64)
+    return np.append(out, 0.0) if append_zero else out
