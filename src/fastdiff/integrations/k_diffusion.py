@@ -763,3 +763,10 @@ class BrownianTreeNoiseSampler:
     def __call__(self, sigma, sigma_next):
         t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
         return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
+
+
+from .comfy_samplers import *  # noqa: E402,F401,F403  (ComfyUI's samplers: fastdiff.integrations.comfy_samplers)
+__all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
+            "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
+            "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm",
+            "sample_ddim", "sample_uni_pc", "sample_uni_pc_bh2"]

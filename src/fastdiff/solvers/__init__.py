@@ -11,6 +11,7 @@ from . import multistep  # noqa: F401  (registration)
 from . import flow  # noqa: F401  (registration)
 from . import ipndm  # noqa: F401  (registration)
 from . import pndm  # noqa: F401  (registration)
+from . import comfy  # noqa: F401  (registration: ComfyUI's samplers)
 from . import consistency  # noqa: F401  (registration)
 from . import plms  # noqa: F401  (registration)
 

@@ -19,6 +19,7 @@ Use ``guided`` for CFG.
 from .common import ODECoordinates, denoise, guided  # noqa: F401
 from .ddpm_ddim import sample_ddim, sample_ddpm
 from .dpm_solver import sample_dpmpp_2m
+from .comfy import COMFY_ORACLES, MULTI_DRAW
 from .ipndm import sample_ipndm
 from .pndm import sample_pndm
 from .consistency import sample_lcm, sample_tcd
@@ -46,6 +47,10 @@ ORACLES = {
     "tcd": sample_tcd,
     "plms": sample_plms,
 }
+# ComfyUI's samplers (fastdiff.solvers.comfy). seeds_2 / seeds_3 make 2 / 3 noise draws per step, which
+# tests/test_solvers_textbook.py's one-draw-per-step harness does not model: their oracles are in
+# COMFY_ORACLES, judged by tests/test_comfy_samplers.py.
+ORACLES.update({n: f for n, f in COMFY_ORACLES.items() if n not in MULTI_DRAW})
 
 __all__ = ["ORACLES", "guided", "denoise", "ODECoordinates"] + sorted(
     {f.__name__ for f in ORACLES.values()})

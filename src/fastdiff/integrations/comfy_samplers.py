@@ -1,0 +1,250 @@
+"""ComfyUI's samplers with k-diffusion's signature, executed by fastdiff's solvers (fastdiff.solvers.comfy
+and the solvers they alias). Importable from ``fastdiff.integrations.k_diffusion``:
+
+    from fastdiff.integrations import k_diffusion as K
+    x = K.sample_res_multistep(denoiser, torch.randn(shape) * sigmas[0], sigmas)
+
+Each is ``sample_<name>(model, x, sigmas, extra_args=None, callback=None, disable=None, ...)`` with
+ComfyUI's options, which is what ComfyUI's ``KSAMPLER`` wraps, so it plugs into a custom-sampler node
+as is (``comfy.samplers.KSAMPLER(K.sample_res_multistep)``). They run through k_diffusion's ``_run``
+(the given sigmas as a VE grid, the denoiser as a ``prediction="sample"`` model, one fused step per
+model call); see that module for the conventions they share (dtypes, callback, ``check_finite``).
+
+Name -> fastdiff solver: res_multistep / res_multistep_ancestral -> same names; dpmpp_2m_sde_heun ->
+dpmpp_2m_sde_heun (dpmpp_2m_sde with solver_type='heun'); ipndm / ipndm_v -> same; deis -> deis_comfy
+(diffusers' DEISMultistep is fastdiff's ``deis``); gradient_estimation, heunpp2, exp_heun_2_x0,
+exp_heun_2_x0_sde, seeds_2, seeds_3, er_sde -> same; lcm -> lcm (fastdiff.solvers.consistency);
+ddim -> ddim (ComfyUI's ddim is Euler, which on these coordinates is DDIM, eta = 0); uni_pc /
+uni_pc_bh2 -> same (fastdiff's unipc with ComfyUI's options; a final sigma = 0 is moved to 0.001 as
+ComfyUI does, so the result is the state there, not the denoised sample).
+
+Noise. ``noise="philox"`` (default): fastdiff's in-kernel noise, seeded from torch's global RNG (the
+same law as ComfyUI's draws, not the same values). ``noise="torch"``: ``torch.randn_like(x)`` for each
+draw fastdiff makes (ComfyUI's ``default_noise_sampler``; ComfyUI also draws, and discards, where a
+coefficient is 0). A ``noise_sampler(sigma, sigma_next)`` is called with the levels ComfyUI passes
+(SEEDS: the stage levels); dpmpp_2m_sde_heun's ``noise="torch"`` builds k-diffusion's Brownian tree.
+
+Flow models: ComfyUI computes the half-logSNR of a flow model's sigma (t) as logit(1 - t) in the SDE
+samplers; these functions take k-diffusion (VE) noise levels, so they run that form only on a grid of a
+flow schedule through fastdiff.Sampler (solvers seeds_2 / seeds_3 / exp_heun_2_x0 / er_sde), not here.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import k_diffusion as _kd
+
+__all__ = [
+    "sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
+    "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
+    "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm", "sample_ddim",
+    "sample_uni_pc", "sample_uni_pc_bh2",
+]
+
+
+def _noise_sampler(noise, noise_sampler, x):
+    """ComfyUI's default noise (a fresh ``torch.randn_like(x)`` per draw) for ``noise="torch"``."""
+    _kd._check_noise_mode(noise)
+    if noise == "torch" and noise_sampler is None and isinstance(x, torch.Tensor):
+        return _kd.default_noise_sampler(x)
+    return noise_sampler
+
+
+def _run(solver, options, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, noise_args=None, *,
+         noise="philox", check_finite="end"):
+    return _kd._run(solver, options, model, x, sigmas, extra_args, callback, disable,
+                    _noise_sampler(noise, noise_sampler, x), noise_args, noise=noise, check_finite=check_finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multistep
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                         noise_sampler=None, *, noise='philox', check_finite='end'):
+    """RES second-order multistep exponential integrator (arXiv 2308.02157), ComfyUI's form; deterministic."""
+    return _run("res_multistep", {"eta": 0.0, "s_noise": s_noise}, model, x, sigmas, extra_args, callback, disable,
+                noise_sampler, noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                                   s_noise=1., noise_sampler=None, *, noise='philox', check_finite='end'):
+    """res_multistep down to sigma_down, then ancestral noise of std sigma_up (get_ancestral_step, eta)."""
+    return _run("res_multistep_ancestral", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args, callback,
+                disable, noise_sampler, noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                             noise_sampler=None, solver_type='heun', *, noise='philox', check_finite='end'):
+    """DPM-Solver++(2M) SDE with the 'heun' second-order term (ComfyUI's alias of dpmpp_2m_sde)."""
+    noise_sampler = _kd._tree_noise(noise, noise_sampler, x, sigmas)
+    return _kd._run("dpmpp_2m_sde_heun", {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}, model, x,
+                    sigmas, extra_args, callback, disable, noise_sampler, noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *, noise='philox',
+                 check_finite='end'):
+    """iPNDM: Adams-Bashforth with the equal-step weights (order up to ``max_order``)."""
+    return _run("ipndm", {"max_order": max_order}, model, x, sigmas, extra_args, callback, disable, noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *, noise='philox',
+                   check_finite='end'):
+    """iPNDM with variable-step weights (ComfyUI's, including its fourth-order weight)."""
+    return _run("ipndm_v", {"max_order": max_order}, model, x, sigmas, extra_args, callback, disable, noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab', *,
+                noise='philox', check_finite='end'):
+    """ComfyUI's DEIS ('tab': d interpolated in the time of a fixed VP SDE; 'rhoab': in sigma)."""
+    return _run("deis_comfy", {"max_order": max_order, "deis_mode": deis_mode}, model, x, sigmas, extra_args,
+                callback, disable, noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2., *,
+                               noise='philox', check_finite='end'):
+    """Gradient estimation (Permenter & Yuan, ICML 2024): Euler with d + (ge_gamma - 1)(d - d_prev)."""
+    return _run("gradient_estimation", {"ge_gamma": ge_gamma}, model, x, sigmas, extra_args, callback, disable,
+                noise=noise, check_finite=check_finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-stage
+
+
+@torch.no_grad()
+def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                   s_tmax=float('inf'), s_noise=1., *, noise='philox', check_finite='end'):
+    """Heun++ (up to three model calls per step). Churn (s_churn > 0) is not supported."""
+    if float(s_churn) != 0.0:
+        raise ValueError(f"sample_heunpp2 runs without churn here (fastdiff's heunpp2 has no churn rows); pass "
+                         f"s_churn=0, got {s_churn}")
+    return _run("heunpp2", {}, model, x, sigmas, extra_args, callback, disable, noise=noise,
+                check_finite=check_finite)
+
+
+def _stage_levels(sigmas, rs):
+    """noise_args for SEEDS: ComfyUI's noise_sampler arguments (sigma_i, sigma_s1), (sigma_s1, sigma_s2),
+    ..., (sigma_sk, sigma_{i+1}), with sigma_s = exp(-lerp(-log sigma_i, -log sigma_{i+1}, r))."""
+    def noise_args(row):
+        i = row.step
+        lo, hi = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+        levels = [sigmas[i]] + [torch.lerp(lo, hi, r).neg().exp() for r in rs] + [sigmas[i + 1]]
+        k = 0 if row.eval_at == "x" else (1 if row.out_y is not None else len(rs))
+        return levels[k], levels[k + 1]
+    return noise_args if isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1 else None
+
+
+@torch.no_grad()
+def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                   noise_sampler=None, r=0.5, solver_type="phi_1", *, noise='philox', check_finite='end'):
+    """SEEDS-2 (arXiv 2305.14267), data prediction, noise at both stages; solver_type 'phi_1' / 'phi_2'."""
+    return _run("seeds_2", {"eta": eta, "s_noise": s_noise, "r": r, "solver_type": solver_type}, model, x, sigmas,
+                extra_args, callback, disable, noise_sampler, _stage_levels(sigmas, [float(r)]), noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0(model, x, sigmas, extra_args=None, callback=None, disable=None, solver_type="phi_2", *,
+                         noise='philox', check_finite='end'):
+    """Exponential Heun, second order, data prediction (seeds_2 with eta = 0, r = 1)."""
+    return _run("exp_heun_2_x0", {"solver_type": solver_type}, model, x, sigmas, extra_args, callback, disable,
+                noise=noise, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                             noise_sampler=None, solver_type="phi_2", *, noise='philox', check_finite='end'):
+    """Stochastic exponential Heun (seeds_2 with r = 1)."""
+    return _run("exp_heun_2_x0_sde", {"eta": eta, "s_noise": s_noise, "solver_type": solver_type}, model, x, sigmas,
+                extra_args, callback, disable, noise_sampler, _stage_levels(sigmas, [1.0]), noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                   noise_sampler=None, r_1=1. / 3, r_2=2. / 3, *, noise='philox', check_finite='end'):
+    """SEEDS-3 (arXiv 2305.14267), data prediction, noise at every stage."""
+    return _run("seeds_3", {"eta": eta, "s_noise": s_noise, "r_1": r_1, "r_2": r_2}, model, x, sigmas, extra_args,
+                callback, disable, noise_sampler, _stage_levels(sigmas, [float(r_1), float(r_2)]), noise=noise,
+                check_finite=check_finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDE / stochastic
+
+
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1., noise_sampler=None,
+                  noise_scaler=None, max_stage=3, *, solver_type='ER-SDE', eta=1., num_integration_points=200,
+                  noise='philox', check_finite='end'):
+    """ER-SDE-Solver-3 (arXiv 2309.06169). ``noise_scaler`` as ComfyUI takes it (a function of a tensor, or of
+    a float); ``solver_type`` / ``eta``: ComfyUI's SamplerER_SDE node ('ER-SDE', 'Reverse-time SDE' with
+    scaler x^(eta + 1), 'ODE')."""
+    scaler = None
+    if noise_scaler is not None:
+        if not callable(noise_scaler):
+            raise TypeError(f"noise_scaler must be callable or None, got {type(noise_scaler).__name__}")
+
+        def scaler(v: float, f=noise_scaler) -> float:
+            return float(f(torch.tensor(v, dtype=torch.float64)))
+    options = {"solver_type": solver_type, "max_stage": max_stage, "eta": eta, "s_noise": s_noise,
+               "noise_scaler": scaler, "num_integration_points": num_integration_points}
+    return _run("er_sde", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
+               noise='philox', check_finite='end'):
+    """LCM multistep sampling: the denoised sample, noised afresh to the next level."""
+    return _run("lcm", {}, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise=noise,
+                check_finite=check_finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliases ComfyUI computes with other samplers
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *, noise='philox',
+                check_finite='end'):
+    """ComfyUI's ddim: its Euler sampler, which on k-diffusion noise levels is DDIM (eta = 0)."""
+    return _run("ddim", {}, model, x, sigmas, extra_args, callback, disable, noise=noise, check_finite=check_finite)
+
+
+def _unipc_sigmas(sigmas):
+    if isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1 and sigmas.numel() >= 2 and float(sigmas[-1]) == 0.0:
+        sigmas = sigmas.clone()
+        sigmas[-1] = 0.001          # ComfyUI's uni_pc: timesteps[-1] = 0.001
+    return sigmas
+
+
+@torch.no_grad()
+def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None, variant='bh1', *,
+                  noise='philox', check_finite='end'):
+    """ComfyUI's uni_pc: UniPC-3 with the corrector, data prediction, lower orders at the end; a final
+    sigma = 0 becomes 0.001 (the result is the state there)."""
+    name = {"bh1": "uni_pc", "bh2": "uni_pc_bh2"}.get(variant)
+    if name is None:
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    return _run(name, {}, model, x, _unipc_sigmas(sigmas), extra_args, callback, disable, noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_uni_pc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None, *, noise='philox',
+                      check_finite='end'):
+    """ComfyUI's uni_pc_bh2: uni_pc with B(h) = e^h - 1."""
+    return sample_uni_pc(model, x, sigmas, extra_args, callback, disable, variant='bh2', noise=noise,
+                         check_finite=check_finite)
+
