@@ -231,6 +231,10 @@ CASES = [
     ("TCDScheduler", {}, None, True, ALL_STEPS),
     ("TCDScheduler", dict(prediction_type="sample"), {"eta": 0.0}, False, FEW),
     ("IPNDMScheduler", {}, None, False, ALL_STEPS),
+    ("DDIMInverseScheduler", SD_DDIM, None, False, ALL_STEPS),
+    ("DDIMInverseScheduler", {}, None, False, FEW),
+    ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
+    ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]
 
 

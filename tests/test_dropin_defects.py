@@ -93,6 +93,10 @@ DTYPE_CASES = [
     ("LCMScheduler", {"clip_sample": True}),
     ("TCDScheduler", {}),
     ("IPNDMScheduler", {}),
+    ("DDIMInverseScheduler", {}),                                     # clip_sample=True by default
+    ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    ("DPMSolverMultistepInverseScheduler", {}),
+    ("DPMSolverMultistepInverseScheduler", {"thresholding": True}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},
                    marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False))]

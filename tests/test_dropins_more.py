@@ -2,7 +2,7 @@
 
 Each class runs step by step beside stock diffusers on the same inputs (model output = o_k + 0.3 x,
 fed from each run's own samples; stochastic ones with the same generator seed), and each call's
-outputs must agree within stock's own float32 precision: PEER_MARGIN x |stock fp32 - stock fp64|
+outputs must agree within stock's own float32 precision: PEER_MARGIN x |stock fp32 - stock fp64| (its arrays cast to float64)
 elementwise plus its worst error over the tensor (conftest.peer_tolerance), stock's float64 run
 drawing the same (float32) noise. The inverse schedulers also round-trip: invert a latent, sample
 it back, and the reconstruction error must be stock's within stock's precision.
@@ -44,9 +44,20 @@ def _float32_noise(module_name: str):
         yield
 
 
+def _to_float64(scheduler):
+    """Stock computing in float64: its float32 arrays (alphas_cumprod, sigmas, ...) cast, its formulas
+    unchanged; so its float32 run's distance from this one includes the rounding of its coefficients."""
+    for k, v in list(vars(scheduler).items()):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and k != "timesteps":
+            setattr(scheduler, k, v.double())
+    return scheduler
+
+
 def _trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, set_kwargs=None, step_kwargs=None, begin=None):
     """(prev_sample, second value) of every call of a run fed from its own outputs."""
     scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    if dtype == torch.float64:
+        _to_float64(scheduler)
     if begin is not None:
         scheduler.set_begin_index(begin)
     g = torch.Generator().manual_seed(seed)
@@ -171,10 +182,123 @@ def test_ipndm_steps_without_set_timesteps_as_stock():
 
 
 # ---------------------------------------------------------------------------------------------
+# DDIMInverseScheduler, DPMSolverMultistepInverseScheduler: parity, and the inversion round trip
+
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_INV = dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)     # SD's config (DiffEdit's use)
+DDIM_INV_CONFIGS = {
+    "default": {},                                   # clip_sample=True, set_alpha_to_one=True: starts clean
+    "sd": SD_INV,
+    "noclip-alpha1": dict(SD, clip_sample=False),
+    "v": dict(SD_INV, prediction_type="v_prediction"),
+    "sample-clip": dict(SD, prediction_type="sample", set_alpha_to_one=False, clip_sample_range=2.0),
+    "trailing": dict(SD_INV, timestep_spacing="trailing", steps_offset=0),
+    "zsnr": dict(SD, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+                 clip_sample=False),
+}
+DDIM_INV_GRID = [(c, n) for c in DDIM_INV_CONFIGS for n in (1, 5, 20, 50) if c in ("default", "sd") or n in (1, 20)]
+
+
+@pytest.mark.parametrize("config, steps", DDIM_INV_GRID)
+def test_ddim_inverse_step_by_step_matches_stock(config, steps):
+    cfg = DDIM_INV_CONFIGS[config]
+    _check_parity(lambda: diffusers.DDIMInverseScheduler(**cfg), lambda: fd.DDIMInverseScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_ddim_inverse")
+
+
+DPM_INV_CONFIGS = {
+    "default": {},                                              # dpmsolver++ order 2, linspace
+    "sd-order3": dict(SD, solver_order=3),
+    "order1-v": dict(SD, solver_order=1, prediction_type="v_prediction"),
+    "dpmsolver-heun": dict(SD, algorithm_type="dpmsolver", solver_type="heun"),
+    "sample-threshold": dict(SD, prediction_type="sample", thresholding=True),
+    "karras": dict(SD, use_karras_sigmas=True),                # ends with a zero-length step
+    "trailing": dict(SD, timestep_spacing="trailing"),         # ends with a zero-length step too
+    "leading-eaf": dict(SD, timestep_spacing="leading", steps_offset=1, euler_at_final=True),
+    "lambda-clipped": dict(SD, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
+}
+DPM_INV_GRID = [(c, n) for c in DPM_INV_CONFIGS for n in (1, 5, 20, 50) if c in ("default", "sd-order3") or n in (1, 5, 20)]
+
+
+@pytest.mark.parametrize("config, steps", DPM_INV_GRID)
+def test_dpmsolver_inverse_step_by_step_matches_stock(config, steps):
+    cfg = DPM_INV_CONFIGS[config]
+    _check_parity(lambda: diffusers.DPMSolverMultistepInverseScheduler(**cfg),
+                  lambda: fd.DPMSolverMultistepInverseScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_dpmsolver_multistep_inverse")
+
+
+def test_inverse_drop_ins_refuse_what_they_cannot_run():
+    with pytest.raises(NotImplementedError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
+        fd.DPMSolverMultistepInverseScheduler(algorithm_type="sde-dpmsolver++")
+    out = fd.DDIMInverseScheduler(**SD_INV)
+    out.set_timesteps(4)
+    r = out.step(torch.randn(SHAPE), out.timesteps[0], torch.randn(SHAPE))
+    assert type(r) is diffusers.schedulers.scheduling_ddim_inverse.DDIMSchedulerOutput
+    assert set(r.keys()) == {"prev_sample", "pred_original_sample"}
+
+
+def _gaussian_eps(acp, c=0.5):
+    """The exact noise prediction for data N(0, c^2 I) on a VP schedule (x = a x0 + s eps)."""
+    def model(x, t):
+        a2 = acp[int(t)].to(x.dtype)
+        return (1 - a2).sqrt() * x / (a2 * c * c + (1 - a2))
+    return model
+
+
+def _round_trip(inverse, forward, steps, x0, dtype):
+    """Invert x0 with ``inverse``, sample it back with ``forward``: (latent, reconstruction)."""
+    model = _gaussian_eps(inverse.alphas_cumprod.double())
+    inverse.set_timesteps(steps)
+    if dtype == torch.float64:
+        _to_float64(inverse)
+    x = x0.to(dtype)
+    for t in inverse.timesteps:
+        x = inverse.step(model(x, t), t, x).prev_sample
+    latent = x
+    forward.set_timesteps(steps)
+    if dtype == torch.float64:
+        _to_float64(forward)
+    for t in forward.timesteps:
+        x = forward.step(model(x, t), t, x).prev_sample
+    return latent, x
+
+
+ROUND_TRIPS = [("DDIMInverseScheduler", "DDIMScheduler", "sd", SD_INV, n) for n in (5, 20, 50)] + \
+    [("DDIMInverseScheduler", "DDIMScheduler", "alpha1", dict(SD, clip_sample=False), 20)] + \
+    [("DPMSolverMultistepInverseScheduler", "DPMSolverMultistepScheduler", f"order{k}", dict(SD, solver_order=k), n)
+     for k in (1, 2, 3) for n in (5, 20, 50)]
+ROUND_TRIP_ERRORS = {}
+
+
+@pytest.mark.parametrize("inverse, forward, label, config, steps", ROUND_TRIPS,
+                         ids=[f"{i.replace('Scheduler', '')}-{lab}-{n}" for i, _, lab, _, n in ROUND_TRIPS])
+def test_inversion_round_trip_reconstructs_like_stock(inverse, forward, label, config, steps):
+    """Invert a latent, sample it back: fastdiff's latent and reconstruction are stock's within
+    stock's float32 precision, and so is the reconstruction error."""
+    x0 = 0.5 * torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+    make = lambda lib, name: getattr(lib, name)(**config)  # noqa: E731
+    stock = _round_trip(make(diffusers, inverse), make(diffusers, forward), steps, x0, torch.float32)
+    stock64 = _round_trip(make(diffusers, inverse), make(diffusers, forward), steps, x0, torch.float64)
+    ours = _round_trip(make(fd, inverse), make(fd, forward), steps, x0, torch.float32)
+    for what, a, p, p64 in zip(("latent", "reconstruction"), ours, stock, stock64):
+        tol = peer_tolerance(p, p64) + PEER_MARGIN * float((p.double() - p64).abs().max())
+        assert_close_to_peer(a, p, tol, what)
+    err = {k: float((v[1].double() - x0).abs().max()) for k, v in (("ours", ours), ("stock", stock),
+                                                                   ("stock64", stock64))}
+    ROUND_TRIP_ERRORS[(inverse, label, steps)] = err
+    assert abs(err["ours"] - err["stock"]) <= PEER_MARGIN * abs(err["stock"] - err["stock64"]) + \
+        2 * torch.finfo(torch.float32).eps * float(x0.abs().max()) + float(tol.max()), err
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
-ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {})]
+ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}),
+               ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+               ("DPMSolverMultistepInverseScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n for n, _ in ACCELERATED])

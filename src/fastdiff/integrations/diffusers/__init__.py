@@ -6,7 +6,8 @@
     pipe.save_pretrained(folder) # a stock diffusers folder; fastdiff: fd.accelerate(DiffusionPipeline.from_pretrained(folder))
 
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
-TCDScheduler; ``ipndm``: IPNDMScheduler), ``cfg`` (CFG fused inside unmodified
+TCDScheduler; ``ipndm``: IPNDMScheduler;
+``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -14,6 +15,7 @@ from .base import StepOutput
 from .pndm import PNDMScheduler
 from .consistency import LCMScheduler, TCDScheduler
 from .ipndm import IPNDMScheduler
+from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -28,6 +30,6 @@ __all__ = [
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-    "LCMScheduler", "TCDScheduler", "IPNDMScheduler",
+    "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]

@@ -254,6 +254,8 @@ def diffusers_output_class(cls: type) -> type:
     """diffusers' own step output class for a drop-in class: ``<Name>Output`` of the module of the
     diffusers scheduler it subclasses (e.g. DDIMSchedulerOutput), else ``SchedulerOutput``."""
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
+    if getattr(cls, "_diffusers_output", None) is not None:     # (a module whose class names it otherwise)
+        return cls._diffusers_output
     for base in cls.__mro__:
         module = getattr(base, "__module__", "") or ""
         if module.startswith("diffusers.") and base.__name__.endswith("Scheduler"):
