@@ -101,6 +101,11 @@ VARIANTS = [
     ("er_sde", {"solver_type": "ODE"}), ("er_sde", {"solver_type": "ODE", "num_integration_points": None}),
     ("er_sde", {"noise_scaler": lambda v: v * v + v}),
     ("uni_pc", {}), ("uni_pc_bh2", {}),
+    ("sa_solver", {}), ("sa_solver", {"tau_interval": (1e9, 0.0)}), ("sa_solver", {"eta": 0.0}),
+    ("sa_solver", {"tau_interval": (1e9, 0.0), "simple_order_2": True, "predictor_order": 2, "corrector_order": 2}),
+    ("sa_solver", {"tau_interval": (1e9, 0.0), "predictor_order": 1, "corrector_order": 0, "s_noise": 0.7}),
+    ("sa_solver_pece", {}), ("sa_solver_pece", {"tau_interval": (1e9, 0.0), "predictor_order": 2,
+                                                "corrector_order": 3}),
 ]
 
 CASES = [  # id, schedule, spacing, final, predictions
@@ -220,6 +225,8 @@ CONVERGENCE = [
     ("er_sde", {"solver_type": "ODE", "max_stage": 2}, SHORT),
     ("er_sde", {"solver_type": "ODE", "num_integration_points": None}, LONG),
     ("uni_pc", {}, SHORT), ("uni_pc_bh2", {}, SHORT),
+    ("sa_solver", {"eta": 0.0}, LONG), ("sa_solver_pece", {"eta": 0.0}, SHORT),
+    ("sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 3}, SHORT),
 ]
 
 
@@ -262,6 +269,7 @@ STOCHASTIC = [
     ("seeds_2", {}), ("seeds_2", {"solver_type": "phi_2", "eta": 0.5}), ("seeds_3", {}),
     ("er_sde", {}), ("er_sde", {"solver_type": "Reverse-time SDE"}),
     ("er_sde", {"solver_type": "Reverse-time SDE", "eta": 0.5}),
+    ("sa_solver", {}), ("sa_solver", {"tau_interval": (1e9, 0.0)}), ("sa_solver_pece", {"tau_interval": (1e9, 0.0)}),
 ]
 # Not here: lcm, whose step x' = alpha' x0(x) + sigma' z draws from the posterior mean, not the
 # marginal (its covariance is off by hundreds of standard errors on the mixture by design).
@@ -296,7 +304,8 @@ def test_stochastic_samplers_keep_the_marginal(marginal, name, opts):
     assert z_mean < Z_TOL and z_cov < Z_TOL, f"mean off by {z_mean:.1f}, covariance by {z_cov:.1f} standard errors"
 
 
-@pytest.mark.parametrize("name, opts", [("seeds_2", {"s_noise": 0.9}), ("res_multistep_ancestral", {"s_noise": 0.9})])
+@pytest.mark.parametrize("name, opts", [("seeds_2", {"s_noise": 0.9}), ("res_multistep_ancestral", {"s_noise": 0.9}),
+                                        ("sa_solver", {"tau_interval": (1e9, 0.0), "s_noise": 0.9})])
 def test_moment_check_detects_wrong_noise(marginal, name, opts):
     """10% too little noise is caught."""
     _, z_cov = moment_z_scores(marginal, name, opts)
@@ -328,6 +337,8 @@ FUNCTIONS = [  # function, its options, solver, solver options
     ("sample_seeds_3", {"eta": 0.0}, "seeds_3", {"eta": 0.0}),
     ("sample_er_sde", {"solver_type": "ODE"}, "er_sde", {"solver_type": "ODE"}),
     ("sample_ddim", {}, "euler", {}),
+    ("sample_sa_solver", {"eta": 0.0}, "sa_solver", {"eta": 0.0}),
+    ("sample_sa_solver_pece", {"tau_func": lambda sigma: 0.0}, "sa_solver_pece", {"eta": 0.0}),
 ]
 
 
@@ -358,7 +369,9 @@ def test_k_diffusion_uni_pc_ends_at_0_001_as_comfyui():
 
 @pytest.mark.parametrize("fn, opts", [("sample_res_multistep_ancestral", {}), ("sample_seeds_2", {}),
                                       ("sample_seeds_3", {}), ("sample_exp_heun_2_x0_sde", {}),
-                                      ("sample_er_sde", {}), ("sample_dpmpp_2m_sde_heun", {})])
+                                      ("sample_er_sde", {}), ("sample_dpmpp_2m_sde_heun", {}),
+                                      ("sample_sa_solver", {"tau_interval": (20.0, 0.0)}),
+                                      ("sample_sa_solver_pece", {"tau_func": lambda sigma: 1.0 if sigma > 1 else 0.0})])
 def test_k_diffusion_stochastic_functions(fn, opts):
     """Reproducible from torch's seed (Philox, and noise='torch'); a given noise_sampler is called with
     ComfyUI's levels (SEEDS: the stage levels, inside [sigma_next, sigma])."""
@@ -430,6 +443,10 @@ BAD = [
     ("er_sde", {"solver_type": "ODE", "noise_scaler": abs}, "noise_scaler applies to solver_type='ER-SDE'"),
     ("uni_pc", {"order": 4}, "order"), ("uni_pc_bh2", {"solver_type": "bh3"}, "solver_type"),
     ("dpmpp_2m_sde_heun", {"solver_type": "euler"}, "solver_type"),
+    ("sa_solver", {"predictor_order": 0}, "predictor_order"), ("sa_solver", {"corrector_order": 7}, "corrector_order"),
+    ("sa_solver", {"tau_interval": (0.5, 2.0)}, "tau_interval must be \\(start, end\\)"),
+    ("sa_solver", {"tau_interval": 3.0}, "tau_interval"), ("sa_solver", {"taus": [0.5, -1.0]}, "each of taus"),
+    ("sa_solver_pece", {"eta": -1.0}, "eta"),
 ]
 
 
@@ -439,8 +456,29 @@ def test_bad_options(name, opts, match):
         get_solver(name, **opts)
 
 
+def test_sa_solver_taus_and_window():
+    """tau per step: ``taus`` as given (its length checked), ``tau_interval`` in noise levels; a tau_func
+    in the k-diffusion function is evaluated once per step on the host; sa_solver_pece evaluates the model
+    twice per step after the first."""
+    grid = make_grid(VESchedule(), 8, "karras")
+    build = lambda name, **o: Sampler.build(solver=name, solver_options=o, grid=grid, prediction="sample")  # noqa
+    rows = build("sa_solver", tau_interval=(10.0, 1.0)).program.rows
+    noisy = sorted({r.step for r in rows if r.noise_id >= 0})
+    assert noisy == [i for i in range(8) if 10.0 >= grid.ksigma[i + 1] >= 1.0]
+    taus = [0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.2, 0.0]
+    rows = build("sa_solver", taus=taus).program.rows
+    assert sorted({r.step for r in rows if r.noise_id >= 0}) == [1, 3, 6]
+    with pytest.raises(ValueError, match="taus has 3 values but the grid has 8 steps"):
+        build("sa_solver", taus=[0.0, 1.0, 0.0])
+    assert build("sa_solver").program.nfe == 8 and build("sa_solver_pece").program.nfe == 15
+    gm, sigmas, x, denoiser = _kd_setup()
+    seen = []
+    K.sample_sa_solver(denoiser, x, sigmas, disable=True, tau_func=lambda s: seen.append(float(s)) or 0.0)
+    assert seen == [float(s) for s in sigmas[1:]]
+
+
 @pytest.mark.parametrize("name", ["res_multistep", "ipndm_v", "deis_comfy", "gradient_estimation", "heunpp2",
-                                  "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0"])
+                                  "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0", "sa_solver"])
 def test_grid_starting_at_alpha_0_is_refused(name):
     grid = make_grid(FlowMatching(), 5, "uniform")
     with pytest.raises(ValueError, match="alpha|finite|ve"):

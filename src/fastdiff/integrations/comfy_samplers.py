@@ -13,7 +13,7 @@ model call); see that module for the conventions they share (dtypes, callback, `
 Name -> fastdiff solver: res_multistep / res_multistep_ancestral -> same names; dpmpp_2m_sde_heun ->
 dpmpp_2m_sde_heun (dpmpp_2m_sde with solver_type='heun'); ipndm / ipndm_v -> same; deis -> deis_comfy
 (diffusers' DEISMultistep is fastdiff's ``deis``); gradient_estimation, heunpp2, exp_heun_2_x0,
-exp_heun_2_x0_sde, seeds_2, seeds_3, er_sde -> same; lcm -> lcm (fastdiff.solvers.consistency);
+exp_heun_2_x0_sde, seeds_2, seeds_3, er_sde, sa_solver, sa_solver_pece -> same; lcm -> lcm (fastdiff.solvers.consistency);
 ddim -> ddim (ComfyUI's ddim is Euler, which on these coordinates is DDIM, eta = 0); uni_pc /
 uni_pc_bh2 -> same (fastdiff's unipc with ComfyUI's options; a final sigma = 0 is moved to 0.001 as
 ComfyUI does, so the result is the state there, not the denoised sample).
@@ -38,7 +38,7 @@ __all__ = [
     "sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
     "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
     "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm", "sample_ddim",
-    "sample_uni_pc", "sample_uni_pc_bh2",
+    "sample_uni_pc", "sample_uni_pc_bh2", "sample_sa_solver", "sample_sa_solver_pece",
 ]
 
 
@@ -209,6 +209,51 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     """LCM multistep sampling: the denoised sample, noised afresh to the next level."""
     return _run("lcm", {}, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise=noise,
                 check_finite=check_finite)
+
+
+def _sa_options(model, sigmas, tau_func, eta, tau_interval):
+    """SA-Solver's tau per step: ``tau_func(sigma_next)`` evaluated once on the host for every step (no
+    per-step sync); else eta in ``tau_interval``; else ComfyUI's default window percent_to_sigma(0.2) ..
+    percent_to_sigma(0.8) of a ComfyUI model wrapper (``model.inner_model.model_sampling``), or without
+    one 20% .. 80% of the VE time range (t = sigma) between the given sigmas' extremes."""
+    if tau_func is not None:
+        if not callable(tau_func):
+            raise TypeError(f"tau_func must be callable (sigma -> tau) or None, got {type(tau_func).__name__}")
+        if not (isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1):
+            return {}
+        levels = sigmas.detach().to("cpu", torch.float64).tolist()
+        return {"taus": [float(tau_func(torch.tensor(levels[i + 1]))) for i in range(len(levels) - 1)]}
+    if tau_interval is None:
+        ms = getattr(getattr(model, "inner_model", None), "model_sampling", None)
+        if ms is not None and hasattr(ms, "percent_to_sigma"):
+            tau_interval = (float(ms.percent_to_sigma(0.2)), float(ms.percent_to_sigma(0.8)))
+    return {"eta": eta, "tau_interval": tau_interval}
+
+
+@torch.no_grad()
+def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=False, tau_func=None, s_noise=1.0,
+                     noise_sampler=None, predictor_order=3, corrector_order=4, use_pece=False, simple_order_2=False,
+                     *, eta=1.0, tau_interval=None, noise='philox', check_finite='end'):
+    """SA-Solver (arXiv 2309.05019): stochastic Adams predictor (order <= 3) and corrector (<= 4) with
+    noise tau(sigma); one model call per step (two with ``use_pece``), no per-step host sync.
+    ``eta`` / ``tau_interval`` (keyword-only): ComfyUI's SamplerSASolver node's eta and window, as noise
+    levels (start, end); ``tau_func`` overrides them."""
+    options = {"s_noise": s_noise, "predictor_order": predictor_order, "corrector_order": corrector_order,
+               "use_pece": use_pece, "simple_order_2": simple_order_2,
+               **_sa_options(model, sigmas, tau_func, eta, tau_interval)}
+    return _run("sa_solver", options, model, x, sigmas, extra_args, callback, disable, noise_sampler, noise=noise,
+                check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_sa_solver_pece(model, x, sigmas, extra_args=None, callback=None, disable=False, tau_func=None,
+                          s_noise=1.0, noise_sampler=None, predictor_order=3, corrector_order=4, simple_order_2=False,
+                          *, eta=1.0, tau_interval=None, noise='philox', check_finite='end'):
+    """SA-Solver in PECE mode (the model evaluated again at the corrected state)."""
+    options = {"s_noise": s_noise, "predictor_order": predictor_order, "corrector_order": corrector_order,
+               "simple_order_2": simple_order_2, **_sa_options(model, sigmas, tau_func, eta, tau_interval)}
+    return _run("sa_solver_pece", options, model, x, sigmas, extra_args, callback, disable, noise_sampler,
+                noise=noise, check_finite=check_finite)
 
 
 # ---------------------------------------------------------------------------------------------

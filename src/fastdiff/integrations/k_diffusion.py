@@ -769,4 +769,4 @@ from .comfy_samplers import *  # noqa: E402,F401,F403  (ComfyUI's samplers: fast
 __all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
             "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
             "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm",
-            "sample_ddim", "sample_uni_pc", "sample_uni_pc_bh2"]
+            "sample_ddim", "sample_uni_pc", "sample_uni_pc_bh2", "sample_sa_solver", "sample_sa_solver_pece"]

@@ -26,6 +26,10 @@ lambda = log(alpha/sigma) (for a flow model that is ComfyUI's logit form of the 
   200-point Riemann sums; types 'ER-SDE', 'Reverse-time SDE' (scaler x^(eta+1)), 'ODE'.
 * (``lcm`` is fastdiff.solvers.consistency's, with timestep_scaling=None: ComfyUI's sample_lcm on
   sigmas that end at 0.)
+* ``sa_solver`` / ``sa_solver_pece``  SA-Solver (Xue et al. 2023, arXiv 2309.05019), data prediction:
+  stochastic Adams predictor and corrector in lambda with noise tau(sigma) inside a window; the
+  model at the predicted point (PECE: again at the corrected one). The corrector re-adds the
+  predictor's draw, recovered from the predicted point, so each step draws once.
 * ``uni_pc`` / ``uni_pc_bh2``  ComfyUI's UniPC (order 3, data prediction, lower order at the end,
   B(h) 'bh1' / 'bh2'): fastdiff's ``unipc`` with those options (ComfyUI also moves a final sigma = 0
   to 0.001, which is the grid's business: see fastdiff.integrations.comfy_samplers).
@@ -655,3 +659,188 @@ class ComfyUniPCBH2(ComfyUniPC):
 
     def __init__(self, order: int = 3, solver_type: str = "bh2", lower_order_final: bool = True):
         super().__init__(order=order, solver_type=solver_type, lower_order_final=lower_order_final)
+
+
+# ---------------------------------------------------------------------------------------------
+# SA-Solver
+
+
+def _exp_poly_integrals(h: float, k: float, degree: int) -> List[float]:
+    """I_p = integral over u in [-h, 0] of e^{k u} u^p du, p = 0..degree, from the series
+    int_0^h e^{-k v} v^p dv = e^{-k h} p! / k^{p+1} sum_{m > p} (k h)^m / m! (all terms positive)."""
+    kh = k * h
+    out = []
+    for p in range(degree + 1):
+        term = kh ** (p + 1) / math.factorial(p + 1)
+        total, m = 0.0, p + 1
+        while True:
+            total += term
+            m += 1
+            term *= kh / m
+            if term < 1e-17 * total or m > 2000:
+                break
+        out.append((-1) ** p * math.exp(-kh) * math.factorial(p) / k ** (p + 1) * total)
+    return out
+
+
+def sa_solver_b(alpha_t: float, lam_s: float, lam_t: float, nodes: List[float], tau: float,
+                simple_order_2: bool = False, corrector: bool = False) -> List[float]:
+    """SA-Solver's b_j (data prediction) on the half-logSNR ``nodes`` (oldest first):
+    alpha_t (1 + tau^2) int_{lam_s}^{lam_t} e^{-(1 + tau^2)(lam_t - l)} L_j(l) dl, L_j the Lagrange basis;
+    ``simple_order_2`` with two nodes: the paper's simplified order-2 pair (ComfyUI's option)."""
+    k = 1.0 + tau * tau
+    h = lam_t - lam_s
+    if simple_order_2 and len(nodes) == 2:
+        if corrector:
+            b_new = alpha_t * 0.5 * k * h
+            return [alpha_t * -math.expm1(-h * k) - b_new, b_new]
+        b_old = alpha_t * 0.5 * k * h * h / (nodes[0] - lam_s)
+        return [b_old, alpha_t * -math.expm1(-h * k) - b_old]
+    import numpy as np
+    from numpy.polynomial import Polynomial
+    u = [v - lam_t for v in nodes]               # nodes as u = lambda - lambda_t in [-h', 0]
+    I = _exp_poly_integrals(h, k, len(nodes) - 1)
+    b = []
+    for j in range(len(nodes)):
+        others = [u[m] for m in range(len(nodes)) if m != j]
+        P = Polynomial.fromroots(others) / np.prod([u[j] - o for o in others]) if others else Polynomial([1.0])
+        b.append(alpha_t * k * float(sum(c * I[p] for p, c in enumerate(P.coef))))
+    return b
+
+
+def sa_tau_window(grid: Grid, eta: float, interval=None):
+    """tau of each step's predictor: eta where its target noise level lies in the window, else 0.
+    ``interval`` = (start, end) noise levels sigma/alpha (start >= end); None: ComfyUI's default window,
+    the schedule's points at 20% and 80% of its time range from the noisy end (percent_to_sigma(0.2),
+    percent_to_sigma(0.8))."""
+    if interval is None:
+        sch = grid.schedule
+        t0, t1 = float(sch.t_max), float(sch.t_min)
+        start, end = (float(sch.ksigma(t0 + p * (t1 - t0))) for p in (0.2, 0.8))
+    else:
+        start, end = (float(v) for v in interval)
+    return [eta if (eta > 0 and start >= float(grid.ksigma[i + 1]) >= end) else 0.0 for i in range(grid.steps)]
+
+
+@register("sa_solver")
+class SASolver(Solver):
+    """ComfyUI sample_sa_solver (SA-Solver, Xue et al. 2023, arXiv 2309.05019), data prediction:
+    stochastic Adams predictor of ``predictor_order`` (<= 3) and corrector of ``corrector_order`` (<= 4)
+    in the half-logSNR lambda, noise tau(sigma) (``eta`` inside the window ``tau_interval``, 0 outside;
+    ``taus``: one value per step instead), ``s_noise``; lower orders near the end when the grid ends at
+    sigma = 0. The model is evaluated at the predicted point; the corrected state carries on (with
+    ``use_pece`` the model is evaluated again at the corrected state, whose output replaces the
+    predicted one: sa_solver_pece). The corrector re-adds the predictor's noise draw, recovered from
+    the predicted point it reads, so each step makes one draw; no host sync anywhere."""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, predictor_order: int = 3, corrector_order: int = 4,
+                 use_pece: bool = False, simple_order_2: bool = False, tau_interval=None, taus=None):
+        self.eta = check_eta(eta)
+        self.s_noise = check_eta(s_noise, "s_noise")
+        self.predictor_order = check_order(predictor_order, (1, 2, 3, 4, 5, 6), "predictor_order")
+        self.corrector_order = check_order(corrector_order, (0, 1, 2, 3, 4, 5, 6), "corrector_order")
+        self.use_pece = bool(use_pece)
+        self.simple_order_2 = bool(simple_order_2)
+        if tau_interval is not None:
+            try:
+                lo_hi = tuple(float(v) for v in tau_interval)
+            except (TypeError, ValueError):
+                lo_hi = ()
+            if len(lo_hi) != 2 or not (lo_hi[0] >= lo_hi[1] >= 0):
+                raise ValueError(f"tau_interval must be (start, end) noise levels with start >= end >= 0, "
+                                 f"got {tau_interval!r}")
+            tau_interval = lo_hi
+        self.tau_interval = tau_interval
+        if taus is not None:
+            taus = tuple(check_eta(v, "each of taus") for v in taus)
+        self.taus = taus
+        self.stochastic = self.s_noise > 0 and (any(taus) if taus is not None else self.eta > 0)
+        # Without noise: the predictor's order p, p + 1 with a corrector of order >= p + 1 (measured: p = 3,
+        # c = 4 gives 4; p = 2, c = 3 gives 3)
+        p, c = self.predictor_order, self.corrector_order
+        self.order = 1 if self.stochastic else (p if c == 0 else min(p + 1, max(p, c)))
+        # lags: the predictor reads p - 1 earlier outputs, the corrector c - 1, the recovered predictor noise p
+        self.num_slots = max(self.corrector_order - 1, self.predictor_order, 1)
+
+    def _taus(self, grid: Grid) -> List[float]:
+        if self.taus is not None:
+            if len(self.taus) != grid.steps:
+                raise ValueError(f"taus has {len(self.taus)} values but the grid has {grid.steps} steps")
+            return list(self.taus)
+        return sa_tau_window(grid, self.eta, self.tau_interval)
+
+    def rows(self, grid: Grid) -> List[Row]:
+        from .multistep import _as_out, _combine
+        check_finite_lambda(grid, self.name)
+        N, S = grid.steps, self.num_slots
+        points = [grid_point(grid, i) for i in range(N + 1)]
+        lam = [half_log_snr(p) for p in points]
+        taus = self._taus(grid)
+        noise = self.s_noise > 0
+        lower_to_end = points[N].sigma == 0.0
+        max_used = max(self.predictor_order, self.corrector_order)
+        noise_ids = itertools.count()
+        rows: List[Row] = []
+        prev_pred = None       # the previous predictor: {'x': a, lag j: b_j} (lags from this step) and its std
+        for i in range(N):
+            p = points[i]
+            have = min(i + 1, max_used)
+            k_p = min(self.predictor_order, have)
+            k_c = 0 if i == 0 or (points[i + 1].sigma == 0.0 and not self.use_pece) else min(self.corrector_order, have)
+            if lower_to_end:
+                k_p = min(k_p, N - 1 - i)
+                k_c = min(k_c, N - i)
+            # Corrector: x_c = (sigma_i/sigma_{i-1}) e^{-tau^2 h} x + sum b D (nodes i-k_c+1..i) + N_prev
+            if k_c > 0:
+                q0, tau = points[i - 1], taus[i - 1]
+                h = lam[i] - lam[i - 1]
+                b = sa_solver_b(p.alpha, lam[i - 1], lam[i], lam[i - k_c + 1:i + 1], tau, self.simple_order_2, True)
+                corr = {"x": p.sigma / q0.sigma * math.exp(-tau * tau * h)}
+                corr = _combine((1.0, corr), (1.0, {k_c - 1 - j: b[j] for j in range(k_c)}))
+                if prev_pred is not None and prev_pred[1]:     # + N_prev = E - (a x + sum b D)
+                    corr = _combine((1.0, corr), (1.0, {"y": 1.0}), (-1.0, prev_pred[0]))
+            else:
+                corr = {"x": 1.0} if i == 0 else {"y": 1.0}
+            eval_at = "x" if i == 0 else "y"
+            if self.use_pece and k_c > 0:
+                # Row A: the corrected state into x; Row B evaluates there and its output replaces D_i
+                rows.append(Row(step=i, eval_at="y", point=p, q_y=X0_QUANTITY[0], q_x0=X0_QUANTITY[1],
+                                out_x=_as_out(corr, i, S), next_eval="x"))
+                corr, eval_at = {"x": 1.0}, "x"
+            # Predictor (or the denoising step)
+            last = i == N - 1
+            z, pred = 0.0, None
+            if points[i + 1].sigma == 0.0:
+                pred = {0: points[i + 1].alpha}
+                prev_pred = None
+            else:
+                q, tau = points[i + 1], taus[i]
+                h = lam[i + 1] - lam[i]
+                b = sa_solver_b(q.alpha, lam[i], lam[i + 1], lam[i - k_p + 1:i + 1], tau, self.simple_order_2, False)
+                a = q.sigma / p.sigma * math.exp(-tau * tau * h)
+                pred = _combine((a, corr), (1.0, {k_p - 1 - j: b[j] for j in range(k_p)}))
+                z = q.sigma * math.sqrt(-math.expm1(-2.0 * tau * tau * h)) * self.s_noise if (tau > 0 and noise) else 0.0
+                # for the next step's corrector: the same predictor in the next step's lags (x = x_c)
+                prev_pred = ({"x": a, **{k_p - j: b[j] for j in range(k_p)}}, z)
+            out_pred = _as_out(pred, i, S)
+            out_pred = Out(x=out_pred.x, y=out_pred.y, h=out_pred.h, hist=out_pred.hist, z=z)
+            if last:
+                out_x, out_y = out_pred, None
+            else:
+                out_x = None if eval_at == "x" and corr == {"x": 1.0} else _as_out(corr, i, S)
+                out_y = out_pred
+            rows.append(Row(step=i, eval_at=eval_at, point=p, q_y=X0_QUANTITY[0], q_x0=X0_QUANTITY[1], out_x=out_x,
+                            out_y=out_y, hist_write=ring_write(i, N, S), noise_id=next(noise_ids) if z else -1,
+                            next_eval="x" if last else "y"))
+        return rows
+
+
+@register("sa_solver_pece")
+class SASolverPECE(SASolver):
+    """ComfyUI sample_sa_solver_pece: sa_solver with use_pece=True (two model calls per step after the
+    first: at the predicted and at the corrected state)."""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, predictor_order: int = 3, corrector_order: int = 4,
+                 use_pece: bool = True, simple_order_2: bool = False, tau_interval=None, taus=None):
+        super().__init__(eta=eta, s_noise=s_noise, predictor_order=predictor_order, corrector_order=corrector_order,
+                         use_pece=use_pece, simple_order_2=simple_order_2, tau_interval=tau_interval, taus=taus)

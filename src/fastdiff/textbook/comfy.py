@@ -451,6 +451,111 @@ def sample_uni_pc_bh2(model, x, grid, prediction, noise=None, order=3, solver_ty
                          lower_order_final=lower_order_final)
 
 
+# ---------------------------------------------------------------------------------------------
+# SA-Solver (ComfyUI's sample_sa_solver / sa_solver.py)
+
+
+def _sa_b(sigma_next, alpha_next, curr_lambdas, lambda_s, lambda_t, tau_t, simple_order_2, is_corrector_step):
+    """b_i = alpha_t (1 + tau^2) int_{lambda_s}^{lambda_t} e^{-(1 + tau^2)(lambda_t - l)} L_i(l) dl by adaptive
+    quadrature (ComfyUI: the exponential-polynomial integrals and a Vandermonde solve)."""
+    tau_mul = 1 + tau_t ** 2
+    h = lambda_t - lambda_s
+    if simple_order_2 and len(curr_lambdas) == 2:
+        if is_corrector_step:
+            b_1 = alpha_next * (0.5 * tau_mul * h)
+            b_2 = alpha_next * -math.expm1(-h * tau_mul) - b_1
+        else:
+            b_2 = alpha_next * (0.5 * tau_mul * h ** 2) / (curr_lambdas[-2] - lambda_s)
+            b_1 = alpha_next * -math.expm1(-h * tau_mul) - b_2
+        return [b_2, b_1]
+    from scipy import integrate
+
+    def lagrange(j, v):
+        out = 1.0
+        for k, node in enumerate(curr_lambdas):
+            if k != j:
+                out *= (v - node) / (curr_lambdas[j] - node)
+        return out
+
+    return [alpha_next * tau_mul * integrate.quad(lambda v, j=j: math.exp(-tau_mul * (lambda_t - v)) * lagrange(j, v),
+                                                  lambda_s, lambda_t, epsabs=0.0, epsrel=1e-13)[0]
+            for j in range(len(curr_lambdas))]
+
+
+def _sa_taus(grid: Grid, eta: float, tau_interval=None):
+    """ComfyUI's get_tau_interval_func(percent_to_sigma(0.2), percent_to_sigma(0.8), eta) at each sigma_{i+1}
+    (in noise levels sigma/alpha; the percents of the schedule's time range from its noisy end)."""
+    if tau_interval is None:
+        sch = grid.schedule
+        start = float(sch.ksigma(sch.t_max - 0.2 * (sch.t_max - sch.t_min)))
+        end = float(sch.ksigma(sch.t_max - 0.8 * (sch.t_max - sch.t_min)))
+    else:
+        start, end = tau_interval
+    return lambda ks: (eta if start >= ks >= end else 0.0) if eta > 0 else 0.0
+
+
+def sample_sa_solver(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, noise=None, eta: float = 1.0,
+                     s_noise: float = 1.0, predictor_order: int = 3, corrector_order: int = 4, use_pece: bool = False,
+                     simple_order_2: bool = False, tau_interval=None, taus=None) -> torch.Tensor:
+    g = _HalfLogSNR(model, grid, prediction)
+    sigmas, lambdas, alphas = g.sigmas, g.lam, g.alpha
+    ks = [float(v) for v in grid.ksigma]
+    if taus is not None:
+        tau_of_step = lambda i: taus[i]                                      # noqa: E731
+    else:
+        f = _sa_taus(grid, eta, tau_interval)
+        tau_of_step = lambda i: f(ks[i + 1])                                 # noqa: E731
+    max_used_order = max(predictor_order, corrector_order)
+    x_pred = x
+    h, tau_t, noise_prev = 0.0, 0.0, 0.0
+    pred_list = []
+    lower_order_to_end = sigmas[-1] == 0
+    for i in range(grid.steps):
+        denoised = g.denoised(x_pred, i)
+        pred_list.append(denoised)
+        pred_list = pred_list[-max_used_order:]
+        predictor_order_used = min(predictor_order, len(pred_list))
+        if i == 0 or (sigmas[i + 1] == 0 and not use_pece):
+            corrector_order_used = 0
+        else:
+            corrector_order_used = min(corrector_order, len(pred_list))
+        if lower_order_to_end:
+            predictor_order_used = min(predictor_order_used, len(sigmas) - 2 - i)
+            corrector_order_used = min(corrector_order_used, len(sigmas) - 1 - i)
+        if corrector_order_used == 0:
+            x = x_pred
+        else:
+            b = _sa_b(sigmas[i], alphas[i], lambdas[i - corrector_order_used + 1:i + 1], lambdas[i - 1], lambdas[i],
+                      tau_t, simple_order_2, True)
+            corr_res = sum(bj * d for bj, d in zip(b, pred_list[-corrector_order_used:]))
+            x = sigmas[i] / sigmas[i - 1] * math.exp(-(tau_t ** 2) * h) * x + corr_res
+            if tau_t > 0 and s_noise > 0:
+                x = x + noise_prev
+            if use_pece:
+                denoised = g.denoised(x, i)
+                pred_list[-1] = denoised
+        if sigmas[i + 1] == 0:
+            x_pred = alphas[i + 1] * denoised
+        else:
+            tau_t = tau_of_step(i)
+            b = _sa_b(sigmas[i + 1], alphas[i + 1], lambdas[i - predictor_order_used + 1:i + 1], lambdas[i],
+                      lambdas[i + 1], tau_t, simple_order_2, False)
+            pred_res = sum(bj * d for bj, d in zip(b, pred_list[-predictor_order_used:]))
+            h = lambdas[i + 1] - lambdas[i]
+            x_pred = sigmas[i + 1] / sigmas[i] * math.exp(-(tau_t ** 2) * h) * x + pred_res
+            if tau_t > 0 and s_noise > 0:
+                noise_prev = noise_at(noise, i) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * tau_t ** 2 * h)) * s_noise
+                x_pred = x_pred + noise_prev
+    return x_pred
+
+
+def sample_sa_solver_pece(model, x, grid, prediction, noise=None, eta=1.0, s_noise=1.0, predictor_order=3,
+                          corrector_order=4, use_pece=True, simple_order_2=False, tau_interval=None, taus=None):
+    return sample_sa_solver(model, x, grid, prediction, noise, eta=eta, s_noise=s_noise,
+                            predictor_order=predictor_order, corrector_order=corrector_order, use_pece=use_pece,
+                            simple_order_2=simple_order_2, tau_interval=tau_interval, taus=taus)
+
+
 COMFY_ORACLES = {
     "res_multistep": sample_res_multistep,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
@@ -466,6 +571,8 @@ COMFY_ORACLES = {
     "er_sde": sample_er_sde,
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
 }
 
 #: The samplers that draw more than one Gaussian per step (with eta > 0 and s_noise > 0).
