@@ -367,10 +367,22 @@ def _refine(ks: Sequence[float], lowest: float, objective: Callable[[Sequence[fl
 # Files and shipped tables
 
 
+# Named DiscreteVP configurations a grid file records by name instead of 1000 betas.
+_NAMED_VP = ({"beta_schedule": "squaredcos_cap_v2"},
+             {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+             {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
+
+
 def _schedule_spec(s: Schedule) -> dict:
     if isinstance(s, VESchedule):
         return {"type": "VESchedule", "sigma_min": s.sigma_min, "sigma_max": s.sigma_max}
     if isinstance(s, DiscreteVP):
+        n = int(s.betas.size)
+        for named in _NAMED_VP:
+            for zero_snr in (False, True):
+                spec = {**named, "num_train_timesteps": n, "zero_terminal_snr": zero_snr}
+                if np.array_equal(DiscreteVP(**spec).betas, s.betas):
+                    return {"type": "DiscreteVP", **spec}
         return {"type": "DiscreteVP", "betas": [float(b) for b in s.betas]}
     return {"type": type(s).__name__}
 
@@ -393,7 +405,8 @@ def load_grid(path_or_data, schedule: Optional[Schedule] = None) -> Grid:
         if spec.get("type") == "VESchedule":
             schedule = VESchedule(spec["sigma_min"], spec["sigma_max"])
         elif spec.get("type") == "DiscreteVP":
-            schedule = DiscreteVP(betas=spec["betas"])
+            schedule = (DiscreteVP(betas=spec["betas"]) if "betas" in spec else
+                        DiscreteVP(**{k: v for k, v in spec.items() if k != "type"}))
         else:
             raise ValueError(f"pass the schedule: the file's {spec.get('type')!r} cannot be rebuilt from it")
     ks = np.asarray(data["ksigma"], dtype=np.float64)
