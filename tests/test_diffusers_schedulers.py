@@ -487,7 +487,6 @@ def test_unsupported_config_names_the_option(name, config, option):
 
 @pytest.mark.parametrize("name, kwargs, option", [
     ("EulerDiscreteScheduler", {"s_churn": 1.0}, "s_churn"),
-    ("EDMEulerScheduler", {"s_churn": 0.5}, "s_churn"),
     ("FlowMatchHeunDiscreteScheduler", {"s_churn": 2.0}, "s_churn"),
     ("FlowMatchEulerDiscreteScheduler", {"per_token_timesteps": torch.ones(2)}, "per_token_timesteps"),
 ])

@@ -293,6 +293,40 @@ def test_inversion_round_trip_reconstructs_like_stock(inverse, forward, label, c
 
 
 # ---------------------------------------------------------------------------------------------
+# EDMEulerScheduler with churn
+
+
+EDM_CHURN = [(cfg, n, churn) for cfg in ("karras", "exponential-v") for n in (1, 5, 20, 50)
+             for churn in ({"s_churn": 40.0}, {"s_churn": 80.0, "s_tmin": 0.05, "s_tmax": 10.0, "s_noise": 1.003})
+             if cfg == "karras" or n in (5, 20)]
+EDM_CONFIGS = {"karras": {}, "exponential-v": dict(sigma_schedule="exponential", prediction_type="v_prediction")}
+
+
+@pytest.mark.parametrize("config, steps, churn", EDM_CHURN,
+                         ids=[f"{c}-{n}-{'-'.join(f'{k}={v}' for k, v in ch.items())}" for c, n, ch in EDM_CHURN])
+def test_edm_euler_churn_matches_stock(config, steps, churn):
+    cfg = EDM_CONFIGS[config]
+    _check_parity(lambda: diffusers.EDMEulerScheduler(**cfg), lambda: fd.EDMEulerScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_edm_euler", seed=steps, step_kwargs=churn)
+
+
+def test_edm_euler_churn_changes_mid_run_and_refuses_a_given_x0():
+    s, ref = fd.EDMEulerScheduler(), diffusers.EDMEulerScheduler()
+    for x in (s, ref):
+        x.set_timesteps(6)
+    x = xr = torch.randn(SHAPE) * 80
+    for k, t in enumerate(s.timesteps):
+        out, churn = torch.randn(SHAPE), [0.0, 30.0][k % 2]
+        x = s.step(out, t, x, s_churn=churn, generator=torch.Generator().manual_seed(k)).prev_sample
+        xr = ref.step(out, t, xr, s_churn=churn, generator=torch.Generator().manual_seed(k)).prev_sample
+    torch.testing.assert_close(x, xr, rtol=1e-5, atol=1e-4)
+    s.set_timesteps(4)
+    with pytest.raises(NotImplementedError, match="pred_original_sample"):
+        s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE), s_churn=10.0,
+               pred_original_sample=torch.randn(SHAPE))
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 

@@ -25,7 +25,7 @@ DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep
 DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (_singlestep_rows)
 UniPCMultistepScheduler            VP / flow              unipc
 DEISMultistepScheduler             VP / flow              deis
-EDMEulerScheduler                  VE, EDM precondition   euler
+EDMEulerScheduler                  VE, EDM precondition   euler (s_churn: edm_euler, churn row merged)
 EDMDPMSolverMultistepScheduler     VE, EDM precondition   dpm_solver_multistep (dpmsolver++)
 FlowMatchEulerDiscreteScheduler    flow                   flow_euler (stochastic_sampling: re-noising)
 FlowMatchHeunDiscreteScheduler     flow                   flow_heun
@@ -48,9 +48,14 @@ level repeated inside the schedule (diffusers' 1000-step 'linspace' timesteps re
 zero-length step: at solver_order=1 both take it as the identity; at higher orders diffusers'
 own result is NaN and the drop-in raises.
 
-Not reproduced (NotImplementedError naming the option): EDM churn (``s_churn > 0``), learned
-variances, ``sde-dpmsolver``, UniPC's ``solver_p``, flow ``invert_sigmas`` /
-``per_token_timesteps``.
+Not reproduced (NotImplementedError naming the option): Euler / flow Heun churn (``s_churn > 0``;
+EDMEulerScheduler takes it), learned variances, ``sde-dpmsolver``, UniPC's ``solver_p``, flow
+``invert_sigmas`` / ``per_token_timesteps``.
+
+More drop-ins live in their own modules: ``pndm`` (PNDMScheduler), ``consistency`` (LCMScheduler,
+TCDScheduler: fastdiff ``lcm`` / ``tcd``), ``ipndm`` (IPNDMScheduler: ``plms``), ``inverse``
+(DDIMInverseScheduler, DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending
+grid); each adds itself to ``DROP_INS``.
 """
 from __future__ import annotations
 
@@ -884,7 +889,13 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
 
 @drop_in(diffusers.EDMEulerScheduler)
 class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
-    """EDM Euler (fastdiff ``euler`` on EDM's sigmas, x0 by EDM's c_skip / c_out)."""
+    """EDM Euler (fastdiff ``edm_euler`` on EDM's sigmas, x0 by EDM's c_skip / c_out), with churn.
+
+    Churn (``s_churn > 0``): fastdiff's ``edm_euler`` gives a churn row (x + std z, up to sigma_hat)
+    and the Euler step from sigma_hat; diffusers calls the model *before* the churn (on the
+    unchurned sample) and preconditions its output with sigma_hat on the churned sample, so the two
+    rows are one call: the churn's noise is carried through EDM's c_skip into the step's noise
+    term (``_merge_churn``), and pred_original_sample gets its c_skip * std * z."""
 
     _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
     _needs_set_timesteps = False
@@ -894,17 +905,72 @@ class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
     def _check_config(self):
         _check_prediction(self, ("epsilon", "v_prediction"))
 
-    def _plan(self, start: int) -> Plan:
+    def _plan(self, start: int, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+              s_noise: float = 1.0) -> Plan:
         grid = _ve_grid(_f64(self.sigmas))
-        rows = get_solver("euler", ode_space="ve").rows(grid)
         p, sd = self.config.prediction_type, self.config.sigma_data
-        return Plan(rows, [_edm_fold(p, s, sd) for s in grid.sigma[:-1]], 0).sliced(start)
+        if not s_churn:
+            rows = get_solver("euler", ode_space="ve").rows(grid)
+            return Plan(rows, [_edm_fold(p, s, sd) for s in grid.sigma[:-1]], 0).sliced(start)
+        solver_rows = get_solver("edm_euler", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                                 ode_space="ve").rows(grid)
+        rows, fold, draws, x0_noise = [], [], [], []
+        pending = None
+        for r in solver_rows:
+            if r.point is None:                       # the churn row of the next step
+                pending = r
+                continue
+            f = _edm_fold(p, r.point.sigma, sd)       # at sigma_hat
+            std = pending.out_x.z if pending is not None else 0.0
+            rows.append(_merge_churn(pending, replace(r, step=len(rows)), f))
+            fold.append(f)
+            draws.append(pending is not None)
+            x0_noise.append(f[0] * std)               # pred_original_sample's noise: c_skip * std * z
+            pending = None
+        plan = Plan(rows, fold, 0, draws=draws).sliced(start)
+        plan.extra = {"x0_noise": x0_noise[start:]}
+        return plan
+
+    def _draw_noise(self, k, shape, dtype, device, generator, variance_noise):
+        noise = super()._draw_noise(k, shape, dtype, device, generator, variance_noise)
+        self._fd_noise = noise
+        return noise
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True, pred_original_sample=None):
-        if s_churn:
-            _unsupported(type(self).__name__, "s_churn", s_churn, " (diffusers' churned Euler step)")
-        return self._fd_step(model_output, timestep, sample, generator, None, return_dict, x0=pred_original_sample)
+        if not s_churn:
+            return self._fd_step(model_output, timestep, sample, generator, None, return_dict,
+                                 x0=pred_original_sample)
+        if pred_original_sample is not None:
+            _unsupported(type(self).__name__, "pred_original_sample", "<tensor>", " together with s_churn > 0")
+        key = (("s_churn", float(s_churn)), ("s_tmin", float(s_tmin)), ("s_tmax", float(s_tmax)),
+               ("s_noise", float(s_noise)))
+        self._fd_noise = None
+        out = self._fd_step(model_output, timestep, sample, generator, None, return_dict, key=key)
+        c = self._fd_run.program.plan.extra["x0_noise"][self._step_index - 1 - self._fd_run.start]
+        if c and self._fd_noise is not None:          # the churned sample's part of x0
+            x0 = out[1]
+            x0 = (x0.float() + c * self._fd_noise.float()).to(x0.dtype) if x0.dtype != torch.float64 \
+                else x0 + c * self._fd_noise.double()
+            if return_dict:
+                out.pred_original_sample = x0
+            else:
+                out = (out[0], x0)
+        self._fd_noise = None
+        return out
+
+
+def _merge_churn(churn: Optional[Row], step: Row, fold: Tuple[float, float]) -> Row:
+    """One row for a churn row (y = a x + c z) and the step row after it (x' = o.x y + o.h h,
+    h = q_y y + q_x0 x0, x0 = A_x y + A_d D), the model evaluated at the unchurned x as diffusers'
+    EDMEulerScheduler does: with T = o.x + o.h (q_y + q_x0 A_x), x' = T (a x + c z) + o.h q_x0 A_d D,
+    i.e. the same h read at x, x coefficient T a - o.h (q_y + q_x0 A_x), noise coefficient T c."""
+    if churn is None:
+        return step
+    a, c = churn.out_x.x, churn.out_x.z
+    o = step.out_x
+    dh = o.h * (step.q_y + step.q_x0 * fold[0])
+    return replace(step, out_x=replace(o, x=(o.x + dh) * a - dh, z=(o.x + dh) * c), noise_id=churn.noise_id)
 
 
 @drop_in(diffusers.EDMDPMSolverMultistepScheduler)
