@@ -470,7 +470,6 @@ def test_step_options_change_the_program_mid_run():
 @pytest.mark.parametrize("name, config, option", [
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
     ("DPMSolverMultistepScheduler", dict(variance_type="learned_range"), "variance_type"),
-    ("DDPMScheduler", dict(variance_type="learned"), "variance_type"),
     ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
     ("KDPM2DiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),

@@ -53,6 +53,14 @@ def _to_float64(scheduler):
     return scheduler
 
 
+def _model(o, x):
+    """The test's model output: o + 0.3 x (o with twice the channels: the extra half as it is)."""
+    if o.shape[1] == x.shape[1]:
+        return o + 0.3 * x
+    c = x.shape[1]
+    return torch.cat([o[:, :c] + 0.3 * x, o[:, c:]], dim=1)
+
+
 def _trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, set_kwargs=None, step_kwargs=None, begin=None):
     """(prev_sample, second value) of every call of a run fed from its own outputs."""
     scheduler.set_timesteps(steps, **(set_kwargs or {}))
@@ -66,20 +74,22 @@ def _trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, set_kwargs=Non
         kw = dict(step_kwargs or {})
         if "generator" in __import__("inspect").signature(scheduler.step).parameters:
             kw["generator"] = g
-        out = scheduler.step(outputs[k].to(dtype) + 0.3 * x, t, x, return_dict=False, **kw)
+        out = scheduler.step(_model(outputs[k].to(dtype), x), t, x, return_dict=False, **kw)
         x = out[0]
         xs.append(out)
     return xs
 
 
 def _check_parity(make_stock, make_ours, steps, module, seed=0, set_kwargs=None, step_kwargs=None, begin=None,
-                  record=None):
+                  record=None, out_shape=SHAPE, out_map=None):
     stock = make_stock()
     stock.set_timesteps(steps, **(set_kwargs or {}))
     calls = len(stock.timesteps) - (begin or 0)
     g = torch.Generator().manual_seed(1000 + steps)
     x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
-    outputs = [torch.randn(SHAPE, dtype=torch.float64, generator=g) for _ in range(calls)]
+    outputs = [torch.randn(out_shape, dtype=torch.float64, generator=g) for _ in range(calls)]
+    if out_map is not None:
+        outputs = [out_map(o) for o in outputs]
     args = (steps, None, x_init, outputs, seed, set_kwargs, step_kwargs, begin)
     run = lambda s, dtype: _trajectory(s, args[0], dtype, *args[2:])  # noqa: E731
     peer = run(make_stock(), torch.float32)
@@ -324,6 +334,40 @@ def test_edm_euler_churn_changes_mid_run_and_refuses_a_given_x0():
     with pytest.raises(NotImplementedError, match="pred_original_sample"):
         s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE), s_churn=10.0,
                pred_original_sample=torch.randn(SHAPE))
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPMScheduler with learned variances
+
+
+def _variance_half(kind):
+    """The model's variance channels: in [-1, 1] for 'learned_range' (an interpolation weight), a
+    positive variance for 'learned'."""
+    def f(o):
+        c = o.shape[1] // 2
+        v = torch.tanh(o[:, c:]) if kind == "learned_range" else 0.02 + 0.5 * o[:, c:].abs()
+        return torch.cat([o[:, :c], v], dim=1)
+    return f
+
+
+DDPM_LEARNED = [(v, p, n, opt) for v in ("learned_range", "learned") for p in ("epsilon", "v_prediction", "sample")
+                for n in (1, 5, 20, 50) for opt in ({}, {"clip_sample": False}, {"thresholding": True})
+                if (p == "epsilon" or n in (1, 20)) and (not opt or (v, p, n) == ("learned_range", "epsilon", 20))]
+
+
+@pytest.mark.parametrize("variance, prediction, steps, opt", DDPM_LEARNED)
+def test_ddpm_learned_variance_matches_stock(variance, prediction, steps, opt):
+    cfg = dict(SD, variance_type=variance, prediction_type=prediction, **opt)
+    _check_parity(lambda: diffusers.DDPMScheduler(**cfg), lambda: fd.DDPMScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_ddpm", seed=steps, out_shape=(2, 8, 4, 4),
+                  out_map=_variance_half(variance))
+
+
+def test_ddpm_learned_variance_wants_the_variance_channels():
+    s = fd.DDPMScheduler(variance_type="learned_range")
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="twice the sample's channels"):
+        s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ solver for the rows:
 =================================  =====================  ==============================================
 class                              sample space / grid    fastdiff solver
 =================================  =====================  ==============================================
-DDPMScheduler                      VP, alphas_cumprod     ddpm (fixed_small / fixed_large)
+DDPMScheduler                      VP, alphas_cumprod     ddpm (fixed / learned variances)
 DDIMScheduler                      VP, (t, t - T/N) pairs ddim(eta)
 EulerDiscreteScheduler             VE (x / alpha)         euler
 EulerAncestralDiscreteScheduler    VE                     euler_ancestral
@@ -49,7 +49,7 @@ zero-length step: at solver_order=1 both take it as the identity; at higher orde
 own result is NaN and the drop-in raises.
 
 Not reproduced (NotImplementedError naming the option): Euler / flow Heun churn (``s_churn > 0``;
-EDMEulerScheduler takes it), learned variances, ``sde-dpmsolver``, UniPC's ``solver_p``, flow
+EDMEulerScheduler takes it), learned variances outside DDPM, ``sde-dpmsolver``, UniPC's ``solver_p``, flow
 ``invert_sigmas`` / ``per_token_timesteps``.
 
 More drop-ins live in their own modules: ``pndm`` (PNDMScheduler), ``consistency`` (LCMScheduler,
@@ -300,18 +300,24 @@ class _StepIndexed:
 
 @drop_in(diffusers.DDPMScheduler)
 class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
-    """DDPM ancestral sampling (fastdiff ``ddpm``): fixed_small(_log) / fixed_large variances."""
+    """DDPM ancestral sampling (fastdiff ``ddpm``): fixed_small(_log) / fixed_large variances, and
+    the learned ones ('learned', 'learned_range': the model output carries twice the sample's
+    channels, the second half the variance): there the step's noise term is diffusers' own
+    std(predicted variance) * z, formed beside the fused pass (it is not linear in the model
+    output), which adds it with coefficient 1."""
 
     _needs_set_timesteps = False     # diffusers: the constructor's 1000-step schedule, t -> t - 1
 
     _returns_x0 = True
     _out_dtype = "promote"
 
+    _LEARNED = ("learned", "learned_range")
+
     def _check_config(self):
         _check_prediction(self, ("epsilon", "sample", "v_prediction"))
         v = self.config.variance_type
-        if v not in ("fixed_small", "fixed_small_log", "fixed_large"):
-            _unsupported("DDPMScheduler", "variance_type", v, " (a variance from the model output is not linear in it)")
+        if v not in ("fixed_small", "fixed_small_log", "fixed_large") + self._LEARNED:
+            _unsupported("DDPMScheduler", "variance_type", v)
 
     def _plan(self, start: int) -> Plan:
         acp = _f64(self.alphas_cumprod)
@@ -320,15 +326,39 @@ class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
         grid = _vp_grid(_vp_schedule(self), np.sqrt(a), np.sqrt(1.0 - a), ts + [-1])
         variance = "fixed_large" if self.config.variance_type == "fixed_large" else "fixed_small"
         rows = get_solver("ddpm", variance=variance).rows(grid)
+        draws = [t > 0 for t in ts]
         if variance == "fixed_large" and ts[-1] > 0:
             # diffusers adds noise of variance beta_t = 1 - abar_t also on its last step (to abar = 1, sigma = 0)
             rows[-1] = replace(rows[-1], out_x=replace(rows[-1].out_x, z=math.sqrt(1.0 - a[-2])), noise_id=len(ts) - 1)
+        if self.config.variance_type in self._LEARNED:      # the noise arrives scaled (_draw_noise)
+            rows = [replace(r, out_x=replace(r.out_x, z=1.0), noise_id=n) if d else r
+                    for n, (r, d) in enumerate(zip(rows, draws))]
         p = self.config.prediction_type
         fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(len(ts))]
-        return Plan(rows, fold, 0, draws=[t > 0 for t in ts], x0_transform=_x0_transform(self.config)).sliced(start)
+        return Plan(rows, fold, 0, draws=draws, x0_transform=_x0_transform(self.config)).sliced(start)
+
+    def _draw_noise(self, k, shape, dtype, device, generator, variance_noise):
+        z = super()._draw_noise(k, shape, dtype, device, generator, variance_noise)
+        pv = getattr(self, "_fd_variance", None)
+        if pv is None:
+            return z
+        v = self._get_variance(int(self.timesteps[self._step_index]), predicted_variance=pv)   # diffusers' own
+        return (torch.exp(0.5 * v) if self.config.variance_type == "learned_range" else v ** 0.5) * z
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+        if self.config.variance_type not in self._LEARNED:
+            return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.dim() > 1
+                and model_output.dim() > 1 and model_output.shape[1] == 2 * sample.shape[1]):
+            raise ValueError(f"variance_type={self.config.variance_type!r} needs a model output with twice the sample's "
+                             f"channels (the second half the predicted variance), got "
+                             f"{tuple(getattr(model_output, 'shape', ()))} for a sample of {tuple(getattr(sample, 'shape', ()))}")
+        c = sample.shape[1]
+        self._fd_variance = model_output[:, c:]
+        try:
+            return self._fd_step(model_output[:, :c], timestep, sample, generator, None, return_dict)
+        finally:
+            self._fd_variance = None
 
 
 @drop_in(diffusers.DDIMScheduler)
