@@ -92,7 +92,7 @@ VARIANTS = [
     ("deis_comfy", {}), ("deis_comfy", {"max_order": 4}), ("deis_comfy", {"deis_mode": "rhoab"}),
     ("deis_comfy", {"deis_mode": "rhoab", "max_order": 4}), ("deis_comfy", {"max_order": 2}),
     ("gradient_estimation", {}), ("gradient_estimation", {"ge_gamma": 1.5}),
-    ("heunpp2", {}),
+    ("heunpp2", {}), ("heunpp2", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 30.0, "s_noise": 1.007}),
     ("exp_heun_2_x0", {}), ("exp_heun_2_x0", {"solver_type": "phi_1"}), ("exp_heun_2_x0_sde", {}),
     ("seeds_2", {}), ("seeds_2", {"solver_type": "phi_2", "r": 0.3, "eta": 0.6, "s_noise": 0.9}),
     ("seeds_2", {"eta": 0.0}), ("seeds_3", {}), ("seeds_3", {"eta": 0.0}),
@@ -175,6 +175,15 @@ def test_noise_draws_per_step(name, opts, per_step):
     assert all(r.noise_id < 0 for r in rows if r.step == grid.steps - 1)    # the step to sigma = 0
     ids = [r.noise_id for r in rows if r.noise_id >= 0]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("name", sorted(COMFY_ORACLES))
+def test_one_fused_step_per_model_call(name):
+    """Every row of every ComfyUI sampler (default options) evaluates the model: one fused call per model
+    evaluation, nothing between (EDM churn, off by default in heunpp2, adds a row of its own)."""
+    grid = make_grid(VESchedule(), 7, "karras")
+    program = Sampler.build(solver=name, grid=grid, prediction="sample").program
+    assert all(r.needs_model for r in program.rows) and program.nfe == len(program.rows)
 
 
 def test_oracle_comparison_detects_a_wrong_option():
@@ -431,7 +440,7 @@ BAD = [
     ("deis_comfy", {"deis_mode": "logrho"}, "deis_mode must be one of 'tab', 'rhoab'"),
     ("deis_comfy", {"max_order": 0}, "max_order"),
     ("gradient_estimation", {"ge_gamma": float("inf")}, "ge_gamma must be a finite number"),
-    ("heunpp2", {"s_churn": 1.0}, "has no option"),
+    ("heunpp2", {"s_churn": -1.0}, "s_churn"), ("heunpp2", {"s_tmin": 2.0, "s_tmax": 1.0}, "s_tmin <= s_tmax"),
     ("seeds_2", {"r": 0.0}, "r .* must lie in \\(0, 1\\]"), ("seeds_2", {"r": 1.5}, "r"),
     ("seeds_2", {"solver_type": "phi_3"}, "solver_type must be one of 'phi_1', 'phi_2'"),
     ("seeds_3", {"r_1": 0.7, "r_2": 0.5}, "r_1 must be smaller than r_2"),
@@ -487,8 +496,8 @@ def test_grid_starting_at_alpha_0_is_refused(name):
 
 def test_k_diffusion_bad_arguments():
     gm, sigmas, x, denoiser = _kd_setup()
-    with pytest.raises(ValueError, match="s_churn=0"):
-        K.sample_heunpp2(denoiser, x, sigmas, s_churn=1.0)
+    with pytest.raises(ValueError, match="s_churn"):
+        K.sample_heunpp2(denoiser, x, sigmas, s_churn=-1.0)
     with pytest.raises(ValueError, match="variant must be 'bh1' or 'bh2'"):
         K.sample_uni_pc(denoiser, x, sigmas, variant="bh3")
     with pytest.raises(ValueError, match="noise must be 'philox'"):

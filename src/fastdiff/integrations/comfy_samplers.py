@@ -124,12 +124,10 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
 @torch.no_grad()
 def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                    s_tmax=float('inf'), s_noise=1., *, noise='philox', check_finite='end'):
-    """Heun++ (up to three model calls per step). Churn (s_churn > 0) is not supported."""
-    if float(s_churn) != 0.0:
-        raise ValueError(f"sample_heunpp2 runs without churn here (fastdiff's heunpp2 has no churn rows); pass "
-                         f"s_churn=0, got {s_churn}")
-    return _run("heunpp2", {}, model, x, sigmas, extra_args, callback, disable, noise=noise,
-                check_finite=check_finite)
+    """Heun++ (up to three model calls per step) with EDM churn (s_churn > 0: noise to sigma_hat first)."""
+    options = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+    return _kd._run("heunpp2", options, model, x, sigmas, extra_args, callback, disable, None, None,
+                    noise=noise, kd_draws='every', check_finite=check_finite)
 
 
 def _stage_levels(sigmas, rs):

@@ -312,38 +312,46 @@ class GradientEstimation(_DerivativeMultistep):
 
 @register("heunpp2")
 class HeunPP2(Solver):
-    """ComfyUI sample_heunpp2 (without churn): with s_end the grid's last level and s_0 its first,
+    """ComfyUI sample_heunpp2, with EDM churn (s_churn, s_tmin, s_tmax, s_noise: a row of noise to s_hat
+    before the step, as edm_heun / dpm_2): with s_end the grid's last level and s_0 its first,
     a step ending at s_end is Euler; one ending the step before is Heun with weights
     (1 - w2, w2), w2 = s_{n+1} / (2 s_0); any other step evaluates also at s_{n+1} (x_2 = y + d dt)
     and s_{n+2} (x_3 = x_2 + d_2 dt_2) and takes d' = w1 d + w2 d_2 + w3 d_3,
     w2 = s_{n+1}/(3 s_0), w3 = s_{n+2}/(3 s_0)."""
 
     num_slots = 2
+    order = 1
 
-    def __init__(self):
-        pass
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
+        from .edm import Churn
+        self.churn = Churn(float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+        self.stochastic = self.churn.active and self.churn.s_noise > 0
 
     def rows(self, grid: Grid) -> List[Row]:
         check_space("ve", grid)
         points, c, s = _ve_geometry(grid)
         N, s_end = grid.steps, s[-1]
+        noise_ids = itertools.count()
         rows = []
         for n in range(N):
-            p0 = points[n]
-            dt = s[n + 1] - s[n]
+            churn_row, p0, s_hat = self.churn.begin_step(grid, n, "ve", noise_ids)   # EDM churn to s_hat
+            if churn_row is not None:
+                rows.append(churn_row)
+            c0 = ode_scale("ve", p0.alpha, p0.sigma)
+            dt = s[n + 1] - s_hat
             qy, qx0 = derivative_quantity("ve", p0)
             if s[n + 1] == s_end:            # Euler
                 rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
-                                out_x=Out(x=c[n + 1] / c[n], h=c[n + 1] * dt), next_eval="x"))
+                                out_x=Out(x=c[n + 1] / c0, h=c[n + 1] * dt), next_eval="x"))
                 continue
             p1 = points[n + 1]
             qy1, qx01 = derivative_quantity("ve", p1)
             rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0, hist_write=0,
-                            out_y=Out(x=c[n + 1] / c[n], h=c[n + 1] * dt), next_eval="y"))
+                            out_y=Out(x=c[n + 1] / c0, h=c[n + 1] * dt), next_eval="y"))
             if s[n + 2] == s_end:            # Heun
                 w2 = s[n + 1] / (2.0 * s[0])
                 rows.append(Row(step=n, eval_at="y", point=p1, q_y=qy1, q_x0=qx01,
-                                out_x=Out(x=c[n + 1] / c[n], h=c[n + 1] * dt * w2,
+                                out_x=Out(x=c[n + 1] / c0, h=c[n + 1] * dt * w2,
                                           hist=((0, c[n + 1] * dt * (1.0 - w2)),)), next_eval="x"))
                 continue
             p2 = points[n + 2]             # Heun++
@@ -354,7 +362,7 @@ class HeunPP2(Solver):
             w2, w3 = s[n + 1] / (3.0 * s[0]), s[n + 2] / (3.0 * s[0])
             w1 = 1.0 - w2 - w3
             rows.append(Row(step=n, eval_at="y", point=p2, q_y=qy2, q_x0=qx02,
-                            out_x=Out(x=c[n + 1] / c[n], h=c[n + 1] * dt * w3,
+                            out_x=Out(x=c[n + 1] / c0, h=c[n + 1] * dt * w3,
                                       hist=((0, c[n + 1] * dt * w1), (1, c[n + 1] * dt * w2))), next_eval="x"))
         return rows
 

@@ -227,15 +227,22 @@ def sample_gradient_estimation(model: Callable, x: torch.Tensor, grid: Grid, pre
     return ode.to_x(y, grid.steps)
 
 
-def sample_heunpp2(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, noise=None) -> torch.Tensor:
+def sample_heunpp2(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, noise=None, s_churn: float = 0.0,
+                   s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     ode = ODECoordinates(model, grid, prediction, "ve")
     sigmas = ode.s
     s_end = sigmas[-1]
     y = ode.to_y(x, 0)
     for i in range(grid.steps):
-        denoised = ode.denoised(y, i)
-        d = (y - denoised) / sigmas[i]
-        dt = sigmas[i + 1] - sigmas[i]
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            y = y + noise_at(noise, i) * s_noise * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+            denoised = ode.denoised_at_s(y, sigma_hat)
+        else:
+            denoised = ode.denoised(y, i)
+        d = (y - denoised) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == s_end:
             y = y + d * dt
         elif sigmas[i + 2] == s_end:
