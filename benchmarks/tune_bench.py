@@ -54,13 +54,6 @@ def mixture_part(tables: dict, log=print) -> dict:
     sched = VESchedule(0.002, 80.0)
     gm = GaussianMixture.default(sched, dim=4, prediction="sample", seed=0)
 
-    def exact(x_start, grid):
-        out, x = [x_start], x_start
-        for a, b in zip(grid.ksigma[:-1], grid.ksigma[1:]):
-            x = gm.solve_ode(x, float(a), float(b), rtol=1e-10, atol=1e-10)
-            out.append(x)
-        return out
-
     tune_noise = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eval_noise = torch.randn(256, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     truth = gm.solve_ode(eval_noise * 80.0, 80.0, 0.002, rtol=1e-10, atol=1e-10)
@@ -77,7 +70,7 @@ def mixture_part(tables: dict, log=print) -> dict:
             best_sp = min(fixed, key=fixed.get)
             t0 = time.perf_counter()
             grid, info = tune.tune_grid(gm, tune_noise, solver=solver, steps=nfe, schedule=sched, prediction="sample",
-                                        final="none", reference=exact, candidates=40, max_evals=200, return_info=True)
+                                        final="none", reference=gm.ode_trajectory, candidates=40, max_evals=200, return_info=True)
             secs = time.perf_counter() - t0
             tuned = err(solver, grid)
             _store(tables, f"mixture/{solver}/{nfe}", grid, solver=solver, nfe=nfe,

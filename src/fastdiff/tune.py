@@ -503,15 +503,9 @@ def run_from_args(args) -> int:
         sched = VESchedule(0.002, 80.0)
         gm = GaussianMixture.default(sched, dim=4, prediction="sample", seed=0)
 
-        def exact(x_start, g):
-            xs, x = [x_start], x_start
-            for a, b in zip(g.ksigma[:-1], g.ksigma[1:]):
-                x = gm.solve_ode(x, float(a), float(b), rtol=1e-10, atol=1e-10)
-                xs.append(x)
-            return xs
-
         noise = torch.randn(args.batch, 4, dtype=torch.float64, generator=gen)
-        grid, info = tune_grid(gm, noise, schedule=sched, prediction="sample", final="none", reference=exact, **kw)
+        grid, info = tune_grid(gm, noise, schedule=sched, prediction="sample", final="none",
+                               reference=gm.ode_trajectory, **kw)
     save_grid(grid, out, solver=args.solver, steps=args.steps, model=args.model, method=args.method,
               error_start=info.error_start, error_final=info.error_final)
     print(f"tuned {args.steps} steps of {args.solver} on {args.batch} samples of the {args.model} model in "

@@ -161,3 +161,15 @@ class GaussianMixture:
         if progress is not None and done[0] < 1.0:
             progress(1.0)
         return torch.from_numpy(sol.y[:, -1] * a_to).reshape(shape)
+
+    def ode_trajectory(self, x_start: torch.Tensor, ksigmas, rtol: float = 1e-10, atol: float = 1e-10):
+        """The exact probability-flow ODE solution from ``x_start`` (at ``ksigmas[0]``) at every
+        noise level of ``ksigmas`` (a decreasing sequence, or a Grid): a list of tensors, the first
+        ``x_start`` itself. The shape ``fastdiff.tune.tune_grid(reference=...)`` takes, as
+        ``reference=lambda x, grid: mixture.ode_trajectory(x, grid)``."""
+        ks = [float(v) for v in getattr(ksigmas, "ksigma", ksigmas)]
+        out, x = [x_start], x_start
+        for a, b in zip(ks[:-1], ks[1:]):
+            x = self.solve_ode(x, a, b, rtol=rtol, atol=atol)
+            out.append(x)
+        return out
