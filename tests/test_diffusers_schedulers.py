@@ -233,6 +233,8 @@ CASES = [
     ("IPNDMScheduler", {}, None, False, ALL_STEPS),
     ("DDIMInverseScheduler", SD_DDIM, None, False, ALL_STEPS),
     ("DDIMInverseScheduler", {}, None, False, FEW),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), None,
+     True, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]
@@ -468,7 +470,8 @@ def test_step_options_change_the_program_mid_run():
 
 
 @pytest.mark.parametrize("name, config, option", [
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min",
+                                         solver_order=3), "solver_order"),
     ("DPMSolverMultistepScheduler", dict(variance_type="learned_range"), "variance_type"),
     ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),

@@ -75,6 +75,7 @@ DTYPE_CASES = [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min",
                                      "thresholding": True}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
     ("DPMSolverSinglestepScheduler", {}),
     ("DPMSolverSinglestepScheduler", {"thresholding": True, "prediction_type": "sample"}),
     ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),

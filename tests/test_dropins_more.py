@@ -371,15 +371,69 @@ def test_ddpm_learned_variance_wants_the_variance_channels():
 
 
 # ---------------------------------------------------------------------------------------------
+# DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")
+
+
+SDE_DPM = {
+    "order2-midpoint": dict(SD),
+    "order2-heun-v": dict(SD, solver_type="heun", prediction_type="v_prediction"),
+    "order1-sample": dict(SD, solver_order=1, prediction_type="sample"),
+    "karras": dict(SD, use_karras_sigmas=True),
+    "trailing-eaf": dict(SD, timestep_spacing="trailing", euler_at_final=True, lower_order_final=False),
+    "threshold": dict(SD, thresholding=True, sample_max_value=1.5),
+}
+SDE_DPM_GRID = [(c, n) for c in SDE_DPM for n in (1, 5, 20, 50) if c == "order2-midpoint" or n in (1, 5, 20)]
+
+
+@pytest.mark.parametrize("config, steps", SDE_DPM_GRID)
+def test_sde_dpmsolver_matches_stock(config, steps):
+    cfg = dict(SDE_DPM[config], algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")
+    _check_parity(lambda: diffusers.DPMSolverMultistepScheduler(**cfg), lambda: fd.DPMSolverMultistepScheduler(**cfg),
+                  steps, "diffusers.schedulers.scheduling_dpmsolver_multistep", seed=steps)
+
+
+def test_sde_dpmsolver_order_3_is_refused_as_diffusers_cannot_step_it():
+    with pytest.raises(NotImplementedError, match="solver_order=3"):
+        fd.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min", solver_order=3)
+
+
+def test_sde_dpmsolver_solver_variants_equal_the_textbook():
+    """fastdiff's sde_dpmsolver against its textbook oracle (float64), every option."""
+    from fastdiff import Sampler
+    from fastdiff.models.gaussian_mixture import GaussianMixture
+    from fastdiff.schedules import DiscreteVP, make_grid
+    from fastdiff.textbook.sde_dpm_solver import sample_sde_dpmsolver
+    schedule = DiscreteVP(beta_schedule="scaled_linear")
+    for steps in (1, 2, 5, 16):
+        grid = make_grid(schedule, steps, "leading", steps_offset=1)
+        for opts in ({"order": 1}, {"solver_type": "heun"}, {"lower_order_final": False},
+                     {"euler_at_final": True, "solver_type": "heun"}):
+            model = GaussianMixture.default(schedule, dim=6, prediction="epsilon")
+            noise = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+            zs = [torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + k))
+                  for k in range(steps)]
+            sampler = Sampler.build(solver="sde_dpmsolver", grid=grid, prediction="epsilon", solver_options=opts,
+                                    state_dtype=torch.float64)
+            out = sampler(model, noise, noise_sampler=lambda row, x: zs[row.step], backend="reference", progress=False)
+            ref = sample_sde_dpmsolver(model, noise * schedule.init_noise_scale(float(grid.alpha[0]),
+                                                                                float(grid.sigma[0])),
+                                       grid, "epsilon", noise=zs, **opts)
+            err = float((out - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+            assert err < 1e-10, (steps, opts, err)
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
 ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}),
                ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
-               ("DPMSolverMultistepInverseScheduler", {})]
+               ("DPMSolverMultistepInverseScheduler", {}),
+               ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"})]
 
 
-@pytest.mark.parametrize("name, config", ACCELERATED, ids=[n for n, _ in ACCELERATED])
+@pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())
+                                                            for n, c in ACCELERATED])
 def test_accelerate_takes_the_new_drop_ins(name, config):
     from test_dropin_pipelines import SD_SCHEDULER, _run, _sd
     import inspect

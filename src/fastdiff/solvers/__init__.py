@@ -14,5 +14,6 @@ from . import pndm  # noqa: F401  (registration)
 from . import comfy  # noqa: F401  (registration: ComfyUI's samplers)
 from . import consistency  # noqa: F401  (registration)
 from . import plms  # noqa: F401  (registration)
+from . import sde_dpm_solver  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]

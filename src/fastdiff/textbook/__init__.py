@@ -24,6 +24,7 @@ from .ipndm import sample_ipndm
 from .pndm import sample_pndm
 from .consistency import sample_lcm, sample_tcd
 from .plms import sample_plms
+from .sde_dpm_solver import sample_sde_dpmsolver
 from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
 from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
 
@@ -46,6 +47,7 @@ ORACLES = {
     "lcm": sample_lcm,
     "tcd": sample_tcd,
     "plms": sample_plms,
+    "sde_dpmsolver": sample_sde_dpmsolver,
 }
 # ComfyUI's samplers (fastdiff.solvers.comfy). seeds_2 / seeds_3 make 2 / 3 noise draws per step, which
 # tests/test_solvers_textbook.py's one-draw-per-step harness does not model: their oracles are in

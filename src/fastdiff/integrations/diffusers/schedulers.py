@@ -21,7 +21,7 @@ LMSDiscreteScheduler               VE                     lms coefficients (diff
 KDPM2DiscreteScheduler             VE                     dpm_2
 KDPM2AncestralDiscreteScheduler    VE                     dpm_2_ancestral
 DPMSolverSDEScheduler              VE                     dpmpp_sde (r = 1/2, diffusers' Brownian noise)
-DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep
+DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep; sde_dpmsolver
 DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (_singlestep_rows)
 UniPCMultistepScheduler            VP / flow              unipc
 DEISMultistepScheduler             VP / flow              deis
@@ -49,7 +49,7 @@ zero-length step: at solver_order=1 both take it as the identity; at higher orde
 own result is NaN and the drop-in raises.
 
 Not reproduced (NotImplementedError naming the option): Euler / flow Heun churn (``s_churn > 0``;
-EDMEulerScheduler takes it), learned variances outside DDPM, ``sde-dpmsolver``, UniPC's ``solver_p``, flow
+EDMEulerScheduler takes it), learned variances outside DDPM, UniPC's ``solver_p``, flow
 ``invert_sigmas`` / ``per_token_timesteps``.
 
 More drop-ins live in their own modules: ``pndm`` (PNDMScheduler), ``consistency`` (LCMScheduler,
@@ -688,23 +688,33 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
         where the conversion is the identity (x0 = output for dpmsolver++ 'sample' prediction,
         eps = output for dpmsolver 'epsilon' without thresholding), else the promotion."""
         c = self.config
-        identity = (c.prediction_type == "sample" and c.algorithm_type != "dpmsolver") or \
-            (c.prediction_type == "epsilon" and c.algorithm_type == "dpmsolver" and not c.thresholding)
+        eps = c.algorithm_type in ("dpmsolver", "sde-dpmsolver")
+        identity = (c.prediction_type == "sample" and not eps) or \
+            (c.prediction_type == "epsilon" and eps and not c.thresholding)
         dtype = model_dtype if identity else torch.promote_types(sample_dtype, model_dtype)
         return dtype, dtype
 
     def _check_config(self):
         c = self.config
-        if c.algorithm_type == "sde-dpmsolver":
-            _unsupported(type(self).__name__, "algorithm_type", c.algorithm_type)
+        if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+            _unsupported(type(self).__name__, "solver_order", 3, " with algorithm_type='sde-dpmsolver' (diffusers' "
+                         "third-order step has no formula for it and fails)")
         if c.variance_type is not None:
             _unsupported(type(self).__name__, "variance_type", c.variance_type)
-        allowed = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if c.algorithm_type != "dpmsolver" else ())
+        allowed = ("epsilon", "sample", "v_prediction") + \
+            (("flow_prediction",) if c.algorithm_type not in ("dpmsolver", "sde-dpmsolver") else ())
         _check_prediction(self, allowed)
 
     def _plan(self, start: int) -> Plan:
         c = self.config
         grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
+        if c.algorithm_type == "sde-dpmsolver":      # (noise prediction: fastdiff's sde_dpmsolver)
+            solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
+                "sde_dpmsolver", order=c.solver_order, solver_type=c.solver_type, lower_order_final=lof,
+                euler_at_final=eaf), grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
+            rows = _with_identity_steps(rows, grid)
+            return Plan(rows, fold, solver.num_slots, draws=[True] * len(rows), noise_dtype=torch.float32,
+                        x0_transform=_x0_transform(c))
         sde = c.algorithm_type == "sde-dpmsolver++"
         solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
             "dpm_solver_multistep", order=c.solver_order,
