@@ -519,3 +519,69 @@ def test_flow_grid_runs_the_half_log_snr_samplers():
         out = Sampler.build(solver=name, grid=grid, prediction="flow", state_dtype=torch.float64)(
             gm, noise, backend="reference", progress=False, seed=0)
         assert torch.isfinite(out).all() and math.isfinite(float(out.std()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow models (ComfyUI's CONST model sampling)
+
+
+class CONST:
+    """Stands for ComfyUI's comfy.model_sampling.CONST (detected by class name, as fastdiff does not import
+    ComfyUI): sigma is the flow time t."""
+
+    def percent_to_sigma(self, percent):
+        return 1.0 - percent
+
+
+class _ComfyLikeModel:
+    """A KSAMPLER-style model: ``model.inner_model.model_sampling`` and ``model(x, sigma, **kw)`` -> x0."""
+
+    def __init__(self, denoiser, sampling):
+        self.denoiser = denoiser
+        self.inner_model = type("Inner", (), {"model_sampling": sampling})()
+
+    def __call__(self, x, sigma, **kw):
+        return self.denoiser(x, sigma)
+
+
+def _flow_setup(steps=6):
+    from fastdiff.schedules import Grid
+    schedule = FlowMatching(num_train_timesteps=1, t_min=1e-3)     # the model is told t itself
+    gm = GaussianMixture.default(schedule, dim=6, prediction="sample")
+    t = torch.linspace(1.0, 0.05, steps, dtype=torch.float64)
+    sigmas = torch.cat([t, t.new_zeros(1)])
+    x = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))   # t = 1: pure noise
+    t_np = sigmas.numpy().copy()
+    t_np[0] = 1.0 - 1e-4                                             # percent_to_sigma(1e-4)
+    grid = Grid.from_ksigmas(schedule, t_np / (1.0 - t_np), model_t=t_np)
+    return gm, sigmas, x, grid
+
+
+@pytest.mark.parametrize("fn, name, opts", [("sample_exp_heun_2_x0", "exp_heun_2_x0", {}),
+                                            ("sample_seeds_3", "seeds_3", {"eta": 0.0}),
+                                            ("sample_er_sde", "er_sde", {"solver_type": "ODE"}),
+                                            ("sample_sa_solver", "sa_solver", {"eta": 0.0})])
+def test_flow_models_take_comfyuis_logit_half_log_snr(fn, name, opts):
+    """On a ComfyUI CONST model the SDE samplers step in lambda = log((1 - t)/t): the function equals the
+    textbook form on the flow grid (noise levels t/(1 - t), the model told t, the first t = 1 moved to
+    percent_to_sigma(1e-4)); flow=True says the same without ComfyUI; flow=False is the VE reading."""
+    gm, sigmas, x, grid = _flow_setup()
+    model = _ComfyLikeModel(lambda x_, s: gm(x_, s), CONST())
+    f = getattr(K, fn)
+    out = f(model, x.clone(), sigmas, disable=True, **opts)
+    ref = COMFY_ORACLES[name](gm, x.clone(), grid, "sample", noise=None, **opts)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    plain = lambda x_, s, **kw: gm(x_, s)     # noqa: E731
+    torch.testing.assert_close(f(plain, x.clone(), sigmas, disable=True, flow=True, **opts), out, rtol=0, atol=0)
+    if name != "sa_solver":
+        ve = f(plain, x.clone(), sigmas[1:], disable=True, **opts)
+        flow_from_1 = f(plain, x.clone(), sigmas[1:], disable=True, flow=True, **opts)
+        assert float((ve - flow_from_1).abs().max()) > 1e-6
+    with pytest.raises(TypeError, match="flow must be True, False or None"):
+        f(plain, x.clone(), sigmas, flow="yes", **opts)
+
+
+def test_flow_sigmas_are_checked():
+    gm, sigmas, x, grid = _flow_setup()
+    with pytest.raises(ValueError, match="within \\[0, 1\\]"):
+        K.sample_seeds_2(lambda x_, s, **kw: gm(x_, s), x, sigmas * 2.0, flow=True)

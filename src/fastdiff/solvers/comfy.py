@@ -237,7 +237,8 @@ def deis_tau(sigma: float) -> float:
 
 def deis_tab_coefficients(taus: List[float], n: int, order: int) -> List[float]:
     """w_j = integral over tau in [tau_n, tau_{n+1}] of L_j(tau) dsigma/dtau, L_j the Lagrange basis on
-    tau_n, tau_{n-1}, ... (zju-pi's ``cal_intergrand`` is dsigma/dtau = -1/2 dlog(alpha)/dtau / sqrt(alpha (1 - alpha)))."""
+    tau_n, tau_{n-1}, ... (zju-pi's ``cal_intergrand`` is dsigma/dtau = -1/2 dlog(alpha)/dtau /
+    sqrt(alpha (1 - alpha)))."""
     from scipy import integrate
 
     beta_d, beta_min = deis_vp_constants()
@@ -827,7 +828,8 @@ class SASolver(Solver):
                 b = sa_solver_b(q.alpha, lam[i], lam[i + 1], lam[i - k_p + 1:i + 1], tau, self.simple_order_2, False)
                 a = q.sigma / p.sigma * math.exp(-tau * tau * h)
                 pred = _combine((a, corr), (1.0, {k_p - 1 - j: b[j] for j in range(k_p)}))
-                z = q.sigma * math.sqrt(-math.expm1(-2.0 * tau * tau * h)) * self.s_noise if (tau > 0 and noise) else 0.0
+                if tau > 0 and noise:
+                    z = q.sigma * math.sqrt(-math.expm1(-2.0 * tau * tau * h)) * self.s_noise
                 # for the next step's corrector: the same predictor in the next step's lags (x = x_c)
                 prev_pred = ({"x": a, **{k_p - j: b[j] for j in range(k_p)}}, z)
             out_pred = _as_out(pred, i, S)
