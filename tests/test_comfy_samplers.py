@@ -99,7 +99,7 @@ VARIANTS = [
     ("seeds_3", {"r_1": 0.25, "r_2": 0.75, "eta": 0.4}),
     ("er_sde", {}), ("er_sde", {"max_stage": 2}), ("er_sde", {"solver_type": "Reverse-time SDE", "eta": 0.5}),
     ("er_sde", {"solver_type": "ODE"}), ("er_sde", {"solver_type": "ODE", "num_integration_points": None}),
-    ("er_sde", {"noise_scaler": lambda v: v * v + v}),
+    ("er_sde", {"noise_scaler": lambda v: v * v + v}), ("er_sde", {"eta": 0.5}), ("er_sde", {"eta": 0.0}),
     ("uni_pc", {}), ("uni_pc_bh2", {}),
     ("sa_solver", {}), ("sa_solver", {"tau_interval": (1e9, 0.0)}), ("sa_solver", {"eta": 0.0}),
     ("sa_solver", {"tau_interval": (1e9, 0.0), "simple_order_2": True, "predictor_order": 2, "corrector_order": 2}),
@@ -277,7 +277,7 @@ STOCHASTIC = [
     ("res_multistep_ancestral", {}), ("dpmpp_2m_sde_heun", {}), ("exp_heun_2_x0_sde", {}),
     ("seeds_2", {}), ("seeds_2", {"solver_type": "phi_2", "eta": 0.5}), ("seeds_3", {}),
     ("er_sde", {}), ("er_sde", {"solver_type": "Reverse-time SDE"}),
-    ("er_sde", {"solver_type": "Reverse-time SDE", "eta": 0.5}),
+    ("er_sde", {"solver_type": "Reverse-time SDE", "eta": 0.5}), ("er_sde", {"eta": 0.5}),
     ("sa_solver", {}), ("sa_solver", {"tau_interval": (1e9, 0.0)}), ("sa_solver_pece", {"tau_interval": (1e9, 0.0)}),
 ]
 # Not here: lcm, whose step x' = alpha' x0(x) + sigma' z draws from the posterior mean, not the

@@ -261,8 +261,8 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
                   noise_scaler=None, max_stage=3, *, solver_type='ER-SDE', eta=1., num_integration_points=200,
                   noise='philox', check_finite='end', flow=None):
     """ER-SDE-Solver-3 (arXiv 2309.06169). ``noise_scaler`` as ComfyUI takes it (a function of a tensor, or of
-    a float); ``solver_type`` / ``eta``: ComfyUI's SamplerER_SDE node ('ER-SDE', 'Reverse-time SDE' with
-    scaler x^(eta + 1), 'ODE')."""
+    a float); ``solver_type`` / ``eta``: ComfyUI's SamplerER_SDE node ('ER-SDE' with scaler
+    x (e^{x^0.3} + 10)^eta, 'Reverse-time SDE' with x^(eta + 1), 'ODE'; eta = 0 is the ODE)."""
     flow = _is_flow(model, flow)
     scaler = None
     if noise_scaler is not None:

@@ -558,8 +558,9 @@ class ERSDE(Solver):
 
     S and S_u the ``num_integration_points``-point left Riemann sums of 1/f and (l - l_s)/f over
     [l_t, l_s] (ComfyUI: 200 points; None: exact, by quadrature), Dx0, D2x0 the divided differences of x0 in l (stage
-    min(max_stage, n + 1)). 'ER-SDE' takes f = ``noise_scaler`` (default x (e^{x^0.3} + 10)),
-    'Reverse-time SDE' f = x^(eta + 1) (eta = 0: the ODE), 'ODE' f = x without noise."""
+    min(max_stage, n + 1)). As ComfyUI's SamplerER_SDE node: 'ER-SDE' takes f = ``noise_scaler``, by default
+    x (e^{x^0.3} + 10)^eta (= x^(1-eta) times the ER-SDE scaler to the eta), 'Reverse-time SDE'
+    f = x^(eta + 1), 'ODE' (or eta = 0, any type) f = x without noise."""
 
     def __init__(self, solver_type: str = "ER-SDE", max_stage: int = 3, eta: float = 1.0, s_noise: float = 1.0,
                  noise_scaler: Optional[Callable[[float], float]] = None, num_integration_points: int = 200):
@@ -577,7 +578,7 @@ class ERSDE(Solver):
             raise ValueError(f"num_integration_points must be an integer >= 1 or None (exact integrals), got "
                              f"{num_integration_points!r}")
         self.num_integration_points = num_integration_points
-        if solver_type == "ODE" or (solver_type == "Reverse-time SDE" and self.eta == 0.0):
+        if solver_type == "ODE" or self.eta == 0.0:       # ComfyUI's node: eta = 0 is the ODE, any type
             self._eta, self._s_noise = 0.0, 0.0
         else:
             self._eta, self._s_noise = self.eta, self.s_noise
@@ -588,8 +589,12 @@ class ERSDE(Solver):
         self.order = 1 if self.stochastic else min(self.max_stage, 2)
 
     def scaler(self, x: float) -> float:
+        if self.solver_type == "ODE" or self._eta == 0.0:
+            return x
         if self.solver_type == "ER-SDE":
-            return (self.noise_scaler or er_sde_default_noise_scaler)(x)
+            if self.noise_scaler is not None:
+                return self.noise_scaler(x)
+            return x * (math.exp(x ** 0.3) + 10.0) ** self._eta      # x^(1-eta) (default scaler)^eta
         return x ** (self._eta + 1.0)
 
     def _integrals(self, f, lt: float, ls: float, stage: int):

@@ -396,12 +396,14 @@ def sample_er_sde(model: Callable, x: torch.Tensor, grid: Grid, prediction: str,
                   solver_type: str = "ER-SDE", max_stage: int = 3, eta: float = 1.0, s_noise: float = 1.0,
                   noise_scaler=None, num_integration_points: int = 200) -> torch.Tensor:
     # ComfyUI's SamplerER_SDE node: which noise scaler and noise each type takes
-    if solver_type == "ODE" or (solver_type == "Reverse-time SDE" and eta == 0):
-        eta, s_noise = 0.0, 0.0
+    if solver_type == "ODE" or eta == 0:
+        s_noise, solver_type = 0.0, "ODE"
     if solver_type == "ER-SDE":
-        noise_scaler = noise_scaler or (lambda v: v * (math.exp(v ** 0.3) + 10.0))
-    else:
+        noise_scaler = noise_scaler or (lambda v, e=eta: v * (math.exp(v ** 0.3) + 10.0) ** e)
+    elif solver_type == "Reverse-time SDE":
         noise_scaler = (lambda v, e=eta: v ** (e + 1))
+    else:
+        noise_scaler = (lambda v: v)
     g = _HalfLogSNR(model, grid, prediction)
     sigmas = g.sigmas
     er_lambdas = [math.exp(-lam) for lam in g.lam]          # sigma / alpha
