@@ -267,9 +267,9 @@ class DEISComfy(_DerivativeMultistep):
     """ComfyUI sample_deis (zju-pi diff-sampler's DEIS), orders min(max_order, n + 1), Euler on a step to
     sigma = 0 (which returns x0). ``deis_mode='tab'``: d interpolated in the time tau of edm2t's fixed
     VP SDE, integrated over sigma; ``'rhoab'``: d interpolated in sigma (Adams-Bashforth in sigma, as
-    k-diffusion's LMS). ComfyUI's 'rhoab' table holds one node more than its sampler unpacks from the
-    fourth step on (it raises there); here every step uses min(max_order, n + 1) nodes, the table ComfyUI
-    uses on the steps it runs."""
+    k-diffusion's LMS). ComfyUI's 'rhoab' table holds one node more than its sampler unpacks from step
+    n = max_order on (ComfyUI raises there); here every step uses min(max_order, n + 1) nodes, the
+    table ComfyUI uses on the steps it runs."""
 
     def __init__(self, max_order: int = 3, deis_mode: str = "tab"):
         self.max_order = check_order(max_order, (1, 2, 3, 4), "max_order")
