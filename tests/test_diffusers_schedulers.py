@@ -235,6 +235,7 @@ CASES = [
     ("DDIMInverseScheduler", {}, None, False, FEW),
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), None,
      True, ALL_STEPS),
+    ("CosineDPMSolverMultistepScheduler", {}, None, True, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

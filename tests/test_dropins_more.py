@@ -37,10 +37,16 @@ def _float32_noise(module_name: str):
 
     def draw(shape, generator=None, device=None, dtype=None, **kw):
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32, **kw).to(dtype)
-    if not hasattr(module, "randn_tensor"):          # (a deterministic scheduler)
-        yield
-        return
-    with mock.patch.object(module, "randn_tensor", draw):
+    with contextlib.ExitStack() as stack:
+        if hasattr(module, "randn_tensor"):
+            stack.enter_context(mock.patch.object(module, "randn_tensor", draw))
+        if hasattr(module, "BrownianTreeNoiseSampler"):     # the same tree, built on float32
+            tree = module.BrownianTreeNoiseSampler
+
+            def sampler(x, *args, **kwargs):
+                inner = tree(x.float(), *args, **kwargs)
+                return lambda s, s_next: inner(s, s_next).to(x.dtype)
+            stack.enter_context(mock.patch.object(module, "BrownianTreeNoiseSampler", sampler))
         yield
 
 
@@ -423,13 +429,38 @@ def test_sde_dpmsolver_solver_variants_equal_the_textbook():
 
 
 # ---------------------------------------------------------------------------------------------
+# CosineDPMSolverMultistepScheduler
+
+
+COSINE = {
+    "default": {},                                              # v_prediction, exponential, order 2, to 0
+    "karras-eps-heun": dict(sigma_schedule="karras", prediction_type="epsilon", solver_type="heun"),
+    "order1": dict(solver_order=1),
+    "sigma_data": dict(sigma_data=0.5, sigma_min=0.1, sigma_max=80.0),
+    # (final_sigmas_type='sigma_min': stock's Brownian tree recurses without end on its last query, whose
+    # float32 sigma_min lies below the tree's start; the drop-in queries the same tree, with the same result)
+    "eaf": dict(euler_at_final=True, lower_order_final=False),
+}
+COSINE_GRID = [(c, n) for c in COSINE for n in (1, 5, 20, 50) if c == "default" or n in (1, 5, 20)]
+
+
+@pytest.mark.parametrize("config, steps", COSINE_GRID)
+def test_cosine_dpmsolver_matches_stock(config, steps):
+    cfg = COSINE[config]
+    _check_parity(lambda: diffusers.CosineDPMSolverMultistepScheduler(**cfg),
+                  lambda: fd.CosineDPMSolverMultistepScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_cosine_dpmsolver_multistep", seed=steps)
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
 ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}),
                ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
                ("DPMSolverMultistepInverseScheduler", {}),
-               ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"})]
+               ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
+               ("CosineDPMSolverMultistepScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())

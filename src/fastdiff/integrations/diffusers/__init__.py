@@ -7,7 +7,8 @@
 
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
 TCDScheduler; ``ipndm``: IPNDMScheduler;
-``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler), ``cfg`` (CFG fused inside unmodified
+``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
+CosineDPMSolverMultistepScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -16,6 +17,7 @@ from .pndm import PNDMScheduler
 from .consistency import LCMScheduler, TCDScheduler
 from .ipndm import IPNDMScheduler
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
+from .cosine import CosineDPMSolverMultistepScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -31,5 +33,6 @@ __all__ = [
     "FlowMatchHeunDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
+    "CosineDPMSolverMultistepScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]
