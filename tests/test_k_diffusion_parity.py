@@ -853,7 +853,9 @@ FASTDIFF_EXTRAS = {"check_finite", "noise"}
 def test_every_k_diffusion_sampler_exists_with_its_signature():
     import inspect
     theirs = sorted(n for n in dir(KD) if n.startswith("sample_"))
-    assert theirs == sorted(n for n in K.__all__ if n.startswith("sample_"))
+    # every k-diffusion sampler, with its signature; the others in K.__all__ are ComfyUI's
+    # (tests/test_comfy_samplers.py)
+    assert set(theirs) <= set(K.__all__), sorted(set(theirs) - set(K.__all__))
     for name in [n for n in K.__all__ if hasattr(KD, n)]:
         ours, kd = getattr(K, name), getattr(KD, name)
         ours, kd = (f.__init__ if inspect.isclass(f) else f for f in (ours, kd))

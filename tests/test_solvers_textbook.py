@@ -23,10 +23,14 @@ from fastdiff.models.gaussian_mixture import GaussianMixture
 from fastdiff.schedules import ContinuousVP, DiscreteVP, FlowMatching, VESchedule, make_grid
 from fastdiff.solvers import SOLVERS
 from fastdiff.textbook import ORACLES, guided
+from fastdiff.textbook.comfy import MULTI_DRAW
 from fastdiff.textbook.zoo import ZOO_ORACLES
 
 #: Solvers judged against their textbook form by another test file: name -> where.
 COVERED_ELSEWHERE: Dict[str, str] = {name: "tests/test_solver_zoo.py" for name in ZOO_ORACLES}
+# ComfyUI's samplers that draw noise more than once per step: their oracles take a list of draws
+# per step, which this file's harness does not feed (tests/test_comfy_samplers.py judges them).
+COVERED_ELSEWHERE.update({name: "tests/test_comfy_samplers.py" for name in MULTI_DRAW})
 
 TOL = 1e-10          # max |program - textbook| / max(1, max |textbook|), for well-conditioned grids
 SHAPE = (3, 2, 3)    # a batch of 3 samples of 6 elements, not flat, to catch reshaping slips
