@@ -236,6 +236,7 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), None,
      True, ALL_STEPS),
     ("CosineDPMSolverMultistepScheduler", {}, None, True, ALL_STEPS),
+    ("FlowMatchLCMScheduler", dict(shift=3.0), None, True, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

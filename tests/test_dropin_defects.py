@@ -98,6 +98,7 @@ DTYPE_CASES = [
     ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
     ("DPMSolverMultistepInverseScheduler", {}),
     ("CosineDPMSolverMultistepScheduler", {}),
+    ("FlowMatchLCMScheduler", {}),
     ("DPMSolverMultistepInverseScheduler", {"thresholding": True}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},

@@ -175,6 +175,26 @@ def test_consistency_outputs_are_diffusers_classes():
         assert set(out.keys()) == {"prev_sample", field}
 
 
+FLOW_LCM = {"shift3": dict(shift=3.0), "plain": {}, "karras": dict(use_karras_sigmas=True, shift=1.0),
+            "terminal": dict(shift=3.0, shift_terminal=0.1), "dynamic": dict(use_dynamic_shifting=True)}
+
+
+@pytest.mark.parametrize("config, steps", [(c, n) for c in FLOW_LCM for n in (1, 4, 5, 20, 50)
+                                           if c == "shift3" or n in (4, 20)])
+def test_flow_match_lcm_matches_stock(config, steps):
+    cfg = FLOW_LCM[config]
+    set_kwargs = {"mu": 0.9} if cfg.get("use_dynamic_shifting") else None
+    _check_parity(lambda: diffusers.FlowMatchLCMScheduler(**cfg), lambda: fd.FlowMatchLCMScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_flow_match_lcm", seed=steps, set_kwargs=set_kwargs)
+
+
+def test_flow_match_lcm_refuses_upscaling():
+    s = fd.FlowMatchLCMScheduler(scale_factors=[1.5, 2.0], upscale_mode="bicubic")
+    s.set_timesteps(3)
+    with pytest.raises(NotImplementedError, match="scale_factors"):
+        s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE))
+
+
 # ---------------------------------------------------------------------------------------------
 # IPNDMScheduler
 
@@ -460,19 +480,21 @@ ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}
                ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
                ("DPMSolverMultistepInverseScheduler", {}),
                ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
-               ("CosineDPMSolverMultistepScheduler", {})]
+               ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())
                                                             for n, c in ACCELERATED])
 def test_accelerate_takes_the_new_drop_ins(name, config):
-    from test_dropin_pipelines import SD_SCHEDULER, _run, _sd
+    from test_dropin_pipelines import SD_SCHEDULER, _run, _sd, _sd3
     import inspect
     params = inspect.signature(getattr(diffusers, name).__init__).parameters
     config = {**{k: v for k, v in SD_SCHEDULER.items() if k in params}, **config}
-    pipe, inputs = _sd(getattr(diffusers, name)(**config))
+    pipe, inputs = (_sd3 if name.startswith("FlowMatch") else _sd)(getattr(diffusers, name)(**config))
+    torch.manual_seed(0)              # (pipelines that pass no generator to step: torch's global one draws)
     stock = _run(pipe, inputs, steps=4)
     handle = fd.accelerate(pipe)
     assert type(pipe.scheduler) is getattr(fd, name) and fd.DROP_INS[name] is getattr(fd, name)
+    torch.manual_seed(0)
     torch.testing.assert_close(_run(pipe, inputs, steps=4), stock, rtol=0, atol=1e-5)
     handle.remove()

@@ -6,7 +6,7 @@
     pipe.save_pretrained(folder) # a stock diffusers folder; fastdiff: fd.accelerate(DiffusionPipeline.from_pretrained(folder))
 
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
-TCDScheduler; ``ipndm``: IPNDMScheduler;
+TCDScheduler, FlowMatchLCMScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
 CosineDPMSolverMultistepScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
@@ -14,7 +14,7 @@ pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``
 from .attention import FastdiffAttnProcessor
 from .base import StepOutput
 from .pndm import PNDMScheduler
-from .consistency import LCMScheduler, TCDScheduler
+from .consistency import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
 from .ipndm import IPNDMScheduler
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .cosine import CosineDPMSolverMultistepScheduler
@@ -33,6 +33,6 @@ __all__ = [
     "FlowMatchHeunDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
-    "CosineDPMSolverMultistepScheduler",
+    "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]

@@ -1,4 +1,4 @@
-"""The consistency-model drop-ins: LCMScheduler and TCDScheduler.
+"""The consistency-model drop-ins: LCMScheduler, TCDScheduler and FlowMatchLCMScheduler.
 
     from fastdiff.integrations.diffusers import LCMScheduler
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -12,6 +12,10 @@ Subclasses of diffusers' classes (config, ``set_timesteps`` with its LCM / TCD t
   thresholding act on x0 before the boundary condition, as diffusers'.
 * TCDScheduler(eta = gamma): DDIM to diffusers' floor((1 - gamma) t_prev), then the forward
   process to t_prev with fresh noise (none on the last step, none for gamma = 0).
+
+* FlowMatchLCMScheduler: x0 = x - sigma v, re-noised to the next sigma (diffusers' shift, dynamic
+  shifting, Karras / exponential / beta sigmas as its set_timesteps gives them; not its
+  ``scale_factors`` upscaling, which changes the sample's shape).
 
 The second value of the step is diffusers': ``denoised`` (LCM) / ``pred_noised_sample`` (TCD), the
 row's own quantity. Noise is drawn as diffusers draws it (``randn_tensor`` with the generator).
@@ -27,9 +31,10 @@ import torch
 from ...program import Point
 from ...solvers import get_solver
 from .base import FastdiffScheduler, Plan, drop_in
+from ...schedules import FlowMatching
 from .schedulers import DROP_INS, _check_prediction, _f64, _unsupported, _vp_fold, _vp_grid, _vp_schedule, _x0_transform
 
-__all__ = ["LCMScheduler", "TCDScheduler"]
+__all__ = ["LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler"]
 
 
 class _ConsistencyBase(FastdiffScheduler):
@@ -123,5 +128,37 @@ class TCDScheduler(_ConsistencyBase, diffusers.TCDScheduler):
         return self._consistency_step(model_output, timestep, sample, generator, return_dict, (("eta", float(eta)),))
 
 
+@drop_in(diffusers.FlowMatchLCMScheduler)
+class FlowMatchLCMScheduler(FastdiffScheduler, diffusers.FlowMatchLCMScheduler):
+    """Flow-matching LCM (fastdiff ``lcm``, f = x0 = x - sigma v): re-noised to the next sigma with
+    fresh float32 noise at every step (drawn on the last step too, times 0, as diffusers draws it)."""
+
+    _needs_set_timesteps = False
+    _float_timesteps = True
+
+    def _check_config(self):
+        if self.config.invert_sigmas:
+            _unsupported(type(self).__name__, "invert_sigmas", True, " (its noise levels rise to 1)")
+
+    def _plan(self, start: int) -> Plan:
+        if self._scale_factors and self._upscale_mode:
+            _unsupported(type(self).__name__, "scale_factors", list(self._scale_factors),
+                         " (x0 is resized between steps: the sample's shape changes)")
+        sig = _f64(self.sigmas)[start:]
+        grid = _vp_grid(FlowMatching(self.config.num_train_timesteps), 1.0 - sig, sig, sig)
+        rows = get_solver("lcm").rows(grid)
+        fold = [(1.0, -s) for s in grid.sigma[:-1]]                  # x0 = sample - sigma * v
+        return Plan(rows, fold, 0, draws=[True] * len(rows))
+
+    def _draw_noise(self, k, shape, dtype, device, generator, variance_noise):
+        # diffusers draws in x0's dtype: float32 (it upcasts the sample) promoted with the model output's
+        dtype = torch.promote_types(torch.float32, dtype)
+        return super()._draw_noise(k, shape, dtype, device, generator, variance_noise)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
 DROP_INS[LCMScheduler.__name__] = LCMScheduler          # accelerate(pipe) finds them there
+DROP_INS[FlowMatchLCMScheduler.__name__] = FlowMatchLCMScheduler
 DROP_INS[TCDScheduler.__name__] = TCDScheduler
