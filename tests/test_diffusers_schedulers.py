@@ -237,6 +237,10 @@ CASES = [
      True, ALL_STEPS),
     ("CosineDPMSolverMultistepScheduler", {}, None, True, ALL_STEPS),
     ("FlowMatchLCMScheduler", dict(shift=3.0), None, True, ALL_STEPS),
+    ("CogVideoXDDIMScheduler", {}, None, False, ALL_STEPS),
+    ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing",
+                                    rescale_betas_zero_snr=True), None, False, FEW),
+    ("CogVideoXDPMScheduler", {}, None, True, ()),     # (its step takes the loop's history: test_dropins_more.py)
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

@@ -473,6 +473,76 @@ def test_cosine_dpmsolver_matches_stock(config, steps):
 
 
 # ---------------------------------------------------------------------------------------------
+# CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+
+COG = {
+    "default": {},
+    "cogvideox": dict(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                      set_alpha_to_one=True, clip_sample=False),      # CogVideoX-5b's config (zero terminal SNR)
+    "leading-offset": dict(steps_offset=1, set_alpha_to_one=False, snr_shift_scale=1.0),
+    "linspace-sample": dict(timestep_spacing="linspace", prediction_type="sample"),
+}
+COG_GRID = [(c, n) for c in COG for n in (1, 5, 20, 50) if c in ("default", "cogvideox") or n in (1, 5, 20)]
+
+
+@pytest.mark.parametrize("config, steps", COG_GRID)
+def test_cogvideox_ddim_matches_stock(config, steps):
+    cfg = COG[config]
+    _check_parity(lambda: diffusers.CogVideoXDDIMScheduler(**cfg), lambda: fd.CogVideoXDDIMScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_ddim_cogvideox", seed=steps)
+
+
+def _cog_dpm_trajectory(scheduler, steps, dtype, x_init, outputs, seed):
+    scheduler.set_timesteps(steps)
+    if dtype == torch.float64:
+        _to_float64(scheduler)
+    g = torch.Generator().manual_seed(seed)
+    x, old, xs = x_init.to(dtype), None, []
+    ts = scheduler.timesteps
+    for k, t in enumerate(ts):
+        out = scheduler.step(_model(outputs[k].to(dtype), x), old, t, ts[k - 1] if k else None, x, generator=g,
+                             return_dict=False)
+        x, old = out
+        xs.append(out)
+    return xs
+
+
+@pytest.mark.parametrize("config, steps", COG_GRID)
+def test_cogvideox_dpm_matches_stock(config, steps):
+    """The pipeline's loop (old_pred_original_sample, timestep_back), the same generator."""
+    cfg = COG[config]
+    stock = diffusers.CogVideoXDPMScheduler(**cfg)
+    stock.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1000 + steps)
+    x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    outputs = [torch.randn(SHAPE, dtype=torch.float64, generator=g) for _ in stock.timesteps]
+    peer = _cog_dpm_trajectory(diffusers.CogVideoXDPMScheduler(**cfg), steps, torch.float32, x_init, outputs, steps)
+    with _float32_noise("diffusers.schedulers.scheduling_dpm_cogvideox"):
+        peer64 = _cog_dpm_trajectory(diffusers.CogVideoXDPMScheduler(**cfg), steps, torch.float64, x_init, outputs,
+                                     steps)
+    mine = _cog_dpm_trajectory(fd.CogVideoXDPMScheduler(**cfg), steps, torch.float32, x_init, outputs, steps)
+    for k, (a, p, p64) in enumerate(zip(mine, peer, peer64)):
+        for j, (aj, pj, pj64) in enumerate(zip(a, p, p64)):
+            assert aj.dtype == pj.dtype
+            tol = peer_tolerance(pj, pj64) + PEER_MARGIN * float((pj.double() - pj64).abs().max())
+            assert_close_to_peer(aj, pj, tol, f"call {k} of {len(peer)}, output {j}")
+
+
+def test_cogvideox_dpm_refuses_a_history_it_does_not_keep():
+    s = fd.CogVideoXDPMScheduler()
+    s.set_timesteps(4)
+    x = torch.randn(SHAPE)
+    with pytest.raises(NotImplementedError, match="old_pred_original_sample"):
+        s.step(torch.randn(SHAPE), torch.randn(SHAPE), s.timesteps[0], None, x)
+    x, old = s.step(torch.randn(SHAPE), None, s.timesteps[0], None, x)
+    with pytest.raises(NotImplementedError, match="timestep_back"):
+        s.step(torch.randn(SHAPE), old, s.timesteps[1], s.timesteps[0] - 1, x)
+    out = s.step(torch.randn(SHAPE), old, s.timesteps[1], s.timesteps[0], x, return_dict=True)
+    assert type(out) is diffusers.schedulers.scheduling_dpm_cogvideox.DDIMSchedulerOutput
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
@@ -480,7 +550,8 @@ ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}
                ("DDIMInverseScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
                ("DPMSolverMultistepInverseScheduler", {}),
                ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
-               ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0})]
+               ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0}),
+               ("CogVideoXDDIMScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())
@@ -498,3 +569,15 @@ def test_accelerate_takes_the_new_drop_ins(name, config):
     torch.manual_seed(0)
     torch.testing.assert_close(_run(pipe, inputs, steps=4), stock, rtol=0, atol=1e-5)
     handle.remove()
+
+
+def test_accelerate_swaps_in_the_drop_ins_whose_step_pipelines_call_otherwise():
+    """CogVideoXDPMScheduler's step takes the loop's history (CogVideoX pipelines): accelerate swaps it in."""
+    from test_dropin_pipelines import _sd
+    pipe, _ = _sd(diffusers.CogVideoXDPMScheduler())
+    handle = fd.accelerate(pipe)
+    assert type(pipe.scheduler) is fd.CogVideoXDPMScheduler
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(pipe.scheduler.config) == public(diffusers.CogVideoXDPMScheduler().config)
+    handle.remove()
+    assert type(pipe.scheduler) is diffusers.CogVideoXDPMScheduler

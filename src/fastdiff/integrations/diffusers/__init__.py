@@ -8,7 +8,7 @@
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
 TCDScheduler, FlowMatchLCMScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
-CosineDPMSolverMultistepScheduler), ``cfg`` (CFG fused inside unmodified
+CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -18,6 +18,7 @@ from .consistency import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
 from .ipndm import IPNDMScheduler
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .cosine import CosineDPMSolverMultistepScheduler
+from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -33,6 +34,6 @@ __all__ = [
     "FlowMatchHeunDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
-    "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler",
+    "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]
