@@ -241,6 +241,8 @@ CASES = [
     ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing",
                                     rescale_betas_zero_snr=True), None, False, FEW),
     ("CogVideoXDPMScheduler", {}, None, True, ()),     # (its step takes the loop's history: test_dropins_more.py)
+    ("DDIMParallelScheduler", SD_DDIM, None, False, ALL_STEPS),
+    ("DDPMParallelScheduler", {}, None, True, FEW),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

@@ -107,6 +107,8 @@ DTYPE_CASES = [
     ("FlowMatchLCMScheduler", {}),
     ("CogVideoXDDIMScheduler", {}),
     ("CogVideoXDPMScheduler", {}),
+    ("DDIMParallelScheduler", {}),
+    ("DDPMParallelScheduler", {}),
     ("DPMSolverMultistepInverseScheduler", {"thresholding": True}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},

@@ -543,6 +543,60 @@ def test_cogvideox_dpm_refuses_a_history_it_does_not_keep():
 
 
 # ---------------------------------------------------------------------------------------------
+# DDIMParallelScheduler, DDPMParallelScheduler (step, and batch_step_no_noise)
+
+
+PARALLEL = {
+    "sd": dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    "clip": dict(SD, prediction_type="v_prediction"),                       # clip_sample=True (default)
+    "threshold-sample": dict(SD, thresholding=True, prediction_type="sample", sample_max_value=2.0),
+}
+PARALLEL_GRID = [(name, c, n) for name in ("DDIMParallelScheduler", "DDPMParallelScheduler") for c in PARALLEL
+                 for n in (1, 5, 20, 50) if c == "sd" or n in (1, 20)]
+
+
+def _params(name, config):
+    import inspect
+    keys = inspect.signature(getattr(diffusers, name).__init__).parameters
+    return {k: v for k, v in config.items() if k in keys}
+
+
+@pytest.mark.parametrize("name, config, steps", PARALLEL_GRID)
+def test_parallel_schedulers_step_like_stock(name, config, steps):
+    cfg = _params(name, PARALLEL[config])
+    kw = {"eta": 0.5} if name.startswith("DDIM") else None
+    _check_parity(lambda: getattr(diffusers, name)(**cfg), lambda: getattr(fd, name)(**cfg), steps,
+                  "diffusers.schedulers." + ("scheduling_ddim_parallel" if name.startswith("DDIM")
+                                             else "scheduling_ddpm_parallel"), seed=steps, step_kwargs=kw)
+
+
+@pytest.mark.parametrize("name, config, steps", [(n, c, s) for n, c, s in PARALLEL_GRID if s in (5, 20)])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_batch_step_no_noise_matches_stock(name, config, steps, use_clipped):
+    """A batch whose samples sit at different timesteps (ParaDiGMS' window), stepped at once."""
+    if use_clipped and name.startswith("DDPM"):
+        return
+    cfg = _params(name, PARALLEL[config])
+    stock, ours, stock64 = (getattr(lib, name)(**cfg) for lib in (diffusers, fd, diffusers))
+    for s in (stock, ours, stock64):
+        s.set_timesteps(steps)
+    _to_float64(stock64)
+    g = torch.Generator().manual_seed(steps)
+    ts = stock.timesteps[torch.randint(0, len(stock.timesteps), (6,), generator=g)]
+    x = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64) + 0.3 * x
+    kw = {"use_clipped_model_output": True} if use_clipped else {}
+    p = stock.batch_step_no_noise(out.float(), ts, x.float(), **kw)
+    p64 = stock64.batch_step_no_noise(out, ts, x, **kw)
+    a = ours.batch_step_no_noise(out.float(), ts, x.float(), **kw)
+    assert type(a) is torch.Tensor and a.dtype == p.dtype and a.shape == p.shape
+    tol = peer_tolerance(p, p64) + PEER_MARGIN * float((p.double() - p64).abs().max())
+    assert_close_to_peer(a, p, tol, "batch_step_no_noise")
+    half = ours.batch_step_no_noise(out.half(), ts, x.half(), **kw)
+    assert half.dtype == stock.batch_step_no_noise(out.half(), ts, x.half(), **kw).dtype
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
@@ -551,7 +605,7 @@ ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}
                ("DPMSolverMultistepInverseScheduler", {}),
                ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
                ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0}),
-               ("CogVideoXDDIMScheduler", {})]
+               ("CogVideoXDDIMScheduler", {}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())

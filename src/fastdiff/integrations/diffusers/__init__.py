@@ -8,7 +8,8 @@
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
 TCDScheduler, FlowMatchLCMScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
-CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler), ``cfg`` (CFG fused inside unmodified
+CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler;
+``parallel``: DDIMParallelScheduler, DDPMParallelScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -19,6 +20,7 @@ from .ipndm import IPNDMScheduler
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .cosine import CosineDPMSolverMultistepScheduler
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -35,5 +37,6 @@ __all__ = [
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
+    "DDIMParallelScheduler", "DDPMParallelScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]
