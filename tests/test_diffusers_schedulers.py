@@ -243,6 +243,7 @@ CASES = [
     ("CogVideoXDPMScheduler", {}, None, True, ()),     # (its step takes the loop's history: test_dropins_more.py)
     ("DDIMParallelScheduler", SD_DDIM, None, False, ALL_STEPS),
     ("DDPMParallelScheduler", {}, None, True, FEW),
+    ("CMStochasticIterativeScheduler", {}, None, True, (1, 5, 20, 40)),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

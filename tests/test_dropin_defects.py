@@ -109,6 +109,7 @@ DTYPE_CASES = [
     ("CogVideoXDPMScheduler", {}),
     ("DDIMParallelScheduler", {}),
     ("DDPMParallelScheduler", {}),
+    ("CMStochasticIterativeScheduler", {}),
     ("DPMSolverMultistepInverseScheduler", {"thresholding": True}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},

@@ -16,7 +16,7 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import PEER_MARGIN, assert_close_to_peer, peer_tolerance
+from conftest import PEER_MARGIN, assert_close_to_peer, dtype_tolerance, peer_tolerance
 
 diffusers = pytest.importorskip("diffusers")
 fd = pytest.importorskip("fastdiff.integrations.diffusers")
@@ -87,11 +87,13 @@ def _trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, set_kwargs=Non
 
 
 def _check_parity(make_stock, make_ours, steps, module, seed=0, set_kwargs=None, step_kwargs=None, begin=None,
-                  record=None, out_shape=SHAPE, out_map=None):
+                  record=None, out_shape=SHAPE, out_map=None, ops=0):
+    """``ops``: where stock's float64 run shares the cancellation of its float32 one (so their distance
+    understates its rounding), also conftest.dtype_tolerance of that many float32 operations."""
     stock = make_stock()
     stock.set_timesteps(steps, **(set_kwargs or {}))
     calls = len(stock.timesteps) - (begin or 0)
-    g = torch.Generator().manual_seed(1000 + steps)
+    g = torch.Generator().manual_seed(1000 + (steps or 0))
     x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
     outputs = [torch.randn(out_shape, dtype=torch.float64, generator=g) for _ in range(calls)]
     if out_map is not None:
@@ -109,6 +111,8 @@ def _check_parity(make_stock, make_ours, steps, module, seed=0, set_kwargs=None,
         for j, (aj, pj, pj64) in enumerate(zip(a, p, p64)):
             assert aj.dtype == pj.dtype, (k, j, aj.dtype, pj.dtype)
             tol = peer_tolerance(pj, pj64) + PEER_MARGIN * float((pj.double() - pj64).abs().max())
+            if ops:
+                tol = tol + dtype_tolerance(pj, ops=ops)
             assert_close_to_peer(aj, pj, tol, f"call {k} of {calls}, output {j}")
             worst = max(worst, float((aj.double() - pj.double()).abs().max()) / max(float(tol.max()), 1e-30))
     if record is not None:
@@ -193,6 +197,26 @@ def test_flow_match_lcm_refuses_upscaling():
     s.set_timesteps(3)
     with pytest.raises(NotImplementedError, match="scale_factors"):
         s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE))
+
+
+CM = {"default": {}, "noclip-snoise": dict(clip_denoised=False, s_noise=0.9), "imagenet": dict(sigma_min=0.002,
+                                                                                             sigma_max=80.0)}
+
+
+@pytest.mark.parametrize("config, steps", [(c, n) for c in CM for n in (1, 2, 5, 20, 40) if c == "default" or n != 40])
+def test_cm_stochastic_iterative_matches_stock(config, steps):
+    cfg = CM[config]
+    _check_parity(lambda: diffusers.CMStochasticIterativeScheduler(**cfg),
+                  lambda: fd.CMStochasticIterativeScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_consistency_models", seed=steps, ops=4)
+
+
+def test_cm_stochastic_iterative_custom_timesteps_match_stock():
+    cfg = {}
+    _check_parity(lambda: diffusers.CMStochasticIterativeScheduler(**cfg),
+                  lambda: fd.CMStochasticIterativeScheduler(**cfg), None,
+                  "diffusers.schedulers.scheduling_consistency_models", seed=3, set_kwargs={"timesteps": [39, 22, 10]},
+                  ops=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +629,8 @@ ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}
                ("DPMSolverMultistepInverseScheduler", {}),
                ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
                ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0}),
-               ("CogVideoXDDIMScheduler", {}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {})]
+               ("CogVideoXDDIMScheduler", {}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {}),
+               ("CMStochasticIterativeScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())

@@ -6,8 +6,8 @@
   t (the point's model time) scaled by ``timestep_scaling``: c_skip = sd^2 / ((s t)^2 + sd^2),
   c_out = s t / sqrt((s t)^2 + sd^2), sd = ``sigma_data``; ``timestep_scaling=None``: f = x0;
   ``scalings``: the (c_skip, c_out) of each step, given (diffusers' float32 values).
-  Then x_{n+1} = alpha_{n+1} f + sigma_{n+1} z. The last step returns f itself (no noise),
-  whatever the grid's last point.
+  Then x_{n+1} = alpha_{n+1} f + sigma_{n+1} z: a clean last point (sigma = 0, alpha = 1) returns
+  f itself (LCM's last step; consistency models' grids may end a hair above it).
 * ``tcd`` (Zheng et al. 2024, "Trajectory Consistency Distillation", strategic stochastic
   sampling, as diffusers' TCDScheduler): at point n, DDIM from t_n to an intermediate point s_n
   (default the schedule at time (1 - gamma) t_{n+1}; ``points`` gives them, e.g. diffusers'
@@ -68,8 +68,7 @@ class LatentConsistency(Solver):
         for n in range(N):
             p, q = grid_point(grid, n), grid_point(grid, n + 1)
             c_skip, c_out = self._scalings(n, p)
-            last = n == N - 1
-            out = Out(h=1.0) if last else Out(h=q.alpha, z=q.sigma)
+            out = Out(h=q.alpha, z=q.sigma)
             rows.append(Row(step=n, eval_at="x", point=p, q_y=c_skip, q_x0=c_out, out_x=out,
                             noise_id=n if out.z else -1, next_eval="x"))
         return rows

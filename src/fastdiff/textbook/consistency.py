@@ -2,8 +2,8 @@
 fastdiff.solvers.consistency). Plain PyTorch on the schedule's native x = alpha x0 + sigma eps.
 
 * ``sample_lcm``: Song et al. 2023 algorithm 1 with LCM's boundary scalings (diffusers'
-  LCMScheduler.step): denoised = c_skip(t) x + c_out(t) x0; x' = alpha' denoised + sigma' z, and
-  the last step returns denoised.
+  LCMScheduler.step): denoised = c_skip(t) x + c_out(t) x0; x' = alpha' denoised + sigma' z (a clean
+  last point: denoised).
 * ``sample_tcd``: Zheng et al. 2024 (diffusers' TCDScheduler.step): pred_noised_sample = alpha_s x0 +
   sigma_s eps at s = (1 - gamma) t' (or the given ``points``), then x' = sqrt(abar'/abar_s)
   pred_noised_sample + sqrt(1 - abar'/abar_s) z written for any (alpha, sigma); the last step
@@ -33,9 +33,10 @@ def sample_lcm(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, no
             c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
             c_out = st / (st ** 2 + sigma_data ** 2) ** 0.5
         denoised = c_out * x0 + c_skip * x
-        if n == N - 1:
-            return denoised
-        x = float(grid.alpha[n + 1]) * denoised + float(grid.sigma[n + 1]) * noise_at(noise, n)
+        if float(grid.sigma[n + 1]) == 0.0:
+            x = float(grid.alpha[n + 1]) * denoised
+        else:
+            x = float(grid.alpha[n + 1]) * denoised + float(grid.sigma[n + 1]) * noise_at(noise, n)
     return x
 
 

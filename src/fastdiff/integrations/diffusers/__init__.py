@@ -6,7 +6,7 @@
     pipe.save_pretrained(folder) # a stock diffusers folder; fastdiff: fd.accelerate(DiffusionPipeline.from_pretrained(folder))
 
 Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``consistency``: LCMScheduler,
-TCDScheduler, FlowMatchLCMScheduler; ``ipndm``: IPNDMScheduler;
+TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
 CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler;
 ``parallel``: DDIMParallelScheduler, DDPMParallelScheduler), ``cfg`` (CFG fused inside unmodified
@@ -15,7 +15,7 @@ pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``
 from .attention import FastdiffAttnProcessor
 from .base import StepOutput
 from .pndm import PNDMScheduler
-from .consistency import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
+from .consistency import CMStochasticIterativeScheduler, FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
 from .ipndm import IPNDMScheduler
 from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .cosine import CosineDPMSolverMultistepScheduler
@@ -37,6 +37,6 @@ __all__ = [
     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
-    "DDIMParallelScheduler", "DDPMParallelScheduler",
+    "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]

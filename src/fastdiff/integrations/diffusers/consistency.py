@@ -1,4 +1,5 @@
-"""The consistency-model drop-ins: LCMScheduler, TCDScheduler and FlowMatchLCMScheduler.
+"""The consistency-model drop-ins: LCMScheduler, TCDScheduler, FlowMatchLCMScheduler and
+CMStochasticIterativeScheduler.
 
     from fastdiff.integrations.diffusers import LCMScheduler
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -17,12 +18,16 @@ Subclasses of diffusers' classes (config, ``set_timesteps`` with its LCM / TCD t
   shifting, Karras / exponential / beta sigmas as its set_timesteps gives them; not its
   ``scale_factors`` upscaling, which changes the sample's shape).
 
+* CMStochasticIterativeScheduler: the EDM-style boundary scalings as the x0 fold, re-noised to
+  s_noise sqrt(sigma_next^2 - sigma_min^2) (consistency models' algorithm 1).
+
 The second value of the step is diffusers': ``denoised`` (LCM) / ``pred_noised_sample`` (TCD), the
 row's own quantity. Noise is drawn as diffusers draws it (``randn_tensor`` with the generator).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import diffusers
 import numpy as np
@@ -31,10 +36,11 @@ import torch
 from ...program import Point
 from ...solvers import get_solver
 from .base import FastdiffScheduler, Plan, drop_in
-from ...schedules import FlowMatching
+from ...guidance import ClipSample
+from ...schedules import FlowMatching, VESchedule
 from .schedulers import DROP_INS, _check_prediction, _f64, _unsupported, _vp_fold, _vp_grid, _vp_schedule, _x0_transform
 
-__all__ = ["LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler"]
+__all__ = ["LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler", "CMStochasticIterativeScheduler"]
 
 
 class _ConsistencyBase(FastdiffScheduler):
@@ -159,6 +165,49 @@ class FlowMatchLCMScheduler(FastdiffScheduler, diffusers.FlowMatchLCMScheduler):
         return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
 
 
+@drop_in(diffusers.CMStochasticIterativeScheduler)
+class CMStochasticIterativeScheduler(FastdiffScheduler, diffusers.CMStochasticIterativeScheduler):
+    """Consistency models' multistep sampling (Song et al. 2023, algorithm 1; fastdiff ``lcm``): the
+    model's denoised = c_skip x + c_out output (diffusers' boundary scalings, as the x0 fold; clamped
+    to [-1, 1] with clip_denoised), then x' = denoised + s_noise sqrt(clamp(sigma_next)^2 - sigma_min^2) z:
+    the grid's noise level at point n is s_noise sqrt(sigma_n^2 - sigma_min^2) (0 at the last point)."""
+
+    _needs_set_timesteps = False
+    _float_timesteps = True
+    _out_dtype = "promote"
+
+    def _plan(self, start: int) -> Plan:
+        c = self.config
+        sig = self.sigmas.detach().cpu().float()
+        n = len(self.timesteps)
+        nxt = [sig[i + 1] if i + 1 < c.num_train_timesteps else sig[-1] for i in range(n)]
+        # (diffusers' float32 arithmetic for sigma_hat and the scalings)
+        level = [0.0] + [float(((v.clamp(min=c.sigma_min, max=c.sigma_max) ** 2 - c.sigma_min ** 2) ** 0.5)
+                               * c.s_noise) for v in nxt]
+        level = np.array([float(((sig[0].clamp(min=c.sigma_min, max=c.sigma_max) ** 2 - c.sigma_min ** 2) ** 0.5)
+                                * c.s_noise) + 1.0] + level[1:])      # (point 0's level is never read)
+        level = level[start:]
+        # (calls whose next noise level is sigma_min already, Karras' last sigmas: the same level again)
+        tail = 0
+        while len(level) - tail > 2 and level[-1 - tail] == level[-2 - tail]:
+            tail += 1
+        if c.s_noise <= 0 or not np.all(np.diff(level[:len(level) - tail]) < 0):
+            _unsupported(type(self).__name__, "s_noise", c.s_noise, " (the re-noising levels must decrease)")
+        keep = level[:len(level) - tail]
+        grid = _vp_grid(VESchedule(), np.ones_like(keep), keep, np.arange(len(keep), dtype=np.float64)[::-1].copy())
+        rows = get_solver("lcm").rows(grid)
+        rows += [replace(rows[-1], step=rows[-1].step + j + 1, noise_id=rows[-1].noise_id + j + 1 if rows[-1].noise_id >= 0
+                         else -1) for j in range(tail)]
+        if n == 1:                      # (diffusers' one-step sampling adds zeros)
+            rows = [replace(r, out_x=replace(r.out_x, z=0.0), noise_id=-1) for r in rows]
+        fold = [tuple(float(v) for v in self.get_scalings_for_boundary_condition(sig[i])) for i in range(start, n)]
+        return Plan(rows, fold, 0, draws=[n > 1] * len(rows), x0_transform=ClipSample(1.0) if c.clip_denoised else None)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        return self._fd_step(model_output, timestep, sample, generator, None, return_dict)
+
+
 DROP_INS[LCMScheduler.__name__] = LCMScheduler          # accelerate(pipe) finds them there
+DROP_INS[CMStochasticIterativeScheduler.__name__] = CMStochasticIterativeScheduler
 DROP_INS[FlowMatchLCMScheduler.__name__] = FlowMatchLCMScheduler
 DROP_INS[TCDScheduler.__name__] = TCDScheduler
