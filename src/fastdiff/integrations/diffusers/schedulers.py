@@ -53,9 +53,13 @@ EDMEulerScheduler takes it), learned variances outside DDPM, UniPC's ``solver_p`
 ``invert_sigmas`` / ``per_token_timesteps``.
 
 More drop-ins live in their own modules: ``pndm`` (PNDMScheduler), ``consistency`` (LCMScheduler,
-TCDScheduler: fastdiff ``lcm`` / ``tcd``), ``ipndm`` (IPNDMScheduler: ``plms``), ``inverse``
-(DDIMInverseScheduler, DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending
-grid); each adds itself to ``DROP_INS``.
+TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler: fastdiff ``lcm`` / ``tcd``),
+``ipndm`` (IPNDMScheduler: ``plms``), ``inverse`` (DDIMInverseScheduler,
+DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending grid), ``cosine``
+(CosineDPMSolverMultistepScheduler), ``cogvideox`` (CogVideoXDDIMScheduler, CogVideoXDPMScheduler),
+``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``); each adds
+itself to ``DROP_INS``. Not yet: SASolverScheduler, RePaintScheduler, ScoreSdeVeScheduler (their
+steps are not one fixed linear row: data-dependent step sizes, masks, jumps back in time).
 """
 from __future__ import annotations
 
