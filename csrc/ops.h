@@ -18,7 +18,8 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
                 const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x,
                 bool write_y, const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
                 const std::optional<at::Tensor>& model_in, bool model_in_from_y,
-                const std::optional<at::Tensor>& bad_row);
+                const std::optional<at::Tensor>& bad_row,
+                const std::optional<at::Tensor>& guidance);
 
 // D = uncond + g * (cond - uncond) (D = cond if uncond is absent), float32 math (float64 for
 // float64 inputs), as a new contiguous tensor of out_dtype.

@@ -196,49 +196,49 @@ FASTDIFF_HD inline void philox_normal4(uint64_t g, uint64_t seed, uint32_t noise
 // CFG: D = u + g * (c - u)
 FASTDIFF_HD inline float cfg_combine(float c, float u, float g) { return fadd(u, fmul(g, fsub(c, u))); }
 
-// h = q_y * E + q_d * D
+// The fused step's D: g == 1 is D = c exactly (the same value as a run without the uncond pass).
+FASTDIFF_HD inline float guided(float c, float u, float g) { return g == 1.0f ? c : cfg_combine(c, u, g); }
+
+// The g of sample b with a per-sample scale s[b]: g0 + g1 * s[b].
+FASTDIFF_HD inline float sample_g(float g0, float g1, float s) { return fadd(g0, fmul(g1, s)); }
+
+// h = q_y * E + q_d * D (and hu = q_y * E + q_d * u)
 FASTDIFF_HD inline float step_h(float qy, float e, float qd, float d) { return fadd(fmul(qy, e), fmul(qd, d)); }
 
-// The first terms of an output: (a_x * x + a_y * E) + a_h * h; then out_add for the noise term
-// and each history slot, in slot order.
-FASTDIFF_HD inline float out_base(float ax, float x, float ay, float e, float ah, float h) {
-  return fadd(fadd(fmul(ax, x), fmul(ay, e)), fmul(ah, h));
+// The first terms of an output: ((a_x x + a_y E) + a_h h) + a_hu hu; then out_add for the noise
+// term and each history slot, in slot order.
+FASTDIFF_HD inline float out_model(float ax, float x, float ay, float e, float ah, float h, float ahu, float hu) {
+  return fadd(fadd(fadd(fmul(ax, x), fmul(ay, e)), fmul(ah, h)), fmul(ahu, hu));
 }
 FASTDIFF_HD inline float out_add(float o, float a, float v) { return fadd(o, fmul(a, v)); }
 
 // The model input: s_in * new value (cast to the model dtype by the caller).
 FASTDIFF_HD inline float model_input(float s_in, float v) { return fmul(s_in, v); }
 
-// Coefficients of one output (x or y) of a row; hist points at K history coefficients.
+// Coefficients of one output (x, y or the history value) of a row; hist points at K history
+// coefficients.
 struct OutCoefs {
-  float x, y, h, z;
+  float x, y, h, hu, z;
   const float* hist;
 };
 
 // Coefficients of one row, rounded to float32 (read from the float64 table by the caller).
 struct RowCoefs {
-  float g, qy, qd, s_in;
-  OutCoefs ox, oy;
+  float g, g0, g1, qy, qd, s_in;
+  OutCoefs ox, oy, oh;
   int K;
 };
 
 // One whole output for one element; H(j) returns history slot j of this element. has_z: the
 // row has a noise tensor or Philox noise (else the z term is absent, as in the reference).
+// h, hu: the model terms (hu = h without CFG; both 0 without a model call).
 template <class HistAt>
-FASTDIFF_HD inline float step_output(const OutCoefs& o, float x, float e, float h, bool has_z, float z,
+FASTDIFF_HD inline float step_output(const OutCoefs& o, float x, float e, float h, float hu, bool has_z, float z,
                                      int K, HistAt H) {
-  float v = out_base(o.x, x, o.y, e, o.h, h);
+  float v = out_model(o.x, x, o.y, e, o.h, h, o.hu, hu);
   if (has_z) v = out_add(v, o.z, z);
   for (int j = 0; j < K; ++j) v = out_add(v, o.hist[j], H(j));
   return v;
-}
-
-// h of one element: has_cond false -> 0; has_uncond false -> D = c.
-FASTDIFF_HD inline float step_h_elem(const RowCoefs& k, float e, bool has_cond, float c, bool has_uncond,
-                                     float u) {
-  if (!has_cond) return 0.0f;
-  const float d = has_uncond ? cfg_combine(c, u, k.g) : c;
-  return step_h(k.qy, e, k.qd, d);
 }
 
 }  // namespace math

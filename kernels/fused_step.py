@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.program.layout import (COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out_x, col_out_y,
-                                     col_s_in)
+from fastdiff.program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y,
+                                     OUT_Z, col_out_h, col_out_x, col_out_y, col_s_in)
 
 from ._common import EXACT_FP, INT32_MAX, as_int32, dense_rows, key_words, max_offset, sample_size, write_back
 from .philox import philox_normal_block
@@ -34,18 +34,21 @@ NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 # The row ABI (fastdiff/program/layout.py): fixed columns as module constants, the columns that
 # move with K as constexpr arguments (layout_constexprs), so the kernel computes no offset itself.
 _COL_G = tl.constexpr(COL_G)
+_COL_G0 = tl.constexpr(COL_G0)
+_COL_G1 = tl.constexpr(COL_G1)
 _COL_QY = tl.constexpr(COL_QY)
 _COL_QD = tl.constexpr(COL_QD)
 _OUT_FIXED = tl.constexpr(OUT_FIXED)
 _OUT_X = tl.constexpr(OUT_X)
 _OUT_Y = tl.constexpr(OUT_Y)
 _OUT_H = tl.constexpr(OUT_H)
+_OUT_HU = tl.constexpr(OUT_HU)
 _OUT_Z = tl.constexpr(OUT_Z)
 
 
 def layout_constexprs(K: int) -> dict:
     """The K-dependent columns of the table, as the kernel's constexpr arguments."""
-    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K), COL_S_IN=col_s_in(K))
+    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K), COL_OUT_H=col_out_h(K), COL_S_IN=col_s_in(K))
 
 
 @triton.jit
@@ -55,11 +58,12 @@ def _coef(row_ptr, col, col_stride):
 
 
 @triton.jit
-def _output(row_ptr, cs, base, X, E, h, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr, HAS_Z: tl.constexpr,
-            mask):
-    """((a_x*X + a_y*E) + a_h*h) [+ a_z*z] + sum_j a_j*H[j], in the reference's order."""
+def _output(row_ptr, cs, base, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr,
+            HAS_Z: tl.constexpr, mask):
+    """(((a_x*X + a_y*E) + a_h*h) + a_hu*hu) [+ a_z*z] + sum_j a_j*H[j], in the reference's order."""
     o = _coef(row_ptr, base + _OUT_X, cs) * X + _coef(row_ptr, base + _OUT_Y, cs) * E
     o = o + _coef(row_ptr, base + _OUT_H, cs) * h
+    o = o + _coef(row_ptr, base + _OUT_HU, cs) * hu
     if HAS_Z:
         o = o + _coef(row_ptr, base + _OUT_Z, cs) * z
     for j in tl.static_range(K):
@@ -85,22 +89,22 @@ def _nonfinite(v):
 @triton.jit(do_not_specialize=["row", "hist_write", "seed_lo", "seed_hi", "noise_id"])
 def fused_step_kernel(
     table_ptr, row, table_sr, table_sc,
-    x_ptr, y_ptr, cond_ptr, uncond_ptr, hist_ptr, noise_ptr, model_in_ptr, bad_row_ptr,
+    x_ptr, y_ptr, cond_ptr, uncond_ptr, hist_ptr, noise_ptr, model_in_ptr, bad_row_ptr, guidance_ptr,
     numel, M,
     x_sb, y_sb, cond_sb, uncond_sb, hist_sb, hist_sk, noise_sb, model_in_sb, model_in_half,
     hist_write, seed_lo, seed_hi, noise_id,
     K: tl.constexpr, EVAL_Y: tl.constexpr, WRITE_X: tl.constexpr, WRITE_Y: tl.constexpr,
     HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr, WRITE_HIST: tl.constexpr,
     MODEL_IN_HALVES: tl.constexpr, MODEL_IN_FROM_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
-    STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
-    COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_S_IN: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr, STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+    COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_OUT_H: tl.constexpr, COL_S_IN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INDEX_64:
         pid = pid.to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)           # flat logical (row-major) element index
     mask = i < numel
-    b = i // M                                      # only used when STRIDED
+    b = i // M                                      # used when STRIDED or with per-sample guidance
     m = i - b * M
 
     # Columns: fastdiff/program/layout.py (table strides: any).
@@ -113,13 +117,23 @@ def fused_step_kernel(
         E = X
 
     if HAS_COND:
-        D = tl.load(cond_ptr + _at(i, b, m, cond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
+        C = tl.load(cond_ptr + _at(i, b, m, cond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
         if HAS_UNCOND:
-            u = tl.load(uncond_ptr + _at(i, b, m, uncond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
-            D = u + _coef(row_ptr, _COL_G, table_sc) * (D - u)
-        h = _coef(row_ptr, _COL_QY, table_sc) * E + _coef(row_ptr, _COL_QD, table_sc) * D
+            U = tl.load(uncond_ptr + _at(i, b, m, uncond_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
+            if HAS_GUIDANCE:    # g of each element's sample: g0 + g1 * s[b]
+                s = tl.load(guidance_ptr + b, mask=mask, other=0.0).to(tl.float32)
+                g = _coef(row_ptr, _COL_G0, table_sc) + _coef(row_ptr, _COL_G1, table_sc) * s
+            else:
+                g = _coef(row_ptr, _COL_G, table_sc)
+            D = tl.where(g == 1.0, C, U + g * (C - U))     # g == 1: D = cond exactly
+            h = _coef(row_ptr, _COL_QY, table_sc) * E + _coef(row_ptr, _COL_QD, table_sc) * D
+            hu = _coef(row_ptr, _COL_QY, table_sc) * E + _coef(row_ptr, _COL_QD, table_sc) * U
+        else:
+            h = _coef(row_ptr, _COL_QY, table_sc) * E + _coef(row_ptr, _COL_QD, table_sc) * C
+            hu = h
     else:
         h = tl.zeros([BLOCK], dtype=tl.float32)
+        hu = h
 
     if NOISE == 1:
         z = tl.load(noise_ptr + _at(i, b, m, noise_sb, STRIDED), mask=mask, other=0.0).to(tl.float32)
@@ -130,9 +144,13 @@ def fused_step_kernel(
 
     hist_off = _at(i, b, m, hist_sb, STRIDED)
     if WRITE_X:
-        new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0, mask)
+        new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
+                        mask)
     if WRITE_Y:
-        new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
+        new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
+                        mask)
+    if WRITE_HIST:
+        new_h = _output(row_ptr, table_sc, COL_OUT_H, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
                         mask)
 
     if CHECK_FINITE:
@@ -146,7 +164,7 @@ def fused_step_kernel(
 
     # Writes after every read (all history slots were read above).
     if WRITE_HIST:
-        tl.store(hist_ptr + hist_write * hist_sk + hist_off, h, mask=mask)
+        tl.store(hist_ptr + hist_write * hist_sk + hist_off, new_h, mask=mask)
     if WRITE_X:
         tl.store(x_ptr + _at(i, b, m, x_sb, STRIDED), new_x, mask=mask)
     if WRITE_Y:
@@ -164,7 +182,7 @@ def fused_step_kernel(
 
 
 def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-               noise_id, model_in, model_in_from_y, bad_row) -> None:
+               noise_id, model_in, model_in_from_y, bad_row, guidance=None) -> None:
     """Launch one row; arguments as fastdiff.ops.fused_step (already validated). Tensors whose
     samples are not dense are copied (outputs copied back): see _common."""
     if model_in is not None and model_in_from_y and not write_y:
@@ -192,6 +210,7 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
             hist_sb = M
         hist_sk = hk.stride(0)
     dummy = xk  # stands in for absent tensors (never dereferenced)
+    gk = None if guidance is None or cond is None or uncond is None else guidance.contiguous()
 
     batch_strides = [s for s in (x_sb, y_sb, cond_sb, uncond_sb, noise_sb, mi_sb) if s is not None]
     if hist is not None:
@@ -207,7 +226,7 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
         table, row, table.stride(0), table.stride(1),
         xk, dummy if yk is None else yk, dummy if ck is None else ck, dummy if uk is None else uk,
         dummy if hk is None else hk, dummy if nk is None else nk, dummy if mk is None else mk,
-        dummy if bad_row is None else bad_row,
+        dummy if bad_row is None else bad_row, dummy if gk is None else gk,
         numel, M,
         x_sb, y_sb or 0, cond_sb or 0, uncond_sb or 0, hist_sb, hist_sk, noise_sb or 0, mi_sb or 0,
         (B * mi_sb) if mk is not None else 0,
@@ -215,7 +234,7 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
         K=K, EVAL_Y=bool(eval_y), WRITE_X=bool(write_x), WRITE_Y=bool(write_y),
         HAS_COND=cond is not None, HAS_UNCOND=uncond is not None, NOISE=noise_kind,
         WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves, MODEL_IN_FROM_Y=bool(model_in_from_y),
-        CHECK_FINITE=bad_row is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK, **layout_constexprs(K),
+        CHECK_FINITE=bad_row is not None, HAS_GUIDANCE=gk is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK, **layout_constexprs(K),
         num_warps=NUM_WARPS, **EXACT_FP,
     )
     write_back(x, xk if write_x else None)

@@ -139,7 +139,8 @@ def test_cuda_backend_registered_with_reasons():
         assert "CPU-only" in why
     if why is not None:
         x = torch.zeros(2, 3)
-        table = torch.zeros(1, 12, dtype=torch.float64)
+        from fastdiff.program import table_width
+        table = torch.zeros(1, table_width(0), dtype=torch.float64)
         with pytest.raises(RuntimeError, match="backend 'cuda' cannot run fused_step"):
             ops.fused_step(table, 0, x, backend="cuda")
         assert torch.equal(x, torch.zeros(2, 3))

@@ -34,7 +34,7 @@ from fastdiff.ops import philox as P  # noqa: E402
 from fastdiff.ops import reductions, reference  # noqa: E402
 from fastdiff.ops.backends import load_extension  # noqa: E402
 from fastdiff.check import PHILOX_ULPS  # noqa: E402
-from fastdiff.program import table_width  # noqa: E402
+from fastdiff.program import COL_G, col_out, col_s_in, out_width, table_width  # noqa: E402
 
 _C = load_extension()
 HAVE_CPU = not isinstance(_C, str)
@@ -62,7 +62,8 @@ class StepArgs(ctypes.Structure):
                 ("eval_y", ctypes.c_int32), ("write_x", ctypes.c_int32), ("write_y", ctypes.c_int32),
                 ("seed", ctypes.c_uint64), ("noise_id", ctypes.c_int64),
                 ("model_in", Rows), ("model_in_halves", ctypes.c_int32), ("model_in_half_stride", ctypes.c_int64),
-                ("model_in_from_y", ctypes.c_int32), ("bad_row", ctypes.c_void_p)]
+                ("model_in_from_y", ctypes.c_int32), ("bad_row", ctypes.c_void_p),
+                ("guidance", ctypes.c_void_p), ("guidance_dtype", ctypes.c_int)]
 
 
 class CfgArgs(ctypes.Structure):
@@ -170,6 +171,11 @@ def step_args(kw, packer: Packer) -> StepArgs:
         a.model_in_from_y = kw["model_in_from_y"]
     bad = kw.get("bad_row")
     a.bad_row = None if bad is None else bad.data_ptr()
+    gv = kw.get("guidance")
+    if gv is not None:                 # (the binding passes a contiguous vector)
+        gv = gv.contiguous()
+        packer.keep.append(gv)
+        a.guidance, a.guidance_dtype = gv.data_ptr(), (3 if gv.dtype == torch.float64 else 0)
     return a
 
 
@@ -212,12 +218,12 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def random_table(gen, K, rows=3):
     T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
-    T[:, 0] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # the guidance scale g
+    T[:, COL_G] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # the guidance scale g
     return T
 
 
 def make_case(gen, shape, *, K=1, model="cfg", noise="philox", writes="x", model_in="2B", eval_y=None,
-              model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig", bad_row=True):
+              model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig", bad_row=True, guidance=None):
     L = (lambda t: relayout(t, layout))
     write_x, write_y = "x" in writes, "y" in writes
     eval_y = write_y if eval_y is None else eval_y
@@ -237,6 +243,11 @@ def make_case(gen, shape, *, K=1, model="cfg", noise="philox", writes="x", model
         kw["model_in"] = L(torch.full((rows,) + tuple(shape[1:]), float("nan")).to(model_dtype))
         kw["model_in_from_y"] = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
     kw["bad_row"] = torch.zeros(1, dtype=torch.int32) if bad_row else None
+    if guidance is not None:   # per-sample scales, one of them exactly 1 (D = cond)
+        g = 1.0 + 7.0 * torch.rand(B, dtype=torch.float64, generator=gen)
+        g[0] = 1.0
+        kw["guidance"] = g.to(guidance)
+        kw["table"][:, 1:3] = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.25, 0.5]], dtype=torch.float64)
     return kw
 
 
@@ -274,7 +285,7 @@ def clone_case(kw):
 
 OUTPUTS = ("x", "y", "hist", "model_in", "bad_row")
 ARG_ORDER = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row")
+             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")
 
 
 def run(kw, how, emu=None):
@@ -282,9 +293,9 @@ def run(kw, how, emu=None):
     if how == "emulated":
         emulate_step(emu, c)
     elif how == "reference":
-        reference.fused_step(*[c[k] for k in ARG_ORDER])
+        reference.fused_step(*[c.get(k) for k in ARG_ORDER])
     else:
-        _C.fused_step(*[c[k] for k in ARG_ORDER])
+        _C.fused_step(*[c.get(k) for k in ARG_ORDER])
     return c
 
 
@@ -329,6 +340,24 @@ def test_fused_step_matches_reference(emu, K, model, noise, writes, model_in):
                 assert_outputs(got, run(kw, "cpu"), f"eval_y={eval_y} vs cpu")
         else:
             assert_outputs(got, run(kw, "reference"), f"eval_y={eval_y}")
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (4, 1), (3, 4, 6, 6)])
+@pytest.mark.parametrize("K", [0, 2, 5])
+def test_fused_step_per_sample_guidance(emu, model_dtype, shape, K):
+    """A per-sample scale vector (float32 and float64): sample b uses g0 + g1 * s[b] (a 4-group
+    that straddles samples takes each element's own g); bitwise equal to the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((model_dtype, shape, K)).encode()))
+    for gdtype in (torch.float32, torch.float64):
+        for row in (0, 1, 2):
+            kw = make_case(gen, shape, K=K, model="cfg", noise="given", writes="xy", model_in="2B",
+                           model_dtype=model_dtype, guidance=gdtype)
+            kw["row"] = row
+            got = run(kw, "emulated", emu)
+            assert_outputs(got, run(kw, "reference"), f"{gdtype} row {row}")
+            if HAVE_CPU:
+                assert_outputs(got, run(kw, "cpu"), f"{gdtype} row {row} vs cpu")
 
 
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -394,9 +423,10 @@ def test_fused_step_any_k_loop_matches_fixed_k(emu):
     kw5 = clone_case(kw4)
     T4 = kw4["table"]
     T5 = torch.zeros(T4.shape[0], table_width(5), dtype=torch.float64)
-    T5[:, :3 + 8] = T4[:, :3 + 8]                 # g, q_y, q_d, x block (4 + 4 slots)
-    T5[:, 3 + 9:3 + 9 + 8] = T4[:, 3 + 8:3 + 16]  # y block
-    T5[:, -1] = T4[:, -1]
+    T5[:, :col_out(5, "x")] = T4[:, :col_out(4, "x")]          # g, g0, g1
+    for which in ("x", "y", "h"):                               # each out block, its 4 slots of 5
+        T5[:, col_out(5, which):col_out(5, which) + out_width(4)] = T4[:, col_out(4, which):col_out(4, which) + out_width(4)]
+    T5[:, col_s_in(5)] = T4[:, col_s_in(4)]
     kw5["table"] = T5
     kw5["hist"] = torch.cat([kw4["hist"], torch.full((1,) + tuple(kw4["x"].shape), 123.0)])
     a, b = run(kw4, "emulated", emu), run(kw5, "emulated", emu)

@@ -20,7 +20,7 @@ import fastdiff.ops as ops
 from fastdiff.ops import philox as P
 from fastdiff.ops.backends import load_extension, select
 from fastdiff.check import PHILOX_ULPS
-from fastdiff.program import table_width
+from fastdiff.program import COL_G, OUT_Z, col_out, table_width
 
 _C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
@@ -83,13 +83,13 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def random_table(gen, K, rows=3):
     T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
-    T[:, 0] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # guidance scale g
+    T[:, COL_G] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # guidance scale g
     return T
 
 
 def make_case(gen, nan_empty, shape, *, K=1, model="cfg", noise="philox", writes="x", model_in="2B",
               eval_y=None, model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig",
-              seed=1234, noise_id=3, bad_row=True):
+              seed=1234, noise_id=3, bad_row=True, guidance=None):
     """Keyword arguments of ops.fused_step for one random case (tensors in `layout`)."""
     L = (lambda t: relayout(t, layout))
     write_x, write_y = "x" in writes, "y" in writes
@@ -116,11 +116,16 @@ def make_case(gen, nan_empty, shape, *, K=1, model="cfg", noise="philox", writes
         kw["model_in_from_y"] = write_y and not write_x or (write_x and write_y and bool(torch.rand(1, generator=gen) < 0.5))
     if bad_row:
         kw["bad_row"] = torch.zeros(1, dtype=torch.int32)
+    if guidance is not None:   # per-sample scales, one of them exactly 1 (D = cond)
+        g = 1.0 + 7.0 * torch.rand(B, dtype=torch.float64, generator=gen)
+        g[0] = 1.0
+        kw["guidance"] = g.to(guidance)
+        kw["table"][:, 1:3] = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.25, 0.5]], dtype=torch.float64)[:kw["table"].shape[0]]
     return kw
 
 
 INPLACE = ("x", "y", "hist", "model_in", "bad_row")
-READONLY = ("table", "cond", "uncond", "noise")
+READONLY = ("table", "cond", "uncond", "noise", "guidance")
 
 
 def clone_case(kw):
@@ -189,6 +194,27 @@ def test_fused_step_parity(K, model, noise, writes, model_in, nan_empty):
                        model_in=model_in, eval_y=eval_y)
         a, b = run_both(kw)
         assert_match(a, b, f"eval_y={eval_y}")
+
+
+@pytest.mark.parametrize("K", (0, 1, 3))
+@pytest.mark.parametrize("model_dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("writes", ("x", "xy"))
+@pytest.mark.parametrize("gdtype", (torch.float32, torch.float64))
+def test_fused_step_per_sample_guidance(K, model_dtype, writes, gdtype, nan_empty):
+    """A per-sample scale vector: sample b uses g0 + g1 * s[b]; samples of 1, 2, 5 elements and
+    samples that straddle the kernel's blocks (one g per run of a sample); bitwise on fp32 outputs."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((K, model_dtype, writes, gdtype)).encode()))
+    for shape in ((3, 5), (4, 1), (5, 3, 7, 11), (3, 700)):
+        for row in (0, 1, 2):
+            kw = make_case(gen, nan_empty, shape, K=K, model="cfg", noise="given", writes=writes, model_in="2B",
+                           model_dtype=model_dtype, guidance=gdtype)
+            kw["row"] = row
+            a, b = run_both(kw)
+            assert_match(a, b, f"{shape} row={row}")
+            if model_dtype == torch.float32:
+                for name in ("x", "y", "hist"):
+                    if a.get(name) is not None:
+                        assert torch.equal(a[name], b[name]), name
 
 
 def test_fused_step_unused_y_not_read(nan_empty):
@@ -290,7 +316,7 @@ def test_fused_step_strided_table_and_prepared_call(nan_empty):
     step = ops.prepare_fused_step(a["x"], table=a["table"], y=a["y"], cond_like=a["cond"], hist=a["hist"],
                                   noise_like=a["noise"], model_in=a["model_in"], backend="cpu")
     assert step is _C.fused_step
-    step(*[a[k] for k in ORDER])
+    step(*[a.get(k) for k in ORDER])
     ops.fused_step(**b, backend="reference")
     assert_match(a, b)
 
@@ -463,7 +489,7 @@ def test_fused_step_philox_threads_bitwise():
     gen = torch.Generator().manual_seed(4)
     K = 0
     T = torch.zeros(1, table_width(K), dtype=torch.float64)
-    T[0, 3 + 3] = 1.0        # x' = z
+    T[0, col_out(K, "x") + OUT_Z] = 1.0        # x' = z
     x0 = torch.randn(shape, generator=gen)
     n0 = torch.get_num_threads()
     outs = []
@@ -512,11 +538,11 @@ def _valid_args(gen):
                 cond=torch.randn(shape, generator=gen), uncond=torch.randn(shape, generator=gen),
                 hist=torch.randn((K,) + shape, generator=gen), hist_write=0, eval_y=False, write_x=True, write_y=True,
                 noise=None, seed=5, noise_id=2, model_in=torch.zeros((4, 3, 4)), model_in_from_y=False,
-                bad_row=torch.zeros(1, dtype=torch.int32))
+                bad_row=torch.zeros(1, dtype=torch.int32), guidance=torch.tensor([3.0, 7.5]))
 
 
 ORDER = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-         "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row")
+         "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")
 
 BAD = {
     "state float64": (dict(x=lambda a: a["x"].double()), TypeError, "float32"),
@@ -542,6 +568,8 @@ BAD = {
     "y is x": (dict(y=lambda a: a["x"]), ValueError, "different buffer"),
     "noise_id too big": (dict(noise_id=lambda a: 2 ** 32), ValueError, "noise_id"),
     "seed negative": (dict(seed=lambda a: -1), ValueError, "seed"),
+    "guidance shape": (dict(guidance=lambda a: torch.tensor([3.0, 7.5, 1.0])), ValueError, "guidance"),
+    "guidance dtype": (dict(guidance=lambda a: torch.tensor([3, 7])), TypeError, "guidance"),
 }
 
 

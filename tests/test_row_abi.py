@@ -80,8 +80,10 @@ def test_header_compiles_to_the_python_values(tmp_path):
         for name, fn in layout.FUNCTIONS.items():
             lines.append(f'static_assert(L::{name}({K}) == {fn(K)}, "{name}({K})");')
         c = f"L::columns({K})"
-        expect = dict(g=layout.COL_G, qy=layout.COL_QY, qd=layout.COL_QD, out_x=layout.col_out(K, "x"),
-                      out_y=layout.col_out(K, "y"), s_in=layout.col_s_in(K), width=layout.table_width(K))
+        expect = dict(g=layout.COL_G, g0=layout.COL_G0, g1=layout.COL_G1, qy=layout.COL_QY, qd=layout.COL_QD,
+                      out_x=layout.col_out(K, "x"),
+                      out_y=layout.col_out(K, "y"), out_h=layout.col_out(K, "h"), s_in=layout.col_s_in(K),
+                      width=layout.table_width(K))
         for field, v in expect.items():
             lines.append(f'static_assert({c}.{field} == {v}, "columns({K}).{field}");')
     src = tmp_path / "abi.cpp"
@@ -95,7 +97,8 @@ def test_python_layout_is_consistent():
     for K in KS:
         assert layout.col_out(K, "x") == layout.col_out_x(K) == layout.OUT_BASE
         assert layout.col_out(K, "y") == layout.col_out_x(K) + layout.out_width(K)
-        assert layout.col_s_in(K) == layout.table_width(K) - 1 == layout.col_out_y(K) + layout.out_width(K)
+        assert layout.col_out(K, "h") == layout.col_out_h(K) == layout.col_out_y(K) + layout.out_width(K)
+        assert layout.col_s_in(K) == layout.table_width(K) - 1 == layout.col_out_h(K) + layout.out_width(K)
     with pytest.raises(ValueError):
         layout.col_out(0, "z")
     for bits in range(layout.FLAG_ALL + 1):
@@ -117,8 +120,8 @@ def test_row_flags():
 
 # How the layout was written out before it had one home (csrc/cpu/ops.cpp, csrc/cuda/layout.h, ...).
 _C_LITERALS = [
-    (r"\b3\s*\+\s*2\s*\*", "the table width spelled out (3 + 2 * ...)"),
-    (r"\b4\s*\+\s*K\b|\bK\s*\+\s*4\b", "an out-block width spelled out (4 + K)"),
+    (r"\b[35]\s*\+\s*[23]\s*\*", "the table width spelled out (3 + 2 * ... / 5 + 3 * ...)"),
+    (r"\b[45]\s*\+\s*K\b|\bK\s*\+\s*[45]\b", "an out-block width spelled out (4 + K / 5 + K)"),
     (r"\bb[xy]\s*=\s*3\b", "an out-block start spelled out"),
     (r"\bcol\(\s*\d+\s*\)|\bcoefs\[\s*\d+\s*\]|\btrow\[\s*\d+", "a table column read by number"),
     (r"\bwidth\s*-\s*1\b", "s_in as 'the last column'"),
@@ -152,10 +155,11 @@ def test_kernels_include_the_header():
 
 
 _PY_LITERALS = [
-    (r"^\s*(?:COL_G|COL_QY|COL_QD|OUT_BASE|OUT_FIXED|OUT_[XYHZ])\s*(?:,\s*\w+\s*)*=", "a column constant declared"),
-    (r"^\s*_?(?:COL_G|COL_QY|COL_QD|OUT_BASE|OUT_FIXED)\s*,", "a column constant declared"),
-    (r"\b3\s*\+\s*2\s*\*\s*\(", "the table width spelled out"),
-    (r"OUT_BASE\s*\+\s*2\s*\*|OUT_FIXED\s*\+\s*K\b", "a column derived outside layout.py"),
+    (r"^\s*(?:COL_G[01]?|COL_QY|COL_QD|OUT_BASE|OUT_FIXED|OUT_(?:[XYHZ]|HU))\s*(?:,\s*\w+\s*)*=",
+     "a column constant declared"),
+    (r"^\s*_?(?:COL_G[01]?|COL_QY|COL_QD|OUT_BASE|OUT_FIXED)\s*,", "a column constant declared"),
+    (r"\b[35]\s*\+\s*[23]\s*\*\s*\(", "the table width spelled out"),
+    (r"OUT_BASE\s*\+\s*[23]\s*\*|OUT_FIXED\s*\+\s*K\b", "a column derived outside layout.py"),
 ]
 
 

@@ -144,7 +144,7 @@ def test_philox_normals(shape, seed, noise_id):
 
 def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_cond=True, noise="philox",
                hist_write=1, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
-               bad_row=True, layout="contiguous", seed=7):
+               bad_row=True, layout="contiguous", seed=7, guidance=None):
     """Arguments of fastdiff.ops.fused_step (a fresh set per call), every coefficient random and
     non-zero so each term of the formula shows."""
     from fastdiff.program import table_width
@@ -173,10 +173,14 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
         model_in = torch.full((model_in_halves * B,) + shape[1:], float("nan"), dtype=model)
         if layout != "contiguous" and len(shape) == 4:
             model_in = model_in.contiguous(memory_format=torch.channels_last)
+    if guidance is not None:   # per-sample scales (one of them 1: D = cond); g = g0 + g1 * s[b]
+        from fastdiff.program import COL_G0, COL_G1
+        guidance = torch.tensor(([1.0, 3.0, 7.5] * B)[:B], dtype=guidance)
+        table[:, COL_G0], table[:, COL_G1] = 0.0, 1.0
     return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write,
                 eval_y=eval_y, write_x=write_x, write_y=write_y, noise=noise_t, seed=2 ** 40 + 3,
                 noise_id=5 if noise == "philox" else -1, model_in=model_in, model_in_from_y=from_y,
-                bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None)
+                bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None, guidance=guidance)
 
 
 def clone_layout(t: torch.Tensor) -> torch.Tensor:
@@ -203,7 +207,7 @@ def _run_both(args):
         # (the draws themselves are compared with the reference's in test_philox_normals).
         from fastdiff.kernels.philox import philox_normal
         want["noise"] = philox_normal(tuple(args["x"].shape), args["seed"], args["noise_id"], "cpu")
-    inputs_before = {k: args[k].clone() for k in ("cond", "uncond", "noise") if args[k] is not None}
+    inputs_before = {k: args[k].clone() for k in ("cond", "uncond", "noise", "guidance") if args.get(k) is not None}
     ops.fused_step(**want, backend="reference")
     ops.fused_step(**got, backend="triton")
     for k, v in inputs_before.items():
@@ -240,6 +244,16 @@ def test_fused_step_cfg_history_philox(model):
 def test_fused_step_row_kinds(case):
     model = torch.float16
     args = _step_case(model=model, **case)
+    _compare(*_run_both(args), model)
+
+
+@interpreted
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 3, 13, 17), (3, 5)])
+def test_fused_step_per_sample_guidance(gdtype, shape):
+    """A per-sample scale vector (1, 3, 7.5): each sample's g from its own scale, bitwise."""
+    model = torch.float32
+    args = _step_case(model=model, shape=shape, guidance=gdtype, noise="tensor", write_y=True, eval_y=True)
     _compare(*_run_both(args), model)
 
 
@@ -316,6 +330,35 @@ def test_sampler_runs_on_triton_as_on_reference():
     want = sampler(model, noise, backend="reference", **kw)
     got = sampler(model, noise, backend="triton", **kw)
     assert torch.equal(got, want)
+
+
+@interpreted
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "euler_cfg_pp"])
+def test_batch_of_per_sample_scales_equals_separate_runs(solver):
+    """guidance = (1, 3, 7.5) per sample: the batch equals three separate runs bit for bit, and
+    the reference backend's batch."""
+    import fastdiff
+    import fastdiff.ops.triton_backend  # noqa: F401
+    from fastdiff.schedules import DiscreteVP
+
+    def model(x, t, label):   # elementwise: a sample's output does not depend on its batch
+        lab = label.reshape(-1, 1)
+        return torch.tanh(0.7 * x + t.reshape(-1, 1) / 1000.0) * (0.6 + 0.3 * lab) + 0.2 * lab * torch.sin(3.0 * x)
+
+    scales = (1.0, 3.0, 7.5)
+    noise = torch.randn(3, 37, generator=torch.Generator().manual_seed(0))
+
+    def run(guidance, idx, backend="triton"):
+        s = fastdiff.Sampler.build(solver=solver, steps=4, schedule=DiscreteVP(), prediction="epsilon",
+                                   guidance=guidance)
+        n = len(idx)
+        return s(model, noise[idx].clone(), cond={"label": torch.ones(n)}, uncond={"label": torch.zeros(n)},
+                 progress=False, backend=backend)
+
+    batch = run(torch.tensor(scales), [0, 1, 2])
+    assert torch.equal(batch, run(torch.tensor(scales), [0, 1, 2], backend="reference"))
+    for b, sc in enumerate(scales):
+        assert torch.equal(batch[b:b + 1], run(sc, [b])), f"sample {b} (scale {sc})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,12 +234,14 @@ static uint32_t for_blocks(int64_t numel, int64_t block, F fn) {
 // ---------------------------------------------------------------------------------------------
 struct StepKernel {
   int64_t numel;
+  int64_t M;                      // elements per sample (per-sample guidance)
   float* x;
   float* y;                       // nullptr if absent
   const void* cond;               // nullptr: the row does not use the model
-  const void* uncond;             // nullptr: no CFG
+  const void* uncond;             // nullptr: no CFG (u = c)
   DT cdt;
   LoadFn cload;
+  const float* gs;                // per-sample g (B floats), or nullptr: k.g for every sample
   const void* noise;              // nullptr: none, or Philox if philox
   DT ndt;
   LoadFn nload;
@@ -260,12 +262,27 @@ struct StepKernel {
   bool check;
   m::RowCoefs k;
 
+  // Calls f(i0, i1, g) for the runs of elements [s + i0, s + i1) of one sample (one g).
+  // (One call site of f: the per-sample and the single-g cases compile to the same loop.)
+  template <class F>
+  inline void per_sample(int64_t s, int64_t n, F f) const {
+    const float* gp = gs != nullptr ? gs : &k.g;
+    const int64_t run = gs != nullptr ? M : numel;   // elements sharing one g
+    int64_t i = 0;
+    while (i < n) {
+      const int64_t b = gs != nullptr ? (s + i) / M : 0;
+      const int64_t end = std::min(n, (b + 1) * run - s);
+      f(i, end, gp[b]);
+      i = end;
+    }
+  }
+
   // One output (coefficients o) of n elements into dst (dst may be x itself: read in place).
-  inline void output(const m::OutCoefs& o, float* dst, const float* X, const float* E, const float* h,
-                     const float* Z, int64_t s, int64_t n) const {
-    const float ax = o.x, ay = o.y, ah = o.h, az = o.z;
+  inline void output(const m::OutCoefs& o, float* dst, const float* X, const float* E, const float* Hm,
+                     const float* HU, const float* Z, int64_t s, int64_t n) const {
+    const float ax = o.x, ay = o.y, ah = o.h, ahu = o.hu, az = o.z;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = m::out_base(ax, X[i], ay, E[i], ah, h[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = m::out_model(ax, X[i], ay, E[i], ah, Hm[i], ahu, HU[i]);
     if (Z != nullptr) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dst[i] = m::out_add(dst[i], az, Z[i]);
@@ -289,34 +306,66 @@ struct StepKernel {
   uint32_t block(int64_t b) const {
     const int64_t s = b * BLK;
     const int64_t n = std::min(BLK, numel - s);
-    alignas(64) float hb[BLK];
+    alignas(64) float cb[BLK];
+    alignas(64) float ub[BLK];
     alignas(64) float db[BLK];
     alignas(64) float zb[BLK];
     alignas(64) float yb[BLK];
+    alignas(64) float hb[BLK];      // the history value
+    alignas(64) float mh[BLK];      // h
+    alignas(64) float mhu[BLK];     // hu
 
     float* X = x + s;
     const float* E = eval_y ? y + s : X;
 
-    // h = q_y E + q_d D, D = CFG of the model outputs (h = 0 without a model call)
-    const float* h = kZeros;
+    // c, u (= c without CFG), D = u + g (c - u), h = q_y E + q_d D, hu = q_y E + q_d u (h and hu
+    // 0 without a model call)
+    const float* C = kZeros;
+    const float* U = kZeros;
+    const float* D = kZeros;
+    const float* Hm = kZeros;
+    const float* HU = kZeros;
     if (cond != nullptr) {
-      const float qy = k.qy, qd = k.qd, g = k.g;
+      const int64_t es = dt_size(cdt);
       if (cdt == DT::F32) {
-        const float* C = static_cast<const float*>(cond) + s;
-        if (uncond != nullptr) {
-          const float* U = static_cast<const float*>(uncond) + s;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, m::cfg_combine(C[i], U[i], g));
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, C[i]);
-        }
+        C = static_cast<const float*>(cond) + s;
+        U = uncond != nullptr ? static_cast<const float*>(uncond) + s : C;
       } else {
-        cfg_block(cond, uncond, cdt, s, n, g, (double)g, cload, db, zb);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) hb[i] = m::step_h(qy, E[i], qd, db[i]);
+        cload(static_cast<const char*>(cond) + s * es, cb, n);
+        C = cb;
+        U = C;
+        if (uncond != nullptr) {
+          cload(static_cast<const char*>(uncond) + s * es, ub, n);
+          U = ub;
+        }
       }
-      h = hb;
+      D = C;
+      if (uncond != nullptr) {
+        if (cdt == DT::F64) {   // combined in float64 (the inputs' precision), as the reference
+          const double* cp = static_cast<const double*>(cond) + s;
+          const double* up = static_cast<const double*>(uncond) + s;
+          per_sample(s, n, [&](int64_t i0, int64_t i1, float g) {
+            const double g64 = (double)g;
+            for (int64_t i = i0; i < i1; ++i) db[i] = g == 1.0f ? (float)cp[i] : (float)(up[i] + g64 * (cp[i] - up[i]));
+          });
+        } else {
+          per_sample(s, n, [&](int64_t i0, int64_t i1, float g) {
+#pragma omp simd
+            for (int64_t i = i0; i < i1; ++i) db[i] = m::guided(C[i], U[i], g);
+          });
+        }
+        D = db;
+      }
+      const float qy = k.qy, qd = k.qd;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) mh[i] = m::step_h(qy, E[i], qd, D[i]);
+      Hm = mh;
+      HU = mh;
+      if (uncond != nullptr) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) mhu[i] = m::step_h(qy, E[i], qd, U[i]);
+        HU = mhu;
+      }
     }
 
     // z: the given noise, Philox, or none
@@ -333,16 +382,18 @@ struct StepKernel {
       Z = zb;
     }
 
-    // Outputs: y into a buffer first (it reads the old x), then x in place (its base pass reads
-    // X and E element by element before writing that element; E is the old y, not yet stored).
-    if (write_y) output(k.oy, yb, X, E, h, Z, s, n);
-    if (write_x) output(k.ox, X, X, E, h, Z, s, n);
+    // Outputs: y and the history value into buffers first (they read the old x), then x in place
+    // (its base pass reads X and E element by element before writing that element; E is the old
+    // y, not yet stored).
+    if (write_y) output(k.oy, yb, X, E, Hm, HU, Z, s, n);
+    if (hist_write >= 0) output(k.oh, hb, X, E, Hm, HU, Z, s, n);
+    if (write_x) output(k.ox, X, X, E, Hm, HU, Z, s, n);
 
     // Stores
     if (hist_write >= 0) {
       float* Hw = hist + hist_write * hist_slot + s;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) Hw[i] = h[i];
+      for (int64_t i = 0; i < n; ++i) Hw[i] = hb[i];
     }
     float* Y = write_y ? y + s : nullptr;
     if (write_y) {
@@ -391,7 +442,7 @@ struct StepKernel {
     float* X = x + s;
     const float* E = eval_y ? y + s : X;
     const float* C = static_cast<const float*>(cond) + s;
-    const float* U = HAS_U ? static_cast<const float*>(uncond) + s : nullptr;
+    const float* U = HAS_U ? static_cast<const float*>(uncond) + s : C;
     const float* Z = nullptr;
     if (HAS_Z) {
       if (noise != nullptr) {
@@ -404,30 +455,44 @@ struct StepKernel {
     const float* H0 = KT > 0 ? hist + s : nullptr;
     const float* H1 = KT > 1 ? hist + hist_slot + s : nullptr;
     const float* H2 = KT > 2 ? hist + 2 * hist_slot + s : nullptr;
-    float* Hw = hist_write >= 0 ? hist + hist_write * hist_slot + s : scratch;
+    const bool wh = hist_write >= 0;
+    float* Hw = wh ? hist + hist_write * hist_slot + s : scratch;
     float* M0 = halves > 0 ? static_cast<float*>(model_in) + s : scratch;
     float* M1 = halves > 1 ? static_cast<float*>(model_in) + mi_half + s : scratch;
-    const float g = k.g, qy = k.qy, qd = k.qd, s_in = k.s_in;
-    const float ax = k.ox.x, ay = k.ox.y, ah = k.ox.h, az = k.ox.z;
-    const float a0 = KT > 0 ? k.ox.hist[0] : 0.f, a1 = KT > 1 ? k.ox.hist[1] : 0.f, a2 = KT > 2 ? k.ox.hist[2] : 0.f;
+    const float s_in = k.s_in, qy = k.qy, qd = k.qd;
+    const m::OutCoefs& ox = k.ox;
+    const m::OutCoefs& oh = k.oh;
+    const float a0 = KT > 0 ? ox.hist[0] : 0.f, a1 = KT > 1 ? ox.hist[1] : 0.f, a2 = KT > 2 ? ox.hist[2] : 0.f;
+    const float b0 = KT > 0 && wh ? oh.hist[0] : 0.f, b1 = KT > 1 && wh ? oh.hist[1] : 0.f;
+    const float b2 = KT > 2 && wh ? oh.hist[2] : 0.f;
     uint32_t acc = 0;
-#pragma omp simd reduction(| : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = E[i];
-      const float d = HAS_U ? m::cfg_combine(C[i], U[i], g) : C[i];
-      const float h = m::step_h(qy, e, qd, d);
-      float o = m::out_base(ax, X[i], ay, e, ah, h);
-      if (HAS_Z) o = m::out_add(o, az, Z[i]);
-      if (KT > 0) o = m::out_add(o, a0, H0[i]);
-      if (KT > 1) o = m::out_add(o, a1, H1[i]);
-      if (KT > 2) o = m::out_add(o, a2, H2[i]);
-      Hw[i] = h;
-      X[i] = o;
-      acc |= m::nonfinite(o);
-      const float mi = m::model_input(s_in, o);
-      M0[i] = mi;
-      M1[i] = mi;
-    }
+    per_sample(s, n, [&](int64_t i0, int64_t i1, float g) {
+      uint32_t a = 0;
+#pragma omp simd reduction(| : a)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float e = E[i], c = C[i], u = U[i];
+        const float d = HAS_U ? m::guided(c, u, g) : c;
+        const float h = m::step_h(qy, e, qd, d);
+        const float hu = HAS_U ? m::step_h(qy, e, qd, u) : h;
+        const float xi = X[i];
+        float o = m::out_model(ox.x, xi, ox.y, e, ox.h, h, ox.hu, hu);
+        float hv = m::out_model(oh.x, xi, oh.y, e, oh.h, h, oh.hu, hu);
+        if (HAS_Z) {
+          o = m::out_add(o, ox.z, Z[i]);
+          hv = m::out_add(hv, oh.z, Z[i]);
+        }
+        if (KT > 0) { o = m::out_add(o, a0, H0[i]); hv = m::out_add(hv, b0, H0[i]); }
+        if (KT > 1) { o = m::out_add(o, a1, H1[i]); hv = m::out_add(hv, b1, H1[i]); }
+        if (KT > 2) { o = m::out_add(o, a2, H2[i]); hv = m::out_add(hv, b2, H2[i]); }
+        Hw[i] = hv;
+        X[i] = o;
+        a |= m::nonfinite(o);
+        const float mi = m::model_input(s_in, o);
+        M0[i] = mi;
+        M1[i] = mi;
+      }
+      acc |= a;
+    });
     return check ? acc : 0u;
   }
 
@@ -487,7 +552,7 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
                 const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x,
                 bool write_y, const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
                 const std::optional<at::Tensor>& model_in, bool model_in_from_y,
-                const std::optional<at::Tensor>& bad_row) {
+                const std::optional<at::Tensor>& bad_row, const std::optional<at::Tensor>& guidance) {
   // ---- checks (all before any write) ----
   check_cpu(x, "x");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._C.fused_step: x (the state) must be float32 on the cpu "
@@ -571,6 +636,14 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
     TORCH_CHECK_VALUE(bad_row->numel() == 1 && bad_row->dim() == 1, "fastdiff._C.fused_step: bad_row must have shape [1], got ",
                       shape_str(bad_row->sizes()));
   }
+  if (guidance) {
+    check_cpu(*guidance, "guidance");
+    TORCH_CHECK_TYPE(guidance->scalar_type() == at::kFloat || guidance->scalar_type() == at::kDouble,
+                     "fastdiff._C.fused_step: guidance (per-sample scale vector) must be float32 or float64, got ",
+                     guidance->scalar_type());
+    TORCH_CHECK_VALUE(guidance->dim() == 1 && guidance->size(0) == B, "fastdiff._C.fused_step: guidance must have "
+                      "shape [", B, "] (one scale per sample), got ", shape_str(guidance->sizes()));
+  }
   const int64_t numel = x.numel();
   if (numel == 0) return;
 
@@ -578,32 +651,48 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   const double* trow = table.data_ptr<double>() + row * table.stride(0);
   const int64_t ts = table.stride(1);
   auto col = [&](int64_t c) { return (float)trow[c * ts]; };
-  float hx_stack[cpu::MAX_K_STACK], hy_stack[cpu::MAX_K_STACK];
-  std::vector<float> hx_heap, hy_heap;
+  float hx_stack[cpu::MAX_K_STACK], hy_stack[cpu::MAX_K_STACK], hh_stack[cpu::MAX_K_STACK];
+  std::vector<float> hx_heap, hy_heap, hh_heap;
   float* hx = hx_stack;
   float* hy = hy_stack;
+  float* hh = hh_stack;
   if (K > cpu::MAX_K_STACK) {
     hx_heap.resize(K);
     hy_heap.resize(K);
+    hh_heap.resize(K);
     hx = hx_heap.data();
     hy = hy_heap.data();
+    hh = hh_heap.data();
   }
   const L::Columns cols = L::columns((int)K);
   for (int64_t j = 0; j < K; ++j) {
     hx[j] = col(cols.out_x + L::OUT_FIXED + j);
     hy[j] = col(cols.out_y + L::OUT_FIXED + j);
+    hh[j] = col(cols.out_h + L::OUT_FIXED + j);
   }
   auto out_coefs = [&](int64_t b, const float* hist) {
-    return math::OutCoefs{col(b + L::OUT_X), col(b + L::OUT_Y), col(b + L::OUT_H), col(b + L::OUT_Z), hist};
+    return math::OutCoefs{col(b + L::OUT_X), col(b + L::OUT_Y), col(b + L::OUT_H), col(b + L::OUT_HU),
+                          col(b + L::OUT_Z), hist};
   };
   cpu::StepKernel kr{};
   kr.k.g = col(cols.g);
+  kr.k.g0 = col(cols.g0);
+  kr.k.g1 = col(cols.g1);
   kr.k.qy = col(cols.qy);
   kr.k.qd = col(cols.qd);
   kr.k.s_in = col(cols.s_in);
   kr.k.ox = out_coefs(cols.out_x, hx);
   kr.k.oy = out_coefs(cols.out_y, hy);
+  kr.k.oh = out_coefs(cols.out_h, hh);
   kr.k.K = (int)K;
+  // Per-sample g = g0 + g1 * s[b] (s rounded to float32, as the reference rounds it)
+  std::vector<float> gs;
+  if (guidance) {
+    const at::Tensor G = guidance->to(at::kFloat).contiguous();
+    const float* sp = G.data_ptr<float>();
+    gs.resize(B);
+    for (int64_t b = 0; b < B; ++b) gs[b] = math::sample_g(kr.k.g0, kr.k.g1, sp[b]);
+  }
 
   // ---- layout ----
   const at::IntArrayRef xs = x.strides();
@@ -639,6 +728,8 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   if (model_in) M = (direct || model_in->is_contiguous()) ? *model_in : at::empty(model_in->sizes(), model_in->options());
 
   kr.numel = numel;
+  kr.M = numel / B;
+  kr.gs = guidance ? gs.data() : nullptr;
   kr.x = X.data_ptr<float>();
   kr.y = Y.defined() ? Y.data_ptr<float>() : nullptr;
   kr.cond = C.defined() ? C.data_ptr() : nullptr;

@@ -239,6 +239,42 @@ FASTDIFF_HD inline void combine_f64(const Group& g, const fastdiff_rows& cond, c
   }
 }
 
+// The fused step's CFG terms of the group: c, u (= c without uncond) and D = u + g_e (c - u),
+// g_e the g of element e's sample (g == 1: D = c). float64 outputs combine in float64 (scalar
+// loads), as the reference.
+FASTDIFF_HD inline void model_terms(const Group& g, const fastdiff_rows& cond, const fastdiff_rows& uncond, bool f64,
+                                    const Fetched& fc, const Fetched& fu, const float G[4], float C[4], float U[4],
+                                    float D[4]) {
+  const bool has_u = uncond.data != nullptr;
+  if (f64) {
+    const double* c = static_cast<const double*>(cond.data);
+    const double* u = static_cast<const double*>(uncond.data);
+    for (int e = 0; e < kGroup; ++e) {
+      if (e >= g.n) {
+        C[e] = U[e] = D[e] = 0.0f;
+        continue;
+      }
+      const double ce = c[g.at(cond.batch_stride, e)];
+      C[e] = (float)ce;
+      if (!has_u) {
+        U[e] = D[e] = C[e];
+        continue;
+      }
+      const double ue = u[g.at(uncond.batch_stride, e)];
+      U[e] = (float)ue;
+      D[e] = G[e] == 1.0f ? C[e] : (float)dadd(ue, dmul((double)G[e], dsub(ce, ue)));
+    }
+    return;
+  }
+  decode(fc, C);
+  if (!has_u) {
+    for (int e = 0; e < kGroup; ++e) U[e] = D[e] = C[e];
+    return;
+  }
+  decode(fu, U);
+  for (int e = 0; e < kGroup; ++e) D[e] = m::guided(C[e], U[e], G[e]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fused step (fastdiff/program; reference: fastdiff.ops.reference.fused_step)
 // ---------------------------------------------------------------------------------------------
@@ -254,16 +290,27 @@ FASTDIFF_HD inline m::RowCoefs row_coefs(const float* coefs, int K) {
   const Columns col = columns(K);
   m::RowCoefs k;
   k.g = coefs[col.g];
+  k.g0 = coefs[col.g0];
+  k.g1 = coefs[col.g1];
   k.qy = coefs[col.qy];
   k.qd = coefs[col.qd];
   k.s_in = coefs[col.s_in];
-  const float* ox = coefs + col.out_x;
-  const float* oy = coefs + col.out_y;
   using namespace layout;
-  k.ox = m::OutCoefs{ox[OUT_X], ox[OUT_Y], ox[OUT_H], ox[OUT_Z], ox + OUT_FIXED};
-  k.oy = m::OutCoefs{oy[OUT_X], oy[OUT_Y], oy[OUT_H], oy[OUT_Z], oy + OUT_FIXED};
+  auto out = [&](int first) {
+    const float* o = coefs + first;
+    return m::OutCoefs{o[OUT_X], o[OUT_Y], o[OUT_H], o[OUT_HU], o[OUT_Z], o + OUT_FIXED};
+  };
+  k.ox = out(col.out_x);
+  k.oy = out(col.out_y);
+  k.oh = out(col.out_h);
   k.K = K;
   return k;
+}
+
+// The per-sample scale s[b] (float32 or float64), rounded to float32 as the reference rounds it.
+FASTDIFF_HD inline float guidance_at(const fastdiff_step_args& a, int64_t b) {
+  return a.guidance_dtype == FASTDIFF_FLOAT64 ? (float)static_cast<const double*>(a.guidance)[b]
+                                              : static_cast<const float*>(a.guidance)[b];
 }
 
 FASTDIFF_HD inline fastdiff_rows hist_slot(const fastdiff_step_args& a, int j) {
@@ -277,7 +324,12 @@ template <int KT, bool VEC>
 FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPlan& p, const float* coefs, int64_t t) {
   const Group g = make_group(p.geo, t);
   const int K = KT >= 0 ? KT : a.num_slots;
-  const m::RowCoefs k = row_coefs(coefs, K);
+  // The row's coefficients are read from shared memory where they are used (no copy in registers).
+  using namespace layout;
+  const Columns col = columns(K);
+  const float* ox = coefs + col.out_x;
+  const float* oy = coefs + col.out_y;
+  const float* oh = coefs + col.out_h;
 
   // Phase 1: every load of the group (fetch), phase 2: conversions and math.
   const bool model = a.cond.data != nullptr, model_f64 = model && a.cond.dtype == FASTDIFF_FLOAT64;
@@ -291,32 +343,50 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   Fetched fh[KH];
   for (int j = 0; j < KT; ++j) fh[j] = fetch<VEC>(g, hist_slot(a, j));
 
-  float X[4], E[4], h[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float X[4], E[4], Hm[4], HU[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   decode(fx, X);
   if (a.eval_y) decode(fy, E);
   else for (int e = 0; e < kGroup; ++e) E[e] = X[e];
 
   if (model) {
-    float D[4];
-    if (model_f64) combine_f64(g, a.cond, a.uncond, (double)k.g, D);
-    else combine(fc, cfg, fu, k.g, D);
-    for (int e = 0; e < kGroup; ++e) h[e] = m::step_h(k.qy, E[e], k.qd, D[e]);
+    // g per element: the row's g, or g0 + g1 * s[b] with a per-sample scale vector (one load
+    // when the group lies in one sample)
+    float G[4];
+    if (a.guidance == nullptr) {
+      for (int e = 0; e < kGroup; ++e) G[e] = coefs[col.g];
+    } else if (g.one_row) {
+      const float gb = m::sample_g(coefs[col.g0], coefs[col.g1], guidance_at(a, g.b));
+      for (int e = 0; e < kGroup; ++e) G[e] = gb;
+    } else {
+      for (int e = 0; e < kGroup; ++e)
+        G[e] = m::sample_g(coefs[col.g0], coefs[col.g1], e < g.n ? guidance_at(a, g.sample(e)) : 0.0f);
+    }
+    float C[4], U[4], D[4];
+    model_terms(g, a.cond, a.uncond, model_f64, fc, fu, G, C, U, D);
+    for (int e = 0; e < kGroup; ++e) {
+      Hm[e] = m::step_h(coefs[col.qy], E[e], coefs[col.qd], D[e]);
+      HU[e] = cfg ? m::step_h(coefs[col.qy], E[e], coefs[col.qd], U[e]) : Hm[e];
+    }
   } else {
-    for (int e = 0; e < kGroup; ++e) h[e] = 0.0f;
+    for (int e = 0; e < kGroup; ++e) Hm[e] = HU[e] = 0.0f;
   }
 
   if (a.noise.data != nullptr) decode(fz, Z);
   else if (p.philox) m::philox_normal4((uint64_t)t, a.seed, (uint32_t)a.noise_id, Z[0], Z[1], Z[2], Z[3]);
 
-  // Outputs in step_math's order (m::step_output: base, noise, then the slots in order), with
-  // the slot loop outside the element loop so one slot's 4 values are live at a time.
-  float NX[4], NY[4];
+  // Outputs in step_math's order (m::step_output: base, noise, then the slots in order): the
+  // element terms of x, y and the history value first (then X, E, h, hu, z are dead), then the
+  // slot loop outside the element loop so one slot's 4 values are live at a time.
+  const bool wh = a.hist_write >= 0;
+  float NX[4], NY[4], NH[4];
   for (int e = 0; e < kGroup; ++e) {
-    NX[e] = m::out_base(k.ox.x, X[e], k.ox.y, E[e], k.ox.h, h[e]);
-    NY[e] = m::out_base(k.oy.x, X[e], k.oy.y, E[e], k.oy.h, h[e]);
+    NX[e] = m::out_model(ox[OUT_X], X[e], ox[OUT_Y], E[e], ox[OUT_H], Hm[e], ox[OUT_HU], HU[e]);
+    NY[e] = m::out_model(oy[OUT_X], X[e], oy[OUT_Y], E[e], oy[OUT_H], Hm[e], oy[OUT_HU], HU[e]);
+    NH[e] = m::out_model(oh[OUT_X], X[e], oh[OUT_Y], E[e], oh[OUT_H], Hm[e], oh[OUT_HU], HU[e]);
     if (p.has_z) {
-      NX[e] = m::out_add(NX[e], k.ox.z, Z[e]);
-      NY[e] = m::out_add(NY[e], k.oy.z, Z[e]);
+      NX[e] = m::out_add(NX[e], ox[OUT_Z], Z[e]);
+      NY[e] = m::out_add(NY[e], oy[OUT_Z], Z[e]);
+      NH[e] = m::out_add(NH[e], oh[OUT_Z], Z[e]);
     }
   }
   for (int j = 0; j < K; ++j) {
@@ -324,8 +394,9 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
     if constexpr (KT >= 0) decode(fh[j], Hj);
     else gather<VEC>(g, hist_slot(a, j), Hj);
     for (int e = 0; e < kGroup; ++e) {
-      NX[e] = m::out_add(NX[e], k.ox.hist[j], Hj[e]);
-      NY[e] = m::out_add(NY[e], k.oy.hist[j], Hj[e]);
+      NX[e] = m::out_add(NX[e], ox[OUT_FIXED + j], Hj[e]);
+      NY[e] = m::out_add(NY[e], oy[OUT_FIXED + j], Hj[e]);
+      if (wh) NH[e] = m::out_add(NH[e], oh[OUT_FIXED + j], Hj[e]);
     }
   }
   uint32_t bad = 0;
@@ -336,12 +407,12 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   }
 
   // Stores, after every read of the group.
-  if (a.hist_write >= 0) scatter<VEC>(g, hist_slot(a, a.hist_write), h);
+  if (wh) scatter<VEC>(g, hist_slot(a, a.hist_write), NH);
   if (a.write_x) scatter<VEC>(g, a.x, NX);
   if (a.write_y) scatter<VEC>(g, a.y, NY);
   if (a.model_in.data != nullptr) {
     float MI[4];
-    for (int e = 0; e < kGroup; ++e) MI[e] = m::model_input(k.s_in, a.model_in_from_y ? NY[e] : NX[e]);
+    for (int e = 0; e < kGroup; ++e) MI[e] = m::model_input(coefs[col.s_in], a.model_in_from_y ? NY[e] : NX[e]);
     for (int half = 0; half < a.model_in_halves; ++half)
       scatter<VEC>(g, advanced(a.model_in, half * a.model_in_half_stride), MI);
   }

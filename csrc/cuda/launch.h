@@ -56,7 +56,7 @@ typedef struct fastdiff_step_args {
   fastdiff_rows hist;       /* float32 history slot 0; slot j at data + j * hist_slot_stride */
   int64_t hist_slot_stride;
   int32_t num_slots;        /* K (0: hist unused) */
-  int32_t hist_write;       /* slot receiving h, or -1 */
+  int32_t hist_write;       /* slot receiving the h-out combination, or -1 */
   int32_t eval_y;           /* E (the point the model saw) is y, else x */
   int32_t write_x;
   int32_t write_y;
@@ -67,6 +67,9 @@ typedef struct fastdiff_step_args {
   int64_t model_in_half_stride;
   int32_t model_in_from_y;  /* model_in = s_in * new y, else s_in * new x */
   int32_t* bad_row;         /* int32 [1] or NULL: set to row + 1 if it is 0 and a written x/y is non-finite */
+  const void* guidance;     /* per-sample scale vector s [B] (contiguous), or NULL: sample b uses
+                               g = g0 + g1 * s[b] (table columns COL_G0, COL_G1) instead of COL_G */
+  fastdiff_dtype guidance_dtype; /* FASTDIFF_FLOAT32 or FASTDIFF_FLOAT64 */
 } fastdiff_step_args;
 
 const char* fastdiff_cuda_fused_step_error(const fastdiff_step_args* args);

@@ -127,6 +127,8 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->num_slots > 0 && (a->hist.data == nullptr || a->hist.dtype != FASTDIFF_FLOAT32 || a->hist_slot_stride < 0))
     return "K > 0 needs a float32 hist with a non-negative slot stride";
   if (a->hist_write < -1 || a->hist_write >= a->num_slots) return "hist_write must be -1 or a slot in [0, K)";
+  if (a->guidance != nullptr && a->guidance_dtype != FASTDIFF_FLOAT32 && a->guidance_dtype != FASTDIFF_FLOAT64)
+    return "guidance (the per-sample scale vector) must be float32 or float64";
   if (a->model_in.data != nullptr) {
     if (a->model_in_halves != 1 && a->model_in_halves != 2) return "model_in_halves must be 1 or 2";
     if (a->model_in_half_stride < 0) return "model_in_half_stride must be non-negative";

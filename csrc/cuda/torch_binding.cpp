@@ -98,7 +98,7 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
                 const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, bool eval_y, bool write_x,
                 bool write_y, const OptTensor& noise, uint64_t seed, int64_t noise_id, const OptTensor& model_in,
-                bool model_in_from_y, const OptTensor& bad_row) {
+                bool model_in_from_y, const OptTensor& bad_row, const OptTensor& guidance) {
   // ---- checks that keep the launch memory-safe (every other rule: launch.h's check) ----
   TORCH_CHECK_VALUE(x.is_cuda(), "fastdiff._cuda.fused_step: x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._cuda.fused_step: x (the state) must be float32, got ",
@@ -137,6 +137,16 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
     check_on(*bad_row, "bad_row", dev);
     TORCH_CHECK_VALUE(bad_row->scalar_type() == at::kInt && bad_row->numel() == 1,
                       "fastdiff._cuda.fused_step: bad_row must be an int32 tensor of shape [1]");
+  }
+  at::Tensor S;   // the per-sample scale vector, contiguous
+  if (guidance) {
+    check_on(*guidance, "guidance", dev);
+    TORCH_CHECK_TYPE(guidance->scalar_type() == at::kFloat || guidance->scalar_type() == at::kDouble,
+                     "fastdiff._cuda.fused_step: guidance (per-sample scale vector) must be float32 or float64");
+    TORCH_CHECK_VALUE(guidance->dim() == 1 && guidance->size(0) == B,
+                      "fastdiff._cuda.fused_step: guidance must have shape [B] (one scale per sample), got ",
+                      guidance->sizes());
+    S = guidance->contiguous();
   }
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(dev);
@@ -178,6 +188,8 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   a.model_in_half_stride = B * MI.rows.batch_stride;
   a.model_in_from_y = model_in_from_y;
   a.bad_row = bad_row ? bad_row->data_ptr<int32_t>() : nullptr;
+  a.guidance = S.defined() ? S.data_ptr() : nullptr;
+  a.guidance_dtype = S.defined() && S.scalar_type() == at::kDouble ? FASTDIFF_FLOAT64 : FASTDIFF_FLOAT32;
   if (const char* e = fastdiff_cuda_fused_step_error(&a)) TORCH_CHECK_VALUE(false, "fastdiff._cuda.fused_step: ", e);
   check_launch(fastdiff_cuda_fused_step(&a, c10::cuda::getCurrentCUDAStream()), "fused_step");
 
@@ -279,16 +291,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
          const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, bool eval_y, bool write_x, bool write_y,
          const OptTensor& noise, py::handle seed, int64_t noise_id, const OptTensor& model_in, bool model_in_from_y,
-         const OptTensor& bad_row) {
+         const OptTensor& bad_row, const OptTensor& guidance) {
         const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
         py::gil_scoped_release nogil;
         fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, s, noise_id,
-                   model_in, model_in_from_y, bad_row);
+                   model_in, model_in_from_y, bad_row, guidance);
       },
       py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
       py::arg("hist"), py::arg("hist_write"), py::arg("eval_y"), py::arg("write_x"), py::arg("write_y"),
       py::arg("noise"), py::arg("seed"), py::arg("noise_id"), py::arg("model_in"), py::arg("model_in_from_y"),
-      py::arg("bad_row"), "One row of a coefficient program (fastdiff.ops.reference.fused_step), on CUDA tensors.");
+      py::arg("bad_row"), py::arg("guidance") = py::none(),
+      "One row of a coefficient program (fastdiff.ops.reference.fused_step), on CUDA tensors.");
   m.def(
       "cfg_combine",
       [](const at::Tensor& cond, const OptTensor& uncond, double g, at::ScalarType out_dtype) {

@@ -9,7 +9,8 @@ __global__ void k(float* x, const float* c, const float* u, const float* H, int 
   float z0, z1, z2, z3;
   philox_normal4((unsigned long long)(i / 4), seed, nid, z0, z1, z2, z3);
   float z = (i % 4 == 0) ? z0 : (i % 4 == 1) ? z1 : (i % 4 == 2) ? z2 : z3;
-  float h = step_h_elem(rc, x[i], true, c[i], true, u[i]);
-  x[i] = step_output(rc.ox, x[i], x[i], h, true, z, K, HistPtr{H, n, i});
+  float d = guided(c[i], u[i], rc.g);
+  float h = step_h(rc.qy, x[i], rc.qd, d), hu = step_h(rc.qy, x[i], rc.qd, u[i]);
+  x[i] = step_output(rc.ox, x[i], x[i], h, hu, true, z, K, HistPtr{H, n, i});
   if (nonfinite(x[i])) x[i] = 0;
 }

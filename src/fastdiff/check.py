@@ -33,7 +33,7 @@ import torch
 from .ops import philox as philox_oracle
 from .ops import reductions as reductions_oracle
 from .ops import reference as reference_oracle
-from .program.layout import table_width
+from .program.layout import COL_G, COL_G0, COL_G1, table_width
 
 __all__ = ["Tolerance", "TOLERANCES", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
            "check_backend", "run_checks", "render_table", "failed"]
@@ -237,9 +237,9 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 # fused_step
 # ---------------------------------------------------------------------------------------------
 STEP_ARGS = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row")   # the backend's order
+             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")   # the backend's order
 STEP_OUTPUTS = ("x", "y", "hist", "model_in")
-STEP_INPUTS = ("table", "cond", "uncond", "noise")
+STEP_INPUTS = ("table", "cond", "uncond", "noise", "guidance")
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,7 @@ class RowKind:
     model_in: str = "none"       # "none", "B" or "2B" (both CFG halves)
     model_in_from_y: bool = False
     nonfinite: bool = False      # a NaN in the model output: the kernel must raise the flag
+    guidance: bool = False       # a per-sample guidance scale vector (g = g0 + g1 * s[b])
 
 
 ROW_KINDS = (
@@ -266,6 +267,7 @@ ROW_KINDS = (
             eval_y=True, hist_write=2, model_in="2B", model_in_from_y=True),
     RowKind("no model, history combination", K=2, model="none", noise="given"),
     RowKind("non-finite flag (NaN in the model output)", K=1, model="cfg", hist_write=0),
+    RowKind("per-sample CFG scales + CFG++ terms", K=1, model="cfg", hist_write=0, model_in="2B", guidance=True),
 )
 MULTI_STAGE = ROW_KINDS[3]       # the row that touches every buffer: used for the layouts
 # Odd sizes; 2x4x67x65 (34840 elements) is above the C++ kernels' serial threshold (32768), so the
@@ -281,11 +283,17 @@ def _step_case(kind: RowKind, shape, model_dtype, device, gen: torch.Generator, 
         return _relayout(torch.randn(s, generator=gen).to(dtype).to(device), layout)
 
     table = torch.randn(3, table_width(kind.K), dtype=torch.float64, generator=gen)
-    table[:, 0] = 1.0 + 7.0 * torch.rand(3, dtype=torch.float64, generator=gen)   # the CFG scale g
+    table[:, COL_G] = 1.0 + 7.0 * torch.rand(3, dtype=torch.float64, generator=gen)   # the CFG scale g
     a = dict(table=table.to(device), row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None,
              hist_write=kind.hist_write, eval_y=kind.eval_y, write_x=True, write_y=kind.write_y, noise=None,
              seed=2 ** 40 + 1234, noise_id=-1, model_in=None, model_in_from_y=kind.model_in_from_y,
-             bad_row=torch.zeros(1, dtype=torch.int32, device=device))
+             bad_row=torch.zeros(1, dtype=torch.int32, device=device), guidance=None)
+    if kind.guidance:   # one scale per sample, the first exactly 1 (D = cond); g = 0 + 1 * s[b]
+        table[:, COL_G0], table[:, COL_G1] = 0.0, 1.0
+        a["table"] = table.to(device)
+        s = 1.0 + 7.0 * torch.rand(shape[0], dtype=torch.float64, generator=gen)
+        s[0] = 1.0
+        a["guidance"] = s.to(device)
     if kind.eval_y or kind.write_y:
         a["y"] = tensor(shape)
     if kind.model != "none":

@@ -7,7 +7,14 @@ coefficient g. Both conventions in use map onto g:
 * ``convention="1+w"`` (Ho & Salimans' w; Imagen):               g = 1 + w
 
 Where g = 1 (``scale=1`` with "w", ``scale=0`` with "1+w", or outside the ``interval``) the
-unconditional pass is skipped altogether.
+unconditional pass is skipped altogether (unless the solver uses the unconditional prediction on
+its own, as the CFG++ samplers do).
+
+``scale`` may also be one scale per sample (a 1-D tensor, array or sequence of length B: several
+requests served in one batch). The fused step then takes the vector of g values and computes
+each sample's CFG coefficients from its own g (table columns g0, g1: g_b = g0 + g1 * s_b, which
+is s_b inside the interval and 1 outside it); a batch equals the separate runs bit for bit.
+The non-linear transforms below take one scalar scale.
 
 ``interval=(ksigma_lo, ksigma_hi)`` applies CFG (and its rescale) only at noise levels inside
 the interval (Kynkäänniemi et al. 2024); elsewhere g = 1. Classifier guidance and x0 clipping
@@ -138,7 +145,7 @@ X0Clip = Union[ClipSample, DynamicThresholding]
 class Guidance:
     """How model outputs are combined and corrected; see the module docstring."""
 
-    scale: float = 1.0
+    scale: Union[float, Tuple[float, ...]] = 1.0      # a number, or one scale per sample
     convention: str = "w"
     interval: Optional[Tuple[float, float]] = None
     rescale: float = 0.0                              # guidance_rescale, phi in [0, 1]
@@ -146,8 +153,20 @@ class Guidance:
     classifier: Optional[ClassifierGuidance] = None
 
     def __post_init__(self):
-        _finite("guidance scale", self.scale)
-        guidance_scale_to_g(self.scale, self.convention)  # validates the convention
+        sc = self.scale
+        if isinstance(sc, torch.Tensor) or isinstance(sc, (np.ndarray, list, tuple)):
+            arr = sc.detach().cpu().double().numpy() if isinstance(sc, torch.Tensor) else np.asarray(sc)
+            if arr.ndim != 1 or arr.shape[0] < 1 or not (np.issubdtype(arr.dtype, np.floating)
+                                                         or np.issubdtype(arr.dtype, np.integer)):
+                raise ValueError(f"a per-sample guidance scale must be a 1-D sequence of numbers (one per sample), "
+                                 f"got shape {tuple(arr.shape)} of {arr.dtype}")
+            vals = tuple(_finite("guidance scale", float(v)) for v in arr.tolist())
+            object.__setattr__(self, "scale", vals)
+            for v in vals:
+                guidance_scale_to_g(v, self.convention)          # validates the convention
+        else:
+            _finite("guidance scale", sc)
+            guidance_scale_to_g(sc, self.convention)  # validates the convention
         if self.interval is not None:
             iv = self.interval
             if isinstance(iv, (str, bytes)) or not isinstance(iv, (tuple, list, np.ndarray)):
@@ -172,18 +191,43 @@ class Guidance:
         if self.classifier is not None and not isinstance(self.classifier, ClassifierGuidance):
             raise TypeError(f"classifier must be None or ClassifierGuidance(classifier, labels, scale), "
                             f"got {type(self.classifier).__name__}")
+        if self.per_sample and self.needs_hook:
+            raise ValueError("per-sample guidance scales take no rescale / classifier guidance / x0 clipping "
+                             "(those transforms take one scalar scale)")
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether ``scale`` holds one scale per sample."""
+        return isinstance(self.scale, tuple)
 
     @property
     def g(self) -> float:
+        if self.per_sample:
+            raise ValueError("this guidance has one scale per sample: use g_vector()")
         return guidance_scale_to_g(self.scale, self.convention)
 
-    def g_at(self, point: Point) -> float:
-        """The CFG coefficient at a model evaluation point (1.0 = conditional only)."""
+    def g_vector(self) -> np.ndarray:
+        """The per-sample g values (float64 [B]), both conventions mapped to D = u + g (c - u)."""
+        scales = self.scale if self.per_sample else (self.scale,)
+        return np.array([guidance_scale_to_g(v, self.convention) for v in scales], dtype=np.float64)
+
+    def active_at(self, point: Point) -> bool:
+        """Whether CFG applies at this point (inside the interval, or no interval)."""
         if self.interval is not None:
             lo, hi = self.interval
-            if not (lo <= point.ksigma <= hi):
-                return 1.0
+            return lo <= point.ksigma <= hi
+        return True
+
+    def g_at(self, point: Point) -> float:
+        """The CFG coefficient at a model evaluation point (1.0 = conditional only). With
+        per-sample scales: 1.0 (the table's g column is unused; see g_affine_at)."""
+        if self.per_sample or not self.active_at(point):
+            return 1.0
         return self.g
+
+    def g_affine_at(self, point: Point) -> Tuple[float, float]:
+        """(g0, g1): the g of a sample with per-sample g value s is g0 + g1 * s at this point."""
+        return (0.0, 1.0) if self.active_at(point) else (1.0, 0.0)
 
     @property
     def acts_on_x0(self) -> bool:
@@ -200,7 +244,10 @@ def as_guidance(guidance) -> Optional[Guidance]:
         return guidance
     if isinstance(guidance, (int, float, np.integer, np.floating)) and not isinstance(guidance, (bool, np.bool_)):
         return Guidance(float(guidance))
-    raise TypeError(f"guidance must be None, a number or a fastdiff.Guidance, got {type(guidance).__name__}")
+    if isinstance(guidance, (torch.Tensor, np.ndarray, list, tuple)):
+        return Guidance(guidance)                      # one scale per sample
+    raise TypeError(f"guidance must be None, a number, a 1-D tensor of per-sample scales or a fastdiff.Guidance, "
+                    f"got {type(guidance).__name__}")
 
 
 class GuidanceHook:

@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .guidance import Guidance, GuidanceHook, as_guidance
 from .parameterization import canonical_prediction
-from .program import COL_G, Program, compile_program, guidance_column
+from .program import COL_G, COL_G0, COL_G1, Program, compile_program, guidance_affine, guidance_column
 from .schedules import DiscreteVP, Grid, Schedule, make_grid
 from .solvers import Solver, get_solver
 
@@ -142,7 +142,12 @@ class Sampler:
             raise ValueError("pass either grid or (schedule, steps, spacing, ...), not both")
         rows = solver.rows(grid)
         g = guidance_column(rows, guidance.g_at if guidance is not None else None)
-        program = compile_program(rows, prediction, solver.num_slots, grid.steps, guidance_scale=g)
+        affine = guidance_affine(rows, guidance.g_affine_at if guidance is not None else None)
+        if guidance is not None and guidance.needs_hook and any(r.reads_uncond for r in rows):
+            raise ValueError(f"solver {solver.name!r} uses the unconditional prediction on its own (CFG++); it takes "
+                             "no guidance rescale / classifier guidance / x0 clipping")
+        program = compile_program(rows, prediction, solver.num_slots, grid.steps, guidance_scale=g,
+                                  guidance_affine=affine)
         return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
 
     # ------------------------------------------------------------------------------------------
@@ -230,7 +235,21 @@ class Sampler:
         model_dtype = model_dtype or (torch.float64 if self.state_dtype == torch.float64 else torch.float32)
         time_dtype = torch.float64 if self.state_dtype == torch.float64 else torch.float32
 
-        use_cfg = any(float(prog.table[r, COL_G]) != 1.0 for r in range(len(rows)) if rows[r].needs_model)
+        # Which model evaluations need the uncond pass: where some sample's g != 1, and wherever
+        # the solver reads the unconditional prediction on its own (CFG++) if guidance is given.
+        gd = self.guidance
+        g_vec = None
+        if gd is not None and gd.per_sample:
+            g_host = gd.g_vector()
+            if g_host.shape[0] != B:
+                raise ValueError(f"guidance has {g_host.shape[0]} per-sample scales for a batch of {B}")
+            g_vec = torch.from_numpy(g_host).to(dev)
+            g01 = prog.table[:, [COL_G0, COL_G1]]
+            row_cfg = [bool(np.any(g01[i, 0] + g01[i, 1] * g_host != 1.0)) for i in range(len(rows))]
+        else:
+            row_cfg = [float(prog.table[i, COL_G]) != 1.0 for i in range(len(rows))]
+        row_cfg = [r.needs_model and (row_cfg[i] or (gd is not None and r.reads_uncond)) for i, r in enumerate(rows)]
+        use_cfg = any(row_cfg)
         if use_cfg and uncond is None:
             raise ValueError("guidance needs the unconditional inputs: pass uncond={...} (and cond={...})")
         kw_cond = {**model_kwargs, **cond}
@@ -265,7 +284,6 @@ class Sampler:
         seed = 0 if seed is None else seed
 
         # Per-row static facts, looked up once (the loop below runs thousands of times per second).
-        g_col = prog.table[:, COL_G]
         plan = []
         for i, r in enumerate(rows):
             nxt = rows[i + 1] if i + 1 < len(rows) else None
@@ -273,11 +291,11 @@ class Sampler:
             # model call reads (saves a pass over the tensor).
             writes_next = (nxt is not None and nxt.needs_model and not inpaint
                            and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
-            plan.append((r, r.needs_model, bool(use_cfg and r.needs_model and g_col[i] != 1.0),
+            plan.append((r, r.needs_model, row_cfg[i],
                          r.eval_at == "y", r.out_x is not None, r.out_y is not None, r.hist_write, r.noise_id,
                          writes_next, writes_next and nxt.eval_at == "y", nxt is None or nxt.step != r.step))
         step_fn = ops.prepare_fused_step(x, table=table, y=y, cond_like=model_in, hist=hist, model_in=model_in,
-                                         backend=backend)
+                                         guidance=g_vec, backend=backend)
         # Non-linear guidance (rescale, classifier, x0 clipping) only on runs that use it.
         hook = (GuidanceHook(self.guidance, prog, self.prediction, table)
                 if self.guidance is not None and self.guidance.needs_hook else None)
@@ -314,7 +332,7 @@ class Sampler:
             if hook is not None and needs_model:
                 step_table, cond_out, uncond_out = hook(i, r, E, cond_out, uncond_out, t_half[i])
             step_fn(step_table, i, x, y, cond_out, uncond_out, hist, hist_write, eval_y, write_x, write_y,
-                    noise_t, seed, noise_id, model_in if writes_next else None, next_y, bad_row)
+                    noise_t, seed, noise_id, model_in if writes_next else None, next_y, bad_row, g_vec)
             model_in_ready = writes_next
             if step_done:
                 n = r.step

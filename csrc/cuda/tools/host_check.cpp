@@ -209,13 +209,14 @@ static void moments_and_factor() {
 
 static void one_step_by_hand() {
   // K = 1: D = 1 + 3 (2 - 1) = 4; h = 0.5 x + 0.25 D = 1.5; x' = 2 x + h + 0.5 H0 = 5.5;
-  // model_in = s_in x' = 11 in float16; H0 <- h.
+  // model_in = s_in x' = 11 in float16; H0 <- h (the h-out block: 1 * h).
   constexpr int W = table_width(1);
   double table[2 * W] = {};
   double* r = table + W;
   const Columns col = columns(1);
   r[col.g] = 3.0; r[col.qy] = 0.5; r[col.qd] = 0.25;
   r[col.out_x + OUT_X] = 2.0; r[col.out_x + OUT_H] = 1.0; r[col.out_x + OUT_FIXED] = 0.5;
+  r[col.out_h + OUT_H] = 1.0;
   r[col.s_in] = 2.0;
   float x[5] = {1, 1, 1, 1, 1}, cond[5] = {2, 2, 2, 2, 2}, uncond[5] = {1, 1, 1, 1, 1}, hist[5] = {4, 4, 4, 4, 4};
   uint16_t mi[5] = {};

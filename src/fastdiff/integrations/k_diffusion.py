@@ -25,6 +25,9 @@ nothing here repeats a solver's math:
     sample_dpmpp_2m / _2m_sde / _3m_sde  dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde
     sample_dpm_fast                    dpm_solver (singlestep) with per-step ``orders`` and ``eta``
     sample_dpm_adaptive                fastdiff.adaptive.sample_dpm_adaptive (DPM-Solver-12/23)
+    sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp   the CFG++ solvers (ComfyUI's
+                                       forms, not in k-diffusion nor in __all__); their model returns
+                                       (denoised, uncond_denoised)
 
 Where the results differ from k-diffusion's, and why:
 
@@ -202,6 +205,66 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """DPM-Solver++(2M); the first step and the step to sigma = 0 are first order."""
     return _run("dpmpp_2m", {}, model, x, sigmas, extra_args, callback, disable, noise=noise,
                 check_finite=check_finite)
+
+
+# ---- CFG++ (Chung et al. 2024; ComfyUI's sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp)
+#
+# CFG++ needs the unconditional denoised beside the guided one (ComfyUI gets it through a post-CFG
+# hook). The contract here: ``model(x, sigma, **extra_args)`` returns the pair
+# ``(denoised, uncond_denoised)``: the guided x0 (CFG applied by the model wrapper, at the scale
+# the user chose) and the unconditional x0 of the same call. fastdiff's solvers euler_cfg_pp,
+# euler_ancestral_cfg_pp and dpmpp_2m_cfg_pp run it, one fused step per call, the pair passed to
+# the step as (cond, uncond) at g = 1 (so D = denoised exactly, and the uncond term is its own).
+
+@torch.no_grad()
+def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, check_finite='end'):
+    """Euler CFG++: x = denoised + sigma_next * (x - uncond_denoised) / sigma. ``model`` returns
+    ``(denoised, uncond_denoised)`` (see above)."""
+    return _run_cfg_pp("euler_cfg_pp", {}, model, x, sigmas, extra_args, callback, disable,
+                       check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                                  noise_sampler=None, *, noise='philox', check_finite='end'):
+    """Euler ancestral CFG++: x = denoised + sigma_down * (x - uncond_denoised) / sigma, then fresh
+    noise of std sigma_up. ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("euler_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args,
+                       callback, disable, noise_sampler, noise=noise,
+                       kd_draws='next_positive' if eta > 0 and s_noise > 0 else None, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, check_finite='end'):
+    """DPM-Solver++(2M) CFG++ (the unconditional denoised re-noised and kept for the next step).
+    ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("dpmpp_2m_cfg_pp", {}, model, x, sigmas, extra_args, callback, disable,
+                       check_finite=check_finite)
+
+
+def _run_cfg_pp(solver, solver_options, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, *,
+                noise='philox', kd_draws=None, check_finite='end') -> torch.Tensor:
+    _check_run_inputs(model, x, extra_args, callback, noise_sampler)
+    _check_noise_mode(noise)
+    grid = _grid_from_sigmas(sigmas)
+    torch_draws = None
+    if noise == "torch" and noise_sampler is None and kd_draws is not None:
+        torch_draws = _TorchDraws(x, _kd_draw_steps(kd_draws, sigmas, solver_options.get("eta", 1.0)))
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
+                            guidance=1.0, device=x.device, state_dtype=state_dtype)
+    denoiser = _PairDenoiser(x.shape[0], model, sampler.program.rows, callback,
+                             lambda i, point: {'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i]}, x.dtype)
+    adapted_noise = torch_draws
+    if noise_sampler is not None:
+        def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
+            return noise_sampler(sigmas[row.step], sigmas[row.step + 1])
+    out = sampler(denoiser, x, x_init=x, cond={}, uncond={}, model_kwargs=dict(extra_args or {}),
+                  noise_sampler=adapted_noise, progress=_show_progress(disable), model_dtype=x.dtype,
+                  check_finite=check_finite)
+    if torch_draws is not None:
+        torch_draws.finish()
+    return out.to(x.dtype)
 
 
 @torch.no_grad()
@@ -472,6 +535,33 @@ class _Denoiser:
         if self.callback is not None and step >= 0:
             self.callback({'x': x.clone(), **self.fields[step], 'denoised': denoised})
         return denoised
+
+
+class _PairDenoiser(_Denoiser):
+    """A CFG++ model ``(x, sigma) -> (denoised, uncond_denoised)`` as the two halves [uncond; cond]
+    of a fastdiff CFG call: called once, on one half (both halves hold the same x); the callback
+    gets the guided denoised."""
+
+    def __init__(self, batch: int, model: Callable, *args):
+        self._uncond, self.batch = None, batch
+
+        def guided(x, sigma, **extra_args):
+            out = model(x, sigma, **extra_args)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2
+                    and all(isinstance(o, torch.Tensor) for o in out)):
+                raise TypeError("the CFG++ samplers need model(x, sigma, **extra_args) -> (denoised, "
+                                f"uncond_denoised), got {type(out).__name__}")
+            self._uncond = out[1]
+            return out[0]
+
+        super().__init__(guided, *args)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        B = self.batch
+        if x.shape[0] == B:             # a row that uses the guided denoised alone (the step to sigma = 0)
+            return super().__call__(x, sigma, **extra_args)
+        denoised = super().__call__(x[B:], sigma[B:], **extra_args)
+        return torch.cat([self._uncond.to(denoised.dtype), denoised])
 
 
 def _check_run_inputs(model, x, extra_args, callback, noise_sampler):

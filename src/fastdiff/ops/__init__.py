@@ -128,8 +128,21 @@ def _check_writable(name, t):
         raise ValueError(f"{name} is written in place and must not be a broadcast (stride-0) view")
 
 
+def _check_guidance(guidance, x) -> None:
+    """The per-sample guidance scale vector: a finite float32/float64 tensor [B] on x's device."""
+    _check_tensor("guidance (per-sample scale vector)", guidance, dtypes=(torch.float32, torch.float64))
+    B = x.shape[0]
+    if tuple(guidance.shape) != (B,):
+        raise ValueError(f"guidance (per-sample scale vector) must have shape [{B}] (one scale per sample), "
+                         f"got {tuple(guidance.shape)}")
+    if guidance.device != x.device and not (guidance.device.type == x.device.type == "cpu"):
+        raise ValueError(f"guidance (per-sample scale vector) must be on {x.device}, got {guidance.device}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(guidance).all()):
+        raise ValueError("guidance (per-sample scale vector) contains NaN or Inf")
+
+
 def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                   noise, seed, noise_id, model_in, model_in_from_y, bad_row):
+                   noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance=None):
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
     dev, shape = x.device, tuple(x.shape)
     if dev.type == "meta":
@@ -188,19 +201,23 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
                              f"the new {which} into model_in)")
     if bad_row is not None:
         _check_tensor("bad_row", bad_row, shape=(1,), dtype=torch.int32, device=dev)
+    if guidance is not None:
+        _check_guidance(guidance, x)
     _check_writable("x", x)
     if not torch.compiler.is_compiling():   # (traced: checked when the op runs)
         _check_overlap((("x", x), ("y", y), ("hist", hist), ("model_in", model_in), ("bad_row", bad_row)),
-                       (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table)))
+                       (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table),
+                        ("guidance", guidance)))
         _check_finite_table(table, row)
     return (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-            noise, seed, noise_id, model_in, model_in_from_y, bad_row)
+            noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance)
 
 
 def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_like=None,
-                       model_in=None, backend: str = "auto") -> Callable:
+                       model_in=None, guidance=None, backend: str = "auto") -> Callable:
     """Choose the backend once for a sampling run; returns its raw ``fused_step`` (arguments in
-    the order of ``fused_step`` below, unchecked: the buffers given here are checked once, here)."""
+    the order of ``fused_step`` below, unchecked: the buffers given here are checked once, here;
+    the per-sample ``guidance`` vector, if the run uses one, is the last positional argument)."""
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it has no values); fused_step runs on cpu or GPU tensors")
@@ -212,12 +229,14 @@ def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_lik
             _check_tensor(name, t)
             _check_writable(name, t)
     _check_writable("x", x)
+    if guidance is not None:
+        _check_guidance(guidance, x)
     if not torch.compiler.is_compiling():
         _check_no_grad("fastdiff.ops.prepare_fused_step", (("x", x), ("y", y), ("hist", hist),
                                                            ("model_in", model_in), ("table", table)))
         _check_overlap((("x", x), ("y", y), ("hist", hist), ("model_in", model_in)), (("table", table),))
         _check_finite_table(table)
-    tensors = [t for t in (x, table, y, cond_like, hist, noise_like, model_in) if t is not None]
+    tensors = [t for t in (x, table, y, cond_like, hist, noise_like, model_in, guidance) if t is not None]
     return select("fused_step", backend, tensors, state_dtype=x.dtype).fused_step
 
 
@@ -227,21 +246,24 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
                write_x: bool = True, write_y: bool = False,
                noise: Optional[torch.Tensor] = None, seed: int = 0, noise_id: int = -1,
                model_in: Optional[torch.Tensor] = None, model_in_from_y: bool = False,
-               bad_row: Optional[torch.Tensor] = None, backend: str = "auto") -> None:
+               bad_row: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None,
+               backend: str = "auto") -> None:
     """Execute row ``row`` of a coefficient table, in place on x / y / hist / model_in.
     Differentiable (on the reference backend) when an input requires grad in grad mode.
 
     cond/uncond: model outputs (the two CFG halves; uncond=None means no CFG; cond=None: the row
     does not use the model). noise: explicit noise, else (seed, noise_id >= 0) draws Philox noise
     in the kernel. model_in: if given, receives s_in * (new x or new y), cast to its dtype, in one
-    or both CFG halves. See fastdiff.program for the formula.
+    or both CFG halves. guidance: optional per-sample scale vector [B] (float32/float64): sample b
+    then uses g = g0 + g1 * guidance[b] (table columns COL_G0, COL_G1) instead of the g column.
+    See fastdiff.program for the formula.
     """
     args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                          noise, seed, noise_id, model_in, model_in_from_y, bad_row)
+                          noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance)
     if not torch.compiler.is_compiling() and _needs_grad(x, y, cond, uncond, hist, noise, model_in, table):
         _reference_with_autograd(backend, args)
         return
-    tensors = [t for t in (x, table, y, cond, uncond, hist, noise, model_in) if t is not None]
+    tensors = [t for t in (x, table, y, cond, uncond, hist, noise, model_in, guidance) if t is not None]
     select("fused_step", backend, tensors, state_dtype=x.dtype).fused_step(*args)
 
 
@@ -259,7 +281,7 @@ def _reference_with_autograd(backend: str, args) -> None:
                          f"differentiates (got backend={backend!r}); pass backend='auto' or 'reference', or "
                          "detach the inputs / run under torch.no_grad()")
     (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-     noise, seed, noise_id, model_in, model_in_from_y, bad_row) = args
+     noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance) = args
     if table.requires_grad:
         raise ValueError("fastdiff.ops.fused_step: table requires grad, but the coefficients are not "
                          "differentiable; detach it")

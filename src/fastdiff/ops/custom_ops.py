@@ -52,7 +52,7 @@ _SCHEMAS = {
     "fused_step": "fused_step(Tensor table, int row, Tensor(a!) x, Tensor(b!)? y, Tensor? cond, Tensor? uncond, "
                   "Tensor(c!)? hist, int hist_write, bool eval_y, bool write_x, bool write_y, Tensor? noise, "
                   "int seed, int noise_id, Tensor(d!)? model_in, bool model_in_from_y, Tensor(e!)? bad_row, "
-                  "str backend='auto') -> ()",
+                  "Tensor? guidance=None, str backend='auto') -> ()",
     "cfg_combine": "cfg_combine(Tensor cond, Tensor? uncond, float g, ScalarType? out_dtype=None, "
                    "str backend='auto') -> Tensor",
     "philox_normal": "philox_normal(SymInt[] shape, int seed, int noise_id, Device device, "
@@ -82,11 +82,12 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 # call time: fastdiff.ops imports this module while it initialises.
 
 def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                     noise_id, model_in, model_in_from_y, bad_row, backend="auto"):
+                     noise_id, model_in, model_in_from_y, bad_row, guidance=None, backend="auto"):
     from . import fused_step
     fused_step(table, row, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write, eval_y=eval_y,
                write_x=write_x, write_y=write_y, noise=noise, seed=seed_from_int64(seed), noise_id=noise_id,
-               model_in=model_in, model_in_from_y=model_in_from_y, bad_row=bad_row, backend=backend)
+               model_in=model_in, model_in_from_y=model_in_from_y, bad_row=bad_row, guidance=guidance,
+               backend=backend)
 
 
 def _cfg_combine_impl(cond, uncond, g, out_dtype=None, backend="auto"):
@@ -130,7 +131,7 @@ def _per_sample_norm_impl(x, backend="auto"):
 # Fake implementations: results' metadata only.
 
 def _fused_step_fake(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                     noise_id, model_in, model_in_from_y, bad_row, backend="auto"):
+                     noise_id, model_in, model_in_from_y, bad_row, guidance=None, backend="auto"):
     return None
 
 
@@ -202,10 +203,11 @@ class TracedBackend:
         self.backend = backend
 
     def fused_step(self, table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                   noise_id, model_in, model_in_from_y, bad_row) -> None:
+                   noise_id, model_in, model_in_from_y, bad_row, guidance=None) -> None:
         seed = seed_to_int64(seed) if noise is None and noise_id >= 0 else 0   # (only read for Philox noise)
         torch.ops.fastdiff.fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                                      noise, seed, noise_id, model_in, model_in_from_y, bad_row, self.backend)
+                                      noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance,
+                                      self.backend)
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):
         return torch.ops.fastdiff.cfg_combine(cond, uncond, float(scale), out_dtype, self.backend)
@@ -231,8 +233,8 @@ class TracedBackend:
 # A sampling loop for torch.compile(fullgraph=True)
 
 def run_program(program, table: torch.Tensor, model: Callable, x: torch.Tensor, *, cfg: bool = False,
-                model_kwargs: Optional[dict] = None, seed: int = 0, backend: str = "auto"
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+                model_kwargs: Optional[dict] = None, seed: int = 0, backend: str = "auto",
+                guidance: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run a coefficient program (fastdiff.program.Program, e.g. ``Sampler.build(...).program``)
     from the state ``x`` (noise times the schedule's initial scale), in place; returns
     ``(x, bad_row)``.
@@ -244,7 +246,7 @@ def run_program(program, table: torch.Tensor, model: Callable, x: torch.Tensor, 
     input its values can change without a recompile. ``cfg=True`` calls
     ``model(cat([x, x]), cat([t, t]), **model_kwargs)`` once per evaluation with kwargs already
     batched as [uncond; cond] and takes the halves as (uncond, cond); the guidance scale is the
-    table's. ``bad_row`` (int32 [1]) is 0, or 1 + the first row that wrote a non-finite value: read
+    table's (or, with ``guidance`` a per-sample scale vector [B], each sample's own). ``bad_row`` (int32 [1]) is 0, or 1 + the first row that wrote a non-finite value: read
     it once, after the loop. Philox noise comes from ``seed``. For everything else (progress,
     callbacks, non-linear guidance, inpainting, input checks) use fastdiff.Sampler.
     """
@@ -268,5 +270,6 @@ def run_program(program, table: torch.Tensor, model: Callable, x: torch.Tensor, 
                 cond = out
         fused_step(table, i, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=r.hist_write,
                    eval_y=r.eval_at == "y", write_x=r.out_x is not None, write_y=r.out_y is not None,
-                   seed=seed, noise_id=r.noise_id, bad_row=bad_row, backend=backend)
+                   seed=seed, noise_id=r.noise_id, bad_row=bad_row, guidance=guidance if cfg else None,
+                   backend=backend)
     return x, bad_row

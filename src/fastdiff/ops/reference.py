@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..program.layout import COL_G, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_X, OUT_Y, OUT_Z, col_out, col_s_in
+from ..program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
+                              col_out, col_s_in)
 from .philox import philox_normal
 
 
@@ -30,16 +31,35 @@ def cfg_combine(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale, out_d
     return d.to(out_dtype or cond.dtype)
 
 
+def row_guidance(c: torch.Tensor, guidance: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The g of each sample, in the math dtype: the row's g column, or g0 + g1 * s[b] with a
+    per-sample scale vector s (shaped [B, 1, ...] to broadcast over a sample)."""
+    if guidance is None:
+        return c[COL_G]
+    s = guidance.to(device=x.device, dtype=c.dtype)
+    return (c[COL_G0] + c[COL_G1] * s).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def guided(cond: torch.Tensor, uncond: Optional[torch.Tensor], g: torch.Tensor, md: torch.dtype) -> torch.Tensor:
+    """D = uncond + g (cond - uncond) in the math dtype (float64 inputs combine in float64, then
+    round); g == 1 (per sample) is D = cond exactly, as a run without the uncond pass."""
+    C = cond.to(md)
+    if uncond is None:
+        return C
+    return torch.where(g == 1, C, cfg_combine(cond, uncond, g, out_dtype=md))
+
+
 def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
                cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor],
                hist: Optional[torch.Tensor], hist_write: int, eval_y: bool,
                write_x: bool, write_y: bool,
                noise: Optional[torch.Tensor], seed: int, noise_id: int,
                model_in: Optional[torch.Tensor], model_in_from_y: bool,
-               bad_row: Optional[torch.Tensor]) -> None:
+               bad_row: Optional[torch.Tensor], guidance: Optional[torch.Tensor] = None) -> None:
     """One row of a coefficient program; see fastdiff.program for the formula. In place on x, y,
     hist and model_in; every read happens before any write. If ``bad_row`` (int32 [1]) is 0 and
-    a written x or y value is not finite, it becomes row + 1 (a device-side flag: no host sync)."""
+    a written x or y value is not finite, it becomes row + 1 (a device-side flag: no host sync).
+    ``guidance``: optional per-sample scale vector [B]; sample b then uses g = g0 + g1 * s[b]."""
     md = _math_dtype(x)
     # Coefficients rounded to the math dtype, as the kernels do; indexing a device tensor keeps
     # them on the device (no host sync).
@@ -50,10 +70,11 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch
     H = [] if hist is None else [hist[j].to(md) for j in range(K)]
 
     if cond is not None:
-        D = cfg_combine(cond, uncond, c[COL_G], out_dtype=md)
+        D = guided(cond, uncond, row_guidance(c, guidance, x), md)
         h = c[COL_QY] * E + c[COL_QD] * D
+        hu = h if uncond is None else c[COL_QY] * E + c[COL_QD] * uncond.to(md)
     else:
-        h = torch.zeros_like(X)
+        h = hu = torch.zeros_like(X)
 
     z = None
     if noise is not None:
@@ -63,7 +84,9 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch
 
     def output(which: str) -> torch.Tensor:
         b = col_out(K, which)
-        o = c[b + OUT_X] * X + c[b + OUT_Y] * E + c[b + OUT_H] * h
+        o = c[b + OUT_X] * X + c[b + OUT_Y] * E
+        o = o + c[b + OUT_H] * h
+        o = o + c[b + OUT_HU] * hu
         if z is not None:
             o = o + c[b + OUT_Z] * z
         for j in range(K):
@@ -72,14 +95,15 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch
 
     new_x = output("x") if write_x else None
     new_y = output("y") if write_y else None
+    new_h = output("h") if hist_write >= 0 else None
     if bad_row is not None:
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         for o in (new_x, new_y):
             if o is not None:
                 finite = finite & torch.isfinite(o).all()
         bad_row.copy_(torch.where((bad_row == 0) & ~finite, row + 1, bad_row))
-    if hist_write >= 0:
-        hist[hist_write].copy_(h)
+    if new_h is not None:
+        hist[hist_write].copy_(new_h)
     if new_x is not None:
         x.copy_(new_x)
     if new_y is not None:

@@ -10,8 +10,20 @@ the names below; nobody else computes a column.
 A table has one row per pass of the fused step (see fastdiff.program for the formula) and
 ``table_width(K)`` float64 columns, K being the number of history slots::
 
-    [ g, q_y, q_d,  x-out block,  y-out block,  s_in ]
-    an out block:  [ x, y, h, z, H_0 .. H_{K-1} ]     (out_width(K) = 4 + K columns)
+    [ g, g0, g1, q_y, q_d,  x-out block,  y-out block,  h-out block,  s_in ]
+    an out block:  [ x, y, h, hu, z, H_0 .. H_{K-1} ]     (out_width(K) = 5 + K columns)
+
+The model terms of a row: D = u + g (c - u) (the guided output; g == 1 means D = c exactly, a
+run without the uncond pass), h = q_y E + q_d D (the solver's quantity, e.g. x0 or eps, from
+the guided output) and hu = q_y E + q_d u (the same from the unconditional output: CFG++).
+Every output of a row (new x, new y, and the value written to history slot ``hist_write``) is
+one out block: a_x x + a_y E + a_h h + a_hu hu + a_z z + sum_j a_j H_j. Its coefficients of
+cond and uncond are independent: a_h q_d g and a_h q_d (1 - g) + a_hu q_d (any pair, for
+g != 0). D and h stay intermediates so that CFG keeps its precision (c - u is formed before it
+is scaled) and a solver's quantity is rounded as its textbook form rounds it. g is column
+``COL_G``; with a per-sample scale vector s (one float per batch element), sample b uses
+g_b = g0 + g1 * s_b (``COL_G0``, ``COL_G1``: (0, 1) where CFG is on, (1, 0) outside a
+guidance interval). Without uncond, u = c; without cond (no model call) h = hu = 0.
 
 Row flags: the booleans of one row, as one bitmask (``Row.flags``). Kernels take them today as
 separate arguments (eval_y, write_x, write_y, model_in_from_y); ``unpack_flags`` gives those.
@@ -24,24 +36,27 @@ Pure Python, no imports: a kernel module can import it without loading the rest 
 from __future__ import annotations
 
 __all__ = [
-    "COL_G", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_Z", "OUT_FIXED",
-    "out_width", "table_width", "col_out_x", "col_out_y", "col_s_in", "col_out",
+    "COL_G", "COL_G0", "COL_G1", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_HU", "OUT_Z",
+    "OUT_FIXED", "out_width", "table_width", "col_out_x", "col_out_y", "col_out_h", "col_s_in", "col_out",
     "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL",
     "pack_flags", "unpack_flags", "STEP_ARGS", "STEP_ARG_NAMES", "FLAG_ARG_NAMES", "step_schema",
     "CONSTANTS", "FUNCTIONS",
 ]
 
 # ---- table columns --------------------------------------------------------------------------
-COL_G = 0          # CFG scale g of D = uncond + g (cond - uncond)
-COL_QY = 1         # h = q_y E + q_d D
-COL_QD = 2
-OUT_BASE = 3       # first column of the x-out block; the y-out block follows it
+COL_G = 0          # CFG scale g of D = uncond + g (cond - uncond) (no per-sample scale given)
+COL_G0 = 1         # with a per-sample scale s_b: g_b = g0 + g1 * s_b
+COL_G1 = 2
+COL_QY = 3         # h = q_y E + q_d D,  hu = q_y E + q_d u
+COL_QD = 4
+OUT_BASE = 5       # first column of the x-out block; the y-out and h-out blocks follow it
 # offsets inside an out block
-OUT_X = 0
-OUT_Y = 1
-OUT_H = 2
-OUT_Z = 3
-OUT_FIXED = 4      # the history coefficients H_0 .. H_{K-1} start here
+OUT_X = 0          # the state x
+OUT_Y = 1          # E, the point the model was evaluated at (x or y)
+OUT_H = 2          # h (from the guided output D)
+OUT_HU = 3         # hu (from the unconditional output u)
+OUT_Z = 4          # noise
+OUT_FIXED = 5      # the history coefficients H_0 .. H_{K-1} start here
 
 
 def out_width(K: int) -> int:
@@ -51,7 +66,7 @@ def out_width(K: int) -> int:
 
 def table_width(K: int) -> int:
     """Columns of a table with K history slots."""
-    return OUT_BASE + 2 * out_width(K) + 1
+    return OUT_BASE + 3 * out_width(K) + 1
 
 
 def col_out_x(K: int) -> int:
@@ -64,18 +79,25 @@ def col_out_y(K: int) -> int:
     return OUT_BASE + out_width(K)
 
 
-def col_s_in(K: int) -> int:
-    """The model-input scale s_in: the last column."""
+def col_out_h(K: int) -> int:
+    """First column of the h-out block: the value written to history slot hist_write."""
     return OUT_BASE + 2 * out_width(K)
 
 
+def col_s_in(K: int) -> int:
+    """The model-input scale s_in: the last column."""
+    return OUT_BASE + 3 * out_width(K)
+
+
 def col_out(K: int, which: str) -> int:
-    """First column of the x-out block ('x') or the y-out block ('y')."""
+    """First column of the x-out ('x'), y-out ('y') or h-out ('h', the history value) block."""
     if which == "x":
         return col_out_x(K)
     if which == "y":
         return col_out_y(K)
-    raise ValueError(f"which must be 'x' or 'y', got {which!r}")
+    if which == "h":
+        return col_out_h(K)
+    raise ValueError(f"which must be 'x', 'y' or 'h', got {which!r}")
 
 
 # ---- row flags ------------------------------------------------------------------------------
@@ -102,12 +124,13 @@ def unpack_flags(flags: int):
 # ---- the fused step's arguments -------------------------------------------------------------
 # Every backend's fused_step takes these, in this order (fastdiff.ops.reference.fused_step is the
 # spec); the type is the torch custom-op schema's, with the buffers the step writes in place marked
-# (a!)..(e!). The four booleans are the row flags above, in unpack_flags' order.
+# (a!)..(e!). The four booleans are the row flags above, in unpack_flags' order. ``guidance`` (last,
+# optional everywhere, default None) is the per-sample scale vector s [B] (float32/float64).
 STEP_ARGS = (
     ("table", "Tensor"), ("row", "int"), ("x", "Tensor(a!)"), ("y", "Tensor(b!)?"), ("cond", "Tensor?"),
     ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_write", "int"), ("eval_y", "bool"), ("write_x", "bool"),
     ("write_y", "bool"), ("noise", "Tensor?"), ("seed", "int"), ("noise_id", "int"), ("model_in", "Tensor(d!)?"),
-    ("model_in_from_y", "bool"), ("bad_row", "Tensor(e!)?"),
+    ("model_in_from_y", "bool"), ("bad_row", "Tensor(e!)?"), ("guidance", "Tensor?"),
 )
 STEP_ARG_NAMES = tuple(name for name, _ in STEP_ARGS)
 FLAG_ARG_NAMES = ("eval_y", "write_x", "write_y", "model_in_from_y")   # unpack_flags' order
@@ -115,11 +138,12 @@ FLAG_ARG_NAMES = ("eval_y", "write_x", "write_y", "model_in_from_y")   # unpack_
 
 def step_schema(name: str = "fused_step") -> str:
     """The torch.library schema of the fused step (fastdiff.ops.custom_ops), backend name last."""
-    return f"{name}({', '.join(f'{t} {n}' for n, t in STEP_ARGS)}, str backend='auto') -> ()"
+    args = ', '.join(f'{t} {n}' + ('=None' if n == "guidance" else '') for n, t in STEP_ARGS)
+    return f"{name}({args}, str backend='auto') -> ()"
 
 
 # What the C/C++ mirror must declare (tests/test_row_abi.py): constants by value, functions of K.
 CONSTANTS = {name: globals()[name] for name in (
-    "COL_G", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_Z", "OUT_FIXED",
-    "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL")}
-FUNCTIONS = {f.__name__: f for f in (out_width, table_width, col_out_x, col_out_y, col_s_in)}
+    "COL_G", "COL_G0", "COL_G1", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_HU", "OUT_Z",
+    "OUT_FIXED", "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL")}
+FUNCTIONS = {f.__name__: f for f in (out_width, table_width, col_out_x, col_out_y, col_out_h, col_s_in)}

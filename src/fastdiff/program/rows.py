@@ -12,13 +12,18 @@ from .layout import pack_flags, table_width
 
 @dataclass(frozen=True)
 class Out:
-    """Coefficients of one output: x_out = x*x + y*E + h*h + z*z + sum hist[j]*H[j]."""
+    """Coefficients of one output: out = x*x + y*E + h*h + hu*h_u + z*z + sum hist[j]*H[j].
+
+    ``h`` is the row's model term h = q_y*E + q_x0*x0 with x0 the guided prediction (from
+    D = u + g (c - u)); ``h_u`` the same with the *unconditional* prediction (from u), which the
+    CFG++ samplers use beside the guided one (fastdiff.solvers.cfg_pp). Without CFG, u = c."""
 
     x: float = 0.0
     y: float = 0.0
     h: float = 0.0
     z: float = 0.0
     hist: Tuple[Tuple[int, float], ...] = ()
+    hu: float = 0.0
 
     @property
     def slots(self) -> Tuple[int, ...]:
@@ -53,6 +58,7 @@ class Row:
     hist_write: int = -1
     noise_id: int = -1                     # which Gaussian draw (same id -> same noise); -1: none
     next_eval: Optional[str] = None        # 'x'/'y': which output the next model call reads
+    hist_out: Optional[Out] = None         # the value written to hist_write; None: h (Out(h=1))
 
     def __post_init__(self):
         if self.eval_at not in ("x", "y"):
@@ -61,13 +67,29 @@ class Row:
             raise ValueError("a row must write x or y")
         if self.next_eval not in ("x", "y", None):
             raise ValueError(f"next_eval must be 'x', 'y' or None, got {self.next_eval!r}")
-        uses_z = any(o is not None and o.z != 0.0 for o in (self.out_x, self.out_y))
+        if self.hist_out is not None and self.hist_write < 0:
+            raise ValueError("hist_out given but hist_write is -1")
+        uses_z = any(o is not None and o.z != 0.0 for o in (self.out_x, self.out_y, self.hist_out))
         if uses_z and self.noise_id < 0:
             raise ValueError("a row with a noise coefficient needs a noise_id")
 
     @property
     def needs_model(self) -> bool:
         return self.point is not None
+
+    @property
+    def hist_value(self) -> Optional[Out]:
+        """The out combination written to history slot hist_write (None: no write)."""
+        if self.hist_write < 0:
+            return None
+        return self.hist_out if self.hist_out is not None else Out(h=1.0)
+
+    @property
+    def reads_uncond(self) -> bool:
+        """Whether an output uses the unconditional prediction on its own (CFG++): then the
+        uncond pass runs wherever guidance is given, even where g = 1."""
+        return self.needs_model and any(o is not None and o.hu != 0.0
+                                        for o in (self.out_x, self.out_y, self.hist_value))
 
     @property
     def flags(self) -> int:

@@ -21,10 +21,13 @@ def guided(cond_model: Callable, uncond_model: Callable, scale: float, conventio
     """Classifier-free guidance as the papers write it, on the model outputs:
     ``'w'`` (diffusers, k-diffusion): u + w (c - u);  ``'1+w'`` (Ho & Salimans): (1 + w) c - w u."""
     if convention == "w":
-        return lambda x, t: uncond_model(x, t) + scale * (cond_model(x, t) - uncond_model(x, t))
-    if convention == "1+w":
-        return lambda x, t: (1.0 + scale) * cond_model(x, t) - scale * uncond_model(x, t)
-    raise ValueError(f"unknown CFG convention {convention!r}; expected 'w' or '1+w'")
+        f = lambda x, t: uncond_model(x, t) + scale * (cond_model(x, t) - uncond_model(x, t))  # noqa: E731
+    elif convention == "1+w":
+        f = lambda x, t: (1.0 + scale) * cond_model(x, t) - scale * uncond_model(x, t)  # noqa: E731
+    else:
+        raise ValueError(f"unknown CFG convention {convention!r}; expected 'w' or '1+w'")
+    f.cfg_parts = (cond_model, uncond_model, scale, convention)   # for samplers that need them apart (CFG++)
+    return f
 
 
 def log_snr(alpha: float, sigma: float) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ... import ops
-from ...program import COL_G, COL_QD, COL_QY, Row, compile_program
+from ...program import COL_G, Row, compile_program
 from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
@@ -93,9 +93,8 @@ class _Program:
         # Compiled with the model output taken as x0 itself; then diffusers' conversion folded in.
         self.x0_table = compile_program(rows, "sample", K, rows[-1].step + 1).table
         fold = np.asarray(plan.fold, dtype=np.float64).reshape(len(rows), 2)
-        table = self.x0_table.copy()
-        table[:, COL_QY] += table[:, COL_QD] * fold[:, 0]
-        table[:, COL_QD] *= fold[:, 1]
+        with np.errstate(all="ignore"):       # (reported below)
+            table = compile_program(rows, "sample", K, rows[-1].step + 1, x0_coefs=fold, check_finite=False).table
         if not np.all(np.isfinite(table)):
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(table))[:, 0]})
             raise ValueError(f"non-finite step coefficients at calls {bad[:10]} (a degenerate schedule?)")
