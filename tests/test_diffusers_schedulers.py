@@ -244,6 +244,7 @@ CASES = [
     ("DDIMParallelScheduler", SD_DDIM, None, False, ALL_STEPS),
     ("DDPMParallelScheduler", {}, None, True, FEW),
     ("CMStochasticIterativeScheduler", {}, None, True, (1, 5, 20, 40)),
+    ("SASolverScheduler", {}, None, True, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", SD, None, False, ALL_STEPS),
     ("DPMSolverMultistepInverseScheduler", dict(SD, solver_order=3, prediction_type="v_prediction"), None, False, FEW),
 ]

@@ -110,6 +110,8 @@ DTYPE_CASES = [
     ("DDIMParallelScheduler", {}),
     ("DDPMParallelScheduler", {}),
     ("CMStochasticIterativeScheduler", {}),
+    ("SASolverScheduler", {}),
+    ("SASolverScheduler", {"thresholding": True, "prediction_type": "sample"}),
     ("DPMSolverMultistepInverseScheduler", {"thresholding": True}),
 ] + ([pytest.param("PNDMScheduler", {}, marks=pytest.mark.xfail(reason="PNDM drop-in still in progress", strict=False)),
       pytest.param("PNDMScheduler", {"skip_prk_steps": True},

@@ -621,6 +621,54 @@ def test_batch_step_no_noise_matches_stock(name, config, steps, use_clipped):
 
 
 # ---------------------------------------------------------------------------------------------
+# SASolverScheduler
+
+
+SAS = {
+    "default": {},                                               # data prediction, orders 2/2, tau 1 in [200, 800]
+    "sd-p3c4": dict(SD, predictor_order=3, corrector_order=4),
+    "p4c1-v": dict(SD, predictor_order=4, corrector_order=1, prediction_type="v_prediction"),
+    "noise-p1c3": dict(SD, algorithm_type="noise_prediction", predictor_order=1, corrector_order=3),
+    "tau-half-sample-threshold": dict(SD, tau_func=lambda t: 0.5, prediction_type="sample", thresholding=True,
+                                      sample_max_value=1.5),
+    "trailing-nolof": dict(SD, timestep_spacing="trailing", lower_order_final=False),
+}
+SAS_GRID = [(c, n) for c in SAS for n in (1, 5, 20, 50) if c in ("default", "sd-p3c4") or n in (1, 5, 20)]
+
+
+@pytest.mark.parametrize("config, steps", SAS_GRID)
+def test_sa_solver_matches_stock(config, steps):
+    cfg = SAS[config]
+    _check_parity(lambda: diffusers.SASolverScheduler(**cfg), lambda: fd.SASolverScheduler(**cfg), steps,
+                  "diffusers.schedulers.scheduling_sasolver", seed=steps)
+
+
+def test_sa_solver_variants_equal_the_textbook():
+    """fastdiff's sa_solver against its textbook oracle (quadrature integrals), float64, every option."""
+    from fastdiff import Sampler
+    from fastdiff.models.gaussian_mixture import GaussianMixture
+    from fastdiff.schedules import DiscreteVP, make_grid
+    from fastdiff.textbook.sa_solver import sample_sa_solver
+    schedule = DiscreteVP(beta_schedule="scaled_linear")
+    for steps in (1, 3, 8):
+        grid = make_grid(schedule, steps, "leading", steps_offset=1)
+        for opts in ({"predictor_order": 3, "corrector_order": 4}, {"predictor_order": 4, "corrector_order": 1},
+                     {"algorithm_type": "noise_prediction", "corrector_order": 3},
+                     {"taus": [0.0, 1.0, 0.3, 0.0, 1.0, 1.0, 0.5, 0.0][:steps], "lower_order_final": False}):
+            model = GaussianMixture.default(schedule, dim=6, prediction="epsilon")
+            noise = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+            zs = [torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + k))
+                  for k in range(steps)]
+            sampler = Sampler.build(solver="sa_solver", grid=grid, prediction="epsilon", solver_options=opts,
+                                    state_dtype=torch.float64)
+            out = sampler(model, noise, noise_sampler=lambda row, x: zs[row.step], backend="reference", progress=False)
+            ref = sample_sa_solver(model, noise * schedule.init_noise_scale(float(grid.alpha[0]), float(grid.sigma[0])),
+                                   grid, "epsilon", noise=zs, **opts)
+            err = float((out - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+            assert err < 1e-9, (steps, opts, err)
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
@@ -630,7 +678,7 @@ ACCELERATED = [("LCMScheduler", {}), ("TCDScheduler", {}), ("IPNDMScheduler", {}
                ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}),
                ("CosineDPMSolverMultistepScheduler", {}), ("FlowMatchLCMScheduler", {"shift": 3.0}),
                ("CogVideoXDDIMScheduler", {}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {}),
-               ("CMStochasticIterativeScheduler", {})]
+               ("CMStochasticIterativeScheduler", {}), ("SASolverScheduler", {})]
 
 
 @pytest.mark.parametrize("name, config", ACCELERATED, ids=[n + "".join(f"-{v}" for v in c.values())

@@ -11,10 +11,10 @@ from . import multistep  # noqa: F401  (registration)
 from . import flow  # noqa: F401  (registration)
 from . import ipndm  # noqa: F401  (registration)
 from . import pndm  # noqa: F401  (registration)
-from . import cfg_pp  # noqa: F401  (registration: CFG++ samplers)
 from . import comfy  # noqa: F401  (registration: ComfyUI's samplers)
 from . import consistency  # noqa: F401  (registration)
 from . import plms  # noqa: F401  (registration)
 from . import sde_dpm_solver  # noqa: F401  (registration)
+from . import sa_solver  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]

@@ -9,7 +9,7 @@ Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``c
 TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
 CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler;
-``parallel``: DDIMParallelScheduler, DDPMParallelScheduler), ``cfg`` (CFG fused inside unmodified
+``parallel``: DDIMParallelScheduler, DDPMParallelScheduler; ``sasolver``: SASolverScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -21,6 +21,7 @@ from .inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
 from .cosine import CosineDPMSolverMultistepScheduler
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
+from .sasolver import SASolverScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -38,5 +39,6 @@ __all__ = [
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler",
+    "SASolverScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]
