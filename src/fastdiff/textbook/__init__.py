@@ -21,6 +21,7 @@ from .ddpm_ddim import sample_ddim, sample_ddpm
 from .dpm_solver import sample_dpmpp_2m
 from .comfy import COMFY_ORACLES, MULTI_DRAW
 from .ipndm import sample_ipndm
+from .cfg_pp import CFG_PP_ORACLES
 from .pndm import sample_pndm
 from .consistency import sample_lcm, sample_tcd
 from .plms import sample_plms
@@ -51,6 +52,7 @@ ORACLES = {
     "sde_dpmsolver": sample_sde_dpmsolver,
     "sa_solver": sample_sa_solver,
 }
+ORACLES.update(CFG_PP_ORACLES)   # CFG++: given a textbook.guided model, they call its parts apart
 # ComfyUI's samplers (fastdiff.solvers.comfy). seeds_2 / seeds_3 make 2 / 3 noise draws per step, which
 # tests/test_solvers_textbook.py's one-draw-per-step harness does not model: their oracles are in
 # COMFY_ORACLES, judged by tests/test_comfy_samplers.py.
