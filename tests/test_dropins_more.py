@@ -644,7 +644,7 @@ def test_sa_solver_matches_stock(config, steps):
 
 
 def test_sa_solver_variants_equal_the_textbook():
-    """fastdiff's sa_solver against its textbook oracle (quadrature integrals), float64, every option."""
+    """fastdiff's sasolver against its textbook oracle (quadrature integrals), float64, every option."""
     from fastdiff import Sampler
     from fastdiff.models.gaussian_mixture import GaussianMixture
     from fastdiff.schedules import DiscreteVP, make_grid
@@ -659,7 +659,7 @@ def test_sa_solver_variants_equal_the_textbook():
             noise = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
             zs = [torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + k))
                   for k in range(steps)]
-            sampler = Sampler.build(solver="sa_solver", grid=grid, prediction="epsilon", solver_options=opts,
+            sampler = Sampler.build(solver="sasolver", grid=grid, prediction="epsilon", solver_options=opts,
                                     state_dtype=torch.float64)
             out = sampler(model, noise, noise_sampler=lambda row, x: zs[row.step], backend="reference", progress=False)
             ref = sample_sa_solver(model, noise * schedule.init_noise_scale(float(grid.alpha[0]), float(grid.sigma[0])),

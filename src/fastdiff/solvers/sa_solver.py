@@ -75,9 +75,10 @@ def _lagrange(lams: Sequence[float]) -> List[List[float]]:
     return out
 
 
-@register("sa_solver")
+@register("sasolver")
 class SASolver(Solver):
-    """SA-Solver predictor-corrector (see the module docstring)."""
+    """SA-Solver predictor-corrector as diffusers has it (see the module docstring; ComfyUI's form is
+    fastdiff.solvers.comfy's ``sa_solver``)."""
 
     stochastic = True
 
@@ -131,7 +132,7 @@ class SASolver(Solver):
         P = [grid_point(grid, i) for i in range(N + 1)]
         lam = [half_log_snr(p) for p in P]
         if not all(math.isfinite(v) for v in lam[:-1]) or lam[-1] == -math.inf:
-            raise ValueError("sa_solver needs alpha > 0 at every grid point and sigma > 0 before the last")
+            raise ValueError("sasolver needs alpha > 0 at every grid point and sigma > 0 before the last")
         clean = P[N].sigma == 0.0
         data = self.algorithm_type == "data_prediction"
         p_ord, c_ord = [], []

@@ -50,7 +50,7 @@ ORACLES = {
     "tcd": sample_tcd,
     "plms": sample_plms,
     "sde_dpmsolver": sample_sde_dpmsolver,
-    "sa_solver": sample_sa_solver,
+    "sasolver": sample_sa_solver,
 }
 ORACLES.update(CFG_PP_ORACLES)   # CFG++: given a textbook.guided model, they call its parts apart
 # ComfyUI's samplers (fastdiff.solvers.comfy). seeds_2 / seeds_3 make 2 / 3 noise draws per step, which

@@ -4,7 +4,7 @@
     pipe.scheduler = SASolverScheduler.from_config(pipe.scheduler.config)
 
 A subclass of diffusers' class (config, ``set_timesteps``, ``sigmas``, ``tau_func`` are diffusers'
-own) whose ``step`` runs one fused pass of fastdiff's ``sa_solver`` (fastdiff.solvers.sa_solver):
+own) whose ``step`` runs one fused pass of fastdiff's ``sasolver`` (fastdiff.solvers.sa_solver):
 the stochastic Adams-Moulton corrector of the previous step and the stochastic Adams-Bashforth
 predictor of this one in one row, data or noise prediction, predictor / corrector orders 1-4, tau
 per step from the config's ``tau_func`` at each timestep (diffusers' default: 1 for timesteps in
@@ -27,7 +27,7 @@ __all__ = ["SASolverScheduler"]
 
 @drop_in(diffusers.SASolverScheduler)
 class SASolverScheduler(FastdiffScheduler, diffusers.SASolverScheduler):
-    """SA-Solver (fastdiff ``sa_solver``)."""
+    """SA-Solver (fastdiff ``sasolver``)."""
 
     _out_dtype = "sample"              # diffusers casts its result to the sample's dtype
 
@@ -48,7 +48,7 @@ class SASolverScheduler(FastdiffScheduler, diffusers.SASolverScheduler):
             raise ValueError("this schedule ends with a zero-length step (Karras / exponential / beta sigmas), where "
                              "diffusers' SA-Solver corrector divides by zero; use another sigma schedule")
         taus = [float(self.tau_func(t)) for t in self.timesteps[start:]]
-        solver = get_solver("sa_solver", predictor_order=c.predictor_order, corrector_order=c.corrector_order,
+        solver = get_solver("sasolver", predictor_order=c.predictor_order, corrector_order=c.corrector_order,
                             taus=taus, algorithm_type=c.algorithm_type, lower_order_final=c.lower_order_final)
         rows = solver.rows(grid)
         return Plan(rows, fold, solver.num_slots, draws=[True] * len(rows), x0_transform=_x0_transform(c))
