@@ -57,9 +57,11 @@ TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler: fastdiff ``
 ``ipndm`` (IPNDMScheduler: ``plms``), ``inverse`` (DDIMInverseScheduler,
 DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending grid), ``cosine``
 (CosineDPMSolverMultistepScheduler), ``cogvideox`` (CogVideoXDDIMScheduler, CogVideoXDPMScheduler),
-``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``); each adds
-itself to ``DROP_INS``. Not yet: SASolverScheduler, RePaintScheduler, ScoreSdeVeScheduler (their
-steps are not one fixed linear row: data-dependent step sizes, masks, jumps back in time).
+``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``), ``sasolver``
+(SASolverScheduler: ``sasolver``); each adds itself to ``DROP_INS``. Not yet: RePaintScheduler,
+ScoreSdeVeScheduler (their steps are not one fixed linear row per call: masks and jumps back in time,
+a Langevin step size from the norms of the model output and the noise, no ``step``), UniPC's
+``solver_p``.
 """
 from __future__ import annotations
 
