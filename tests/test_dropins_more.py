@@ -672,6 +672,56 @@ def test_sa_solver_variants_equal_the_textbook():
 
 
 # ---------------------------------------------------------------------------------------------
+# ScoreSdeVeScheduler: the predictor fused, diffusers' corrector
+
+
+def _sde_ve_trajectory(scheduler, steps, dtype, x_init, outputs, seed, correct_steps):
+    """ScoreSdeVePipeline's loop; the model: the score of N(0, I) data plus 0.1 o."""
+    scheduler.set_timesteps(steps)
+    scheduler.set_sigmas(steps)
+    if dtype == torch.float64:
+        _to_float64(scheduler)
+    g = torch.Generator().manual_seed(seed)
+    x, xs = x_init.to(dtype) * scheduler.config.sigma_max, []
+    for k, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[k]
+        model = lambda x: -x / (sigma ** 2 + 1) + 0.1 * outputs[k].to(dtype)  # noqa: E731
+        for _ in range(correct_steps):
+            x = scheduler.step_correct(model(x), x, generator=g).prev_sample
+        out = scheduler.step_pred(model(x), t, x, generator=g, return_dict=False)
+        x = out[0]
+        xs.append(out)
+    return xs
+
+
+@pytest.mark.parametrize("steps, correct_steps", [(1, 0), (5, 0), (20, 1), (50, 0), (10, 2)])
+def test_score_sde_ve_matches_stock(steps, correct_steps):
+    g = torch.Generator().manual_seed(1000 + steps)
+    x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    outputs = [torch.randn(SHAPE, dtype=torch.float64, generator=g) for _ in range(steps)]
+    peer = _sde_ve_trajectory(diffusers.ScoreSdeVeScheduler(), steps, torch.float32, x_init, outputs, steps,
+                              correct_steps)
+    with _float32_noise("diffusers.schedulers.scheduling_sde_ve"):
+        peer64 = _sde_ve_trajectory(diffusers.ScoreSdeVeScheduler(), steps, torch.float64, x_init, outputs, steps,
+                                    correct_steps)
+    mine = _sde_ve_trajectory(fd.ScoreSdeVeScheduler(), steps, torch.float32, x_init, outputs, steps, correct_steps)
+    for k, (a, p, p64) in enumerate(zip(mine, peer, peer64)):
+        for j, (aj, pj, pj64) in enumerate(zip(a, p, p64)):
+            assert aj.dtype == pj.dtype
+            tol = peer_tolerance(pj, pj64) + PEER_MARGIN * float((pj.double() - pj64).abs().max())
+            assert_close_to_peer(aj, pj, tol, f"call {k} of {steps}, output {j}")
+
+
+def test_score_sde_ve_outputs_are_diffusers():
+    s = fd.ScoreSdeVeScheduler()
+    s.set_timesteps(3)
+    s.set_sigmas(3)
+    out = s.step_pred(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE), generator=torch.Generator().manual_seed(0))
+    assert type(out) is diffusers.schedulers.scheduling_sde_ve.SdeVeOutput
+    assert set(out.keys()) == {"prev_sample", "prev_sample_mean"}
+
+
+# ---------------------------------------------------------------------------------------------
 # accelerate(pipe) takes each new drop-in, and the pipeline's images are stock's
 
 
@@ -712,3 +762,18 @@ def test_accelerate_swaps_in_the_drop_ins_whose_step_pipelines_call_otherwise():
     assert public(pipe.scheduler.config) == before
     handle.remove()
     assert type(pipe.scheduler) is diffusers.CogVideoXDPMScheduler
+
+
+def test_accelerate_takes_score_sde_ve_in_its_pipeline():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+    pipe = diffusers.ScoreSdeVePipeline(unet=unet, scheduler=diffusers.ScoreSdeVeScheduler(sigma_max=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images  # noqa: E731
+    stock = run()
+    handle = fd.accelerate(pipe)
+    assert type(pipe.scheduler) is fd.ScoreSdeVeScheduler
+    np.testing.assert_allclose(run(), stock, rtol=0, atol=1e-5)
+    handle.remove()

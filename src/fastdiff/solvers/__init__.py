@@ -17,5 +17,6 @@ from . import consistency  # noqa: F401  (registration)
 from . import plms  # noqa: F401  (registration)
 from . import sde_dpm_solver  # noqa: F401  (registration)
 from . import sa_solver  # noqa: F401  (registration)
+from . import score_sde  # noqa: F401  (registration)
 
 __all__ = ["SOLVERS", "Solver", "get_solver", "register"]

@@ -27,6 +27,7 @@ from .consistency import sample_lcm, sample_tcd
 from .plms import sample_plms
 from .sde_dpm_solver import sample_sde_dpmsolver
 from .sa_solver import sample_sa_solver
+from .score_sde import sample_reverse_diffusion
 from .ode import sample_euler, sample_heun, sample_midpoint, sample_ralston, sample_rk3, sample_rk4
 from .stochastic import sample_euler_ancestral, sample_euler_maruyama, sample_heun_sde
 
@@ -51,6 +52,7 @@ ORACLES = {
     "plms": sample_plms,
     "sde_dpmsolver": sample_sde_dpmsolver,
     "sasolver": sample_sa_solver,
+    "reverse_diffusion": sample_reverse_diffusion,
 }
 ORACLES.update(CFG_PP_ORACLES)   # CFG++: given a textbook.guided model, they call its parts apart
 # ComfyUI's samplers (fastdiff.solvers.comfy). seeds_2 / seeds_3 make 2 / 3 noise draws per step, which

@@ -9,7 +9,8 @@ Modules: ``schedulers`` (the drop-ins, on ``base``; ``pndm``: PNDMScheduler; ``c
 TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler; ``ipndm``: IPNDMScheduler;
 ``inverse``: DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; ``cosine``:
 CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler;
-``parallel``: DDIMParallelScheduler, DDPMParallelScheduler; ``sasolver``: SASolverScheduler), ``cfg`` (CFG fused inside unmodified
+``parallel``: DDIMParallelScheduler, DDPMParallelScheduler; ``sasolver``: SASolverScheduler;
+``score_sde``: ScoreSdeVeScheduler), ``cfg`` (CFG fused inside unmodified
 pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
 """
 from .attention import FastdiffAttnProcessor
@@ -22,6 +23,7 @@ from .cosine import CosineDPMSolverMultistepScheduler
 from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
 from .sasolver import SASolverScheduler
+from .score_sde import ScoreSdeVeScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -39,6 +41,6 @@ __all__ = [
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler",
-    "SASolverScheduler",
+    "SASolverScheduler", "ScoreSdeVeScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]
