@@ -58,10 +58,9 @@ TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler: fastdiff ``
 DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending grid), ``cosine``
 (CosineDPMSolverMultistepScheduler), ``cogvideox`` (CogVideoXDDIMScheduler, CogVideoXDPMScheduler),
 ``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``), ``sasolver``
-(SASolverScheduler: ``sasolver``); each adds itself to ``DROP_INS``. Not yet: RePaintScheduler,
-ScoreSdeVeScheduler (their steps are not one fixed linear row per call: masks and jumps back in time,
-a Langevin step size from the norms of the model output and the noise, no ``step``), UniPC's
-``solver_p``.
+(SASolverScheduler: ``sasolver``), ``score_sde`` (ScoreSdeVeScheduler: ``reverse_diffusion`` predictor,
+diffusers' corrector); each adds itself to ``DROP_INS``. Not yet: RePaintScheduler (a per-element mask
+and jumps back in time between calls) and UniPC's ``solver_p`` (another scheduler's step inside).
 """
 from __future__ import annotations
 
