@@ -3,7 +3,7 @@ their k-diffusion-signature functions (fastdiff.integrations.comfy_samplers, re-
 fastdiff.integrations.k_diffusion).
 
 1. Every name of the issue's list is a solver and has its ``sample_<name>`` function (the CFG++ ones
-   come with issue 11's row format: xfail until they exist).
+   not written yet, NOT_YET, are xfail).
 2. Each coefficient program equals its textbook form (fastdiff.textbook.comfy, written from ComfyUI's
    code) over whole trajectories: float64 state, reference backend, relative error < 1e-10, on VE,
    discrete-VP, continuous-VP grids, several step counts and predictions, one draw per noise id.
@@ -32,7 +32,7 @@ from fastdiff.textbook.comfy import COMFY_ORACLES, MULTI_DRAW
 # ---------------------------------------------------------------------------------------------
 # 1. The issue's list
 
-# ComfyUI name -> (fastdiff solver, k-diffusion function); "cfg_pp": comes with issue 11's row format.
+# ComfyUI name -> (fastdiff solver, k-diffusion function).
 ISSUE_SAMPLERS = {
     "euler_cfg_pp": ("euler_cfg_pp", "sample_euler_cfg_pp"),
     "euler_ancestral_cfg_pp": ("euler_ancestral_cfg_pp", "sample_euler_ancestral_cfg_pp"),
@@ -62,11 +62,11 @@ ISSUE_SAMPLERS = {
     "uni_pc": ("uni_pc", "sample_uni_pc"),
     "uni_pc_bh2": ("uni_pc_bh2", "sample_uni_pc_bh2"),
 }
-CFG_PP = {n for n in ISSUE_SAMPLERS if "cfg_pp" in n or n == "cfgpp_ud10_ab"}
+NOT_YET = {"cfgpp_ud10_ab"}      # CFG++ samplers not written yet (xfail)
 
 
 def _issue_param(name):
-    marks = [pytest.mark.xfail(reason="issue 11 row format", strict=False)] if name in CFG_PP else []
+    marks = [pytest.mark.xfail(reason="not written yet", strict=False)] if name in NOT_YET else []
     return pytest.param(name, id=name, marks=marks)
 
 

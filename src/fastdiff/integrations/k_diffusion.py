@@ -25,9 +25,10 @@ nothing here repeats a solver's math:
     sample_dpmpp_2m / _2m_sde / _3m_sde  dpmpp_2m / dpmpp_2m_sde / dpmpp_3m_sde
     sample_dpm_fast                    dpm_solver (singlestep) with per-step ``orders`` and ``eta``
     sample_dpm_adaptive                fastdiff.adaptive.sample_dpm_adaptive (DPM-Solver-12/23)
-    sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp   the CFG++ solvers (ComfyUI's
-                                       forms, not in k-diffusion nor in __all__); their model returns
-                                       (denoised, uncond_denoised)
+    sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp / _dpmpp_2s_ancestral_cfg_pp /
+    _res_multistep_cfg_pp / _res_multistep_ancestral_cfg_pp / _gradient_estimation_cfg_pp
+                                       the CFG++ solvers of the same names (ComfyUI's forms, not in
+                                       k-diffusion); their model returns (denoised, uncond_denoised)
 
 Where the results differ from k-diffusion's, and why:
 
@@ -207,13 +208,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
                 check_finite=check_finite)
 
 
-# ---- CFG++ (Chung et al. 2024; ComfyUI's sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp)
+# ---- CFG++ (Chung et al. 2024; ComfyUI's sample_*_cfg_pp)
 #
 # CFG++ needs the unconditional denoised beside the guided one (ComfyUI gets it through a post-CFG
 # hook). The contract here: ``model(x, sigma, **extra_args)`` returns the pair
 # ``(denoised, uncond_denoised)``: the guided x0 (CFG applied by the model wrapper, at the scale
-# the user chose) and the unconditional x0 of the same call. fastdiff's solvers euler_cfg_pp,
-# euler_ancestral_cfg_pp and dpmpp_2m_cfg_pp run it, one fused step per call, the pair passed to
+# the user chose) and the unconditional x0 of the same call. fastdiff's solvers of the same names
+# (fastdiff.solvers.cfg_pp) run it, one fused step per call, the pair passed to
 # the step as (cond, uncond) at g = 1 (so D = denoised exactly, and the uncond term is its own).
 
 @torch.no_grad()
@@ -240,6 +241,49 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, dis
     ``model`` returns ``(denoised, uncond_denoised)``."""
     return _run_cfg_pp("dpmpp_2m_cfg_pp", {}, model, x, sigmas, extra_args, callback, disable,
                        check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                                     noise_sampler=None, *, noise='philox', check_finite='end'):
+    """DPM-Solver++(2S) ancestral CFG++ (ComfyUI's current, not-RF form): both stages on the
+    unconditional denoised, the guidance vector denoised - uncond_denoised of the step's first call
+    added at its end. Two model calls per step (one where sigma_down = 0). ``model`` returns
+    ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("dpmpp_2s_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise}, model, x, sigmas, extra_args,
+                       callback, disable, noise_sampler, noise=noise, kd_draws='next_positive',
+                       check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                                noise_sampler=None, *, noise='philox', check_finite='end'):
+    """RES second-order multistep CFG++ (ComfyUI's res_multistep with cfg_pp=True, eta = 0):
+    x + (denoised - uncond_denoised) advanced by the exponential step on the unconditional
+    denoised (and the previous one). ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("res_multistep_cfg_pp", {"eta": 0.0, "s_noise": s_noise}, model, x, sigmas, extra_args,
+                       callback, disable, noise_sampler, noise=noise, kd_draws='next_positive',
+                       check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                                          s_noise=1., noise_sampler=None, *, noise='philox', check_finite='end'):
+    """res_multistep_cfg_pp down to sigma_down, then noise of std sigma_up (get_ancestral_step, eta).
+    ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("res_multistep_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise}, model, x, sigmas,
+                       extra_args, callback, disable, noise_sampler, noise=noise, kd_draws='next_positive',
+                       check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2., *,
+                                      check_finite='end'):
+    """Gradient estimation CFG++ (ComfyUI's sample_gradient_estimation with cfg_pp=True): d from the
+    unconditional denoised, x = denoised + sigma_next d + (ge_gamma - 1)(sigma_next - sigma)(d - d_prev).
+    ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("gradient_estimation_cfg_pp", {"ge_gamma": ge_gamma}, model, x, sigmas, extra_args, callback,
+                       disable, check_finite=check_finite)
 
 
 def _run_cfg_pp(solver, solver_options, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, *,
@@ -856,6 +900,9 @@ class BrownianTreeNoiseSampler:
 
 
 from .comfy_samplers import *  # noqa: E402,F401,F403  (ComfyUI's samplers: fastdiff.integrations.comfy_samplers)
+__all__ += ["sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2m_cfg_pp",
+            "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
+            "sample_gradient_estimation_cfg_pp"]
 __all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
             "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
             "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm",

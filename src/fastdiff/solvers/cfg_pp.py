@@ -23,7 +23,8 @@ from typing import List
 
 from ..program import Out, Row
 from ..schedules import Grid
-from .base import Solver, ancestral_step, check_eta, check_space, grid_point, ode_s, ode_scale, register
+from .base import (Solver, ancestral_step, check_eta, check_space, grid_point, history_terms, ode_s, ode_scale,
+                   point_at_s, register, ring_write)
 
 
 def _ve_geometry(grid: Grid, n: int):
@@ -113,4 +114,141 @@ class DPMpp2MCFGPP(_CFGPP):
                             hist_write=-1 if last else 0, hist_out=None if last else Out(hu=1.0),
                             next_eval="x"))
             s_prev = s0
+        return rows
+
+
+@register("dpmpp_2s_ancestral_cfg_pp")
+class DPMpp2SAncestralCFGPP(_CFGPP):
+    """ComfyUI sample_dpmpp_2s_ancestral_cfg_pp (comfyanonymous/ComfyUI 02159d8, not-RF branch): with
+    G = D - U from the first evaluation, t = -log s, h = t(s_down) - t, s_mid = e^{-(t + h/2)},
+
+        y_2 = (s_mid/s) y - expm1(-h/2) U,     U_2 = the unconditional x0 at (y_2, s_mid),
+        y'  = (s_down/s) y - expm1(-h) U_2 + s_up s_noise z + G
+
+    (s_down = 0: y' = U + s_up s_noise z + G). The guided output of the second evaluation is not used.
+    Two rows per step: the first writes y_2 and the partial (s_down/s) y + G, the second adds the rest.
+    (ComfyUI's earlier form re-noised y + G and used the guided D, D_2; this is the current one.)"""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
+        self.eta = check_eta(eta)
+        self.s_noise = check_eta(s_noise, "s_noise")
+        self.ode_space = ode_space
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+        self.order = 1 if self.stochastic else 2
+
+    def rows(self, grid: Grid) -> List[Row]:
+        self._check(grid)
+        rows: List[Row] = []
+        noise_id = 0
+        for n in range(grid.steps):
+            p0, s0, s1, c0, c1 = _ve_geometry(grid, n)
+            sd, su = ancestral_step(s0, s1, self.eta)
+            z = c1 * su * self.s_noise if s1 > 0 else 0.0
+            nid = -1
+            if z:
+                nid, noise_id = noise_id, noise_id + 1
+            if sd == 0.0:                                  # Euler to 0: U, then noise and G: D + noise
+                rows.append(Row(step=n, eval_at="x", point=p0, q_y=0.0, q_x0=1.0, out_x=Out(h=c1, z=z),
+                                noise_id=nid, next_eval="x"))
+                continue
+            h = math.log(s0) - math.log(sd)
+            s_mid = math.exp(-(-math.log(s0) + 0.5 * h))
+            pm = point_at_s(grid, "ve", s_mid)
+            cm = ode_scale("ve", pm.alpha, pm.sigma)
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=0.0, q_x0=1.0,
+                            out_x=Out(x=c1 * (sd / s0) / c0, h=c1, hu=-c1),
+                            out_y=Out(x=cm * (s_mid / s0) / c0, hu=-cm * math.expm1(-0.5 * h)), next_eval="y"))
+            rows.append(Row(step=n, eval_at="y", point=pm, q_y=0.0, q_x0=1.0,
+                            out_x=Out(x=1.0, hu=-c1 * math.expm1(-h), z=z), noise_id=nid, next_eval="x"))
+        return rows
+
+
+@register("res_multistep_cfg_pp")
+class ResMultistepCFGPP(_CFGPP):
+    """ComfyUI res_multistep(cfg_pp=True) (eta = 0; res_multistep_ancestral_cfg_pp: eta = 1): with
+    t = -log s, h = t(s_down) - t, c2 = (t(s_prev) - t(s_down_prev)) / h, b1 = phi1(-h) - phi2(-h)/c2,
+    b2 = phi2(-h)/c2 and U_prev the previous step's unconditional x0 (one history slot):
+
+        y' = e^{-h} (y + D - U) + h (b1 U + b2 U_prev)     (first step, s_down = 0: y' = D + s_down (y - U)/s)
+
+    then noise of std s_up s_noise (get_ancestral_step(s, s_next, eta))."""
+
+    num_slots = 1
+
+    def __init__(self, eta: float = 0.0, s_noise: float = 1.0, ode_space: str = "auto"):
+        self.eta = check_eta(eta)
+        self.s_noise = check_eta(s_noise, "s_noise")
+        self.ode_space = ode_space
+        self.stochastic = self.eta > 0 and self.s_noise > 0
+        self.order = 1 if self.stochastic else 2
+
+    def rows(self, grid: Grid) -> List[Row]:
+        self._check(grid)
+        N = grid.steps
+        rows: List[Row] = []
+        noise_id, sd_prev = 0, None
+        for n in range(N):
+            p0, s0, s1, c0, c1 = _ve_geometry(grid, n)
+            sd, su = ancestral_step(s0, s1, self.eta)
+            if sd == 0.0 or n == 0:                        # Euler CFG++ to s_down
+                out = Out(x=c1 * (sd / s0) / c0, h=c1, hu=-c1 * sd / s0)
+            else:
+                h = math.log(s0) - math.log(sd)
+                c2 = (math.log(sd_prev) - math.log(grid.ksigma[n - 1])) / h
+                phi1 = math.expm1(-h) / -h
+                phi2 = (phi1 - 1.0) / -h
+                b1, b2 = phi1 - phi2 / c2, phi2 / c2
+                e = math.exp(-h)
+                out = Out(x=c1 * e / c0, h=c1 * e, hu=c1 * (h * b1 - e), hist=((0, c1 * h * b2),))
+            z = c1 * su * self.s_noise if s1 > 0 else 0.0
+            nid = -1
+            if z:
+                nid, noise_id = noise_id, noise_id + 1
+            out = Out(x=out.x, h=out.h, hu=out.hu, hist=out.hist, z=z)
+            w = ring_write(n, N, 1)
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=0.0, q_x0=1.0, out_x=out, hist_write=w,
+                            hist_out=Out(hu=1.0) if w >= 0 else None, noise_id=nid, next_eval="x"))
+            sd_prev = sd
+        return rows
+
+
+@register("res_multistep_ancestral_cfg_pp")
+class ResMultistepAncestralCFGPP(ResMultistepCFGPP):
+    """ComfyUI sample_res_multistep_ancestral_cfg_pp: res_multistep_cfg_pp with eta = 1 by default."""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
+        super().__init__(eta=eta, s_noise=s_noise, ode_space=ode_space)
+
+
+@register("gradient_estimation_cfg_pp")
+class GradientEstimationCFGPP(_CFGPP):
+    """ComfyUI sample_gradient_estimation(cfg_pp=True) (Permenter & Yuan 2024 with CFG++): with the
+    unconditional derivative d = (y - U)/s (kept in one history slot),
+
+        y' = D + s' d + (gamma - 1)(s' - s)(d - d_prev)      (first step: no last term; s' = 0: y' = D)."""
+
+    num_slots = 1
+    order = 1
+
+    def __init__(self, ge_gamma: float = 2.0, ode_space: str = "auto"):
+        self.ge_gamma = float(ge_gamma)
+        if not math.isfinite(self.ge_gamma):
+            raise ValueError(f"ge_gamma must be a finite number, got {ge_gamma}")
+        self.ode_space = ode_space
+
+    def rows(self, grid: Grid) -> List[Row]:
+        self._check(grid)
+        N = grid.steps
+        rows: List[Row] = []
+        for n in range(N):
+            p0, s0, s1, c0, c1 = _ve_geometry(grid, n)
+            if s1 == 0.0:
+                out = Out(h=c1)
+            else:
+                a = s1 + ((self.ge_gamma - 1.0) * (s1 - s0) if n >= 1 else 0.0)     # weight of d
+                hist = ((0, -c1 * (self.ge_gamma - 1.0) * (s1 - s0)),) if n >= 1 else ()
+                out = Out(x=c1 * a / (s0 * c0), h=c1, hu=-c1 * a / s0, hist=hist)
+            w = ring_write(n, N, 1)
+            rows.append(Row(step=n, eval_at="x", point=p0, q_y=0.0, q_x0=1.0, out_x=out, hist_write=w,
+                            hist_out=Out(x=1.0 / (s0 * c0), hu=-1.0 / s0) if w >= 0 else None, next_eval="x"))
         return rows
