@@ -27,11 +27,14 @@ CFG_PP = sorted(CFG_PP_ORACLES)
 BASE = {"euler_cfg_pp": ("euler", {}), "euler_ancestral_cfg_pp": ("euler_ancestral", {}),
         "dpmpp_2m_cfg_pp": ("dpmpp_2m", {}), "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s_ancestral", {}),
         "res_multistep_cfg_pp": ("res_multistep", {}), "res_multistep_ancestral_cfg_pp": ("res_multistep_ancestral", {}),
-        "gradient_estimation_cfg_pp": ("gradient_estimation", {})}
+        "gradient_estimation_cfg_pp": ("gradient_estimation", {}), "cfgpp_ud10_ab": ("euler", {})}
+# the CFG++ sampler's options under which it reduces to BASE without guidance (default: none needed)
+REDUCES_WITH = {"cfgpp_ud10_ab": {"history_weight": 0.0, "zero_weight": None, "uncond_history_weight": 0.0}}
 # options that change the program, per sampler (test_options_and_oracles_registered)
 OPTIONS = {"euler_ancestral_cfg_pp": {"eta": 0.5, "s_noise": 0.8}, "dpmpp_2s_ancestral_cfg_pp": {"eta": 0.5, "s_noise": 0.8},
            "res_multistep_cfg_pp": {"eta": 0.3}, "res_multistep_ancestral_cfg_pp": {"eta": 0.7, "s_noise": 0.9},
-           "gradient_estimation_cfg_pp": {"ge_gamma": 1.5}}
+           "gradient_estimation_cfg_pp": {"ge_gamma": 1.5},
+           "cfgpp_ud10_ab": {"history_weight": 0.5, "zero_weight": 0.5, "uncond_history_weight": 0.3}}
 # model evaluations per step (fused rows per step)
 EVALS_PER_STEP = {"dpmpp_2s_ancestral_cfg_pp": 2}
 MAX_ERR = {}
@@ -127,7 +130,7 @@ def test_without_guidance_is_the_base_solver(name):
     """No uncond pass: the unconditional prediction is the conditional one."""
     grid = make_grid(DiscreteVP(beta_schedule="scaled_linear"), 8, "karras")
     cond, uncond = pair(grid.schedule, "epsilon")
-    out, *_ = run_pair(name, grid, "epsilon", cond, uncond, None)
+    out, *_ = run_pair(name, grid, "epsilon", cond, uncond, None, opts=REDUCES_WITH.get(name))
     base, opts = BASE[name]
     ref, *_ = run_pair(base, grid, "epsilon", cond, uncond, None, opts=opts)
     assert rel_err(out, ref) < 1e-10
@@ -144,6 +147,27 @@ def test_cpu_backend_matches_reference(name):
     kw = dict(cond={"label": torch.ones(B)}, uncond={"label": torch.zeros(B)}, seed=5, progress=False)
     a, b = s(model, noise, backend="cpu", **kw), s(model, noise, backend="reference", **kw)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [None, Guidance(2.0)])
+def test_cfgpp_ud10_ab_without_guidance_and_its_euler_limit(guidance):
+    """cfgpp_ud10_ab's default options without guidance (U = D): the oracle with the cond model alone
+    (Euler blended with AB2 and the extrapolated last step); with its history weights 0 and no zero
+    extrapolation it is Euler CFG++ (and Euler without guidance)."""
+    grid = make_grid(DiscreteVP(beta_schedule="scaled_linear"), 9, "karras")
+    cond, uncond = pair(grid.schedule, "epsilon")
+    out, x0, zs, sampler, model = run_pair("cfgpp_ud10_ab", grid, "epsilon", cond, uncond, guidance)
+    ref = CFG_PP_ORACLES["cfgpp_ud10_ab"](cond if guidance is None else guided(cond, uncond, 2.0), x0, grid,
+                                          "epsilon", noise=zs)
+    assert rel_err(out, ref) < 1e-10
+    assert model.calls == len(sampler.program.rows) == grid.steps
+    limit, *_ = run_pair("cfgpp_ud10_ab", grid, "epsilon", cond, uncond, guidance, opts=REDUCES_WITH["cfgpp_ud10_ab"])
+    euler, *_ = run_pair("euler" if guidance is None else "euler_cfg_pp", grid, "epsilon", cond, uncond, guidance)
+    assert rel_err(limit, euler) < 1e-10 and float((out - euler).abs().max()) > 1e-4
+    no_zero, *_ = run_pair("cfgpp_ud10_ab", grid, "epsilon", cond, uncond, guidance, opts={"zero_weight": None})
+    ref = CFG_PP_ORACLES["cfgpp_ud10_ab"](cond if guidance is None else guided(cond, uncond, 2.0), x0, grid,
+                                          "epsilon", noise=zs, zero_weight=None)
+    assert rel_err(no_zero, ref) < 1e-10 and float((no_zero - out).abs().max()) > 1e-6
 
 
 def test_cfg_pp_rejects_nonlinear_guidance_hooks():
@@ -206,7 +230,7 @@ def _batch_vs_separate(solver, backend, guidance_for, *, state_dtype=torch.float
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "euler", "heun", "euler_ancestral", "euler_cfg_pp",
                                     "dpmpp_2m_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp",
                                     "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp",
-                                    "gradient_estimation_cfg_pp"])
+                                    "gradient_estimation_cfg_pp", "cfgpp_ud10_ab"])
 def test_batch_of_3_scales_equals_separate_runs_bitwise(solver, backend):
     batch = _batch_vs_separate(solver, backend, lambda s: s)
     assert torch.isfinite(batch).all()

@@ -26,7 +26,8 @@ nothing here repeats a solver's math:
     sample_dpm_fast                    dpm_solver (singlestep) with per-step ``orders`` and ``eta``
     sample_dpm_adaptive                fastdiff.adaptive.sample_dpm_adaptive (DPM-Solver-12/23)
     sample_euler_cfg_pp / _euler_ancestral_cfg_pp / _dpmpp_2m_cfg_pp / _dpmpp_2s_ancestral_cfg_pp /
-    _res_multistep_cfg_pp / _res_multistep_ancestral_cfg_pp / _gradient_estimation_cfg_pp
+    _res_multistep_cfg_pp / _res_multistep_ancestral_cfg_pp / _gradient_estimation_cfg_pp /
+    sample_cfgpp_ud10_ab
                                        the CFG++ solvers of the same names (ComfyUI's forms, not in
                                        k-diffusion); their model returns (denoised, uncond_denoised)
 
@@ -284,6 +285,16 @@ def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callbac
     ``model`` returns ``(denoised, uncond_denoised)``."""
     return _run_cfg_pp("gradient_estimation_cfg_pp", {"ge_gamma": ge_gamma}, model, x, sigmas, extra_args, callback,
                        disable, check_finite=check_finite)
+
+
+@torch.no_grad()
+def sample_cfgpp_ud10_ab(model, x, sigmas, extra_args=None, callback=None, disable=None, *, check_finite='end'):
+    """ComfyUI's CFG++ UD10 AB: Euler CFG++ with the unconditional derivative extrapolated from the
+    last step's (weight 0.1), lerped (0.25) with a variable-step AB2 step, and the final step to
+    sigma = 0 replaced by the linear extrapolation of the denoised to 0 (ComfyUI's non-flow form).
+    ``model`` returns ``(denoised, uncond_denoised)``."""
+    return _run_cfg_pp("cfgpp_ud10_ab", {}, model, x, sigmas, extra_args, callback, disable,
+                       check_finite=check_finite)
 
 
 def _run_cfg_pp(solver, solver_options, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, *,
@@ -902,7 +913,7 @@ class BrownianTreeNoiseSampler:
 from .comfy_samplers import *  # noqa: E402,F401,F403  (ComfyUI's samplers: fastdiff.integrations.comfy_samplers)
 __all__ += ["sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2m_cfg_pp",
             "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
-            "sample_gradient_estimation_cfg_pp"]
+            "sample_gradient_estimation_cfg_pp", "sample_cfgpp_ud10_ab"]
 __all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dpmpp_2m_sde_heun", "sample_ipndm",
             "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
             "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm",

@@ -252,3 +252,92 @@ class GradientEstimationCFGPP(_CFGPP):
             rows.append(Row(step=n, eval_at="x", point=p0, q_y=0.0, q_x0=1.0, out_x=out, hist_write=w,
                             hist_out=Out(x=1.0 / (s0 * c0), hu=-1.0 / s0) if w >= 0 else None, next_eval="x"))
         return rows
+
+
+@register("cfgpp_ud10_ab")
+class CFGPPUD10AB(_CFGPP):
+    """ComfyUI sample_cfgpp_ud10_ab (its ``_sample_cfgpp_history`` with history_weight 0.25, zero_weight
+    1.0, uncond_history_weight 0.1; zero_order 1): Euler CFG++ whose unconditional derivative
+    cud = (y - U)/s is extrapolated from the previous step's, blended with a variable-step
+    Adams-Bashforth-2 step on the step's derivatives, and a final step to s = 0 replaced (weight
+    zero_weight) by the linear extrapolation of the guided x0 to s = 0. With dt = s' - s:
+
+        ud   = cud + w_u dt/(s - s_prev) (cud - cud_prev)                      (first step: ud = cud)
+        E    = D + s' ud - y,   d = E / dt
+        y'   = y + lerp(E, c_0 d + c_1 d_prev, w_h)                            (first step: y + E)
+        s' = 0: y' = lerp(y', D - s (D - D_prev)/(s - s_prev), w_0)
+
+    (c_0, c_1: the AB2 weights, integrals over [s, s'] of the Lagrange basis on s, s_prev.) Every
+    quantity is linear in y, D, U and the previous step's values, so each model evaluation is one
+    row: from the second row on the state is in the y buffer (the model evaluates there), the x
+    buffer holds cud_prev (or D_prev before a final step to s = 0) and one history slot d_prev.
+    Written in the 've' coordinates: on k-diffusion noise levels (alpha = 1) exactly ComfyUI's
+    formula for non-flow models."""
+
+    num_slots = 1
+    order = 1
+
+    def __init__(self, history_weight: float = 0.25, zero_weight=1.0, uncond_history_weight: float = 0.1,
+                 ode_space: str = "auto"):
+        def finite(v, name):
+            v = float(v)
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+            return v
+        self.history_weight = finite(history_weight, "history_weight")
+        self.zero_weight = None if zero_weight is None else finite(zero_weight, "zero_weight")
+        self.uncond_history_weight = finite(uncond_history_weight, "uncond_history_weight")
+        self.ode_space = ode_space
+
+    def rows(self, grid: Grid) -> List[Row]:
+        from .multistep import lms_coefficients
+
+        self._check(grid)
+        N = grid.steps
+        s = [float(v) for v in grid.ksigma]
+        points = [grid_point(grid, i) for i in range(N + 1)]
+        c = [ode_scale("ve", p.alpha, p.sigma) for p in points]
+        hw, zw, wu = self.history_weight, self.zero_weight, self.uncond_history_weight
+        rows: List[Row] = []
+        for i in range(N):
+            ci, si, sn, cn = c[i], s[i], s[i + 1], c[i + 1]
+            dt = sn - si
+            last = i == N - 1
+            E_in = "x" if i == 0 else "y"
+            # E_i = eE * E + D + eU * U + eA * A   (E: the state buffer c_i y_i, A: the x buffer, cud_prev)
+            k = wu * dt / (si - s[i - 1]) if (i > 0 and wu) else 0.0
+            eE, eU, eA = sn * (1.0 + k) / (ci * si) - 1.0 / ci, -sn * (1.0 + k) / si, -sn * k
+            if i == 0:
+                m, hc = 1.0, 0.0                    # y' = y + E_i
+            else:
+                c0, c1 = lms_coefficients(s, i, 2)
+                m, hc = (1.0 - hw) + hw * c0 / dt, hw * c1
+            # y' = E/c_i + m E_i + hc d_prev
+            yE, yD, yU, yA, yH = 1.0 / ci + m * eE, m, m * eU, m * eA, hc
+            if sn == 0.0 and zw is not None and i > 0:       # A holds D_prev here
+                r = si / (si - s[i - 1])
+                yE, yD, yU, yA, yH = ((1.0 - zw) * yE, (1.0 - zw) * yD + zw * (1.0 - r), (1.0 - zw) * yU,
+                                      (1.0 - zw) * yA + zw * r, (1.0 - zw) * yH)
+            hist = ((0, cn * yH),) if yH else ()
+            if i == 0:   # E is the x buffer: its coefficient goes in 'x' (the eval point is the state)
+                state = Out(x=cn * yE, h=cn * yD, hu=cn * yU, hist=hist)
+            else:
+                state = Out(x=cn * yA, y=cn * yE, h=cn * yD, hu=cn * yU, hist=hist)
+            if last:
+                rows.append(Row(step=i, eval_at=E_in, point=points[i], q_y=0.0, q_x0=1.0, out_x=state,
+                                next_eval="x"))
+                continue
+            next_is_zero = s[i + 2] == 0.0 and zw is not None
+            if next_is_zero:
+                aux = Out(h=1.0)                                         # D_i
+            elif i == 0:
+                aux = Out(x=1.0 / (ci * si), hu=-1.0 / si)               # cud_i
+            else:
+                aux = Out(y=1.0 / (ci * si), hu=-1.0 / si)
+            if i == 0:
+                d = Out(x=eE / dt, h=1.0 / dt, hu=eU / dt)
+            else:
+                d = Out(x=eA / dt, y=eE / dt, h=1.0 / dt, hu=eU / dt)
+            rows.append(Row(step=i, eval_at=E_in, point=points[i], q_y=0.0, q_x0=1.0, out_x=aux, out_y=state,
+                            hist_write=0, hist_out=d, next_eval="y"))
+        return rows

@@ -184,6 +184,66 @@ def sample_gradient_estimation_cfg_pp(model: Callable, x: torch.Tensor, grid: Gr
     return oc.to_x(y, grid.steps)
 
 
+def _linear_multistep_coeff(order: int, t, i: int, j: int) -> float:
+    """The integral over [t_i, t_{i+1}] of the Lagrange basis polynomial j on t_i, t_{i-1}, ..."""
+    from scipy import integrate
+
+    def fn(tau):
+        prod = 1.0
+        for k in range(order):
+            if j != k:
+                prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+    return integrate.quad(fn, t[i], t[i + 1], epsabs=0.0, epsrel=1e-13)[0]
+
+
+def sample_cfgpp_history(model: Callable, x: torch.Tensor, grid: Grid, prediction: str, noise=None,
+                         history_weight: float = 0.5, zero_weight=None, uncond_history_weight: float = 0.0,
+                         ode_space: str = "auto") -> torch.Tensor:
+    """ComfyUI's _sample_cfgpp_history (zero_order 1) on a non-flow model (alpha_s = alpha_t = 1 in
+    its half-logSNR terms): Euler CFG++ with the unconditional derivative extrapolated from the last
+    step's, lerped with a variable-step AB2 step, the final step to 0 lerped toward the linear
+    extrapolation of the guided x0."""
+    oc, ou, g = _coordinates(model, grid, prediction, ode_space)
+    sigmas = oc.s
+    y = oc.to_y(x, 0)
+    derivatives, denoised_history = [], []
+    old_uncond_d = None
+    for i in range(grid.steps):
+        cond_denoised, uncond_denoised = oc.denoised(y, i), ou.denoised(y, i)
+        denoised = uncond_denoised + g * (cond_denoised - uncond_denoised)
+        current_uncond_d = (y - uncond_denoised) / sigmas[i]
+        uncond_d = current_uncond_d
+        dt = sigmas[i + 1] - sigmas[i]
+        if i > 0 and uncond_history_weight:
+            step_ratio = dt / (sigmas[i] - sigmas[i - 1])
+            uncond_d = uncond_d + uncond_history_weight * step_ratio * (current_uncond_d - old_uncond_d)
+        euler_step = denoised + sigmas[i + 1] * uncond_d - y
+        derivatives = (derivatives + [euler_step / dt])[-2:]
+        if len(derivatives) == 1:
+            step = euler_step
+        else:
+            coeffs = [_linear_multistep_coeff(2, sigmas, i, j) for j in range(2)]
+            history_step = sum(cf * d for cf, d in zip(coeffs, reversed(derivatives)))
+            step = torch.lerp(euler_step, history_step, history_weight)
+        y = y + step
+        if sigmas[i + 1] == 0 and zero_weight is not None and denoised_history:
+            denoised_slope = (denoised - denoised_history[-1]) / (sigmas[i] - sigmas[i - 1])
+            zero_prediction = denoised - sigmas[i] * denoised_slope
+            y = torch.lerp(y, zero_prediction, zero_weight)
+        denoised_history = (denoised_history + [denoised])[-2:]
+        old_uncond_d = current_uncond_d
+    return oc.to_x(y, grid.steps)
+
+
+def sample_cfgpp_ud10_ab(model, x, grid, prediction, noise=None, history_weight: float = 0.25, zero_weight=1.0,
+                         uncond_history_weight: float = 0.1, ode_space: str = "auto"):
+    """ComfyUI sample_cfgpp_ud10_ab: history weight 0.25, zero weight 1.0, unconditional history 0.1."""
+    return sample_cfgpp_history(model, x, grid, prediction, noise, history_weight=history_weight,
+                                zero_weight=zero_weight, uncond_history_weight=uncond_history_weight,
+                                ode_space=ode_space)
+
+
 CFG_PP_ORACLES = {
     "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
@@ -192,4 +252,5 @@ CFG_PP_ORACLES = {
     "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
     "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
+    "cfgpp_ud10_ab": sample_cfgpp_ud10_ab,
 }
