@@ -317,3 +317,39 @@ def test_sync_recorder_catches_per_step_reads(net):
     many = _syncs(net, "dpmpp_2m_cfg", 7, check_finite="step")
     assert len(many) > len(few)
     assert torch.Tensor.item is torch._C.TensorBase.item   # the recorder restored torch.Tensor
+
+
+# Issue 13's samplers under ComfyUI's names (benchmarks/call_count.py's list): no per-step host sync
+# in building the program or running it. ComfyUI's sa_solver reads a value back (.item()) every step;
+# fastdiff's computes its tau(sigma) window and Adams coefficients on the host from the grid, before
+# the loop, and draws its noise in the kernel. All run with CFG (the CFG++ ones need the pair).
+def _comfy_sync_cases():
+    from benchmarks.call_count import ISSUE13
+    from fastdiff.solvers import SOLVERS
+    cases = [(n, {}) for n in ISSUE13]
+    cases += [("sa_solver", {"tau_interval": (1e9, 0.0)}), ("sa_solver", {"eta": 0.0}),
+              ("sa_solver_pece", {"tau_interval": (1e9, 0.0)}), ("er_sde", {"solver_type": "ODE"}),
+              ("heunpp2", {"s_churn": 4.0, "s_tmin": 0.05, "s_tmax": 30.0})]
+    return [pytest.param(n, o, id=n + "".join(f"-{k}={v}" for k, v in o.items()),
+                         marks=[] if ISSUE13[n] in SOLVERS else
+                         [pytest.mark.skip(reason=f"{ISSUE13[n]} is not a fastdiff solver yet")])
+            for n, o in cases]
+
+
+def _comfy_syncs(net, name, options, steps):
+    from benchmarks.call_count import ISSUE13
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    cond, uncond = labels(1)
+    with torch.no_grad(), record_host_syncs() as calls:
+        sampler = fastdiff.Sampler.build(solver=ISSUE13[name], solver_options=options, steps=steps, guidance=4.0)
+        sampler(net, noise, cond=cond, uncond=uncond, progress=False, seed=5)
+    return calls
+
+
+@pytest.mark.parametrize("name, options", _comfy_sync_cases())
+def test_comfy_samplers_have_no_per_step_host_sync(net, name, options):
+    few, many = _comfy_syncs(net, name, options, 3), _comfy_syncs(net, name, options, 7)
+    assert sorted(many) == sorted(few), (
+        f"{name}: host syncs that grow with the number of steps (method, file, line, source):\n  "
+        + "\n  ".join(map(str, sorted(set(many) - set(few)) or many)))
+    assert any(site[0] == "item" and "bad_row" in site[3] for site in many), many
