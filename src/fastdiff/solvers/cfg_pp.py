@@ -1,6 +1,8 @@
 """CFG++ samplers (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance for
-Diffusion Models", arXiv 2406.08070), in the forms ComfyUI ships (comfy/k_diffusion/sampling.py:
-``sample_euler_cfg_pp``, ``sample_euler_ancestral_cfg_pp``, ``sample_dpmpp_2m_cfg_pp``).
+Diffusion Models", arXiv 2406.08070), in the forms ComfyUI ships (comfy/k_diffusion/sampling.py):
+``euler_cfg_pp``, ``euler_ancestral_cfg_pp``, ``dpmpp_2m_cfg_pp``, ``dpmpp_2s_ancestral_cfg_pp``,
+``res_multistep_cfg_pp``, ``res_multistep_ancestral_cfg_pp``, ``gradient_estimation_cfg_pp`` and
+``cfgpp_ud10_ab``.
 
 CFG++ re-noises with the *unconditional* noise estimate: the guided x0 goes in one term, the
 unconditional prediction in another. In k-diffusion's coordinates y = x/alpha, s = sigma/alpha
@@ -10,11 +12,19 @@ unconditional prediction in another. In k-diffusion's coordinates y = x/alpha, s
 * DPM++(2M) CFG++ (t = -log s, h = t' - t, r = h_last / h):
       y' = D - e^{-h} U + e^{-h} y - expm1(-h) / (2 r) (D - U_prev)       (first step: no last term)
   U is kept in one history slot for the next step.
+* DPM++(2S) ancestral CFG++: both stages on U (the second evaluation's U_2), plus D - U of the first
+  evaluation at the end of the step (two rows per step).
+* RES multistep CFG++: y' = e^{-h} (y + D - U) + h (b1 U + b2 U_prev) (+ ancestral noise).
+* Gradient estimation CFG++: y' = D + s' d + (gamma - 1)(s' - s)(d - d_prev), d = (y - U)/s.
+* CFG++ UD10 AB: Euler CFG++ with an extrapolated unconditional derivative, lerped with an AB2 step,
+  the last step extrapolating D to s = 0 (see CFGPPUD10AB).
 
 Each model evaluation is one row of the fused step: the row's ``Out.h`` is the guided x0 and
 ``Out.hu`` the unconditional x0 (fastdiff.program), so CFG++ needs no kernel of its own. Without
-guidance (no uncond pass) U = D and these reduce to Euler, Euler ancestral and DPM-Solver++(2M).
-The guidance scale is the user's (ComfyUI's CFG++ nodes expect small scales, ~0.5-2).
+guidance (no uncond pass) U = D and these reduce to Euler, Euler ancestral, DPM-Solver++(2M),
+DPM-Solver++(2S) ancestral, res_multistep(_ancestral), gradient_estimation (and cfgpp_ud10_ab, with
+its history weights 0 and no zero extrapolation, to Euler). The guidance scale is the user's
+(ComfyUI's CFG++ nodes expect small scales, ~0.5-2).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """CFG++ (Chung et al. 2024, arXiv 2406.08070) as ComfyUI writes it (comfy/k_diffusion/sampling.py:
-sample_euler_cfg_pp, sample_euler_ancestral_cfg_pp, sample_dpmpp_2m_cfg_pp), step by step in
-k-diffusion's coordinates y = x/alpha, s = sigma/alpha.
+sample_euler_cfg_pp, sample_euler_ancestral_cfg_pp, sample_dpmpp_2m_cfg_pp,
+sample_dpmpp_2s_ancestral_cfg_pp, res_multistep(cfg_pp=True), sample_gradient_estimation(cfg_pp=True),
+sample_cfgpp_ud10_ab), step by step in k-diffusion's coordinates y = x/alpha, s = sigma/alpha.
 
 CFG++ needs the conditional and the unconditional model apart: ``model`` is either a plain model
 (no guidance: the unconditional prediction is the conditional one) or the callable
