@@ -918,3 +918,25 @@ __all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dp
             "sample_ipndm_v", "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_exp_heun_2_x0",
             "sample_exp_heun_2_x0_sde", "sample_seeds_2", "sample_seeds_3", "sample_er_sde", "sample_lcm",
             "sample_ddim", "sample_uni_pc", "sample_uni_pc_bh2", "sample_sa_solver", "sample_sa_solver_pece"]
+
+
+# ComfyUI's KSAMPLER names that are other names of the samplers above.
+# *_gpu: ComfyUI draws these samplers' noise on the model's device instead of the CPU; fastdiff's
+# Philox noise is the same stream on every device, so they are the same functions.
+sample_dpmpp_sde_gpu = sample_dpmpp_sde                              # noqa: F405
+sample_dpmpp_2m_sde_gpu = sample_dpmpp_2m_sde                        # noqa: F405
+sample_dpmpp_2m_sde_heun_gpu = sample_dpmpp_2m_sde_heun              # noqa: F405
+sample_dpmpp_3m_sde_gpu = sample_dpmpp_3m_sde                        # noqa: F405
+
+
+def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
+                noise='philox', check_finite='end'):
+    """ComfyUI's ``ddpm``: the DDPM posterior step (Ho et al. 2020, variance fixed_small) taken in
+    the VP space of each noise level, alpha_cumprod = 1 / (1 + sigma^2). Algebraically that is the
+    ancestral Euler step at eta = 1 (mean and variance agree term by term), so it runs as one."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta=1.0, s_noise=1.0,
+                                  noise_sampler=noise_sampler, noise=noise, check_finite=check_finite)
+
+
+__all__ += ["sample_dpmpp_sde_gpu", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun_gpu",
+            "sample_dpmpp_3m_sde_gpu", "sample_ddpm"]
