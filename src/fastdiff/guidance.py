@@ -35,6 +35,12 @@ In the order they are applied at each model evaluation:
 3. ``x0_clip``: ``ClipSample`` (static clipping of x0, diffusers' clip_sample) or
    ``DynamicThresholding`` (Imagen; diffusers' thresholding=True).
 
+``method`` (``fastdiff.guiders``: APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, or their names)
+replaces the linear CFG combination in step 1 by a non-linear per-sample one (norms, dot products,
+projections of cond/uncond; see that module for each formula); rescale then applies to its
+output with the cond output as reference, as diffusers' guiders do. Stateful methods (APG
+momentum) start afresh every sampling run (the state lives in the run's ``GuidanceHook``).
+
 Transforms 2 and 3 act on the predicted clean sample x0 (computed exactly from the evaluation
 point and D). The step then runs the same solver rows compiled for ``prediction="sample"``
 with x0 as the model output, so every solver sees the transformed x0 and the noise
@@ -51,6 +57,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .guiders import Guider, as_guider
 from .ops import guidance_scale_to_g
 from .ops.reductions import cfg_rescale, dynamic_threshold
 from .parameterization import x0_coefficients
@@ -151,8 +158,10 @@ class Guidance:
     rescale: float = 0.0                              # guidance_rescale, phi in [0, 1]
     x0_clip: Optional[X0Clip] = None
     classifier: Optional[ClassifierGuidance] = None
+    method: Optional[Guider] = None                   # a fastdiff.guiders method, or its name
 
     def __post_init__(self):
+        object.__setattr__(self, "method", as_guider(self.method))
         sc = self.scale
         if isinstance(sc, torch.Tensor) or isinstance(sc, (np.ndarray, list, tuple)):
             arr = sc.detach().cpu().double().numpy() if isinstance(sc, torch.Tensor) else np.asarray(sc)
@@ -192,8 +201,8 @@ class Guidance:
             raise TypeError(f"classifier must be None or ClassifierGuidance(classifier, labels, scale), "
                             f"got {type(self.classifier).__name__}")
         if self.per_sample and self.needs_hook:
-            raise ValueError("per-sample guidance scales take no rescale / classifier guidance / x0 clipping "
-                             "(those transforms take one scalar scale)")
+            raise ValueError("per-sample guidance scales take no rescale / classifier guidance / x0 clipping / "
+                             "guidance method (those transforms take one scalar scale)")
 
     @property
     def per_sample(self) -> bool:
@@ -236,7 +245,7 @@ class Guidance:
     @property
     def needs_hook(self) -> bool:
         """Whether sampling needs the non-linear path between model call and step."""
-        return self.rescale > 0.0 or self.acts_on_x0
+        return self.rescale > 0.0 or self.acts_on_x0 or self.method is not None
 
 
 def as_guidance(guidance) -> Optional[Guidance]:
@@ -264,6 +273,7 @@ class GuidanceHook:
         self.table = table
         self.g = program.table[:, COL_G]            # host copy: no device read per step
         self.x0_table = None
+        self.state: dict = {}                       # per-run state of the guidance method (APG momentum)
         if guidance.acts_on_x0:
             # The same rows with x0 itself as the model output: h = q_y E + q_x0 D.
             x0_program = compile_program(program.rows, "sample", program.num_slots, program.steps)
@@ -274,7 +284,19 @@ class GuidanceHook:
         gd = self.guidance
         g = float(self.g[i])
         # CFG (with rescale = 0: just CFG) in float32/float64 even for half-precision outputs.
-        D = cond if uncond is None else cfg_rescale(cond, uncond, g, gd.rescale)
+        m = gd.method
+        if m is None:
+            D = cond if uncond is None else cfg_rescale(cond, uncond, g, gd.rescale)
+        else:
+            D = m.pre(cond, row.step)
+            if D is None:
+                if uncond is None:
+                    D = cond
+                else:
+                    D = m.combine(cond, uncond, g, gd.convention == "1+w", row.step, self.state)
+                    if gd.rescale > 0.0:
+                        # phi D std(cond)/std(D) + (1 - phi) D: cfg_rescale with uncond = D, g = 0
+                        D = cfg_rescale(cond.to(D.dtype), D, 0.0, gd.rescale)
         if not gd.acts_on_x0:
             return self.table, D, None               # g is folded into D
 

@@ -1,0 +1,259 @@
+"""Non-linear single-pass guidance methods: ``Guidance(scale, method=APG(...))``.
+
+Each method replaces the linear CFG combination D = u + g (c - u) of the conditional output c
+and the unconditional output u (one model evaluation, in the model's own parameterization) by a
+per-sample non-linear one built from norms, dot products and projections over the non-batch
+dimensions. They run in the ``GuidanceHook`` between the model call and the fused step, in
+plain PyTorch, vectorized over the batch and without host synchronisation (no ``.item()``, no
+data-dependent branches). The reductions are accumulated in float64; the elementwise work is
+float32 (float64 for float64 outputs).
+
+Conventions. With ``convention="w"`` (diffusers' default) the guided output is built on the
+unconditional base, ``D = u' + g * update``; with ``convention="1+w"`` (diffusers'
+``use_original_formulation=True``) on the conditional base, ``D = c + w * update``, w = g - 1.
+For CFG-Zero*, TCFG and MAMBO-G the two are the same function of (c, u) (as for plain CFG);
+for APG they differ, exactly as in diffusers.
+
+Where CFG is off at an evaluation (g = 1, or outside ``Guidance.interval``) the method returns c,
+as diffusers' guiders do when disabled. CFG-Zero*'s zero-init applies whatever the scale.
+
+State (APG's momentum) lives in a per-run state dict that ``GuidanceHook`` creates afresh for
+every sampling run, so runs are independent (diffusers resets its buffer at step 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+
+def _num(name: str, v) -> float:
+    if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(float(v))):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _work(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _dims(x: torch.Tensor, norm_dim=None):
+    return list(range(1, x.dim())) if norm_dim is None else list(norm_dim)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
+    """Per-sample <a, b> over ``dims``, accumulated in float64, keepdim."""
+    return (a.double() * b.double()).sum(dim=dims, keepdim=True)
+
+
+class Guider:
+    """Base class of the methods: ``combine(c, u, g, one_plus_w, step, state) -> D``."""
+
+    name = "guider"
+
+    def combine(self, c: torch.Tensor, u: torch.Tensor, g: float, one_plus_w: bool, step: int,
+                state: dict) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pre(self, c: torch.Tensor, step: int) -> Optional[torch.Tensor]:
+        """An output that replaces the model's at this step whatever the scale (None: none)."""
+        return None
+
+
+@dataclass(frozen=True)
+class APG(Guider):
+    """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416; diffusers'
+    ``AdaptiveProjectedGuidance``). Per evaluation, with d = c - u:
+
+        m   = d + momentum * m_prev          (momentum buffer, m_prev = 0 at the run's start;
+                                              skipped when momentum is None)
+        d   = m * min(1, r / ||m||)          (norm threshold r = ``norm_threshold``; skipped if r <= 0)
+        c^  = c / max(||c||, 1e-12)          (norms over ``norm_dim``, default all non-batch dims)
+        d_par = <d, c^> c^ ,  d_orth = d - d_par
+        D   = u + g (d_orth + eta d_par)     (convention "w")
+        D   = c + w (d_orth + eta d_par)     (convention "1+w", w = g - 1)
+    """
+
+    momentum: Optional[float] = None
+    norm_threshold: float = 15.0
+    eta: float = 1.0
+    norm_dim: Optional[Union[int, Tuple[int, ...]]] = None
+    name = "apg"
+
+    def __post_init__(self):
+        if self.momentum is not None:
+            _num("APG momentum", self.momentum)
+        if _num("APG norm_threshold", self.norm_threshold) < 0:
+            raise ValueError(f"APG norm_threshold must be >= 0 (0 disables it), got {self.norm_threshold}")
+        _num("APG eta", self.eta)
+        nd = self.norm_dim
+        if nd is not None:
+            nd = (nd,) if isinstance(nd, (int, np.integer)) and not isinstance(nd, bool) else nd
+            if (not isinstance(nd, (tuple, list)) or not nd
+                    or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in nd)):
+                raise ValueError(f"APG norm_dim must be None, an int or a tuple of ints, got {self.norm_dim!r}")
+            if any(int(d) == 0 for d in nd):
+                raise ValueError("APG norm_dim must not include the batch dimension 0")
+            object.__setattr__(self, "norm_dim", tuple(int(d) for d in nd))
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c, u = _work(c), _work(u)
+        dims = _dims(c, self.norm_dim)
+        d = c - u
+        if self.momentum is not None:
+            prev = state.get("apg_momentum")
+            d = d if prev is None else d + self.momentum * prev
+            state["apg_momentum"] = d
+        if self.norm_threshold > 0:
+            n = d.double().square().sum(dim=dims, keepdim=True).sqrt()
+            d = d * torch.clamp(self.norm_threshold / n, max=1.0).to(d.dtype)
+        cc = _dot(c, c, dims)
+        # <d, c^> c^ with c^ = c / max(||c||, 1e-12)  (torch.nn.functional.normalize)
+        coef = _dot(d, c, dims) / torch.clamp(cc.sqrt(), min=1e-12).square()
+        d_par = coef.to(c.dtype) * c
+        update = (d - d_par) + self.eta * d_par
+        return (c + (g - 1.0) * update) if one_plus_w else (u + g * update)
+
+
+@dataclass(frozen=True)
+class CFGZeroStar(Guider):
+    """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886; diffusers' ``ClassifierFreeZeroStarGuidance``):
+
+        D = 0                                   at the first ``zero_init_steps`` steps (zero-init)
+        a* = <c, u> / (||u||^2 + 1e-8)          (per sample, over all non-batch dims)
+        D = a* u + g (c - a* u)                 (= c + (g - 1)(c - a* u): both conventions)
+
+    The step index is the solver step (all evaluations of a multi-stage step share it), as
+    diffusers' guider counts pipeline steps.
+    """
+
+    zero_init_steps: int = 1
+    name = "cfg_zero_star"
+
+    def __post_init__(self):
+        z = self.zero_init_steps
+        if isinstance(z, bool) or not isinstance(z, (int, np.integer)) or z < 0:
+            raise ValueError(f"CFGZeroStar zero_init_steps must be an int >= 0, got {z!r}")
+
+    def pre(self, c, step):
+        return torch.zeros_like(_work(c)) if step < self.zero_init_steps else None
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c, u = _work(c), _work(u)
+        dims = _dims(c)
+        a = (_dot(c, u, dims) / (_dot(u, u, dims) + 1e-8)).to(c.dtype)
+        us = a * u
+        return us + g * (c - us)
+
+
+@dataclass(frozen=True)
+class TCFG(Guider):
+    """Tangential CFG (Kwon et al. 2025, arXiv 2503.18137; diffusers'
+    ``TangentialClassifierFreeGuidance``). Per sample, M = [c; u] (2 x N): u is replaced by its
+    projection on the top right-singular vector v1 of M, u' = <u, v1> v1, and
+
+        D = u' + g (c - u')                     (= c + (g - 1)(c - u'): both conventions)
+
+    v1 = M^T e / ||M^T e|| with e the top eigenvector of the 2 x 2 Gram matrix
+    G = [[<c,c>, <c,u>], [<c,u>, <u,u>]], so u' = e_u (e_c c + e_u u) (e unit; closed form for
+    the 2 x 2 eigenproblem, no SVD of the N-long rows).
+    """
+
+    name = "tcfg"
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c, u = _work(c), _work(u)
+        dims = _dims(c)
+        a, b, d = _dot(c, c, dims), _dot(c, u, dims), _dot(u, u, dims)
+        lam = 0.5 * (a + d) + torch.sqrt(torch.square(0.5 * (a - d)) + b * b)
+        # eigenvector of the top eigenvalue, from the better-conditioned row
+        big = a >= d
+        e0 = torch.where(big, lam - d, b)
+        e1 = torch.where(big, b, lam - a)
+        nrm2 = e0 * e0 + e1 * e1
+        zero = nrm2 == 0
+        e0 = torch.where(zero, torch.ones_like(e0), e0)
+        nrm2 = torch.where(zero, torch.ones_like(nrm2), nrm2)
+        kc, ku = (e1 * e0 / nrm2).to(c.dtype), (e1 * e1 / nrm2).to(c.dtype)
+        up = kc * c + ku * u
+        return up + g * (c - up)
+
+
+@dataclass(frozen=True)
+class MamboG(Guider):
+    """Magnitude-aware mitigation for boosted guidance (MAMBO-G, arXiv 2508.03442; diffusers'
+    ``MagnitudeAwareGuidance``). Per sample, over all non-batch dims:
+
+        r = ||c - u|| / ||u||
+        D = u + (1 + (g - 1) exp(-alpha r)) (c - u)     (= c + w exp(-alpha r)(c - u), w = g - 1:
+                                                         both conventions)
+    """
+
+    alpha: float = 8.0
+    name = "mambo_g"
+
+    def __post_init__(self):
+        if _num("MamboG alpha", self.alpha) < 0:
+            raise ValueError(f"MamboG alpha must be >= 0, got {self.alpha}")
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c, u = _work(c), _work(u)
+        dims = _dims(c)
+        diff = c - u
+        r = _dot(diff, diff, dims).sqrt() / _dot(u, u, dims).sqrt()
+        k = (1.0 + (g - 1.0) * torch.exp(-self.alpha * r)).to(c.dtype)
+        return u + k * diff
+
+
+@dataclass(frozen=True)
+class CFGRenorm(Guider):
+    """CFG renorm (ComfyUI's ``RenormCFG`` node, from Lumina-Image 2.0): plain CFG, then the
+    guided output's per-sample norm is capped at ``renorm`` times the conditional output's norm:
+
+        D = u + g (c - u)
+        D = D * min(1, renorm ||c|| / ||D||)     (norms over all non-batch dims; renorm <= 0: off)
+
+    ComfyUI rescales when ||D|| >= renorm ||c|| (one Python branch on the whole batch); here
+    the cap is per sample, which is the same for one sample and equal at the boundary.
+    ComfyUI's ``cfg_trunc`` (CFG only below a timestep) is ``Guidance.interval``.
+    """
+
+    renorm: float = 1.0
+    name = "cfg_renorm"
+
+    def __post_init__(self):
+        _num("CFGRenorm renorm", self.renorm)
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c, u = _work(c), _work(u)
+        D = u + g * (c - u)
+        if self.renorm <= 0:
+            return D
+        dims = _dims(c)
+        cap = self.renorm * _dot(c, c, dims).sqrt()
+        n = _dot(D, D, dims).sqrt()
+        f = torch.where(n >= cap, cap / n, torch.ones_like(n))
+        return D * f.to(D.dtype)
+
+
+METHODS = {"apg": APG, "cfg_zero_star": CFGZeroStar, "cfg-zero*": CFGZeroStar, "cfgzero*": CFGZeroStar,
+           "tcfg": TCFG, "mambo_g": MamboG, "mambo-g": MamboG, "cfg_renorm": CFGRenorm, "renorm": CFGRenorm}
+
+
+def as_guider(method) -> Optional[Guider]:
+    """A ``Guider`` from an instance, a name (``"apg"``, ``"cfg_zero_star"``, ``"tcfg"``,
+    ``"mambo_g"``, ``"cfg_renorm"``; default options) or None."""
+    if method is None or isinstance(method, Guider):
+        return method
+    if isinstance(method, str):
+        cls = METHODS.get(method.lower())
+        if cls is None:
+            raise ValueError(f"unknown guidance method {method!r}; one of {sorted(set(METHODS))} or a "
+                             "fastdiff.guiders.Guider instance")
+        return cls()
+    raise ValueError(f"guidance method must be None, a name or a fastdiff.guiders.Guider instance "
+                     f"(APG, CFGZeroStar, TCFG, MamboG, CFGRenorm), got {type(method).__name__}")
