@@ -240,13 +240,122 @@ class CFGRenorm(Guider):
         return D * f.to(D.dtype)
 
 
-METHODS = {"apg": APG, "cfg_zero_star": CFGZeroStar, "cfg-zero*": CFGZeroStar, "cfgzero*": CFGZeroStar,
+def _pyr_kernel(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64)
+    return (torch.outer(k, k) / 256.0).to(device=x.device, dtype=x.dtype)[None, None]
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """5x5 binomial blur [1 4 6 4 1]^2 / 256 per channel, reflect padding (kornia's filter2d)."""
+    B, C, H, W = x.shape
+    y = torch.nn.functional.pad(x.reshape(B * C, 1, H, W), (2, 2, 2, 2), mode="reflect")
+    return torch.nn.functional.conv2d(y, _pyr_kernel(x)).reshape(B, C, H, W)
+
+
+def _pyrdown(x: torch.Tensor) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    return torch.nn.functional.interpolate(_blur(x), size=(H // 2, W // 2), mode="bilinear", align_corners=False)
+
+
+def _pyrup(x: torch.Tensor) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    return _blur(torch.nn.functional.interpolate(x, size=(2 * H, 2 * W), mode="bilinear", align_corners=False))
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int):
+    """Burt-Adelson Laplacian pyramid as kornia's ``build_laplacian_pyramid`` (reflect borders,
+    bilinear resampling, align_corners=False): level i = G_i - pyrup(G_{i+1}), last = G_{levels-1}."""
+    gauss = [x]
+    for _ in range(levels - 1):
+        gauss.append(_pyrdown(gauss[-1]))
+    return [gauss[i] - _pyrup(gauss[i + 1]) for i in range(levels - 1)] + [gauss[-1]]
+
+
+def from_pyramid(pyr):
+    img = pyr[-1]
+    for i in range(len(pyr) - 2, -1, -1):
+        img = _pyrup(img) + pyr[i]
+    return img
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class FDG(Guider):
+    """Frequency-decoupled guidance (Sadat et al. 2025, arXiv 2506.19713; diffusers'
+    ``FrequencyDecoupledGuidance``). c and u ([B, C, H, W]) are split into Laplacian pyramids
+    (``laplacian_pyramid``: 5x5 binomial blur, reflect borders, bilinear x2 resampling, as
+    kornia's), and level l gets its own scale s_l and parallel weight p_l:
+
+        d_l = c_l - u_l ;  if p_l != 1:  d_l = p_l d_par + d_orth  (split along c_l, per sample,
+                                                                    as APG)
+        D_l = u_l + s_l d_l    (convention "w")      D_l = c_l + s_l d_l    (convention "1+w")
+        D_l = c_l              where s_l = 1 ("w") or 0 ("1+w")
+        D   = from_pyramid(D_0 .. D_{L-1})    (D_{L-1} up, blur, + D_{L-2}, ...)
+
+    ``scales`` are the level scales in ``Guidance.convention``, highest frequency first; the
+    ``Guidance`` scale only switches the unconditional pass (and so FDG) on where g != 1 (inside
+    ``interval``). ``Guidance.rescale`` applies in data space (diffusers'
+    ``guidance_rescale_space="data"``). H and W must be divisible by 2^(levels - 1) and one of
+    them a power of two (kornia pads other sizes, changing the output shape).
+    """
+
+    scales: Tuple[float, ...] = (10.0, 5.0)
+    parallel_weights: Optional[Tuple[float, ...]] = None
+    name = "fdg"
+
+    def __post_init__(self):
+        sc = self.scales
+        if isinstance(sc, (str, bytes)) or not isinstance(sc, (tuple, list)) or len(sc) < 1:
+            raise ValueError(f"FDG scales must be a non-empty sequence of level scales, got {sc!r}")
+        object.__setattr__(self, "scales", tuple(_num("FDG scale", v) for v in sc))
+        pw = self.parallel_weights
+        if pw is None:
+            pw = (1.0,) * len(self.scales)
+        elif isinstance(pw, (int, float, np.integer, np.floating)) and not isinstance(pw, bool):
+            pw = (float(pw),) * len(self.scales)
+        elif isinstance(pw, (str, bytes)) or not isinstance(pw, (tuple, list)) or len(pw) != len(self.scales):
+            raise ValueError(f"FDG parallel_weights must be None, a number or one per level "
+                             f"({len(self.scales)}), got {self.parallel_weights!r}")
+        object.__setattr__(self, "parallel_weights", tuple(_num("FDG parallel weight", v) for v in pw))
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        if c.dim() != 4:
+            raise ValueError(f"FDG needs [B, C, H, W] model outputs, got shape {tuple(c.shape)}")
+        L = len(self.scales)
+        H, W = c.shape[-2:]
+        if H % (1 << (L - 1)) or W % (1 << (L - 1)) or not (_is_pow2(H) or _is_pow2(W)):
+            raise ValueError(f"FDG with {L} levels needs H and W divisible by {1 << (L - 1)} and one of them a "
+                             f"power of two, got {H}x{W}")
+        c, u = _work(c), _work(u)
+        off = 0.0 if one_plus_w else 1.0
+        if all(math.isclose(s, off) for s in self.scales):
+            return c
+        pc, pu = laplacian_pyramid(c, L), laplacian_pyramid(u, L)
+        out = []
+        for cl, ul, s, p in zip(pc, pu, self.scales, self.parallel_weights):
+            if math.isclose(s, off):
+                out.append(cl)
+                continue
+            d = cl - ul
+            if not math.isclose(p, 1.0):
+                dims = _dims(cl)
+                coef = _dot(d, cl, dims) / torch.clamp(_dot(cl, cl, dims).sqrt(), min=1e-12).square()
+                d_par = coef.to(cl.dtype) * cl
+                d = p * d_par + (d - d_par)
+            out.append((cl if one_plus_w else ul) + s * d)
+        return from_pyramid(out)
+
+
+METHODS = {"fdg": FDG, "apg": APG, "cfg_zero_star": CFGZeroStar, "cfg-zero*": CFGZeroStar, "cfgzero*": CFGZeroStar,
            "tcfg": TCFG, "mambo_g": MamboG, "mambo-g": MamboG, "cfg_renorm": CFGRenorm, "renorm": CFGRenorm}
 
 
 def as_guider(method) -> Optional[Guider]:
     """A ``Guider`` from an instance, a name (``"apg"``, ``"cfg_zero_star"``, ``"tcfg"``,
-    ``"mambo_g"``, ``"cfg_renorm"``; default options) or None."""
+    ``"mambo_g"``, ``"cfg_renorm"``, ``"fdg"``; default options) or None."""
     if method is None or isinstance(method, Guider):
         return method
     if isinstance(method, str):
@@ -256,4 +365,4 @@ def as_guider(method) -> Optional[Guider]:
                              "fastdiff.guiders.Guider instance")
         return cls()
     raise ValueError(f"guidance method must be None, a name or a fastdiff.guiders.Guider instance "
-                     f"(APG, CFGZeroStar, TCFG, MamboG, CFGRenorm), got {type(method).__name__}")
+                     f"(APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG), got {type(method).__name__}")
