@@ -521,3 +521,23 @@ def test_fdg_sample_and_bad_options():
         FDG((2.0, 3.0), (1.0,))
     with pytest.raises(ValueError, match="FDG scale"):
         FDG((2.0, float("nan")))
+
+
+@pytest.mark.parametrize("method", [APG(momentum=-0.5, norm_threshold=3.0, eta=0.2), CFGZeroStar(0), TCFG(),
+                                    MamboG(), CFGRenorm(1.0), FDG((5.0, 2.0), 0.5)],
+                         ids=["apg", "cfg_zero_star", "tcfg", "mambo_g", "cfg_renorm", "fdg"])
+def test_combine_reads_nothing_back_to_the_host(method, monkeypatch):
+    """No .item(), bool(tensor), float(tensor) or .tolist() inside a method (on CUDA each one
+    would be a host sync): they raise here while the method runs, twice (APG's momentum)."""
+    def boom(*a, **k):
+        raise AssertionError("host read-back inside a guidance method")
+    c, u = _pairs((2, 4, 8, 8), 1, seed=12)[0]
+    state = {}
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    try:
+        for step in range(2):
+            D = method.combine(c.float(), u.float(), 5.0, False, step, state)
+    finally:
+        monkeypatch.undo()
+    assert D.shape == c.shape and torch.isfinite(D).all()

@@ -8,6 +8,9 @@ plain PyTorch, vectorized over the batch and without host synchronisation (no ``
 data-dependent branches). The reductions are accumulated in float64; the elementwise work is
 float32 (float64 for float64 outputs).
 
+The methods act on the model outputs in the model's own parameterization (the noise prediction
+for epsilon models, as diffusers' pipelines apply their guiders; v / x0 / flow otherwise).
+
 Conventions. With ``convention="w"`` (diffusers' default) the guided output is built on the
 unconditional base, ``D = u' + g * update``; with ``convention="1+w"`` (diffusers'
 ``use_original_formulation=True``) on the conditional base, ``D = c + w * update``, w = g - 1.
