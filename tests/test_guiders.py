@@ -10,6 +10,10 @@
   equals diffusers' DPMSolverMultistepScheduler loop with the diffusers guider applied to the
   model outputs (float64; the guider told the step index as a pipeline does), and APG's
   momentum restarts on every run.
+* FDG: diffusers' FrequencyDecoupledGuidance with kornia's pyramid (skipped without kornia)
+  and over a numpy textbook Laplacian pyramid (always); our pyramid vs the textbook one.
+* CFG renorm end to end against the oracle in the same DPM-Solver++ loop.
+* No method reads a tensor back to the host (item/bool/float/tolist raise while it runs).
 * Bad options raise ValueError.
 """
 from __future__ import annotations
@@ -541,3 +545,33 @@ def test_combine_reads_nothing_back_to_the_host(method, monkeypatch):
     finally:
         monkeypatch.undo()
     assert D.shape == c.shape and torch.isfinite(D).all()
+
+
+class _RenormPeer:
+    """The ComfyUI RenormCFG oracle in the guider interface of the diffusers loop."""
+
+    def __init__(self, w, r):
+        self.w, self.r = w, r
+
+    def set_state(self, *a):
+        pass
+
+    def forward(self, c, u):
+        class Out:
+            pass
+        o = Out()
+        o.pred = _renorm_oracle(c, u, self.w, self.r)
+        return o
+
+
+@pytest.mark.parametrize("r", [0.9, 1.1])
+def test_cfg_renorm_sample_matches_the_oracle_loop(r):
+    schedule = DiscreteVP()
+    model = CondMixture(schedule)
+    sched = _sched(8)
+    noise = _randn(*SHAPE, seed=22)
+    expected = _diffusers_loop(sched, model, noise, _RenormPeer(5.0, r))
+    grid = Grid.from_times(schedule, sched.timesteps.numpy().astype(np.float64), final="zero")
+    ours = _ours_run(model, noise, grid, Guidance(5.0, method=CFGRenorm(r)))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert (_ours_run(model, noise, grid, Guidance(5.0)) - expected).abs().max() > 1e-3
