@@ -7,7 +7,8 @@ backends:
 * ``sdpa``       ``torch.nn.functional.scaled_dot_product_attention`` (any device);
 * ``reference``  plain matmul-softmax in float32 (float64 for float64 inputs): the test oracle.
 
-``backend="auto"`` takes the first of these that supports the inputs. Layout (B, H, N, D);
+``backend="auto"`` takes the highest-priority of these that supports the inputs (one registry
+with the kernel ops: fastdiff.ops.backends). Layout (B, H, N, D);
 q, k and v share batch, heads, head dim, dtype and device. ``bias`` is an additive float bias
 or a boolean mask (True = attend, as SDPA), broadcastable to (B, H, Nq, Nkv). A query row whose
 keys are all masked out gives zeros (as torch's SDPA does).
@@ -21,13 +22,12 @@ MMDiT / Flux attend the concatenated image and text queries over the concatenate
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
-from .ops.backends import Backend
-from .ops.triton_backend import BACKEND as _TRITON
+from . import ops as _ops  # noqa: F401  (registers every backend)
+from .ops.backends import ATTENTION_OP, Backend, RegistryView, implements, select
 
 __all__ = ["attention", "joint_attention", "reference_attention", "ATTENTION_BACKENDS"]
 
@@ -49,46 +49,9 @@ def reference_attention(q, k1, v1, k2=None, v2=None, bias=None, scale=None) -> t
     return torch.matmul(p, v.to(md)).to(q.dtype)
 
 
-class ReferenceAttention(Backend):
-    name = "reference"
-    attention = staticmethod(reference_attention)
-
-
-class SdpaAttention(Backend):
-    """torch's scaled_dot_product_attention; joint attention concatenates the sources."""
-
-    name = "sdpa"
-
-    @staticmethod
-    def attention(q, k1, v1, k2=None, v2=None, bias=None, scale=None):
-        k = k1 if k2 is None else torch.cat([k1, k2], dim=2)
-        v = v1 if v2 is None else torch.cat([v1, v2], dim=2)
-        mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-ATTENTION_BACKENDS: Dict[str, Backend] = {"triton": _TRITON, "sdpa": SdpaAttention(), "reference": ReferenceAttention()}
-
-
-def _reasons(name: str, tensors: List[torch.Tensor]) -> List[str]:
-    b = ATTENTION_BACKENDS[name]
-    why = b.unavailable_reason()
-    return [why] if why else b.not_supported_reasons("attention", tensors)
-
-
-def _select(backend: str, tensors: List[torch.Tensor]) -> Backend:
-    if backend == "auto":
-        for name in ATTENTION_BACKENDS:
-            if not _reasons(name, tensors):
-                return ATTENTION_BACKENDS[name]
-        raise RuntimeError("no attention backend can run these inputs")  # unreachable: reference runs anything valid
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected 'auto' or one of "
-                         f"{', '.join(ATTENTION_BACKENDS)}")
-    why = _reasons(backend, tensors)
-    if why:
-        raise RuntimeError(f"attention backend {backend!r} cannot run these inputs: " + "; ".join(why))
-    return ATTENTION_BACKENDS[backend]
+# The attention backends are the registry's backends implementing the "attention" op (triton,
+# sdpa, reference), highest priority first; fastdiff.ops.backends.select chooses among them.
+ATTENTION_BACKENDS: Mapping[str, Backend] = RegistryView(lambda b: implements(b, ATTENTION_OP))
 
 
 def _check_qkv(q, pairs) -> None:
@@ -162,7 +125,7 @@ def _run(q, sources, bias, scale, backend) -> torch.Tensor:
     scale = _check_scale(scale)
     tensors = [q] + [t for _, k, _, v in sources for t in (k, v)] + ([bias] if bias is not None else [])
     kv = [t for _, k, _, v in sources for t in (k, v)]
-    return _select(backend, tensors).attention(q, *kv, bias=bias, scale=scale)
+    return select(ATTENTION_OP, backend, tensors).attention(q, *kv, bias=bias, scale=scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: Optional[torch.Tensor] = None,

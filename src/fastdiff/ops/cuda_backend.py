@@ -17,7 +17,6 @@ from typing import List, Optional
 
 import torch
 
-from . import backends
 from .backends import Backend, register_backend
 
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -42,7 +41,17 @@ class CudaBackend(Backend):
     """csrc/cuda kernels: CUDA tensors, float32 state."""
 
     name = "cuda"
+    # Before triton in the automatic order (lower launch overhead: one C++ call per step); triton
+    # still serves what this backend lacks (attention, dynamic_threshold, error norms).
+    priority = 300
+    ops = frozenset({"fused_step", "cfg_combine", "cfg_rescale", "philox_normal"})
     device_types = ("cuda",)
+    # float64 is also the coefficient table's dtype (fused_step reads it on the device).
+    dtypes = _MODEL_DTYPES
+    state_dtypes = (torch.float32,)
+
+    def dtypes_for(self, op: str):
+        return _RESCALE_DTYPES if op == "cfg_rescale" else self.dtypes
 
     def unavailable_reason(self) -> Optional[str]:
         ext = load_cuda_extension()
@@ -54,20 +63,14 @@ class CudaBackend(Backend):
 
     def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
         reasons = []
-        for t in tensors:
-            if t.device.type != "cuda":
-                # The dispatcher recognises "tensors, got a tensor on" as "not for this device".
-                reasons.append(f"cuda backend runs on CUDA tensors, got a tensor on {t.device}")
-                break
-        if state_dtype is not None and state_dtype != torch.float32:
+        why = self.device_reason(tensors)
+        if why:
+            reasons.append(why)
+        if state_dtype is not None and state_dtype not in self.state_dtypes:
             reasons.append(f"cuda backend keeps the solver state in float32, got {state_dtype}")
-        allowed = _RESCALE_DTYPES if op == "cfg_rescale" else _MODEL_DTYPES
-        for t in tensors:
-            # float64 is also the coefficient table's dtype (fused_step reads it on the device).
-            if t.is_floating_point() and t.dtype not in allowed:
-                names = "/".join(str(d).replace("torch.", "") for d in allowed)
-                reasons.append(f"cuda {op} supports {names}, got {t.dtype}")
-                break
+        why = self.dtype_reason(op, tensors)
+        if why:
+            reasons.append(why)
         return reasons
 
     @property
@@ -93,6 +96,4 @@ class CudaBackend(Backend):
 
 
 BACKEND = CudaBackend()
-# Before triton in the automatic order (lower launch overhead: one C++ call per step); triton
-# still serves what this backend lacks (attention, dynamic_threshold, error norms).
-register_backend(BACKEND, priority=backends.PRIORITY.index("triton") if "triton" in backends.PRIORITY else None)
+register_backend(BACKEND)

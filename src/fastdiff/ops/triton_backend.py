@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import torch
 
+from . import backends
 from .backends import Backend, register_backend
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,9 +57,20 @@ class TritonBackend(Backend):
     """Triton kernels: CUDA tensors (CPU tensors under TRITON_INTERPRET=1)."""
 
     name = "triton"
+    priority = 200          # after cpu and cuda (one C++ call per step), before sdpa and reference
+    ops = frozenset(backends.OPS + (backends.ATTENTION_OP,))
+    device_types = ("cuda",)   # and "cpu" under the interpreter: see serves()
+    dtypes = _KERNEL_DTYPES
+    state_dtypes = (torch.float32,)
+    #: Ops reading their tensors in any float dtype (float64 inputs: float64 math in the reference
+    #: for the others).
+    _ANY_DTYPE_OPS = ("fused_step", "philox_normal")
 
     def serves(self, device_type: str) -> bool:
         return device_type == "cuda" or (device_type == "cpu" and interpreted())
+
+    def dtypes_for(self, op: str):
+        return None if op in self._ANY_DTYPE_OPS else self.dtypes
 
     def unavailable_reason(self) -> Optional[str]:
         if not torch.cuda.is_available() and not _interpreter_requested():
@@ -68,35 +80,41 @@ class TritonBackend(Backend):
         k = load_kernels()
         return k if isinstance(k, str) else None
 
-    def _device_reason(self, tensors) -> Optional[str]:
+    def device_reason(self, tensors) -> Optional[str]:
         allowed = ("cuda", "cpu") if interpreted() else ("cuda",)
         for t in tensors:
             if t.device.type not in allowed:
-                # The dispatcher recognises "tensors, got a tensor on" as "not for this device".
                 where = " or ".join(a.upper() for a in allowed)
                 return f"triton backend runs on {where} tensors, got a tensor on {t.device}"
         return None
 
+    def dtype_reason(self, op: str, tensors) -> Optional[str]:
+        allowed = self.dtypes_for(op)
+        if allowed is None:
+            return None
+        for t in tensors:
+            if t.dtype not in allowed:
+                return f"triton {op} supports float32/float16/bfloat16, got {t.dtype}"
+        return None
+
     def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
         reasons = []
-        why = self._device_reason(tensors)
+        why = self.device_reason(tensors)
         if why:
             reasons.append(why)
-        if op == "attention":   # tensors: q, k, v, ... (one dtype, validated), then the bias
+        if op == backends.ATTENTION_OP:   # tensors: q, k, v, ... (one dtype, validated), then the bias
             q = tensors[0]
-            if q.dtype not in _KERNEL_DTYPES:
+            if q.dtype not in self.dtypes:
                 reasons.append(f"triton attention supports float32/float16/bfloat16, got {q.dtype}")
             max_d = load_kernels().attention.MAX_HEAD_DIM
             if q.shape[-1] > max_d:
                 reasons.append(f"triton attention supports head dims up to {max_d}, got {q.shape[-1]}")
             return reasons
-        if state_dtype is not None and state_dtype != torch.float32:
+        if state_dtype is not None and state_dtype not in self.state_dtypes:
             reasons.append(f"triton backend keeps the solver state in float32, got {state_dtype}")
-        if op not in ("fused_step", "philox_normal"):   # float64 inputs: float64 math in the reference
-            for t in tensors:
-                if t.dtype not in _KERNEL_DTYPES:
-                    reasons.append(f"triton {op} supports float32/float16/bfloat16, got {t.dtype}")
-                    break
+        why = self.dtype_reason(op, tensors)
+        if why:
+            reasons.append(why)
         return reasons
 
     def fused_step(self, *args) -> None:
