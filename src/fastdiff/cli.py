@@ -171,6 +171,43 @@ def _check_solver_options(name: str, options: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # fastdiff sample
 # ---------------------------------------------------------------------------------------------
+def _guidance_with_method(args, solver_options: dict):
+    """``Guidance(scale, convention, method=NAME(**options))`` from --guidance-method and
+    --guidance-option, checked (method, options, and that the solver takes a method) before sampling."""
+    import dataclasses
+
+    from fastdiff.guidance import Guidance
+    from fastdiff.guiders import METHODS
+    name = args.guidance_method
+    if name is None:
+        raise UsageError("--guidance-option needs --guidance-method (one of "
+                         f"{', '.join(sorted(set(METHODS)))})")
+    cls = METHODS.get(name.lower())
+    if cls is None:
+        raise UsageError(f"--guidance-method: unknown guidance method {name!r}; available: "
+                         f"{', '.join(sorted(set(METHODS)))}")
+    method_options = dict(args.guidance_option or [])
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in method_options:
+        if key not in known:
+            raise UsageError(f"--guidance-option {key}: {name} has no option {key!r}; its options: "
+                             f"{', '.join(known) if known else 'none'}")
+    try:
+        method = cls(**method_options)
+        guidance = Guidance(args.guidance, convention=args.convention, method=method)
+    except (ValueError, TypeError) as e:
+        given = " ".join(f"--guidance-option {k}={v!r}" for k, v in method_options.items())
+        raise UsageError(f"--guidance-method {name}{' ' + given if given else ''}: {e}") from None
+    from fastdiff.models.digits import PREDICTION, digits_schedule
+    from fastdiff.sampler import Sampler
+    try:
+        Sampler.build(solver=args.solver, steps=args.steps, schedule=digits_schedule(), spacing=args.spacing,
+                      prediction=PREDICTION, guidance=guidance, solver_options=solver_options)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--guidance-method {name} with solver {args.solver}: {e}") from None
+    return guidance
+
+
 def save_digit_grid(images, path: Path, columns: int, scale: int = 4, pad: int = 2) -> None:
     """Write images [N, 1, H, W] in [-1, 1] as a PNG grid, ``columns`` per row, each image enlarged
     ``scale`` times (nearest neighbour: the 8x8 pixels stay crisp), ``pad`` gray pixels between."""
@@ -218,6 +255,7 @@ def cmd_sample(args) -> int:
     if importlib.util.find_spec("PIL") is None:
         raise UsageError("writing the PNG grid needs Pillow: pip install pillow")
     g = guidance_scale_to_g(args.guidance, args.convention)
+    guidance = _guidance_with_method(args, options) if args.guidance_method or args.guidance_option else g
 
     import torch
     from fastdiff.models.digits import load_digits_model, sample_digits
@@ -243,7 +281,7 @@ def cmd_sample(args) -> int:
     try:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            images = sample_digits(timed_model, labels, solver=args.solver, steps=args.steps, guidance=g,
+            images = sample_digits(timed_model, labels, solver=args.solver, steps=args.steps, guidance=guidance,
                                    seed=args.seed, spacing=args.spacing, solver_options=options,
                                    backend=args.backend, progress=progress)
         total = time.perf_counter() - t0
@@ -252,6 +290,8 @@ def cmd_sample(args) -> int:
     save_digit_grid(images, args.out, columns=args.n, scale=args.scale)
 
     cfg = f"CFG {args.guidance:g} ({args.convention} convention)" if g != 1.0 else "no CFG"
+    if not isinstance(guidance, float):
+        cfg += f", guidance method {guidance.method!r}"
     print(f"fastdiff {fastdiff.__version__} sample: digits U-Net (shipped), {args.solver}"
           f"{' ' + str(options) if options else ''}, {args.steps} steps, {args.spacing} spacing, {cfg}, "
           f"seed {args.seed}, {len(labels)} samples (labels {','.join(map(str, args.labels))} x {args.n}), "
@@ -573,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "w, 0 with 1+w; the model's best digits-FD. 2-3 gives prototypical digits with less variety)")
     s.add_argument("--convention", choices=("w", "1+w"), default="w",
                    help="w: uncond + w (cond - uncond) (diffusers); 1+w: (1 + w) cond - w uncond (Ho & Salimans)")
+    s.add_argument("--guidance-method", default=None, metavar="NAME",
+                   help="a single-pass guidance method in place of plain CFG (fastdiff.guiders): apg, cfg_zero_star, "
+                        "tcfg, mambo_g, cfg_renorm, fdg; applied with the --guidance scale")
+    s.add_argument("--guidance-option", type=_option, action="append", metavar="KEY=VALUE",
+                   help="an option of the guidance method, repeatable (e.g. --guidance-option momentum=-0.5 "
+                        "--guidance-option eta=0)")
     s.add_argument("--labels", type=parse_labels, default=list(range(10)), metavar="DIGITS",
                    help="digits, one grid row each: '0-9' (default), '3,3,7', '0-4,7'")
     s.add_argument("--n", type=_positive_int, default=8, help="samples per label (grid columns; default 8)")

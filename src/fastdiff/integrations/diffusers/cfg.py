@@ -17,6 +17,13 @@ Anything else done to a lazy value (a different formula, ``guidance_rescale``'s 
 the result is what eager PyTorch gives; a lazy value only ever stands for that value. Tensor
 metadata (shape, dtype, device, ...) is answered without computing.
 
+Guidance methods (``accelerate(pipe, guidance=...)``): a ``GuiderContext`` travels with the tagged
+output, and the recorded ``u + g * (c - u)`` stands for the method's combination instead
+(fastdiff.guiders: APG, CFG-Zero*, TCFG, ...), with the pipeline's ``g``, or for plain CFG with
+one scale per sample. The drop-in step then receives that combination as its model output (the
+method is non-linear: it is computed beside the step, not inside it); anything else that reads
+the value gets the same combination.
+
 Cost: recording goes through ``__torch_function__`` (a few microseconds per operation, ~20 us per
 step for the four operations); it saves the formula's three elementwise passes over the
 latents and their temporaries. On the CPU at SD-1.5's latent (64 KiB per branch) the two are
@@ -31,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils._pytree import tree_map
 
-__all__ = ["ModelPart", "GuidedOutput", "tag_model_output"]
+__all__ = ["ModelPart", "GuidedOutput", "GuiderContext", "tag_model_output"]
 
 _T = torch.Tensor
 _METADATA = {_T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.ndim.__get__, _T.layout.__get__,
@@ -67,6 +74,7 @@ class ModelPart(_CFGTensor):
 
     _whole: bool
     _plain: torch.Tensor
+    _ctx = None            # GuiderContext or None
 
 
 class _Lazy(_CFGTensor):
@@ -106,10 +114,57 @@ class _Scaled(_Lazy):
         return self._g * (self._c._plain - self._u._plain)
 
 
+class GuiderContext:
+    """What the recorded CFG formula stands for under ``accelerate(pipe, guidance=...)``: a
+    fastdiff.guiders method (``method``; convention "1+w" if ``one_plus_w``) applied with the
+    pipeline's g, and/or per-sample g values (``g_vector``, float64, one per prompt) that replace
+    the pipeline's g. ``step`` counts the scheduler's ``step()`` calls since its last
+    ``set_timesteps`` (the pipeline's loop index, as diffusers' guiders count); ``state`` holds the
+    method's per-run state (APG's momentum), reset with ``step``."""
+
+    def __init__(self, method=None, one_plus_w: bool = False, g_vector=None):
+        self.method = method
+        self.one_plus_w = bool(one_plus_w)
+        self.g_vector = g_vector
+        self.step = 0
+        self.state: dict = {}
+
+    def reset(self):
+        self.step = 0
+        self.state = {}
+
+    def _g(self, g: float, like: torch.Tensor):
+        if self.g_vector is None:
+            return g
+        b, n = like.shape[0], len(self.g_vector)
+        if b % n:
+            raise ValueError(f"{n} per-sample guidance scales for a batch of {b} latents: give one scale per prompt "
+                             "(the batch must be a whole multiple of the number of scales)")
+        v = torch.as_tensor(self.g_vector, dtype=torch.float64).repeat_interleave(b // n)
+        return v.to(device=like.device, dtype=like.dtype if like.dtype == torch.float64 else torch.float32) \
+            .reshape((b,) + (1,) * (like.dim() - 1))
+
+    def combine(self, c: torch.Tensor, u: torch.Tensor, g: float) -> torch.Tensor:
+        g = self._g(g, c)
+        m = self.method
+        if m is None:
+            cw = c if c.dtype == torch.float64 else c.float()
+            uw = u if u.dtype == torch.float64 else u.float()
+            return (uw + g * (cw - uw)).to(c.dtype)
+        D = m.pre(c, self.step)
+        if D is None:
+            D = m.combine(c, u, g, self.one_plus_w, self.step, self.state)
+        return D.to(c.dtype)
+
+
 class GuidedOutput(_Lazy):
     """``u + g * (c - u)`` not computed yet; ``parts()`` gives (c, u, g) to a fused step."""
 
+    _ctx: Optional[GuiderContext] = None
+
     def _compute(self):
+        if self._ctx is not None:
+            return self._ctx.combine(self._c._plain, self._u._plain, self._g)
         u = self._u._plain
         return u + self._g * (self._c._plain - u)
 
@@ -122,28 +177,31 @@ class GuidedOutput(_Lazy):
         if c._version != self._versions[0] or u._version != self._versions[1]:
             raise RuntimeError("a CFG branch output was modified in place after the guidance formula was applied; "
                                "the fused step cannot recover the value the pipeline meant")
+        if self._ctx is not None:        # a guidance method: its combination, computed beside the step
+            return self.value(), None, 1.0
         return c, u, self._g
 
 
-def tag_model_output(out):
+def tag_model_output(out, ctx: Optional[GuiderContext] = None):
     """The denoiser's output with its tensor tagged (tensor, tuple/list first element, or an output
-    object's ``.sample``); anything else is returned unchanged."""
+    object's ``.sample``); anything else is returned unchanged. ``ctx``: the guidance method the
+    recorded CFG formula stands for (None: plain CFG, fused into the step)."""
     if isinstance(out, torch.Tensor):
-        return _tag(out)
+        return _tag(out, ctx=ctx)
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        return (_tag(out[0]),) + out[1:]
+        return (_tag(out[0], ctx=ctx),) + out[1:]
     if isinstance(out, list) and out and isinstance(out[0], torch.Tensor):
-        return [_tag(out[0])] + out[1:]
+        return [_tag(out[0], ctx=ctx)] + out[1:]
     if isinstance(getattr(out, "sample", None), torch.Tensor):
-        out.sample = _tag(out.sample)
+        out.sample = _tag(out.sample, ctx=ctx)
     return out
 
 
-def _tag(t: torch.Tensor, whole: bool = True) -> ModelPart:
+def _tag(t: torch.Tensor, whole: bool = True, ctx: Optional[GuiderContext] = None) -> ModelPart:
     if isinstance(t, _CFGTensor):
         t = _value(t)
     p = t.as_subclass(ModelPart)
-    p._whole, p._plain = whole, t
+    p._whole, p._plain, p._ctx = whole, t, ctx
     return p
 
 
@@ -177,7 +235,7 @@ def _record(func, args, kwargs):
         if type(x) is ModelPart and x._whole and chunks == 2 and dim == 0 and len(args) + len(kwargs) <= 3:
             plain = x._plain
             if plain.dim() > 0 and plain.shape[0] % 2 == 0:
-                return tuple(_tag(h, whole=False) for h in plain.chunk(2, 0))
+                return tuple(_tag(h, whole=False, ctx=x._ctx) for h in plain.chunk(2, 0))
         return None
     if kwargs or len(args) != 2:
         return None
@@ -202,6 +260,7 @@ def _record(func, args, kwargs):
         if type(scaled) is _Scaled and u is scaled._u:
             node = _placeholder(GuidedOutput, u._plain)
             node._c, node._u, node._g = scaled._c, scaled._u, scaled._g
+            node._ctx = scaled._c._ctx if scaled._c._ctx is not None else scaled._u._ctx
             node._versions = (node._c._plain._version, node._u._plain._version)
             return node
     return None

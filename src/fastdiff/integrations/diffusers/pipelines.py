@@ -27,6 +27,18 @@ Three independent parts, each optional:
   more than the eager formula at SD-1.5's latent and less at an SDXL batch; on a GPU it runs
   while the device works, and the formula's three kernels and their memory traffic are saved.
 
+* ``guidance``: a single-pass guidance method (fastdiff.guiders) in place of the pipeline's CFG:
+  a name (``"apg"``, ``"cfg_zero_star"``, ``"tcfg"``, ``"mambo_g"``, ``"cfg_renorm"``, ``"fdg"``), a
+  ``Guider`` instance (``fastdiff.guiders.APG(momentum=-0.5)``) or a ``fastdiff.Guidance`` whose
+  ``method`` / ``convention`` are used. The pipeline's recorded ``u + g * (c - u)`` then stands for
+  the method's combination with the pipeline's ``guidance_scale`` as g (convention "w", or "1+w"
+  from a Guidance); the step index the method sees is the pipeline's loop index (the count of
+  ``scheduler.step`` calls since ``set_timesteps``), and per-run state (APG's momentum) restarts
+  with every ``set_timesteps``. Per-prompt scales: ``guidance=fastdiff.Guidance([7.5, 3.0])`` (one
+  scale per prompt, plain CFG, each prompt's ``num_images_per_prompt`` copies share its scale)
+  replaces the pipeline's scalar g; call the pipeline with any ``guidance_scale > 1`` so that it
+  runs both branches. Needs ``fuse_cfg``; applies only where the pipeline runs CFG as above.
+
 Saving and loading: a drop-in records diffusers' library and class in ``model_index.json``, so
 ``pipe.save_pretrained(folder)`` after a swap or ``accelerate`` writes a stock diffusers folder.
 Stock diffusers loads it with its own scheduler of the same config; fastdiff loads it with
@@ -41,7 +53,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .attention import FastdiffAttnProcessor, replaceable_processor
-from .cfg import tag_model_output
+from .cfg import GuiderContext, tag_model_output
 from .schedulers import DROP_INS
 
 __all__ = ["accelerate", "Acceleration", "denoiser_of", "has_attention_kernel"]
@@ -66,8 +78,14 @@ class Acceleration:
     scheduler: Optional[Any] = None                     # the original scheduler, if replaced
     processors: Optional[Dict[Any, Any]] = None         # attention module -> its original processor
     hooks: List[Any] = field(default_factory=list)
+    guider: Optional[GuiderContext] = None              # the guidance method's context, if any
+    wrapped: Optional[Any] = None                       # the scheduler whose step/set_timesteps are wrapped
 
     def remove(self):
+        if self.wrapped is not None:
+            for name in ("step", "set_timesteps"):
+                self.wrapped.__dict__.pop(name, None)
+            self.wrapped = None
         if self.scheduler is not None:
             self.pipe.scheduler = self.scheduler
             self.scheduler = None
@@ -81,12 +99,15 @@ class Acceleration:
 
 
 def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool = True,
-               attention_backend: str = "auto") -> Acceleration:
+               attention_backend: str = "auto", guidance=None) -> Acceleration:
     """Run ``pipe`` on fastdiff: drop-in scheduler, fastdiff attention (True, False or "auto"), CFG
-    fused into the step (see the module docstring). Returns an ``Acceleration`` whose
-    ``remove()`` undoes it."""
+    fused into the step, optionally a guidance method or per-prompt scales (``guidance``; see the
+    module docstring). Returns an ``Acceleration`` whose ``remove()`` undoes it."""
     if attention not in (True, False, "auto"):
         raise ValueError(f"attention must be True, False or 'auto', got {attention!r}")
+    ctx = _guider_context(guidance)
+    if ctx is not None and not fuse_cfg:
+        raise ValueError("guidance= acts through the recorded CFG formula: it needs fuse_cfg=True")
     denoiser = denoiser_of(pipe)
     if attention == "auto":
         attention = has_attention_kernel(denoiser)
@@ -114,7 +135,14 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
                     handle.processors[module] = module.processor
                     module.set_processor(processor)
         if fuse_cfg:
-            handle.hooks.append(denoiser.register_forward_hook(_tag_output))
+            if ctx is None:
+                handle.hooks.append(denoiser.register_forward_hook(_tag_output))
+            else:
+                handle.guider = ctx
+                _count_steps(pipe.scheduler, ctx)
+                handle.wrapped = pipe.scheduler
+                handle.hooks.append(denoiser.register_forward_hook(
+                    lambda module, args, output: tag_model_output(output, ctx)))
     except Exception:
         handle.remove()
         raise
@@ -144,3 +172,53 @@ def _is_fastdiff(scheduler) -> bool:
 
 def _tag_output(module, args, output):
     return tag_model_output(output)
+
+
+def _guider_context(guidance) -> Optional[GuiderContext]:
+    """The GuiderContext of ``accelerate``'s ``guidance`` argument (None: plain CFG)."""
+    if guidance is None:
+        return None
+    from ...guidance import Guidance
+    from ...guiders import Guider, as_guider
+    if isinstance(guidance, (str, Guider)):
+        return GuiderContext(as_guider(guidance))
+    if not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be None, a guidance method name, a fastdiff.guiders.Guider or a "
+                        f"fastdiff.Guidance, got {type(guidance).__name__}")
+    unsupported = [name for name, on in (("interval", guidance.interval is not None),
+                                         ("rescale", guidance.rescale > 0.0),
+                                         ("x0_clip", guidance.x0_clip is not None),
+                                         ("classifier", guidance.classifier is not None)) if on]
+    if unsupported:
+        raise ValueError(f"accelerate(pipe, guidance=...) takes a Guidance's method, convention and per-sample "
+                         f"scales only, not {', '.join(unsupported)} (the pipeline's guidance_rescale is its own)")
+    if guidance.per_sample:
+        return GuiderContext(None, g_vector=guidance.g_vector())
+    if guidance.method is None:
+        raise ValueError("a Guidance for accelerate(pipe) needs a method or per-sample scales; a single scale is the "
+                         "pipeline's guidance_scale argument")
+    if guidance.scale != 1.0:
+        raise ValueError(f"Guidance(scale={guidance.scale:g}) would be ignored: the scale is the pipeline's "
+                         "guidance_scale argument (leave the Guidance's scale at its default)")
+    return GuiderContext(guidance.method, one_plus_w=guidance.convention == "1+w")
+
+
+def _count_steps(scheduler, ctx: GuiderContext):
+    """Wrap ``scheduler``'s step / set_timesteps (on the instance) so that ``ctx.step`` is the
+    pipeline's loop index and the method's state restarts with each run."""
+    import functools
+    step, set_timesteps = scheduler.step, scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)
+    def counted_set_timesteps(*args, **kwargs):
+        ctx.reset()
+        return set_timesteps(*args, **kwargs)
+
+    @functools.wraps(step)
+    def counted_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        ctx.step += 1
+        return out
+
+    scheduler.set_timesteps = counted_set_timesteps
+    scheduler.step = counted_step
