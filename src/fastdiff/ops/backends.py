@@ -47,6 +47,8 @@ class Backend:
     device_types: Optional[Tuple[str, ...]] = None
     #: Floating dtypes of the tensors it reads (None: any).
     dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    #: dtypes of the solver state (x, y, history) its fused step keeps (None: any).
+    state_dtypes: Optional[Tuple[torch.dtype, ...]] = None
 
     def implements(self, op: str) -> bool:
         return op in self.ops
@@ -77,8 +79,14 @@ class Backend:
                 return f"{self.name} {op} supports {_dtype_names(allowed)}, got {t.dtype}"
         return None
 
+    def state_reason(self, state_dtype) -> Optional[str]:
+        if state_dtype is not None and self.state_dtypes is not None and state_dtype not in self.state_dtypes:
+            return f"{self.name} backend keeps the solver state in {_dtype_names(self.state_dtypes)}, got {state_dtype}"
+        return None
+
     def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
-        return [r for r in (self.device_reason(tensors), self.dtype_reason(op, tensors)) if r]
+        return [r for r in (self.device_reason(tensors), self.state_reason(state_dtype), self.dtype_reason(op, tensors))
+                if r]
 
 
 class ReferenceBackend(Backend):
@@ -152,17 +160,9 @@ class CpuBackend(Backend):
         return None
 
     def not_supported_reasons(self, op, tensors, state_dtype=None):
-        reasons = []
+        reasons = super().not_supported_reasons(op, tensors, state_dtype)
         if not hasattr(load_extension(), op):   # an extension built before the op was added
-            reasons.append(f"fastdiff._C was built without {op}; rebuild with `pip install --no-build-isolation -e .`")
-        why = self.device_reason(tensors)
-        if why:
-            reasons.append(why)
-        if state_dtype is not None and state_dtype not in self.state_dtypes:
-            reasons.append(f"cpu backend keeps the state in float32, got {state_dtype}")
-        why = self.dtype_reason(op, tensors)
-        if why:
-            reasons.append(why)
+            reasons.insert(0, f"fastdiff._C was built without {op}; rebuild with `pip install --no-build-isolation -e .`")
         return reasons
 
     @property

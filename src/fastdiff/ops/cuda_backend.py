@@ -13,7 +13,7 @@ backend is asked whether it is available.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -60,18 +60,6 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "cuda backend needs a CUDA device (torch.cuda.is_available() is False)"
         return None
-
-    def not_supported_reasons(self, op: str, tensors: List[torch.Tensor], state_dtype=None) -> List[str]:
-        reasons = []
-        why = self.device_reason(tensors)
-        if why:
-            reasons.append(why)
-        if state_dtype is not None and state_dtype not in self.state_dtypes:
-            reasons.append(f"cuda backend keeps the solver state in float32, got {state_dtype}")
-        why = self.dtype_reason(op, tensors)
-        if why:
-            reasons.append(why)
-        return reasons
 
     @property
     def fused_step(self):

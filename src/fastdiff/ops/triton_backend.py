@@ -110,12 +110,7 @@ class TritonBackend(Backend):
             if q.shape[-1] > max_d:
                 reasons.append(f"triton attention supports head dims up to {max_d}, got {q.shape[-1]}")
             return reasons
-        if state_dtype is not None and state_dtype not in self.state_dtypes:
-            reasons.append(f"triton backend keeps the solver state in float32, got {state_dtype}")
-        why = self.dtype_reason(op, tensors)
-        if why:
-            reasons.append(why)
-        return reasons
+        return reasons + [r for r in (self.state_reason(state_dtype), self.dtype_reason(op, tensors)) if r]
 
     def fused_step(self, *args) -> None:
         load_kernels().fused_step.fused_step(*args)
