@@ -61,6 +61,10 @@ class LMS(Solver):
         self.ode_space = ode_space
         self.num_slots = self.order - 1
 
+    def step_weights(self, s: Sequence[float], n: int, points) -> List[float]:
+        """Weights of d_n, d_{n-1}, ... in y_{n+1} = y_n + sum_j w_j d_{n-j} (``s``: the ODE noise levels)."""
+        return lms_coefficients(s, n, min(n + 1, self.order))
+
     def rows(self, grid: Grid) -> List[Row]:
         space = check_space(self.ode_space, grid)
         N, S = grid.steps, self.num_slots
@@ -70,7 +74,7 @@ class LMS(Solver):
         for n in range(N):
             p0, p1 = points[n], points[n + 1]
             c0, c1 = ode_scale(space, p0.alpha, p0.sigma), ode_scale(space, p1.alpha, p1.sigma)
-            w = lms_coefficients(s, n, min(n + 1, self.order))
+            w = self.step_weights(s, n, points)
             h_coef, hist = history_terms(n, [c1 * wj for wj in w], S)
             qy, qx0 = derivative_quantity(space, p0)
             rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
