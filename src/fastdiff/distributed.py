@@ -89,6 +89,14 @@ class _Dist:
             import torch.distributed as dist
             dist.barrier()
 
+    def all_max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t[0])
+
     def broadcast_object(self, obj):
         if self.world == 1:
             return obj
@@ -190,7 +198,7 @@ def _check_positive_int(name, v, minimum=1):
     return int(v)
 
 
-def _prepare_out(out: Path, config: dict, rank: int) -> Optional[dict]:
+def _prepare_out(out: Path, config: dict) -> Optional[dict]:
     """Check the output folder before any sampling; returns the existing manifest (resume) or None."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
@@ -320,7 +328,7 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
         verdict = None
         if ctx.rank == 0:
             try:
-                _prepare_out(out, config, ctx.rank)
+                _prepare_out(out, config)
             except (ValueError, PermissionError) as e:
                 verdict = (type(e).__name__, str(e))
         verdict = ctx.broadcast_object(verdict)
@@ -342,7 +350,7 @@ def generate(model: Optional[Callable] = None, *, n: int, out, solver: str = "dp
         todo = [c for c in mine if not _chunk_done(out, c, chunks[c], width)]
         done_before = int(ctx.all_reduce(torch.tensor([writer * sum(len(chunks[c]) for c in mine if c not in todo)],
                                                        dtype=torch.int64))[0])
-        rounds = _max_over_ranks(ctx, len(todo))     # every rank joins every round's all_reduce
+        rounds = ctx.all_max(len(todo))     # every rank joins every round's all_reduce
 
         bar = None
         if progress and ctx.rank == 0:
@@ -400,15 +408,6 @@ def _done_ranges(out: Path, chunks) -> List[List[int]]:
             else:
                 ranges.append([chunk.start, chunk.stop])
     return ranges
-
-
-def _max_over_ranks(ctx: _Dist, value: int) -> int:
-    if ctx.world == 1:
-        return value
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0])
 
 
 def _per_sample(model: Callable) -> Callable:

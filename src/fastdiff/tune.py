@@ -176,11 +176,11 @@ def tune_grid(model: Callable, noise: torch.Tensor, *, solver: str, steps: int, 
     sample_options = {"cond": cond, "uncond": uncond, "progress": False, "backend": "reference"}
     if init_spacing == "auto":
         init_spacing = "karras" if isinstance(schedule, VESchedule) else "exponential"
-    # The candidate grid: log-uniform in the noise level between the ends of the run's grid.
-    ends = make_grid(schedule, max(steps, 2), init_spacing, final=final, t_max=t_max, t_min=t_min)
-    cand = make_grid(schedule, candidates, "exponential", final=final,
-                     t_max=float(ends.t[0]), t_min=t_min)
-    if not np.allclose(cand.ksigma[[0, -1]], ends.ksigma[[0, -1]], rtol=1e-9, atol=0.0):
+    # The starting grid (the spacing tuning starts from), and the candidates: log-uniform in the
+    # noise level between its ends.
+    start = make_grid(schedule, steps, init_spacing, final=final, t_max=t_max, t_min=t_min)
+    cand = make_grid(schedule, candidates, "exponential", final=final, t_max=float(start.t[0]), t_min=t_min)
+    if not np.allclose(cand.ksigma[[0, -1]], start.ksigma[[0, -1]], rtol=1e-9, atol=0.0):
         raise ValueError("the candidate grid does not share the run's end points (schedule/final/t_min mismatch)")
     ks_c = [float(v) for v in cand.ksigma]
     M = len(ks_c)
@@ -209,13 +209,12 @@ def tune_grid(model: Callable, noise: torch.Tensor, *, solver: str, steps: int, 
             x = build(ks)(counted, noise, x_init=x_ref[0], **sample_options)
         return _rms(x, target)
 
-    start_ks = [float(v) for v in make_grid(schedule, steps, init_spacing, final=final, t_max=t_max,
-                                            t_min=t_min).ksigma]
+    start_ks = [float(v) for v in start.ksigma]
     info = TuneInfo(error_start=global_error(start_ks))
 
     starts = [start_ks]
     if method in ("dp", "dp+refine"):
-        path = _dp_grid(solver_obj, schedule, prediction, guidance, counted, ks_c, x_ref, steps, sample_options,
+        path = _dp_grid(solver_obj, schedule, prediction, guidance, counted, cand, x_ref, steps, sample_options,
                         progress)
         dp_ks = [ks_c[i] for i in path]
         info.error_dp = global_error(dp_ks)
@@ -247,13 +246,14 @@ def tune_grid(model: Callable, noise: torch.Tensor, *, solver: str, steps: int, 
     return (grid, info) if return_info else grid
 
 
-def _dp_grid(solver, schedule, prediction, guidance, model, ks_c, x_ref, steps, sample_options, progress) -> List[int]:
+def _dp_grid(solver, schedule, prediction, guidance, model, cand: Grid, x_ref, steps, sample_options,
+             progress) -> List[int]:
     """DP over candidates with teacher-forced local errors (see the module docstring)."""
     from .sampler import Sampler
+    ks_c = [float(v) for v in cand.ksigma]
     M = len(ks_c)
     # The model output at each reference state, computed once per candidate: the runs below
     # look it up by model time whatever their own state is (teacher forcing).
-    cand = _grid_from_ksigmas(schedule, ks_c)
     by_t: Dict[float, int] = {}
     for k, mt in enumerate(cand.model_t[:-1]):
         if float(mt) in by_t:
