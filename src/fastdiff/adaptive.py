@@ -39,6 +39,7 @@ from . import ops
 from .ops.reductions import error_norm
 from .parameterization import canonical_prediction
 from .program import Out, Point, Program, Row, compile_program
+from .runtime import RowExecutor
 from .sampler import _model_output
 from .schedules import Grid, Schedule
 from .solvers import Solver, get_solver
@@ -119,6 +120,7 @@ class RowRunner:
         self.backend = backend
         self.max_nfe = max_nfe
         self.nfe = 0
+        self._executors: Dict[tuple, RowExecutor] = {}
 
     def compile(self, rows: List[Row], num_slots: int) -> Tuple[Program, torch.Tensor]:
         prog = compile_program(rows, self.prediction, num_slots, steps=len({r.step for r in rows}))
@@ -137,12 +139,31 @@ class RowRunner:
         return out
 
     def step(self, table: torch.Tensor, i: int, row: Row, x: torch.Tensor, y=None, hist=None, D=None,
-             noise=None, seed: int = 0, bad_row: Optional[torch.Tensor] = None) -> None:
+             noise=None, seed: int = 0, bad_row: Optional[torch.Tensor] = None, rows: Optional[List[Row]] = None) -> None:
         """Row ``i`` of ``table`` in place on x / y / hist, with model output D (None: no model).
-        ``bad_row`` (int32 [1]): the kernel's non-finite flag, 1 + the first row that wrote NaN/Inf."""
-        ops.fused_step(table, i, x, y=y, cond=D, hist=hist, hist_write=row.hist_write, eval_y=row.eval_at == "y",
-                       write_x=row.out_x is not None, write_y=row.out_y is not None, noise=noise, seed=seed,
-                       noise_id=row.noise_id, bad_row=bad_row, backend=self.backend)
+        ``bad_row`` (int32 [1]): the kernel's non-finite flag, 1 + the first row that wrote NaN/Inf.
+        ``rows``: the whole program ``table`` was compiled from (default: just ``row``, as row 0 of
+        a one-row program)."""
+        ex = self._executor(x, y, hist, bad_row, D)
+        if rows is None:
+            rows, table, i = [row], table[i:i + 1], 0
+        if ex.table is not table or ex.rows is not rows:
+            ex.bind(rows, table, 0 if hist is None else hist.shape[0])
+        ex.run(i, D, None, noise, seed)
+
+    def _executor(self, x, y, hist, bad_row, D) -> RowExecutor:
+        """The executor bound to these buffers (drivers rotate a few state buffers: each keeps its
+        executor, so the kernel is chosen and the buffers checked once, not at every row)."""
+        key = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype) for t in (x, y, hist, bad_row))
+        key += (None if D is None else D.dtype,)
+        ex = self._executors.pop(key, None)
+        if ex is None:
+            ex = RowExecutor(x, y=y, hist=hist, bad_row=bad_row, model_like=x if D is None else D,
+                             backend=self.backend)
+            if len(self._executors) >= 8:
+                self._executors.pop(next(iter(self._executors)))
+        self._executors[key] = ex          # (most recently used last)
+        return ex
 
     def run(self, rows: List[Row], table: torch.Tensor, x, y=None, hist=None, first_output=None,
             start: int = 0, stop: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -158,7 +179,7 @@ class RowRunner:
                 else:
                     D = self.evaluate(r.point, y if r.eval_at == "y" else x)
                 first = D if first is None else first
-            self.step(table, i, r, x, y, hist, D)
+            self.step(table, i, r, x, y, hist, D, rows=rows)
         return first
 
 
@@ -295,6 +316,7 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
     K = order - 1
     y, hist = torch.empty_like(x), torch.zeros((K,) + x.shape, dtype=x.dtype, device=x.device)
     x_prev = x / p0.alpha                        # k-diffusion: the previous lower-order solution, x/alpha
+    spare, low = torch.empty_like(x), torch.empty_like(x)
     D0 = None                                    # the model output at (x, lam), kept across rejections
     info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": 0, "ksigmas": [ks_max]}
     while lam < lam_end - 1e-5:
@@ -309,10 +331,10 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
         pd = grid_point(grid, 1)
         rows = dpm_solver_pair_rows(grid, order)
         _, table = runner.compile(rows, K)
-        x_high = x.clone()
+        x_high = spare.copy_(x)                  # (two state buffers in turn: their executors are reused)
         D0 = runner.run(rows, table, x_high, y, hist, first_output=D0, stop=len(rows) - 1)
-        x_low = x.clone()
-        runner.run(rows, table, x_low, start=len(rows) - 1, hist=hist)
+        x_low = low.copy_(x)
+        runner.run(rows, table, x_low, y, start=len(rows) - 1, hist=hist)
         # The error in k-diffusion's coordinates x/alpha.
         low_k, high_k = x_low / pd.alpha, x_high / pd.alpha
         error = float(error_norm(low_k, high_k, x_prev, rtol, atol))
@@ -332,7 +354,7 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
                     if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
                         raise ValueError(f"noise_sampler must return a tensor of shape {tuple(x.shape)}")
                 runner.step(ntable, 0, noise_row, x_high, noise=z, seed=seed)
-            x, lam, D0 = x_high, lam_t, None
+            x, spare, lam, D0 = x_high, x, lam_t, None
             info["n_accept"] += 1
             info["ksigmas"].append(math.exp(-lam))
         else:
@@ -401,12 +423,13 @@ def sample_step_doubling(model: Callable, noise: torch.Tensor, *, schedule: Sche
     hist = torch.zeros((K,) + x.shape, dtype=x.dtype, device=x.device) if K else None
 
     D0 = None
+    full_buf, spare = torch.empty_like(x), torch.empty_like(x)
     info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": 0, "ksigmas": [ks_max]}
     while lam < lam_end - 1e-5:
         lam_t = min(lam_end, lam + pid.h)
         ks = [math.exp(-lam), math.exp(-0.5 * (lam + lam_t)), math.exp(-lam_t)]
         full, halves = Grid.from_ksigmas(schedule, [ks[0], ks[2]]), Grid.from_ksigmas(schedule, ks)
-        x_full, x_half = x.clone(), x.clone()
+        x_full, x_half = full_buf.copy_(x), spare.copy_(x)   # (rotating buffers: executors reused)
         for grid, buf in ((full, x_full), (halves, x_half)):
             rows = solver.rows(grid)
             _, table = runner.compile(rows, K)
@@ -419,7 +442,7 @@ def sample_step_doubling(model: Callable, noise: torch.Tensor, *, schedule: Sche
         if pid.propose(error):
             if extrapolate:
                 x_half += (x_half - x_full) / (2 ** p - 1)
-            x, lam, D0 = x_half, lam_t, None
+            x, spare, lam, D0 = x_half, x, lam_t, None
             info["n_accept"] += 1
             info["ksigmas"].append(math.exp(-lam))
         else:

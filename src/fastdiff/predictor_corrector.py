@@ -117,7 +117,7 @@ def sample_pc(model: Callable, noise: torch.Tensor, *, predictor: Union[str, Sol
 
     for i, r in enumerate(rows):
         D = runner.evaluate(r.point, y if r.eval_at == "y" else x) if r.needs_model else None
-        runner.step(table, i, r, x, y, hist, D, seed=seed, bad_row=bad_row)
+        runner.step(table, i, r, x, y, hist, D, seed=seed, bad_row=bad_row, rows=rows)
         if i + 1 < len(rows) and rows[i + 1].step == r.step:
             continue
         p = grid_point(grid, r.step + 1)

@@ -6,10 +6,14 @@ tensor is read back (non-finite values raise a device-side flag that is read onc
 """
 from __future__ import annotations
 
+import functools
 import math
+import time
+import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -19,6 +23,7 @@ from . import ops
 from .guidance import Guidance, GuidanceHook, as_guidance
 from .parameterization import canonical_prediction
 from .program import COL_G, COL_G0, COL_G1, Program, compile_program, guidance_affine, guidance_column
+from .runtime import RowExecutor
 from .schedules import DiscreteVP, Grid, Schedule, make_grid
 from .solvers import Solver, get_solver
 
@@ -26,6 +31,46 @@ __all__ = ["sample", "Sampler"]
 
 CHECK_FINITE = ("end", "step", "off")
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf: one reduction pass, no full-size temporaries
+    (``isfinite(t).all()`` writes a bool tensor as large as t). aminmax propagates NaN, and an
+    infinity is the min or the max."""
+    if t.numel() == 0:
+        return True
+    if not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+class _LazyProgress:
+    """A tqdm bar that exists only for runs that last: nothing is created or drawn until
+    ``delay`` seconds have passed, so short runs pay one clock read per step."""
+
+    __slots__ = ("total", "desc", "n", "start", "delay", "bar")
+
+    def __init__(self, total: int, desc: str, delay: float = 0.5):
+        self.total, self.desc, self.n, self.delay, self.bar = total, desc, 0, delay, None
+        self.start = time.perf_counter()
+        if delay <= 0.0:
+            self._open()
+
+    def _open(self) -> None:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, initial=self.n)
+
+    def update(self) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif time.perf_counter() - self.start >= self.delay:
+            self._open()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_sample_like(name: str, t, shape: tuple, dev: torch.device) -> None:
@@ -39,7 +84,7 @@ def _check_sample_like(name: str, t, shape: tuple, dev: torch.device) -> None:
         raise ValueError(f"{name} must have the shape of noise {shape}, got {tuple(t.shape)}")
     if t.device != dev and not (t.device.type == dev.type == "cpu"):
         raise ValueError(f"{name} must be on {dev} (the device of noise), got {t.device}")
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -111,6 +156,59 @@ def _batch_kwargs(uncond: Dict[str, Any], cond: Dict[str, Any]) -> Dict[str, Any
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The build cache: (solver options, grid or schedule + spacing, prediction, guidance) -> program.
+
+_BUILD_CACHE: "OrderedDict[tuple, Tuple[Program, Grid]]" = OrderedDict()
+_BUILD_CACHE_SIZE = 64
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _freeze(v, depth: int = 0):
+    """A hashable stand-in for v's value (arrays by their bytes, objects by their type and
+    attributes); raises _Unkeyable for what has no value identity (functions, models, ...), and
+    then the build is simply not cached."""
+    if depth > 6:
+        raise _Unkeyable
+    if v is None or isinstance(v, (bool, int, str, bytes, np.bool_, np.integer)):
+        return v
+    if isinstance(v, (float, np.floating)):
+        return ("f", float(v).hex())          # (keeps -0.0 and NaN apart from 0.0 and from each other)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__,) + tuple(_freeze(e, depth + 1) for e in v)
+    if isinstance(v, Mapping):
+        return ("dict",) + tuple(sorted((str(k), _freeze(e, depth + 1)) for k, e in v.items()))
+    if isinstance(v, np.ndarray):
+        return ("nd", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu" or v.numel() > 1 << 16:
+            raise _Unkeyable
+        return ("t", str(v.dtype), tuple(v.shape), v.detach().contiguous().numpy().tobytes())
+    if isinstance(v, (torch.dtype, torch.device)):
+        return str(v)
+    if isinstance(v, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial,
+                      torch.nn.Module, type)):
+        raise _Unkeyable
+    if is_dataclass(v):
+        return (type(v),) + tuple((f.name, _freeze(getattr(v, f.name), depth + 1)) for f in fields(v))
+    if hasattr(v, "__dict__"):
+        return (type(v),) + tuple((k, _freeze(e, depth + 1)) for k, e in sorted(vars(v).items()))
+    raise _Unkeyable
+
+
+def _build_key(solver, grid, schedule, steps, spacing, final, grid_options, prediction, guidance):
+    try:
+        where = (("grid", _freeze(grid.schedule), grid.t.tobytes(), grid.alpha.tobytes(), grid.sigma.tobytes(),
+                  grid.model_t.tobytes()) if grid is not None else
+                 ("schedule", _freeze(schedule), _freeze(steps), spacing, final, _freeze(grid_options)))
+        return (_freeze(solver), where, prediction, _freeze(guidance))
+    except (_Unkeyable, TypeError, AttributeError):
+        return None
+
+
 @dataclass
 class Sampler:
     """A prepared sampling run: solver program and device tables built once, reusable for many
@@ -123,6 +221,8 @@ class Sampler:
     guidance: Optional[Guidance]
     device: torch.device
     state_dtype: torch.dtype = torch.float32
+    # Buffers of finished runs, by (shape, device, dtypes, ...), for the next run to reuse.
+    _spare: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, *, solver: Union[str, Solver] = "dpmpp_2m", steps: int = 20,
@@ -130,16 +230,29 @@ class Sampler:
               final: str = "zero", prediction: str = "epsilon", guidance=None,
               solver_options: Optional[dict] = None, device="cpu",
               state_dtype: torch.dtype = torch.float32, **grid_options) -> "Sampler":
+        """Build the run: the grid, the solver's rows and the compiled program. Built programs are
+        cached by what determines them (the solver's options, the grid or the schedule and its
+        spacing arguments, the prediction, the guidance), so building the same run again costs a
+        key lookup, not the solver's Python (fastdiff.sample and the k-diffusion functions build on
+        every call)."""
         solver = get_solver(solver, **(solver_options or {}))
         prediction = canonical_prediction(prediction)
         guidance = as_guidance(guidance)
         if state_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        if grid is not None and (grid_options or schedule is not None):
+            raise ValueError("pass either grid or (schedule, steps, spacing, ...), not both")
+        key = _build_key(solver, grid, schedule, steps, spacing, final, grid_options, prediction, guidance)
+        hit = _BUILD_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            _BUILD_CACHE.move_to_end(key)
+            program, grid = hit
+            program = Program(rows=list(program.rows), num_slots=program.num_slots, table=program.table.copy(),
+                              steps=program.steps)
+            return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
         if grid is None:
             schedule = DiscreteVP() if schedule is None else schedule
             grid = make_grid(schedule, steps, spacing, final=final, **grid_options)
-        elif grid_options or schedule is not None:
-            raise ValueError("pass either grid or (schedule, steps, spacing, ...), not both")
         rows = solver.rows(grid)
         g = guidance_column(rows, guidance.g_at if guidance is not None else None)
         affine = guidance_affine(rows, guidance.g_affine_at if guidance is not None else None)
@@ -148,6 +261,11 @@ class Sampler:
                              "no guidance rescale / classifier guidance / x0 clipping")
         program = compile_program(rows, prediction, solver.num_slots, grid.steps, guidance_scale=g,
                                   guidance_affine=affine)
+        if key is not None:
+            _BUILD_CACHE[key] = (Program(rows=list(rows), num_slots=program.num_slots, table=program.table.copy(),
+                                         steps=program.steps), grid)
+            while len(_BUILD_CACHE) > _BUILD_CACHE_SIZE:
+                _BUILD_CACHE.popitem(last=False)
         return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
 
     # ------------------------------------------------------------------------------------------
@@ -155,7 +273,7 @@ class Sampler:
                  uncond: Optional[dict] = None, model_kwargs: Optional[dict] = None,
                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                  noise_sampler: Optional[Callable] = None, callback: Optional[Callable] = None,
-                 progress: bool = True, backend: str = "auto", model_dtype: Optional[torch.dtype] = None,
+                 progress: Optional[bool] = None, backend: str = "auto", model_dtype: Optional[torch.dtype] = None,
                  inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, check_finite: str = "end",
                  init_noise_scale: Optional[float] = None, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sample from ``noise``. Every argument is checked here, before any tensor is written or
@@ -172,7 +290,7 @@ class Sampler:
             raise ValueError("noise is on the meta device (it has no values); pass a tensor on cpu or a GPU")
         if noise.dim() < 1 or noise.shape[0] < 1:
             raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
-        if not torch.isfinite(noise).all():
+        if not all_finite(noise):
             raise ValueError("noise contains NaN or Inf")
         if check_finite not in CHECK_FINITE:
             raise ValueError(f"check_finite must be one of {CHECK_FINITE}, got {check_finite!r}")
@@ -193,8 +311,8 @@ class Sampler:
         if model_dtype is not None and model_dtype not in _MODEL_DTYPES:
             raise TypeError(f"model_dtype must be None or one of {', '.join(map(str, _MODEL_DTYPES))}, "
                             f"got {model_dtype!r}")
-        if not isinstance(progress, (bool, np.bool_)):
-            raise TypeError(f"progress must be a bool, got {type(progress).__name__} {progress!r}")
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be a bool or None, got {type(progress).__name__} {progress!r}")
         for name, f in (("callback", callback), ("noise_sampler", noise_sampler)):
             if f is not None and not callable(f):
                 raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
@@ -233,21 +351,19 @@ class Sampler:
         shape, B = tuple(noise.shape), noise.shape[0]
         inpaint = mask is not None
         model_dtype = model_dtype or (torch.float64 if self.state_dtype == torch.float64 else torch.float32)
-        time_dtype = torch.float64 if self.state_dtype == torch.float64 else torch.float32
 
         # Which model evaluations need the uncond pass: where some sample's g != 1, and wherever
         # the solver reads the unconditional prediction on its own (CFG++) if guidance is given.
         gd = self.guidance
-        g_vec = None
+        g_host = None
         if gd is not None and gd.per_sample:
             g_host = gd.g_vector()
             if g_host.shape[0] != B:
                 raise ValueError(f"guidance has {g_host.shape[0]} per-sample scales for a batch of {B}")
-            g_vec = torch.from_numpy(g_host).to(dev)
             g01 = prog.table[:, [COL_G0, COL_G1]]
             row_cfg = [bool(np.any(g01[i, 0] + g01[i, 1] * g_host != 1.0)) for i in range(len(rows))]
         else:
-            row_cfg = [float(prog.table[i, COL_G]) != 1.0 for i in range(len(rows))]
+            row_cfg = (prog.table[:, COL_G] != 1.0).tolist()
         row_cfg = [r.needs_model and (row_cfg[i] or (gd is not None and r.reads_uncond)) for i, r in enumerate(rows)]
         use_cfg = any(row_cfg)
         if use_cfg and uncond is None:
@@ -255,18 +371,59 @@ class Sampler:
         kw_cond = {**model_kwargs, **cond}
         kw_both = {**model_kwargs, **_batch_kwargs(dict(uncond), cond)} if use_cfg else None
 
-        # State and buffers, allocated once.
-        a0, s0 = float(self.grid.alpha[0]), float(self.grid.sigma[0])
-        scale = self.grid.schedule.init_noise_scale(a0, s0) if init_noise_scale is None else init_noise_scale
-        x = noise.to(self.state_dtype) * scale if x_init is None else x_init.to(self.state_dtype).clone()
-        x = x.contiguous()
-        uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
-        y = torch.empty_like(x) if uses_y else None
-        K = prog.num_slots
-        hist = torch.zeros((K,) + shape, dtype=self.state_dtype, device=dev) if K else None
-        model_in = torch.empty(((2 * B) if use_cfg else B,) + shape[1:], dtype=model_dtype, device=dev)
-        table = torch.from_numpy(prog.table).to(dev)
-        bad_row = torch.zeros(1, dtype=torch.int32, device=dev) if check_finite != "off" else None
+        ex = self._executor(shape, dev, model_dtype, (2 * B) if use_cfg else B, check_finite != "off", g_host,
+                            backend)
+        try:
+            return self._loop(ex, model, noise, kw_cond, kw_both, row_cfg, use_cfg, generator, seed, noise_sampler,
+                              callback, progress, known, mask, check_finite, init_noise_scale, x_init)
+        finally:
+            self._release(ex)
+
+    def _executor(self, shape, dev, model_dtype, model_batch, flag, g_host, backend) -> RowExecutor:
+        """This run's RowExecutor. Its buffers (y, history, model input, flags) are kept by the
+        Sampler and reused by the next run of the same shape (no allocation, no first touch of
+        fresh pages); x is new for every run, since it is returned."""
+        key = (shape, dev, model_dtype, model_batch, flag, g_host is not None, backend)
+        ex = self._spare.pop(key, None) if self._spare is not None else None
+        if ex is None:
+            g_vec = None if g_host is None else torch.empty(len(g_host), dtype=torch.float64, device=dev)
+            like = torch.empty(shape, dtype=self.state_dtype, device=dev)
+            ex = RowExecutor.allocate(self.program, like, state_dtype=self.state_dtype, model_dtype=model_dtype,
+                                      model_in_batch=model_batch, check_finite=flag, guidance=g_vec, backend=backend)
+            ex.key = key
+        else:
+            ex.fresh_state()
+            if ex.hist is not None:
+                ex.hist.zero_()
+            if ex.bad_row is not None:
+                ex.bad_row.zero_()
+        if g_host is not None:
+            ex.guidance.copy_(torch.from_numpy(g_host))
+        return ex
+
+    def _release(self, ex: RowExecutor) -> None:
+        if self._spare is None:
+            self._spare = {}
+        if len(self._spare) < 4:
+            self._spare[ex.key] = ex
+
+    def _loop(self, ex: RowExecutor, model, noise, kw_cond, kw_both, row_cfg, use_cfg, generator, seed, noise_sampler,
+              callback, progress, known, mask, check_finite, init_noise_scale, x_init) -> torch.Tensor:
+        prog, rows = self.program, self.program.rows
+        dev = noise.device
+        shape, B = tuple(noise.shape), noise.shape[0]
+        inpaint = mask is not None
+        time_dtype = torch.float64 if self.state_dtype == torch.float64 else torch.float32
+
+        # The initial state, written into the executor's (fresh) x.
+        x = ex.x
+        if x_init is None:
+            a0, s0 = float(self.grid.alpha[0]), float(self.grid.sigma[0])
+            scale = self.grid.schedule.init_noise_scale(a0, s0) if init_noise_scale is None else init_noise_scale
+            torch.mul(noise, scale, out=x) if noise.dtype == x.dtype else x.copy_(noise.to(x.dtype) * scale)
+        else:
+            x.copy_(x_init)
+        y, model_in = ex.y, ex.model_in
         # Model times for every row in one tensor; per-row views are taken once, before the loop.
         t_rows = torch.tensor([r.point.model_t if r.needs_model else 0.0 for r in rows], dtype=time_dtype)
         t_rows = t_rows.to(dev)[:, None].expand(len(rows), model_in.shape[0])
@@ -283,7 +440,7 @@ class Sampler:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
         seed = 0 if seed is None else seed
 
-        # Per-row static facts, looked up once (the loop below runs thousands of times per second).
+        # Per-row facts of the loop, looked up once (the loop below runs thousands of times per second).
         plan = []
         for i, r in enumerate(rows):
             nxt = rows[i + 1] if i + 1 < len(rows) else None
@@ -291,25 +448,19 @@ class Sampler:
             # model call reads (saves a pass over the tensor).
             writes_next = (nxt is not None and nxt.needs_model and not inpaint
                            and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
-            plan.append((r, r.needs_model, row_cfg[i],
-                         r.eval_at == "y", r.out_x is not None, r.out_y is not None, r.hist_write, r.noise_id,
-                         writes_next, writes_next and nxt.eval_at == "y", nxt is None or nxt.step != r.step))
-        step_fn = ops.prepare_fused_step(x, table=table, y=y, cond_like=model_in, hist=hist, model_in=model_in,
-                                         guidance=g_vec, backend=backend)
-        # Non-linear guidance (rescale, classifier, x0 clipping) only on runs that use it.
-        hook = (GuidanceHook(self.guidance, prog, self.prediction, table)
+            plan.append((r, r.needs_model, row_cfg[i], ex.evaluated(i), r.noise_id,
+                         model_in if writes_next else None, nxt is None or nxt.step != r.step))
+        # Non-linear guidance (rescale, classifier, x0 clipping, guider methods) only on runs that use it.
+        hook = (GuidanceHook(self.guidance, prog, self.prediction, ex.table)
                 if self.guidance is not None and self.guidance.needs_hook else None)
 
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=prog.steps, desc=f"fastdiff {self.solver.name}", leave=False)
+        # progress=None: a bar only for runs that last (costs a clock read per step otherwise).
+        bar = (None if progress is False else
+               _LazyProgress(prog.steps, f"fastdiff {self.solver.name}", delay=0.0 if progress else 0.5))
         model_in_ready = False
         shape_both = (2 * B,) + shape[1:]
         cond_in = model_in[B:] if use_cfg else model_in
-        for i, (r, needs_model, both, eval_y, write_x, write_y, hist_write, noise_id, writes_next, next_y,
-                step_done) in enumerate(plan):
-            E = y if eval_y else x
+        for i, (r, needs_model, both, E, noise_id, next_in, step_done) in enumerate(plan):
             cond_out = uncond_out = None
             if needs_model:
                 if not model_in_ready:
@@ -328,29 +479,29 @@ class Sampler:
                 noise_t = noise_sampler(r, x)
                 if not isinstance(noise_t, torch.Tensor) or tuple(noise_t.shape) != shape:
                     raise ValueError(f"noise_sampler must return a tensor of shape {shape}")
-            step_table = table
             if hook is not None and needs_model:
                 step_table, cond_out, uncond_out = hook(i, r, E, cond_out, uncond_out, t_half[i])
-            step_fn(step_table, i, x, y, cond_out, uncond_out, hist, hist_write, eval_y, write_x, write_y,
-                    noise_t, seed, noise_id, model_in if writes_next else None, next_y, bad_row, g_vec)
-            model_in_ready = writes_next
+                ex.run(i, cond_out, uncond_out, noise_t, seed, next_in, step_table)
+            else:
+                ex.run(i, cond_out, uncond_out, noise_t, seed, next_in)
+            model_in_ready = next_in is not None
             if step_done:
                 n = r.step
                 if inpaint:
                     a, s = float(self.grid.alpha[n + 1]), float(self.grid.sigma[n + 1])
                     # x <- mask * (known noised to this level, with the initial noise) + (1 - mask) * x
                     x.add_(mask * (a * known + s * base_noise - x))
-                if check_finite == "step" and int(bad_row.item()):
-                    self._raise_nonfinite(int(bad_row.item()))
+                if check_finite == "step" and ex.first_bad_row():
+                    self._raise_nonfinite(ex.first_bad_row())
                 if callback is not None:
                     callback({"step": n, "x": x, "sigma": float(self.grid.sigma[n + 1]),
                               "alpha": float(self.grid.alpha[n + 1]), "t": float(self.grid.t[n + 1])})
                 if bar is not None:
-                    bar.update(1)
+                    bar.update()
         if bar is not None:
             bar.close()
-        if bad_row is not None and int(bad_row.item()):
-            self._raise_nonfinite(int(bad_row.item()))
+        if ex.first_bad_row():
+            self._raise_nonfinite(ex.first_bad_row())
         return x
 
     @staticmethod
@@ -380,7 +531,8 @@ def sample(model: Callable, noise: torch.Tensor, *, solver: Union[str, Solver] =
     model outputs (epsilon / sample / v_prediction / flow / score); ``guidance`` a CFG scale or a
     ``fastdiff.Guidance`` with ``cond``/``uncond`` kwarg dicts for the two passes. Run options:
     ``cond``, ``uncond``, ``model_kwargs``, ``generator`` / ``seed`` (Philox noise),
-    ``noise_sampler``, ``callback``, ``progress``, ``backend``, ``model_dtype``,
+    ``noise_sampler``, ``callback``, ``progress`` (True: a tqdm bar; None, the default: a bar once
+    the run has lasted 0.5 s; False: none), ``backend``, ``model_dtype``,
     ``inpaint=(known, mask)`` (mask bool or in [0, 1], broadcasting to the sample; 1 = known),
     ``check_finite``. Returns the float32 (state_dtype) sample. Sampling is not differentiable:
     it runs under ``torch.no_grad()``, and in grad mode an input that requires grad raises.

@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ... import ops
+from ...runtime import RowExecutor
 from ...program import COL_G, Row, compile_program
 from .cfg import GuidedOutput
 
@@ -102,11 +102,11 @@ class _Program:
         self.fold = [(float(a), float(b)) for a, b in fold]
         self.plan = plan
         self.uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
-        # Per row: (hist_write, eval_y, write_x, write_y, returns_y, draws)
-        self.args = [(r.hist_write, r.eval_at == "y", r.out_x is not None, r.out_y is not None,
-                      (r.next_eval == "y") if i + 1 < len(rows) else False, bool(plan.draws[i]))
+        # Per call, what the scheduler needs beyond the kernel's row arguments (fastdiff.runtime):
+        # (eval_y, returns_y: step() returns the new y, the next call's sample; draws noise)
+        self.args = [(r.eval_at == "y", (r.next_eval == "y") if i + 1 < len(rows) else False, bool(plan.draws[i]))
                      for i, r in enumerate(rows)]
-        if self.args[-1][2] is False:
+        if rows[-1].out_x is None:
             raise ValueError("the last row of a plan must write x")
 
 
@@ -128,8 +128,13 @@ class _Run:
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
         probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
-        self.fused = ops.prepare_fused_step(self.x, table=self.table, y=self.y, cond_like=probe, hist=self.hist,
-                                            model_in=probe, backend=backend)
+        self.executor = RowExecutor(self.x, y=self.y, hist=self.hist, model_in=probe, table=self.table,
+                                    backend=backend)
+        self.bind()
+
+    def bind(self):
+        """The executor runs this program's rows (every draw comes from diffusers' generator)."""
+        self.executor.bind(self.program.plan.rows, self.table, self.program.plan.num_slots, explicit_noise=True)
 
     @property
     def x0_table(self) -> torch.Tensor:
@@ -415,6 +420,7 @@ class FastdiffScheduler:
             run.program, run.key = program, key
             run.table = torch.from_numpy(program.table).to(run.device)
             run._x0_table, run.g = None, 1.0
+            run.bind()
             return run
         start = self._init_index(timestep)
         timesteps = [float(t) for t in self.timesteps.detach().cpu().tolist()]
@@ -451,6 +457,7 @@ class FastdiffScheduler:
             if run is not None:
                 run.program, run.key, run.table, run._x0_table, run.g = fields
                 run.table[:, COL_G] = run.g          # (set_g writes the table in place)
+                run.bind()
             raise
 
     def _fd_step_unsafe(self, model_output, timestep, sample, generator, variance_noise, return_dict, key, x0):
@@ -491,7 +498,7 @@ class FastdiffScheduler:
         elif type(timestep) is not torch.Tensor:
             self._check_number_timestep(timestep, run, i)
 
-        hist_write, eval_y, write_x, write_y, returns_y, draws = run.program.args[k]
+        eval_y, returns_y, draws = run.program.args[k]
         model_dtype = cond.dtype
         E = run.y if eval_y else run.x
         E.copy_(sample)                  # read every call: no cached copy of the caller's tensor is trusted
@@ -516,8 +523,7 @@ class FastdiffScheduler:
         if self._returns_x0 and pred_x0 is None:        # (before the pass: the pass overwrites x / y)
             a_x, a_d = self._x0_fold(run, k)
             pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
-        run.fused(table, k, run.x, run.y, cond, uncond, run.hist, hist_write, eval_y, write_x, write_y,
-                  noise, 0, -1, out, returns_y, None)
+        run.executor.run(k, cond, uncond, noise, 0, out, table, returns_y)
         self._step_index = i + 1
         if self._stage_flag is not None:
             self._set_stage(k, returns_y, sample)
