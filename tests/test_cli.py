@@ -17,7 +17,7 @@ from PIL import Image
 from fastdiff import check, cli
 from fastdiff.cli import main, parse_labels
 from fastdiff.models import digits
-from fastdiff.ops import philox as philox_oracle
+from fastdiff.reference import philox as philox_oracle
 from fastdiff.ops.backends import BACKENDS, load_extension
 
 from conftest import REPO  # noqa: E402

@@ -30,8 +30,8 @@ import torch
 from conftest import REPO  # noqa: E402
 
 from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
-from fastdiff.ops import philox as P  # noqa: E402
-from fastdiff.ops import reductions, reference  # noqa: E402
+from fastdiff.reference import philox as P  # noqa: E402
+from fastdiff.reference import reductions as reduction_oracles, step as reference  # noqa: E402
 from fastdiff.ops.backends import load_extension  # noqa: E402
 from fastdiff.check import PHILOX_ULPS  # noqa: E402
 from fastdiff.program import COL_G, col_out, col_s_in, out_width, table_width  # noqa: E402
@@ -505,7 +505,7 @@ def test_cfg_rescale(emu, shape, phi, dtype):
     ws = torch.zeros(emu_workspace_bytes(shape) // 8 + 1, dtype=torch.float64)
     a = cfg_args(c, u, 7.5, out, Packer())
     assert emu.fastdiff_emulate_cfg_rescale(ctypes.byref(a), phi, ws.data_ptr(), ws.numel() * 8) is None
-    want = reductions.reference_cfg_rescale(c, u, 7.5, phi)
+    want = reduction_oracles.cfg_rescale(c, u, 7.5, phi)
     # std in float64 then rounded: the factor may differ from torch's by an ulp of float32.
     torch.testing.assert_close(out, want, rtol=4e-7 * 4, atol=0)
 
@@ -523,7 +523,7 @@ def test_cfg_rescale_constant_guided_output(emu):
     ws = torch.zeros(64, dtype=torch.float64)
     a = cfg_args(c, u, 3.0, out, Packer())
     assert emu.fastdiff_emulate_cfg_rescale(ctypes.byref(a), 0.7, ws.data_ptr(), 512) is None
-    assert torch.equal(out, reductions.reference_cfg_rescale(c, u, 3.0, 0.7))
+    assert torch.equal(out, reduction_oracles.cfg_rescale(c, u, 3.0, 0.7))
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 1001])

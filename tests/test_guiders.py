@@ -368,8 +368,13 @@ def test_bad_options():
         MamboG(alpha=-1.0)
     with pytest.raises(ValueError, match="renorm"):
         CFGRenorm(float("inf"))
+    # a method with per-sample scales is allowed (tests/test_extra_pass_guidance.py); FDG's level
+    # scales replace the scale, and rescale takes one scalar scale
+    assert Guidance([2.0, 3.0], method="apg").per_sample
+    with pytest.raises(ValueError, match="per-sample.*FDG"):
+        Guidance([2.0, 3.0], method="fdg")
     with pytest.raises(ValueError, match="per-sample"):
-        Guidance([2.0, 3.0], method="apg")
+        Guidance([2.0, 3.0], method="apg", rescale=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

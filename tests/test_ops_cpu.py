@@ -1,4 +1,4 @@
-"""The C++ CPU backend (fastdiff._C) against the reference oracle (fastdiff.ops.reference/philox).
+"""The C++ CPU backend (fastdiff._C) against the reference oracle (fastdiff.reference).
 
 What is compared: every in-place output (x, y, the written history slot, model_in, bad_row),
 and that read-only inputs are left as they were. Freshly allocated outputs and buffers the row
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastdiff.ops as ops
-from fastdiff.ops import philox as P
+from fastdiff.reference import philox as P
 from fastdiff.ops.backends import load_extension, select
 from fastdiff.check import PHILOX_ULPS
 from fastdiff.program import COL_G, OUT_Z, col_out, table_width
@@ -413,7 +413,7 @@ def test_cfg_combine_parity(dtype, with_uncond, layout, shape):
 
 @pytest.mark.parametrize("out_dtype", MODEL_DTYPES + (torch.float64,))
 def test_cfg_combine_out_dtype(out_dtype):
-    from fastdiff.ops import reference
+    from fastdiff.reference import step as reference
     gen = torch.Generator().manual_seed(2)
     c, u = torch.randn(3, 1001, generator=gen), torch.randn(3, 1001, generator=gen)
     got = _C.cfg_combine(c, u, 4.5, out_dtype)
@@ -441,7 +441,7 @@ def test_philox_uint32_bit_equal(seed, noise_id):
 @pytest.mark.parametrize("first_group", [2 ** 32 - 37, 2 ** 33 + 5, 2 ** 62])
 def test_philox_uint32_high_counter_word(first_group):
     """Groups past 2**32 carry into the counter's second word (SIMD lanes included)."""
-    from fastdiff.ops.philox import MASK32, philox4x32_10
+    from fastdiff.reference.philox import MASK32, philox4x32_10
     seed, nid, numel = 2 ** 45 + 17, 6, 4 * 100
     got = _C.philox_uint32(numel, seed, nid, first_group)
     g = torch.arange(first_group, first_group + numel // 4, dtype=torch.int64)

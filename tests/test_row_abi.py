@@ -198,7 +198,8 @@ def test_flag_arguments_are_the_row_flags():
 
 def test_python_declarations_match_step_args():
     from fastdiff import ops
-    from fastdiff.ops import custom_ops, reference
+    from fastdiff.ops import custom_ops
+    from fastdiff.reference import step as reference
     decls = {
         "fastdiff.ops.reference.fused_step": _params(reference.fused_step),
         "fastdiff.ops.fused_step": _params(ops.fused_step),

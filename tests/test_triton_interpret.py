@@ -104,7 +104,7 @@ def nan_padded(shape, dtype, *, layout="contiguous", fill=None, gen=None):
                                                  (4101, 0x0123456789ABCDEF, 7)])
 def test_philox_words_bit_equal(numel, seed, noise_id):
     from fastdiff.kernels.philox import philox_uint32
-    from fastdiff.ops.philox import philox_uint32 as reference
+    from fastdiff.reference.philox import philox_uint32 as reference
     got = philox_uint32(numel, seed, noise_id, "cpu")
     assert torch.equal(got, reference(numel, seed, noise_id))
 
@@ -114,7 +114,7 @@ def test_philox_words_bit_equal(numel, seed, noise_id):
 def test_philox_words_high_counter_word(first_group):
     """Groups past 2**32 carry into the counter's second word."""
     from fastdiff.kernels.philox import philox_uint32
-    from fastdiff.ops.philox import MASK32, philox4x32_10
+    from fastdiff.reference.philox import MASK32, philox4x32_10
     seed, noise_id = 2 ** 45 + 17, 6
     got = philox_uint32(4 * 600, seed, noise_id, "cpu", first_group=first_group)
     g = torch.arange(first_group, first_group + 600, dtype=torch.int64)
@@ -127,7 +127,7 @@ def test_philox_words_high_counter_word(first_group):
 @pytest.mark.parametrize("shape,seed,noise_id", [((3,), 5, 0), ((2, 3, 29, 31), 2 ** 63 + 11, 4)])
 def test_philox_normals(shape, seed, noise_id):
     from fastdiff.kernels.philox import philox_normal
-    from fastdiff.ops.philox import philox_normal as reference
+    from fastdiff.reference.philox import philox_normal as reference
     got = philox_normal(shape, seed, noise_id, "cpu")
     want = reference(shape, seed, noise_id)
     assert got.dtype == torch.float32 and got.shape == want.shape

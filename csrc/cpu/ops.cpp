@@ -424,13 +424,17 @@ struct StepKernel {
     return bad;
   }
 
-  // ---- the common case in one pass: float32 model output, writes x only ----
-  // (fp32 cond with or without uncond, no / fp32 / Philox noise, K <= 3 history slots, fp32
-  // model_in.) Same operations in the same order as block(); absent outputs (history slot,
-  // model_in halves) are stored to a scratch buffer so the loop has no branches.
+  // ---- the common case in one pass: writes x only ----
+  // (cond with or without uncond, no / given / Philox noise, K <= 3 history slots, model_in or
+  // none.) Same operations in the same order as block(); absent outputs (history slot, model_in
+  // halves) are stored to a scratch buffer so the loop has no branches. float16/bfloat16 model
+  // outputs and noise are widened block by block into L1 buffers (vectorized: F16C / AVX-512
+  // cvtph, bf16 by a 16-bit shift; convert.h) and a low-precision model_in is narrowed from an
+  // L1 buffer after the loop, so memory is still read and written once, in the model's dtype.
+  // (float64 model outputs combine in float64: block().)
   bool fast_ok() const {
-    return write_x && !write_y && cond != nullptr && cdt == DT::F32 && K <= 3 &&
-           (noise == nullptr || ndt == DT::F32) && (model_in == nullptr || mdt == DT::F32);
+    return write_x && !write_y && cond != nullptr && cdt != DT::F64 && K <= 3 &&
+           (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64);
   }
 
   template <bool HAS_U, bool HAS_Z, int KT>
@@ -439,14 +443,35 @@ struct StepKernel {
     const int64_t n = std::min(BLK, numel - s);
     alignas(64) float zb[BLK];
     alignas(64) float scratch[BLK];
+    alignas(64) float cb[BLK];
+    alignas(64) float ub[BLK];
+    alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt
     float* X = x + s;
     const float* E = eval_y ? y + s : X;
-    const float* C = static_cast<const float*>(cond) + s;
-    const float* U = HAS_U ? static_cast<const float*>(uncond) + s : C;
+    const float* C;
+    const float* U;
+    if (cdt == DT::F32) {
+      C = static_cast<const float*>(cond) + s;
+      U = HAS_U ? static_cast<const float*>(uncond) + s : C;
+    } else {
+      const int64_t es = dt_size(cdt);
+      cload(static_cast<const char*>(cond) + s * es, cb, n);
+      C = cb;
+      U = C;
+      if (HAS_U) {
+        cload(static_cast<const char*>(uncond) + s * es, ub, n);
+        U = ub;
+      }
+    }
     const float* Z = nullptr;
     if (HAS_Z) {
       if (noise != nullptr) {
-        Z = static_cast<const float*>(noise) + s;
+        if (ndt == DT::F32) {
+          Z = static_cast<const float*>(noise) + s;
+        } else {
+          nload(static_cast<const char*>(noise) + s * dt_size(ndt), zb, n);
+          Z = zb;
+        }
       } else {
         philox_block(s, n, seed, noise_id, zb);
         Z = zb;
@@ -457,8 +482,9 @@ struct StepKernel {
     const float* H2 = KT > 2 ? hist + 2 * hist_slot + s : nullptr;
     const bool wh = hist_write >= 0;
     float* Hw = wh ? hist + hist_write * hist_slot + s : scratch;
-    float* M0 = halves > 0 ? static_cast<float*>(model_in) + s : scratch;
-    float* M1 = halves > 1 ? static_cast<float*>(model_in) + mi_half + s : scratch;
+    const bool mi_f32 = mdt == DT::F32;
+    float* M0 = halves > 0 ? (mi_f32 ? static_cast<float*>(model_in) + s : mb) : scratch;
+    float* M1 = halves > 1 && mi_f32 ? static_cast<float*>(model_in) + mi_half + s : scratch;
     const float s_in = k.s_in, qy = k.qy, qd = k.qd;
     const m::OutCoefs& ox = k.ox;
     const m::OutCoefs& oh = k.oh;
@@ -493,6 +519,10 @@ struct StepKernel {
       }
       acc |= a;
     });
+    if (halves > 0 && !mi_f32) {
+      const int64_t es = dt_size(mdt);
+      for (int hh = 0; hh < halves; ++hh) mstore(mb, static_cast<char*>(model_in) + (hh * mi_half + s) * es, n);
+    }
     return check ? acc : 0u;
   }
 

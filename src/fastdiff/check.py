@@ -1,8 +1,7 @@
 """Numerical parity of every kernel on every backend that can run here, against the reference oracles.
 
 ``fastdiff check`` runs this and exits with status 1 if anything fails, so it can gate a CI job.
-The oracles are fastdiff.ops.reference, fastdiff.ops.philox and the ``reference_*`` functions of
-fastdiff.ops.reductions, called directly (never through dispatch, so a broken backend cannot
+The oracles are those of fastdiff.reference (step, philox, reductions), called directly (never through dispatch, so a broken backend cannot
 judge itself). Each kernel backend in fastdiff.ops.BACKENDS is checked on the device it serves
 here (cpu; triton on a CUDA GPU or under TRITON_INTERPRET=1; cuda where it is built); one that
 cannot run is listed as skipped with its reason, and an op a backend does not implement is "n/a".
@@ -30,9 +29,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .ops import philox as philox_oracle
-from .ops import reductions as reductions_oracle
-from .ops import reference as reference_oracle
+from .reference import philox as philox_oracle
+from .reference import reductions as reductions_oracle
+from .reference import step as reference_oracle
+from .ops.backends import REDUCTION_OPS
 from .program.layout import COL_G, COL_G0, COL_G1, table_width
 
 __all__ = ["Tolerance", "TOLERANCES", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
@@ -484,8 +484,8 @@ def _reduction_cases(gen, shape, dtype, device, layout):
 def check_reductions(backend, device) -> List[CheckResult]:
     tol = TOLERANCES["reduction"]
     out = []
-    for op in reductions_oracle.OPS:
-        oracle = getattr(reductions_oracle, f"reference_{op}")
+    for op in REDUCTION_OPS:
+        oracle = getattr(reductions_oracle, op)
         for dtype in MODEL_DTYPES:
             why = _why_not(backend, op, dtype, device)
             if why:

@@ -57,11 +57,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .guiders import Guider, as_guider
+from .guiders import FDG, AutoGuidance, ExtraPassGuider, Guider, as_guider, mailbox
 from .ops import guidance_scale_to_g
 from .ops.reductions import cfg_rescale, dynamic_threshold
 from .parameterization import x0_coefficients
-from .program import COL_G, Point, Program, Row, compile_program
+from .program import COL_G, COL_G0, COL_G1, Point, Program, Row, compile_program
 
 
 def _finite(name: str, v) -> float:
@@ -200,9 +200,11 @@ class Guidance:
         if self.classifier is not None and not isinstance(self.classifier, ClassifierGuidance):
             raise TypeError(f"classifier must be None or ClassifierGuidance(classifier, labels, scale), "
                             f"got {type(self.classifier).__name__}")
-        if self.per_sample and self.needs_hook:
-            raise ValueError("per-sample guidance scales take no rescale / classifier guidance / x0 clipping / "
-                             "guidance method (those transforms take one scalar scale)")
+        if self.per_sample and (self.rescale > 0.0 or self.acts_on_x0):
+            raise ValueError("per-sample guidance scales take no rescale / classifier guidance / x0 clipping "
+                             "(those transforms take one scalar scale)")
+        if self.per_sample and isinstance(self.method, FDG):
+            raise ValueError("per-sample guidance scales take no FDG (its level scales replace the scale)")
 
     @property
     def per_sample(self) -> bool:
@@ -273,7 +275,16 @@ class GuidanceHook:
         self.table = table
         self.g = program.table[:, COL_G]            # host copy: no device read per step
         self.x0_table = None
-        self.state: dict = {}                       # per-run state of the guidance method (APG momentum)
+        self.state: dict = {"num_steps": program.steps}   # per-run state of the method (APG momentum)
+        self.g01 = program.table[:, [COL_G0, COL_G1]] if guidance.per_sample else None
+        self.g_host = guidance.g_vector() if guidance.per_sample else None
+        self.extra = None
+        m = guidance.method
+        if isinstance(m, ExtraPassGuider):
+            # which model evaluations need the perturbed pass, in call order, for the model wrapper
+            # (fastdiff.integrations.diffusers.perturbed.PerturbedModel) that computes it
+            self.extra = mailbox(m)
+            self.extra.start([m.extra_active(r.step, program.steps) for r in program.rows if r.needs_model])
         if guidance.acts_on_x0:
             # The same rows with x0 itself as the model output: h = q_y E + q_x0 D.
             x0_program = compile_program(program.rows, "sample", program.num_slots, program.steps)
@@ -283,14 +294,33 @@ class GuidanceHook:
                  t: torch.Tensor):
         gd = self.guidance
         g = float(self.g[i])
+        if self.g01 is not None and uncond is not None:
+            # per-sample scales: sample b's g at this row, as the fused step forms it
+            gv = self.g01[i, 0] + self.g01[i, 1] * self.g_host
+            dt = torch.float64 if cond.dtype == torch.float64 else torch.float32
+            g = torch.from_numpy(gv).to(device=cond.device, dtype=dt).reshape((-1,) + (1,) * (cond.dim() - 1))
         # CFG (with rescale = 0: just CFG) in float32/float64 even for half-precision outputs.
         m = gd.method
-        if m is None:
+        if isinstance(m, ExtraPassGuider):
+            p = self.extra.take(i) if self.extra is not None else None
+            if p is None and m.extra_active(row.step, self.state["num_steps"]):
+                raise RuntimeError(f"{m.name} needs the perturbed model's output at step {row.step}: wrap the model "
+                                   "in fastdiff.integrations.diffusers.perturbed.PerturbedModel(model, method, ...)")
+            if (not gd.acts_on_x0 and gd.rescale == 0.0 and uncond is not None and not isinstance(g, torch.Tensor)
+                    and not math.isclose(g, 0.0) and not math.isclose(g, 1.0)):
+                # the fused step applies CFG to (c', u) with c' = c + (s / g)(c - p): one pass here
+                cp = m.fold(cond, p, g).to(cond.dtype) if p is not None and m.extra_active(
+                    row.step, self.state["num_steps"]) else cond
+                return self.table, cp, uncond
+            D = m.combine_extra(cond, uncond, p, g, gd.convention == "1+w", row.step, self.state["num_steps"])
+            if uncond is not None and gd.rescale > 0.0:
+                D = cfg_rescale(cond.to(D.dtype), D, 0.0, gd.rescale)
+        elif m is None:
             D = cond if uncond is None else cfg_rescale(cond, uncond, g, gd.rescale)
         else:
             D = m.pre(cond, row.step)
             if D is None:
-                if uncond is None:
+                if uncond is None and not isinstance(m, AutoGuidance):
                     D = cond
                 else:
                     D = m.combine(cond, uncond, g, gd.convention == "1+w", row.step, self.state)

@@ -352,6 +352,284 @@ class FDG(Guider):
         return from_pyramid(out)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Extra-pass guidance: a third model output p, the conditional pass of a perturbed model.
+
+def _layer_spec(name: str, layers) -> Tuple[Union[int, str], ...]:
+    """Layers as a non-empty tuple of block indices (ints) and/or module-name regexes (strings)."""
+    if isinstance(layers, (int, np.integer, str)) and not isinstance(layers, bool):
+        layers = (layers,)
+    if (not isinstance(layers, (tuple, list)) or not layers
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer, str)) for v in layers)):
+        raise ValueError(f"{name} layers must be a block index, a module-name regex or a non-empty sequence of "
+                         f"them, got {layers!r}")
+    if any(isinstance(v, (int, np.integer)) and v < 0 for v in layers):
+        raise ValueError(f"{name} layer indices must be >= 0, got {layers!r}")
+    return tuple(v if isinstance(v, str) else int(v) for v in layers)
+
+
+def _fraction(name: str, v) -> Optional[float]:
+    if v is None:
+        return None
+    if not 0.0 <= _num(name, v) <= 1.0:
+        raise ValueError(f"{name} must be a fraction of the steps in [0, 1] (or None), got {v}")
+    return float(v)
+
+
+def _is_one(g) -> bool:
+    return isinstance(g, (int, float)) and math.isclose(g, 1.0)
+
+
+class ExtraPassGuider(Guider):
+    """A method that needs the conditional output of a *perturbed* model, p, beside c and u
+    (PAG, SLG, SEG). ``perturbs = "cond"``: the extra pass is the conditional input through the
+    perturbed model; a sampler batches it with cond/uncond as one model call of 3B samples
+    [u; c; p] with the perturbation applied to the last B rows only
+    (``fastdiff.integrations.diffusers.perturbed``).
+
+    The extra term is on at solver step ``step`` of ``num_steps`` where ``scale != 0`` and
+    ``int(start * num_steps) < step < int(stop * num_steps)`` (diffusers' guiders' rule, lower
+    bound strict; a bound that is None is no bound). With D_cfg = u + g (c - u) (convention "w";
+    c + w (c - u) for "1+w") and s = ``scale``, as diffusers' guiders:
+
+        CFG on,  extra on:   D = D_cfg + s (c - p)
+        CFG off, extra on:   D = p + s (c - p)      ("w")      D = c + s (c - p)      ("1+w")
+        CFG on,  extra off:  D = D_cfg
+        CFG off, extra off:  D = c
+
+    (diffusers' PAG *pipelines* use c + s (c - p) without CFG whatever the convention; with CFG
+    the two agree.)
+
+    Where the fused step applies CFG itself, ``fold`` gives c' = c + (s / g) (c - p) = lerp(p, c,
+    1 + s / g) in one elementwise pass, and the step's own u + g (c' - u) is the formula above
+    (same memory traffic as computing D beside the step, and the step keeps its CFG fusion and
+    per-sample g). ``combine_extra`` computes D in diffusers' operation order (the oracle and the
+    general path: g = 0, per-sample g with some g_b = 1).
+    """
+
+    perturbs = "cond"
+
+    def _check_common(self, kind: str):
+        object.__setattr__(self, "layers", _layer_spec(kind, self.layers))
+        if not isinstance(self.fqn, str) or not self.fqn:
+            raise ValueError(f"{kind} fqn must be 'auto' or the dotted name of a block list, got {self.fqn!r}")
+        _num(f"{kind} scale", self.scale)
+        lo = _fraction(f"{kind} start", self.start)
+        hi = _fraction(f"{kind} stop", self.stop)
+        if lo is not None and hi is not None and hi < lo:
+            raise ValueError(f"{kind} stop ({hi}) must be >= start ({lo})")
+
+    def extra_active(self, step: int, num_steps: Optional[int]) -> bool:
+        """Whether the perturbed pass is needed at this step (diffusers' ``_is_slg_enabled``)."""
+        if math.isclose(self.scale, 0.0):
+            return False
+        if num_steps is not None:
+            if self.start is not None and not int(self.start * num_steps) < step:
+                return False
+            if self.stop is not None and not step < int(self.stop * num_steps):
+                return False
+        return True
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        """Without the perturbed output (extra term off): plain CFG, in diffusers' order."""
+        return self.combine_extra(c, u, None, g, one_plus_w, step, state.get("num_steps"))
+
+    def combine_extra(self, c, u, p, g, one_plus_w, step, num_steps):
+        """D from c, u (None: CFG off) and p (None: extra term off); ``g`` a number or a per-sample
+        tensor [B, 1, ...] (samples with g = 1 take the CFG-off formula)."""
+        c = _work(c)
+        cfg = u is not None and not _is_one(g)
+        extra = p is not None and self.extra_active(step, num_steps)
+        s = self.scale
+        p = _work(p) if extra else None
+        off = None
+        if not cfg or isinstance(g, torch.Tensor):
+            off = c if not extra else ((c if one_plus_w else p) + s * (c - p))
+            if not cfg:
+                return off
+        u = _work(u)
+        gs = (g - 1.0) if one_plus_w else g
+        D = (c if one_plus_w else u) + gs * (c - u)
+        if extra:
+            D = D + s * (c - p)
+        if isinstance(g, torch.Tensor):
+            D = torch.where(torch.isclose(g, torch.ones_like(g)), off, D)
+        return D
+
+    def fold(self, c, p, g: float):
+        """c' with u + g (c' - u) = the CFG-on formula: lerp(p, c, 1 + s / g); g a number != 0."""
+        c = _work(c)
+        return torch.lerp(_work(p), c, 1.0 + self.scale / g)
+
+
+@dataclass(frozen=True)
+class PAG(ExtraPassGuider):
+    """Perturbed-attention guidance (Ahn et al. 2024, arXiv 2403.17377; diffusers'
+    ``PerturbedAttentionGuidance`` and the PAG pipelines). The perturbed pass replaces the
+    self-attention map of the named layers by the identity: the attention output is the value
+    projection V (diffusers' ``skip_attention_scores``; cross-attention is untouched).
+
+    ``layers``: block indices in the model's block list ``fqn`` ("auto": ``transformer_blocks``,
+    ``blocks``, ... as diffusers' ``LayerSkipConfig``), and/or regexes over the denoiser's module
+    names as the PAG pipelines' ``pag_applied_layers`` (``"mid"``, ``"down.block_2"``); every
+    self-attention module inside is perturbed. ``start``/``stop``: see ``ExtraPassGuider``
+    (None: every step, as the PAG pipelines; diffusers' guider defaults are 0.01 / 0.2).
+    """
+
+    scale: float = 3.0
+    layers: Tuple[Union[int, str], ...] = ("mid",)
+    fqn: str = "auto"
+    start: Optional[float] = None
+    stop: Optional[float] = None
+    name = "pag"
+    perturbation = "attention_scores"
+
+    def __post_init__(self):
+        self._check_common("PAG")
+
+
+@dataclass(frozen=True)
+class SLG(ExtraPassGuider):
+    """Skip-layer guidance (Stability AI, SD 3.5; diffusers' ``SkipLayerGuidance`` and
+    ``StableDiffusion3Pipeline(skip_guidance_layers=...)``). The perturbed pass skips the named
+    transformer blocks: each returns its inputs (diffusers' ``LayerSkipConfig`` with
+    ``skip_attention`` and ``skip_ff``). Defaults as diffusers' (scale 2.8, steps in
+    (0.01 N, 0.2 N)); SD 3.5 Medium's recommended layers are (7, 8, 9). The SD3 pipeline's own
+    window compares ``i > N start`` and ``i < N stop`` without ``int``: the same steps unless
+    ``stop * N`` is fractional.
+    """
+
+    scale: float = 2.8
+    layers: Tuple[Union[int, str], ...] = (7, 8, 9)
+    fqn: str = "auto"
+    start: Optional[float] = 0.01
+    stop: Optional[float] = 0.2
+    name = "slg"
+    perturbation = "skip_block"
+
+    def __post_init__(self):
+        self._check_common("SLG")
+
+
+@dataclass(frozen=True)
+class SEG(ExtraPassGuider):
+    """Smoothed-energy guidance (Hong 2024, arXiv 2408.00760; diffusers'
+    ``SmoothedEnergyGuidance``). The perturbed pass blurs the self-attention *queries* of the named
+    blocks (a hook on ``to_q``) over the square grid of the first floor(sqrt(L))^2 tokens, with
+    diffusers' ``_gaussian_blur_2d`` and ``blur_sigma``. Note diffusers' branch: sigma above 9999.9
+    gets a Gaussian kernel clipped to the grid (near-uniform, reflect padding); a smaller sigma
+    gets the grid mean (the opposite of the paper's code, whose infinite blur is the mean).
+    fastdiff does what diffusers does. Defaults as diffusers' (scale 2.8, window (0, N): step 0
+    excluded by the strict lower bound).
+    """
+
+    scale: float = 2.8
+    layers: Tuple[Union[int, str], ...] = (7, 8, 9)
+    fqn: str = "auto"
+    blur_sigma: float = 9999999.0
+    start: Optional[float] = 0.0
+    stop: Optional[float] = 1.0
+    name = "seg"
+    perturbation = "blur_queries"
+
+    def __post_init__(self):
+        self._check_common("SEG")
+        if not _num("SEG blur_sigma", self.blur_sigma) > 0:
+            raise ValueError(f"SEG blur_sigma must be > 0, got {self.blur_sigma}")
+
+
+@dataclass(frozen=True)
+class AutoGuidance(Guider):
+    """AutoGuidance as diffusers' ``AutoGuidance`` (Karras et al. 2024, arXiv 2406.02507, with the
+    "bad model" made from the model itself): the *unconditional* pass runs through a degraded
+    model, the named transformer blocks skipped (``dropout=1``, they return their inputs) or their
+    outputs dropped out with probability ``dropout`` (torch's dropout, training mode, scaled by
+    1 / (1 - dropout); random, from torch's global generator), and
+
+        D = u~ + g (c - u~)  ("w")      D = c + w (c - u~)  ("1+w")     where CFG is on and
+        int(start N) <= step < int(stop N);  D = c elsewhere.
+
+    No extra pass: the perturbation is applied to the uncond rows of the usual [u; c] batch.
+    """
+
+    layers: Tuple[Union[int, str], ...] = (7, 8, 9)
+    dropout: float = 1.0
+    fqn: str = "auto"
+    start: float = 0.0
+    stop: float = 1.0
+    name = "auto_guidance"
+    perturbs = "uncond"
+    perturbation = "skip_block"
+    scale = 1.0                       # no extra term of its own
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", _layer_spec("AutoGuidance", self.layers))
+        if not isinstance(self.fqn, str) or not self.fqn:
+            raise ValueError(f"AutoGuidance fqn must be 'auto' or the dotted name of a block list, got {self.fqn!r}")
+        if not 0.0 <= _num("AutoGuidance dropout", self.dropout) <= 1.0:
+            raise ValueError(f"AutoGuidance dropout must lie in [0, 1], got {self.dropout}")
+        lo, hi = _fraction("AutoGuidance start", self.start), _fraction("AutoGuidance stop", self.stop)
+        if hi < lo:
+            raise ValueError(f"AutoGuidance stop ({hi}) must be >= start ({lo})")
+
+    def active(self, step: int, num_steps: Optional[int]) -> bool:
+        """diffusers' ``_is_ag_enabled`` without the scale test: int(start N) <= step < int(stop N)."""
+        if num_steps is None:
+            return True
+        return int(self.start * num_steps) <= step < int(self.stop * num_steps)
+
+    def combine(self, c, u, g, one_plus_w, step, state):
+        c = _work(c)
+        if u is None or _is_one(g) or not self.active(step, state.get("num_steps")):
+            return c
+        u = _work(u)
+        D = (c + (g - 1.0) * (c - u)) if one_plus_w else (u + g * (c - u))
+        if isinstance(g, torch.Tensor):
+            D = torch.where(torch.isclose(g, torch.ones_like(g)), c, D)
+        return D
+
+
+EXTRA_PASS = (PAG, SLG, SEG, AutoGuidance)
+
+
+class Mailbox:
+    """Hands the perturbed output p from the model wrapper that computes it to the
+    ``GuidanceHook`` that combines it, one model evaluation at a time. ``plan`` (from the hook, at
+    the start of a run): whether evaluation k (in call order) needs the perturbed pass."""
+
+    def __init__(self):
+        self.plan = None
+        self.calls = 0
+        self.value = None
+
+    def start(self, plan):
+        self.plan, self.calls, self.value = list(plan), 0, None
+
+    def wanted(self) -> bool:
+        """Whether the evaluation about to run needs p (True without a plan); counts the call."""
+        k, self.calls = self.calls, self.calls + 1
+        return self.plan is None or (k < len(self.plan) and self.plan[k])
+
+    def put(self, p):
+        self.value = p
+
+    def take(self, _row=None):
+        p, self.value = self.value, None
+        return p
+
+
+_MAILBOXES: dict = {}
+
+
+def mailbox(method: ExtraPassGuider) -> Mailbox:
+    """The mailbox of an extra-pass method instance (by identity)."""
+    box = _MAILBOXES.get(id(method))
+    if box is None or box[0] is not method:
+        box = _MAILBOXES[id(method)] = (method, Mailbox())
+    return box[1]
+
+
 METHODS = {"fdg": FDG, "apg": APG, "cfg_zero_star": CFGZeroStar, "cfg-zero*": CFGZeroStar, "cfgzero*": CFGZeroStar,
            "tcfg": TCFG, "mambo_g": MamboG, "mambo-g": MamboG, "cfg_renorm": CFGRenorm, "renorm": CFGRenorm}
 
@@ -368,4 +646,5 @@ def as_guider(method) -> Optional[Guider]:
                              "fastdiff.guiders.Guider instance")
         return cls()
     raise ValueError(f"guidance method must be None, a name or a fastdiff.guiders.Guider instance "
-                     f"(APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG), got {type(method).__name__}")
+                     f"(APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG, PAG, SLG, SEG, AutoGuidance), "
+                     f"got {type(method).__name__}")

@@ -12,6 +12,11 @@ methods take already-validated arguments. Adding a backend means one class and o
 
 ``BACKENDS`` (the kernel backends, what ``fastdiff info`` / ``fastdiff check`` list) and
 ``fastdiff.attention.ATTENTION_BACKENDS`` are live views of the one registry.
+
+This module imports the oracles (fastdiff.reference: the reference backend runs them) and nothing
+else of fastdiff.ops; the modules above it (the validated ops, the custom ops, the triton and
+cuda backends) import it. The custom ops plug their traced backend in with
+``register_traced_backend`` rather than being imported here.
 """
 from __future__ import annotations
 
@@ -22,9 +27,14 @@ from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import custom_ops, reductions, reference
+from ..reference import philox as philox_oracle
+from ..reference import reductions as reduction_oracles
+from ..reference import step as step_oracle
 
-OPS = ("fused_step", "cfg_combine", "philox_normal") + reductions.OPS
+#: The per-sample reductions (fastdiff.ops.reductions); a backend implements each as a method.
+REDUCTION_OPS = ("cfg_rescale", "dynamic_threshold", "error_norm", "per_sample_norm")
+#: The kernel ops, each also a torch custom op (fastdiff.ops.custom_ops).
+OPS = ("fused_step", "cfg_combine", "philox_normal") + REDUCTION_OPS
 ATTENTION_OP = "attention"
 ALL_OPS = OPS + (ATTENTION_OP,)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,22 +100,19 @@ class Backend:
 
 
 class ReferenceBackend(Backend):
-    """Plain PyTorch: any device, any floating dtype, every op. The oracle and the fallback."""
+    """Plain PyTorch: any device, any floating dtype, every op. The fallback; it runs the oracles
+    of fastdiff.reference themselves."""
 
     name = "reference"
     priority = 0
     ops = frozenset(ALL_OPS)
-    fused_step = staticmethod(reference.fused_step)
-    cfg_combine = staticmethod(reference.cfg_combine)
-    cfg_rescale = staticmethod(reductions.reference_cfg_rescale)
-    dynamic_threshold = staticmethod(reductions.reference_dynamic_threshold)
-    error_norm = staticmethod(reductions.reference_error_norm)
-    per_sample_norm = staticmethod(reductions.reference_per_sample_norm)
-
-    @staticmethod
-    def philox_normal(shape, seed, noise_id, device):
-        from .philox import philox_normal
-        return philox_normal(shape, seed, noise_id, device)
+    fused_step = staticmethod(step_oracle.fused_step)
+    cfg_combine = staticmethod(step_oracle.cfg_combine)
+    philox_normal = staticmethod(philox_oracle.philox_normal)
+    cfg_rescale = staticmethod(reduction_oracles.cfg_rescale)
+    dynamic_threshold = staticmethod(reduction_oracles.dynamic_threshold)
+    error_norm = staticmethod(reduction_oracles.error_norm)
+    per_sample_norm = staticmethod(reduction_oracles.per_sample_norm)
 
     @staticmethod
     def attention(q, k1, v1, k2=None, v2=None, bias=None, scale=None):
@@ -168,7 +175,7 @@ class CpuBackend(Backend):
     @property
     def fused_step(self):
         """The bound C++ function itself (no Python frame per step); arguments in the order of
-        fastdiff.ops.reference.fused_step, all positional:
+        fastdiff.reference.fused_step, all positional:
         (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
          noise, seed, noise_id, model_in, model_in_from_y, bad_row)."""
         return load_extension().fused_step
@@ -280,6 +287,17 @@ def __getattr__(name):
 
 _warned = set()
 
+# While torch.compile traces, ``select`` answers for these ops with ``_TRACED[0](backend)``, whose
+# methods are the registered custom ops (they choose the backend when they run). Set by
+# fastdiff.ops.custom_ops, which sits above this module.
+_TRACED: Optional[Tuple[Callable[[str], object], FrozenSet[str]]] = None
+
+
+def register_traced_backend(factory: Callable[[str], object], ops) -> None:
+    """What ``select`` returns for ``ops`` while torch.compile traces: ``factory(backend_name)``."""
+    global _TRACED
+    _TRACED = (factory, frozenset(ops))
+
 
 def reasons_for(name: str, op: str, tensors, state_dtype=None) -> List[str]:
     """Why backend ``name`` cannot run ``op`` on these inputs ([] if it can)."""
@@ -301,9 +319,9 @@ def select(op: str, backend: str, tensors, state_dtype=None) -> Backend:
     """The backend to run ``op`` on these tensors. An explicit choice runs or raises with its
     reasons; ``auto`` takes the highest-priority backend that supports the inputs and warns once
     when a backend meant for these inputs' device had to be skipped and ``reference`` runs."""
-    if op in custom_ops.OPS and torch.compiler.is_compiling():
+    if _TRACED is not None and op in _TRACED[1] and torch.compiler.is_compiling():
         # Traced by torch.compile: the registered custom ops, which choose the backend when they run.
-        return custom_ops.TracedBackend(backend)
+        return _TRACED[0](backend)
     kind, what = _label(op)
     candidates = ordered(op)
     if backend != "auto":

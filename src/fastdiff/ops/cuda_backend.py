@@ -64,7 +64,7 @@ class CudaBackend(Backend):
     @property
     def fused_step(self):
         """The bound C++ function itself (no Python frame per step); arguments in the order of
-        fastdiff.ops.reference.fused_step, all positional."""
+        fastdiff.reference.fused_step, all positional."""
         return load_cuda_extension().fused_step
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):

@@ -43,16 +43,16 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..program.layout import step_schema
+from . import api, reductions
+from .backends import OPS, register_traced_backend
+
 __all__ = ["OPS", "TracedBackend", "seed_to_int64", "seed_from_int64", "run_program"]
 
-OPS = ("fused_step", "cfg_combine", "philox_normal", "cfg_rescale", "dynamic_threshold", "error_norm",
-       "per_sample_norm")
-
+# The fused step's schema is generated from the row ABI's argument list (layout.STEP_ARGS), the one
+# every backend's signature is tested against; the other ops' are written here.
 _SCHEMAS = {
-    "fused_step": "fused_step(Tensor table, int row, Tensor(a!) x, Tensor(b!)? y, Tensor? cond, Tensor? uncond, "
-                  "Tensor(c!)? hist, int hist_write, bool eval_y, bool write_x, bool write_y, Tensor? noise, "
-                  "int seed, int noise_id, Tensor(d!)? model_in, bool model_in_from_y, Tensor(e!)? bad_row, "
-                  "Tensor? guidance=None, str backend='auto') -> ()",
+    "fused_step": step_schema(),
     "cfg_combine": "cfg_combine(Tensor cond, Tensor? uncond, float g, ScalarType? out_dtype=None, "
                    "str backend='auto') -> Tensor",
     "philox_normal": "philox_normal(SymInt[] shape, int seed, int noise_id, Device device, "
@@ -78,53 +78,46 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Implementations: the validated public ops, on the backend chosen when they run. Imported at
-# call time: fastdiff.ops imports this module while it initialises.
+# Implementations: the validated public ops (fastdiff.ops.api, fastdiff.ops.reductions), on the
+# backend chosen when they run.
 
 def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
                      noise_id, model_in, model_in_from_y, bad_row, guidance=None, backend="auto"):
-    from . import fused_step
-    fused_step(table, row, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write, eval_y=eval_y,
+    api.fused_step(table, row, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write, eval_y=eval_y,
                write_x=write_x, write_y=write_y, noise=noise, seed=seed_from_int64(seed), noise_id=noise_id,
                model_in=model_in, model_in_from_y=model_in_from_y, bad_row=bad_row, guidance=guidance,
                backend=backend)
 
 
 def _cfg_combine_impl(cond, uncond, g, out_dtype=None, backend="auto"):
-    from . import _check_tensor, _MODEL_DTYPES, as_real, select
-    _check_tensor("cond", cond, dtypes=_MODEL_DTYPES)
-    g = as_real("guidance scale g", g)
+    api._check_tensor("cond", cond, dtypes=api._MODEL_DTYPES)
+    g = api.as_real("guidance scale g", g)
     if uncond is not None:
-        _check_tensor("uncond", uncond, shape=cond.shape, dtype=cond.dtype, device=cond.device)
-    if out_dtype is not None and out_dtype not in _MODEL_DTYPES:
-        raise TypeError(f"out_dtype must be one of {[str(d) for d in _MODEL_DTYPES]}, got {out_dtype}")
+        api._check_tensor("uncond", uncond, shape=cond.shape, dtype=cond.dtype, device=cond.device)
+    if out_dtype is not None and out_dtype not in api._MODEL_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in api._MODEL_DTYPES]}, got {out_dtype}")
     tensors = [t for t in (cond, uncond) if t is not None]
-    return select("cfg_combine", backend, tensors).cfg_combine(cond, uncond, g, out_dtype).contiguous()
+    return api.select("cfg_combine", backend, tensors).cfg_combine(cond, uncond, g, out_dtype).contiguous()
 
 
 def _philox_normal_impl(shape, seed, noise_id, device, backend="auto"):
-    from . import philox_normal
-    return philox_normal(shape, seed_from_int64(seed), noise_id, device=device, backend=backend)
+    return api.philox_normal(shape, seed_from_int64(seed), noise_id, device=device, backend=backend)
 
 
 def _cfg_rescale_impl(cond, uncond, g, rescale, backend="auto"):
-    from .reductions import cfg_rescale
-    return cfg_rescale(cond, uncond, g, rescale, convention="w", backend=backend).contiguous()
+    return reductions.cfg_rescale(cond, uncond, g, rescale, convention="w", backend=backend).contiguous()
 
 
 def _dynamic_threshold_impl(x0, ratio, max_value, backend="auto"):
-    from .reductions import dynamic_threshold
-    return dynamic_threshold(x0, ratio, max_value, backend=backend).contiguous()
+    return reductions.dynamic_threshold(x0, ratio, max_value, backend=backend).contiguous()
 
 
 def _error_norm_impl(a, b, ref, rtol, atol, backend="auto"):
-    from .reductions import error_norm
-    return error_norm(a, b, ref, rtol, atol, backend=backend)
+    return reductions.error_norm(a, b, ref, rtol, atol, backend=backend)
 
 
 def _per_sample_norm_impl(x, backend="auto"):
-    from .reductions import per_sample_norm
-    return per_sample_norm(x, backend=backend)
+    return reductions.per_sample_norm(x, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +220,9 @@ class TracedBackend:
 
     def per_sample_norm(self, x):
         return torch.ops.fastdiff.per_sample_norm(x, self.backend)
+
+
+register_traced_backend(TracedBackend, OPS)
 
 
 # ---------------------------------------------------------------------------------------------

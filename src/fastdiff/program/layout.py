@@ -3,7 +3,7 @@
 This module is the single Python declaration of what a fused kernel reads. Its mirror for C++
 and CUDA is ``csrc/program_layout.h`` (same names, same values); ``tests/test_row_abi.py``
 compiles the header against this module for several K and fails on any difference, and on any
-literal column offset elsewhere in csrc/. The reference op (fastdiff/ops/reference.py), the
+literal column offset elsewhere in csrc/. The reference op (fastdiff/reference/step.py), the
 Triton kernel (kernels/fused_step.py) and the table builder (fastdiff/program/compile.py) read
 the names below; nobody else computes a column.
 
@@ -122,7 +122,7 @@ def unpack_flags(flags: int):
 
 
 # ---- the fused step's arguments -------------------------------------------------------------
-# Every backend's fused_step takes these, in this order (fastdiff.ops.reference.fused_step is the
+# Every backend's fused_step takes these, in this order (fastdiff.reference.fused_step is the
 # spec); the type is the torch custom-op schema's, with the buffers the step writes in place marked
 # (a!)..(e!). The four booleans are the row flags above, in unpack_flags' order. ``guidance`` (last,
 # optional everywhere, default None) is the per-sample scale vector s [B] (float32/float64).

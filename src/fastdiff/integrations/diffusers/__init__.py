@@ -24,6 +24,7 @@ from .cogvideox import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from .parallel import DDIMParallelScheduler, DDPMParallelScheduler
 from .sasolver import SASolverScheduler
 from .score_sde import ScoreSdeVeScheduler
+from .repaint import RePaintScheduler
 from .pipelines import Acceleration, accelerate
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
@@ -41,6 +42,6 @@ __all__ = [
     "LCMScheduler", "TCDScheduler", "IPNDMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler",
-    "SASolverScheduler", "ScoreSdeVeScheduler",
+    "SASolverScheduler", "ScoreSdeVeScheduler", "RePaintScheduler",
     "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
 ]

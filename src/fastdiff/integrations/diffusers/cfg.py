@@ -32,6 +32,7 @@ launch (GPUs).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -119,19 +120,26 @@ class GuiderContext:
     fastdiff.guiders method (``method``; convention "1+w" if ``one_plus_w``) applied with the
     pipeline's g, and/or per-sample g values (``g_vector``, float64, one per prompt) that replace
     the pipeline's g. ``step`` counts the scheduler's ``step()`` calls since its last
-    ``set_timesteps`` (the pipeline's loop index, as diffusers' guiders count); ``state`` holds the
-    method's per-run state (APG's momentum), reset with ``step``."""
+    ``set_timesteps`` (the pipeline's loop index, as diffusers' guiders count) and ``num_steps`` is
+    the run's number of inference steps; ``state`` holds the method's per-run state (APG's
+    momentum), reset with ``step``. Extra-pass methods (PAG, SLG, SEG): ``perturbed`` is the
+    perturbed model's conditional output of the current model call (None where the method's
+    window leaves it out), set by accelerate's denoiser hook."""
 
     def __init__(self, method=None, one_plus_w: bool = False, g_vector=None):
         self.method = method
         self.one_plus_w = bool(one_plus_w)
         self.g_vector = g_vector
         self.step = 0
+        self.num_steps = None
+        self.perturbed = None
         self.state: dict = {}
 
-    def reset(self):
+    def reset(self, num_steps=None):
         self.step = 0
-        self.state = {}
+        self.num_steps = num_steps
+        self.perturbed = None
+        self.state = {"num_steps": num_steps}
 
     def _g(self, g: float, like: torch.Tensor):
         if self.g_vector is None:
@@ -145,16 +153,36 @@ class GuiderContext:
             .reshape((b,) + (1,) * (like.dim() - 1))
 
     def combine(self, c: torch.Tensor, u: torch.Tensor, g: float) -> torch.Tensor:
+        from ...guiders import ExtraPassGuider
         g = self._g(g, c)
         m = self.method
         if m is None:
             cw = c if c.dtype == torch.float64 else c.float()
             uw = u if u.dtype == torch.float64 else u.float()
             return (uw + g * (cw - uw)).to(c.dtype)
+        if isinstance(m, ExtraPassGuider):
+            return m.combine_extra(c, u, self.perturbed, g, self.one_plus_w, self.step, self.num_steps).to(c.dtype)
         D = m.pre(c, self.step)
         if D is None:
+            self.state["num_steps"] = self.num_steps
             D = m.combine(c, u, g, self.one_plus_w, self.step, self.state)
         return D.to(c.dtype)
+
+    def fused_parts(self, c: torch.Tensor, u: torch.Tensor, g: float):
+        """(cond', uncond, g) for the fused step where the method's output is u + g (cond' - u) with
+        the pipeline's scalar g (extra-pass methods: cond' = the method's fold of c and p;
+        AutoGuidance: u is already the degraded pass), else None (the combination is computed)."""
+        from ...guiders import AutoGuidance, ExtraPassGuider
+        m = self.method
+        if self.g_vector is not None or math.isclose(g, 0.0) or math.isclose(g, 1.0):
+            return None
+        if isinstance(m, ExtraPassGuider):
+            if self.perturbed is not None and m.extra_active(self.step, self.num_steps):
+                return m.fold(c, self.perturbed, g).to(c.dtype), u, g
+            return c, u, g
+        if isinstance(m, AutoGuidance) and m.active(self.step, self.num_steps):
+            return c, u, g
+        return None
 
 
 class GuidedOutput(_Lazy):
@@ -178,7 +206,8 @@ class GuidedOutput(_Lazy):
             raise RuntimeError("a CFG branch output was modified in place after the guidance formula was applied; "
                                "the fused step cannot recover the value the pipeline meant")
         if self._ctx is not None:        # a guidance method: its combination, computed beside the step
-            return self.value(), None, 1.0
+            fused = self._ctx.fused_parts(c, u, self._g)
+            return fused if fused is not None else (self.value(), None, 1.0)
         return c, u, self._g
 
 

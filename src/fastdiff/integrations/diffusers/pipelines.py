@@ -80,6 +80,7 @@ class Acceleration:
     hooks: List[Any] = field(default_factory=list)
     guider: Optional[GuiderContext] = None              # the guidance method's context, if any
     wrapped: Optional[Any] = None                       # the scheduler whose step/set_timesteps are wrapped
+    perturbation: Optional[Any] = None                  # extra-pass guidance: the perturbed layers' hooks
 
     def remove(self):
         if self.wrapped is not None:
@@ -96,6 +97,9 @@ class Acceleration:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        if self.perturbation is not None:
+            self.perturbation.remove()
+            self.perturbation = None
 
 
 def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool = True,
@@ -114,8 +118,15 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
     if fuse_cfg and not scheduler and not _is_fastdiff(pipe.scheduler):
         raise ValueError("fuse_cfg needs a fastdiff scheduler to combine the CFG branches; pass scheduler=True "
                          "(or fuse_cfg=False)")
+    perturbs = ctx is not None and hasattr(ctx.method, "perturbation")
+    if perturbs and not hasattr(pipe, "do_classifier_free_guidance"):
+        raise ValueError(f"{ctx.method.name} through accelerate needs a pipeline that says whether it runs CFG "
+                         f"(do_classifier_free_guidance); {type(pipe).__name__} has none")
     handle = Acceleration(pipe)
     try:
+        if perturbs:
+            from .perturbed import Perturbation
+            handle.perturbation = Perturbation(denoiser, ctx.method)
         if scheduler and not _is_fastdiff(pipe.scheduler):
             name = type(pipe.scheduler).__name__
             if name not in DROP_INS:
@@ -130,7 +141,11 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
         if attention:
             processor = FastdiffAttnProcessor(attention_backend)
             handle.processors = {}
+            # PAG's layers keep their processors: the perturbation acts on torch's SDPA inside them
+            keep = set(handle.perturbation.modules) if handle.perturbation is not None else set()
             for module in denoiser.modules():
+                if module in keep:
+                    continue
                 if hasattr(module, "set_processor") and replaceable_processor(getattr(module, "processor", None)):
                     handle.processors[module] = module.processor
                     module.set_processor(processor)
@@ -141,8 +156,13 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
                 handle.guider = ctx
                 _count_steps(pipe.scheduler, ctx)
                 handle.wrapped = pipe.scheduler
-                handle.hooks.append(denoiser.register_forward_hook(
-                    lambda module, args, output: tag_model_output(output, ctx)))
+                if handle.perturbation is None:
+                    handle.hooks.append(denoiser.register_forward_hook(
+                        lambda module, args, output: tag_model_output(output, ctx)))
+                else:
+                    pre, post = _extra_pass_hooks(pipe, ctx, handle.perturbation)
+                    handle.hooks.append(denoiser.register_forward_pre_hook(pre, with_kwargs=True))
+                    handle.hooks.append(denoiser.register_forward_hook(post))
     except Exception:
         handle.remove()
         raise
@@ -191,9 +211,9 @@ def _guider_context(guidance) -> Optional[GuiderContext]:
                                          ("classifier", guidance.classifier is not None)) if on]
     if unsupported:
         raise ValueError(f"accelerate(pipe, guidance=...) takes a Guidance's method, convention and per-sample "
-                         f"scales only, not {', '.join(unsupported)} (the pipeline's guidance_rescale is its own)")
+                         f"scales only, not {', '.join(unsupported)} (the pipeline's guidance_scale is its own)")
     if guidance.per_sample:
-        return GuiderContext(None, g_vector=guidance.g_vector())
+        return GuiderContext(guidance.method, one_plus_w=guidance.convention == "1+w", g_vector=guidance.g_vector())
     if guidance.method is None:
         raise ValueError("a Guidance for accelerate(pipe) needs a method or per-sample scales; a single scale is the "
                          "pipeline's guidance_scale argument")
@@ -201,6 +221,82 @@ def _guider_context(guidance) -> Optional[GuiderContext]:
         raise ValueError(f"Guidance(scale={guidance.scale:g}) would be ignored: the scale is the pipeline's "
                          "guidance_scale argument (leave the Guidance's scale at its default)")
     return GuiderContext(guidance.method, one_plus_w=guidance.convention == "1+w")
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"extra-pass guidance needs the denoiser to return a tensor, a tuple or an output with .sample, "
+                    f"got {type(output).__name__}")
+
+
+def _with_first_tensor(output, tensor):
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor,) + output[1:]
+    if isinstance(output, list):
+        return [tensor] + output[1:]
+    output.sample = tensor
+    return output
+
+
+def _extra_pass_hooks(pipe, ctx: GuiderContext, perturbation):
+    """Forward pre-hook and hook on the denoiser for extra-pass guidance.
+
+    PAG / SLG / SEG where the method's window includes the step: the pipeline's call on [u; c]
+    (CFG on) or [c] becomes one call on [u; c; c] or [c; c] (every batched input extended by its
+    conditional rows), the perturbation on the appended rows; the hook splits the output, keeps p
+    in ``ctx.perturbed`` for the recorded CFG formula and gives the pipeline its usual output.
+    Without CFG the pipeline applies no formula, so the hook returns the method's CFG-off
+    combination itself. AutoGuidance: the uncond rows of [u; c] are perturbed, no extra rows."""
+    from ...guiders import AutoGuidance
+    from .perturbed import extend_batch
+    method = ctx.method
+    call = {}
+
+    def pre(module, args, kwargs):
+        perturbation.rows = None
+        ctx.perturbed = None
+        call.clear()
+        x = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError("extra-pass guidance needs the denoiser's first input (sample / hidden_states) as a "
+                            "batched tensor")
+        n, cfg = x.shape[0], bool(pipe.do_classifier_free_guidance)
+        if cfg and n % 2:
+            raise ValueError(f"a CFG batch of {n} latents: expected [uncond; cond] halves")
+        if isinstance(method, AutoGuidance):
+            if cfg and method.active(ctx.step, ctx.num_steps):
+                perturbation.rows = slice(0, n // 2)
+            return None
+        if not method.extra_active(ctx.step, ctx.num_steps):
+            return None
+        args, kwargs = extend_batch(args, kwargs, n, slice(n // 2, n) if cfg else slice(0, n))
+        perturbation.rows = slice(n, None)
+        call.update(n=n, cfg=cfg)
+        return args, kwargs
+
+    def post(module, args, output):
+        perturbation.rows = None
+        if not call:
+            return tag_model_output(output, ctx)
+        n, cfg = call["n"], call["cfg"]
+        call.clear()
+        full = _first_tensor(output)
+        main, extra = full[:n], full[n:]
+        if cfg:
+            ctx.perturbed = extra
+            return tag_model_output(_with_first_tensor(output, main), ctx)
+        D = method.combine_extra(main, None, extra, 1.0, ctx.one_plus_w, ctx.step, ctx.num_steps)
+        return _with_first_tensor(output, D.to(main.dtype))
+
+    return pre, post
 
 
 def _count_steps(scheduler, ctx: GuiderContext):
@@ -211,8 +307,10 @@ def _count_steps(scheduler, ctx: GuiderContext):
 
     @functools.wraps(set_timesteps)
     def counted_set_timesteps(*args, **kwargs):
-        ctx.reset()
-        return set_timesteps(*args, **kwargs)
+        out = set_timesteps(*args, **kwargs)
+        n = getattr(scheduler, "num_inference_steps", None)
+        ctx.reset(int(n) if n is not None else len(scheduler.timesteps))
+        return out
 
     @functools.wraps(step)
     def counted_step(*args, **kwargs):

@@ -23,7 +23,7 @@ KDPM2AncestralDiscreteScheduler    VE                     dpm_2_ancestral
 DPMSolverSDEScheduler              VE                     dpmpp_sde (r = 1/2, diffusers' Brownian noise)
 DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep; sde_dpmsolver
 DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (_singlestep_rows)
-UniPCMultistepScheduler            VP / flow              unipc
+UniPCMultistepScheduler            VP / flow              unipc; solver_p: UniC, then solver_p's drop-in
 DEISMultistepScheduler             VP / flow              deis
 EDMEulerScheduler                  VE, EDM precondition   euler (s_churn: edm_euler, churn row merged)
 EDMDPMSolverMultistepScheduler     VE, EDM precondition   dpm_solver_multistep (dpmsolver++)
@@ -49,8 +49,8 @@ zero-length step: at solver_order=1 both take it as the identity; at higher orde
 own result is NaN and the drop-in raises.
 
 Not reproduced (NotImplementedError naming the option): Euler / flow Heun churn (``s_churn > 0``;
-EDMEulerScheduler takes it), learned variances outside DDPM, UniPC's ``solver_p``, flow
-``invert_sigmas`` / ``per_token_timesteps``.
+EDMEulerScheduler takes it), learned variances outside DDPM, flow ``invert_sigmas`` /
+``per_token_timesteps``.
 
 More drop-ins live in their own modules: ``pndm`` (PNDMScheduler), ``consistency`` (LCMScheduler,
 TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler: fastdiff ``lcm`` / ``tcd``),
@@ -59,8 +59,8 @@ DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending gri
 (CosineDPMSolverMultistepScheduler), ``cogvideox`` (CogVideoXDDIMScheduler, CogVideoXDPMScheduler),
 ``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``), ``sasolver``
 (SASolverScheduler: ``sasolver``), ``score_sde`` (ScoreSdeVeScheduler: ``reverse_diffusion`` predictor,
-diffusers' corrector); each adds itself to ``DROP_INS``. Not yet: RePaintScheduler (a per-element mask
-and jumps back in time between calls) and UniPC's ``solver_p`` (another scheduler's step inside).
+diffusers' corrector), ``repaint`` (RePaintScheduler: ``ddim`` rows, the mask blend beside them);
+each adds itself to ``DROP_INS``.
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ from ...solvers import get_solver
 from ...solvers.base import derivative_quantity
 from ...solvers.base import eps_quantity
 from ...solvers.dpm_solver import ddim_data, ddim_eps, half_log_snr, history_terms, ring_write
-from ...solvers.multistep import lms_coefficients
-from .base import FastdiffScheduler, Plan, _guided, _Run, drop_in
+from ...solvers.multistep import _as_out, lms_coefficients
+from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -770,23 +770,91 @@ def _unipc_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
     return out
 
 
+def _unipc_corrector_plan(self, start: int) -> Plan:
+    """UniPC with ``solver_p``: the rows of UniPC's own corrector alone (UniC), one per call.
+
+    diffusers' step with solver_p corrects the sample it is given with UniC (its own model
+    outputs, its own sigmas and order rule, as without solver_p) and hands the corrected sample
+    to ``solver_p.step`` as the predictor. Call n (of the run) evaluates at y (the sample, E), keeps
+    the last corrected sample c_{n-1} in x, writes c_n to x (the next call's ``last_sample``) and
+    to y, which it returns; its converted model output goes to the ring of history slots, as
+    UniPC's ``model_outputs``. The first call has no corrector (diffusers' ``last_sample`` is None
+    after set_timesteps): c_0 is the sample itself."""
+    c = self.config
+    name = type(self).__name__
+    _, alpha, sigma, ks = _ksigma_points(self)
+    n_total = len(self.timesteps)
+    calls = n_total - start
+    points = [Point(float(i), float(alpha[i]), float(sigma[i]), float(i)) for i in range(start, n_total)]
+    with np.errstate(divide="ignore"):
+        lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
+    solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0)
+    S = c.solver_order
+
+    def predictor_order(n: int) -> int:         # diffusers' this_order of call n (absolute index start + n)
+        k = min(c.solver_order, n_total - (start + n)) if c.lower_order_final else c.solver_order
+        return min(k, n + 1)
+
+    rows, fold = [], []
+    for n in range(calls):
+        i = start + n
+        p = points[n]
+        last = n == calls - 1
+        if n == 0:
+            corrected = Out(x=1.0)                       # (x is the sample itself)
+        elif (i - 1) in [int(d) for d in c.disable_corrector]:
+            corrected = Out(y=1.0)
+        else:
+            k = predictor_order(n - 1)
+            try:
+                with np.errstate(divide="raise", invalid="raise"):
+                    comb = solver._corrector(lam, points, n, k)
+                ok = all(math.isfinite(v) for v in comb.values())
+            except (ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} with solver_p: UniPC's corrector of order {k} at call {n} divides by a "
+                                 f"zero step in log-SNR (a noise level repeated in this schedule: sigmas "
+                                 f"{_listing(ks[max(i - k - 1, 0):i + 1])}); diffusers' result there is NaN. "
+                                 "Choose another number of steps or timestep spacing")
+            corrected = _as_out(comb, n, S)
+        quantity = (0.0, 1.0) if c.predict_x0 else eps_quantity(p)
+        rows.append(Row(step=n, eval_at="x" if n == 0 else "y", point=p, q_y=quantity[0], q_x0=quantity[1],
+                        out_x=None if (n == 0 and not last) else corrected,
+                        out_y=None if last else corrected,
+                        hist_write=ring_write(n, calls, S), next_eval="x" if last else "y"))
+        fold.append(_vp_fold(c.prediction_type, alpha[i], sigma[i], ks[i]))
+    return Plan(rows, fold, S, x0_transform=_x0_transform(c) if c.predict_x0 else None)
+
+
 @drop_in(diffusers.UniPCMultistepScheduler)
 class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepScheduler):
     """UniPC (fastdiff ``unipc``): UniP predictor and UniC corrector, bh1 / bh2, orders 1-3.
     Where diffusers' bh1 or noise-prediction UniPC gives NaN on a final step to sigma = 0, this
-    gives the first-order step."""
+    gives the first-order step.
+
+    ``solver_p`` (another scheduler as the predictor, "solver_p + UniC"): as diffusers, each call
+    corrects the sample with UniC and then returns ``solver_p.step(model_output, timestep,
+    corrected).prev_sample``. Both run fused: the corrector is one pass of this class's program
+    (``_unipc_corrector_plan``), the predictor one pass of solver_p's fastdiff drop-in, which the
+    constructor makes from the given diffusers scheduler (same class and config; the object given
+    is left as it is, ``config.solver_p`` keeps it). One pass cannot do both: the corrector reads
+    UniPC's model outputs converted at the sample as given, the predictor solver_p's converted
+    at the corrected sample, two histories where a row writes one."""
 
     _out_dtype = "sample"              # diffusers casts its result to the sample's dtype
 
     def _check_config(self):
         c = self.config
-        if c.solver_p is not None:
-            _unsupported(type(self).__name__, "solver_p", type(c.solver_p).__name__)
         allowed = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if c.predict_x0 else ())
         _check_prediction(self, allowed)
+        if self.solver_p is not None:
+            self.solver_p = _fastdiff_predictor(type(self).__name__, self.solver_p)
 
     def _plan(self, start: int) -> Plan:
         c = self.config
+        if self.solver_p is not None:
+            return _unipc_corrector_plan(self, start)
         grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         disabled = [int(d) - start for d in c.disable_corrector if int(d) >= start]
         # (on a grid without repeated levels: steps after a zero-length one move down; the
@@ -805,7 +873,59 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
         return Plan(rows, fold, solver.num_slots, x0_transform=_x0_transform(c) if c.predict_x0 else None)
 
     def step(self, model_output, timestep, sample, return_dict=True):
-        return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+        if self.solver_p is None:
+            return self._fd_step(model_output, timestep, sample, None, None, return_dict)
+        predictor = self.solver_p
+        self._check_predictor_in_step(predictor)          # (before anything changes)
+        saved = (self._fd_run, self._step_index)
+        corrected = self._fd_step(model_output, timestep, sample, None, None, False)[0]
+        try:
+            prev_sample = predictor.step(model_output, timestep, corrected).prev_sample    # diffusers' call
+        except BaseException:
+            # (checked above, solver_p fails here only where it starts its run: then so does this
+            # class, and dropping the run just made restores it exactly)
+            self._fd_run, self._step_index = saved
+            raise
+        if not return_dict:
+            return (prev_sample,)
+        return _make_output(diffusers_output_class(type(self)), prev_sample=prev_sample)
+
+    def _check_predictor_in_step(self, predictor):
+        """solver_p steps through its own timesteps by its own count, from where it finds the
+        first call's timestep: it must run the timesteps this class runs, one call per call."""
+        if not isinstance(predictor, FastdiffScheduler):
+            return                   # (a scheduler assigned to .solver_p later: diffusers' step as it is)
+        first = self._fd_run is None or self._step_index is None
+        if first:
+            mine, theirs = self.timesteps.tolist(), getattr(predictor, "timesteps", None)
+            theirs = theirs.tolist() if isinstance(theirs, torch.Tensor) else theirs
+            if theirs is None or [float(t) for t in theirs] != [float(t) for t in mine]:
+                raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) has timesteps "
+                                 f"{_listing(theirs or [])}, this scheduler {_listing(mine)}; diffusers steps each "
+                                 "through its own, so the corrector and the predictor would disagree about where the "
+                                 "sample is. Give solver_p the same timestep_spacing / sigma options, and call "
+                                 "set_timesteps() on this scheduler (it sets solver_p's too)")
+            if getattr(predictor, "_step_index", None) is not None:
+                raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) is in the middle of a "
+                                 "run this scheduler has not started; call set_timesteps() on this scheduler")
+        elif getattr(predictor, "_step_index", None) != self._step_index:
+            raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) is at call "
+                             f"{predictor._step_index} of its timesteps, this scheduler at {self._step_index} (was "
+                             "solver_p stepped or reset on its own?); call set_timesteps() on this scheduler")
+
+
+def _fastdiff_predictor(owner: str, solver_p):
+    """The fastdiff drop-in for a diffusers scheduler given as UniPC's ``solver_p`` (same config);
+    a fastdiff drop-in as it is."""
+    if isinstance(solver_p, FastdiffScheduler):
+        return solver_p
+    name = type(solver_p).__name__
+    cls = DROP_INS.get(name)
+    if cls is None or type(solver_p) is not getattr(diffusers, name, None):
+        _unsupported(owner, "solver_p", name, f" (fastdiff has no drop-in for {type(solver_p).__module__}.{name}; "
+                     f"solver_p can be any of {', '.join(sorted(DROP_INS))})")
+    config = {k: v for k, v in solver_p.config.items() if k != "_use_default_values"}
+    return cls.from_config(config)
 
 
 @drop_in(diffusers.DEISMultistepScheduler)

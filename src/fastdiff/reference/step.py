@@ -1,8 +1,9 @@
-"""Plain-PyTorch implementations of every op: the oracle the kernels are tested against, and the
-fallback backend that runs anywhere. Written for clarity, not speed; math in float32 (float64 when
-the state is float64, which the solver tests use to check coefficient programs to 1e-10).
+"""The plain-PyTorch oracle of the fused step and of CFG: ``fused_step`` (one row of a
+coefficient program, see fastdiff.program) and ``cfg_combine``. Written for clarity, not speed;
+math in float32 (float64 when the state is float64, which the solver tests use to check
+coefficient programs to 1e-10). The "reference" backend of fastdiff.ops runs these functions.
 
-This module imports nothing from the kernels it judges.
+Imports torch, the row layout and the Philox oracle only: nothing it judges.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from ..program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
                               col_out, col_s_in)
 from .philox import philox_normal
+
+__all__ = ["fused_step", "cfg_combine", "row_guidance", "guided"]
 
 
 def _math_dtype(x: torch.Tensor) -> torch.dtype:

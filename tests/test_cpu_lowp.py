@@ -1,0 +1,212 @@
+"""The C++ CPU fused step's one-pass kernel with float16/bfloat16 model outputs, noise and model
+input (issue 17), against the reference backend; and ``fastdiff.ops.buffers.alloc_staggered``.
+
+The one-pass kernel runs rows that write x only (the sampler's common case); float16/bfloat16
+tensors are widened to float32 block by block and the model input is narrowed after the loop,
+so the results must equal the reference to the tolerances of tests/test_ops_cpu.py: bitwise on
+the float32 state (no noise), 1 ulp of the model dtype on the model input. Sizes cover the tails
+of every vector width (16-lane AVX-512, 8-lane F16C, the scalar tail) and the 512-element block.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import fastdiff.ops as ops
+from fastdiff.ops.buffers import DEFAULT_STAGGER, address_mod_page, alloc_staggered, staggered_offsets
+
+from test_ops_cpu import _C, assert_match, make_case, nan_empty, relayout, run_both  # noqa: F401  (shared harness; nan_empty is a fixture)
+
+pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
+
+LOWP = (torch.float16, torch.bfloat16)
+# Tails of every vector width and of the block: 1..17 elements, a block +- a few, odd 2-D sizes.
+ODD_SHAPES = ((1,), (7,), (8,), (9,), (15,), (16,), (17,), (511,), (513,), (3, 341), (2, 3, 5, 7), (1, 4, 64, 64))
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _state_bitwise(a, b):
+    for name in ("x", "hist"):
+        if a.get(name) is not None:
+            assert torch.equal(a[name], b[name]), f"{name} differs from the reference"
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+@pytest.mark.parametrize("model", ("cond", "cfg"))
+@pytest.mark.parametrize("K", (0, 1, 2, 3))
+@pytest.mark.parametrize("model_in", ("none", "B", "2B"))
+def test_lowp_one_pass_parity(model_dtype, model, K, model_in, nan_empty):
+    """x-only rows (the one-pass kernel), fp16/bf16 model output and model input, CFG on/off,
+    every history depth it serves; the state is bitwise the reference's (no noise)."""
+    gen = torch.Generator().manual_seed(_seed(model_dtype, model, K, model_in))
+    for shape in ODD_SHAPES:
+        kw = make_case(gen, nan_empty, shape, K=K, model=model, noise="none", writes="x", model_in=model_in,
+                       model_dtype=model_dtype)
+        a, b = run_both(kw)
+        assert_match(a, b, f"{model_dtype} {shape}")
+        _state_bitwise(a, b)
+        if model_in != "none":
+            assert a["model_in"].dtype == model_dtype and not a["model_in"].isnan().any()
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+@pytest.mark.parametrize("noise,noise_dtype", [("given", torch.float16), ("given", torch.bfloat16),
+                                               ("given", torch.float32), ("philox", None)])
+def test_lowp_noise(model_dtype, noise, noise_dtype, nan_empty):
+    """Given noise in any model dtype (widened in the kernel) and Philox noise."""
+    gen = torch.Generator().manual_seed(_seed(model_dtype, noise, noise_dtype))
+    for shape in ((17,), (2, 3, 5, 7), (3, 1000)):
+        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise=noise, writes="x", model_in="2B",
+                       model_dtype=model_dtype, noise_dtype=noise_dtype)
+        a, b = run_both(kw)
+        assert_match(a, b, f"{shape} {noise}/{noise_dtype}")
+        if noise == "given":
+            _state_bitwise(a, b)
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+@pytest.mark.parametrize("gdtype", (torch.float32, torch.float64))
+def test_lowp_per_sample_guidance(model_dtype, gdtype, nan_empty):
+    """Per-sample scales (one of them exactly 1: D = cond) with samples that straddle blocks."""
+    gen = torch.Generator().manual_seed(_seed(model_dtype, gdtype))
+    for shape in ((3, 5), (4, 1), (5, 3, 7, 11), (3, 700)):
+        for row in (0, 1, 2):
+            kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                           model_dtype=model_dtype, guidance=gdtype)
+            kw["row"] = row
+            a, b = run_both(kw)
+            assert_match(a, b, f"{shape} row={row}")
+            _state_bitwise(a, b)
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+@pytest.mark.parametrize("layout", ("channels_last", "strided", "padded", "transposed"))
+@pytest.mark.parametrize("odd", ("cond", "uncond", "model_in", "all"))
+def test_lowp_non_contiguous(model_dtype, layout, odd, nan_empty):
+    """Non-contiguous model outputs / model input (alone, or every tensor): never read as if
+    contiguous, whichever path (memory order, or contiguous copies) the kernel takes."""
+    gen = torch.Generator().manual_seed(_seed(model_dtype, layout, odd))
+    shape = (2, 4, 16, 24)
+    if odd == "all":
+        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                       model_dtype=model_dtype, layout=layout)
+    else:
+        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                       model_dtype=model_dtype)
+        kw[odd] = relayout(kw[odd], layout) if odd != "model_in" else nan_empty(kw[odd].shape, model_dtype, layout)
+    a, b = run_both(kw)
+    assert_match(a, b, f"{odd} {layout}")
+    _state_bitwise(a, b)
+
+
+def test_lowp_cfg_halves_of_one_tensor(nan_empty):
+    """cond/uncond as the two halves of one [2B] fp16 tensor (what a batched model returns), the
+    sampler's layout; and a bf16 model input [2B] both of whose halves hold s_in * x_next."""
+    gen = torch.Generator().manual_seed(4)
+    for dt in LOWP:
+        kw = make_case(gen, nan_empty, (2, 4, 33, 35), K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                       model_dtype=dt)
+        both = torch.cat([kw["uncond"], kw["cond"]])
+        kw["uncond"], kw["cond"] = both[:2], both[2:]
+        a, b = run_both(kw)
+        assert_match(a, b, str(dt))
+        assert torch.equal(a["model_in"][:2], a["model_in"][2:])
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+@pytest.mark.parametrize("where", ("cond", "x", "hist"))
+def test_lowp_finite_flag(model_dtype, where, nan_empty):
+    """A non-finite written x raises bad_row (1-based row) in the one-pass kernel as in the reference;
+    a finite step leaves it 0."""
+    gen = torch.Generator().manual_seed(_seed(model_dtype, where))
+    shape = (2, 3, 5, 7)
+    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                   model_dtype=model_dtype)
+    a, b = run_both(kw)
+    assert a["bad_row"].item() == b["bad_row"].item() == 0
+    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                   model_dtype=model_dtype)
+    kw["table"][:, :] = kw["table"].abs() + 0.5      # every coefficient nonzero: a NaN input reaches x
+    target = kw[where] if where != "hist" else kw["hist"][0]
+    target.view(-1)[37] = float("nan") if where != "cond" else float("inf")
+    a, b = run_both(kw)
+    assert b["bad_row"].item() == kw["row"] + 1
+    assert_match(a, b, where)
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+def test_lowp_threads(model_dtype, nan_empty):
+    """Above the serial threshold (OpenMP blocks) at 1 and 2 threads: the same bits."""
+    gen = torch.Generator().manual_seed(_seed("threads", model_dtype))
+    kw = make_case(gen, nan_empty, (3, 4, 100, 101), K=2, model="cfg", noise="philox", writes="x",
+                   model_in="2B", model_dtype=model_dtype)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            a, b = run_both(kw)
+            assert_match(a, b, f"threads={nt}")
+            outs.append(a)
+    finally:
+        torch.set_num_threads(n0)
+    for name in ("x", "hist", "model_in"):
+        assert torch.equal(outs[0][name], outs[1][name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# alloc_staggered
+# ----------------------------------------------------------------------------------------------
+def test_alloc_staggered_places_views_apart_mod_4096():
+    specs = [((1, 4, 64, 64), torch.float32), ((1, 1, 4, 64, 64), torch.float32), ((2, 4, 64, 64), torch.float16),
+             ((7,), torch.bfloat16), ((3, 5), torch.float64)]
+    views = alloc_staggered(*specs, fill=0.0)
+    assert [tuple(v.shape) for v in views] == [s for s, _ in specs]
+    assert [v.dtype for v in views] == [d for _, d in specs]
+    mods = [address_mod_page(v) for v in views]
+    assert mods == [(j * DEFAULT_STAGGER) % 4096 for j in range(len(specs))]
+    assert all(v.data_ptr() % 64 == 0 and v.is_contiguous() for v in views)
+    # No overlap: each view written with its index, read back intact.
+    for j, v in enumerate(views):
+        v.fill_(j + 1)
+    for j, v in enumerate(views):
+        assert bool((v == j + 1).all()), j
+
+
+def test_alloc_staggered_serves_the_fused_step(nan_empty):
+    """The step on staggered buffers equals the step on ordinary ones (placement changes nothing)."""
+    gen = torch.Generator().manual_seed(9)
+    shape = (1, 4, 64, 64)
+    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                   model_dtype=torch.float16)
+    x, hist, model_in = alloc_staggered((shape, torch.float32), ((1,) + shape, torch.float32),
+                                        ((2,) + shape[1:], torch.float16))
+    st = dict(kw, x=x.copy_(kw["x"]), hist=hist.copy_(kw["hist"]), model_in=model_in.fill_(float("nan")),
+              bad_row=torch.zeros(1, dtype=torch.int32))
+    ops.fused_step(**st, backend="cpu")
+    a, b = run_both(kw)
+    for name in ("x", "hist", "model_in"):
+        assert torch.equal(st[name], a[name]), name
+
+
+def test_staggered_offsets_rules():
+    offsets, total = staggered_offsets([100, 4096, 1], stagger=1024)
+    assert offsets == [0, 1024, 4096 + 2048] and total == offsets[-1] + 1
+    assert alloc_staggered() == []
+
+
+@pytest.mark.parametrize("bad,err", [(((2, 3),), TypeError), (((2, 3), "float32"), TypeError),
+                                     (((2, -1), torch.float32), ValueError)])
+def test_alloc_staggered_bad_spec(bad, err):
+    with pytest.raises(err, match="alloc_staggered: spec 0"):
+        alloc_staggered(bad)
+
+
+def test_alloc_staggered_bad_stagger():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        alloc_staggered(((2,), torch.float32), stagger=100)
