@@ -28,6 +28,7 @@ import fastdiff.ops as ops
 from fastdiff.ops import custom_ops
 from fastdiff.ops import reductions as R
 from fastdiff.ops.backends import load_extension, select
+from fastdiff.runtime import run_program
 from fastdiff.program import table_width
 
 dynamo_testing = pytest.importorskip("torch._dynamo.testing")
@@ -159,7 +160,7 @@ def _compiled_vs_eager(net, case, backend, steps=5, shape=(2, 4, 16, 16)):
     kwargs = batched(shape[0])
 
     def loop(x, table):
-        return custom_ops.run_program(sampler.program, table, net, x, cfg=True, model_kwargs=kwargs, seed=seed)
+        return run_program(sampler.program, table, net, x, cfg=True, model_kwargs=kwargs, seed=seed)
 
     with torch.no_grad():
         x_eager, bad_eager = loop(_init_state(sampler, noise), table)
@@ -204,7 +205,7 @@ def test_table_is_a_graph_input(net):
     kwargs = batched(1)
 
     def loop(x, table):
-        return custom_ops.run_program(programs[0], table, net, x, cfg=True, model_kwargs=kwargs)[0]
+        return run_program(programs[0], table, net, x, cfg=True, model_kwargs=kwargs)[0]
 
     compiled = torch.compile(loop, fullgraph=True, backend=counter)
     with torch.no_grad():
@@ -212,7 +213,7 @@ def test_table_is_a_graph_input(net):
         for p in programs:
             table = torch.from_numpy(p.table)
             got = compiled(noise.clone(), table)
-            assert torch.equal(got, custom_ops.run_program(p, table, net, noise.clone(), cfg=True, model_kwargs=kwargs)[0])
+            assert torch.equal(got, run_program(p, table, net, noise.clone(), cfg=True, model_kwargs=kwargs)[0])
             results.append(got)
     assert counter.frame_count == 1, "a new table must not recompile"
     assert not torch.equal(results[0], results[1])

@@ -35,11 +35,11 @@ returns) and a ``TracedBackend``, whose methods are these custom ops, only while
 traces (``torch.compiler.is_compiling()``, 0.07 us). Hence ``fastdiff.ops.fused_step`` and the
 reductions work unchanged inside a compiled function, and keep their eager speed outside.
 
-``run_program`` is a sampling loop written with these ops for torch.compile(fullgraph=True).
+The sampling loop written for torch.compile(fullgraph=True) is ``fastdiff.runtime.run_program``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -47,7 +47,7 @@ from ..program.layout import step_schema
 from . import api, reductions
 from .backends import OPS, register_traced_backend
 
-__all__ = ["OPS", "TracedBackend", "seed_to_int64", "seed_from_int64", "run_program"]
+__all__ = ["OPS", "TracedBackend", "seed_to_int64", "seed_from_int64"]
 
 # The fused step's schema is generated from the row ABI's argument list (layout.STEP_ARGS), the one
 # every backend's signature is tested against; the other ops' are written here.
@@ -223,49 +223,3 @@ class TracedBackend:
 
 
 register_traced_backend(TracedBackend, OPS)
-
-
-# ---------------------------------------------------------------------------------------------
-# A sampling loop for torch.compile(fullgraph=True)
-
-def run_program(program, table: torch.Tensor, model: Callable, x: torch.Tensor, *, cfg: bool = False,
-                model_kwargs: Optional[dict] = None, seed: int = 0, backend: str = "auto",
-                guidance: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run a coefficient program (fastdiff.program.Program, e.g. ``Sampler.build(...).program``)
-    from the state ``x`` (noise times the schedule's initial scale), in place; returns
-    ``(x, bad_row)``.
-
-    Written to be traced by ``torch.compile(fullgraph=True)``: the rows are unrolled (their
-    static facts are Python values), each row is at most one model call and one
-    ``fastdiff.ops.fused_step``, and nothing is read back to the host. ``table`` is the
-    program's table as a tensor on x's device (``torch.from_numpy(program.table)``); as a graph
-    input its values can change without a recompile. ``cfg=True`` calls
-    ``model(cat([x, x]), cat([t, t]), **model_kwargs)`` once per evaluation with kwargs already
-    batched as [uncond; cond] and takes the halves as (uncond, cond); the guidance scale is the
-    table's (or, with ``guidance`` a per-sample scale vector [B], each sample's own). ``bad_row`` (int32 [1]) is 0, or 1 + the first row that wrote a non-finite value: read
-    it once, after the loop. Philox noise comes from ``seed``. For everything else (progress,
-    callbacks, non-linear guidance, inpainting, input checks) use fastdiff.Sampler.
-    """
-    from . import fused_step
-    rows = program.rows
-    kwargs = model_kwargs or {}
-    B = x.shape[0]
-    y = torch.empty_like(x) if any(r.eval_at == "y" or r.out_y is not None for r in rows) else None
-    hist = x.new_zeros((program.num_slots,) + tuple(x.shape)) if program.num_slots else None
-    bad_row = torch.zeros(1, dtype=torch.int32, device=x.device)
-    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    for i, r in enumerate(rows):
-        E = y if r.eval_at == "y" else x
-        cond = uncond = None
-        if r.needs_model:
-            t = torch.full((2 * B if cfg else B,), r.point.model_t, dtype=t_dtype, device=x.device)
-            out = model(torch.cat([E, E]) if cfg else E, t, **kwargs)
-            if cfg:
-                uncond, cond = out[:B], out[B:]
-            else:
-                cond = out
-        fused_step(table, i, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=r.hist_write,
-                   eval_y=r.eval_at == "y", write_x=r.out_x is not None, write_y=r.out_y is not None,
-                   seed=seed, noise_id=r.noise_id, bad_row=bad_row, guidance=guidance if cfg else None,
-                   backend=backend)
-    return x, bad_row
