@@ -54,7 +54,7 @@ class RowExecutor:
     program with the same buffers can replace it at any time (adaptive drivers build one per step).
     """
 
-    __slots__ = ("x", "y", "hist", "model_in", "bad_row", "guidance", "table", "rows", "args", "key", "_step",
+    __slots__ = ("x", "y", "hist", "model_in", "bad_row", "guidance", "table", "rows", "args", "key", "memo", "_step",
                  "_backend")
 
     def __init__(self, x: torch.Tensor, *, y: Optional[torch.Tensor] = None, hist: Optional[torch.Tensor] = None,
@@ -68,6 +68,7 @@ class RowExecutor:
                                             backend=backend)
         self._backend = backend
         self.table, self.rows, self.args, self.key = table, [], [], None
+        self.memo = {}                     # a driver's per-buffer facts (the Sampler's loop plan)
 
     @classmethod
     def allocate(cls, program: Program, like: torch.Tensor, *, state_dtype: torch.dtype = torch.float32,
@@ -121,6 +122,10 @@ class RowExecutor:
         reused); same shape, dtype and device, so the bound kernel stays valid."""
         self.x = torch.empty_like(self.x, memory_format=torch.contiguous_format)
         return self.x
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (x, y, history, model input)."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.hist, self.model_in) if t is not None)
 
     def evaluated(self, i: int) -> torch.Tensor:
         """The buffer row ``i`` 's model call reads (x or y)."""

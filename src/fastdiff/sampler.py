@@ -221,8 +221,11 @@ class Sampler:
     guidance: Optional[Guidance]
     device: torch.device
     state_dtype: torch.dtype = torch.float32
-    # Buffers of finished runs, by (shape, device, dtypes, ...), for the next run to reuse.
+    # Buffers of finished runs, by (shape, device, dtypes, ...), for the next run to reuse;
+    # ``spare_bytes`` caps the size of a run whose buffers are kept (None: no cap).
     _spare: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+    spare_bytes: Optional[int] = field(default=None, repr=False, compare=False)
+    _row_cfg: Optional[list] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, *, solver: Union[str, Solver] = "dpmpp_2m", steps: int = 20,
@@ -361,10 +364,14 @@ class Sampler:
             if g_host.shape[0] != B:
                 raise ValueError(f"guidance has {g_host.shape[0]} per-sample scales for a batch of {B}")
             g01 = prog.table[:, [COL_G0, COL_G1]]
-            row_cfg = [bool(np.any(g01[i, 0] + g01[i, 1] * g_host != 1.0)) for i in range(len(rows))]
+            row_cfg = np.any(g01[:, :1] + g01[:, 1:] * g_host[None, :] != 1.0, axis=1).tolist()
+            row_cfg = [r.needs_model and (row_cfg[i] or r.reads_uncond) for i, r in enumerate(rows)]
         else:
-            row_cfg = (prog.table[:, COL_G] != 1.0).tolist()
-        row_cfg = [r.needs_model and (row_cfg[i] or (gd is not None and r.reads_uncond)) for i, r in enumerate(rows)]
+            if self._row_cfg is None:
+                g = (prog.table[:, COL_G] != 1.0).tolist()
+                self._row_cfg = [r.needs_model and (g[i] or (gd is not None and r.reads_uncond))
+                                 for i, r in enumerate(rows)]
+            row_cfg = self._row_cfg
         use_cfg = any(row_cfg)
         if use_cfg and uncond is None:
             raise ValueError("guidance needs the unconditional inputs: pass uncond={...} (and cond={...})")
@@ -402,6 +409,8 @@ class Sampler:
         return ex
 
     def _release(self, ex: RowExecutor) -> None:
+        if self.spare_bytes is not None and ex.nbytes() > self.spare_bytes:
+            return
         if self._spare is None:
             self._spare = {}
         if len(self._spare) < 4:
@@ -424,11 +433,12 @@ class Sampler:
         else:
             x.copy_(x_init)
         y, model_in = ex.y, ex.model_in
-        # Model times for every row in one tensor; per-row views are taken once, before the loop.
-        t_rows = torch.tensor([r.point.model_t if r.needs_model else 0.0 for r in rows], dtype=time_dtype)
-        t_rows = t_rows.to(dev)[:, None].expand(len(rows), model_in.shape[0])
-        t_full = list(t_rows.unbind(0))
-        t_half = [t[:B] for t in t_full] if use_cfg else t_full
+        # The loop's per-row facts depend only on the program and these buffers: computed for the
+        # executor's first run, reused by the runs after it.
+        memo = ex.memo.get(inpaint)
+        if memo is None:
+            memo = ex.memo[inpaint] = self._loop_plan(ex, use_cfg, inpaint, B, time_dtype)
+        t_full, t_half, plan = memo
         if inpaint:
             # Read only; known becomes a new tensor, zero where the mask is 0, so NaN or Inf there
             # (validated only where the mask is non-zero) cannot leak into the sample as 0 * NaN.
@@ -440,16 +450,6 @@ class Sampler:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
         seed = 0 if seed is None else seed
 
-        # Per-row facts of the loop, looked up once (the loop below runs thousands of times per second).
-        plan = []
-        for i, r in enumerate(rows):
-            nxt = rows[i + 1] if i + 1 < len(rows) else None
-            # The row writes the next model input in its epilogue when it writes the buffer the next
-            # model call reads (saves a pass over the tensor).
-            writes_next = (nxt is not None and nxt.needs_model and not inpaint
-                           and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
-            plan.append((r, r.needs_model, row_cfg[i], ex.evaluated(i), r.noise_id,
-                         model_in if writes_next else None, nxt is None or nxt.step != r.step))
         # Non-linear guidance (rescale, classifier, x0 clipping, guider methods) only on runs that use it.
         hook = (GuidanceHook(self.guidance, prog, self.prediction, ex.table)
                 if self.guidance is not None and self.guidance.needs_hook else None)
@@ -460,14 +460,15 @@ class Sampler:
         model_in_ready = False
         shape_both = (2 * B,) + shape[1:]
         cond_in = model_in[B:] if use_cfg else model_in
-        for i, (r, needs_model, both, E, noise_id, next_in, step_done) in enumerate(plan):
+        for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
+            E = y if eval_y else x
             cond_out = uncond_out = None
             if needs_model:
                 if not model_in_ready:
                     model_in[:B].copy_(E)
                     if use_cfg:
                         model_in[B:].copy_(E)
-                if both:
+                if row_cfg[i]:
                     out = _model_output(model(model_in, t_full[i], **kw_both))
                     self._check_model_output(out, shape_both, i)
                     uncond_out, cond_out = out.chunk(2)  # views; cheaper than split()
@@ -503,6 +504,25 @@ class Sampler:
         if ex.first_bad_row():
             self._raise_nonfinite(ex.first_bad_row())
         return x
+
+    def _loop_plan(self, ex: RowExecutor, use_cfg: bool, inpaint: bool, B: int, time_dtype):
+        """(model times per row, the same for the cond half, per-row facts) of runs on ``ex``."""
+        rows, model_in = self.program.rows, ex.model_in
+        # Model times for every row in one tensor; per-row views are taken once.
+        t_rows = torch.tensor([r.point.model_t if r.needs_model else 0.0 for r in rows], dtype=time_dtype)
+        t_rows = t_rows.to(model_in.device)[:, None].expand(len(rows), model_in.shape[0])
+        t_full = list(t_rows.unbind(0))
+        t_half = [t[:B] for t in t_full] if use_cfg else t_full
+        plan = []
+        for i, r in enumerate(rows):
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            # The row writes the next model input in its epilogue when it writes the buffer the next
+            # model call reads (saves a pass over the tensor).
+            writes_next = (nxt is not None and nxt.needs_model and not inpaint
+                           and (r.out_x is not None if nxt.eval_at == "x" else r.out_y is not None))
+            plan.append((r, r.needs_model, r.eval_at == "y", r.noise_id, model_in if writes_next else None,
+                         nxt is None or nxt.step != r.step))
+        return t_full, t_half, plan
 
     @staticmethod
     def _check_model_output(out: torch.Tensor, shape, row: int):

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import OrderedDict
 from typing import Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -477,8 +478,15 @@ def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args,
             disable, noise_sampler, noise_args, *, torch_draws: Optional["_TorchDraws"] = None,
             check_finite: str = "end") -> torch.Tensor:
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
-                            device=x.device, state_dtype=state_dtype)
+    key = (solver, repr(sorted(solver_options.items())), id(grid), state_dtype, str(x.device))
+    sampler = _SAMPLERS.get(key)
+    if sampler is None or sampler.grid is not grid:
+        sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
+                                device=x.device, state_dtype=state_dtype)
+        sampler.spare_bytes = _SPARE_BYTES
+        _lru_put(_SAMPLERS, key, sampler)
+    else:
+        _SAMPLERS.move_to_end(key)
     denoiser = _Denoiser(model, sampler.program.rows, callback, callback_fields, x.dtype)
     adapted_noise = None
     if noise_sampler is not None:
@@ -635,6 +643,20 @@ def _check_run_inputs(model, x, extra_args, callback, noise_sampler):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
 
 
+# The grids and prepared Samplers of recent runs (k-diffusion's functions are called once per
+# image with the same sigmas): a repeated call skips building the program and allocating buffers.
+_GRIDS: "OrderedDict[bytes, Grid]" = OrderedDict()
+_SAMPLERS: "OrderedDict[tuple, Sampler]" = OrderedDict()
+_CACHE_SIZE = 16
+_SPARE_BYTES = 16 << 20          # cached Samplers keep the buffers of runs up to this size only
+
+
+def _lru_put(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
 def _grid_from_sigmas(sigmas) -> Grid:
     """The fastdiff grid visiting exactly ``sigmas`` (strictly decreasing, >= 0) on a VE schedule."""
     if not isinstance(sigmas, torch.Tensor):
@@ -642,6 +664,15 @@ def _grid_from_sigmas(sigmas) -> Grid:
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 noise levels (1 step), got shape {tuple(sigmas.shape)}")
     ks = sigmas.detach().to(device="cpu", dtype=torch.float64).numpy()
+    key = ks.tobytes()
+    grid = _GRIDS.get(key)
+    if grid is None:
+        grid = _make_grid(ks)
+        _lru_put(_GRIDS, key, grid)
+    return grid
+
+
+def _make_grid(ks: np.ndarray) -> Grid:
     if not np.all(np.isfinite(ks)) or np.any(ks < 0):
         raise ValueError(f"sigmas must be finite and >= 0, got {ks}")
     if np.any(np.diff(ks) >= 0):
