@@ -110,6 +110,10 @@ class _Program:
             raise ValueError("the last row of a plan must write x")
 
 
+# Compiled plans shared by runs (FastdiffScheduler._program): at most 64, least recently used dropped.
+_PROGRAMS: "OrderedDict[tuple, _Program]" = OrderedDict()
+
+
 class _Run:
     """Device state of one sampling run: buffers, device tables, the chosen kernel."""
 
@@ -123,7 +127,7 @@ class _Run:
         self.x = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         self.y = torch.empty_like(self.x) if program.uses_y else None
         self.hist = torch.zeros((K,) + tuple(self.shape), dtype=torch.float32, device=self.device) if K else None
-        self.table = torch.from_numpy(program.table).to(self.device)
+        self.table = torch.tensor(program.table, device=self.device)      # (a copy: programs are cached, set_g writes)
         self._x0_table = None
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
@@ -139,7 +143,7 @@ class _Run:
     @property
     def x0_table(self) -> torch.Tensor:
         if self._x0_table is None:
-            self._x0_table = torch.from_numpy(self.program.x0_table).to(self.device)
+            self._x0_table = torch.tensor(self.program.x0_table, device=self.device)
         return self._x0_table
 
     def set_g(self, g: float):
@@ -319,6 +323,7 @@ class FastdiffScheduler:
     #: diffusers' step refuses to run before set_timesteps() (the schedulers whose constructor
     #: leaves no usable schedule: num_inference_steps is None there)
     _needs_set_timesteps = True
+    _fd_cacheable = False          # the plan depends only on config, timesteps, sigmas, alphas (see _program)
     #: the two-stage schedulers keep diffusers' stage flag (state_in_first_order), which their
     #: inherited scale_model_input reads: "sample" (KDPM2, DPMSolverSDE) or "dt" (Heun)
     _stage_flag = None
@@ -401,6 +406,45 @@ class FastdiffScheduler:
         raise ValueError(f"step() got timestep {value}, which is not one of this run's timesteps "
                          f"{_listing(self.timesteps.tolist())}") from None
 
+    def _program(self, start: int, key) -> "_Program":
+        """The compiled plan of a run from call ``start`` with step options ``key``. Classes whose
+        plan is a function of their config, timesteps, sigmas and alphas only (``_fd_cacheable``)
+        share compiled plans across set_timesteps() calls and instances (a plan costs ~1 ms of
+        Python: most of a 50-step loop at SD-1.5 if it were rebuilt every run)."""
+        ck = self._program_key(start, key) if self._fd_cacheable else None
+        program = _PROGRAMS.get(ck) if ck is not None else None
+        if program is None:
+            program = _Program(self._plan(start, **dict(key)))
+            if ck is not None:
+                _PROGRAMS[ck] = program
+                while len(_PROGRAMS) > 64:
+                    _PROGRAMS.popitem(last=False)
+        else:
+            _PROGRAMS.move_to_end(ck)
+        return program
+
+    def _program_key(self, start: int, key):
+        state = []
+        for name in ("timesteps", "sigmas", "alphas_cumprod", "final_alpha_cumprod"):
+            v = getattr(self, name, None)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+                v = (str(v.dtype), tuple(v.shape), v.numpy().tobytes())
+            elif v is not None and not isinstance(v, (int, float)):
+                return None
+            state.append(v)
+        if getattr(self, "solver_p", None) is not None:       # (UniPC's predictor: another scheduler's state)
+            return None
+        config = []
+        for k, v in sorted(dict(self.config).items()):
+            if isinstance(v, (np.ndarray, torch.Tensor)):
+                v = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                v = (v.dtype.str, v.shape, v.tobytes())
+            elif not isinstance(v, (type(None), bool, int, float, str, list, tuple)):
+                return None
+            config.append((k, repr(v) if isinstance(v, (list, tuple)) else v))
+        return (type(self), tuple(config), tuple(state), getattr(self, "num_inference_steps", None), start, key)
+
     def _fd_begin(self, model_output, timestep, sample, key) -> _Run:
         if self._needs_set_timesteps and getattr(self, "num_inference_steps", None) is None \
                 and not getattr(self, "custom_timesteps", False):
@@ -413,12 +457,12 @@ class FastdiffScheduler:
             raise ValueError(f"sample must have a non-empty batch dimension, got shape {tuple(sample.shape)}")
         run = self._fd_run
         if run is not None:          # a step option (eta, order, ...) changed mid-run: same state, new table
-            program = _Program(self._plan(run.start, **dict(key)))
+            program = self._program(run.start, key)
             if len(program.args) != run.n or program.plan.num_slots != run.program.plan.num_slots:
                 raise ValueError("changing this step option mid-run changes the program's structure; "
                                  "call set_timesteps() and start a new run")
             run.program, run.key = program, key
-            run.table = torch.from_numpy(program.table).to(run.device)
+            run.table = torch.tensor(program.table, device=run.device)
             run._x0_table, run.g = None, 1.0
             run.bind()
             return run
@@ -426,7 +470,7 @@ class FastdiffScheduler:
         timesteps = [float(t) for t in self.timesteps.detach().cpu().tolist()]
         if not 0 <= start < len(timesteps):
             raise ValueError(f"step index {start} is outside the {len(timesteps)} timesteps of this run")
-        program = _Program(self._plan(start, **dict(key)))
+        program = self._program(start, key)
         # (a plan may end before the timesteps do where diffusers has no noise level after the last
         # one, e.g. FlowMatchEuler's schedule before set_timesteps(): its last step fails there too)
         if len(program.args) > len(timesteps) - start or len(program.args) < len(timesteps) - start - 1:

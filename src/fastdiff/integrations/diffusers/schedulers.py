@@ -310,6 +310,7 @@ class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
     channels, the second half the variance): there the step's noise term is diffusers' own
     std(predicted variance) * z, formed beside the fused pass (it is not linear in the model
     output), which adds it with coefficient 1."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False     # diffusers: the constructor's 1000-step schedule, t -> t - 1
 
@@ -373,6 +374,7 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
     With clip_sample / thresholding diffusers keeps the model's raw noise estimate next to the
     clipped x0 unless ``use_clipped_model_output``; the plan then reads that estimate from a
     history slot the step fills."""
+    _fd_cacheable = True
 
     _returns_x0 = True
     _out_dtype = "promote"
@@ -431,6 +433,7 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
 @drop_in(diffusers.EulerDiscreteScheduler)
 class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler):
     """Euler on the probability-flow ODE (fastdiff ``euler``)."""
+    _fd_cacheable = True
 
     _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
     _needs_set_timesteps = False
@@ -459,6 +462,7 @@ class EulerDiscreteScheduler(FastdiffScheduler, diffusers.EulerDiscreteScheduler
 @drop_in(diffusers.EulerAncestralDiscreteScheduler)
 class EulerAncestralDiscreteScheduler(FastdiffScheduler, diffusers.EulerAncestralDiscreteScheduler):
     """Euler ancestral (fastdiff ``euler_ancestral``, eta = 1); noise at every step, as diffusers."""
+    _fd_cacheable = True
 
     _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
     _needs_set_timesteps = False
@@ -492,6 +496,7 @@ def _unique_sigmas(self) -> np.ndarray:
 @drop_in(diffusers.HeunDiscreteScheduler)
 class HeunDiscreteScheduler(FastdiffScheduler, diffusers.HeunDiscreteScheduler):
     """Heun (fastdiff ``heun``): two calls per step, the last step Euler."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False
 
@@ -517,6 +522,7 @@ class LMSDiscreteScheduler(FastdiffScheduler, diffusers.LMSDiscreteScheduler):
     """Linear multistep (fastdiff's LMS coefficients) with diffusers' order rule: the order of
     step n is min(n + 1, order) counted from the schedule's start, using the derivatives of the
     steps this run took (so a run begun mid-schedule uses the leading coefficients only)."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False
 
@@ -552,6 +558,7 @@ class LMSDiscreteScheduler(FastdiffScheduler, diffusers.LMSDiscreteScheduler):
 class KDPM2DiscreteScheduler(FastdiffScheduler, diffusers.KDPM2DiscreteScheduler):
     """DPM-Solver-2 in k-diffusion's form (fastdiff ``dpm_2``): model at the geometric mean of the
     step's noise levels; two calls per step, the last step Euler."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False
 
@@ -574,6 +581,7 @@ class KDPM2DiscreteScheduler(FastdiffScheduler, diffusers.KDPM2DiscreteScheduler
 @drop_in(diffusers.KDPM2AncestralDiscreteScheduler)
 class KDPM2AncestralDiscreteScheduler(FastdiffScheduler, diffusers.KDPM2AncestralDiscreteScheduler):
     """DPM-2 ancestral (fastdiff ``dpm_2_ancestral``): noise in each step's second call."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False
 
@@ -687,6 +695,7 @@ def _multistep_grid(self, start: int, first_order: bool = False, hint: str = _RE
 class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultistepScheduler):
     """Multistep DPM-Solver / DPM-Solver++ (fastdiff ``dpm_solver_multistep``), orders 1-3, ODE or
     SDE (sde-dpmsolver++: eta = 1), with diffusers' lower_order_final / euler_at_final rules."""
+    _fd_cacheable = True
 
     def _result_dtypes(self, sample_dtype, model_dtype):
         """diffusers casts its result to the dtype of the converted model output: the model output's
@@ -841,6 +850,7 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
     is left as it is, ``config.solver_p`` keeps it). One pass cannot do both: the corrector reads
     UniPC's model outputs converted at the sample as given, the predictor solver_p's converted
     at the corrected sample, two histories where a row writes one."""
+    _fd_cacheable = True
 
     _out_dtype = "sample"              # diffusers casts its result to the sample's dtype
 
@@ -931,6 +941,7 @@ def _fastdiff_predictor(owner: str, solver_p):
 @drop_in(diffusers.DEISMultistepScheduler)
 class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler):
     """DEIS (fastdiff ``deis``, log-rho), orders 1-3; its schedule ends at sigma_min, as diffusers'."""
+    _fd_cacheable = True
 
     _out_dtype = "promote"
 
@@ -1061,6 +1072,7 @@ class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
     unchurned sample) and preconditions its output with sigma_hat on the churned sample, so the two
     rows are one call: the churn's noise is carried through EDM's c_skip into the step's noise
     term (``_merge_churn``), and pred_original_sample gets its c_skip * std * z."""
+    _fd_cacheable = True
 
     _x0_dtype = "promote_f32"         # diffusers upcasts the sample to float32 first
     _needs_set_timesteps = False
@@ -1141,6 +1153,7 @@ def _merge_churn(churn: Optional[Row], step: Row, fold: Tuple[float, float]) -> 
 @drop_in(diffusers.EDMDPMSolverMultistepScheduler)
 class EDMDPMSolverMultistepScheduler(FastdiffScheduler, diffusers.EDMDPMSolverMultistepScheduler):
     """DPM-Solver++ multistep (ODE or SDE) on EDM's sigmas with EDM's preconditioning."""
+    _fd_cacheable = True
 
     _out_dtype = "promote"
 
@@ -1175,6 +1188,7 @@ class FlowMatchEulerDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchEule
     """Flow-matching Euler (fastdiff ``flow_euler``): shift, dynamic shifting (mu), custom sigmas or
     timesteps, karras/exponential/beta sigmas, shift_terminal: whatever diffusers' set_timesteps
     gives. ``stochastic_sampling``: x0 = x - sigma v re-noised to the next level with fresh noise."""
+    _fd_cacheable = True
 
     _needs_set_timesteps = False
 
@@ -1204,6 +1218,7 @@ class FlowMatchEulerDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchEule
 @drop_in(diffusers.FlowMatchHeunDiscreteScheduler)
 class FlowMatchHeunDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchHeunDiscreteScheduler):
     """Flow-matching Heun (fastdiff ``flow_heun``): two calls per step, the last step Euler."""
+    _fd_cacheable = True
 
     _stage_flag = "dt"
 
