@@ -181,3 +181,89 @@ def test_accelerate_guidance_argument_errors():
                  negative_prompt_embeds=torch.randn(3, 7, 16, generator=g), num_inference_steps=2, guidance_scale=2.0, output_type="latent", height=SIZE, width=SIZE)
     finally:
         handle.remove()
+
+
+def _per_prompt_combine(method, s):
+    """The method at scale s; at s = 1 CFG is off: the conditional output (after the method's
+    scale-independent ``pre``, CFG-Zero*'s zero-init), as diffusers' guiders when disabled."""
+    if s != 1.0:
+        return _method_combine(method, s)
+    guider = as_guider(method)
+
+    def combine(c, u, step):
+        D = guider.pre(c, step)
+        return c if D is None else D.to(c.dtype)
+    return combine
+
+
+def test_per_prompt_scales_with_a_method_equal_one_stock_run_per_prompt():
+    """Per-prompt scales together with a method (issue 14 leftover): each prompt equals the stock
+    loop with the method at that prompt's scale; a prompt at scale 1 gets its conditional output."""
+    scales = [6.0, 1.0, 3.0]
+    pipe, inputs, latents = _sd(diffusers.DDIMScheduler(**SD_SCHEDULER), batch=3)
+    for method in ("cfg_zero_star", APG(momentum=-0.5, norm_threshold=2.0)):
+        handle = fd.accelerate(pipe, guidance=Guidance(scales, method=method))
+        try:
+            ours = pipe(**inputs, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=2.0,
+                        output_type="latent", height=SIZE, width=SIZE).images
+        finally:
+            handle.remove()
+        for k, s in enumerate(scales):
+            one = {n: v[k:k + 1] for n, v in inputs.items()}
+            stock = _stock_loop(pipe, one, latents[k:k + 1], _per_prompt_combine(method, s), torch.float32)
+            stock64 = _stock_loop(pipe, one, latents[k:k + 1], _per_prompt_combine(method, s), torch.float64)
+            assert_close_to_peer(ours[k:k + 1], stock, _tol(stock, stock64), f"{method} prompt {k} (scale {s})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every single-pass method through a tiny SD3 pipeline (flow matching, joint attention): the
+# stock StableDiffusion3Pipeline loop written out with the method in place of its CFG formula.
+
+def _sd3():
+    from test_dropin_pipelines import _sd3 as build
+    pipe, inputs = build(diffusers.FlowMatchEulerDiscreteScheduler())
+    return pipe, inputs, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def _sd3_stock_loop(pipe, inputs, latents, combine, dtype, steps):
+    """StableDiffusion3Pipeline.__call__ (output_type="latent") written out, with ``combine``."""
+    pipe.to(dtype=dtype)
+    try:
+        config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+        scheduler = type(pipe.scheduler).from_config(config)
+        scheduler.set_timesteps(steps)
+        embeds = torch.cat([inputs["negative_prompt_embeds"], inputs["prompt_embeds"]]).to(dtype)
+        pooled = torch.cat([inputs["negative_pooled_prompt_embeds"], inputs["pooled_prompt_embeds"]]).to(dtype)
+        x = latents.to(dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            xin = torch.cat([x] * 2)
+            out = pipe.transformer(hidden_states=xin, timestep=t.expand(2), encoder_hidden_states=embeds,
+                                   pooled_projections=pooled, return_dict=False)[0]
+            u, c = out.chunk(2)
+            x = scheduler.step(combine(c, u, i), t, x, return_dict=False)[0]
+        return x
+    finally:
+        pipe.to(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["apg", "cfg_zero_star", "tcfg", "mambo_g", "cfg_renorm", "fdg"])
+def test_accelerated_sd3_with_every_single_pass_method_equals_the_stock_loop(method):
+    steps, scale = 4, 5.0
+    pipe, inputs, latents = _sd3()
+    handle = fd.accelerate(pipe, guidance=method)
+    try:
+        ours = pipe(**inputs, latents=latents.clone(), num_inference_steps=steps, guidance_scale=scale,
+                    output_type="latent", height=64, width=64).images
+    finally:
+        handle.remove()
+    stock = _sd3_stock_loop(pipe, inputs, latents, _method_combine(method, scale), torch.float32, steps)
+    stock64 = _sd3_stock_loop(pipe, inputs, latents, _method_combine(method, scale), torch.float64, steps)
+    assert_close_to_peer(ours, stock, _tol(stock, stock64), f"SD3 {method}")
+    # the stock loop written out is the stock pipeline (plain CFG)
+    plain = pipe(**inputs, latents=latents.clone(), num_inference_steps=steps, guidance_scale=scale,
+                 output_type="latent", height=64, width=64).images
+    plain_loop = _sd3_stock_loop(pipe, inputs, latents, lambda c, u, i: u + scale * (c - u), torch.float32, steps)
+    torch.testing.assert_close(plain_loop, plain, rtol=0, atol=1e-5 * plain.abs().max().item())
+    if method not in ("apg", "cfg_renorm"):       # defaults that leave this tiny model's CFG as it is
+        assert (ours - plain).abs().max() > 10 * torch.as_tensor(_tol(stock, stock64)).max()

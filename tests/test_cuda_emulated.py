@@ -20,9 +20,7 @@ import itertools
 import math
 import shutil
 import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,15 +31,13 @@ from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
 from fastdiff.reference import philox as P  # noqa: E402
 from fastdiff.reference import reductions as reduction_oracles, step as reference  # noqa: E402
 from fastdiff.ops.backends import load_extension  # noqa: E402
-from fastdiff.check import PHILOX_ULPS  # noqa: E402
-from fastdiff.program import COL_G, col_out, col_s_in, out_width, table_width  # noqa: E402
+from fastdiff.check import (PHILOX_ULPS, STEP_ARGS, assert_step_match, clone_case, relayout,  # noqa: E402
+                            run_step, step_case, ulps)
+from fastdiff.ops.cuda_backend import CudaBackend  # noqa: E402
+from fastdiff.program import col_out, col_s_in, out_width, table_width  # noqa: E402
 
 _C = load_extension()
 HAVE_CPU = not isinstance(_C, str)
-# Philox noise vs the reference (torch's log/sin/cos): the CPU backend's tolerances.
-NOISE_TOL = {"state": dict(atol=2e-5, rtol=1e-5), torch.float32: dict(atol=2e-5, rtol=1e-5),
-             torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
-             torch.float64: dict(atol=2e-5, rtol=1e-5)}
 
 # ----------------------------------------------------------------------------------------------
 # The emulator library and the ctypes mirror of csrc/cuda/launch.h
@@ -195,128 +191,24 @@ def step_plan(emu, kw):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cases
+# Cases: fastdiff.check's builder, layouts and comparison (the harness `fastdiff check` runs)
 # ----------------------------------------------------------------------------------------------
-def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout, inside NaN padding where there is any."""
-    if layout == "contig":
-        return t.contiguous()
-    if layout == "batch_slice":        # every other sample of a twice-as-large batch: read in place
-        big = torch.full((2 * t.shape[0],) + tuple(t.shape[1:]), float("nan"), dtype=t.dtype)
-        v = big[::2]
-        v.copy_(t)
-        return v
-    if layout == "channels_last":      # samples not dense: the binding copies
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 3 else t.contiguous()
-    if layout == "offset":             # contiguous, one element past an aligned address: scalar path
-        big = torch.full((t.numel() + 2,), float("nan"), dtype=t.dtype)
-        v = big[1:1 + t.numel()].view(t.shape)
-        v.copy_(t)
-        return v
-    raise ValueError(layout)
-
-
-def random_table(gen, K, rows=3):
-    T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
-    T[:, COL_G] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # the guidance scale g
-    return T
-
-
-def make_case(gen, shape, *, K=1, model="cfg", noise="philox", writes="x", model_in="2B", eval_y=None,
-              model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig", bad_row=True, guidance=None):
-    L = (lambda t: relayout(t, layout))
-    write_x, write_y = "x" in writes, "y" in writes
-    eval_y = write_y if eval_y is None else eval_y
-    B = shape[0]
-    kw = dict(table=random_table(gen, K), row=1, x=L(torch.randn(shape, generator=gen)))
-    kw["y"] = L(torch.randn(shape, generator=gen)) if (write_y or eval_y) else None
-    kw["cond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model != "none" else None
-    kw["uncond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model == "cfg" else None
-    kw["hist"] = relayout_stack(torch.randn((K,) + tuple(shape), generator=gen), layout) if K else None
-    kw["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen)) if K else -1
-    kw["eval_y"], kw["write_x"], kw["write_y"] = bool(eval_y), write_x, write_y
-    kw["noise"] = L(torch.randn(shape, generator=gen).to(noise_dtype)) if noise == "given" else None
-    kw["seed"], kw["noise_id"] = 1234, (3 if noise == "philox" else -1)
-    kw["model_in"], kw["model_in_from_y"] = None, False
-    if model_in != "none":
-        rows = B if model_in == "B" else 2 * B
-        kw["model_in"] = L(torch.full((rows,) + tuple(shape[1:]), float("nan")).to(model_dtype))
-        kw["model_in_from_y"] = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
-    kw["bad_row"] = torch.zeros(1, dtype=torch.int32) if bad_row else None
-    if guidance is not None:   # per-sample scales, one of them exactly 1 (D = cond)
-        g = 1.0 + 7.0 * torch.rand(B, dtype=torch.float64, generator=gen)
-        g[0] = 1.0
-        kw["guidance"] = g.to(guidance)
-        kw["table"][:, 1:3] = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.25, 0.5]], dtype=torch.float64)
-    return kw
-
-
-def relayout_stack(h: torch.Tensor, layout: str) -> torch.Tensor:
-    """A history stack [K, B, ...]: each slot in `layout` (slots of one buffer)."""
-    if layout == "contig":
-        return h.contiguous()
-    if layout == "batch_slice":
-        big = torch.full((h.shape[0], 2 * h.shape[1]) + tuple(h.shape[2:]), float("nan"))
-        v = big[:, ::2]
-        v.copy_(h)
-        return v
-    if layout == "channels_last":
-        return h.transpose(-1, -2).contiguous().transpose(-1, -2) if h.dim() >= 4 else h.contiguous()
-    if layout == "offset":
-        big = torch.full((h.numel() + 2,), float("nan"))
-        v = big[1:1 + h.numel()].view(h.shape)
-        v.copy_(h)
-        return v
-    raise ValueError(layout)
-
-
-def clone_case(kw):
-    """A deep copy keeping each tensor's strides, storage offset and NaN padding."""
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor):
-            need = v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride())) + 1
-            buf = torch.full((max(need, 1),), float("nan") if v.is_floating_point() else 0, dtype=v.dtype)
-            out[k] = buf.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(v)
-        else:
-            out[k] = v
-    return out
-
-
 OUTPUTS = ("x", "y", "hist", "model_in", "bad_row")
-ARG_ORDER = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")
 
 
 def run(kw, how, emu=None):
-    c = clone_case(kw)
+    """A copy of the case after the emulated kernel, the reference or the CPU backend ran it."""
     if how == "emulated":
+        c = clone_case(kw)
         emulate_step(emu, c)
-    elif how == "reference":
-        reference.fused_step(*[c.get(k) for k in ARG_ORDER])
-    else:
-        _C.fused_step(*[c.get(k) for k in ARG_ORDER])
-    return c
-
-
-def ulp32(t: torch.Tensor) -> torch.Tensor:
-    a = t.abs().float().clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.nextafter(a, torch.tensor(math.inf)) - a
+        return c
+    return run_step(reference.fused_step if how == "reference" else _C.fused_step, kw)
 
 
 def assert_outputs(got, want, what, *, exact=True):
     """Every in-place output bitwise equal (NaN == NaN), or, for Philox noise against the
-    reference, within the CPU backend's tolerances (tests/test_ops_cpu.py)."""
-    for name in OUTPUTS:
-        g, w = got.get(name), want.get(name)
-        if g is None:
-            continue
-        if exact or name == "bad_row":
-            same = (g == w) | (g.isnan() & w.isnan()) if g.is_floating_point() else g == w
-            assert bool(same.all()), f"{name} differs ({what}): {int((~same).sum())} of {same.numel()} elements"
-        else:
-            tol = NOISE_TOL[g.dtype] if name == "model_in" else NOISE_TOL["state"]
-            torch.testing.assert_close(g, w, equal_nan=True, msg=f"{name} ({what})", **tol)
+    reference, within fastdiff.check's tolerances (those of the CPU backend)."""
+    assert_step_match(got, want, what, exact=exact)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +223,7 @@ def test_fused_step_matches_reference(emu, K, model, noise, writes, model_in):
     """K = 5 runs the any-K loop variant; 0 and 1 the fixed-K ones."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr((K, model, noise, writes, model_in)).encode()))
     for eval_y in ((False, True) if writes != "x" else (False,)):
-        kw = make_case(gen, (2, 3, 4, 6), K=K, model=model, noise=noise, writes=writes, model_in=model_in,
+        kw = step_case(gen, (2, 3, 4, 6), K=K, model=model, noise=noise, writes=writes, model_in=model_in,
                        eval_y=eval_y)
         got = run(kw, "emulated", emu)
         if noise == "philox":
@@ -351,7 +243,7 @@ def test_fused_step_per_sample_guidance(emu, model_dtype, shape, K):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((model_dtype, shape, K)).encode()))
     for gdtype in (torch.float32, torch.float64):
         for row in (0, 1, 2):
-            kw = make_case(gen, shape, K=K, model="cfg", noise="given", writes="xy", model_in="2B",
+            kw = step_case(gen, shape, K=K, model="cfg", noise="given", writes="xy", model_in="2B",
                            model_dtype=model_dtype, guidance=gdtype)
             kw["row"] = row
             got = run(kw, "emulated", emu)
@@ -367,7 +259,7 @@ def test_fused_step_dtypes_and_sizes(emu, model_dtype, shape):
     given in the model dtype or drawn in the kernel."""
     gen = torch.Generator().manual_seed(7)
     for noise in ("given", "philox"):
-        kw = make_case(gen, shape, K=2, model="cfg", noise=noise, writes="xy", model_in="2B",
+        kw = step_case(gen, shape, K=2, model="cfg", noise=noise, writes="xy", model_in="2B",
                        model_dtype=model_dtype, noise_dtype=model_dtype)
         got = run(kw, "emulated", emu)
         if noise == "given":
@@ -376,14 +268,16 @@ def test_fused_step_dtypes_and_sizes(emu, model_dtype, shape):
             assert_outputs(got, run(kw, "cpu"), f"{model_dtype} {shape} philox vs cpu")
 
 
-@pytest.mark.parametrize("layout,dense,vec", [("contig", True, True), ("batch_slice", False, True),
-                                              ("channels_last", True, True), ("offset", True, False)])
+@pytest.mark.parametrize("layout,dense,vec", [("contiguous", True, True), ("batch_slice", False, True),
+                                              ("last_two_transposed", True, True), ("channels_last", True, True),
+                                              ("offset", True, False)])
 @pytest.mark.parametrize("noise", ["given", "philox"])
 def test_fused_step_layouts(emu, layout, dense, vec, noise):
-    """Batch slices are read in place (vector path), channels-last runs on contiguous copies, a
+    """Batch slices are read in place (vector path), layouts whose samples are not dense
+    (last two dims transposed, channels-last) run on contiguous copies, a
     misaligned tensor takes the scalar path: all give the reference's values."""
     gen = torch.Generator().manual_seed(11)
-    kw = make_case(gen, (3, 4, 6, 10), K=2, model="cfg", noise=noise, writes="xy", model_in="2B", layout=layout,
+    kw = step_case(gen, (3, 4, 6, 10), K=2, model="cfg", noise=noise, writes="xy", model_in="2B", layout=layout,
                    model_dtype=torch.float16)
     plan = step_plan(emu, clone_case(kw))
     assert (plan["dense"], plan["vec"]) == (dense, vec)
@@ -402,7 +296,7 @@ def test_fused_step_layouts(emu, layout, dense, vec, noise):
 def test_fused_step_straddling_groups_take_scalar_path(emu):
     """M = 5 with samples 8 apart: a 4-group spans two samples; nothing between samples is touched."""
     gen = torch.Generator().manual_seed(4)
-    kw = make_case(gen, (6, 5), K=1, noise="given", writes="x", model_in="B")
+    kw = step_case(gen, (6, 5), K=1, noise="given", writes="x", model_in="B")
     big = torch.full((6, 8), float("nan"))
     for name in ("x", "cond", "uncond", "noise"):
         v = big.clone()[:, :5]
@@ -418,7 +312,7 @@ def test_fused_step_straddling_groups_take_scalar_path(emu):
 def test_fused_step_any_k_loop_matches_fixed_k(emu):
     """The same row through the K=4 fixed variant and, with a fifth zero slot, the any-K loop."""
     gen = torch.Generator().manual_seed(2)
-    kw4 = make_case(gen, (2, 4, 8, 8), K=4, noise="philox", writes="xy", model_in="2B")
+    kw4 = step_case(gen, (2, 4, 8, 8), K=4, noise="philox", writes="xy", model_in="2B")
     kw4["hist_write"] = 3
     kw5 = clone_case(kw4)
     T4 = kw4["table"]
@@ -437,7 +331,7 @@ def test_fused_step_any_k_loop_matches_fixed_k(emu):
 
 def test_fused_step_bad_row(emu):
     gen = torch.Generator().manual_seed(9)
-    kw = make_case(gen, (4, 4, 16, 16), K=1, noise="none", writes="x", model_in="none")
+    kw = step_case(gen, (4, 4, 16, 16), K=1, noise="none", writes="x", model_in="none")
     kw["table"][:, :] = kw["table"].abs() + 0.1      # every term reaches x
     assert run(kw, "emulated", emu)["bad_row"].item() == 0
     kw["cond"][3, 3, 15, 15] = float("nan")          # in the last block only
@@ -452,7 +346,7 @@ def test_fused_step_bad_row(emu):
 
 def test_fused_step_rejects_bad_arguments(emu):
     gen = torch.Generator().manual_seed(1)
-    kw = make_case(gen, (2, 4, 4), K=2)
+    kw = step_case(gen, (2, 4, 4), K=2)
     a = step_args(kw, Packer())
     a.table_cols = 99
     assert b"table_cols" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
@@ -480,7 +374,7 @@ def cfg_args(cond, uncond, g, out, packer):
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                              (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
                                              (torch.float64, torch.float32)])
-@pytest.mark.parametrize("layout", ["contig", "batch_slice", "offset"])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_slice", "offset"])
 def test_cfg_combine(emu, dtype, out_dtype, layout):
     gen = torch.Generator().manual_seed(3)
     for uncond_given in (True, False):
@@ -544,6 +438,69 @@ def test_philox(emu, numel):
     emu.fastdiff_emulate_philox_normal(z.data_ptr(), numel, seed, nid)
     assert bool(z[numel:].isnan().all()), "wrote past numel"
     ref = P.philox_normal((numel,), seed, nid)
-    assert bool(((z[:numel] - ref).abs() <= PHILOX_ULPS * ulp32(ref)).all())
+    assert ulps(z[:numel], ref) <= PHILOX_ULPS
     if HAVE_CPU:
         assert torch.equal(z[:numel], _C.philox_normal([numel], seed, nid))
+
+
+# ----------------------------------------------------------------------------------------------
+# fastdiff check's cases on the emulated kernels
+# ----------------------------------------------------------------------------------------------
+class EmulatedCudaBackend(CudaBackend):
+    """The CUDA backend's declarations (ops, dtypes, state dtype) with its kernels run by the host
+    emulation on CPU tensors, packed as csrc/cuda/torch_binding.cpp packs them."""
+
+    name = "cuda-emulated"
+    device_types = ("cpu",)
+
+    def __init__(self, emu):
+        self.emu = emu
+
+    def unavailable_reason(self):
+        return None
+
+    def fused_step(self, *args):
+        emulate_step(self.emu, dict(zip(STEP_ARGS, args)))
+
+    def cfg_combine(self, cond, uncond, scale, out_dtype=None):
+        out = torch.full(cond.shape, float("nan"), dtype=out_dtype or cond.dtype)
+        packer = Packer()   # holds the dense copies of inputs whose samples are not dense while the kernel runs
+        err = self.emu.fastdiff_emulate_cfg_combine(ctypes.byref(cfg_args(cond, uncond, float(scale), out, packer)))
+        assert err is None, err.decode()
+        return out
+
+    def cfg_rescale(self, cond, uncond, g, rescale):
+        out = torch.full(cond.shape, float("nan"))
+        ws = torch.zeros(emu_workspace_bytes(cond.shape) // 8 + 1, dtype=torch.float64)
+        packer = Packer()
+        a = cfg_args(cond, uncond, float(g), out, packer)
+        err = self.emu.fastdiff_emulate_cfg_rescale(ctypes.byref(a), float(rescale), ws.data_ptr(), ws.numel() * 8)
+        assert err is None, err.decode()
+        return out
+
+    def philox_normal(self, shape, seed, noise_id, device):
+        numel = math.prod(shape)
+        z = torch.full((max(numel, 1),), float("nan"))
+        self.emu.fastdiff_emulate_philox_normal(z.data_ptr(), numel, seed, noise_id)
+        return z[:numel].reshape(tuple(shape))
+
+    def philox_uint32(self, numel, seed, noise_id, device):
+        words = torch.full(((numel + 3) // 4, 4), -1, dtype=torch.int64)
+        self.emu.fastdiff_emulate_philox_uint32(words.data_ptr(), numel, seed, noise_id, 0)
+        return words
+
+
+@pytest.mark.filterwarnings("ignore:std.*degrees of freedom:UserWarning")   # the reference, one element per sample
+@pytest.mark.parametrize("group", ["fused_step", "cfg_combine", "philox", "reductions"])
+def test_fastdiff_check_harness(emu, group):
+    """fastdiff.check's cases for this op group (row kinds x dtypes x sizes x layouts) on the
+    emulated CUDA kernels: every op the CUDA backend declares passes; the others are n/a."""
+    from fastdiff.check import NA, PASS, check_backend
+    backend = EmulatedCudaBackend(emu)
+    results = check_backend(backend, device="cpu", groups=[group], large=False)
+    assert results
+    bad = [f"{r.op} {r.case}: {r.status} {r.detail}" for r in results if r.status not in (PASS, NA)]
+    assert not bad, "\n".join(bad)
+    declared = {"philox" if op == "philox_normal" else op for op in backend.ops}   # check names philox "philox"
+    assert {r.op for r in results if r.status == PASS} == declared & {r.op for r in results}
+    assert not {r.op for r in results if r.status == NA} & declared

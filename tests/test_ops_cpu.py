@@ -19,25 +19,20 @@ import torch
 import fastdiff.ops as ops
 from fastdiff.reference import philox as P
 from fastdiff.ops.backends import load_extension, select
-from fastdiff.check import PHILOX_ULPS
-from fastdiff.program import COL_G, OUT_Z, col_out, table_width
+from fastdiff.check import (PHILOX_ULPS, STEP_OUTPUTS, TOLERANCES, assert_step_match, assert_within, clone_case,
+                            modified_inputs, random_table, relayout, step_case)
+from fastdiff.program import OUT_H, OUT_Z, col_out, table_width
 
 _C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
 
-# Tolerances, stated once. The kernel follows the reference's order of float32 operations with
-# no FMA contraction, so without noise it is bitwise equal in practice; Philox normals differ
-# from torch's log/cos/sin by at most PHILOX_ULPS ulp (fastdiff.check), which reaches x/y through the noise
-# coefficient. "state": x, y, hist (always float32); the model dtypes: model_in.
-TOL = {
-    "state": dict(atol=2e-5, rtol=1e-5),
-    torch.float32: dict(atol=2e-5, rtol=1e-5),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),    # 1 ulp of fp16 (a rounding boundary crossed)
-    torch.bfloat16: dict(atol=8e-3, rtol=8e-3),   # 1 ulp of bf16
-    torch.float64: dict(atol=2e-5, rtol=1e-5),    # model_in = float32 math, exactly widened
-}
-
+# Cases, layouts, the comparison and its tolerances are fastdiff.check's (the harness that
+# `fastdiff check` runs), stated there once: x, y, hist within TOLERANCES["state"], model_in within
+# its dtype's, bad_row exactly. The kernel follows the reference's order of float32 operations with
+# no FMA contraction, so without noise it is bitwise equal in practice; Philox normals differ from
+# torch's log/cos/sin by at most PHILOX_ULPS ulp, which reaches x/y through the noise coefficient.
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUTPUTS = STEP_OUTPUTS + ("bad_row",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,99 +42,9 @@ MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def nan_empty():
     """Allocate an output buffer filled with NaN (catches reads of memory the kernel must not read
     and elements it fails to write)."""
-    def make(shape, dtype=torch.float32, layout="contig"):
+    def make(shape, dtype=torch.float32, layout="contiguous"):
         return relayout(torch.full(tuple(shape), float("nan"), dtype=dtype), layout)
     return make
-
-
-def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout."""
-    if layout == "contig":
-        return t.contiguous()
-    if layout == "channels_last":        # dense, non-contiguous (NHWC-like; for any rank >= 2)
-        if t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        if t.dim() == 5:
-            return t.contiguous(memory_format=torch.channels_last_3d)
-        if t.dim() >= 2:
-            return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-        return t.contiguous()
-    if layout == "transposed":           # dense, batch dim innermost in memory
-        if t.dim() < 2:
-            return t.contiguous()
-        return t.transpose(0, -1).contiguous().transpose(0, -1)
-    if layout == "strided":              # every other element of NaN-padded storage
-        big = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1] + 3,), float("nan"), dtype=t.dtype)
-        v = big[..., 1:2 * t.shape[-1] + 1:2]
-        v.copy_(t)
-        return v
-    if layout == "padded":               # a contiguous view in the middle of NaN-padded storage
-        big = torch.full((t.numel() + 37,), float("nan"), dtype=t.dtype)
-        v = big[17:17 + t.numel()].view(t.shape)
-        v.copy_(t)
-        return v
-    raise ValueError(layout)
-
-
-def random_table(gen, K, rows=3):
-    T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
-    T[:, COL_G] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)   # guidance scale g
-    return T
-
-
-def make_case(gen, nan_empty, shape, *, K=1, model="cfg", noise="philox", writes="x", model_in="2B",
-              eval_y=None, model_dtype=torch.float32, noise_dtype=torch.float32, layout="contig",
-              seed=1234, noise_id=3, bad_row=True, guidance=None):
-    """Keyword arguments of ops.fused_step for one random case (tensors in `layout`)."""
-    L = (lambda t: relayout(t, layout))
-    write_x, write_y = "x" in writes, "y" in writes
-    has_y = write_y or bool(eval_y)
-    if eval_y is None:
-        eval_y = has_y
-    B = shape[0]
-    kw = dict(table=random_table(gen, K), row=1)
-    kw["x"] = L(torch.randn(shape, generator=gen))
-    # y absent, or present; when the row neither reads nor writes it, fill it with NaN.
-    kw["y"] = L(torch.randn(shape, generator=gen)) if has_y else None
-    if model != "none":
-        kw["cond"] = L(torch.randn(shape, generator=gen).to(model_dtype))
-        kw["uncond"] = L(torch.randn(shape, generator=gen).to(model_dtype)) if model == "cfg" else None
-    kw["hist"] = L(torch.randn((K,) + tuple(shape), generator=gen)) if K else None
-    kw["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen)) if K else -1
-    kw["eval_y"], kw["write_x"], kw["write_y"] = bool(eval_y), write_x, write_y
-    if noise == "given":
-        kw["noise"] = L(torch.randn(shape, generator=gen).to(noise_dtype))
-    kw["seed"], kw["noise_id"] = seed, (noise_id if noise == "philox" else -1)
-    if model_in != "none":
-        rows = B if model_in == "B" else 2 * B
-        kw["model_in"] = nan_empty((rows,) + tuple(shape[1:]), model_dtype, layout)
-        kw["model_in_from_y"] = write_y and not write_x or (write_x and write_y and bool(torch.rand(1, generator=gen) < 0.5))
-    if bad_row:
-        kw["bad_row"] = torch.zeros(1, dtype=torch.int32)
-    if guidance is not None:   # per-sample scales, one of them exactly 1 (D = cond)
-        g = 1.0 + 7.0 * torch.rand(B, dtype=torch.float64, generator=gen)
-        g[0] = 1.0
-        kw["guidance"] = g.to(guidance)
-        kw["table"][:, 1:3] = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.25, 0.5]], dtype=torch.float64)[:kw["table"].shape[0]]
-    return kw
-
-
-INPLACE = ("x", "y", "hist", "model_in", "bad_row")
-READONLY = ("table", "cond", "uncond", "noise", "guidance")
-
-
-def clone_case(kw):
-    """A deep copy that keeps each tensor's strides, storage offset and NaN padding."""
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor):
-            need = v.storage_offset() + sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1
-            fill = float("nan") if v.is_floating_point() else 0
-            buf = torch.full((max(need, 1),), fill, dtype=v.dtype)
-            out[k] = buf.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(v)
-        else:
-            out[k] = v
-    return out
 
 
 def run_both(kw):
@@ -147,36 +52,9 @@ def run_both(kw):
     a, b = clone_case(kw), clone_case(kw)
     ops.fused_step(**a, backend="cpu")
     ops.fused_step(**b, backend="reference")
-    for name in READONLY:
-        if kw.get(name) is not None:
-            assert torch.equal(a[name], kw[name]) or torch.allclose(a[name], kw[name], equal_nan=True), \
-                f"cpu backend modified read-only input {name}"
+    changed = modified_inputs(kw, a)
+    assert not changed, f"cpu backend modified read-only input(s) {changed}"
     return a, b
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, what: str = ""):
-    """|got - want| <= atol + rtol |want| elementwise, NaN where want is NaN, inf equal to inf
-    (a cheaper torch.testing.assert_close for million-element tensors)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
-    g, w = got.double(), want.double()
-    ok = ((g - w).abs() <= atol + rtol * w.abs()) | (g == w) | (g.isnan() & w.isnan())
-    if not bool(ok.all()):
-        i = int((~ok).reshape(-1).nonzero()[0])
-        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ; first at flat index {i}: "
-                             f"got {g.reshape(-1)[i].item()!r}, want {w.reshape(-1)[i].item()!r} (atol={atol}, rtol={rtol})")
-
-
-def assert_match(a, b, what=""):
-    for name in INPLACE:
-        if a.get(name) is None:
-            continue
-        ta, tb = a[name], b[name]
-        assert ta.stride() == tb.stride(), f"{name}: the cpu backend replaced the tensor's layout"
-        if name == "bad_row":
-            assert torch.equal(ta, tb), f"bad_row {ta.item()} != {tb.item()} {what}"
-            continue
-        tol = TOL[ta.dtype] if name == "model_in" else TOL["state"]
-        assert_close(ta, tb, what=f"{name} {what}", **tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,30 +65,30 @@ CASES = list(itertools.product((0, 1, 3), ("none", "cond", "cfg"), ("none", "giv
 
 
 @pytest.mark.parametrize("K,model,noise,writes,model_in", CASES)
-def test_fused_step_parity(K, model, noise, writes, model_in, nan_empty):
+def test_fused_step_parity(K, model, noise, writes, model_in):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((K, model, noise, writes, model_in)).encode()))
     for eval_y in ((False, True) if writes != "x" else (False,)):
-        kw = make_case(gen, nan_empty, (2, 3, 5, 7), K=K, model=model, noise=noise, writes=writes,
+        kw = step_case(gen, (2, 3, 5, 7), K=K, model=model, noise=noise, writes=writes,
                        model_in=model_in, eval_y=eval_y)
         a, b = run_both(kw)
-        assert_match(a, b, f"eval_y={eval_y}")
+        assert_step_match(a, b, f"eval_y={eval_y}")
 
 
 @pytest.mark.parametrize("K", (0, 1, 3))
 @pytest.mark.parametrize("model_dtype", (torch.float32, torch.bfloat16, torch.float64))
 @pytest.mark.parametrize("writes", ("x", "xy"))
 @pytest.mark.parametrize("gdtype", (torch.float32, torch.float64))
-def test_fused_step_per_sample_guidance(K, model_dtype, writes, gdtype, nan_empty):
+def test_fused_step_per_sample_guidance(K, model_dtype, writes, gdtype):
     """A per-sample scale vector: sample b uses g0 + g1 * s[b]; samples of 1, 2, 5 elements and
     samples that straddle the kernel's blocks (one g per run of a sample); bitwise on fp32 outputs."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr((K, model_dtype, writes, gdtype)).encode()))
     for shape in ((3, 5), (4, 1), (5, 3, 7, 11), (3, 700)):
         for row in (0, 1, 2):
-            kw = make_case(gen, nan_empty, shape, K=K, model="cfg", noise="given", writes=writes, model_in="2B",
+            kw = step_case(gen, shape, K=K, model="cfg", noise="given", writes=writes, model_in="2B",
                            model_dtype=model_dtype, guidance=gdtype)
             kw["row"] = row
             a, b = run_both(kw)
-            assert_match(a, b, f"{shape} row={row}")
+            assert_step_match(a, b, f"{shape} row={row}")
             if model_dtype == torch.float32:
                 for name in ("x", "y", "hist"):
                     if a.get(name) is not None:
@@ -220,36 +98,36 @@ def test_fused_step_per_sample_guidance(K, model_dtype, writes, gdtype, nan_empt
 def test_fused_step_unused_y_not_read(nan_empty):
     """y given but neither read nor written (eval_y=False, write_y=False): a NaN y changes nothing."""
     gen = torch.Generator().manual_seed(0)
-    kw = make_case(gen, nan_empty, (2, 4, 8, 8), K=1, writes="x")
+    kw = step_case(gen, (2, 4, 8, 8), K=1, writes="x")
     kw["y"] = nan_empty((2, 4, 8, 8))
     a, b = run_both(kw)
-    assert_match(a, b)
+    assert_step_match(a, b)
     assert a["x"].isfinite().all() and a["y"].isnan().all()
 
 
 @pytest.mark.parametrize("model_dtype", MODEL_DTYPES + (torch.float64,))
 @pytest.mark.parametrize("shape", [(1,), (7,), (1000003,), (2, 4, 64, 64), (1, 4, 8, 8), (16, 4, 9, 11)])
-def test_fused_step_dtypes_and_sizes(model_dtype, shape, nan_empty):
+def test_fused_step_dtypes_and_sizes(model_dtype, shape):
     gen = torch.Generator().manual_seed(7)
     variants = [("given", model_dtype)]
     if np.prod(shape) < 100_000:   # keep the file fast; large in-kernel noise: see *_philox_threads_*
         variants += [("given", torch.float32), ("none", None), ("philox", None)]
     for noise, noise_dtype in variants:
-        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise=noise, writes="xy", model_in="2B",
+        kw = step_case(gen, shape, K=1, model="cfg", noise=noise, writes="xy", model_in="2B",
                        model_dtype=model_dtype, noise_dtype=noise_dtype)
         a, b = run_both(kw)
-        assert_match(a, b, f"{model_dtype} {shape} noise={noise}/{noise_dtype}")
+        assert_step_match(a, b, f"{model_dtype} {shape} noise={noise}/{noise_dtype}")
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided", "padded"])
 @pytest.mark.parametrize("noise", ["none", "given", "philox"])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 48, 50)])
-def test_fused_step_layouts(layout, noise, shape, nan_empty):
+def test_fused_step_layouts(layout, noise, shape):
     """All tensors in a non-contiguous layout (dense ones run in memory order, the rest on copies)."""
     gen = torch.Generator().manual_seed(11)
-    kw = make_case(gen, nan_empty, shape, K=2, model="cfg", noise=noise, writes="xy", model_in="2B", layout=layout)
+    kw = step_case(gen, shape, K=2, model="cfg", noise=noise, writes="xy", model_in="2B", layout=layout)
     a, b = run_both(kw)
-    assert_match(a, b, layout)
+    assert_step_match(a, b, layout)
 
 
 @pytest.mark.parametrize("odd", ["x", "y", "cond", "uncond", "hist", "noise", "model_in"])
@@ -258,18 +136,18 @@ def test_fused_step_mixed_layouts(odd, nan_empty):
     gen = torch.Generator().manual_seed(12)
     shape = (2, 4, 16, 24)
     for layout in ("channels_last", "strided"):
-        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="given", writes="xy", model_in="2B")
+        kw = step_case(gen, shape, K=1, model="cfg", noise="given", writes="xy", model_in="2B")
         kw[odd] = relayout(kw[odd], layout) if odd != "model_in" else nan_empty(kw[odd].shape, layout=layout)
         a, b = run_both(kw)
-        assert_match(a, b, f"{odd} {layout}")
+        assert_step_match(a, b, f"{odd} {layout}")
 
 
 @pytest.mark.parametrize("model_dtype,writes", [(torch.bfloat16, "xy"), (torch.float32, "x")])
-def test_fused_step_large_batch_and_threads(model_dtype, writes, nan_empty):
+def test_fused_step_large_batch_and_threads(model_dtype, writes):
     """Above the serial threshold (OpenMP path), at 1 and 2 threads: the general block kernel
     (bf16, x and y) and the one-pass float32 kernel (x only)."""
     gen = torch.Generator().manual_seed(5)
-    kw = make_case(gen, nan_empty, (40, 4, 16, 16), K=3, model="cfg", noise="philox", writes=writes,
+    kw = step_case(gen, (40, 4, 16, 16), K=3, model="cfg", noise="philox", writes=writes,
                    model_in="2B", model_dtype=model_dtype)
     ref = clone_case(kw)
     ops.fused_step(**ref, backend="reference")
@@ -280,37 +158,37 @@ def test_fused_step_large_batch_and_threads(model_dtype, writes, nan_empty):
             torch.set_num_threads(nt)
             a = clone_case(kw)
             ops.fused_step(**a, backend="cpu")
-            assert_match(a, ref, f"threads={nt}")
+            assert_step_match(a, ref, f"threads={nt}")
             outs.append(a)
     finally:
         torch.set_num_threads(n0)
-    for name in INPLACE:
+    for name in OUTPUTS:
         if outs[0].get(name) is not None:
             assert torch.equal(outs[0][name], outs[1][name]), f"{name} depends on the thread count"
 
 
-def test_fused_step_zero_size(nan_empty):
+def test_fused_step_zero_size():
     gen = torch.Generator().manual_seed(0)
-    kw = make_case(gen, nan_empty, (3, 0, 4), K=1)
+    kw = step_case(gen, (3, 0, 4), K=1)
     a, b = run_both(kw)
-    assert_match(a, b)
+    assert_step_match(a, b)
 
 
-def test_fused_step_deterministic(nan_empty):
+def test_fused_step_deterministic():
     gen = torch.Generator().manual_seed(3)
-    kw = make_case(gen, nan_empty, (2, 4, 64, 64), K=1, model="cfg", noise="philox", writes="xy")
+    kw = step_case(gen, (2, 4, 64, 64), K=1, model="cfg", noise="philox", writes="xy")
     a, b = clone_case(kw), clone_case(kw)
     ops.fused_step(**a, backend="cpu")
     ops.fused_step(**b, backend="cpu")
-    for name in INPLACE:
+    for name in OUTPUTS:
         if a.get(name) is not None:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
 
 
-def test_fused_step_strided_table_and_prepared_call(nan_empty):
+def test_fused_step_strided_table_and_prepared_call():
     """A non-contiguous coefficient table; the callable of prepare_fused_step is the raw binding."""
     gen = torch.Generator().manual_seed(21)
-    kw = make_case(gen, nan_empty, (2, 4, 8, 8), K=2, model="cfg", noise="given", writes="xy")
+    kw = step_case(gen, (2, 4, 8, 8), K=2, model="cfg", noise="given", writes="xy")
     kw["table"] = kw["table"].t().contiguous().t()
     a, b = clone_case(kw), clone_case(kw)
     step = ops.prepare_fused_step(a["x"], table=a["table"], y=a["y"], cond_like=a["cond"], hist=a["hist"],
@@ -318,7 +196,7 @@ def test_fused_step_strided_table_and_prepared_call(nan_empty):
     assert step is _C.fused_step
     step(*[a.get(k) for k in ORDER])
     ops.fused_step(**b, backend="reference")
-    assert_match(a, b)
+    assert_step_match(a, b)
 
 
 def test_step_math_exhaustive_accuracy(tmp_path):
@@ -362,9 +240,9 @@ def test_step_math_compiles_as_cuda_device_code(tmp_path):
 @pytest.mark.parametrize("where", ["cond", "x", "hist", "none"])
 @pytest.mark.parametrize("initial", [0, 5])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 4, 64, 64)])
-def test_bad_row(where, initial, shape, nan_empty):
+def test_bad_row(where, initial, shape):
     gen = torch.Generator().manual_seed(9)
-    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="none")
+    kw = step_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="none")
     kw["table"][:, :] = kw["table"].abs() + 0.1      # every term contributes: the NaN reaches x
     kw["bad_row"] = torch.tensor([initial], dtype=torch.int32)
     idx = tuple(s - 1 for s in shape)
@@ -375,19 +253,19 @@ def test_bad_row(where, initial, shape, nan_empty):
     elif where == "hist":
         kw["hist"][(0,) + idx] = float("-inf")
     a, b = run_both(kw)
-    assert_match(a, b, where)
+    assert_step_match(a, b, where)
     expect = initial if (initial or where == "none") else kw["row"] + 1
     assert a["bad_row"].item() == expect
 
 
-def test_bad_row_y_only(nan_empty):
+def test_bad_row_y_only():
     gen = torch.Generator().manual_seed(10)
-    kw = make_case(gen, nan_empty, (2, 3, 5, 7), K=0, model="cond", noise="none", writes="y", model_in="none")
+    kw = step_case(gen, (2, 3, 5, 7), K=0, model="cond", noise="none", writes="y", model_in="none")
     kw["cond"][1, 2, 3, 4] = float("nan")
-    kw["table"][1, 3 + 4 + 2] = 1.0   # y's h coefficient
+    kw["table"][1, col_out(0, "y") + OUT_H] = 1.0   # y's h coefficient
     kw["row"] = 1
     a, b = run_both(kw)
-    assert_match(a, b)
+    assert_step_match(a, b)
     assert a["bad_row"].item() == 2
 
 
@@ -396,7 +274,7 @@ def test_bad_row_y_only(nan_empty):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", MODEL_DTYPES + (torch.float64,))
 @pytest.mark.parametrize("with_uncond", [True, False])
-@pytest.mark.parametrize("layout", ["contig", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", [(1,), (7,), (2, 4, 33, 35), (3, 70001)])
 def test_cfg_combine_parity(dtype, with_uncond, layout, shape):
     gen = torch.Generator().manual_seed(1)
@@ -407,7 +285,7 @@ def test_cfg_combine_parity(dtype, with_uncond, layout, shape):
         got = ops.cfg_combine(c, u, scale, convention=conv, backend="cpu")
         want = ops.cfg_combine(c, u, scale, convention=conv, backend="reference")
         assert got.dtype == want.dtype and got.shape == want.shape
-        assert_close(got, want, what=f"{conv}", **TOL[dtype])
+        assert_within(got, want, TOLERANCES[dtype], f"{conv}")
     assert torch.equal(c, c0) and (u is None or torch.equal(u, u0))
 
 
@@ -419,7 +297,7 @@ def test_cfg_combine_out_dtype(out_dtype):
     got = _C.cfg_combine(c, u, 4.5, out_dtype)
     want = reference.cfg_combine(c, u, 4.5, out_dtype=out_dtype)
     assert got.dtype == out_dtype
-    assert_close(got, want, **TOL[out_dtype])
+    assert_within(got, want, TOLERANCES[out_dtype], f"out_dtype {out_dtype}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,3 +498,36 @@ def test_extension_philox_errors():
 def test_build_info():
     info = dict(_C.build_info())
     assert {"compiler", "march", "simd", "openmp"} <= set(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared harness (what `fastdiff check` runs) on this backend, and the custom op's schema
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group", ["fused_step", "cfg_combine", "philox", "reductions"])
+def test_fastdiff_check_harness(group):
+    """fastdiff.check's cases for this op group (row kinds x dtypes x sizes x layouts) on the cpu
+    backend: every one passes, and none is skipped (the cpu backend implements every op)."""
+    from fastdiff.check import NA, OP_GROUPS, PASS, check_backend
+    from fastdiff.ops import BACKENDS
+    assert group in OP_GROUPS
+    results = check_backend(BACKENDS["cpu"], device="cpu", groups=[group], large=False)
+    assert results and all(r.backend == "cpu" for r in results)
+    bad = [f"{r.op} {r.case}: {r.status} {r.detail}" for r in results if r.status != PASS]
+    assert not bad, "\n".join(bad)
+    assert not any(r.status == NA for r in results)
+
+
+def test_custom_op_schema_is_the_cpp_bindings_argument_list():
+    """The registered torch.ops.fastdiff.fused_step schema (generated from the row ABI) takes the
+    arguments of the built pybind binding fastdiff._C.fused_step, in its order, plus the backend name."""
+    import re
+    from fastdiff.program.layout import STEP_ARG_NAMES, step_schema
+    schema = torch.ops.fastdiff.fused_step.default._schema
+    names = [a.name for a in schema.arguments]
+    assert names[-1] == "backend" and tuple(names[:-1]) == STEP_ARG_NAMES
+    assert str(schema) == str(torch._C.parse_schema("fastdiff::" + step_schema()))
+    # pybind11 writes the signature it was built with into the docstring: fused_step(table: ..., row: ...)
+    doc = _C.fused_step.__doc__
+    signature = doc[doc.index("fused_step(") + len("fused_step("):]
+    cpp = re.findall(r"(\w+): ", signature[:signature.index(") ->")])
+    assert tuple(cpp) == STEP_ARG_NAMES, f"the C++ binding takes {cpp}"

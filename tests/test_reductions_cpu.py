@@ -1,5 +1,5 @@
 """The C++ per-sample reductions (csrc/cpu/reductions.cpp) against the reference backend
-(fastdiff/ops/reductions.py): cfg_rescale, dynamic_threshold, error_norm, per_sample_norm.
+(the oracles of fastdiff/reference/reductions.py): cfg_rescale, dynamic_threshold, error_norm, per_sample_norm.
 
 Tolerances, stated once:
 * dynamic_threshold is exact (the same order statistics, ATen's own lerp/clamp, the same IEEE
@@ -9,7 +9,7 @@ Tolerances, stated once:
 * error_norm / per_sample_norm sum squares in float64 where torch sums float32 in float32, so
   the kernel's error against a float64 oracle must be at most that of the reference, or 1 ulp.
 Strided inputs are views into NaN-padded storage, so a read of a strided tensor as if it were
-contiguous shows up as NaN.
+contiguous shows up as NaN. Layouts and the comparison are fastdiff.check's (the shared harness).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import zlib
 import pytest
 import torch
 
+from fastdiff.check import EXACT, Tolerance, assert_within, relayout
 from fastdiff.ops import reductions as R
 from fastdiff.reference import reductions as reduction_oracles
 from fastdiff.ops.backends import load_extension, select
@@ -28,22 +29,9 @@ pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(1,), (7,), (1, 7), (3, 4, 9, 11), (2, 4, 64, 64), (1, 70001), (9, 1), (65, 3, 5, 7)]
-LAYOUTS = ("contig", "channels_last", "strided")
+LAYOUTS = ("contiguous", "last_two_transposed", "strided")
 F32_ULP = 2.0 ** -23
 F64_RTOL = 1e-12
-
-
-def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout."""
-    if layout == "contig":
-        return t.contiguous()
-    if layout == "channels_last":        # dense, non-contiguous: last two dims swapped in memory
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.contiguous()
-    if layout == "strided":              # every other element of NaN-padded storage
-        big = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1] + 3,), float("nan"), dtype=t.dtype)
-        v = big[..., 1:2 * t.shape[-1] + 1:2]
-        return v.copy_(t)
-    raise ValueError(layout)
 
 
 def seeded(*key) -> torch.Generator:
@@ -60,20 +48,12 @@ def math_dtype(dtype):
 
 
 def assert_equal_nan(got, want, what=""):
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
-    same = (got == want) | (got.isnan() & want.isnan())
-    if not bool(same.all()):
-        i = int((~same).reshape(-1).nonzero()[0])
-        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} differ; first at {i}: "
-                             f"got {got.reshape(-1)[i].item()!r}, want {want.reshape(-1)[i].item()!r}")
+    assert_within(got, want, EXACT, what)
 
 
 def assert_rescale_close(got, want, what=""):
-    assert got.shape == want.shape and got.dtype == want.dtype
     rtol = F64_RTOL if want.dtype == torch.float64 else F32_ULP
-    g, w = got.double(), want.double()
-    ok = ((g - w).abs() <= rtol * w.abs() + 1e-300) | (g == w) | (g.isnan() & w.isnan())
-    assert bool(ok.all()), f"{what}: max |diff| {(g - w).abs().max().item()}"
+    assert_within(got, want, Tolerance(1e-300, rtol), what)
 
 
 def run_both(op, *args):

@@ -1,23 +1,31 @@
-"""Numerical parity of every kernel on every backend that can run here, against the reference oracles.
+"""Numerical parity of every kernel on every backend that can run here, against the reference
+oracles; and the parity harness the tests share (one case builder, one set of layouts, one
+comparison, tolerances stated once).
 
 ``fastdiff check`` runs this and exits with status 1 if anything fails, so it can gate a CI job.
-The oracles are those of fastdiff.reference (step, philox, reductions), called directly (never through dispatch, so a broken backend cannot
-judge itself). Each kernel backend in fastdiff.ops.BACKENDS is checked on the device it serves
-here (cpu; triton on a CUDA GPU or under TRITON_INTERPRET=1; cuda where it is built); one that
-cannot run is listed as skipped with its reason, and an op a backend does not implement is "n/a".
+The oracles are those of fastdiff.reference (step, philox, reductions), called directly (never
+through dispatch, so a broken backend cannot judge itself). Each kernel backend in
+fastdiff.ops.BACKENDS is checked on the device it serves here (cpu; triton on a CUDA GPU or under
+TRITON_INTERPRET=1; cuda where it is built); one that cannot run is listed as skipped with its
+reason, and an op a backend does not implement is "n/a". ``check_backend`` takes any object with
+the Backend interface (tests run it on the CUDA kernels' host emulation, for one).
 
 What is compared:
 
-* fused_step: six row kinds (ROW_KINDS) x model dtypes float32/float16/bfloat16 x odd sizes, and
-  non-contiguous inputs (channels-last, strided views into NaN-padded storage). Every in-place
-  output (x, y, every history slot, the model input, the non-finite flag) is compared; outputs are
-  allocated NaN-filled, so an element the kernel fails to write, or a read outside a view, shows up;
-  read-only inputs (table, model outputs, noise) must come back bit-identical.
-* cfg_combine: both CFG halves or cond only, the same dtypes, contiguous and strided.
+* fused_step: seven row kinds (ROW_KINDS) x model dtypes float32/float16/bfloat16 x odd sizes, and
+  non-contiguous inputs (LAYOUTS: channels-last, transposed, strided and batch-sliced views into
+  NaN-padded storage, offset views). Every in-place output (x, y, every history slot, the model
+  input, the non-finite flag) is compared; outputs are allocated NaN-filled, so an element the
+  kernel fails to write, or a read outside a view, shows up; read-only inputs (table, model
+  outputs, noise, guidance) must come back bit-identical.
+* cfg_combine: both CFG halves or cond only, the same dtypes, contiguous and every layout.
 * philox: the raw 32-bit words bit-equal; the Gaussian normals within PHILOX_ULPS ulp.
 * reductions: cfg_rescale, dynamic_threshold, error_norm, per_sample_norm.
 
-Tolerances are stated once, here (TOLERANCES, PHILOX_ULPS); they are those of the test suite.
+The harness (``step_case``, ``relayout``, ``clone_case``, ``step_mismatches``, ``assert_step_match``,
+``compare``, ``assert_within``) is what tests/test_ops_cpu.py, test_cuda_emulated.py and
+test_triton_interpret.py build and compare their cases with. Tolerances are stated once, here
+(TOLERANCES, EXACT, PHILOX_ULPS).
 """
 from __future__ import annotations
 
@@ -33,10 +41,14 @@ from .reference import philox as philox_oracle
 from .reference import reductions as reductions_oracle
 from .reference import step as reference_oracle
 from .ops.backends import REDUCTION_OPS
-from .program.layout import COL_G, COL_G0, COL_G1, table_width
+from .program.layout import COL_G, COL_G0, COL_G1, STEP_ARG_NAMES, table_width
 
-__all__ = ["Tolerance", "TOLERANCES", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
-           "check_backend", "run_checks", "render_table", "failed"]
+__all__ = ["Tolerance", "TOLERANCES", "EXACT", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
+           "check_backend", "run_checks", "render_table", "failed",
+           # the harness the tests share
+           "ALL_LAYOUTS", "LAYOUTS", "relayout", "clone_keep_layout", "compare", "assert_within", "ulps",
+           "STEP_ARGS", "random_table", "step_case", "clone_case", "run_step", "modified_inputs", "step_mismatches",
+           "assert_step_match", "OP_GROUPS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +68,8 @@ class Tolerance:
         return self.atol + self.rtol * scale
 
     def __str__(self) -> str:
+        if not (self.atol or self.rtol):
+            return "bit-equal"
         ref = "max|ref|" if self.normwise else "|ref|"
         return f"{self.atol:.0e} + {self.rtol:.0e}·{ref}" if self.atol else f"{self.rtol:.0e}·{ref}"
 
@@ -69,8 +83,10 @@ TOLERANCES: Dict[object, Tolerance] = {
     torch.float32: Tolerance(2e-5, 1e-5),
     torch.float16: Tolerance(1e-3, 1e-3),    # 1 ulp of float16
     torch.bfloat16: Tolerance(8e-3, 8e-3),   # 1 ulp of bfloat16
+    torch.float64: Tolerance(2e-5, 1e-5),    # a float64 model input: the float32 math, exactly widened
     "reduction": Tolerance(0.0, 1e-5, normwise=True),
 }
+EXACT = Tolerance(0.0, 0.0)                  # bit-equal (NaN == NaN): kernels without noise vs their emulation
 PHILOX_ULPS = 4   # the largest distance of the C++/Triton normals to the reference seen is 3 ulp
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,7 +154,7 @@ class _Worst:
                            self.ratio, f"worst: {self.where}" if self.where else "")
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Tuple[float, float, str]:
+def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Tuple[float, float, str]:
     """(max |got - want|, its largest ratio to the allowed error, problem). NaN against NaN and
     equal infinities are equal; a NaN or Inf against anything else is an infinite error."""
     if not isinstance(got, torch.Tensor):
@@ -150,11 +166,33 @@ def _compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Tuple[flo
     if got.numel() == 0:
         return 0.0, 0.0, ""
     g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    d = _differences(g, w)
+    ratio = torch.where(d == 0, torch.zeros_like(d), d / tol.allowed(w))   # 0/0 (exact zeros) is no error
+    ratio = torch.where(ratio.isnan(), torch.full_like(ratio, math.inf), ratio)   # inf/inf: a finite vs an Inf
+    return d.max().item(), ratio.max().item(), ""
+
+
+def _differences(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|g - w| elementwise in float64, 0 where equal (NaN == NaN, Inf == Inf), inf where a NaN meets a number."""
     same = (g == w) | (g.isnan() & w.isnan())
     d = torch.where(same, torch.zeros_like(g), (g - w).abs())
-    d = torch.where(d.isnan(), torch.full_like(d, math.inf), d)
-    ratio = torch.where(d == 0, torch.zeros_like(d), d / tol.allowed(w))   # 0/0 (exact zeros) is no error
-    return d.max().item(), ratio.max().item(), ""
+    return torch.where(d.isnan(), torch.full_like(d, math.inf), d)
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: str = "") -> None:
+    """``compare`` as a test assertion: raise AssertionError naming the worst element."""
+    err, ratio, problem = compare(got, want, tol)
+    if problem:
+        raise AssertionError(f"{what}: {problem}")
+    if ratio <= 1.0:
+        return
+    g, w = got.detach().cpu().double().reshape(-1), want.detach().cpu().double().reshape(-1)
+    d = _differences(g, w)
+    r = torch.where(d == 0, torch.zeros_like(d), d / tol.allowed(w))
+    r = torch.where(r.isnan(), torch.full_like(r, math.inf), r)
+    i = int(r.argmax())
+    raise AssertionError(f"{what}: {int((r > 1).sum())} of {r.numel()} elements beyond {tol}; worst at flat index "
+                         f"{i}: got {g[i].item()!r}, want {w[i].item()!r} (error {d[i].item():.3g})")
 
 
 _RAISED = object()
@@ -170,7 +208,7 @@ def _run(worst: "_Worst", where: str, fn: Callable, *args):
         return _RAISED
 
 
-def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| in float32 ulps of want (inf for a NaN)."""
     w = want.detach().cpu().numpy().astype(np.float32)
     d = np.abs(got.detach().cpu().numpy().astype(np.float64) - w) / np.spacing(np.abs(w)).astype(np.float64)
@@ -193,32 +231,56 @@ def _shape(shape) -> str:
 # ---------------------------------------------------------------------------------------------
 # Tensors in layouts that catch wrong reads, and copies that keep them
 # ---------------------------------------------------------------------------------------------
-LAYOUTS = ("channels_last", "strided")
+#: Every memory layout a parity case can take. Dense but not contiguous: ``channels_last`` (torch's
+#: format for 4-D/5-D tensors, the last two dims swapped otherwise), ``last_two_transposed``,
+#: ``transposed`` (the batch dim innermost). Not dense, inside NaN-padded storage: ``strided``
+#: (every other element), ``batch_slice`` (every other sample). Contiguous views inside NaN-padded
+#: storage: ``padded`` (from element 17), ``offset`` (from element 1: misaligned for vector loads).
+ALL_LAYOUTS = ("contiguous", "channels_last", "last_two_transposed", "transposed", "strided", "batch_slice",
+               "padded", "offset")
+#: The non-contiguous layouts ``fastdiff check`` runs (besides contiguous inputs).
+LAYOUTS = ("channels_last", "transposed", "strided", "batch_slice", "padded")
 
 
-def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout; ``strided``: every other element of NaN-padded
-    storage, so reading the view as if it were contiguous returns NaN."""
+def relayout(t: torch.Tensor, layout: str, *, batch_dim: int = 0) -> torch.Tensor:
+    """The same values in ``layout`` (one of ALL_LAYOUTS), on t's device. Storage around a view is
+    NaN, so reading it as if it were contiguous, or out of bounds, returns NaN. ``batch_dim``: the
+    dim that ``batch_slice`` slices (1 for a history stack [K, B, ...])."""
     if layout == "contiguous":
         return t.contiguous()
-    if layout == "channels_last":        # dense but not contiguous
+    if layout == "channels_last":
         if t.dim() == 4:
             return t.contiguous(memory_format=torch.channels_last)
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        layout = "last_two_transposed"
+    if layout == "last_two_transposed":
         return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.contiguous()
+    if layout == "transposed":
+        return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() >= 2 else t.contiguous()
+    nan = float("nan")
     if layout == "strided":
-        big = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1] + 3,), float("nan"), dtype=t.dtype, device=t.device)
+        big = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1] + 3,), nan, dtype=t.dtype, device=t.device)
         view = big[..., 1:2 * t.shape[-1] + 1:2]
-        view.copy_(t)
-        return view
-    raise ValueError(f"unknown layout {layout!r}; expected 'contiguous' or one of {LAYOUTS}")
+    elif layout == "batch_slice":
+        shape = list(t.shape)
+        shape[batch_dim] *= 2
+        big = torch.full(shape, nan, dtype=t.dtype, device=t.device)
+        view = big[(slice(None),) * batch_dim + (slice(None, None, 2),)]
+    elif layout in ("padded", "offset"):
+        start, extra = (17, 37) if layout == "padded" else (1, 2)
+        big = torch.full((t.numel() + extra,), nan, dtype=t.dtype, device=t.device)
+        view = big[start:start + t.numel()].view(t.shape)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(ALL_LAYOUTS)}")
+    return view.copy_(t)
 
 
-def _clone(t):
-    """A copy with the same shape, strides and storage offset (the storage around it NaN)."""
+def clone_keep_layout(t):
+    """A copy with the same shape, strides and storage offset, the storage around and between its
+    elements NaN (0 for integers); anything but a tensor is returned as it is."""
     if not isinstance(t, torch.Tensor):
         return t
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t.clone()   # dense: clone keeps the strides
     need = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
     fill = float("nan") if t.is_floating_point() else 0
     buf = torch.full((max(need, 1),), fill, dtype=t.dtype, device=t.device)
@@ -234,12 +296,127 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# fused_step
+# fused_step: cases, and the comparison of a backend's run with the oracle's
 # ---------------------------------------------------------------------------------------------
-STEP_ARGS = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-             "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")   # the backend's order
-STEP_OUTPUTS = ("x", "y", "hist", "model_in")
-STEP_INPUTS = ("table", "cond", "uncond", "noise", "guidance")
+STEP_ARGS = STEP_ARG_NAMES                     # every backend's fused_step takes these, in this order
+STEP_OUTPUTS = ("x", "y", "hist", "model_in")  # written in place (and bad_row, compared exactly)
+STEP_INPUTS = ("table", "cond", "uncond", "noise", "guidance")   # read only: must come back bit-equal
+#: The per-sample affine guidance (g0, g1) of the rows of a case with a scale vector: on, off, and a mix.
+GUIDANCE_ROWS = ((0.0, 1.0), (1.0, 0.0), (0.25, 0.5))
+
+
+def random_table(gen: torch.Generator, K: int, rows: int = 3) -> torch.Tensor:
+    """A float64 table of random coefficients, the CFG scale g in [1, 8)."""
+    T = torch.randn(rows, table_width(K), dtype=torch.float64, generator=gen)
+    T[:, COL_G] = 1.0 + 7.0 * torch.rand(rows, dtype=torch.float64, generator=gen)
+    return T
+
+
+def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", noise: str = "philox",
+              writes: str = "x", model_in: str = "2B", eval_y: Optional[bool] = None,
+              model_dtype: torch.dtype = torch.float32, noise_dtype: torch.dtype = torch.float32,
+              layout: str = "contiguous", seed: int = 1234, noise_id: int = 3, bad_row: bool = True,
+              guidance: Optional[torch.dtype] = None, hist_write: Optional[int] = None,
+              model_in_from_y: Optional[bool] = None, device="cpu") -> dict:
+    """Random, valid arguments of one fused_step call (the names of STEP_ARGS), every tensor in
+    ``layout``. model: "none" | "cond" | "cfg" (both halves); noise: "none" | "given" (a tensor of
+    ``noise_dtype``) | "philox" (drawn in the kernel); writes: "x" | "y" | "xy"; model_in: "none" |
+    "B" | "2B" (one or both CFG halves, NaN-filled); eval_y: default whether the row writes y;
+    hist_write / model_in_from_y: default random; guidance: the dtype of a per-sample scale vector
+    (the first sample's scale exactly 1: D = cond), the rows' (g0, g1) from GUIDANCE_ROWS."""
+    def tensor(s, dtype=torch.float32):
+        return relayout(torch.randn(s, generator=gen).to(dtype).to(device), layout)
+
+    write_x, write_y = "x" in writes, "y" in writes
+    eval_y = write_y if eval_y is None else bool(eval_y)
+    B = shape[0]
+    table = random_table(gen, K)
+    a = dict(table=table, row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None, hist_write=-1,
+             eval_y=eval_y, write_x=write_x, write_y=write_y, noise=None, seed=seed, noise_id=-1, model_in=None,
+             model_in_from_y=False, bad_row=None, guidance=None)
+    if write_y or eval_y:
+        a["y"] = tensor(shape)
+    if model != "none":
+        a["cond"] = tensor(shape, model_dtype)
+        if model == "cfg":
+            a["uncond"] = tensor(shape, model_dtype)
+    if K:
+        a["hist"] = relayout(torch.randn((K,) + tuple(shape), generator=gen).to(device), layout, batch_dim=1)
+        a["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen))
+    if hist_write is not None:
+        a["hist_write"] = hist_write
+    if noise == "given":
+        a["noise"] = tensor(shape, noise_dtype)
+    elif noise == "philox":
+        a["noise_id"] = noise_id
+    if model_in != "none":
+        rows = B if model_in == "B" else 2 * B
+        a["model_in"] = relayout(torch.full((rows,) + tuple(shape[1:]), float("nan"), dtype=model_dtype,
+                                            device=device), layout)
+        a["model_in_from_y"] = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
+    if model_in_from_y is not None:
+        a["model_in_from_y"] = model_in_from_y
+    if bad_row:
+        a["bad_row"] = torch.zeros(1, dtype=torch.int32, device=device)
+    if guidance is not None:
+        s = 1.0 + 7.0 * torch.rand(B, dtype=torch.float64, generator=gen)
+        s[0] = 1.0
+        a["guidance"] = s.to(guidance).to(device)
+        table[:, [COL_G0, COL_G1]] = torch.tensor(GUIDANCE_ROWS, dtype=torch.float64)[:table.shape[0]]
+    a["table"] = table.to(device)
+    return a
+
+
+def clone_case(case: dict) -> dict:
+    """A copy of every tensor of a case, layouts and NaN padding kept."""
+    return {k: clone_keep_layout(v) for k, v in case.items()}
+
+
+def run_step(fused_step: Callable, case: dict) -> dict:
+    """A copy of ``case`` after ``fused_step`` ran on it (positional arguments, STEP_ARGS' order)."""
+    c = clone_case(case)
+    fused_step(*[c[k] for k in STEP_ARGS])
+    return c
+
+
+def modified_inputs(before: dict, after: dict) -> List[str]:
+    """The read-only inputs of a case that a run changed."""
+    return [k for k in STEP_INPUTS if before.get(k) is not None and not _bit_equal(after[k], before[k])]
+
+
+def step_mismatches(got: dict, want: dict, *, exact: bool = False) -> List[Tuple[str, float, float, str, str]]:
+    """(output, error, error / allowed, problem, tolerance) for each in-place output of a run
+    ``got`` against the oracle's ``want``: x, y, history with the state's tolerance, the model
+    input with its dtype's (``exact``: bit-equal, NaN == NaN), bad_row always exactly."""
+    out = []
+    g_bad, w_bad = got.get("bad_row"), want.get("bad_row")
+    if w_bad is not None and not torch.equal(g_bad.cpu(), w_bad.cpu()):
+        out.append(("bad_row", math.inf, math.inf, f"non-finite flag is {g_bad.item()}, expected {w_bad.item()}", ""))
+    for name in STEP_OUTPUTS:
+        w = want.get(name)
+        if w is None:
+            continue
+        g = got[name]
+        if g.stride() != w.stride():
+            out.append((name, math.inf, math.inf, f"strides {g.stride()}, expected {w.stride()} (layout replaced)", ""))
+            continue
+        tol = EXACT if exact else (TOLERANCES[w.dtype] if name == "model_in" else TOLERANCES["state"])
+        out.append((name,) + compare(g, w, tol) + (str(tol),))
+    return out
+
+
+def assert_step_match(got: dict, want: dict, what: str = "", *, exact: bool = False) -> None:
+    """``step_mismatches`` as a test assertion (the first output beyond its tolerance, worst element named)."""
+    for name, err, ratio, problem, tol in step_mismatches(got, want, exact=exact):
+        if problem:
+            raise AssertionError(f"{name} {what}: {problem}")
+        if not ratio <= 1.0:
+            assert_within(got[name], want[name], EXACT if exact else _step_tolerance(name, want[name]),
+                          f"{name} {what}")
+
+
+def _step_tolerance(name: str, t: torch.Tensor) -> Tolerance:
+    return TOLERANCES[t.dtype] if name == "model_in" else TOLERANCES["state"]
 
 
 @dataclass(frozen=True)
@@ -277,61 +454,31 @@ LARGE_SHAPE = (1000003,)
 LAYOUT_SHAPES = ((2, 3, 5, 7), (2, 4, 16, 24))
 
 
-def _step_case(kind: RowKind, shape, model_dtype, device, gen: torch.Generator, layout="contiguous") -> dict:
-    """Random, valid arguments of one fused_step call (the names of STEP_ARGS)."""
-    def tensor(s, dtype=torch.float32):
-        return _relayout(torch.randn(s, generator=gen).to(dtype).to(device), layout)
-
-    table = torch.randn(3, table_width(kind.K), dtype=torch.float64, generator=gen)
-    table[:, COL_G] = 1.0 + 7.0 * torch.rand(3, dtype=torch.float64, generator=gen)   # the CFG scale g
-    a = dict(table=table.to(device), row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None,
-             hist_write=kind.hist_write, eval_y=kind.eval_y, write_x=True, write_y=kind.write_y, noise=None,
-             seed=2 ** 40 + 1234, noise_id=-1, model_in=None, model_in_from_y=kind.model_in_from_y,
-             bad_row=torch.zeros(1, dtype=torch.int32, device=device), guidance=None)
-    if kind.guidance:   # one scale per sample, the first exactly 1 (D = cond); g = 0 + 1 * s[b]
-        table[:, COL_G0], table[:, COL_G1] = 0.0, 1.0
-        a["table"] = table.to(device)
-        s = 1.0 + 7.0 * torch.rand(shape[0], dtype=torch.float64, generator=gen)
-        s[0] = 1.0
-        a["guidance"] = s.to(device)
-    if kind.eval_y or kind.write_y:
-        a["y"] = tensor(shape)
-    if kind.model != "none":
-        a["cond"] = tensor(shape, model_dtype)
-        if kind.model == "cfg":
-            a["uncond"] = tensor(shape, model_dtype)
-        if kind.nonfinite:
-            a["cond"][tuple(s - 1 for s in shape)] = float("nan")
-    if kind.K:
-        a["hist"] = tensor((kind.K,) + tuple(shape))
-    if kind.noise == "given":
-        a["noise"] = tensor(shape, model_dtype)
-    elif kind.noise == "philox":
-        a["noise_id"] = 3
-    if kind.model_in != "none":
-        rows = shape[0] * (2 if kind.model_in == "2B" else 1)
-        a["model_in"] = _relayout(torch.full((rows,) + tuple(shape[1:]), float("nan"), dtype=model_dtype,
-                                             device=device), layout)
+def _kind_case(kind: RowKind, shape, model_dtype, device, gen: torch.Generator, layout="contiguous") -> dict:
+    """Random, valid arguments of one fused_step call of this row kind (step_case's)."""
+    a = step_case(gen, shape, K=kind.K, model=kind.model, noise=kind.noise, writes="xy" if kind.write_y else "x",
+                  model_in=kind.model_in, eval_y=kind.eval_y, model_dtype=model_dtype, noise_dtype=model_dtype,
+                  layout=layout, seed=2 ** 40 + 1234, noise_id=3,
+                  guidance=torch.float64 if kind.guidance else None, hist_write=kind.hist_write,
+                  model_in_from_y=kind.model_in_from_y, device=device)
+    if kind.guidance:
+        a["row"] = 0                     # g = 0 + 1 * s[b] (GUIDANCE_ROWS[0])
+    if kind.nonfinite:
+        a["cond"][tuple(n - 1 for n in shape)] = float("nan")
     return a
 
 
 def _check_step_case(backend, a: dict, where: str, worst: _Worst) -> None:
     """Run one case on the backend and on the oracle; fold the comparison into ``worst``."""
-    got = {k: _clone(v) for k, v in a.items()}
-    want = {k: (_clone(v).cpu() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    got = clone_case(a)
+    want = clone_case({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in a.items()})
     if _run(worst, where, backend.fused_step, *[got[k] for k in STEP_ARGS]) is _RAISED:
         return
     reference_oracle.fused_step(*[want[k] for k in STEP_ARGS])
-    for name in STEP_INPUTS:
-        if a[name] is not None and not _bit_equal(got[name], a[name]):
-            worst.add(where, math.inf, math.inf, f"modified the read-only input {name}")
-    if not torch.equal(got["bad_row"].cpu(), want["bad_row"]):
-        worst.add(where, math.inf, math.inf,
-                  f"non-finite flag is {got['bad_row'].item()}, expected {want['bad_row'].item()}")
-    for name in STEP_OUTPUTS:
-        if a[name] is not None:
-            tol = TOLERANCES[a[name].dtype] if name == "model_in" else TOLERANCES["state"]
-            worst.add(f"{where} {name}", *_compare(got[name], want[name], tol), tolerance=str(tol))
+    for name in modified_inputs(a, got):
+        worst.add(where, math.inf, math.inf, f"modified the read-only input {name}")
+    for name, err, ratio, problem, tol in step_mismatches(got, want):
+        worst.add(f"{where} {name}", err, ratio, problem, tolerance=tol)
 
 
 def check_fused_step(backend, device, *, large: bool = True) -> List[CheckResult]:
@@ -347,7 +494,7 @@ def check_fused_step(backend, device, *, large: bool = True) -> List[CheckResult
                 continue
             worst = _Worst(tol_text)
             for shape in shapes:
-                case = _step_case(kind, shape, dtype, device, _seed(kind.label, str(dtype), shape))
+                case = _kind_case(kind, shape, dtype, device, _seed(kind.label, str(dtype), shape))
                 _check_step_case(backend, case, _shape(shape), worst)
             out.append(worst.result("fused_step", backend.name,
                                     f"{kind.label}; {_dtype(dtype)}; sizes {', '.join(map(_shape, shapes))}"))
@@ -357,7 +504,7 @@ def check_fused_step(backend, device, *, large: bool = True) -> List[CheckResult
         worst = _Worst(tol_text)
         for layout in LAYOUTS:
             for shape in LAYOUT_SHAPES:
-                case = _step_case(MULTI_STAGE, shape, dtype, device, _seed(layout, str(dtype), shape), layout)
+                case = _kind_case(MULTI_STAGE, shape, dtype, device, _seed(layout, str(dtype), shape), layout)
                 _check_step_case(backend, case, f"{layout} {_shape(shape)}", worst)
         out.append(worst.result("fused_step", backend.name,
                                 f"non-contiguous ({', '.join(LAYOUTS)}), {MULTI_STAGE.label}; {_dtype(dtype)}"))
@@ -382,15 +529,15 @@ def check_cfg_combine(backend, device) -> List[CheckResult]:
         for layout in ("contiguous",) + LAYOUTS:
             for shape in CFG_SHAPES:
                 gen = _seed("cfg", layout, str(dtype), shape)
-                cond = _relayout(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
-                uncond = _relayout(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
+                cond = relayout(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
+                uncond = relayout(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
                 for u in (uncond, None):
                     where = f"{layout} {_shape(shape)}" + ("" if u is not None else " cond only")
                     got = _run(worst, where, backend.cfg_combine, cond, u, CFG_SCALE)
                     if got is _RAISED:
                         continue
                     want = reference_oracle.cfg_combine(cond.cpu(), None if u is None else u.cpu(), CFG_SCALE)
-                    worst.add(where, *_compare(got, want, TOLERANCES[dtype]))
+                    worst.add(where, *compare(got, want, TOLERANCES[dtype]))
         out.append(worst.result("cfg_combine", backend.name,
                                 f"u + {CFG_SCALE}(c - u) and c alone; {_dtype(dtype)}; sizes "
                                 f"{', '.join(map(_shape, CFG_SHAPES))}; contiguous, {', '.join(LAYOUTS)}"))
@@ -456,7 +603,7 @@ def check_philox(backend, device) -> List[CheckResult]:
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape or got.dtype != torch.float32:
                 worst.add(where, math.inf, math.inf, "not a float32 tensor of the requested shape")
                 continue
-            u = _ulps(got, want)
+            u = ulps(got, want)
             worst.add(where, u, u / PHILOX_ULPS)
     out.append(worst.result("philox", backend.name, f"normals (Box-Muller, float32); sizes "
                             f"{', '.join(map(_shape, NORMAL_SHAPES))}"))
@@ -473,7 +620,7 @@ def _reduction_cases(gen, shape, dtype, device, layout):
     """(op, args) pairs; the tensors are what the op sees, the numbers its validated parameters."""
     def tensor(scale=1.0, offset=0.0):
         t = torch.randn(shape, generator=gen) * scale + offset
-        return _relayout(t.to(dtype).to(device), layout)
+        return relayout(t.to(dtype).to(device), layout)
     cond, uncond = tensor(3.0, 0.5), tensor()
     return [("cfg_rescale", (cond, uncond, 5.0, 0.7)),
             ("dynamic_threshold", (tensor(2.0), 0.995, 2.5)),       # some samples clamp at 2.5, some at s
@@ -501,7 +648,7 @@ def check_reductions(backend, device) -> List[CheckResult]:
                     if got is _RAISED:
                         continue
                     want = oracle(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-                    worst.add(where, *_compare(got, want, tol))
+                    worst.add(where, *compare(got, want, tol))
             out.append(worst.result(op, backend.name, f"{_dtype(dtype)}; sizes {', '.join(map(_shape, REDUCTION_SHAPES))};"
                                     " contiguous, strided"))
     return out

@@ -324,6 +324,9 @@ class GuidanceHook:
                     D = cond
                 else:
                     D = m.combine(cond, uncond, g, gd.convention == "1+w", row.step, self.state)
+                    if isinstance(g, torch.Tensor):
+                        # a sample with g = 1 has CFG off: its output is c, as a scalar run's
+                        D = torch.where(torch.isclose(g, torch.ones_like(g)), cond.to(D.dtype), D)
                     if gd.rescale > 0.0:
                         # phi D std(cond)/std(D) + (1 - phi) D: cfg_rescale with uncond = D, g = 0
                         D = cfg_rescale(cond.to(D.dtype), D, 0.0, gd.rescale)

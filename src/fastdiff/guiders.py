@@ -301,12 +301,16 @@ class FDG(Guider):
     ``scales`` are the level scales in ``Guidance.convention``, highest frequency first; the
     ``Guidance`` scale only switches the unconditional pass (and so FDG) on where g != 1 (inside
     ``interval``). ``Guidance.rescale`` applies in data space (diffusers'
-    ``guidance_rescale_space="data"``). H and W must be divisible by 2^(levels - 1) and one of
+    ``guidance_rescale_space="data"``); ``freq_rescale`` (one phi per level, or one for all) in
+    frequency space, to each guided level against the cond band (diffusers'
+    ``guidance_rescale_space="freq"``): D_l = phi_l D_l std(c_l)/std(D_l) + (1 - phi_l) D_l, std
+    per sample over the non-batch dims. H and W must be divisible by 2^(levels - 1) and one of
     them a power of two (kornia pads other sizes, changing the output shape).
     """
 
     scales: Tuple[float, ...] = (10.0, 5.0)
     parallel_weights: Optional[Tuple[float, ...]] = None
+    freq_rescale: Optional[Tuple[float, ...]] = None
     name = "fdg"
 
     def __post_init__(self):
@@ -323,6 +327,17 @@ class FDG(Guider):
             raise ValueError(f"FDG parallel_weights must be None, a number or one per level "
                              f"({len(self.scales)}), got {self.parallel_weights!r}")
         object.__setattr__(self, "parallel_weights", tuple(_num("FDG parallel weight", v) for v in pw))
+        fr = self.freq_rescale
+        if fr is not None:
+            if isinstance(fr, (int, float, np.integer, np.floating)) and not isinstance(fr, bool):
+                fr = (fr,) * len(self.scales)
+            if isinstance(fr, (str, bytes)) or not isinstance(fr, (tuple, list)) or len(fr) != len(self.scales):
+                raise ValueError(f"FDG freq_rescale must be None, a number or one per level ({len(self.scales)}), "
+                                 f"got {self.freq_rescale!r}")
+            fr = tuple(_num("FDG freq_rescale", v) for v in fr)
+            if any(not 0.0 <= v <= 1.0 for v in fr):
+                raise ValueError(f"FDG freq_rescale values must lie in [0, 1], got {fr}")
+            object.__setattr__(self, "freq_rescale", fr)
 
     def combine(self, c, u, g, one_plus_w, step, state):
         if c.dim() != 4:
@@ -338,7 +353,8 @@ class FDG(Guider):
             return c
         pc, pu = laplacian_pyramid(c, L), laplacian_pyramid(u, L)
         out = []
-        for cl, ul, s, p in zip(pc, pu, self.scales, self.parallel_weights):
+        rescales = self.freq_rescale or (0.0,) * L
+        for cl, ul, s, p, phi in zip(pc, pu, self.scales, self.parallel_weights, rescales):
             if math.isclose(s, off):
                 out.append(cl)
                 continue
@@ -348,7 +364,11 @@ class FDG(Guider):
                 coef = _dot(d, cl, dims) / torch.clamp(_dot(cl, cl, dims).sqrt(), min=1e-12).square()
                 d_par = coef.to(cl.dtype) * cl
                 d = p * d_par + (d - d_par)
-            out.append((cl if one_plus_w else ul) + s * d)
+            Dl = (cl if one_plus_w else ul) + s * d
+            if phi > 0.0:
+                from .ops.reductions import cfg_rescale
+                Dl = cfg_rescale(cl, Dl, 0.0, phi)      # uncond = D_l, g = 0: rescales D_l towards c_l
+            out.append(Dl)
         return from_pyramid(out)
 
 

@@ -166,6 +166,8 @@ class GuiderContext:
         if D is None:
             self.state["num_steps"] = self.num_steps
             D = m.combine(c, u, g, self.one_plus_w, self.step, self.state)
+            if isinstance(g, torch.Tensor):      # a prompt with g = 1 has CFG off: c, as its own run
+                D = torch.where(torch.isclose(g, torch.ones_like(g)), c.to(D.dtype), D)
         return D.to(c.dtype)
 
     def fused_parts(self, c: torch.Tensor, u: torch.Tensor, g: float):

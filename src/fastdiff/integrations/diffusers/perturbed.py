@@ -21,7 +21,8 @@ What is perturbed, as diffusers' hooks (``diffusers.hooks.layer_skip``,
 * ``skip_block`` (SLG; AutoGuidance with dropout 1): the named transformer blocks return their
   inputs (hidden states and, where the block returns them, encoder hidden states, at the indices
   diffusers' ``TransformerBlockRegistry`` gives) on the perturbed rows. AutoGuidance with
-  dropout < 1: the block output on those rows goes through torch's dropout (training mode).
+  dropout < 1: the blocks' feed-forward outputs and then the block outputs on those rows go
+  through torch's dropout (training mode), as diffusers' hooks (same draws, same order).
 * ``blur_queries`` (SEG): the query projection ``to_q`` of the self-attention modules of the named
   blocks is blurred on the perturbed rows with diffusers' ``SmoothedEnergyGuidanceHook``.
 
@@ -202,6 +203,22 @@ class Perturbation:
             if not blocks:
                 raise ValueError(f"{method.name}: no block in layers {method.layers!r}")
             self._install(blocks, SkipBlockHook)
+            if not math.isclose(dropout, 1.0):
+                # diffusers' LayerSkipConfig(skip_ff=True) also drops out the blocks' feed-forward
+                # outputs (FeedForwardSkipHook), drawn before the block's own dropout
+                from diffusers.hooks._common import _FEEDFORWARD_CLASSES
+
+                class FeedForwardDropoutHook(ModelHook):
+                    def post_forward(self, module, output):
+                        rows = owner.rows
+                        if rows is None:
+                            return output
+                        out = output.clone()
+                        out[rows] = torch.nn.functional.dropout(out[rows], p=dropout)
+                        return out
+
+                self._install([m for b in blocks for m in b.modules() if isinstance(m, _FEEDFORWARD_CLASSES)],
+                              FeedForwardDropoutHook)
 
         elif kind == "blur_queries":
             from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook

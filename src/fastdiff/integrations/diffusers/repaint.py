@@ -12,11 +12,13 @@ original_image, mask, generator)`` is diffusers' arithmetic:
     prev    = mask * known + (1 - mask) * unknown
 
 with x0 = (sample - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to [-1, 1] by ``clip_sample``
-(then the raw eps stays in the direction term, as diffusers keeps it), std = eta sqrt(variance)
-and abar_prev the level T // N below t. The unknown part is the posterior update of fastdiff's
-``ddim`` in one fused pass, which also writes sqrt(1 - abar_prev) z; the known part and the blend
-are two passes beside it (add original_image; ``lerp`` by the mask, which takes mask 0 and 1 to
-the two parts exactly, as diffusers' formula does). The noise is drawn as diffusers draws it: one
+(the raw eps stays in the direction term, as diffusers keeps it), std = eta sqrt(variance) and
+abar_prev the level T // N below t. x0 is formed as diffusers forms it (its float32 coefficients
+and operation order: at high noise levels its rounding is large next to x0, and this keeps it
+diffusers' own), the raw eps goes to a history slot; the unknown part is then DDIM(eta)'s
+posterior update in one fused pass, which also writes sqrt(1 - abar_prev) z; the known part and
+the blend are two passes beside it (add original_image; ``lerp`` by the mask, which takes mask 0
+and 1 to the two parts exactly, as diffusers' formula does). The noise is drawn as diffusers draws it: one
 ``randn_tensor`` of the model output's shape and dtype per call, also where eta = 0 or t = 0
 (where it only enters the known part).
 
@@ -39,7 +41,6 @@ import diffusers
 import numpy as np
 import torch
 
-from ...guidance import ClipSample
 from ...program import Out, Point, Row
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
 from .schedulers import DROP_INS, _f64
@@ -73,26 +74,33 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
         acp = _f64(self.alphas_cumprod)
         final = float(self.final_alpha_cumprod)
         delta = self.config.num_train_timesteps // self.num_inference_steps
-        clip = bool(self.config.clip_sample)
         rows: List[Row] = []
-        fold, sqrt_prev = [], []
+        fold, sqrt_prev, ts = [], [], []
         cache: Dict[int, tuple] = {}
         for n, t in enumerate(int(t) for t in self.timesteps.tolist()[start:]):
             if t not in cache:
-                cache[t] = _repaint_row(t, acp, final, delta, eta, clip)
+                cache[t] = _repaint_row(t, acp, final, delta, eta)
             out_x, out_y, point, f = cache[t]
-            sqrt_prev.append(math.sqrt(_alpha_prev(t, acp, final, delta)))
             rows.append(Row(step=n, eval_at="x", point=point, q_y=0.0, q_x0=1.0, out_x=out_x, out_y=out_y,
                             noise_id=n, next_eval="x"))
             fold.append(f)
-        return Plan(rows, fold, 1 if clip else 0, draws=[True] * len(rows),
-                    x0_transform=ClipSample(1.0) if clip else None, extra={"sqrt_prev": sqrt_prev})
+            sqrt_prev.append(math.sqrt(_alpha_prev(t, acp, final, delta)))
+            ts.append(t)
+        # (x0 is always formed beside the pass, as diffusers forms it: _transform_step)
+        return Plan(rows, fold, 1, draws=[True] * len(rows), x0_transform=_formed_beside,
+                    extra={"sqrt_prev": sqrt_prev, "t": ts})
 
     def _transform_step(self, run: _Run, k, E, cond, uncond, g):
-        table, x0, pred = super()._transform_step(run, k, E, cond, uncond, g)
-        # the direction term reads the raw noise prediction, not the one of the clipped x0
-        run.hist[0].copy_(_guided(cond, uncond, g))
-        return table, x0, pred
+        """x0 with diffusers' operations (its float32 coefficients, its order: the same rounding,
+        which at high noise levels is large next to x0: (sample - sqrt(1 - abar) eps) / sqrt(abar)),
+        clipped by clip_sample; the raw eps into history slot 0, which the direction term reads."""
+        eps = _guided(cond, uncond, g)
+        alpha_prod_t = self.alphas_cumprod[run.program.plan.extra["t"][k]]
+        x0 = (E - (1 - alpha_prod_t) ** 0.5 * eps) / alpha_prod_t ** 0.5
+        if self.config.clip_sample:
+            x0.clamp_(-1, 1)
+        run.hist[0].copy_(eps)
+        return run.x0_table, x0, x0
 
     # ------------------------------------------------------------------------------------------
     # step / undo_step
@@ -154,8 +162,10 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
                 from diffusers.utils.torch_utils import randn_tensor
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             keep, add = (1 - beta) ** 0.5, beta ** 0.5     # (float32 0-dim tensors, as diffusers')
-            out = torch.mul(sample, keep) if out is None else out.mul_(keep)
-            out.add_(noise.mul_(add))
+            # (the 0-dim float32 factor first, as diffusers' ``keep * sample``: x.mul_(keep) on a
+            # float16 x rounds the factor to float16 first, a different result)
+            out = torch.mul(keep, sample) if out is None else torch.mul(keep, out, out=out)
+            out.add_(torch.mul(add, noise, out=noise))
         return sample if out is None else out
 
     # ------------------------------------------------------------------------------------------
@@ -178,9 +188,9 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
         return self._fd_entries[t]
 
 
-def _repaint_row(t: int, acp: np.ndarray, final: float, delta: int, eta: float, clip: bool):
-    """(out_x, out_y, point, fold) of a step at training timestep t: out_x the unknown part in terms
-    of h = x0 (clipped: the raw eps in history slot 0), out_y the known part's noise term."""
+def _repaint_row(t: int, acp: np.ndarray, final: float, delta: int, eta: float):
+    """(out_x, out_y, point, fold) of a step at training timestep t: out_x the unknown part from
+    h = x0 and the raw eps in history slot 0, out_y the known part's noise term."""
     a_t = float(acp[t])
     a_p = _alpha_prev(t, acp, final, delta)
     variance = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
@@ -191,14 +201,14 @@ def _repaint_row(t: int, acp: np.ndarray, final: float, delta: int, eta: float, 
             raise ValueError(f"eta={eta:g} is too large at timestep {t}: 1 - alpha_prod_prev - std^2 = {rest:.3g} < 0 "
                              "(diffusers' direction coefficient is its square root: NaN)")
         rest = 0.0
-    c_dir = math.sqrt(rest)
     z = std if (t > 0 and eta > 0) else 0.0
     alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-    if clip:
-        out_x = Out(h=math.sqrt(a_p), hist=((0, c_dir),), z=z)
-    else:       # eps = (E - alpha x0) / sigma
-        out_x = Out(y=c_dir / sigma, h=math.sqrt(a_p) - c_dir * alpha / sigma, z=z)
+    out_x = Out(h=math.sqrt(a_p), hist=((0, math.sqrt(rest)),), z=z)
     return out_x, Out(z=math.sqrt(1.0 - a_p)), Point(float(t), alpha, sigma, float(t)), (1.0 / alpha, -sigma / alpha)
+
+
+def _formed_beside(x0):
+    return x0
 
 
 def _alpha_prev(t: int, acp: np.ndarray, final: float, delta: int) -> float:

@@ -844,7 +844,8 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
 
     ``solver_p`` (another scheduler as the predictor, "solver_p + UniC"): as diffusers, each call
     corrects the sample with UniC and then returns ``solver_p.step(model_output, timestep,
-    corrected).prev_sample``. Both run fused: the corrector is one pass of this class's program
+    corrected).prev_sample``, solver_p stepping through its own timesteps from the one it finds at
+    its first call (``_predictor_timestep``). Both run fused: the corrector is one pass of this class's program
     (``_unipc_corrector_plan``), the predictor one pass of solver_p's fastdiff drop-in, which the
     constructor makes from the given diffusers scheduler (same class and config; the object given
     is left as it is, ``config.solver_p`` keeps it). One pass cannot do both: the corrector reads
@@ -886,42 +887,65 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
         if self.solver_p is None:
             return self._fd_step(model_output, timestep, sample, None, None, return_dict)
         predictor = self.solver_p
-        self._check_predictor_in_step(predictor)          # (before anything changes)
+        predictor_timestep = self._predictor_timestep(predictor, timestep)     # (checks before anything changes)
         saved = (self._fd_run, self._step_index)
         corrected = self._fd_step(model_output, timestep, sample, None, None, False)[0]
         try:
-            prev_sample = predictor.step(model_output, timestep, corrected).prev_sample    # diffusers' call
+            prev_sample = predictor.step(model_output, predictor_timestep, corrected).prev_sample   # diffusers' call
         except BaseException:
-            # (checked above, solver_p fails here only where it starts its run: then so does this
-            # class, and dropping the run just made restores it exactly)
+            # (checked above, solver_p fails here only where this call is its run's first, and
+            # then dropping the run this call made restores this scheduler exactly)
             self._fd_run, self._step_index = saved
             raise
         if not return_dict:
             return (prev_sample,)
         return _make_output(diffusers_output_class(type(self)), prev_sample=prev_sample)
 
-    def _check_predictor_in_step(self, predictor):
-        """solver_p steps through its own timesteps by its own count, from where it finds the
-        first call's timestep: it must run the timesteps this class runs, one call per call."""
+    def _predictor_timestep(self, predictor, timestep):
+        """The timestep to hand solver_p, as diffusers' call means it: solver_p finds its start from
+        the timestep of its first call and then counts calls through its own timesteps (the DPM-Solver
+        family reads the timestep only there). The drop-in checks the timestep of every call, so it
+        gets its own from then on; where solver_p's step reads the value itself, the two must agree."""
         if not isinstance(predictor, FastdiffScheduler):
-            return                   # (a scheduler assigned to .solver_p later: diffusers' step as it is)
-        first = self._fd_run is None or self._step_index is None
-        if first:
-            mine, theirs = self.timesteps.tolist(), getattr(predictor, "timesteps", None)
-            theirs = theirs.tolist() if isinstance(theirs, torch.Tensor) else theirs
-            if theirs is None or [float(t) for t in theirs] != [float(t) for t in mine]:
-                raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) has timesteps "
-                                 f"{_listing(theirs or [])}, this scheduler {_listing(mine)}; diffusers steps each "
-                                 "through its own, so the corrector and the predictor would disagree about where the "
-                                 "sample is. Give solver_p the same timestep_spacing / sigma options, and call "
-                                 "set_timesteps() on this scheduler (it sets solver_p's too)")
-            if getattr(predictor, "_step_index", None) is not None:
-                raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) is in the middle of a "
-                                 "run this scheduler has not started; call set_timesteps() on this scheduler")
-        elif getattr(predictor, "_step_index", None) != self._step_index:
-            raise ValueError(f"{type(self).__name__}: solver_p ({type(predictor).__name__}) is at call "
-                             f"{predictor._step_index} of its timesteps, this scheduler at {self._step_index} (was "
-                             "solver_p stepped or reset on its own?); call set_timesteps() on this scheduler")
+            return timestep          # (a scheduler assigned to .solver_p later: diffusers' call as it is)
+        name, pname = type(self).__name__, type(predictor).__name__
+        run = self._fd_run
+        if run is not None and self._step_index is not None and self._step_index < run.n + run.start:
+            mine = run.timesteps[self._step_index]
+        else:                                                    # (a run's first call: its timestep)
+            try:
+                mine = float(timestep)
+            except (TypeError, ValueError, RuntimeError):
+                return timestep                                  # (this class's step refuses it first)
+        theirs = _host_timesteps(predictor)
+        index = getattr(predictor, "_step_index", None)
+        if index is None:                                        # solver_p's first call: it looks the timestep up
+            if getattr(predictor, "begin_index", None) is None and mine not in theirs:
+                raise ValueError(f"{name}: solver_p ({pname}) starts where it finds the first call's timestep "
+                                 f"{mine:g} among its own timesteps {_listing(theirs)}, and it has none; give it the "
+                                 "timestep options of this scheduler")
+            return timestep
+        if index >= len(theirs):
+            raise ValueError(f"{name}: solver_p ({pname}) has stepped through all of its {len(theirs)} timesteps; "
+                             "call set_timesteps() on this scheduler (it sets solver_p's too)")
+        if theirs[index] == mine:
+            return timestep
+        if pname not in _INDEX_STEPPED:
+            raise ValueError(f"{name}: solver_p ({pname}) is at its timestep {theirs[index]:g}, this call at {mine:g}; "
+                             f"{pname}'s step computes with the timestep it is given, which fastdiff's drop-in takes "
+                             "only at its own: give solver_p the timestep options of this scheduler")
+        return predictor.timesteps[index]
+
+
+#: solver_p classes whose diffusers step reads the given timestep only to find its first step
+#: (then counts steps through its own sigmas)
+_INDEX_STEPPED = frozenset(("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                            "DEISMultistepScheduler"))
+
+
+def _host_timesteps(scheduler) -> List[float]:
+    run = getattr(scheduler, "_fd_run", None)
+    return run.timesteps if run is not None else [float(t) for t in scheduler.timesteps.tolist()]
 
 
 def _fastdiff_predictor(owner: str, solver_p):
