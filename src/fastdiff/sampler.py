@@ -30,6 +30,7 @@ from .solvers import Solver, get_solver
 __all__ = ["sample", "Sampler"]
 
 CHECK_FINITE = ("end", "step", "off")
+_OUT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))   # (the fast check's)
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -159,7 +160,7 @@ def _batch_kwargs(uncond: Dict[str, Any], cond: Dict[str, Any]) -> Dict[str, Any
 # ---------------------------------------------------------------------------------------------
 # The build cache: (solver options, grid or schedule + spacing, prediction, guidance) -> program.
 
-_BUILD_CACHE: "OrderedDict[tuple, Tuple[Program, Grid]]" = OrderedDict()
+_BUILD_CACHE: "OrderedDict[tuple, _Built]" = OrderedDict()
 _BUILD_CACHE_SIZE = 64
 
 
@@ -199,14 +200,36 @@ def _freeze(v, depth: int = 0):
     raise _Unkeyable
 
 
-def _build_key(solver, grid, schedule, steps, spacing, final, grid_options, prediction, guidance):
+def _build_key(*arguments):
+    """The build cache's key: Sampler.build's arguments by value (None: not cacheable)."""
     try:
-        where = (("grid", _freeze(grid.schedule), grid.t.tobytes(), grid.alpha.tobytes(), grid.sigma.tobytes(),
-                  grid.model_t.tobytes()) if grid is not None else
-                 ("schedule", _freeze(schedule), _freeze(steps), spacing, final, _freeze(grid_options)))
-        return (_freeze(solver), where, prediction, _freeze(guidance))
+        return tuple(_freeze(v) for v in arguments)
     except (_Unkeyable, TypeError, AttributeError):
         return None
+
+
+class _Built:
+    """A cached build: the program and everything it was built from, and the buffers of finished
+    runs, which every Sampler made from this entry shares (runs up to SHARED_SPARE_BYTES: the
+    cache must not hold large tensors on a GPU behind the user's back)."""
+
+    __slots__ = ("program", "grid", "solver", "prediction", "guidance", "state_dtype", "spare")
+
+    def __init__(self, program, grid, solver, prediction, guidance, state_dtype):
+        self.program, self.grid, self.solver = program, grid, solver
+        self.prediction, self.guidance, self.state_dtype = prediction, guidance, state_dtype
+        self.spare = {}
+
+    def replica(self, cls, device) -> "Sampler":
+        p = self.program      # (a table of its own: callers may edit a Sampler's table)
+        program = Program(rows=p.rows, num_slots=p.num_slots, table=p.table.copy(), steps=p.steps)
+        s = cls(program, self.grid, self.solver, self.prediction, self.guidance, torch.device(device),
+                self.state_dtype)
+        s._spare, s.spare_bytes = self.spare, SHARED_SPARE_BYTES
+        return s
+
+
+SHARED_SPARE_BYTES = 4 << 20
 
 
 @dataclass
@@ -238,6 +261,12 @@ class Sampler:
         spacing arguments, the prediction, the guidance), so building the same run again costs a
         key lookup, not the solver's Python (fastdiff.sample and the k-diffusion functions build on
         every call)."""
+        key = _build_key(solver, solver_options, grid, schedule, steps, spacing, final, grid_options, prediction,
+                         guidance, state_dtype)
+        hit = _BUILD_CACHE.get(key) if key is not None else None
+        if hit is not None:              # (the same arguments were checked when the entry was built)
+            _BUILD_CACHE.move_to_end(key)
+            return hit.replica(cls, device)
         solver = get_solver(solver, **(solver_options or {}))
         prediction = canonical_prediction(prediction)
         guidance = as_guidance(guidance)
@@ -245,14 +274,6 @@ class Sampler:
             raise TypeError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         if grid is not None and (grid_options or schedule is not None):
             raise ValueError("pass either grid or (schedule, steps, spacing, ...), not both")
-        key = _build_key(solver, grid, schedule, steps, spacing, final, grid_options, prediction, guidance)
-        hit = _BUILD_CACHE.get(key) if key is not None else None
-        if hit is not None:
-            _BUILD_CACHE.move_to_end(key)
-            program, grid = hit
-            program = Program(rows=list(program.rows), num_slots=program.num_slots, table=program.table.copy(),
-                              steps=program.steps)
-            return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
         if grid is None:
             schedule = DiscreteVP() if schedule is None else schedule
             grid = make_grid(schedule, steps, spacing, final=final, **grid_options)
@@ -264,12 +285,12 @@ class Sampler:
                              "no guidance rescale / classifier guidance / x0 clipping")
         program = compile_program(rows, prediction, solver.num_slots, grid.steps, guidance_scale=g,
                                   guidance_affine=affine)
+        built = _Built(program, grid, solver, prediction, guidance, state_dtype)
         if key is not None:
-            _BUILD_CACHE[key] = (Program(rows=list(rows), num_slots=program.num_slots, table=program.table.copy(),
-                                         steps=program.steps), grid)
+            _BUILD_CACHE[key] = built
             while len(_BUILD_CACHE) > _BUILD_CACHE_SIZE:
                 _BUILD_CACHE.popitem(last=False)
-        return cls(program, grid, solver, prediction, guidance, torch.device(device), state_dtype)
+        return built.replica(cls, device)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, model: Callable, noise: torch.Tensor, *, cond: Optional[dict] = None,
@@ -458,8 +479,9 @@ class Sampler:
         bar = (None if progress is False else
                _LazyProgress(prog.steps, f"fastdiff {self.solver.name}", delay=0.0 if progress else 0.5))
         model_in_ready = False
-        shape_both = (2 * B,) + shape[1:]
+        shape_one, shape_both = torch.Size(shape), torch.Size((2 * B,) + shape[1:])
         cond_in = model_in[B:] if use_cfg else model_in
+        run = ex.run
         for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
             E = y if eval_y else x
             cond_out = uncond_out = None
@@ -469,12 +491,15 @@ class Sampler:
                     if use_cfg:
                         model_in[B:].copy_(E)
                 if row_cfg[i]:
-                    out = _model_output(model(model_in, t_full[i], **kw_both))
-                    self._check_model_output(out, shape_both, i)
+                    out = model(model_in, t_full[i], **kw_both)
+                    if type(out) is not torch.Tensor or out.shape != shape_both or out.dtype not in _OUT_DTYPES:
+                        out = self._check_model_output(_model_output(out), shape_both, i)
                     uncond_out, cond_out = out.chunk(2)  # views; cheaper than split()
                 else:
-                    cond_out = _model_output(model(cond_in, t_half[i], **kw_cond))
-                    self._check_model_output(cond_out, shape, i)
+                    cond_out = model(cond_in, t_half[i], **kw_cond)
+                    if (type(cond_out) is not torch.Tensor or cond_out.shape != shape_one
+                            or cond_out.dtype not in _OUT_DTYPES):
+                        cond_out = self._check_model_output(_model_output(cond_out), shape_one, i)
             noise_t = None
             if noise_id >= 0 and noise_sampler is not None:
                 noise_t = noise_sampler(r, x)
@@ -482,9 +507,9 @@ class Sampler:
                     raise ValueError(f"noise_sampler must return a tensor of shape {shape}")
             if hook is not None and needs_model:
                 step_table, cond_out, uncond_out = hook(i, r, E, cond_out, uncond_out, t_half[i])
-                ex.run(i, cond_out, uncond_out, noise_t, seed, next_in, step_table)
+                run(i, cond_out, uncond_out, noise_t, seed, next_in, step_table)
             else:
-                ex.run(i, cond_out, uncond_out, noise_t, seed, next_in)
+                run(i, cond_out, uncond_out, noise_t, seed, next_in)
             model_in_ready = next_in is not None
             if step_done:
                 n = r.step
@@ -525,12 +550,13 @@ class Sampler:
         return t_full, t_half, plan
 
     @staticmethod
-    def _check_model_output(out: torch.Tensor, shape, row: int):
+    def _check_model_output(out: torch.Tensor, shape, row: int) -> torch.Tensor:
         if out.shape != shape:
             raise ValueError(f"model output at row {row} has shape {tuple(out.shape)}, expected {tuple(shape)} "
                              "(the shape of its input)")
         if not out.is_floating_point():
             raise TypeError(f"model output must be floating point, got {out.dtype}")
+        return out
 
     def _raise_nonfinite(self, flag: int):
         r = self.program.rows[flag - 1]
