@@ -662,3 +662,31 @@ def test_fdg_freq_rescale_matches_diffusers(original):
         FDG(scales, freq_rescale=(0.5,))
     with pytest.raises(ValueError, match="freq_rescale"):
         FDG(scales, freq_rescale=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_fold_and_combine_against_the_float64_formula(dtype):
+    """The fused path's fold and the computed path against the formula in float64, on odd,
+    non-contiguous inputs of every model dtype; the inputs are left as they were."""
+    base = [_randn(7, 9, 5, 3, seed=60 + k) for k in range(3)]
+    c, u, p = (t.to(dtype).transpose(1, 3) for t in base)        # [3, 5, 9, 7], non-contiguous
+    assert not c.is_contiguous()
+    before = [t.clone() for t in (c, u, p)]
+    c64, u64, p64 = (t.double() for t in (c, u, p))
+    m = SLG(scale=1.7, layers=(0,), start=None, stop=None)
+    ulp = torch.finfo(torch.float32 if dtype != torch.float64 else torch.float64).eps
+    for g, one_plus_w in ((4.0, False), (-2.5, False), (3.0, True), (1.0, False), (1.0, True), (0.0, False)):
+        cfg = g != 1.0
+        if cfg:
+            want = (c64 if one_plus_w else u64) + ((g - 1) if one_plus_w else g) * (c64 - u64) + 1.7 * (c64 - p64)
+        else:
+            want = (c64 if one_plus_w else p64) + 1.7 * (c64 - p64)
+        got = m.combine_extra(c, u, p, g, one_plus_w, 3, 10)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        scale = float(want.abs().max()) + abs(g) * float(c64.abs().max() + u64.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=16 * ulp * scale)
+        if cfg and g != 0.0:
+            fused = u64 + g * (m.fold(c, p, g).double() - u64)
+            torch.testing.assert_close(fused, want, rtol=0, atol=16 * ulp * (abs(g) + 3) * scale)
+    for t, b in zip((c, u, p), before):
+        assert torch.equal(t, b)

@@ -35,11 +35,21 @@ In the order they are applied at each model evaluation:
 3. ``x0_clip``: ``ClipSample`` (static clipping of x0, diffusers' clip_sample) or
    ``DynamicThresholding`` (Imagen; diffusers' thresholding=True).
 
-``method`` (``fastdiff.guiders``: APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, or their names)
+``method`` (``fastdiff.guiders``: APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG, or their names)
 replaces the linear CFG combination in step 1 by a non-linear per-sample one (norms, dot products,
 projections of cond/uncond; see that module for each formula); rescale then applies to its
 output with the cond output as reference, as diffusers' guiders do. Stateful methods (APG
 momentum) start afresh every sampling run (the state lives in the run's ``GuidanceHook``).
+A method also takes per-sample scales (not FDG, whose level scales replace the scale): each
+sample gets the method at its own g, and a sample with g = 1 its conditional output.
+
+Extra-pass methods (PAG, SLG, SEG) need the perturbed model's conditional output p: wrap the
+model in ``fastdiff.integrations.diffusers.perturbed.PerturbedModel(model, method, B)``, which
+evaluates [u; c; c] in one call (perturbed on the last B rows) where the method's window needs p
+and hands p to this run's hook. Where CFG is on with a scalar g (not 0), the hook passes
+c' = c + (s / g)(c - p) (one elementwise pass) and u to the fused step, which applies
+u + g (c' - u), the method's formula; elsewhere it computes the formula. AutoGuidance: the same
+wrapper perturbs the uncond rows; the formula is CFG on its window.
 
 Transforms 2 and 3 act on the predicted clean sample x0 (computed exactly from the evaluation
 point and D). The step then runs the same solver rows compiled for ``prediction="sample"``
