@@ -690,3 +690,33 @@ def test_fold_and_combine_against_the_float64_formula(dtype):
             torch.testing.assert_close(fused, want, rtol=0, atol=16 * ulp * (abs(g) + 3) * scale)
     for t, b in zip((c, u, p), before):
         assert torch.equal(t, b)
+
+
+@torch.no_grad()
+def test_sample_per_sample_scales_with_pag():
+    """Per-sample scales with PAG through PerturbedModel (batch 2: [u; c; c] = 6 rows) equal the
+    two runs with scalar scales (float64: the UNet's batch-size rounding is ~1e-15)."""
+    steps = 4
+    pipe, inputs, latents = _sd(diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER), batch=2)
+    method = PAG(scale=2.0, layers=(0,), fqn=MID)
+    pipe.unet.to(torch.float64)
+    try:
+        wrapped = PerturbedModel(_unet_model(pipe.unet), method, batch_size=2, denoiser=pipe.unet)
+        try:
+            both = _sample_unet(pipe, inputs, latents, steps, Guidance([4.0, 1.0], method=method), wrapped)
+        finally:
+            wrapped.remove()
+        for b, s in enumerate([4.0, 1.0]):
+            one = {k: v[b:b + 1] for k, v in inputs.items()}
+            wrapped = PerturbedModel(_unet_model(pipe.unet), method, batch_size=1, denoiser=pipe.unet)
+            try:
+                ref = _sample_unet(pipe, one, latents[b:b + 1], steps, Guidance(s, method=method), wrapped)
+            finally:
+                wrapped.remove()
+            torch.testing.assert_close(both[b:b + 1], ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+    finally:
+        pipe.unet.to(torch.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        PerturbedModel(_unet_model(pipe.unet), method, batch_size=0, denoiser=pipe.unet)
+    with pytest.raises(ValueError, match="extra-pass"):
+        PerturbedModel(_unet_model(pipe.unet), APG(), batch_size=1, denoiser=pipe.unet)
