@@ -720,3 +720,26 @@ def test_sample_per_sample_scales_with_pag():
         PerturbedModel(_unet_model(pipe.unet), method, batch_size=0, denoiser=pipe.unet)
     with pytest.raises(ValueError, match="extra-pass"):
         PerturbedModel(_unet_model(pipe.unet), APG(), batch_size=1, denoiser=pipe.unet)
+
+
+def test_guidance_hook_takes_p_from_its_caller():
+    """A sampler that batches the perturbed pass itself hands p to the hook (``perturbed=``): the
+    hook folds it for the fused step (CFG on) or computes the CFG-off formula, and p given
+    explicitly wins over the mailbox."""
+    from fastdiff.guidance import GuidanceHook
+    from fastdiff.guiders import mailbox
+    from fastdiff.sampler import Sampler
+    method = PAG(scale=2.0, layers=(0,))
+    sampler = Sampler.build(solver="ddim", steps=4, guidance=Guidance(3.0, method=method), state_dtype=torch.float64)
+    prog = sampler.program
+    table = torch.from_numpy(prog.table)
+    hook = GuidanceHook(sampler.guidance, prog, "epsilon", table)
+    c, u, p, E = (_randn(2, 3, 4, 4, seed=80 + k) for k in range(4))
+    mailbox(method).put(torch.full_like(p, 1e6))                # would be wrong if read
+    row = prog.rows[0]
+    tab, cp, up = hook(0, row, E, c, u, torch.zeros(2), perturbed=p)
+    assert tab is table and up is u
+    torch.testing.assert_close(cp, c + (2.0 / 3.0) * (c - p), rtol=0, atol=1e-14)
+    tab, D, none = hook(1, prog.rows[1], E, c, None, torch.zeros(2), perturbed=p)       # CFG off
+    assert none is None
+    torch.testing.assert_close(D, p + 2.0 * (c - p), rtol=0, atol=1e-14)

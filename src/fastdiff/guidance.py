@@ -277,7 +277,9 @@ class GuidanceHook:
     ``hook(i, row, E, cond, uncond, t) -> (table, cond', uncond')``: the coefficient table and
     the model outputs the fused step of row ``i`` is to use. ``E`` is the point the model was
     evaluated at, ``t`` the model time it was given, ``uncond`` None where CFG is off (g = 1).
-    ``table`` is the run's device table (compiled for the model's parameterization)."""
+    ``table`` is the run's device table (compiled for the model's parameterization).
+    ``perturbed``: an extra-pass method's p for this evaluation, from a caller that batched the
+    perturbed pass itself (else ``PerturbedModel`` leaves it in the method's mailbox)."""
 
     def __init__(self, guidance: Guidance, program: Program, prediction: str, table: torch.Tensor):
         self.guidance = guidance
@@ -301,7 +303,7 @@ class GuidanceHook:
             self.x0_table = torch.from_numpy(x0_program.table).to(table.device)
 
     def __call__(self, i: int, row: Row, E: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                 t: torch.Tensor):
+                 t: torch.Tensor, perturbed: Optional[torch.Tensor] = None):
         gd = self.guidance
         g = float(self.g[i])
         if self.g01 is not None and uncond is not None:
@@ -312,7 +314,8 @@ class GuidanceHook:
         # CFG (with rescale = 0: just CFG) in float32/float64 even for half-precision outputs.
         m = gd.method
         if isinstance(m, ExtraPassGuider):
-            p = self.extra.take(i) if self.extra is not None else None
+            # p from the caller (a sampler that batched the extra pass itself) or PerturbedModel's mailbox
+            p = perturbed if perturbed is not None else (self.extra.take(i) if self.extra is not None else None)
             if p is None and m.extra_active(row.step, self.state["num_steps"]):
                 raise RuntimeError(f"{m.name} needs the perturbed model's output at step {row.step}: wrap the model "
                                    "in fastdiff.integrations.diffusers.perturbed.PerturbedModel(model, method, ...)")
