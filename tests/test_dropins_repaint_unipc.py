@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PEER_MARGIN, assert_close_to_peer, dtype_tolerance, peer_tolerance
+from conftest import PEER_MARGIN, assert_close_to_peer, peer_tolerance
 
 diffusers = pytest.importorskip("diffusers")
 fd = pytest.importorskip("fastdiff.integrations.diffusers")
@@ -244,16 +244,17 @@ def test_repaint_non_contiguous_inputs_match_contiguous():
 
 
 def test_repaint_reference_backend_equals_the_fused_one():
-    """fastdiff's plain-PyTorch backend (the oracle of its kernels) and the default one agree."""
+    """fastdiff's plain-PyTorch backend (the oracle of its kernels) and its C++ one agree."""
     x, original, mask = _inpainting_inputs(5)
     runs = []
-    for backend in ("reference", "auto"):
+    for backend in ("reference", "cpu"):
         s = fd.RePaintScheduler()
         s.fastdiff_backend = backend
         runs.append(_repaint_loop(s, 10, 2, 2, torch.float32, x, original, mask, 0.8))
     for k, (a, b) in enumerate(zip(*runs)):
         for aj, bj in zip(a, b):
-            torch.testing.assert_close(aj, bj, rtol=0, atol=4 * torch.finfo(torch.float32).eps * (1 + float(bj.abs().max())))
+            scale = 1 + float(bj.abs().max())
+            torch.testing.assert_close(aj, bj, rtol=0, atol=4 * torch.finfo(torch.float32).eps * scale)
 
 
 def _started_repaint():
@@ -344,7 +345,8 @@ def test_accelerate_takes_repaint_in_its_pipeline():
 # =============================================================================================
 # UniPCMultistepScheduler(solver_p=...)
 
-DPM_MODULES = ("diffusers.schedulers.scheduling_dpmsolver_multistep", "diffusers.schedulers.scheduling_dpmsolver_singlestep")
+DPM_MODULES = ("diffusers.schedulers.scheduling_dpmsolver_multistep",
+               "diffusers.schedulers.scheduling_dpmsolver_singlestep")
 
 
 def _unipc_trajectory(scheduler, steps, dtype, x_init, outputs, seed=0, begin=None):
@@ -435,6 +437,22 @@ def test_unipc_solver_p_mid_run_start_matches_stock():
 def test_unipc_solver_p_flow_sigmas_match_stock():
     flow = dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
     _unipc_parity(flow, "DPMSolverMultistepScheduler", flow, 8)
+
+
+def test_unipc_solver_p_reference_backend_equals_the_fused_one():
+    """Corrector and predictor on fastdiff's plain-PyTorch backend, and on its C++ one."""
+    runs = []
+    for backend in ("reference", "cpu"):
+        s = fd.UniPCMultistepScheduler(solver_p=diffusers.DPMSolverSinglestepScheduler(solver_order=3, **SD),
+                                       solver_order=3, **SD)
+        s.fastdiff_backend = s.solver_p.fastdiff_backend = backend
+        g = torch.Generator().manual_seed(4)
+        x_init = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+        outputs = [torch.randn(SHAPE, dtype=torch.float64, generator=g) for _ in range(9)]
+        runs.append(_unipc_trajectory(s, 9, torch.float32, x_init, outputs))
+    for a, b in zip(*runs):
+        scale = 1 + float(b[0].abs().max())
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=8 * torch.finfo(torch.float32).eps * scale)
 
 
 def test_unipc_solver_p_is_a_fastdiff_drop_in_of_the_given_config():

@@ -662,3 +662,84 @@ def test_fdg_freq_rescale_matches_diffusers(original):
         FDG(scales, freq_rescale=(0.5,))
     with pytest.raises(ValueError, match="freq_rescale"):
         FDG(scales, freq_rescale=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_fold_and_combine_against_the_float64_formula(dtype):
+    """The fused path's fold and the computed path against the formula in float64, on odd,
+    non-contiguous inputs of every model dtype; the inputs are left as they were."""
+    base = [_randn(7, 9, 5, 3, seed=60 + k) for k in range(3)]
+    c, u, p = (t.to(dtype).transpose(1, 3) for t in base)        # [3, 5, 9, 7], non-contiguous
+    assert not c.is_contiguous()
+    before = [t.clone() for t in (c, u, p)]
+    c64, u64, p64 = (t.double() for t in (c, u, p))
+    m = SLG(scale=1.7, layers=(0,), start=None, stop=None)
+    ulp = torch.finfo(torch.float32 if dtype != torch.float64 else torch.float64).eps
+    for g, one_plus_w in ((4.0, False), (-2.5, False), (3.0, True), (1.0, False), (1.0, True), (0.0, False)):
+        cfg = g != 1.0
+        if cfg:
+            want = (c64 if one_plus_w else u64) + ((g - 1) if one_plus_w else g) * (c64 - u64) + 1.7 * (c64 - p64)
+        else:
+            want = (c64 if one_plus_w else p64) + 1.7 * (c64 - p64)
+        got = m.combine_extra(c, u, p, g, one_plus_w, 3, 10)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        scale = float(want.abs().max()) + abs(g) * float(c64.abs().max() + u64.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=16 * ulp * scale)
+        if cfg and g != 0.0:
+            fused = u64 + g * (m.fold(c, p, g).double() - u64)
+            torch.testing.assert_close(fused, want, rtol=0, atol=16 * ulp * (abs(g) + 3) * scale)
+    for t, b in zip((c, u, p), before):
+        assert torch.equal(t, b)
+
+
+@torch.no_grad()
+def test_sample_per_sample_scales_with_pag():
+    """Per-sample scales with PAG through PerturbedModel (batch 2: [u; c; c] = 6 rows) equal the
+    two runs with scalar scales (float64: the UNet's batch-size rounding is ~1e-15)."""
+    steps = 4
+    pipe, inputs, latents = _sd(diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER), batch=2)
+    method = PAG(scale=2.0, layers=(0,), fqn=MID)
+    pipe.unet.to(torch.float64)
+    try:
+        wrapped = PerturbedModel(_unet_model(pipe.unet), method, batch_size=2, denoiser=pipe.unet)
+        try:
+            both = _sample_unet(pipe, inputs, latents, steps, Guidance([4.0, 1.0], method=method), wrapped)
+        finally:
+            wrapped.remove()
+        for b, s in enumerate([4.0, 1.0]):
+            one = {k: v[b:b + 1] for k, v in inputs.items()}
+            wrapped = PerturbedModel(_unet_model(pipe.unet), method, batch_size=1, denoiser=pipe.unet)
+            try:
+                ref = _sample_unet(pipe, one, latents[b:b + 1], steps, Guidance(s, method=method), wrapped)
+            finally:
+                wrapped.remove()
+            torch.testing.assert_close(both[b:b + 1], ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+    finally:
+        pipe.unet.to(torch.float32)
+    with pytest.raises(ValueError, match="batch_size"):
+        PerturbedModel(_unet_model(pipe.unet), method, batch_size=0, denoiser=pipe.unet)
+    with pytest.raises(ValueError, match="extra-pass"):
+        PerturbedModel(_unet_model(pipe.unet), APG(), batch_size=1, denoiser=pipe.unet)
+
+
+def test_guidance_hook_takes_p_from_its_caller():
+    """A sampler that batches the perturbed pass itself hands p to the hook (``perturbed=``): the
+    hook folds it for the fused step (CFG on) or computes the CFG-off formula, and p given
+    explicitly wins over the mailbox."""
+    from fastdiff.guidance import GuidanceHook
+    from fastdiff.guiders import mailbox
+    from fastdiff.sampler import Sampler
+    method = PAG(scale=2.0, layers=(0,))
+    sampler = Sampler.build(solver="ddim", steps=4, guidance=Guidance(3.0, method=method), state_dtype=torch.float64)
+    prog = sampler.program
+    table = torch.from_numpy(prog.table)
+    hook = GuidanceHook(sampler.guidance, prog, "epsilon", table)
+    c, u, p, E = (_randn(2, 3, 4, 4, seed=80 + k) for k in range(4))
+    mailbox(method).put(torch.full_like(p, 1e6))                # would be wrong if read
+    row = prog.rows[0]
+    tab, cp, up = hook(0, row, E, c, u, torch.zeros(2), perturbed=p)
+    assert tab is table and up is u
+    torch.testing.assert_close(cp, c + (2.0 / 3.0) * (c - p), rtol=0, atol=1e-14)
+    tab, D, none = hook(1, prog.rows[1], E, c, None, torch.zeros(2), perturbed=p)       # CFG off
+    assert none is None
+    torch.testing.assert_close(D, p + 2.0 * (c - p), rtol=0, atol=1e-14)

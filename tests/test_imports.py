@@ -14,6 +14,7 @@ import ast
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,48 @@ def test_ops_layers_import_in_one_direction():
                 rank[m] = i
     bad = [f"{m} imports {t}" for m in rank for t in graph[m] if t in rank and rank[t] > rank[m]]
     assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracles' one home
+
+def test_oracles_import_only_torch_numpy_and_the_row_layout():
+    """Every module of fastdiff/reference imports (anywhere in it) only the standard library,
+    torch, numpy, the row layout and its own package."""
+    allowed_roots = set(sys.stdlib_module_names) | {"torch", "numpy"}
+    bad = []
+    for path in sorted((PACKAGE / "reference").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    continue                                   # fastdiff.reference itself
+                names = ["fastdiff." + (node.module or "") if node.level == 2 else node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] not in allowed_roots and name != "fastdiff.program.layout":
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not bad, bad
+
+
+def test_no_oracle_left_in_ops():
+    """The oracles moved to fastdiff/reference with no module left behind in fastdiff/ops, and no
+    file of the checkout imports them from there."""
+    assert not (PACKAGE / "ops" / "reference.py").exists() and not (PACKAGE / "ops" / "philox.py").exists()
+    stale = []
+    for folder in ("src", "tests", "benchmarks", "kernels"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if "fastdiff/kernels" in path.as_posix():
+                continue                                       # (the link to kernels/)
+            with warnings.catch_warnings():            # (other files' invalid escape sequences)
+                warnings.simplefilter("ignore")
+                tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+                        if isinstance(node, ast.ImportFrom) and not node.level else [])
+                if any(m.startswith(("fastdiff.ops.reference", "fastdiff.ops.philox")) for m in mods):
+                    stale.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not stale, stale

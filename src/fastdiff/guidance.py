@@ -35,11 +35,21 @@ In the order they are applied at each model evaluation:
 3. ``x0_clip``: ``ClipSample`` (static clipping of x0, diffusers' clip_sample) or
    ``DynamicThresholding`` (Imagen; diffusers' thresholding=True).
 
-``method`` (``fastdiff.guiders``: APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, or their names)
+``method`` (``fastdiff.guiders``: APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG, or their names)
 replaces the linear CFG combination in step 1 by a non-linear per-sample one (norms, dot products,
 projections of cond/uncond; see that module for each formula); rescale then applies to its
 output with the cond output as reference, as diffusers' guiders do. Stateful methods (APG
 momentum) start afresh every sampling run (the state lives in the run's ``GuidanceHook``).
+A method also takes per-sample scales (not FDG, whose level scales replace the scale): each
+sample gets the method at its own g, and a sample with g = 1 its conditional output.
+
+Extra-pass methods (PAG, SLG, SEG) need the perturbed model's conditional output p: wrap the
+model in ``fastdiff.integrations.diffusers.perturbed.PerturbedModel(model, method, B)``, which
+evaluates [u; c; c] in one call (perturbed on the last B rows) where the method's window needs p
+and hands p to this run's hook. Where CFG is on with a scalar g (not 0), the hook passes
+c' = c + (s / g)(c - p) (one elementwise pass) and u to the fused step, which applies
+u + g (c' - u), the method's formula; elsewhere it computes the formula. AutoGuidance: the same
+wrapper perturbs the uncond rows; the formula is CFG on its window.
 
 Transforms 2 and 3 act on the predicted clean sample x0 (computed exactly from the evaluation
 point and D). The step then runs the same solver rows compiled for ``prediction="sample"``
@@ -267,7 +277,9 @@ class GuidanceHook:
     ``hook(i, row, E, cond, uncond, t) -> (table, cond', uncond')``: the coefficient table and
     the model outputs the fused step of row ``i`` is to use. ``E`` is the point the model was
     evaluated at, ``t`` the model time it was given, ``uncond`` None where CFG is off (g = 1).
-    ``table`` is the run's device table (compiled for the model's parameterization)."""
+    ``table`` is the run's device table (compiled for the model's parameterization).
+    ``perturbed``: an extra-pass method's p for this evaluation, from a caller that batched the
+    perturbed pass itself (else ``PerturbedModel`` leaves it in the method's mailbox)."""
 
     def __init__(self, guidance: Guidance, program: Program, prediction: str, table: torch.Tensor):
         self.guidance = guidance
@@ -291,7 +303,7 @@ class GuidanceHook:
             self.x0_table = torch.from_numpy(x0_program.table).to(table.device)
 
     def __call__(self, i: int, row: Row, E: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                 t: torch.Tensor):
+                 t: torch.Tensor, perturbed: Optional[torch.Tensor] = None):
         gd = self.guidance
         g = float(self.g[i])
         if self.g01 is not None and uncond is not None:
@@ -302,7 +314,8 @@ class GuidanceHook:
         # CFG (with rescale = 0: just CFG) in float32/float64 even for half-precision outputs.
         m = gd.method
         if isinstance(m, ExtraPassGuider):
-            p = self.extra.take(i) if self.extra is not None else None
+            # p from the caller (a sampler that batched the extra pass itself) or PerturbedModel's mailbox
+            p = perturbed if perturbed is not None else (self.extra.take(i) if self.extra is not None else None)
             if p is None and m.extra_active(row.step, self.state["num_steps"]):
                 raise RuntimeError(f"{m.name} needs the perturbed model's output at step {row.step}: wrap the model "
                                    "in fastdiff.integrations.diffusers.perturbed.PerturbedModel(model, method, ...)")

@@ -1,4 +1,10 @@
-"""Non-linear single-pass guidance methods: ``Guidance(scale, method=APG(...))``.
+"""Guidance methods: ``Guidance(scale, method=APG(...))``.
+
+Single-pass (APG, CFGZeroStar, TCFG, MamboG, CFGRenorm, FDG) combine the two CFG outputs;
+extra-pass (PAG, SLG, SEG: ``ExtraPassGuider``) add a third, the conditional output of a perturbed
+model, and AutoGuidance degrades the unconditional pass (see those classes; the perturbation hooks
+are fastdiff.integrations.diffusers.perturbed, used by ``accelerate(pipe, guidance=...)`` and by
+``PerturbedModel`` for ``fastdiff.sample``). Below, the single-pass methods.
 
 Each method replaces the linear CFG combination D = u + g (c - u) of the conditional output c
 and the unconditional output u (one model evaluation, in the model's own parameterization) by a

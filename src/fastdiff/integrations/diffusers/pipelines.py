@@ -27,7 +27,7 @@ Three independent parts, each optional:
   more than the eager formula at SD-1.5's latent and less at an SDXL batch; on a GPU it runs
   while the device works, and the formula's three kernels and their memory traffic are saved.
 
-* ``guidance``: a single-pass guidance method (fastdiff.guiders) in place of the pipeline's CFG:
+* ``guidance``: a guidance method (fastdiff.guiders) in place of the pipeline's CFG:
   a name (``"apg"``, ``"cfg_zero_star"``, ``"tcfg"``, ``"mambo_g"``, ``"cfg_renorm"``, ``"fdg"``), a
   ``Guider`` instance (``fastdiff.guiders.APG(momentum=-0.5)``) or a ``fastdiff.Guidance`` whose
   ``method`` / ``convention`` are used. The pipeline's recorded ``u + g * (c - u)`` then stands for
@@ -37,7 +37,16 @@ Three independent parts, each optional:
   with every ``set_timesteps``. Per-prompt scales: ``guidance=fastdiff.Guidance([7.5, 3.0])`` (one
   scale per prompt, plain CFG, each prompt's ``num_images_per_prompt`` copies share its scale)
   replaces the pipeline's scalar g; call the pipeline with any ``guidance_scale > 1`` so that it
-  runs both branches. Needs ``fuse_cfg``; applies only where the pipeline runs CFG as above.
+  runs both branches; ``Guidance([7.5, 3.0], method="apg")`` takes both. Needs ``fuse_cfg``;
+  applies only where the pipeline runs CFG as above.
+  Extra-pass methods, ``fastdiff.guiders.PAG(scale, layers=("mid",))``, ``SLG(layers=(7, 8, 9))``,
+  ``SEG(...)``, ``AutoGuidance(...)``: hooks on the named layers (perturbed.py) perturb chosen batch
+  rows; at the steps the method's window includes, the denoiser's [u; c] call becomes one
+  [u; c; c] call (every batched input extended), the perturbed output p is kept for the recorded
+  formula, and the fused step gets c' = c + (s/g)(c - p) and u (PAG, SLG, SEG). Without CFG the
+  method's CFG-off formula is applied right away. AutoGuidance perturbs the uncond rows. PAG's
+  layers keep their attention processors (it acts inside torch's SDPA). The pipeline must have
+  ``do_classifier_free_guidance`` (SD, SDXL, SD3, PixArt, ...). ``remove()`` takes the hooks off.
 
 Saving and loading: a drop-in records diffusers' library and class in ``model_index.json``, so
 ``pipe.save_pretrained(folder)`` after a swap or ``accelerate`` writes a stock diffusers folder.
@@ -119,7 +128,7 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
         raise ValueError("fuse_cfg needs a fastdiff scheduler to combine the CFG branches; pass scheduler=True "
                          "(or fuse_cfg=False)")
     perturbs = ctx is not None and hasattr(ctx.method, "perturbation")
-    if perturbs and not hasattr(pipe, "do_classifier_free_guidance"):
+    if perturbs and not hasattr(type(pipe), "do_classifier_free_guidance"):   # a property, set by __call__
         raise ValueError(f"{ctx.method.name} through accelerate needs a pipeline that says whether it runs CFG "
                          f"(do_classifier_free_guidance); {type(pipe).__name__} has none")
     handle = Acceleration(pipe)

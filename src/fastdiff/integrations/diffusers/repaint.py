@@ -40,6 +40,7 @@ from typing import Dict, List
 import diffusers
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ...program import Out, Point, Row
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
@@ -50,7 +51,7 @@ __all__ = ["RePaintScheduler"]
 
 @drop_in(diffusers.RePaintScheduler)
 class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
-    """RePaint: DDIM(eta) posterior step (fastdiff ``ddim`` rows) plus diffusers' known-region blend."""
+    """RePaint: the DDIM(eta) posterior step as one fastdiff row per timestep, plus diffusers' known-region blend."""
 
     _returns_x0 = True
     _out_dtype = "promote"
@@ -156,10 +157,8 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
         for j in range(n):
             beta = self.betas[t + j]
             if sample.device.type == "mps":             # (as diffusers: drawn on the CPU there)
-                from diffusers.utils.torch_utils import randn_tensor
                 noise = randn_tensor(sample.shape, dtype=sample.dtype, generator=generator).to(sample.device)
             else:
-                from diffusers.utils.torch_utils import randn_tensor
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             keep, add = (1 - beta) ** 0.5, beta ** 0.5     # (float32 0-dim tensors, as diffusers')
             # (the 0-dim float32 factor first, as diffusers' ``keep * sample``: x.mul_(keep) on a
@@ -237,9 +236,10 @@ def _check_part(what: str, value, sample: torch.Tensor):
     except RuntimeError:
         shape = None
     if shape != sample.shape:
+        example = (sample.shape[0], 1) + tuple(sample.shape[2:]) if sample.dim() > 1 else (1,)
         raise ValueError(f"{what} has shape {tuple(value.shape)}, which does not broadcast to the sample's shape "
                          f"{tuple(sample.shape)} (expected that shape, or one with 1 in place of dimensions, e.g. "
-                         f"a mask of shape {(sample.shape[0], 1) + tuple(sample.shape[2:]) if sample.dim() > 1 else (1,)})")
+                         f"a mask of shape {example})")
     if value.device != sample.device:
         raise ValueError(f"{what} must be on the sample's device {sample.device}, got {value.device}")
 

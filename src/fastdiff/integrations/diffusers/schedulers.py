@@ -59,7 +59,7 @@ DPMSolverMultistepInverseScheduler: ``dpm_solver_multistep`` on an ascending gri
 (CosineDPMSolverMultistepScheduler), ``cogvideox`` (CogVideoXDDIMScheduler, CogVideoXDPMScheduler),
 ``parallel`` (DDIMParallelScheduler, DDPMParallelScheduler with ``batch_step_no_noise``), ``sasolver``
 (SASolverScheduler: ``sasolver``), ``score_sde`` (ScoreSdeVeScheduler: ``reverse_diffusion`` predictor,
-diffusers' corrector), ``repaint`` (RePaintScheduler: ``ddim`` rows, the mask blend beside them);
+diffusers' corrector), ``repaint`` (RePaintScheduler: DDIM(eta) rows, the mask blend beside them);
 each adds itself to ``DROP_INS``.
 """
 from __future__ import annotations
