@@ -172,7 +172,7 @@ def test_repaint_eta_changed_mid_run_matches_stock():
     _compare(run(fd.RePaintScheduler(), torch.float32), peer, peer64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_repaint_undo_step_is_bit_exact(dtype):
     stock, ours = diffusers.RePaintScheduler(), fd.RePaintScheduler()
     for s in (stock, ours):
