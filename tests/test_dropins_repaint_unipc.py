@@ -172,7 +172,7 @@ def test_repaint_eta_changed_mid_run_matches_stock():
     _compare(run(fd.RePaintScheduler(), torch.float32), peer, peer64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_repaint_undo_step_is_bit_exact(dtype):
     stock, ours = diffusers.RePaintScheduler(), fd.RePaintScheduler()
     for s in (stock, ours):
@@ -572,6 +572,27 @@ def test_unipc_solver_p_first_call_failure_of_the_predictor_changes_nothing():
     a = s.step(0.3 * x, s.timesteps[0], x).prev_sample
     b = stock.step(0.3 * x, stock.timesteps[0], x).prev_sample
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_unipc_solver_p_restart_failure_mid_run_changes_nothing():
+    """solver_p reset mid-run and then unable to start its new run: the corrector's buffers are put back."""
+    def started():
+        u = fd.UniPCMultistepScheduler(solver_p=diffusers.DPMSolverMultistepScheduler(**SD), solver_order=3, **SD)
+        u.set_timesteps(6)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in u.timesteps[:3]:
+            x = u.step(0.3 * x + 0.1, t, x).prev_sample
+        u.solver_p.set_timesteps(6)
+        return u, x
+    s, x = started()
+    t = s.timesteps[3]
+    before = _state(s) + (s._fd_run.hist.clone(),)
+    with mock.patch.object(type(s.solver_p), "_plan", side_effect=ValueError("refused")):
+        with pytest.raises(ValueError, match="refused"):
+            s.step(0.3 * x + 0.1, t, x)
+    _same_state(_state(s) + (s._fd_run.hist.clone(),), before)
+    fresh, x2 = started()
+    assert torch.equal(s.step(0.3 * x + 0.1, t, x).prev_sample, fresh.step(0.3 * x2 + 0.1, t, x2).prev_sample)
 
 
 def test_accelerate_takes_unipc_with_solver_p():

@@ -7,8 +7,12 @@ this file again in such a subprocess (and the cases here are skipped); to run th
 
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpret.py -q
 
-Tolerances, stated once: float32 and float16 results equal the reference bit for bit (the
-kernels keep its order of operations and never contract into FMA); bfloat16 results may differ
+fastdiff check's cases (the shared harness of fastdiff.check: row kinds x dtypes x odd sizes x
+layouts, its tolerances) run here too, one test per op group, besides the Triton-specific cases.
+
+Tolerances of the Triton-specific cases (tighter than the harness's): float32 and float16 results
+equal the reference bit for bit (the kernels keep its order of operations and never contract into
+FMA); bfloat16 results may differ
 by 1 bf16 ulp (the interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest);
 Philox words are bit-equal; Philox normals are within PHILOX_ULPS (fastdiff.check) of the
 reference (whose log/sin/cos come from libm; ours are the Cephes polynomials of csrc/step_math.h)
@@ -28,7 +32,7 @@ import sys
 import pytest
 import torch
 
-from fastdiff.check import PHILOX_ULPS
+from fastdiff.check import EXACT, PHILOX_ULPS, assert_within, clone_keep_layout
 
 pytest.importorskip("triton")
 
@@ -65,9 +69,10 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(name, got, want, dtype_ulps=0):
+    """Bit-equal (fastdiff.check's EXACT; NaN == NaN), or within ``dtype_ulps`` ulps of the dtype."""
     assert got.shape == want.shape and got.dtype == want.dtype, name
     if dtype_ulps == 0:
-        assert torch.equal(got, want), f"{name}: max |diff| {(got.double() - want.double()).abs().max().item()}"
+        assert_within(got, want, EXACT, name)
     else:
         assert torch.equal(torch.isnan(got), torch.isnan(want)), name
         d = ulps(got, want)
@@ -183,18 +188,10 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
                 bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None, guidance=guidance)
 
 
-def clone_layout(t: torch.Tensor) -> torch.Tensor:
-    """A copy with t's exact strides, the gaps between its elements NaN (Tensor.clone would make
-    a strided view with gaps contiguous, and the kernels would never see the strides)."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-    if t.is_floating_point():
-        torch.empty(0, dtype=t.dtype).set_(out.untyped_storage()).fill_(float("nan"))
-    return out.copy_(t)
-
-
 def _clone(args):
-    return {k: (clone_layout(v) if isinstance(v, torch.Tensor) and k not in ("cond", "uncond") else v)
-            for k, v in args.items()}
+    """Copies keeping each tensor's strides and offset, the storage around them NaN (fastdiff.check's);
+    cond and uncond stay the two halves of one batched model output, as the sampler passes them."""
+    return {k: (clone_keep_layout(v) if k not in ("cond", "uncond") else v) for k, v in args.items()}
 
 
 def _run_both(args):
@@ -559,3 +556,20 @@ def test_package_works_without_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# fastdiff check's cases (the shared harness) on the triton backend
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:std.*degrees of freedom:UserWarning")   # the reference, one element per sample
+@pytest.mark.parametrize("group", ["fused_step", "cfg_combine", "philox", "reductions"])
+def test_fastdiff_check_harness(group):
+    """fastdiff.check's cases for this op group (row kinds x dtypes x odd sizes x layouts, without
+    the 1000003-element ones) on the interpreted Triton kernels: every one passes, none is n/a."""
+    from fastdiff.check import PASS, check_backend
+    from fastdiff.ops import BACKENDS
+    results = check_backend(BACKENDS["triton"], device="cpu", groups=[group], large=False)
+    assert results
+    bad = [f"{r.op} {r.case}: {r.status} {r.detail}" for r in results if r.status != PASS]
+    assert not bad, "\n".join(bad)

@@ -795,8 +795,7 @@ def _unipc_corrector_plan(self, start: int) -> Plan:
     n_total = len(self.timesteps)
     calls = n_total - start
     points = [Point(float(i), float(alpha[i]), float(sigma[i]), float(i)) for i in range(start, n_total)]
-    with np.errstate(divide="ignore"):
-        lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
+    lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
     solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0)
     S = c.solver_order
 
@@ -845,12 +844,13 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
     ``solver_p`` (another scheduler as the predictor, "solver_p + UniC"): as diffusers, each call
     corrects the sample with UniC and then returns ``solver_p.step(model_output, timestep,
     corrected).prev_sample``, solver_p stepping through its own timesteps from the one it finds at
-    its first call (``_predictor_timestep``). Both run fused: the corrector is one pass of this class's program
-    (``_unipc_corrector_plan``), the predictor one pass of solver_p's fastdiff drop-in, which the
-    constructor makes from the given diffusers scheduler (same class and config; the object given
-    is left as it is, ``config.solver_p`` keeps it). One pass cannot do both: the corrector reads
-    UniPC's model outputs converted at the sample as given, the predictor solver_p's converted
-    at the corrected sample, two histories where a row writes one."""
+    its first call (``_predictor_timestep``). Both run fused: the corrector is one pass of this
+    class's program (``_unipc_corrector_plan``), the predictor one pass of solver_p's fastdiff
+    drop-in, which the constructor makes from the given diffusers scheduler (same class and config;
+    the object given is left as it is, ``config.solver_p`` keeps it; each has its own
+    ``fastdiff_backend``). One pass cannot do both: the corrector reads UniPC's model outputs converted at the
+    sample as given, the predictor solver_p's converted at the corrected sample, two histories
+    where a row writes one."""
     _fd_cacheable = True
 
     _out_dtype = "sample"              # diffusers casts its result to the sample's dtype
@@ -888,14 +888,22 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
             return self._fd_step(model_output, timestep, sample, None, None, return_dict)
         predictor = self.solver_p
         predictor_timestep = self._predictor_timestep(predictor, timestep)     # (checks before anything changes)
-        saved = (self._fd_run, self._step_index)
+        run = self._fd_run
+        saved = (run, self._step_index)
+        # Checked above, solver_p can still fail where this call starts its run (its plan): then
+        # the corrector's buffers are put back (a run this call starts is simply dropped).
+        starts = not isinstance(predictor, FastdiffScheduler) or getattr(predictor, "_fd_run", None) is None
+        buffers = (run.x.clone(), None if run.hist is None else run.hist.clone()) if starts and run is not None \
+            else None
         corrected = self._fd_step(model_output, timestep, sample, None, None, False)[0]
         try:
             prev_sample = predictor.step(model_output, predictor_timestep, corrected).prev_sample   # diffusers' call
         except BaseException:
-            # (checked above, solver_p fails here only where this call is its run's first, and
-            # then dropping the run this call made restores this scheduler exactly)
             self._fd_run, self._step_index = saved
+            if buffers is not None:
+                run.x.copy_(buffers[0])
+                if buffers[1] is not None:
+                    run.hist.copy_(buffers[1])
             raise
         if not return_dict:
             return (prev_sample,)
