@@ -120,6 +120,7 @@ def assert_parity(*args, **kwargs):
 ALL_STEPS = (1, 5, 20, 50)
 FEW = (1, 5, 20)
 CASES = [
+    ("RePaintScheduler", {}, None, True, ()),  # (step takes original_image and mask: tests/test_dropins_repaint_unipc.py)
     ("EulerDiscreteScheduler", SD, None, False, ALL_STEPS),
     ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction", use_karras_sigmas=True), None, False, FEW),
     ("EulerDiscreteScheduler", dict(SD, prediction_type="sample", use_exponential_sigmas=True), None, False, FEW),

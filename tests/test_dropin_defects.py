@@ -36,8 +36,13 @@ def _drop_ins():
     # (a step that is not step(model_output, timestep, sample, ...), CogVideoXDPM's, or none, ScoreSdeVe's:
     # their own tests in tests/test_dropins_more.py)
     other = pytest.mark.skip(reason="step() takes other arguments; see tests/test_dropins_more.py")
-    standard = lambda n: hasattr(getattr(diffusers, n), "step") and \
-        list(inspect.signature(getattr(diffusers, n).step).parameters)[1:4] == ["model_output", "timestep", "sample"]  # noqa: E731
+    def standard(n):
+        step = getattr(getattr(diffusers, n), "step", None)
+        params = list(inspect.signature(step).parameters.values())[1:] if step is not None else []
+        # step(model_output, timestep, sample, <only options with defaults>); RePaint's also takes the
+        # known image and its mask (tests/test_dropins_repaint_unipc.py)
+        return ([p.name for p in params[:3]] == ["model_output", "timestep", "sample"]
+                and all(p.default is not inspect.Parameter.empty for p in params[3:]))
     return [pytest.param(n, marks=wip) if n == "PNDMScheduler" else n if standard(n) else pytest.param(n, marks=other)
             for n in sorted(fd.DROP_INS)]
 
@@ -60,6 +65,7 @@ def _step_kwargs(s, seed):
 # Item 1: the output dtype follows diffusers' rule for every class and every dtype mix
 
 DTYPE_CASES = [
+    ("RePaintScheduler", {}),
     ("DDPMScheduler", {}),                                            # clip_sample=True by default
     ("DDPMScheduler", {"clip_sample": False}),
     ("DDPMScheduler", {"thresholding": True}),

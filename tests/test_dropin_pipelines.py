@@ -374,7 +374,7 @@ def test_pndm_solver_variants_equal_the_textbook():
 FLOW = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"}
 # Classes no stock SD/SDXL/SD3 pipeline can run (no init_noise_sigma, another step signature, or no
 # step at all): their drop-ins are judged step by step in tests/test_dropins_more.py.
-NOT_IN_PIPELINES = {"CogVideoXDPMScheduler", "ScoreSdeVeScheduler"}
+NOT_IN_PIPELINES = {"CogVideoXDPMScheduler", "ScoreSdeVeScheduler", "RePaintScheduler"}
 _PIPE = sorted(n for n in fd.DROP_INS if n not in FLOW | NOT_IN_PIPELINES)
 FP16_GRID = [("sd", n) for n in _PIPE] + [("sdxl", n) for n in _PIPE] + [("sd3", n) for n in sorted(FLOW)]
 
