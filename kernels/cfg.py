@@ -1,5 +1,5 @@
 """Classifier-free guidance combine in Triton: D = uncond + g * (cond - uncond) in float32, as
-fastdiff.ops.reference.cfg_combine (bit-identical in float32: same operations, no FMA).
+fastdiff.reference.cfg_combine (bit-identical in float32: same operations, no FMA).
 
 The fused step folds CFG in already; this standalone op serves callers that want D itself
 (CFG rescale, a scheduler from another library).

@@ -1,5 +1,5 @@
 """The fused solver step in Triton: one row of a coefficient program (fastdiff/program) per
-launch, with exactly the semantics of fastdiff.ops.reference.fused_step.
+launch, with exactly the semantics of fastdiff.reference.fused_step.
 
 The kernel reads the row's coefficients from the float64 table on the device (pointer + row
 index: no host reads, so a captured CUDA graph replays current values), folds CFG in, reads K

@@ -1,8 +1,8 @@
-"""Philox-4x32-10 Gaussian noise in Triton, the stream of fastdiff/ops/philox.py.
+"""Philox-4x32-10 Gaussian noise in Triton, the stream of fastdiff/reference/philox.py.
 
 The integer stream is ``tl.philox`` (Triton's Philox-4x32-10, whose rounds and key schedule are
 the reference's) with key = (seed lo, seed hi) and counter = (g lo, g hi, noise_id, 0) for group
-g = i // 4 of flat element i: bit-identical to ``fastdiff.ops.philox.philox_uint32``.
+g = i // 4 of flat element i: bit-identical to ``fastdiff.reference.philox.philox_uint32``.
 
 Box-Muller uses the hand-written Cephes logf/sincosf of csrc/step_math.h, operation for
 operation, compiled without FMA contraction or flush-to-zero (``EXACT_FP``): the normals are then
@@ -94,7 +94,7 @@ def _sincos_0_2pi(th):
 
 @triton.jit
 def _box_muller(ra, rb):
-    """Two uint32 words -> two standard normals (fastdiff.ops.philox.box_muller)."""
+    """Two uint32 words -> two standard normals (fastdiff.reference.philox.box_muller)."""
     u1 = ((ra >> 8) + 1).to(tl.int32).to(tl.float32) * _TWO_M24     # (0, 1]
     u2 = (rb >> 8).to(tl.int32).to(tl.float32) * _TWO_M24           # [0, 1)
     rad = tl.sqrt_rn(-2.0 * _log_pos(u1))
@@ -143,7 +143,7 @@ def philox_normal_kernel(out_ptr, numel, seed_lo, seed_hi, noise_id, BLOCK_GROUP
 # ---------------------------------------------------------------------------------------------
 
 def philox_uint32(numel: int, seed: int, noise_id: int, device, first_group: int = 0) -> torch.Tensor:
-    """int64 [ceil(numel/4), 4] of uint32 words, as fastdiff.ops.philox.philox_uint32; from group
+    """int64 [ceil(numel/4), 4] of uint32 words, as fastdiff.reference.philox.philox_uint32; from group
     ``first_group`` on (the counter's high word is in use past 2**32 groups)."""
     groups = (numel + 3) // 4
     out = torch.empty(groups, 4, dtype=torch.int64, device=device)
@@ -156,7 +156,7 @@ def philox_uint32(numel: int, seed: int, noise_id: int, device, first_group: int
 
 
 def philox_normal(shape, seed: int, noise_id: int, device) -> torch.Tensor:
-    """float32 standard normals of ``shape`` (fastdiff.ops.philox.philox_normal's stream)."""
+    """float32 standard normals of ``shape`` (fastdiff.reference.philox.philox_normal's stream)."""
     out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
     numel = out.numel()
     if numel:

@@ -28,25 +28,11 @@ import torch
 
 from . import ops as _ops  # noqa: F401  (registers every backend)
 from .ops.backends import ATTENTION_OP, Backend, RegistryView, implements, select
+from .reference.attention import attention as reference_attention  # noqa: F401  (public name)
 
 __all__ = ["attention", "joint_attention", "reference_attention", "ATTENTION_BACKENDS"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def reference_attention(q, k1, v1, k2=None, v2=None, bias=None, scale=None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v in float32 (float64 for float64 q), keys [k1; k2]; rows
-    with every key masked give 0."""
-    md = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = k1 if k2 is None else torch.cat([k1, k2], dim=2)
-    v = v1 if v2 is None else torch.cat([v1, v2], dim=2)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q.to(md), k.to(md).transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(md)
-    p = torch.softmax(s, dim=-1)
-    p = p.masked_fill(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
-    return torch.matmul(p, v.to(md)).to(q.dtype)
 
 
 # The attention backends are the registry's backends implementing the "attention" op (triton,

@@ -941,7 +941,6 @@ class BrownianTreeNoiseSampler:
         return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
 
 
-from .comfy_samplers import *  # noqa: E402,F401,F403  (ComfyUI's samplers: fastdiff.integrations.comfy_samplers)
 __all__ += ["sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2m_cfg_pp",
             "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
             "sample_gradient_estimation_cfg_pp", "sample_cfgpp_ud10_ab"]
@@ -954,10 +953,9 @@ __all__ += ["sample_res_multistep", "sample_res_multistep_ancestral", "sample_dp
 # ComfyUI's KSAMPLER names that are other names of the samplers above.
 # *_gpu: ComfyUI draws these samplers' noise on the model's device instead of the CPU; fastdiff's
 # Philox noise is the same stream on every device, so they are the same functions.
-sample_dpmpp_sde_gpu = sample_dpmpp_sde                              # noqa: F405
-sample_dpmpp_2m_sde_gpu = sample_dpmpp_2m_sde                        # noqa: F405
-sample_dpmpp_2m_sde_heun_gpu = sample_dpmpp_2m_sde_heun              # noqa: F405
-sample_dpmpp_3m_sde_gpu = sample_dpmpp_3m_sde                        # noqa: F405
+sample_dpmpp_sde_gpu = sample_dpmpp_sde
+sample_dpmpp_2m_sde_gpu = sample_dpmpp_2m_sde
+sample_dpmpp_3m_sde_gpu = sample_dpmpp_3m_sde
 
 
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
@@ -971,3 +969,21 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 __all__ += ["sample_dpmpp_sde_gpu", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun_gpu",
             "sample_dpmpp_3m_sde_gpu", "sample_ddpm"]
+
+
+# ComfyUI's samplers (fastdiff.integrations.comfy_samplers, built on this module's run) are names
+# of this module too, as in ComfyUI's k_diffusion.sampling; loaded on first use (PEP 562), so
+# neither module imports the other at import time.
+_COMFY_ALIASES = {"sample_dpmpp_2m_sde_heun_gpu": "sample_dpmpp_2m_sde_heun"}
+
+
+def __getattr__(name: str):
+    from . import comfy_samplers
+    target = _COMFY_ALIASES.get(name, name)
+    if target in comfy_samplers.__all__:
+        return getattr(comfy_samplers, target)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -117,9 +117,3 @@ def per_sample_norm(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """L2 norm of each sample (over every dimension but the first): a [B] tensor."""
     _check_float("x", x)
     return _backend("per_sample_norm", backend, [x]).per_sample_norm(x)
-
-
-
-# tests/test_guidance.py (outside this module's change) still reads the quantile oracle here, as
-# R.reference_per_sample_abs_quantile; the oracle lives in fastdiff.reference.reductions.
-from ..reference.reductions import per_sample_abs_quantile as reference_per_sample_abs_quantile  # noqa: E402,F401
