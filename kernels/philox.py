@@ -19,7 +19,7 @@ from ._common import EXACT_FP, INT32_MAX, as_int32, key_words
 
 BLOCK_GROUPS = 256          # groups (of 4 elements) per program of the standalone kernels
 _TWO_M24 = tl.constexpr(5.9604644775390625e-08)     # 2^-24
-_TWO_PI_F32 = tl.constexpr(6.2831854820251465)      # float32(2*pi), as fastdiff.ops.philox
+_TWO_PI_F32 = tl.constexpr(6.2831854820251465)      # float32(2*pi), as fastdiff.reference.philox
 
 
 @triton.jit
