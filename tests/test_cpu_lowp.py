@@ -17,13 +17,36 @@ import torch
 import fastdiff.ops as ops
 from fastdiff.ops.buffers import DEFAULT_STAGGER, address_mod_page, alloc_staggered, staggered_offsets
 
-from test_ops_cpu import _C, assert_match, make_case, nan_empty, relayout, run_both  # noqa: F401  (shared harness; nan_empty is a fixture)
+from fastdiff.check import assert_step_match, clone_case, modified_inputs, relayout, step_case
+from fastdiff.ops.backends import load_extension
+from fastdiff.program import COL_G, COL_QD, OUT_H, OUT_X, col_out, col_s_in
 
+_C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
 
 LOWP = (torch.float16, torch.bfloat16)
 # Tails of every vector width and of the block: 1..17 elements, a block +- a few, odd 2-D sizes.
 ODD_SHAPES = ((1,), (7,), (8,), (9,), (15,), (16,), (17,), (511,), (513,), (3, 341), (2, 3, 5, 7), (1, 4, 64, 64))
+
+
+def make_case(gen, shape, **kw):
+    return step_case(gen, shape, **kw)
+
+
+def run_both(kw):
+    """The case run on the cpu and the reference backends: (cpu copy, reference copy) after the call."""
+    a, b = clone_case(kw), clone_case(kw)
+    ops.fused_step(**a, backend="cpu")
+    ops.fused_step(**b, backend="reference")
+    changed = modified_inputs(kw, a)
+    assert not changed, f"cpu backend modified read-only input(s) {changed}"
+    return a, b
+
+
+def assert_match(a, b, what=""):
+    assert_step_match(a, b, what)
+    if b.get("bad_row") is not None:
+        assert torch.equal(a["bad_row"], b["bad_row"]), f"bad_row {what}"
 
 
 def _seed(*key) -> int:
@@ -40,12 +63,12 @@ def _state_bitwise(a, b):
 @pytest.mark.parametrize("model", ("cond", "cfg"))
 @pytest.mark.parametrize("K", (0, 1, 2, 3))
 @pytest.mark.parametrize("model_in", ("none", "B", "2B"))
-def test_lowp_one_pass_parity(model_dtype, model, K, model_in, nan_empty):
+def test_lowp_one_pass_parity(model_dtype, model, K, model_in):
     """x-only rows (the one-pass kernel), fp16/bf16 model output and model input, CFG on/off,
     every history depth it serves; the state is bitwise the reference's (no noise)."""
     gen = torch.Generator().manual_seed(_seed(model_dtype, model, K, model_in))
     for shape in ODD_SHAPES:
-        kw = make_case(gen, nan_empty, shape, K=K, model=model, noise="none", writes="x", model_in=model_in,
+        kw = make_case(gen, shape, K=K, model=model, noise="none", writes="x", model_in=model_in,
                        model_dtype=model_dtype)
         a, b = run_both(kw)
         assert_match(a, b, f"{model_dtype} {shape}")
@@ -55,13 +78,52 @@ def test_lowp_one_pass_parity(model_dtype, model, K, model_in, nan_empty):
 
 
 @pytest.mark.parametrize("model_dtype", LOWP)
+def test_lowp_special_values_convert_exactly(model_dtype):
+    """Conversions at the edges of the formats (half_bits.h): subnormal, zero, signed zero,
+    largest, inf and NaN model outputs are widened exactly, and a model input that overflows,
+    rounds to a subnormal, or ties, is narrowed as torch's .to() narrows (bit for bit)."""
+    gen = torch.Generator().manual_seed(_seed("special", model_dtype))
+    fi = torch.finfo(model_dtype)
+    specials = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 8, fi.smallest_normal / 1024 if model_dtype ==
+                             torch.float16 else fi.tiny / 128, fi.max, -fi.max, 1.0, -3.5, float("inf"), float("-inf"),
+                             float("nan"), 65520.0, 65519.0, 2.0 ** -25, 3 * 2.0 ** -25, 1.0 + 2.0 ** -11,
+                             1.0 + 3 * 2.0 ** -11, 2.0 ** -24 * 1.5], dtype=torch.float32)
+    N = specials.numel()
+    shape = (2, 3 * N + 5)
+    kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B", model_dtype=model_dtype)
+    # x_next = x + D with D = cond (g = 1); model_in = x_next. Elements [0, N): x = 0 and cond the
+    # specials (widening); [N, 2N): cond = 0 and x the specials (narrowing of the model input).
+    K = 1
+    kw["table"][:, :] = 0.0
+    kw["table"][:, COL_G] = 1.0
+    kw["table"][:, COL_QD] = 1.0
+    kw["table"][:, col_out(K, "x") + OUT_X] = 1.0
+    kw["table"][:, col_out(K, "x") + OUT_H] = 1.0
+    kw["table"][:, col_s_in(K)] = 1.0
+    kw["cond"].zero_()
+    kw["uncond"].zero_()
+    kw["cond"].view(-1)[:N] = specials.to(model_dtype)
+    kw["x"].view(-1)[:N] = 0.0
+    kw["x"].view(-1)[N: 2 * N] = specials
+    a, b = run_both(kw)
+    assert_match(a, b, "specials")
+    widened = a["x"].view(-1)[:N]
+    want = specials.to(model_dtype).float() + 0.0        # x_next = 0 + D
+    assert torch.equal(widened.isnan(), want.isnan()) and torch.equal(widened[~want.isnan()], want[~want.isnan()])
+    fin = ~b["model_in"].isnan()
+    assert torch.equal(a["model_in"].isnan(), b["model_in"].isnan())
+    assert torch.equal(a["model_in"][fin], b["model_in"][fin])
+    assert torch.equal(a["model_in"][fin].view(torch.int16), b["model_in"][fin].view(torch.int16))   # signed zeros
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
 @pytest.mark.parametrize("noise,noise_dtype", [("given", torch.float16), ("given", torch.bfloat16),
                                                ("given", torch.float32), ("philox", None)])
-def test_lowp_noise(model_dtype, noise, noise_dtype, nan_empty):
+def test_lowp_noise(model_dtype, noise, noise_dtype):
     """Given noise in any model dtype (widened in the kernel) and Philox noise."""
     gen = torch.Generator().manual_seed(_seed(model_dtype, noise, noise_dtype))
     for shape in ((17,), (2, 3, 5, 7), (3, 1000)):
-        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise=noise, writes="x", model_in="2B",
+        kw = make_case(gen, shape, K=1, model="cfg", noise=noise, writes="x", model_in="2B",
                        model_dtype=model_dtype, noise_dtype=noise_dtype)
         a, b = run_both(kw)
         assert_match(a, b, f"{shape} {noise}/{noise_dtype}")
@@ -71,12 +133,12 @@ def test_lowp_noise(model_dtype, noise, noise_dtype, nan_empty):
 
 @pytest.mark.parametrize("model_dtype", LOWP)
 @pytest.mark.parametrize("gdtype", (torch.float32, torch.float64))
-def test_lowp_per_sample_guidance(model_dtype, gdtype, nan_empty):
+def test_lowp_per_sample_guidance(model_dtype, gdtype):
     """Per-sample scales (one of them exactly 1: D = cond) with samples that straddle blocks."""
     gen = torch.Generator().manual_seed(_seed(model_dtype, gdtype))
     for shape in ((3, 5), (4, 1), (5, 3, 7, 11), (3, 700)):
         for row in (0, 1, 2):
-            kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+            kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                            model_dtype=model_dtype, guidance=gdtype)
             kw["row"] = row
             a, b = run_both(kw)
@@ -85,31 +147,31 @@ def test_lowp_per_sample_guidance(model_dtype, gdtype, nan_empty):
 
 
 @pytest.mark.parametrize("model_dtype", LOWP)
-@pytest.mark.parametrize("layout", ("channels_last", "strided", "padded", "transposed"))
+@pytest.mark.parametrize("layout", ("channels_last", "strided", "padded", "transposed", "batch_slice"))
 @pytest.mark.parametrize("odd", ("cond", "uncond", "model_in", "all"))
-def test_lowp_non_contiguous(model_dtype, layout, odd, nan_empty):
+def test_lowp_non_contiguous(model_dtype, layout, odd):
     """Non-contiguous model outputs / model input (alone, or every tensor): never read as if
     contiguous, whichever path (memory order, or contiguous copies) the kernel takes."""
     gen = torch.Generator().manual_seed(_seed(model_dtype, layout, odd))
     shape = (2, 4, 16, 24)
     if odd == "all":
-        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+        kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                        model_dtype=model_dtype, layout=layout)
     else:
-        kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+        kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                        model_dtype=model_dtype)
-        kw[odd] = relayout(kw[odd], layout) if odd != "model_in" else nan_empty(kw[odd].shape, model_dtype, layout)
+        kw[odd] = relayout(kw[odd], layout) if odd != "model_in" else relayout(torch.full(kw[odd].shape, float("nan"), dtype=model_dtype), layout)
     a, b = run_both(kw)
     assert_match(a, b, f"{odd} {layout}")
     _state_bitwise(a, b)
 
 
-def test_lowp_cfg_halves_of_one_tensor(nan_empty):
+def test_lowp_cfg_halves_of_one_tensor():
     """cond/uncond as the two halves of one [2B] fp16 tensor (what a batched model returns), the
     sampler's layout; and a bf16 model input [2B] both of whose halves hold s_in * x_next."""
     gen = torch.Generator().manual_seed(4)
     for dt in LOWP:
-        kw = make_case(gen, nan_empty, (2, 4, 33, 35), K=1, model="cfg", noise="none", writes="x", model_in="2B",
+        kw = make_case(gen, (2, 4, 33, 35), K=1, model="cfg", noise="none", writes="x", model_in="2B",
                        model_dtype=dt)
         both = torch.cat([kw["uncond"], kw["cond"]])
         kw["uncond"], kw["cond"] = both[:2], both[2:]
@@ -120,16 +182,16 @@ def test_lowp_cfg_halves_of_one_tensor(nan_empty):
 
 @pytest.mark.parametrize("model_dtype", LOWP)
 @pytest.mark.parametrize("where", ("cond", "x", "hist"))
-def test_lowp_finite_flag(model_dtype, where, nan_empty):
+def test_lowp_finite_flag(model_dtype, where):
     """A non-finite written x raises bad_row (1-based row) in the one-pass kernel as in the reference;
     a finite step leaves it 0."""
     gen = torch.Generator().manual_seed(_seed(model_dtype, where))
     shape = (2, 3, 5, 7)
-    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+    kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                    model_dtype=model_dtype)
     a, b = run_both(kw)
     assert a["bad_row"].item() == b["bad_row"].item() == 0
-    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+    kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                    model_dtype=model_dtype)
     kw["table"][:, :] = kw["table"].abs() + 0.5      # every coefficient nonzero: a NaN input reaches x
     target = kw[where] if where != "hist" else kw["hist"][0]
@@ -140,10 +202,10 @@ def test_lowp_finite_flag(model_dtype, where, nan_empty):
 
 
 @pytest.mark.parametrize("model_dtype", LOWP)
-def test_lowp_threads(model_dtype, nan_empty):
+def test_lowp_threads(model_dtype):
     """Above the serial threshold (OpenMP blocks) at 1 and 2 threads: the same bits."""
     gen = torch.Generator().manual_seed(_seed("threads", model_dtype))
-    kw = make_case(gen, nan_empty, (3, 4, 100, 101), K=2, model="cfg", noise="philox", writes="x",
+    kw = make_case(gen, (3, 4, 100, 101), K=2, model="cfg", noise="philox", writes="x",
                    model_in="2B", model_dtype=model_dtype)
     n0 = torch.get_num_threads()
     outs = []
@@ -178,11 +240,11 @@ def test_alloc_staggered_places_views_apart_mod_4096():
         assert bool((v == j + 1).all()), j
 
 
-def test_alloc_staggered_serves_the_fused_step(nan_empty):
+def test_alloc_staggered_serves_the_fused_step():
     """The step on staggered buffers equals the step on ordinary ones (placement changes nothing)."""
     gen = torch.Generator().manual_seed(9)
     shape = (1, 4, 64, 64)
-    kw = make_case(gen, nan_empty, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
+    kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B",
                    model_dtype=torch.float16)
     x, hist, model_in = alloc_staggered((shape, torch.float32), ((1,) + shape, torch.float32),
                                         ((2,) + shape[1:], torch.float16))

@@ -21,11 +21,13 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../program_layout.h"
 #include "../step_math.h"
 #include "convert.h"
+#include "half_bits.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -40,6 +42,7 @@ constexpr int64_t BLK = 512;            // elements per block (multiple of 4 and
 constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
 constexpr int64_t CHUNK_BLOCKS = 16;    // blocks per OpenMP work item (8K elements)
 constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
+constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
 
 alignas(64) static const float kZeros[BLK] = {};
 
@@ -80,6 +83,50 @@ static StoreFn store_fn(DT dt) {
     case DT::F16: return store_t<c10::Half>;
     case DT::BF16: return store_t<c10::BFloat16>;
     default: return store_t<double>;
+  }
+}
+
+// float16 groups of the one-pass kernel through the hardware converter (AVX-512: 16 lanes,
+// F16C: 8); without either, the kernel converts in software (half_bits.h).
+#if defined(__AVX512F__)
+#define FASTDIFF_F16_GROUP 64
+static inline void f16_widen_group(const uint16_t* src, float* dst) {
+  for (int v = 0; v < FASTDIFF_F16_GROUP; v += 16)
+    _mm512_store_ps(dst + v, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + v))));
+}
+static inline void f16_narrow_group(const float* src, uint16_t* dst) {
+  for (int v = 0; v < FASTDIFF_F16_GROUP; v += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + v),
+                        _mm512_cvtps_ph(_mm512_load_ps(src + v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(__F16C__) && defined(__AVX__)
+#define FASTDIFF_F16_GROUP 8
+static inline void f16_widen_group(const uint16_t* src, float* dst) {
+  _mm256_store_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+static inline void f16_narrow_group(const float* src, uint16_t* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm256_cvtps_ph(_mm256_load_ps(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+#define FASTDIFF_F16_GROUP 0
+#endif
+
+// Inlined conversions for the one-pass kernel (a switch the branch predictor resolves, no call).
+static inline void load_as(DT dt, const void* src, float* dst, int64_t n) {
+  switch (dt) {
+    case DT::F16: Conv<c10::Half>::load(static_cast<const c10::Half*>(src), dst, n); break;
+    case DT::BF16: Conv<c10::BFloat16>::load(static_cast<const c10::BFloat16*>(src), dst, n); break;
+    case DT::F32: Conv<float>::load(static_cast<const float*>(src), dst, n); break;
+    default: Conv<double>::load(static_cast<const double*>(src), dst, n); break;
+  }
+}
+static inline void store_as(DT dt, const float* src, void* dst, int64_t n) {
+  switch (dt) {
+    case DT::F16: Conv<c10::Half>::store(src, static_cast<c10::Half*>(dst), n); break;
+    case DT::BF16: Conv<c10::BFloat16>::store(src, static_cast<c10::BFloat16*>(dst), n); break;
+    case DT::F32: Conv<float>::store(src, static_cast<float*>(dst), n); break;
+    default: Conv<double>::store(src, static_cast<double*>(dst), n); break;
   }
 }
 
@@ -427,54 +474,45 @@ struct StepKernel {
   // ---- the common case in one pass: writes x only ----
   // (cond with or without uncond, no / given / Philox noise, K <= 3 history slots, model_in or
   // none.) Same operations in the same order as block(); absent outputs (history slot, model_in
-  // halves) are stored to a scratch buffer so the loop has no branches. float16/bfloat16 model
-  // outputs and noise are widened block by block into L1 buffers (vectorized: F16C / AVX-512
-  // cvtph, bf16 by a 16-bit shift; convert.h) and a low-precision model_in is narrowed from an
-  // L1 buffer after the loop, so memory is still read and written once, in the model's dtype.
-  // (float64 model outputs combine in float64: block().)
+  // halves) are stored to a scratch buffer so the loop has no branches. float64 model outputs
+  // combine in float64 (block()).
+  //
+  // Model dtypes: MT (bits::F32/F16/BF16) is the dtype of the model output and of model_in (when
+  // present); the loop widens and narrows inline (half_bits.h, vectorized), so every tensor is
+  // read and written once, all streams advancing together. Other mixes (model_in in another
+  // dtype than the model output, low-precision given noise) run with MT = F32 on float32 L1
+  // buffers converted SUB elements at a time right beside the loop (converting a whole block
+  // first streams one tensor at a time, which measured slower at the video latent than fp32).
   bool fast_ok() const {
     return write_x && !write_y && cond != nullptr && cdt != DT::F64 && K <= 3 &&
            (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64);
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT>
+  template <bool HAS_U, bool HAS_Z, int KT, class MT>
   uint32_t block_fast(int64_t b) const {
+    using T = typename MT::T;
     const int64_t s = b * BLK;
     const int64_t n = std::min(BLK, numel - s);
     alignas(64) float zb[BLK];
     alignas(64) float scratch[BLK];
+    alignas(64) T mscratch[BLK];
     alignas(64) float cb[BLK];
     alignas(64) float ub[BLK];
-    alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt
+    alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt (buffered mode)
     float* X = x + s;
     const float* E = eval_y ? y + s : X;
-    const float* C;
-    const float* U;
-    if (cdt == DT::F32) {
-      C = static_cast<const float*>(cond) + s;
-      U = HAS_U ? static_cast<const float*>(uncond) + s : C;
-    } else {
-      const int64_t es = dt_size(cdt);
-      cload(static_cast<const char*>(cond) + s * es, cb, n);
-      C = cb;
-      U = C;
-      if (HAS_U) {
-        cload(static_cast<const char*>(uncond) + s * es, ub, n);
-        U = ub;
-      }
-    }
+    // Buffered conversions happen only with MT = F32 (dispatch in run()).
+    const bool c_buf = cdt != DT::F32 && std::is_same<MT, bits::F32>::value;
+    const T* C = c_buf ? reinterpret_cast<const T*>(cb) : static_cast<const T*>(cond) + s;
+    const T* U = HAS_U ? (c_buf ? reinterpret_cast<const T*>(ub) : static_cast<const T*>(uncond) + s) : C;
+    const bool z_buf = HAS_Z && noise != nullptr && ndt != DT::F32;
     const float* Z = nullptr;
     if (HAS_Z) {
-      if (noise != nullptr) {
-        if (ndt == DT::F32) {
-          Z = static_cast<const float*>(noise) + s;
-        } else {
-          nload(static_cast<const char*>(noise) + s * dt_size(ndt), zb, n);
-          Z = zb;
-        }
-      } else {
+      if (noise == nullptr) {
         philox_block(s, n, seed, noise_id, zb);
         Z = zb;
+      } else {
+        Z = z_buf ? zb : static_cast<const float*>(noise) + s;
       }
     }
     const float* H0 = KT > 0 ? hist + s : nullptr;
@@ -482,21 +520,30 @@ struct StepKernel {
     const float* H2 = KT > 2 ? hist + 2 * hist_slot + s : nullptr;
     const bool wh = hist_write >= 0;
     float* Hw = wh ? hist + hist_write * hist_slot + s : scratch;
-    const bool mi_f32 = mdt == DT::F32;
-    float* M0 = halves > 0 ? (mi_f32 ? static_cast<float*>(model_in) + s : mb) : scratch;
-    float* M1 = halves > 1 && mi_f32 ? static_cast<float*>(model_in) + mi_half + s : scratch;
+    const bool m_buf = halves > 0 && mdt != DT::F32 && std::is_same<MT, bits::F32>::value;
+    T* M0 = halves > 0 ? (m_buf ? reinterpret_cast<T*>(mb) : static_cast<T*>(model_in) + s) : mscratch;
+    T* M1 = halves > 1 && !m_buf ? static_cast<T*>(model_in) + mi_half + s : mscratch;
     const float s_in = k.s_in, qy = k.qy, qd = k.qd;
     const m::OutCoefs& ox = k.ox;
     const m::OutCoefs& oh = k.oh;
     const float a0 = KT > 0 ? ox.hist[0] : 0.f, a1 = KT > 1 ? ox.hist[1] : 0.f, a2 = KT > 2 ? ox.hist[2] : 0.f;
     const float b0 = KT > 0 && wh ? oh.hist[0] : 0.f, b1 = KT > 1 && wh ? oh.hist[1] : 0.f;
     const float b2 = KT > 2 && wh ? oh.hist[2] : 0.f;
+    const bool buffered = c_buf || z_buf || m_buf;
+    const int64_t sub = buffered ? SUB : n;
+    const int64_t ces = dt_size(cdt), nes = dt_size(ndt), mes = dt_size(mdt);
     uint32_t acc = 0;
-    per_sample(s, n, [&](int64_t i0, int64_t i1, float g) {
-      uint32_t a = 0;
-#pragma omp simd reduction(| : a)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float e = E[i], c = C[i], u = U[i];
+    for (int64_t j0 = 0; j0 < n; j0 += sub) {
+      const int64_t len = std::min(sub, n - j0);
+      if (c_buf) {
+        load_as(cdt, static_cast<const char*>(cond) + (s + j0) * ces, cb + j0, len);
+        if (HAS_U) load_as(cdt, static_cast<const char*>(uncond) + (s + j0) * ces, ub + j0, len);
+      }
+      if (z_buf) load_as(ndt, static_cast<const char*>(noise) + (s + j0) * nes, zb + j0, len);
+      // One element: the model output (c, u) already in float32; returns the new x (the history
+      // value into hv_out).
+      auto elem = [&](int64_t i, float c, float u, float g, float& hv_out) -> float {
+        const float e = E[i];
         const float d = HAS_U ? m::guided(c, u, g) : c;
         const float h = m::step_h(qy, e, qd, d);
         const float hu = HAS_U ? m::step_h(qy, e, qd, u) : h;
@@ -510,37 +557,90 @@ struct StepKernel {
         if (KT > 0) { o = m::out_add(o, a0, H0[i]); hv = m::out_add(hv, b0, H0[i]); }
         if (KT > 1) { o = m::out_add(o, a1, H1[i]); hv = m::out_add(hv, b1, H1[i]); }
         if (KT > 2) { o = m::out_add(o, a2, H2[i]); hv = m::out_add(hv, b2, H2[i]); }
-        Hw[i] = hv;
-        X[i] = o;
-        a |= m::nonfinite(o);
-        const float mi = m::model_input(s_in, o);
-        M0[i] = mi;
-        M1[i] = mi;
-      }
-      acc |= a;
-    });
-    if (halves > 0 && !mi_f32) {
-      const int64_t es = dt_size(mdt);
-      for (int hh = 0; hh < halves; ++hh) mstore(mb, static_cast<char*>(model_in) + (hh * mi_half + s) * es, n);
+        hv_out = hv;
+        return o;
+      };
+      per_sample(s + j0, len, [&](int64_t i0, int64_t i1, float g) {
+        uint32_t a = 0;
+        int64_t i = j0 + i0;
+        const int64_t end = j0 + i1;
+#if FASTDIFF_F16_GROUP
+        if (std::is_same<MT, bits::F16>::value) {
+          // float16 through the hardware converter, one vector of lanes at a time: convert the
+          // group's c/u into registers (a 64-byte local the compiler keeps in a register or
+          // forwards from the store buffer), run the element math vectorized over the group,
+          // narrow the model input the same way. The scalar loop below takes the tail.
+          constexpr int G = FASTDIFF_F16_GROUP;
+          const uint16_t* Ch = reinterpret_cast<const uint16_t*>(C);
+          const uint16_t* Uh = reinterpret_cast<const uint16_t*>(U);
+          uint16_t* M0h = reinterpret_cast<uint16_t*>(M0);
+          uint16_t* M1h = reinterpret_cast<uint16_t*>(M1);
+          for (; i + G <= end; i += G) {
+            alignas(64) float cg[G], ug[G], mg[G];
+            f16_widen_group(Ch + i, cg);
+            if (HAS_U) f16_widen_group(Uh + i, ug);
+            uint32_t ag = 0;
+#pragma omp simd reduction(| : ag)
+            for (int l = 0; l < G; ++l) {
+              float hv;
+              const float o = elem(i + l, cg[l], HAS_U ? ug[l] : cg[l], g, hv);
+              Hw[i + l] = hv;
+              X[i + l] = o;
+              ag |= m::nonfinite(o);
+              mg[l] = m::model_input(s_in, o);
+            }
+            a |= ag;
+            f16_narrow_group(mg, M0h + i);
+            f16_narrow_group(mg, M1h + i);
+          }
+        }
+#endif
+#pragma omp simd reduction(| : a)
+        for (int64_t k = i; k < end; ++k) {
+          float hv;
+          const float c = MT::load(C[k]);
+          const float o = elem(k, c, HAS_U ? MT::load(U[k]) : c, g, hv);
+          Hw[k] = hv;
+          X[k] = o;
+          a |= m::nonfinite(o);
+          const T mi = MT::store(m::model_input(s_in, o));
+          M0[k] = mi;
+          M1[k] = mi;
+        }
+        acc |= a;
+      });
+      if (m_buf)
+        for (int hh = 0; hh < halves; ++hh)
+          store_as(mdt, mb + j0, static_cast<char*>(model_in) + (hh * mi_half + s + j0) * mes, len);
     }
     return check ? acc : 0u;
   }
 
-  template <bool HAS_U, bool HAS_Z>
+  template <bool HAS_U, bool HAS_Z, class MT>
   uint32_t run_fast_k() const {
     switch (K) {
-      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0>(b); });
-      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1>(b); });
-      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2>(b); });
-      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3>(b); });
+      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT>(b); });
+      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT>(b); });
+      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT>(b); });
+      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT>(b); });
     }
+  }
+
+  template <class MT>
+  uint32_t run_fast() const {
+    const bool has_z = noise != nullptr || philox;
+    if (uncond != nullptr) return has_z ? run_fast_k<true, true, MT>() : run_fast_k<true, false, MT>();
+    return has_z ? run_fast_k<false, true, MT>() : run_fast_k<false, false, MT>();
   }
 
   uint32_t run() const {
     if (fast_ok()) {
-      const bool has_z = noise != nullptr || philox;
-      if (uncond != nullptr) return has_z ? run_fast_k<true, true>() : run_fast_k<true, false>();
-      return has_z ? run_fast_k<false, true>() : run_fast_k<false, false>();
+      // Inline conversion when model_in (if any) has the model output's dtype and any given noise is
+      // float32; anything else converts through float32 buffers.
+      const bool inline_ok = (model_in == nullptr || mdt == cdt) && (noise == nullptr || ndt == DT::F32);
+      if (inline_ok && cdt == DT::F16) return run_fast<bits::F16>();
+      if (inline_ok && cdt == DT::BF16) return run_fast<bits::BF16>();
+      return run_fast<bits::F32>();
     }
     return for_blocks(numel, BLK, [this](int64_t b) { return block(b); });
   }
