@@ -60,17 +60,48 @@ class Impl:
     fastdiff: bool = True              # a fastdiff row (a regression here fails --compare)
 
 
+F16, BF16 = torch.float16, torch.bfloat16
+DTYPE_SUFFIX = {torch.float32: "", F16: "_fp16", BF16: "_bf16"}
+
+
+def compile_key(inplace: bool, model_dtype: torch.dtype, model_input: bool) -> str:
+    """The key of the torch.compile row with this epilogue and model dtype."""
+    return ("compile_inplace" if inplace else "compile") + DTYPE_SUFFIX[model_dtype] + \
+        ("_model_input" if model_input else "")
+
+
+def _fastdiff_key(model_dtype: torch.dtype, model_input: bool) -> str:
+    return "fastdiff_cpu" + DTYPE_SUFFIX[model_dtype] + ("_model_input" if model_input else "")
+
+
 IMPLS: Tuple[Impl, ...] = (
     Impl("fastdiff_cpu", "fastdiff cpu fused step"),
     Impl("fastdiff_cpu_model_input", "fastdiff cpu fused step + next model input", model_input=True),
-    Impl("fastdiff_cpu_fp16", "fastdiff cpu, fp16 model output", model_dtype=torch.float16),
+    Impl("fastdiff_cpu_fp16", "fastdiff cpu, fp16 model output", model_dtype=F16),
     Impl("fastdiff_cpu_fp16_model_input", "fastdiff cpu, fp16 model output + fp16 next model input",
-         model_dtype=torch.float16, model_input=True),
+         model_dtype=F16, model_input=True),
+    Impl("fastdiff_cpu_bf16", "fastdiff cpu, bf16 model output", model_dtype=BF16),
+    Impl("fastdiff_cpu_bf16_model_input", "fastdiff cpu, bf16 model output + bf16 next model input",
+         model_dtype=BF16, model_input=True),
     Impl("fastdiff_public_op", "fastdiff.ops.fused_step (validated, dispatched)"),
     Impl("fastdiff_reference", "fastdiff reference backend"),
     Impl("eager", "eager PyTorch", fastdiff=False),
-    Impl("compile", "torch.compile", fastdiff=False),
-    Impl("compile_model_input", "torch.compile + next model input (cat)", model_input=True, fastdiff=False),
+    Impl("compile", "torch.compile (allocating)", fastdiff=False),
+    Impl("compile_model_input", "torch.compile + next model input (cat, allocating)", model_input=True,
+         fastdiff=False),
+    Impl("compile_fp16", "torch.compile (allocating), fp16 model output", model_dtype=F16, fastdiff=False),
+    Impl("compile_bf16", "torch.compile (allocating), bf16 model output", model_dtype=BF16, fastdiff=False),
+    # In place: the compiled function writes x, the history and the model input into preallocated
+    # buffers, as fastdiff does (the fair baseline for an in-place fused step).
+    Impl("compile_inplace", "torch.compile in place", fastdiff=False),
+    Impl("compile_inplace_model_input", "torch.compile in place + next model input", model_input=True,
+         fastdiff=False),
+    Impl("compile_inplace_fp16", "torch.compile in place, fp16 model output", model_dtype=F16, fastdiff=False),
+    Impl("compile_inplace_fp16_model_input", "torch.compile in place, fp16 model output + fp16 next model input",
+         model_dtype=F16, model_input=True, fastdiff=False),
+    Impl("compile_inplace_bf16", "torch.compile in place, bf16 model output", model_dtype=BF16, fastdiff=False),
+    Impl("compile_inplace_bf16_model_input", "torch.compile in place, bf16 model output + bf16 next model input",
+         model_dtype=BF16, model_input=True, fastdiff=False),
     Impl("diffusers", "diffusers CFG + DPMSolverMultistepScheduler.step", fastdiff=False),
 )
 IMPL_BY_KEY = {i.key: i for i in IMPLS}
@@ -94,6 +125,12 @@ def step_callable(impl: Impl, problem: bl.StepProblem, log) -> Tuple[object, dic
         return bl.FastdiffStep(p, "reference", impl.model_input), extra
     if impl.key == "eager":
         return (lambda: bl.eager_step(p.x, p.model_out, p.x0_prev, p.scalars)), extra
+    if impl.key.startswith("compile_inplace"):
+        step = bl.CompiledInplaceStep(p, impl.model_input)
+        extra["compile_s"], extra["recompile_s"] = step.compile_times()
+        log(f"    {impl.key}: compiled in {extra['compile_s']:.1f} s, recompiled for new scalars in "
+            f"{extra['recompile_s']:.1f} s")
+        return step, extra
     if impl.key.startswith("compile"):
         # A sampling loop calls the compiled step with new scalars every step: the first call
         # compiles, the second (new scalars) recompiles once with the scalars as inputs; time
@@ -107,7 +144,8 @@ def step_callable(impl: Impl, problem: bl.StepProblem, log) -> Tuple[object, dic
         t0 = time.perf_counter()
         fn(p.x, p.model_out, p.x0_prev, p.scalars)
         extra["recompile_s"] = time.perf_counter() - t0
-        log(f"    compiled in {extra['compile_s']:.1f} s, recompiled for new scalars in {extra['recompile_s']:.1f} s")
+        log(f"    {impl.key}: compiled in {extra['compile_s']:.1f} s, recompiled for new scalars in "
+            f"{extra['recompile_s']:.1f} s")
         return (lambda: fn(p.x, p.model_out, p.x0_prev, p.scalars)), extra
     if impl.key == "diffusers":
         step = bl.DiffusersStep(p)
@@ -176,23 +214,33 @@ def _index(report: dict) -> Dict[Tuple[str, int, str], dict]:
     return {(r["shape_name"], r["threads"], r["impl"]): r for r in report["results"]}
 
 
-def speedups(report: dict, row: dict) -> Tuple[Optional[float], Optional[float]]:
-    """(diffusers / row, torch.compile / row) medians; the compile row with the same epilogue."""
+def speedups(report: dict, row: dict) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """(diffusers / row, allocating torch.compile / row, in-place torch.compile / row) medians; the
+    compile rows with the row's epilogue and model dtype (None where not measured)."""
     idx = _index(report)
     key = (row["shape_name"], row["threads"])
+    dtype = getattr(torch, row.get("model_dtype", "float32"))
     d = idx.get(key + ("diffusers",))
-    c = idx.get(key + ("compile_model_input" if row["model_input"] else "compile",))
-    return (d["median_s"] / row["median_s"] if d else None, c["median_s"] / row["median_s"] if c else None)
+    c = idx.get(key + (compile_key(False, dtype, row["model_input"]),))
+    ci = idx.get(key + (compile_key(True, dtype, row["model_input"]),))
+    return tuple(r["median_s"] / row["median_s"] if r else None for r in (d, c, ci))
 
 
 TARGETS = (
     # (description, shape, fastdiff impl, measure, goal)
     ("SD-1.5 step: diffusers / fastdiff", "sd15", "fastdiff_cpu", "vs_diffusers", 20.0),
-    ("SD-1.5 step: torch.compile / fastdiff", "sd15", "fastdiff_cpu", "vs_compile", 4.0),
-    ("video step: % of copy bandwidth", "video", "fastdiff_cpu", "pct_copy", 80.0),
+    ("SD-1.5 step: torch.compile in place / fastdiff", "sd15", "fastdiff_cpu", "vs_compile_inplace", 1.0),
+    ("video step: % of in-place add bandwidth", "video", "fastdiff_cpu", "pct_inplace_add", 90.0),
+    ("video step, fp16 model output: % of in-place add bandwidth", "video", "fastdiff_cpu_fp16", "pct_inplace_add",
+     90.0),
+    ("video step, bf16 model output: % of in-place add bandwidth", "video", "fastdiff_cpu_bf16", "pct_inplace_add",
+     90.0),
     ("video step: diffusers / fastdiff", "video", "fastdiff_cpu", "vs_diffusers", 5.0),
-    ("video step: torch.compile / fastdiff", "video", "fastdiff_cpu", "vs_compile", 1.0),
-    ("video step + model input: torch.compile / fastdiff", "video", "fastdiff_cpu_model_input", "vs_compile", 1.0),
+    ("video step: torch.compile in place / fastdiff", "video", "fastdiff_cpu", "vs_compile_inplace", 1.0),
+    ("video step, fp16: torch.compile in place / fastdiff", "video", "fastdiff_cpu_fp16", "vs_compile_inplace", 1.0),
+    ("video step, bf16: torch.compile in place / fastdiff", "video", "fastdiff_cpu_bf16", "vs_compile_inplace", 1.0),
+    ("video step + model input: torch.compile in place / fastdiff", "video", "fastdiff_cpu_model_input",
+     "vs_compile_inplace", 1.0),
 )
 
 
@@ -205,8 +253,9 @@ def evaluate_targets(report: dict) -> List[dict]:
             row = idx.get((shape, nt, impl))
             if row is None:
                 continue
-            vs_d, vs_c = speedups(report, row)
-            value = {"vs_diffusers": vs_d, "vs_compile": vs_c, "pct_copy": row["pct_copy"]}[what]
+            vs_d, vs_c, vs_ci = speedups(report, row)
+            value = {"vs_diffusers": vs_d, "vs_compile": vs_c, "vs_compile_inplace": vs_ci,
+                     "pct_copy": row["pct_copy"], "pct_inplace_add": row.get("pct_inplace_add")}[what]
             if value is None:
                 continue
             out.append({"target": desc, "threads": nt, "value": value, "goal": goal, "met": value >= goal})
@@ -239,13 +288,15 @@ def render_markdown(report: dict) -> str:
     copy = {(b["shape_name"], b["threads"]): b for b in report["blocks"]}
     idx = _index(report)
     summary_cols = {"fastdiff_cpu": "fastdiff cpu", "fastdiff_cpu_model_input": "fastdiff cpu + model input",
-                    "eager": "eager", "compile": "torch.compile", "diffusers": "diffusers"}
+                    "eager": "eager", "compile": "torch.compile", "compile_inplace": "torch.compile in place",
+                    "diffusers": "diffusers"}
     if any(k[2] == "fastdiff_cpu" for k in idx):
         lines += ["Summary (median µs per step; the fastdiff columns on the right are for the fused step "
-                  "without the epilogue):", "",
+                  "without the epilogue, fp32 model output):", "",
                   "| shape | threads | copy GB/s | in-place add GB/s | " + " | ".join(summary_cols.values())
-                  + " | fastdiff GB/s | % of copy | % of in-place add | diffusers ÷ fastdiff | compile ÷ fastdiff |",
-                  "|---|---:|---:|---:|" + "---:|" * (len(summary_cols) + 5)]
+                  + " | fastdiff GB/s | % of copy | % of in-place add | diffusers ÷ fastdiff | compile ÷ fastdiff "
+                  "| compile in place ÷ fastdiff |",
+                  "|---|---:|---:|---:|" + "---:|" * (len(summary_cols) + 6)]
         for (name, nt) in by_block:
             f = idx.get((name, nt, "fastdiff_cpu"))
             if f is None:
@@ -253,13 +304,31 @@ def render_markdown(report: dict) -> str:
             probe = copy[(name, nt)]
             inplace = probe.get("inplace_add", {}).get("gbps")
             cells = [_us(idx[(name, nt, c)]["median_s"]) if (name, nt, c) in idx else "" for c in summary_cols]
-            vs_d, vs_c = speedups(report, f)
+            vs_d, vs_c, vs_ci = speedups(report, f)
             lines.append(" | ".join([f"| {name}", str(nt), f"{probe['copy']['gbps']:.1f}",
                                      f"{inplace:.1f}" if inplace else "", *cells, f"{f['gbps']:.1f}",
                                      f"{f['pct_copy']:.0f}%", f"{100 * f['gbps'] / inplace:.0f}%" if inplace else "",
-                                     _x(vs_d), _x(vs_c)]) + " |")
+                                     _x(vs_d), _x(vs_c), _x(vs_ci)]) + " |")
         lines += ["", "(Above 100%: the tensors stayed in cache (the probes are out of cache), or, against the copy, "
                   "the copy's uncounted write-allocate reads; see benchmarks/README.md.)", ""]
+    dtype_rows = [(name, nt, dt, mi) for (name, nt) in by_block for dt in DTYPE_SUFFIX for mi in (False, True)
+                  if (name, nt, _fastdiff_key(dt, mi)) in idx]
+    if dtype_rows:
+        lines += ["By model dtype (median µs per step; fp32 state; the compile rows do the same math on the same "
+                  "dtypes: CFG in fp32, model input cast to the model dtype):", "",
+                  "| shape | threads | model dtype | + model input | fastdiff | compile in place | compile "
+                  "(allocating) | compile in place ÷ fastdiff | fastdiff GB/s | % of in-place add |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, nt, dt, mi in dtype_rows:
+            f = idx[(name, nt, _fastdiff_key(dt, mi))]
+            ci = idx.get((name, nt, compile_key(True, dt, mi)))
+            c = idx.get((name, nt, compile_key(False, dt, mi)))
+            pct = f.get("pct_inplace_add")
+            lines.append(f"| {name} | {nt} | {str(dt).replace('torch.', '')} | {'yes' if mi else 'no'} | "
+                         f"{_us(f['median_s'])} | {_us(ci['median_s']) if ci else ''} | "
+                         f"{_us(c['median_s']) if c else ''} | {_x(ci['median_s'] / f['median_s']) if ci else ''} | "
+                         f"{f['gbps']:.1f} | {f'{pct:.0f}%' if pct is not None else ''} |")
+        lines.append("")
     for (name, nt), rows in by_block.items():
         shape = rows[0]["shape"]
         c = copy[(name, nt)]
@@ -267,15 +336,17 @@ def render_markdown(report: dict) -> str:
                   f"threads={nt}: copy bandwidth {c['copy']['gbps']:.1f} GB/s"
                   + (f", in-place add {c['inplace_add']['gbps']:.1f} GB/s" if "inplace_add" in c else "")
                   + f" (load {c['load_average'][0]})", "",
-                  "| implementation | median µs | IQR µs | bytes moved | GB/s | % of copy | diffusers ÷ this "
-                  "| compile ÷ this |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| implementation | median µs | IQR µs | bytes moved | GB/s | % of copy | % of in-place add "
+                  "| diffusers ÷ this | compile ÷ this | compile in place ÷ this |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            vs_d, vs_c = speedups(report, r)
+            vs_d, vs_c, vs_ci = speedups(report, r)
             fastdiff_row = IMPL_BY_KEY.get(r["impl"], Impl(r["impl"], r["label"])).fastdiff
+            pct = r.get("pct_inplace_add")
             lines.append(f"| {r['label']} | {_us(r['median_s'])} | {_us(r['iqr_s'])} | {_bytes(r['bytes'])} | "
-                         f"{r['gbps']:.2f} | {r['pct_copy']:.0f}% | {_x(vs_d) if fastdiff_row else ''} | "
-                         f"{_x(vs_c) if fastdiff_row else ''} |")
+                         f"{r['gbps']:.2f} | {r['pct_copy']:.0f}% | {f'{pct:.0f}%' if pct is not None else ''} | "
+                         f"{_x(vs_d) if fastdiff_row else ''} | {_x(vs_c) if fastdiff_row else ''} | "
+                         f"{_x(vs_ci) if fastdiff_row else ''} |")
         lines.append("")
     compiles = [r for r in report["results"] if "compile_s" in r]
     if compiles:
@@ -288,7 +359,7 @@ def render_markdown(report: dict) -> str:
                          f"{r['recompile_s']:.1f} |")
         lines.append("")
     if report.get("targets"):
-        lines += ["Targets (issue 4):", "", "| target | threads | measured | goal | met |", "|---|---:|---:|---:|---|"]
+        lines += ["Targets (issues 4 and 17):", "", "| target | threads | measured | goal | met |", "|---|---:|---:|---:|---|"]
         for t in report["targets"]:
             unit = "%" if "%" in t["target"] else "×"
             lines.append(f"| {t['target']} | {t['threads']} | {t['value']:.1f}{unit} | ≥ {t['goal']:g}{unit} | "
@@ -358,6 +429,10 @@ def _csv(kind, choices=None):
     return parse
 
 
+def _skipped(key: str, skip: Sequence[str]) -> bool:
+    return any(key == s or key.startswith(s + "_") for s in skip)
+
+
 def _threads(text):
     try:
         values = [int(s) for s in text.split(",")]
@@ -378,7 +453,9 @@ def parse_args(argv=None):
     p.add_argument("--impls", type=_csv("implementations", IMPL_BY_KEY),
                    help=f"subset of {', '.join(IMPL_BY_KEY)}")
     p.add_argument("--skip", type=_csv("implementations", IMPL_BY_KEY), default=[],
-                   help="implementations to leave out (e.g. compile,compile_model_input)")
+                   help="implementations to leave out, each with its variants (the names that extend it "
+                        "with '_'): e.g. compile leaves out every torch.compile row (cold compiles take "
+                        "5-40 s each), fastdiff_cpu_bf16 both bf16 fastdiff rows")
     p.add_argument("--min-samples", type=int, help="samples per measurement (default 21, quick 5)")
     p.add_argument("--min-time", type=float, help="seconds per measurement at least (default 0.5, quick 0.1)")
     p.add_argument("--copy-mib", type=int, help="MiB per buffer of the copy-bandwidth probe (default 256, quick 64)")
@@ -418,7 +495,7 @@ def main(argv=None) -> int:
         report = load_report(a.current)
     else:
         shapes = a.shapes or (list(QUICK_SHAPES) if a.quick else list(SHAPES))
-        impls = [IMPL_BY_KEY[k] for k in (a.impls or IMPL_BY_KEY) if k not in a.skip]
+        impls = [IMPL_BY_KEY[k] for k in (a.impls or IMPL_BY_KEY) if not _skipped(k, a.skip)]
         if not impls:
             raise SystemExit("no implementation left to measure (--impls minus --skip is empty)")
         cache_dir = None
