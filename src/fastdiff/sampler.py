@@ -66,7 +66,7 @@ class _LazyProgress:
         self.n += 1
         if self.bar is not None:
             self.bar.update(1)
-        elif time.perf_counter() - self.start >= self.delay:
+        elif not self.n & 7 and time.perf_counter() - self.start >= self.delay:   # (the clock every 8 steps)
             self._open()
 
     def close(self) -> None:
@@ -210,8 +210,9 @@ def _build_key(*arguments):
 
 class _Built:
     """A cached build: the program and everything it was built from, and the buffers of finished
-    runs, which every Sampler made from this entry shares (runs up to SHARED_SPARE_BYTES: the
-    cache must not hold large tensors on a GPU behind the user's back)."""
+    runs that were given back to it (one-call runs, ``fastdiff.sample``: up to SHARED_SPARE_BYTES
+    each, since the cache must not hold large tensors on a GPU behind the user's back); a Sampler
+    the caller keeps holds its own buffers, whatever their size."""
 
     __slots__ = ("program", "grid", "solver", "prediction", "guidance", "state_dtype", "spare")
 
@@ -225,7 +226,7 @@ class _Built:
         program = Program(rows=p.rows, num_slots=p.num_slots, table=p.table.copy(), steps=p.steps)
         s = cls(program, self.grid, self.solver, self.prediction, self.guidance, torch.device(device),
                 self.state_dtype)
-        s._spare, s.spare_bytes = self.spare, SHARED_SPARE_BYTES
+        s._shared = self.spare
         return s
 
 
@@ -244,10 +245,12 @@ class Sampler:
     guidance: Optional[Guidance]
     device: torch.device
     state_dtype: torch.dtype = torch.float32
-    # Buffers of finished runs, by (shape, device, dtypes, ...), for the next run to reuse;
-    # ``spare_bytes`` caps the size of a run whose buffers are kept (None: no cap).
+    # Buffers of finished runs, by (shape, device, dtypes, ...), for the next run to reuse: this
+    # Sampler's own, and those its build-cache entry keeps for one-call runs (``_shared``).
     _spare: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
-    spare_bytes: Optional[int] = field(default=None, repr=False, compare=False)
+    _shared: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+    # One-call use (fastdiff.sample): the run's buffers go back to the shared spares, if small.
+    _transient: bool = field(default=False, init=False, repr=False, compare=False)
     _row_cfg: Optional[list] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -412,7 +415,9 @@ class Sampler:
         Sampler and reused by the next run of the same shape (no allocation, no first touch of
         fresh pages); x is new for every run, since it is returned."""
         key = (shape, dev, model_dtype, model_batch, flag, g_host is not None, backend)
-        ex = self._spare.pop(key, None) if self._spare is not None else None
+        ex = self._spare.pop(key, None) if self._spare else None
+        if ex is None and self._shared:
+            ex = self._shared.pop(key, None)
         if ex is None:
             g_vec = None if g_host is None else torch.empty(len(g_host), dtype=torch.float64, device=dev)
             like = torch.empty(shape, dtype=self.state_dtype, device=dev)
@@ -430,7 +435,9 @@ class Sampler:
         return ex
 
     def _release(self, ex: RowExecutor) -> None:
-        if self.spare_bytes is not None and ex.nbytes() > self.spare_bytes:
+        if self._transient:
+            if self._shared is not None and ex.nbytes() <= SHARED_SPARE_BYTES:
+                self._shared[ex.key] = ex
             return
         if self._spare is None:
             self._spare = {}
@@ -491,12 +498,12 @@ class Sampler:
                     if use_cfg:
                         model_in[B:].copy_(E)
                 if row_cfg[i]:
-                    out = model(model_in, t_full[i], **kw_both)
+                    out = model(model_in, t_full[i], **kw_both) if kw_both else model(model_in, t_full[i])
                     if type(out) is not torch.Tensor or out.shape != shape_both or out.dtype not in _OUT_DTYPES:
                         out = self._check_model_output(_model_output(out), shape_both, i)
                     uncond_out, cond_out = out.chunk(2)  # views; cheaper than split()
                 else:
-                    cond_out = model(cond_in, t_half[i], **kw_cond)
+                    cond_out = model(cond_in, t_half[i], **kw_cond) if kw_cond else model(cond_in, t_half[i])
                     if (type(cond_out) is not torch.Tensor or cond_out.shape != shape_one
                             or cond_out.dtype not in _OUT_DTYPES):
                         cond_out = self._check_model_output(_model_output(cond_out), shape_one, i)
@@ -590,4 +597,5 @@ def sample(model: Callable, noise: torch.Tensor, *, solver: Union[str, Solver] =
     s = Sampler.build(solver=solver, steps=steps, schedule=schedule, grid=grid, spacing=spacing, final=final,
                       prediction=prediction, guidance=guidance, solver_options=solver_options, device=dev,
                       state_dtype=state_dtype, **(grid_options or {}))
+    s._transient = True
     return s(model, noise, **run_options)

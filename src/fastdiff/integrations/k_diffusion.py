@@ -483,7 +483,7 @@ def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args,
     if sampler is None or sampler.grid is not grid:
         sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
                                 device=x.device, state_dtype=state_dtype)
-        sampler.spare_bytes = _SPARE_BYTES
+        sampler._transient = True            # (buffers of small runs only, in the build cache's entry)
         _lru_put(_SAMPLERS, key, sampler)
     else:
         _SAMPLERS.move_to_end(key)
@@ -648,7 +648,6 @@ def _check_run_inputs(model, x, extra_args, callback, noise_sampler):
 _GRIDS: "OrderedDict[bytes, Grid]" = OrderedDict()
 _SAMPLERS: "OrderedDict[tuple, Sampler]" = OrderedDict()
 _CACHE_SIZE = 16
-_SPARE_BYTES = 16 << 20          # cached Samplers keep the buffers of runs up to this size only
 
 
 def _lru_put(cache: OrderedDict, key, value) -> None:
