@@ -471,10 +471,95 @@ struct StepKernel {
     return bad;
   }
 
+  // The one-pass kernel's coefficients as plain floats (history terms of absent slots 0), and its
+  // element math: a plain always-inline function of scalars, so that every loop that calls it
+  // vectorizes (a capturing lambda inside `omp simd` was vectorized with gathers of its closure).
+  struct FastCoefs {
+    float qy, qd;
+    float xx, xy, xh, xhu, xz, x0, x1, x2;   // the new x
+    float hx, hy, hh, hhu, hz, h0, h1, h2;   // the history value
+  };
+  FastCoefs fast_coefs(int kt, bool wh) const {
+    const m::OutCoefs& ox = k.ox;
+    const m::OutCoefs& oh = k.oh;
+    return FastCoefs{k.qy, k.qd,
+                     ox.x, ox.y, ox.h, ox.hu, ox.z, kt > 0 ? ox.hist[0] : 0.f, kt > 1 ? ox.hist[1] : 0.f,
+                     kt > 2 ? ox.hist[2] : 0.f,
+                     oh.x, oh.y, oh.h, oh.hu, oh.z, kt > 0 && wh ? oh.hist[0] : 0.f, kt > 1 && wh ? oh.hist[1] : 0.f,
+                     kt > 2 && wh ? oh.hist[2] : 0.f};
+  }
+  // The new x of one element (the history value into hv_out), in block()'s order of operations.
+  template <bool HAS_U, bool HAS_Z, int KT>
+  static inline __attribute__((always_inline)) float fast_elem(const FastCoefs& q, float e, float xi, float c,
+                                                               float u, float g, float z, float H0, float H1,
+                                                               float H2, float& hv_out) {
+    const float d = HAS_U ? m::guided(c, u, g) : c;
+    const float h = m::step_h(q.qy, e, q.qd, d);
+    const float hu = HAS_U ? m::step_h(q.qy, e, q.qd, u) : h;
+    float o = m::out_model(q.xx, xi, q.xy, e, q.xh, h, q.xhu, hu);
+    float hv = m::out_model(q.hx, xi, q.hy, e, q.hh, h, q.hhu, hu);
+    if (HAS_Z) {
+      o = m::out_add(o, q.xz, z);
+      hv = m::out_add(hv, q.hz, z);
+    }
+    if (KT > 0) { o = m::out_add(o, q.x0, H0); hv = m::out_add(hv, q.h0, H0); }
+    if (KT > 1) { o = m::out_add(o, q.x1, H1); hv = m::out_add(hv, q.h1, H1); }
+    if (KT > 2) { o = m::out_add(o, q.x2, H2); hv = m::out_add(hv, q.h2, H2); }
+    hv_out = hv;
+    return o;
+  }
+
+#if FASTDIFF_F16_GROUP
+  // float16 through the hardware converter, G lanes at a time: widen the group's c/u into an L1
+  // local, run the element math vectorized over the group, narrow the model input the same way.
+  // Elements [i, end) in whole groups; returns where the groups stopped (the caller's loop takes
+  // the tail). A function of plain pointers: inside the caller's lambda gcc vectorized this loop
+  // with gathers.
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI>
+  static int64_t f16_groups(const FastCoefs& q, int64_t i, int64_t end, float g, float s_in,
+                            const float* E, float* X, const uint16_t* __restrict C,
+                            const uint16_t* __restrict U, const float* __restrict Z, const float* H0,
+                            const float* H1, const float* H2, float* Hw, uint16_t* M0,
+                            uint16_t* M1, uint32_t& flags) {
+    constexpr int G = FASTDIFF_F16_GROUP;
+    const FastCoefs qq = q;
+    uint32_t a = 0;
+    for (; i + G <= end; i += G) {
+      alignas(64) float cg[G], ug[G], mg[G];
+      f16_widen_group(C + i, cg);
+      if (HAS_U) f16_widen_group(U + i, ug);
+      const float* e = E + i;
+      float* x = X + i;
+      float* hw = Hw + i;
+      const float* z = HAS_Z ? Z + i : nullptr;
+      const float* h0 = KT > 0 ? H0 + i : nullptr;
+      const float* h1 = KT > 1 ? H1 + i : nullptr;
+      const float* h2 = KT > 2 ? H2 + i : nullptr;
+#pragma omp simd reduction(| : a)
+      for (int l = 0; l < G; ++l) {
+        float hv;
+        const float o = fast_elem<HAS_U, HAS_Z, KT>(qq, e[l], x[l], cg[l], HAS_U ? ug[l] : cg[l], g,
+                                                     HAS_Z ? z[l] : 0.f, KT > 0 ? h0[l] : 0.f, KT > 1 ? h1[l] : 0.f,
+                                                     KT > 2 ? h2[l] : 0.f, hv);
+        hw[l] = hv;
+        x[l] = o;
+        a |= m::nonfinite(o);
+        mg[l] = m::model_input(s_in, o);
+      }
+      if (HAS_MI) {
+        f16_narrow_group(mg, M0 + i);
+        f16_narrow_group(mg, M1 + i);
+      }
+    }
+    flags |= a;
+    return i;
+  }
+#endif
+
   // ---- the common case in one pass: writes x only ----
   // (cond with or without uncond, no / given / Philox noise, K <= 3 history slots, model_in or
   // none.) Same operations in the same order as block(); absent outputs (history slot, model_in
-  // halves) are stored to a scratch buffer so the loop has no branches. float64 model outputs
+  // slot) is stored to a scratch buffer so the loop has no branches. float64 model outputs
   // combine in float64 (block()).
   //
   // Model dtypes: MT (bits::F32/F16/BF16) is the dtype of the model output and of model_in (when
@@ -488,14 +573,13 @@ struct StepKernel {
            (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64);
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, class MT>
+  template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI>
   uint32_t block_fast(int64_t b) const {
     using T = typename MT::T;
     const int64_t s = b * BLK;
     const int64_t n = std::min(BLK, numel - s);
     alignas(64) float zb[BLK];
     alignas(64) float scratch[BLK];
-    alignas(64) T mscratch[BLK];
     alignas(64) float cb[BLK];
     alignas(64) float ub[BLK];
     alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt (buffered mode)
@@ -521,14 +605,11 @@ struct StepKernel {
     const bool wh = hist_write >= 0;
     float* Hw = wh ? hist + hist_write * hist_slot + s : scratch;
     const bool m_buf = halves > 0 && mdt != DT::F32 && std::is_same<MT, bits::F32>::value;
-    T* M0 = halves > 0 ? (m_buf ? reinterpret_cast<T*>(mb) : static_cast<T*>(model_in) + s) : mscratch;
-    T* M1 = halves > 1 && !m_buf ? static_cast<T*>(model_in) + mi_half + s : mscratch;
-    const float s_in = k.s_in, qy = k.qy, qd = k.qd;
-    const m::OutCoefs& ox = k.ox;
-    const m::OutCoefs& oh = k.oh;
-    const float a0 = KT > 0 ? ox.hist[0] : 0.f, a1 = KT > 1 ? ox.hist[1] : 0.f, a2 = KT > 2 ? ox.hist[2] : 0.f;
-    const float b0 = KT > 0 && wh ? oh.hist[0] : 0.f, b1 = KT > 1 && wh ? oh.hist[1] : 0.f;
-    const float b2 = KT > 2 && wh ? oh.hist[2] : 0.f;
+    // Without a model input nothing is stored (HAS_MI); one half: both stores go to it.
+    T* M0 = HAS_MI ? (m_buf ? reinterpret_cast<T*>(mb) : static_cast<T*>(model_in) + s) : nullptr;
+    T* M1 = HAS_MI && halves > 1 && !m_buf ? static_cast<T*>(model_in) + mi_half + s : M0;
+    const float s_in = k.s_in;
+    const FastCoefs q = fast_coefs(KT, wh);
     const bool buffered = c_buf || z_buf || m_buf;
     const int64_t sub = buffered ? SUB : n;
     const int64_t ces = dt_size(cdt), nes = dt_size(ndt), mes = dt_size(mdt);
@@ -540,72 +621,31 @@ struct StepKernel {
         if (HAS_U) load_as(cdt, static_cast<const char*>(uncond) + (s + j0) * ces, ub + j0, len);
       }
       if (z_buf) load_as(ndt, static_cast<const char*>(noise) + (s + j0) * nes, zb + j0, len);
-      // One element: the model output (c, u) already in float32; returns the new x (the history
-      // value into hv_out).
-      auto elem = [&](int64_t i, float c, float u, float g, float& hv_out) -> float {
-        const float e = E[i];
-        const float d = HAS_U ? m::guided(c, u, g) : c;
-        const float h = m::step_h(qy, e, qd, d);
-        const float hu = HAS_U ? m::step_h(qy, e, qd, u) : h;
-        const float xi = X[i];
-        float o = m::out_model(ox.x, xi, ox.y, e, ox.h, h, ox.hu, hu);
-        float hv = m::out_model(oh.x, xi, oh.y, e, oh.h, h, oh.hu, hu);
-        if (HAS_Z) {
-          o = m::out_add(o, ox.z, Z[i]);
-          hv = m::out_add(hv, oh.z, Z[i]);
-        }
-        if (KT > 0) { o = m::out_add(o, a0, H0[i]); hv = m::out_add(hv, b0, H0[i]); }
-        if (KT > 1) { o = m::out_add(o, a1, H1[i]); hv = m::out_add(hv, b1, H1[i]); }
-        if (KT > 2) { o = m::out_add(o, a2, H2[i]); hv = m::out_add(hv, b2, H2[i]); }
-        hv_out = hv;
-        return o;
-      };
       per_sample(s + j0, len, [&](int64_t i0, int64_t i1, float g) {
         uint32_t a = 0;
         int64_t i = j0 + i0;
         const int64_t end = j0 + i1;
 #if FASTDIFF_F16_GROUP
-        if (std::is_same<MT, bits::F16>::value) {
-          // float16 through the hardware converter, one vector of lanes at a time: convert the
-          // group's c/u into registers (a 64-byte local the compiler keeps in a register or
-          // forwards from the store buffer), run the element math vectorized over the group,
-          // narrow the model input the same way. The scalar loop below takes the tail.
-          constexpr int G = FASTDIFF_F16_GROUP;
-          const uint16_t* Ch = reinterpret_cast<const uint16_t*>(C);
-          const uint16_t* Uh = reinterpret_cast<const uint16_t*>(U);
-          uint16_t* M0h = reinterpret_cast<uint16_t*>(M0);
-          uint16_t* M1h = reinterpret_cast<uint16_t*>(M1);
-          for (; i + G <= end; i += G) {
-            alignas(64) float cg[G], ug[G], mg[G];
-            f16_widen_group(Ch + i, cg);
-            if (HAS_U) f16_widen_group(Uh + i, ug);
-            uint32_t ag = 0;
-#pragma omp simd reduction(| : ag)
-            for (int l = 0; l < G; ++l) {
-              float hv;
-              const float o = elem(i + l, cg[l], HAS_U ? ug[l] : cg[l], g, hv);
-              Hw[i + l] = hv;
-              X[i + l] = o;
-              ag |= m::nonfinite(o);
-              mg[l] = m::model_input(s_in, o);
-            }
-            a |= ag;
-            f16_narrow_group(mg, M0h + i);
-            f16_narrow_group(mg, M1h + i);
-          }
-        }
+        if (std::is_same<MT, bits::F16>::value)
+          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI>(q, i, end, g, s_in, E, X, reinterpret_cast<const uint16_t*>(C),
+                                                   reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw,
+                                                   reinterpret_cast<uint16_t*>(M0), reinterpret_cast<uint16_t*>(M1), a);
 #endif
 #pragma omp simd reduction(| : a)
         for (int64_t k = i; k < end; ++k) {
-          float hv;
           const float c = MT::load(C[k]);
-          const float o = elem(k, c, HAS_U ? MT::load(U[k]) : c, g, hv);
+          float hv;
+          const float o = fast_elem<HAS_U, HAS_Z, KT>(q, E[k], X[k], c, HAS_U ? MT::load(U[k]) : c, g,
+                                                       HAS_Z ? Z[k] : 0.f, KT > 0 ? H0[k] : 0.f,
+                                                       KT > 1 ? H1[k] : 0.f, KT > 2 ? H2[k] : 0.f, hv);
           Hw[k] = hv;
           X[k] = o;
           a |= m::nonfinite(o);
-          const T mi = MT::store(m::model_input(s_in, o));
-          M0[k] = mi;
-          M1[k] = mi;
+          if (HAS_MI) {
+            const T mi = MT::store(m::model_input(s_in, o));
+            M0[k] = mi;
+            M1[k] = mi;
+          }
         }
         acc |= a;
       });
@@ -616,21 +656,26 @@ struct StepKernel {
     return check ? acc : 0u;
   }
 
-  template <bool HAS_U, bool HAS_Z, class MT>
+  template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI>
   uint32_t run_fast_k() const {
     switch (K) {
-      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT>(b); });
-      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT>(b); });
-      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT>(b); });
-      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT>(b); });
+      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(b); });
+      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(b); });
+      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(b); });
+      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(b); });
     }
+  }
+
+  template <class MT, bool HAS_MI>
+  uint32_t run_fast_mi() const {
+    const bool has_z = noise != nullptr || philox;
+    if (uncond != nullptr) return has_z ? run_fast_k<true, true, MT, HAS_MI>() : run_fast_k<true, false, MT, HAS_MI>();
+    return has_z ? run_fast_k<false, true, MT, HAS_MI>() : run_fast_k<false, false, MT, HAS_MI>();
   }
 
   template <class MT>
   uint32_t run_fast() const {
-    const bool has_z = noise != nullptr || philox;
-    if (uncond != nullptr) return has_z ? run_fast_k<true, true, MT>() : run_fast_k<true, false, MT>();
-    return has_z ? run_fast_k<false, true, MT>() : run_fast_k<false, false, MT>();
+    return halves > 0 ? run_fast_mi<MT, true>() : run_fast_mi<MT, false>();
   }
 
   uint32_t run() const {
