@@ -18,12 +18,25 @@ Loops (guided, CFG scale 7.5, DPM-Solver++(2M) on Stable Diffusion 1.5's schedul
 Reported per step: the whole call divided by the steps (20, a typical run), and the split of a
 call into a fixed part and a marginal cost per step, from a straight line through the times at
 ``--fit-steps`` step counts.
+
+Thread settings matter more than the loops (issue 17): with 2 threads, each of eager PyTorch's
+small ops in diffusers' loop wakes libgomp's worker, which then spins (OMP_WAIT_POLICY active by
+default) and competes for the other core. ``--variants`` measures each setting in a fresh
+subprocess (the wait policy is read once, when libgomp starts) and repeats it ``--runs`` times:
+
+    python -m benchmarks.loop_overhead --variants 1,2,2p --runs 3   # 1 thread; 2; 2 with OMP_WAIT_POLICY=PASSIVE
+
+and reports each loop's µs per step and the diffusers ÷ fastdiff ratio as median and range
+(min–max) over the runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
@@ -140,6 +153,77 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_variant(text: str) -> tuple:
+    """'1' -> (1, None), '2p' -> (2, 'PASSIVE'), '2a' -> (2, 'ACTIVE'): threads and OMP_WAIT_POLICY."""
+    t = text.strip().lower()
+    policy = {"p": "PASSIVE", "a": "ACTIVE"}.get(t[-1:]) if t[-1:] in ("p", "a") else None
+    digits = t[:-1] if policy else t
+    if not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"a variant is a thread count with an optional p (passive) or a (active) wait policy, "
+                         f"e.g. 1, 2, 2p; got {text!r}")
+    return int(digits), policy
+
+
+def variant_label(threads: int, policy) -> str:
+    return f"{threads} thread{'s' if threads > 1 else ''}" + (f", OMP_WAIT_POLICY={policy}" if policy else "")
+
+
+def run_variants(variants: Sequence[str], runs: int, loops: Sequence[str], passthrough: Sequence[str],
+                 log=lambda s: None) -> dict:
+    """Each variant ``runs`` times, each run a fresh ``python -m benchmarks.loop_overhead`` process
+    (so OMP_WAIT_POLICY applies and no run inherits another's warm state); variants interleaved
+    run by run. Returns {"variants": [...], "runs": {variant: [report, ...]}}."""
+    parsed = [(v, *parse_variant(v)) for v in variants]
+    reports: Dict[str, list] = {v: [] for v, _, _ in parsed}
+    with tempfile.TemporaryDirectory(prefix="fastdiff_loop_") as tmp:
+        for r in range(runs):
+            for v, threads, policy in parsed:
+                out = Path(tmp) / f"{v}_{r}.json"
+                env = dict(os.environ)
+                env.pop("OMP_WAIT_POLICY", None)
+                if policy:
+                    env["OMP_WAIT_POLICY"] = policy
+                cmd = [sys.executable, "-m", "benchmarks.loop_overhead", "--threads", str(threads), "--loops",
+                       ",".join(loops), "--json", str(out), "--quiet", *passthrough]
+                log(f"run {r + 1}/{runs}: {variant_label(threads, policy)}")
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL,
+                               cwd=str(Path(__file__).resolve().parent.parent))
+                rep = json.loads(out.read_text())
+                rep["settings"]["omp_wait_policy"] = policy
+                reports[v].append(rep)
+    return {"variants": [{"variant": v, "threads": t, "omp_wait_policy": p} for v, t, p in parsed],
+            "runs": reports}
+
+
+def _med_range(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    v = sorted(values)
+    return f"{fmt.format(float(np.median(v)))} ({fmt.format(v[0])}–{fmt.format(v[-1])})"
+
+
+def render_variants(result: dict) -> str:
+    runs = len(next(iter(result["runs"].values())))
+    first = next(iter(result["runs"].values()))[0]
+    m = first["machine"]
+    loops = [r["loop"] for r in first["results"]]
+    labels = {r["loop"]: r["label"] for r in first["results"]}
+    lines = [f"Machine: {describe_machine(m)}; load {m['load_average_start']} at the first run's start.",
+             f"Zero-cost model, {'×'.join(map(str, first['settings']['shape']))}, CFG {bl.GUIDANCE}, DPM-Solver++(2M), "
+             f"{STEPS} steps; µs per step, median (min–max) of {runs} runs, each a fresh process "
+             f"({first['settings'].get('clock', 'wall')} clock).", "",
+             "| setting | " + " | ".join(labels[k] for k in loops)
+             + (" | diffusers ÷ fastdiff.Sampler |" if {"diffusers", "fastdiff_sampler"} <= set(loops) else " |"),
+             "|---|" + "---:|" * (len(loops) + ({"diffusers", "fastdiff_sampler"} <= set(loops)))]
+    for v in result["variants"]:
+        reps = result["runs"][v["variant"]]
+        per = {k: [next(r for r in rep["results"] if r["loop"] == k)["per_step_s"] * 1e6 for rep in reps]
+               for k in loops}
+        cells = [_med_range(per[k]) for k in loops]
+        if {"diffusers", "fastdiff_sampler"} <= set(loops):
+            cells.append(_med_range([d / f for d, f in zip(per["diffusers"], per["fastdiff_sampler"])]) + "×")
+        lines.append(f"| {variant_label(v['threads'], v['omp_wait_policy'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def profile_fastdiff(top: int = 25) -> str:
     """cProfile of 200 fastdiff.Sampler calls (20 steps each), sorted by own time."""
     import cProfile
@@ -175,6 +259,10 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time (default); cpu: this process's CPU time (leaves out waiting for a core)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the fastdiff loop")
+    p.add_argument("--variants", type=lambda t: t.split(","), default=None,
+                   help="thread settings measured each in fresh subprocesses, e.g. 1,2,2p (p: "
+                        "OMP_WAIT_POLICY=PASSIVE, a: ACTIVE); with --runs")
+    p.add_argument("--runs", type=int, default=3, help="runs per variant (default 3)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     bad = [k for k in a.loops if k not in LOOPS]
@@ -185,6 +273,28 @@ def main(argv=None) -> int:
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if a.variants is not None:
+        try:
+            for v in a.variants:
+                parse_variant(v)
+        except ValueError as e:
+            p.error(str(e))
+        if a.runs < 1:
+            p.error(f"--runs must be >= 1, got {a.runs}")
+        passthrough = ["--fit-steps", ",".join(map(str, a.fit_steps)), "--clock", a.clock]
+        if a.quick:
+            passthrough.append("--quick")
+        if a.min_samples is not None:
+            passthrough += ["--min-samples", str(a.min_samples)]
+        if a.min_time is not None:
+            passthrough += ["--min-time", str(a.min_time)]
+        result = run_variants(a.variants, a.runs, a.loops, passthrough, log=log)
+        out = a.json or RESULTS / "loop_overhead_variants.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {out}")
+        print(render_variants(result))
+        return 0
     report = run(a.loops, a.threads, a.fit_steps, min_samples=a.min_samples or (5 if a.quick else 31),
                  min_time=a.min_time if a.min_time is not None else (0.1 if a.quick else 1.0), clock=a.clock,
                  log=log)
