@@ -1,0 +1,241 @@
+"""Issue 17's claims, each reproduced in several runs: the fused step per model dtype against
+torch.compile (in place and allocating), and the SD-1.5 step across buffer placements.
+
+    python -m benchmarks.dtype_bench --runs 3                      # dtypes at sd15 and video, 1 thread
+    python -m benchmarks.dtype_bench --runs 3 --placement-only     # placements only (no compile)
+
+Dtypes: each run is a fresh ``python -m benchmarks.step_bench`` process (1 thread by default, CPU
+clock, a shared inductor cache so that only the first run compiles cold) measuring fastdiff's
+fused step with fp32, fp16 and bf16 model outputs (with and without the next-model-input
+epilogue) beside torch.compile of the same math in place and allocating, and diffusers. The
+table gives each time and each ratio as the median and range (min–max) over the runs; a ratio
+is formed within a run (the rows of one run are measured interleaved), then summarized.
+
+Placement: the SD-1.5 step (x, the history slot, the [2B] model output and the [2B] model input)
+with every buffer at one address modulo 4096 ("aligned"), with buffers from
+``fastdiff.ops.buffers.alloc_staggered`` (x, history and model input staggered; the model output
+is the caller's and stays aligned), with everything staggered, and at random 64-byte offsets;
+all interleaved in one measurement per run. Reported: each placement's median µs and the spread
+(slowest ÷ fastest placement − 1) per run, median and range over the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from . import baselines as bl
+from .step_bench import DTYPE_SUFFIX, RESULTS, compile_key
+from .timing import describe_machine, load_average, machine_info, measure_interleaved, torch_threads
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = 4096
+DTYPE_IMPLS = ["fastdiff_cpu" + sfx + mi for sfx in DTYPE_SUFFIX.values() for mi in ("", "_model_input")] + \
+    [compile_key(True, dt, mi) for dt in DTYPE_SUFFIX for mi in (False, True)] + \
+    [compile_key(False, dt, False) for dt in DTYPE_SUFFIX] + ["diffusers"]
+
+
+def _med_range(values: Sequence[float], fmt: str) -> str:
+    v = sorted(values)
+    return f"{fmt.format(float(np.median(v)))} ({fmt.format(v[0])}–{fmt.format(v[-1])})"
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: step_bench runs in subprocesses
+
+
+def dtype_runs(runs: int, shapes: Sequence[str], threads: int, min_samples: int, min_time: float,
+               log=lambda s: None) -> List[dict]:
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="fastdiff_dtype_") as tmp:
+        for r in range(runs):
+            out = Path(tmp) / f"run{r}.json"
+            cmd = [sys.executable, "-m", "benchmarks.step_bench", "--shapes", ",".join(shapes), "--threads",
+                   str(threads), "--impls", ",".join(DTYPE_IMPLS), "--clock", "cpu", "--inductor-cache", "shared",
+                   "--min-samples", str(min_samples), "--min-time", str(min_time), "--json", str(out), "--quiet"]
+            log(f"dtype run {r + 1}/{runs}: {' '.join(cmd[1:])}")
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=str(REPO))
+            reports.append(json.loads(out.read_text()))
+    return reports
+
+
+def render_dtypes(reports: List[dict]) -> str:
+    idx = [{(r["shape_name"], r["threads"], r["impl"]): r for r in rep["results"]} for rep in reports]
+    probes = [{(b["shape_name"], b["threads"]): b for b in rep["blocks"]} for rep in reports]
+    first = reports[0]
+    lines = [f"Machine: {describe_machine(first['machine'])}.",
+             "Load average (1 min) at each run's start: "
+             + ", ".join(str(rep["machine"]["load_average_start"][0]) for rep in reports)
+             + f". {len(reports)} runs, each a fresh process; threads={first['settings']['threads']}; "
+             f"{first['settings']['clock']} clock; median (min–max) over the runs.", "",
+             "| shape | model dtype | + model input | fastdiff µs | compile in place µs | compile in place ÷ fastdiff "
+             "| compile (allocating) ÷ fastdiff | diffusers ÷ fastdiff | % of in-place add |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(k[0], k[1]) for k in idx[0]}, key=lambda k: list(first["settings"]["shapes"]).index(k[0]))
+    for shape, nt in keys:
+        for dt, sfx in DTYPE_SUFFIX.items():
+            for mi in (False, True):
+                fk = "fastdiff_cpu" + sfx + ("_model_input" if mi else "")
+                if (shape, nt, fk) not in idx[0]:
+                    continue
+                f = [ix[(shape, nt, fk)]["median_s"] for ix in idx]
+                ci = [ix.get((shape, nt, compile_key(True, dt, mi))) for ix in idx]
+                ca = [ix.get((shape, nt, compile_key(False, dt, mi))) for ix in idx]
+                dd = [ix.get((shape, nt, "diffusers")) for ix in idx]
+                pct = [ix[(shape, nt, fk)]["bytes"] / ix[(shape, nt, fk)]["median_s"] / 1e9
+                       / pb[(shape, nt)]["inplace_add"]["gbps"] * 100 for ix, pb in zip(idx, probes)]
+
+                def ratio(rows):
+                    if any(r is None for r in rows):
+                        return ""
+                    return _med_range([r["median_s"] / x for r, x in zip(rows, f)], "{:.2f}") + "×"
+                lines.append(f"| {shape} | {str(dt).replace('torch.', '')} | {'yes' if mi else 'no'} | "
+                             f"{_med_range([x * 1e6 for x in f], '{:,.1f}')} | "
+                             f"{_med_range([r['median_s'] * 1e6 for r in ci], '{:,.1f}') if None not in ci else ''} | "
+                             f"{ratio(ci)} | {ratio(ca) if not mi else ''} | {ratio(dd) if not mi else ''} | "
+                             f"{_med_range(pct, '{:.0f}')}% |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# placement: in this process
+
+
+class PlacedStep:
+    """The SD-1.5 fused step on buffers at chosen byte offsets modulo 4096 (one allocation)."""
+
+    max_calls = 64
+
+    def __init__(self, problem: bl.StepProblem, offsets: Sequence[int], model_dtype: torch.dtype):
+        from fastdiff.ops.backends import BACKENDS
+
+        p = problem
+        B, n = p.shape[0], p.numel
+        es = torch.empty((), dtype=model_dtype).element_size()
+        sizes = [n * 4, n * 4, 2 * n * es, 2 * n * es]        # x, history slot, model output, model input
+        self.raw = torch.empty(sum(sizes) + (len(sizes) + 1) * PAGE, dtype=torch.uint8)
+        end = (-self.raw.data_ptr()) % PAGE
+        views = []
+        for size, off in zip(sizes, offsets):
+            start = end + ((off - end) % PAGE)
+            views.append(self.raw[start:start + size])
+            end = start + size
+        self.problem = p
+        self.x = views[0].view(torch.float32).view(p.shape)
+        self.hist = views[1].view(torch.float32).view((1,) + p.shape)
+        model_out = views[2].view(model_dtype).view((2 * B,) + p.shape[1:])
+        model_out.copy_(p.model_out.to(model_dtype))
+        self.uncond, self.cond = model_out[:B], model_out[B:]
+        self.model_in = views[3].view(model_dtype).view((2 * B,) + p.shape[1:])
+        self.bad_row = torch.zeros(1, dtype=torch.int32)
+        self.fn = BACKENDS["cpu"].fused_step
+        self.calls = self.max_calls
+
+    def prepare(self, number: int) -> None:
+        if self.calls + number > self.max_calls:
+            self.x.copy_(self.problem.x)
+            self.hist[0].copy_(self.problem.x0_prev)
+            self.calls = 0
+        self.calls += number
+
+    def __call__(self) -> None:
+        p = self.problem
+        self.fn(p.table, p.step_index, self.x, None, self.cond, self.uncond, self.hist, 0, False, True, False,
+                None, 0, -1, self.model_in, False, self.bad_row)
+
+
+def placements(seed: int) -> Dict[str, List[int]]:
+    """Offsets mod 4096 of (x, history, model output, model input)."""
+    from fastdiff.ops.buffers import DEFAULT_STAGGER as S
+    rng = random.Random(seed)
+    out = {"aligned (all at 0 mod 4096)": [0, 0, 0, 0],
+           "alloc_staggered (x, history, model input; model output at 0)": [0, S, 0, 2 * S % PAGE],
+           "all staggered": [0, S, 2 * S % PAGE, 3 * S % PAGE]}
+    for r in range(3):
+        out[f"random {r + 1}"] = [rng.randrange(0, PAGE, 64) for _ in range(4)]
+    return out
+
+
+def placement_runs(runs: int, dtypes: Sequence[torch.dtype], min_samples: int, min_time: float,
+                   log=lambda s: None) -> dict:
+    problem = bl.make_problem((1, 4, 64, 64))
+    result = {"machine": machine_info(), "runs": []}
+    with torch_threads(1):
+        for r in range(runs):
+            fns, offsets = {}, {}
+            for dt in dtypes:
+                for name, offs in placements(seed=r).items():
+                    fns[(str(dt), name)] = PlacedStep(problem, offs, dt)
+                    offsets[name] = offs
+            load = load_average()
+            t = measure_interleaved(fns, min_samples=min_samples, min_time=min_time, clock="cpu")
+            result["runs"].append({"load_average": load, "offsets": offsets,
+                                   "median_us": {f"{d}|{n}": v.median * 1e6 for (d, n), v in t.items()}})
+            log(f"placement run {r + 1}/{runs} done (load {load[0]})")
+    result["machine"]["load_average_end"] = load_average()
+    return result
+
+
+def render_placement(result: dict) -> str:
+    runs = result["runs"]
+    keys = list(runs[0]["median_us"])
+    dtypes = list(dict.fromkeys(k.split("|")[0] for k in keys))
+    lines = [f"Machine: {describe_machine(result['machine'])}. SD-1.5 latent 1×4×64×64, guided DPM-Solver++(2M) "
+             f"step with the next model input, 1 thread, CPU clock; load (1 min) per run: "
+             + ", ".join(str(r["load_average"][0]) for r in runs)
+             + f". Median (min–max) over {len(runs)} runs (the random offsets differ per run).", "",
+             "| model dtype | placement | µs per step |", "|---|---|---:|"]
+    for k in keys:
+        d, name = k.split("|")
+        lines.append(f"| {d.replace('torch.', '')} | {name} | {_med_range([r['median_us'][k] for r in runs], '{:.2f}')} |")
+    lines += ["", "| model dtype | spread across placements (slowest ÷ fastest − 1) |", "|---|---:|"]
+    for d in dtypes:
+        spreads = []
+        for r in runs:
+            v = [t for k, t in r["median_us"].items() if k.startswith(d + "|")]
+            spreads.append(100 * (max(v) / min(v) - 1))
+        lines.append(f"| {d.replace('torch.', '')} | {_med_range(spreads, '{:.1f}')}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dtype_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
+    p.add_argument("--shapes", default="sd15,video", help="step_bench shapes for the dtype table")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-samples", type=int, default=9)
+    p.add_argument("--min-time", type=float, default=0.3)
+    p.add_argument("--placement-only", action="store_true", help="only the placement table")
+    p.add_argument("--dtypes-only", action="store_true", help="only the dtype table")
+    p.add_argument("--json", type=Path, default=RESULTS / "dtype_bench.json")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if a.runs < 1:
+        p.error(f"--runs must be >= 1, got {a.runs}")
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    out: dict = {}
+    text = []
+    if not a.placement_only:
+        out["dtypes"] = dtype_runs(a.runs, a.shapes.split(","), a.threads, a.min_samples, a.min_time, log)
+        text.append(render_dtypes(out["dtypes"]))
+    if not a.dtypes_only:
+        out["placement"] = placement_runs(a.runs, (torch.float32, torch.float16), a.min_samples, 0.1, log)
+        text.append(render_placement(out["placement"]))
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"wrote {a.json}")
+    print("\n\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
