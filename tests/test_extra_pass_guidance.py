@@ -708,11 +708,10 @@ def test_sample_per_sample_scales_with_pag():
             wrapped.remove()
         for b, s in enumerate([4.0, 1.0]):
             one = {k: v[b:b + 1] for k, v in inputs.items()}
-            wrapped = PerturbedModel(_unet_model(pipe.unet), method, batch_size=1, denoiser=pipe.unet)
-            try:
+            with PerturbedModel(_unet_model(pipe.unet), method, batch_size=1, denoiser=pipe.unet) as wrapped:
                 ref = _sample_unet(pipe, one, latents[b:b + 1], steps, Guidance(s, method=method), wrapped)
-            finally:
-                wrapped.remove()
+            assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
+                           for m in pipe.unet.modules())            # removed on leaving the block
             torch.testing.assert_close(both[b:b + 1], ref, rtol=0, atol=1e-10 * ref.abs().max().item())
     finally:
         pipe.unet.to(torch.float32)

@@ -329,7 +329,12 @@ class PerturbedModel:
     the method needs p at this evaluation, it evaluates [u; c; c] (or [c; c]) in one call,
     perturbed on the appended rows, hands p to the run's ``GuidanceHook`` (through
     ``fastdiff.guiders.mailbox(method)``) and returns the usual 2B (B) rows. AutoGuidance: the uncond
-    rows of a 2B call are perturbed, nothing is appended. ``batch_size`` is B (the samples)."""
+    rows of a 2B call are perturbed, nothing is appended. ``batch_size`` is B (the samples).
+
+        with PerturbedModel(lambda x, t, ehs: unet(x, t, encoder_hidden_states=ehs).sample,
+                            PAG(scale=3.0, layers=("mid",)), batch_size=B, denoiser=unet) as model:
+            x = fastdiff.sample(model, noise, guidance=Guidance(7.5, method=model.method), ...)
+    """
 
     def __init__(self, model, method, batch_size: int, denoiser: Optional[torch.nn.Module] = None):
         from ...guiders import AutoGuidance, ExtraPassGuider, mailbox
@@ -365,4 +370,12 @@ class PerturbedModel:
         return full[:n]
 
     def remove(self):
+        """Take the hooks off the denoiser (also on leaving a ``with PerturbedModel(...)`` block)."""
         self.perturbation.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
