@@ -104,7 +104,7 @@ def test_sd_swapped_scheduler_and_accelerated_match_stock(sd, name, config, gene
         _assert_close(_run(pipe, inputs), stock)
         assert not guided_steps                      # a plain swap: the pipeline combined CFG itself
         pipe.scheduler = getattr(diffusers, name)(**config)
-        handle = fd.accelerate(pipe, attention=True)           # every part, also where 'auto' would keep SDPA
+        handle = fd.accelerate(pipe, attention=True, fuse_cfg=True)    # every part, also where 'auto' would not
         try:
             assert isinstance(pipe.scheduler, getattr(fd, name))
             accelerated = _run(pipe, inputs)
@@ -166,7 +166,7 @@ def test_sdxl_accelerated_matches_stock(guided_steps):
     inputs = {"prompt_embeds": torch.randn(1, 7, 16), "negative_prompt_embeds": torch.randn(1, 7, 16),
               "pooled_prompt_embeds": torch.randn(1, 8), "negative_pooled_prompt_embeds": torch.randn(1, 8)}
     stock = _run(pipe, inputs)
-    handle = fd.accelerate(pipe)
+    handle = fd.accelerate(pipe, fuse_cfg=True)
     try:
         _assert_close(_run(pipe, inputs), stock)
     finally:
@@ -195,7 +195,7 @@ def test_sd3_accelerated_matches_stock(guided_steps):
     stock = _run(pipe, inputs, **kw)
     pipe.scheduler = fd.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     _assert_close(_run(pipe, inputs, **kw), stock)
-    handle = fd.accelerate(pipe)
+    handle = fd.accelerate(pipe, fuse_cfg=True)
     try:
         _assert_close(_run(pipe, inputs, **kw), stock)
     finally:
@@ -233,7 +233,7 @@ def test_accelerate_remove_restores_the_pipeline(sd):
     pipe, inputs = sd
     scheduler, unet = pipe.scheduler, pipe.unet
     processors = dict(unet.attn_processors)
-    handle = fd.accelerate(pipe, attention=True)
+    handle = fd.accelerate(pipe, attention=True, fuse_cfg=True)
     assert pipe.scheduler is not scheduler and isinstance(pipe.scheduler, fd.DPMSolverMultistepScheduler)
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FastdiffAttnProcessor"}
     assert isinstance(unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 7, 16), return_dict=False)[0], ModelPart)
@@ -378,3 +378,30 @@ def test_tag_model_output_containers():
     out = diffusers.models.unets.unet_2d_condition.UNet2DConditionOutput(sample=t)
     assert isinstance(tag_model_output(out).sample, ModelPart)
     assert tag_model_output("not a tensor") == "not a tensor"
+
+
+def test_fuse_cfg_auto_fuses_only_where_it_pays(sd, guided_steps):
+    """fuse_cfg='auto' (the default) leaves the pipeline's own CFG where the recording would cost
+    more than it saves: small CPU latents, and schedulers that return x0 (they need the guided
+    output anyway); the result is stock's either way."""
+    from fastdiff.integrations.diffusers.pipelines import CPU_FUSE_MIN_ELEMENTS, fusing_cfg_pays
+    big = torch.empty(2, 4, 128, 128)
+    assert big.numel() // 2 >= CPU_FUSE_MIN_ELEMENTS
+    assert fusing_cfg_pays(fd.DPMSolverMultistepScheduler(), big)
+    assert not fusing_cfg_pays(fd.EulerDiscreteScheduler(), big)               # returns pred_original_sample
+    assert not fusing_cfg_pays(fd.DPMSolverMultistepScheduler(), torch.empty(2, 4, 8, 8))
+    pipe, inputs = sd
+    original = pipe.scheduler
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER)
+    try:
+        stock = _run(pipe, inputs)
+        handle = fd.accelerate(pipe)
+        try:
+            _assert_close(_run(pipe, inputs), stock)
+        finally:
+            handle.remove()
+    finally:
+        pipe.scheduler = original
+    assert not guided_steps                          # tiny latents: the pipeline's CFG, not recorded
+    with pytest.raises(ValueError, match="fuse_cfg must be"):
+        fd.accelerate(pipe, fuse_cfg="yes")

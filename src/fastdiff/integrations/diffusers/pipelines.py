@@ -111,13 +111,17 @@ class Acceleration:
             self.perturbation = None
 
 
-def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool = True,
+def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg="auto",
                attention_backend: str = "auto", guidance=None) -> Acceleration:
     """Run ``pipe`` on fastdiff: drop-in scheduler, fastdiff attention (True, False or "auto"), CFG
-    fused into the step, optionally a guidance method or per-prompt scales (``guidance``; see the
-    module docstring). Returns an ``Acceleration`` whose ``remove()`` undoes it."""
+    fused into the step (True; "auto": where that is faster than the pipeline's own CFG, see
+    ``fusing_cfg_pays``; False), optionally a guidance method or per-prompt scales (``guidance``,
+    which always go through the recorded CFG formula; see the module docstring). Returns an
+    ``Acceleration`` whose ``remove()`` undoes it."""
     if attention not in (True, False, "auto"):
         raise ValueError(f"attention must be True, False or 'auto', got {attention!r}")
+    if fuse_cfg not in (True, False, "auto"):
+        raise ValueError(f"fuse_cfg must be True, False or 'auto', got {fuse_cfg!r}")
     ctx = _guider_context(guidance)
     if ctx is not None and not fuse_cfg:
         raise ValueError("guidance= acts through the recorded CFG formula: it needs fuse_cfg=True")
@@ -160,7 +164,7 @@ def accelerate(pipe, *, scheduler: bool = True, attention="auto", fuse_cfg: bool
                     module.set_processor(processor)
         if fuse_cfg:
             if ctx is None:
-                handle.hooks.append(denoiser.register_forward_hook(_tag_output))
+                handle.hooks.append(denoiser.register_forward_hook(_plain_cfg_hook(pipe, fuse_cfg == "auto")))
             else:
                 handle.guider = ctx
                 _count_steps(pipe.scheduler, ctx)
@@ -199,8 +203,34 @@ def _is_fastdiff(scheduler) -> bool:
     return isinstance(scheduler, FastdiffScheduler)
 
 
-def _tag_output(module, args, output):
-    return tag_model_output(output)
+# Below this many elements per CFG half, a CPU step computes the pipeline's CFG faster itself than
+# through the recording (~35 us of __torch_function__ per step, measured at SD-1.5's latent:
+# benchmarks/diffusers_bench.py's CFG rows), and so does any step whose scheduler returns
+# pred_original_sample, which needs the guided output itself.
+CPU_FUSE_MIN_ELEMENTS = 1 << 16
+
+
+def fusing_cfg_pays(scheduler, output: torch.Tensor) -> bool:
+    """Whether recording the pipeline's CFG for the fused step is faster than computing it: on a
+    GPU always (it saves three kernel launches and three passes over the latents; argued, not
+    measured here), on the CPU for large latents and schedulers that do not also return x0."""
+    if output.device.type != "cpu":
+        return True
+    return not getattr(scheduler, "_returns_x0", True) and output.numel() // 2 >= CPU_FUSE_MIN_ELEMENTS
+
+
+def _plain_cfg_hook(pipe, auto: bool):
+    """The denoiser's forward hook for plain CFG: tags the output (``auto``: where fusing pays)."""
+    def hook(module, args, output):
+        if auto:
+            try:
+                t = _first_tensor(output)
+            except TypeError:             # (no tensor to tag: tag_model_output leaves it as it is)
+                return output
+            if not fusing_cfg_pays(pipe.scheduler, t):
+                return output
+        return tag_model_output(output)
+    return hook
 
 
 def _guider_context(guidance) -> Optional[GuiderContext]:
