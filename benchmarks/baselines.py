@@ -127,8 +127,19 @@ def inplace_step(x, model_out, x0_prev, c: DPMStepScalars, model_in: Optional[to
         model_in[B:].copy_(x_next)
 
 
+def _allow_recompiles(limit: int = 256) -> None:
+    """One benchmark run compiles the same Python function for many (dtype, epilogue, scalars,
+    shape) variants; dynamo's default recompile limit (8 per code object) would silently run the
+    later variants eagerly."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
 def compiled_inplace_step() -> Callable:
     """A fresh torch.compile of ``inplace_step`` (see ``compiled_step`` on thread counts)."""
+    _allow_recompiles()
     return torch.compile(inplace_step, dynamic=False)
 
 
@@ -136,6 +147,7 @@ def compiled_step(with_model_input: bool = False) -> Callable:
     """A fresh torch.compile (mode default) of the eager step. Inductor's CPU code fixes its OpenMP
     thread count when it compiles, so compile under the thread count it will run with."""
     fn = eager_step_and_model_input if with_model_input else eager_step
+    _allow_recompiles()
     return torch.compile(fn, dynamic=False)
 
 

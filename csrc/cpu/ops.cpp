@@ -43,6 +43,7 @@ constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
 constexpr int64_t CHUNK_BLOCKS = 16;    // blocks per OpenMP work item (8K elements)
 constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
 constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
+constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer
 
 alignas(64) static const float kZeros[BLK] = {};
 
@@ -574,10 +575,10 @@ struct StepKernel {
   }
 
   template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI>
-  uint32_t block_fast(int64_t b) const {
+  uint32_t block_fast(int64_t b, int64_t blk) const {
     using T = typename MT::T;
-    const int64_t s = b * BLK;
-    const int64_t n = std::min(BLK, numel - s);
+    const int64_t s = b * blk;
+    const int64_t n = std::min(blk, numel - s);
     alignas(64) float zb[BLK];
     alignas(64) float scratch[BLK];
     alignas(64) float cb[BLK];
@@ -656,13 +657,21 @@ struct StepKernel {
     return check ? acc : 0u;
   }
 
+  // Blocks of the one-pass kernel: BLK elements where it uses its block buffers (Philox noise,
+  // buffered conversions, the history value of a row that writes none), else BIG_BLK: with no
+  // buffer to fill, a longer run of the loop per call saves the per-block overhead (~1/8 of the
+  // calls), which at the video latent was several percent of a memory-bound step.
   template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI>
   uint32_t run_fast_k() const {
+    const bool buffered = (cdt != DT::F32 && std::is_same<MT, bits::F32>::value) ||
+                          (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
+                          (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || hist_write < 0;
+    const int64_t blk = buffered ? BLK : BIG_BLK;
     switch (K) {
-      case 0: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(b); });
-      case 1: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(b); });
-      case 2: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(b); });
-      default: return for_blocks(numel, BLK, [this](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(b); });
+      case 0: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(b, blk); });
+      case 1: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(b, blk); });
+      case 2: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(b, blk); });
+      default: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(b, blk); });
     }
   }
 
