@@ -11,7 +11,8 @@ TCDScheduler, FlowMatchLCMScheduler, CMStochasticIterativeScheduler; ``ipndm``: 
 CosineDPMSolverMultistepScheduler; ``cogvideox``: CogVideoXDDIMScheduler, CogVideoXDPMScheduler;
 ``parallel``: DDIMParallelScheduler, DDPMParallelScheduler; ``sasolver``: SASolverScheduler;
 ``score_sde``: ScoreSdeVeScheduler), ``cfg`` (CFG fused inside unmodified
-pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``).
+pipelines), ``attention`` (FastdiffAttnProcessor), ``pipelines`` (``accelerate``), ``perturbed``
+(the extra-pass guidance hooks; ``PerturbedModel``), ``repaint`` (RePaintScheduler).
 """
 from .attention import FastdiffAttnProcessor
 from .base import StepOutput
@@ -26,6 +27,7 @@ from .sasolver import SASolverScheduler
 from .score_sde import ScoreSdeVeScheduler
 from .repaint import RePaintScheduler
 from .pipelines import Acceleration, accelerate
+from .perturbed import PerturbedModel
 from .schedulers import (DROP_INS, DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                          DPMSolverSDEScheduler, DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler,
                          EDMEulerScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
@@ -43,5 +45,5 @@ __all__ = [
     "CosineDPMSolverMultistepScheduler", "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler",
     "SASolverScheduler", "ScoreSdeVeScheduler", "RePaintScheduler",
-    "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate",
+    "DROP_INS", "FastdiffAttnProcessor", "StepOutput", "Acceleration", "accelerate", "PerturbedModel",
 ]
