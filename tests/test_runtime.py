@@ -223,3 +223,30 @@ def test_drop_in_plans_are_shared_only_between_equal_configurations():
     assert len(base._PROGRAMS) == n + 2 and not torch.equal(a, c) and not torch.equal(a, d)
     base._PROGRAMS.clear()
     assert torch.equal(run(fdd.EulerDiscreteScheduler(**cfg, timestep_spacing="trailing"), 6), c)
+
+
+def test_a_new_drop_in_run_reuses_buffers_and_starts_clean():
+    """set_timesteps() again at the same shape: the run takes the previous run's buffers (no
+    allocation, no backend choice) and clears its history, so a multistep run equals a fresh one."""
+    from fastdiff.integrations import diffusers as fdd
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", solver_order=2)
+    sample = torch.randn(1, 4, 8, 8)
+
+    def run(sched, steps, scale=1.0):
+        sched.set_timesteps(steps)
+        x = sample
+        for k, t in enumerate(sched.timesteps):
+            x = sched.step(scale * (0.3 * x + 0.05 * k), t, x).prev_sample
+        return x
+
+    s = fdd.DPMSolverMultistepScheduler(**cfg)
+    run(s, 6, scale=3.0)                                    # leaves history behind
+    first = s._fd_run
+    again = run(s, 6)
+    assert s._fd_run is not first and s._fd_run.x is first.x and s._fd_run.executor is first.executor
+    assert torch.equal(again, run(fdd.DPMSolverMultistepScheduler(**cfg), 6))
+    run(s, 5)                                               # another step count, same shape: reused too
+    assert s._fd_run.x is first.x
+    s.set_timesteps(6)
+    s.step(torch.zeros(2, 4, 8, 8), s.timesteps[0], torch.randn(2, 4, 8, 8))   # another shape: new buffers
+    assert s._fd_run.x is not first.x

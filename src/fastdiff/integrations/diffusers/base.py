@@ -118,22 +118,30 @@ class _Run:
     """Device state of one sampling run: buffers, device tables, the chosen kernel."""
 
     def __init__(self, program: _Program, start: int, key, sample: torch.Tensor, model_output: torch.Tensor,
-                 timesteps: List[float], backend: str):
+                 timesteps: List[float], backend: str, previous: Optional["_Run"] = None):
         self.program, self.start, self.key = program, start, key
         self.n = len(program.args)
         self.shape, self.device = sample.shape, sample.device
         self.timesteps = timesteps
         K = program.plan.num_slots
-        self.x = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        self.y = torch.empty_like(self.x) if program.uses_y else None
-        self.hist = torch.zeros((K,) + tuple(self.shape), dtype=torch.float32, device=self.device) if K else None
         self.table = torch.tensor(program.table, device=self.device)      # (a copy: programs are cached, set_g writes)
         self._x0_table = None
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
-        probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
-        self.executor = RowExecutor(self.x, y=self.y, hist=self.hist, model_in=probe, table=self.table,
-                                    backend=backend)
+        self.signature = (tuple(self.shape), self.device, model_output.dtype, K, program.uses_y, backend)
+        if previous is not None and previous.signature == self.signature:
+            # The previous run's buffers and bound kernel (a new set_timesteps() of the same shape:
+            # no allocation, no backend choice); its history is cleared.
+            self.x, self.y, self.hist, self.executor = previous.x, previous.y, previous.hist, previous.executor
+            if self.hist is not None:
+                self.hist.zero_()
+        else:
+            self.x = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+            self.y = torch.empty_like(self.x) if program.uses_y else None
+            self.hist = torch.zeros((K,) + tuple(self.shape), dtype=torch.float32, device=self.device) if K else None
+            probe = torch.empty(self.shape, dtype=model_output.dtype, device=self.device)
+            self.executor = RowExecutor(self.x, y=self.y, hist=self.hist, model_in=probe, table=self.table,
+                                        backend=backend)
         self.bind()
 
     def bind(self):
@@ -476,7 +484,9 @@ class FastdiffScheduler:
         if len(program.args) > len(timesteps) - start or len(program.args) < len(timesteps) - start - 1:
             raise AssertionError(f"{type(self).__name__}: plan has {len(program.args)} calls for "
                                  f"{len(timesteps) - start} timesteps")
-        self._fd_run = _Run(program, start, key, sample, _model_tensor(model_output), timesteps, self.fastdiff_backend)
+        self._fd_run = _Run(program, start, key, sample, _model_tensor(model_output), timesteps, self.fastdiff_backend,
+                            getattr(self, "_fd_last_run", None))
+        self._fd_last_run = self._fd_run
         return self._fd_run
 
     # ------------------------------------------------------------------------------------------
