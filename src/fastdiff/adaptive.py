@@ -28,23 +28,22 @@ fused step's backend; the error norm (a reduction) always dispatches automatical
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from . import ops
 from .ops.reductions import error_norm
 from .parameterization import canonical_prediction
-from .program import Out, Point, Program, Row, compile_program
+from .program import Point, Program, Row, compile_program
 from .runtime import RowExecutor
 from .sampler import _model_output
 from .schedules import Grid, Schedule
 from .solvers import Solver, get_solver
 from .solvers.base import ancestral_step, check_eta, grid_point
-from .solvers.dpm_solver import DPMSolverSinglestep, ddim_eps, half_log_snr
+from .solvers.dpm_solver import dpm_solver_pair_rows
+from .solvers.stochastic import ancestral_noise_row
 
 __all__ = ["PIDController", "RowRunner", "sample_dpm_adaptive", "sample_step_doubling", "dpm_solver_pair_rows"]
 
@@ -247,36 +246,6 @@ def _check_final(x: torch.Tensor, info: Dict, ks: float) -> None:
 # DPM-Solver-12 / 23
 
 
-def dpm_solver_pair_rows(grid: Grid, order: int) -> List[Row]:
-    """One step of DPM-Solver-``order`` over the 1-step ``grid`` (the registered ``dpm_solver``
-    solver's rows: singlestep, noise prediction, r1 = 1/2 for order 2 and r1 = 1/3, r2 = 2/3
-    for order 3), followed by one model-free row with the embedded lower-order solution from the
-    same model evaluations (Lu et al. 2022, Algorithm 4): DPM-Solver-1 for order 2, DPM-Solver-2
-    with r1 = 1/3 for order 3. With h = lambda_t - lambda_s, in native coordinates:
-
-        x_1 = (a_t/a_s) x - s_t (e^h - 1) eps
-        x_2 = x_1 - s_t/(2 r1) (e^h - 1) (eps_1 - eps)
-
-    eps is kept in history slot 0 by the solver's first row; for order 3 the second row also
-    keeps eps_1 in slot 1 (2 slots). The last row writes its result into x as the solver's last
-    row does: run it on a copy of the starting state."""
-    if order not in (2, 3):
-        raise ValueError(f"order must be 2 or 3, got {order!r}")
-    if grid.steps != 1:
-        raise ValueError(f"dpm_solver_pair_rows takes a 1-step grid, got {grid.steps} steps")
-    rows = DPMSolverSinglestep(order).rows(grid)
-    ps, pt = grid_point(grid, 0), grid_point(grid, 1)
-    h = half_log_snr(pt) - half_log_snr(ps)
-    x_coef, eps_coef = ddim_eps(ps, pt)                    # x_1 = x_coef x + eps_coef eps
-    if order == 2:
-        low = Out(x=x_coef, hist=((0, eps_coef),))
-    else:
-        rows[1] = dataclasses.replace(rows[1], hist_write=1)
-        b = pt.sigma * math.expm1(h) / (2.0 * (1.0 / 3.0))
-        low = Out(x=x_coef, hist=((0, eps_coef + b), (1, -b)))
-    return rows + [Row(step=rows[-1].step, out_x=low)]
-
-
 @torch.no_grad()
 def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Schedule, prediction: str = "epsilon",
                         ksigma_min: Optional[float] = None, ksigma_max: Optional[float] = None, order: int = 3,
@@ -345,8 +314,7 @@ def sample_dpm_adaptive(model: Callable, noise: torch.Tensor, *, schedule: Sched
             x_prev = low_k
             if su > 0:
                 pt = _point_at_lambda(schedule, lam_t)
-                noise_row = Row(step=info["n_accept"], out_x=Out(x=pt.alpha / pd.alpha, z=pt.alpha * su * s_noise),
-                                noise_id=info["n_accept"])
+                noise_row = ancestral_noise_row(info["n_accept"], pt.alpha / pd.alpha, pt.alpha * su * s_noise)
                 _, ntable = runner.compile([noise_row], 0)
                 z = None
                 if noise_sampler is not None:

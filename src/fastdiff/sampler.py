@@ -13,8 +13,8 @@ import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -376,7 +376,6 @@ class Sampler:
         prog, rows = self.program, self.program.rows
         dev = noise.device
         shape, B = tuple(noise.shape), noise.shape[0]
-        inpaint = mask is not None
         model_dtype = model_dtype or (torch.float64 if self.state_dtype == torch.float64 else torch.float32)
 
         # Which model evaluations need the uncond pass: where some sample's g != 1, and wherever

@@ -529,3 +529,37 @@ class DPM2Ancestral(Solver):
             z = _ve_scale(p1) * s_up * self.s_noise if s_down > 0 else 0.0
             rows.extend(_dpm_2_step(grid, n, "ve", p0, s0, p1, s_down, z, next(noise_ids) if z else -1))
         return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive step size (fastdiff.adaptive): a step and its embedded lower-order solution
+
+
+def dpm_solver_pair_rows(grid: Grid, order: int) -> List[Row]:
+    """One step of DPM-Solver-``order`` over the 1-step ``grid`` (the registered ``dpm_solver``
+    solver's rows: singlestep, noise prediction, r1 = 1/2 for order 2 and r1 = 1/3, r2 = 2/3
+    for order 3), followed by one model-free row with the embedded lower-order solution from the
+    same model evaluations (Lu et al. 2022, Algorithm 4): DPM-Solver-1 for order 2, DPM-Solver-2
+    with r1 = 1/3 for order 3. With h = lambda_t - lambda_s, in native coordinates:
+
+        x_1 = (a_t/a_s) x - s_t (e^h - 1) eps
+        x_2 = x_1 - s_t/(2 r1) (e^h - 1) (eps_1 - eps)
+
+    eps is kept in history slot 0 by the solver's first row; for order 3 the second row also
+    keeps eps_1 in slot 1 (2 slots). The last row writes its result into x as the solver's last
+    row does: run it on a copy of the starting state."""
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 or 3, got {order!r}")
+    if grid.steps != 1:
+        raise ValueError(f"dpm_solver_pair_rows takes a 1-step grid, got {grid.steps} steps")
+    rows = DPMSolverSinglestep(order).rows(grid)
+    ps, pt = grid_point(grid, 0), grid_point(grid, 1)
+    h = half_log_snr(pt) - half_log_snr(ps)
+    x_coef, eps_coef = ddim_eps(ps, pt)                    # x_1 = x_coef x + eps_coef eps
+    if order == 2:
+        low = Out(x=x_coef, hist=((0, eps_coef),))
+    else:
+        rows[1] = dataclasses.replace(rows[1], hist_write=1)
+        b = pt.sigma * math.expm1(h) / (2.0 * (1.0 / 3.0))
+        low = Out(x=x_coef, hist=((0, eps_coef + b), (1, -b)))
+    return rows + [Row(step=rows[-1].step, out_x=low)]

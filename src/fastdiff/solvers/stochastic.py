@@ -111,3 +111,10 @@ class HeunSDE(_ODESpaceSolver):
                             out_x=Out(x=c1 / c0, h=c1 * ds, z=c1 * g, hist=((0, c1 * ds),)),
                             noise_id=n, next_eval="x"))
         return rows
+
+
+def ancestral_noise_row(step: int, scale: float, noise_std: float) -> Row:
+    """A model-free row x <- scale * x + noise_std * z with the step's own Gaussian draw
+    (noise_id = step): the fresh-noise half of an ancestral step whose deterministic half ran on
+    its own (fastdiff.adaptive's ancestral DPM-Solver steps)."""
+    return Row(step=step, out_x=Out(x=scale, z=noise_std), noise_id=step)
