@@ -88,8 +88,11 @@ static StoreFn store_fn(DT dt) {
 }
 
 // float16 groups of the one-pass kernel through the hardware converter (AVX-512: 16 lanes,
-// F16C: 8); without either, the kernel converts in software (half_bits.h).
-#if defined(__AVX512F__)
+// F16C: 8); without either, the kernel converts in software (half_bits.h). -DFASTDIFF_SOFT_F16
+// forces the software path (to test it on a machine that has F16C).
+#if defined(FASTDIFF_SOFT_F16)
+#define FASTDIFF_F16_GROUP 0
+#elif defined(__AVX512F__)
 #define FASTDIFF_F16_GROUP 64
 static inline void f16_widen_group(const uint16_t* src, float* dst) {
   for (int v = 0; v < FASTDIFF_F16_GROUP; v += 16)
