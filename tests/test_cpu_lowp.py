@@ -221,6 +221,29 @@ def test_lowp_threads(model_dtype):
         assert torch.equal(outs[0][name], outs[1][name]), name
 
 
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("model_in", ("none", "2B"))
+def test_big_blocks_threads(model_dtype, model_in):
+    """No noise and a written history slot: the one-pass kernel runs 4096-element blocks (no block
+    buffers); above the serial threshold, at 1 and 2 threads, with a partial last block."""
+    gen = torch.Generator().manual_seed(_seed("big", model_dtype, model_in))
+    kw = make_case(gen, (3, 4, 100, 101), K=1, model="cfg", noise="none", writes="x", model_in=model_in,
+                   model_dtype=model_dtype, hist_write=0)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            a, b = run_both(kw)
+            assert_match(a, b, f"threads={nt}")
+            _state_bitwise(a, b)
+            outs.append(a)
+    finally:
+        torch.set_num_threads(n0)
+    for name in ("x", "hist") + (("model_in",) if model_in != "none" else ()):
+        assert torch.equal(outs[0][name], outs[1][name]), name
+
+
 # ----------------------------------------------------------------------------------------------
 # alloc_staggered
 # ----------------------------------------------------------------------------------------------
