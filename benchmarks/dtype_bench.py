@@ -14,8 +14,9 @@ is formed within a run (the rows of one run are measured interleaved), then summ
 Placement: the SD-1.5 step (x, the history slot, the [2B] model output and the [2B] model input)
 with every buffer at one address modulo 4096 ("aligned"), with buffers from
 ``fastdiff.ops.buffers.alloc_staggered`` (x, history and model input staggered; the model output
-is the caller's and stays aligned), with everything staggered, and at random 64-byte offsets;
-all interleaved in one measurement per run. Reported: each placement's median µs and the spread
+is the caller's and stays aligned), with everything staggered, with a store stream 64 bytes after
+a load stream (the 4K-aliasing case of a forward loop), and at random 64-byte offsets; all
+interleaved in one measurement per run. Reported: each placement's median µs and the spread
 (slowest ÷ fastest placement − 1) per run, median and range over the runs.
 """
 from __future__ import annotations
@@ -159,7 +160,10 @@ def placements(seed: int) -> Dict[str, List[int]]:
     rng = random.Random(seed)
     out = {"aligned (all at 0 mod 4096)": [0, 0, 0, 0],
            "alloc_staggered (x, history, model input; model output at 0)": [0, S, 0, 2 * S % PAGE],
-           "all staggered": [0, S, 2 * S % PAGE, 3 * S % PAGE]}
+           "all staggered": [0, S, 2 * S % PAGE, 3 * S % PAGE],
+           # 4K aliasing in a forward loop: a store stream one vector (64 B) after a load stream
+           "model input 64 B after the model output": [0, 3008, 1984, 2048],
+           "history 64 B after the model output": [0, 2048, 1984, 1024]}
     for r in range(3):
         out[f"random {r + 1}"] = [rng.randrange(0, PAGE, 64) for _ in range(4)]
     return out

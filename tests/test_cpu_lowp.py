@@ -221,6 +221,71 @@ def test_lowp_threads(model_dtype):
         assert torch.equal(outs[0][name], outs[1][name]), name
 
 
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("model_in", ("none", "2B"))
+def test_big_blocks_threads(model_dtype, model_in):
+    """No noise and a written history slot: the one-pass kernel runs 4096-element blocks (no block
+    buffers); above the serial threshold, at 1 and 2 threads, with a partial last block."""
+    gen = torch.Generator().manual_seed(_seed("big", model_dtype, model_in))
+    kw = make_case(gen, (3, 4, 100, 101), K=1, model="cfg", noise="none", writes="x", model_in=model_in,
+                   model_dtype=model_dtype, hist_write=0)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            a, b = run_both(kw)
+            assert_match(a, b, f"threads={nt}")
+            _state_bitwise(a, b)
+            outs.append(a)
+    finally:
+        torch.set_num_threads(n0)
+    for name in ("x", "hist") + (("model_in",) if model_in != "none" else ()):
+        assert torch.equal(outs[0][name], outs[1][name]), name
+
+
+def _placed_case(gen, shape, model_dtype, offsets):
+    """A K=1 CFG case whose x, history, [2B] model output and [2B] model input start at the given
+    byte offsets modulo 4096 (one allocation), as fused_step kwargs."""
+    B, n = shape[0], 1
+    for v in shape:
+        n *= v
+    es = torch.empty((), dtype=model_dtype).element_size()
+    sizes = [4 * n, 4 * n, 2 * n * es, 2 * n * es]
+    raw = torch.empty(sum(sizes) + 5 * 4096, dtype=torch.uint8)
+    end, views = (-raw.data_ptr()) % 4096, []
+    for size, off in zip(sizes, offsets):
+        start = end + ((off - end) % 4096)
+        views.append(raw[start:start + size])
+        end = start + size
+    kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B", model_dtype=model_dtype,
+                   hist_write=0)
+    x = views[0].view(torch.float32).view(shape).copy_(kw["x"])
+    hist = views[1].view(torch.float32).view((1,) + tuple(shape)).copy_(kw["hist"])
+    out = views[2].view(model_dtype).view((2 * B,) + tuple(shape[1:]))
+    out[:B].copy_(kw["uncond"])
+    out[B:].copy_(kw["cond"])
+    model_in = views[3].view(model_dtype).view((2 * B,) + tuple(shape[1:])).fill_(float("nan"))
+    return dict(kw, x=x, hist=hist, uncond=out[:B], cond=out[B:], model_in=model_in)
+
+
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("offsets", ([0, 3008, 1984, 2048], [0, 3008, 1984, 1920], [0, 0, 0, 0], [448, 704, 640, 2944]))
+def test_placements_forward_and_backward_loops(model_dtype, offsets):
+    """Placements that make the kernel run its vector loop backward (the model input 64 bytes after
+    the model output mod 4096, against 4K aliasing) or forward: the same result as the reference,
+    for whole blocks and for a remainder shorter than a vector. The kernel reads the tensors in
+    place (no copies), so the placement is the one tested."""
+    gen = torch.Generator().manual_seed(_seed("placed", model_dtype, tuple(offsets)))
+    for shape in ((1, 4, 64, 64), (1, 3, 37, 41)):
+        kw = _placed_case(gen, shape, model_dtype, offsets)
+        ref = clone_case(kw)
+        ops.fused_step(**ref, backend="reference")
+        ops.fused_step(**kw, backend="cpu")
+        assert_match(kw, ref, f"{offsets} {shape}")
+        _state_bitwise(kw, ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # alloc_staggered
 # ----------------------------------------------------------------------------------------------

@@ -88,8 +88,11 @@ static StoreFn store_fn(DT dt) {
 }
 
 // float16 groups of the one-pass kernel through the hardware converter (AVX-512: 16 lanes,
-// F16C: 8); without either, the kernel converts in software (half_bits.h).
-#if defined(__AVX512F__)
+// F16C: 8); without either, the kernel converts in software (half_bits.h). -DFASTDIFF_SOFT_F16
+// forces the software path (to test it on a machine that has F16C).
+#if defined(FASTDIFF_SOFT_F16)
+#define FASTDIFF_F16_GROUP 0
+#elif defined(__AVX512F__)
 #define FASTDIFF_F16_GROUP 64
 static inline void f16_widen_group(const uint16_t* src, float* dst) {
   for (int v = 0; v < FASTDIFF_F16_GROUP; v += 16)
@@ -308,6 +311,7 @@ struct StepKernel {
   int64_t mi_half;
   bool mi_from_y;
   bool check;
+  bool reverse = false;           // the one-pass vector loop runs backward (reverse_order)
   m::RowCoefs k;
 
   // Calls f(i0, i1, g) for the runs of elements [s + i0, s + i1) of one sample (one g).
@@ -510,7 +514,111 @@ struct StepKernel {
     return o;
   }
 
-#if FASTDIFF_F16_GROUP
+#if defined(__AVX512F__)
+  // AVX-512: the loop written on 16-lane vectors (gcc vector extensions, the same
+  // operations in the same order as fast_elem / step_math.h; -ffp-contract=off keeps them unfused).
+  // Each stream is loaded once into a register (the empty asm pins it): the auto-vectorized loop
+  // re-read x, E and the model output from L1 for every use (12 loads per 16 elements instead of
+  // 5), which made the L1 load ports, not memory, the limit. Returns where the vectors stopped.
+  typedef float v16f __attribute__((vector_size(64)));
+  typedef uint32_t v16u __attribute__((vector_size(64)));
+  typedef int32_t v16i __attribute__((vector_size(64)));
+  static inline v16f vld(const float* p) { v16f v; memcpy(&v, p, 64); return v; }
+  static inline void vst(float* p, v16f v) { memcpy(p, &v, 64); }
+#define FASTDIFF_PIN(v) asm("" : "+v"(v))
+
+  // 16 lanes of a model dtype <-> float32 (widening exact; narrowing rounds to nearest even, as
+  // half_bits.h and torch).
+  static inline v16f load16(const float* p) { return vld(p); }
+  static inline v16f load16(const uint16_t* p, bits::F16) {
+    return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline v16f load16(const uint16_t* p, bits::BF16) {
+    return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  }
+  static inline void store16(float* p, v16f v) { vst(p, v); }
+  static inline void store16(uint16_t* p, v16f v, bits::F16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static inline void store16(uint16_t* p, v16f v, bits::BF16) {
+    const v16u u = (v16u)v;
+    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
+    r = (r & ~nan) | (0x7fc0u & nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)r));
+  }
+  template <class MT>
+  static inline v16f mload(const typename MT::T* p) {
+    if constexpr (std::is_same<MT, bits::F32>::value) return load16(p);
+    else return load16(p, MT{});
+  }
+  template <class MT>
+  static inline void mstore16(typename MT::T* p, v16f v) {
+    if constexpr (std::is_same<MT, bits::F32>::value) store16(p, v);
+    else store16(p, v, MT{});
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
+  static void lanes16(const FastCoefs& q, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
+                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
+                      typename MT::T* M1, uint32_t& flags) {
+    // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
+    // the remainder (< 16 elements) for the scalar loop.
+    const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
+    const int64_t first = reverse ? lo + rem : lo;
+    const bool e_is_x = E == X;
+    const bool g_one = g == 1.0f;
+    v16i bad = {};
+    for (int64_t t = 0; t < nvec; ++t) {
+      const int64_t i = first + 16 * (reverse ? nvec - 1 - t : t);
+      v16f e = vld(E + i);
+      FASTDIFF_PIN(e);
+      v16f xi = e;
+      if (!e_is_x) {
+        xi = vld(X + i);
+        FASTDIFF_PIN(xi);
+      }
+      v16f c = mload<MT>(C + i);
+      FASTDIFF_PIN(c);
+      v16f u = c;
+      if (HAS_U) {
+        u = mload<MT>(U + i);
+        FASTDIFF_PIN(u);
+      }
+      const v16f d = HAS_U ? (g_one ? c : u + g * (c - u)) : c;          // m::guided
+      const v16f h = q.qy * e + q.qd * d;                                 // m::step_h
+      const v16f hu = HAS_U ? q.qy * e + q.qd * u : h;
+      v16f o = ((q.xx * xi + q.xy * e) + q.xh * h) + q.xhu * hu;           // m::out_model
+      v16f hv = ((q.hx * xi + q.hy * e) + q.hh * h) + q.hhu * hu;
+      if (HAS_Z) {
+        v16f z = vld(Z + i);
+        FASTDIFF_PIN(z);
+        o = o + q.xz * z;                                                   // m::out_add
+        hv = hv + q.hz * z;
+      }
+      if (KT > 0) { v16f t = vld(H0 + i); FASTDIFF_PIN(t); o = o + q.x0 * t; hv = hv + q.h0 * t; }
+      if (KT > 1) { v16f t = vld(H1 + i); FASTDIFF_PIN(t); o = o + q.x1 * t; hv = hv + q.h1 * t; }
+      if (KT > 2) { v16f t = vld(H2 + i); FASTDIFF_PIN(t); o = o + q.x2 * t; hv = hv + q.h2 * t; }
+      vst(Hw + i, hv);
+      vst(X + i, o);
+      bad |= ((v16u)o & 0x7f800000u) == 0x7f800000u;                        // m::nonfinite
+      if (HAS_MI) {
+        const v16f mi = s_in * o;                                           // m::model_input
+        mstore16<MT>(M0 + i, mi);
+        mstore16<MT>(M1 + i, mi);
+      }
+    }
+    uint32_t any = 0;
+    for (int l = 0; l < 16; ++l) any |= (uint32_t)bad[l];
+    flags |= any & 1u;
+    if (reverse) hi = first;
+    else lo = first + 16 * nvec;
+  }
+#undef FASTDIFF_PIN
+#endif
+
+#if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
   // float16 through the hardware converter, G lanes at a time: widen the group's c/u into an L1
   // local, run the element math vectorized over the group, narrow the model input the same way.
   // Elements [i, end) in whole groups; returns where the groups stopped (the caller's loop takes
@@ -625,8 +733,16 @@ struct StepKernel {
       per_sample(s + j0, len, [&](int64_t i0, int64_t i1, float g) {
         uint32_t a = 0;
         int64_t i = j0 + i0;
-        const int64_t end = j0 + i1;
-#if FASTDIFF_F16_GROUP
+        int64_t end = j0 + i1;
+#if defined(__AVX512F__)
+#if defined(FASTDIFF_SOFT_F16)
+        if (!buffered && !std::is_same<MT, bits::F16>::value)
+#else
+        if (!buffered)
+#endif
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, a);
+#endif
+#if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
           i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI>(q, i, end, g, s_in, E, X, reinterpret_cast<const uint16_t*>(C),
                                                    reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw,
@@ -687,8 +803,45 @@ struct StepKernel {
     return halves > 0 ? run_fast_mi<MT, true>() : run_fast_mi<MT, false>();
   }
 
-  uint32_t run() const {
+  // 4K aliasing: a load whose address equals an earlier, still buffered store's modulo 4096 waits
+  // for it. In a forward streaming loop that happens when a store stream starts 64-192 bytes (1-3
+  // vectors) after a load stream modulo 4096: the next vectors' loads match the last stores (the
+  // SD-1.5 step measured 1.5-1.85x slower with the model input 64 bytes after the model output).
+  // Running the loop backward turns exactly those placements harmless (and the mirror ones
+  // harmful), so the kernel picks the direction with fewer such pairs. Streams of the same element
+  // size keep their offsets mod 4096 along the loop, so one decision per call holds.
+  bool reverse_order() const {
+    const char* loads[8];
+    int64_t lsize[8];
+    int nl = 0;
+    const char* stores[4];
+    int64_t ssize[4];
+    int ns = 0;
+    auto load = [&](const void* p, int64_t es) { if (p) { loads[nl] = static_cast<const char*>(p); lsize[nl++] = es; } };
+    auto store = [&](const void* p, int64_t es) { if (p) { stores[ns] = static_cast<const char*>(p); ssize[ns++] = es; } };
+    load(eval_y ? y : x, 4);
+    load(cond, dt_size(cdt));
+    load(uncond, dt_size(cdt));
+    if (noise != nullptr) load(noise, dt_size(ndt));
+    for (int j = 0; j < K && j < 3; ++j) load(hist + j * hist_slot, 4);
+    store(x, 4);
+    if (hist_write >= 0) store(hist + hist_write * hist_slot, 4);
+    if (halves > 0) store(model_in, dt_size(mdt));
+    if (halves > 1) store(static_cast<const char*>(model_in) + mi_half * dt_size(mdt), dt_size(mdt));
+    int fwd = 0, bwd = 0;
+    for (int a = 0; a < ns; ++a)
+      for (int b = 0; b < nl; ++b) {
+        if (ssize[a] != lsize[b]) continue;
+        const int64_t d = (int64_t)((reinterpret_cast<uintptr_t>(stores[a]) - reinterpret_cast<uintptr_t>(loads[b])) & 4095);
+        fwd += d > 0 && d <= 192;
+        bwd += d >= 4096 - 192;
+      }
+    return fwd > bwd;
+  }
+
+  uint32_t run() {
     if (fast_ok()) {
+      reverse = reverse_order();
       // Inline conversion when model_in (if any) has the model output's dtype and any given noise is
       // float32; anything else converts through float32 buffers.
       const bool inline_ok = (model_in == nullptr || mdt == cdt) && (noise == nullptr || ndt == DT::F32);

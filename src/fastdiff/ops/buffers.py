@@ -1,16 +1,15 @@
-"""Buffers the sampler owns, placed so that concurrent streams do not collide in the cache.
+"""Buffers the sampler owns, placed so that concurrent streams do not share an address mod 4096.
 
 A fused step streams several tensors at once (x, the history slots, the model input, the model
 output's halves). When their start addresses agree modulo 4096, element i of every stream maps
-to the same L1 set and the loads of one stream alias the stores of another (4K aliasing): at the
-SD-1.5 latent the CPU step was measured ~1.9x slower with all streams at one address mod 4096
-than with 1-2 KiB offsets (issue 17). Separate allocations of a power-of-two size land at such
-"aligned" addresses often (the allocator's page-aligned chunks), and which case a run gets
-depends on the allocator's history: most of the run-to-run spread at that size.
+to the same L1 set and a load can falsely alias an earlier store of another stream (4K aliasing).
+Separate allocations of a power-of-two size land at such "aligned" addresses often, and which
+case a run gets depends on the allocator's history. Issue 17 measured the SD-1.5 step ~1.9x
+slower when aligned on the kernel of that time; the current CPU kernel measured 2.5% at fp32 and
+nothing at fp16 (benchmarks/results/issue17_kernel.md), so this is insurance, not a speedup.
 
 ``alloc_staggered`` makes the placement deterministic: one allocation, the tensors as views at
-offsets that differ modulo 4096 by a fixed stagger (each view 64-byte aligned, so a SIMD row
-never straddles a cache line more than it must).
+offsets that differ modulo 4096 by a fixed stagger (each view 64-byte aligned).
 """
 from __future__ import annotations
 
@@ -21,9 +20,8 @@ import torch
 
 PAGE = 4096
 ALIGN = 64
-#: Offset between consecutive buffers modulo 4096 (bytes): 1088 = 17 cache lines, so up to
-#: 64 buffers take distinct 64-byte slots mod 4096 and neighbours are >= 1 KiB apart (the
-#: distance at which the hardware's store-to-load alias check no longer fires).
+#: Offset between consecutive buffers modulo 4096 (bytes): 1088 = 17 cache lines (17 is odd, so
+#: up to 64 buffers take distinct 64-byte slots mod 4096), and neighbours are >= 1 KiB apart.
 DEFAULT_STAGGER = 1088
 
 Spec = Tuple[Sequence[int], torch.dtype]
