@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 import warnings
@@ -194,6 +195,22 @@ def bench_pipeline(latents: List[int], steps: int, threads: int, opts: dict, log
     return rows
 
 
+def combine_runs(runs: List[List[dict]]) -> List[dict]:
+    """One row per (shape, scheduler, CFG): medians over the runs, and the range of the speedups."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for k in ("diffusers_us", "fastdiff_us", "speedup", "fastdiff_first_call_ms"):
+            if k in row:
+                row[k] = statistics.median(r[k] for r in rows)
+        row["speedup_min"], row["speedup_max"] = min(r["speedup"] for r in rows), max(r["speedup"] for r in rows)
+        row["runs"] = len(rows)
+        out.append(row)
+    return out
+
+
 def render_markdown(report: dict) -> str:
     lines = ["| shape | scheduler | CFG | diffusers µs | fastdiff µs | speedup | fastdiff first call ms |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
@@ -201,7 +218,9 @@ def render_markdown(report: dict) -> str:
         first = f"{r['fastdiff_first_call_ms']:.1f}" if "fastdiff_first_call_ms" in r else ""
         cfg = ("yes, fused" if r.get("cfg_fused") else "yes, pipeline's") if r["cfg"] else "no"
         lines.append(f"| {r['shape']} | {r['scheduler']} | {cfg} | {r['diffusers_us']:.1f} | "
-                     f"{r['fastdiff_us']:.1f} | {r['speedup']:.1f}× | {first} |")
+                     f"{r['fastdiff_us']:.1f} | {r['speedup']:.1f}×"
+                     + (f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if "speedup_min" in r else "")
+                     + f" | {first} |")
     lines += ["", "| pipeline | steps | stock ms/step | accelerated ms/step | saved µs/step | speedup | max |Δ latent| |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["pipeline"]:
@@ -224,22 +243,28 @@ def main(argv=None) -> int:
                         "core on a busy machine (use with --threads 1)")
     p.add_argument("--json", type=Path, default=None,
                    help="default results/diffusers_bench.json (quick: results/diffusers_bench_quick.json)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="repeat the step measurements this many times; each row then reports the median over "
+                        "runs and the range (min-max) of the per-run speedups")
+    p.add_argument("--no-pipeline", action="store_true", help="only the step table")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     names = a.schedulers or list(QUICK_SCHEDULERS if a.quick else SCHEDULERS)
     bad = [n for n in names if n not in SCHEDULERS]
     if bad:
         p.error(f"unknown scheduler(s) {bad}; expected some of {', '.join(SCHEDULERS)}")
-    if a.threads < 1 or a.pipeline_steps < 1:
-        p.error("--threads and --pipeline-steps must be >= 1")
+    if a.threads < 1 or a.pipeline_steps < 1 or a.runs < 1:
+        p.error("--threads, --pipeline-steps and --runs must be >= 1")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     opts = dict(min_samples=5, min_time=0.2) if a.quick else dict(min_samples=21, min_time=1.0)
     pipeline_opts = dict(min_samples=3 if a.quick else 7, min_time=0.0, sample_time=0.0, warmup=1)
     shapes = {k: v for k, v in SHAPES.items() if not a.quick or k.startswith("SD-1.5")}
     report = {"machine": machine_info(), "threads": a.threads, "clock": a.clock, "load_average_before": load_average(),
-              "step": bench_steps(names, shapes, a.threads, dict(opts, clock=a.clock), log),
-              "pipeline": bench_pipeline([16] if a.quick else [16, 64], a.pipeline_steps, a.threads,
-                                         dict(pipeline_opts, clock=a.clock), log),
+              "runs": a.runs,
+              "step": combine_runs([bench_steps(names, shapes, a.threads, dict(opts, clock=a.clock), log)
+                                    for _ in range(a.runs)]),
+              "pipeline": [] if a.no_pipeline else bench_pipeline([16] if a.quick else [16, 64], a.pipeline_steps,
+                                                                   a.threads, dict(pipeline_opts, clock=a.clock), log),
               "load_average_after": load_average()}
     out = a.json or RESULTS / ("diffusers_bench_quick.json" if a.quick else "diffusers_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
