@@ -783,11 +783,16 @@ struct StepKernel {
                           (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
                           (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || hist_write < 0;
     const int64_t blk = buffered ? BLK : BIG_BLK;
+    // A backward vector loop takes the blocks backward too: a sawtooth (backward inside blocks,
+    // forward across them) defeated the hardware prefetcher (the video step ran 1.6x slower).
+    const int64_t last = (numel + blk - 1) / blk - 1;
+    const bool rev = reverse;
+    auto order = [last, rev](int64_t b) { return rev ? last - b : b; };
     switch (K) {
-      case 0: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(b, blk); });
-      case 1: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(b, blk); });
-      case 2: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(b, blk); });
-      default: return for_blocks(numel, blk, [this, blk](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(b, blk); });
+      case 0: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(order(b), blk); });
+      case 1: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(order(b), blk); });
+      case 2: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(order(b), blk); });
+      default: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(order(b), blk); });
     }
   }
 
