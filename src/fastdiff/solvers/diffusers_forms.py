@@ -5,7 +5,8 @@ solver and its options; where diffusers' arithmetic is not one of fastdiff's sol
 come from here, so that no drop-in builds a ``Row`` itself:
 
 * ``identity_row``: a zero-length step (a noise level repeated in diffusers' schedule) taken as
-  the identity, the model still called.
+  the identity, the model still called; ``with_identity_steps`` / ``unipc_with_identity_steps``
+  put such calls into the rows of a grid that left the repeated levels out.
 * ``singlestep_dpm_rows``: diffusers' singlestep DPM-Solver, whose stages are the grid's own points.
 * ``repaint_row``: RePaint's DDIM(eta) posterior step with the known region's noise beside it.
 
@@ -16,6 +17,7 @@ drop-ins share, is ``exponential.ddim_raw_eps_row``; LMS with diffusers' order r
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import List, Sequence
 
 import numpy as np
@@ -30,6 +32,59 @@ def identity_row(step: int, point: Point) -> Row:
     """x' = x: a zero-length step as diffusers' first-order updates take it (the model is evaluated
     at ``point``, as diffusers calls it, and its output is not used: q_y = q_x0 = 0)."""
     return Row(step=step, eval_at="x", point=point, q_y=0.0, q_x0=0.0, out_x=Out(x=1.0), next_eval="x")
+
+
+def with_identity_steps(rows: List[Row], repeats: Sequence[int]) -> List[Row]:
+    """First-order ``rows`` of a grid that left out repeated noise levels, with the zero-length
+    steps there taken as the identity, as diffusers' first-order updates take them (the model is
+    still called, its output unused). ``repeats``: the calls (of the run) whose step is zero-length."""
+    if not repeats:
+        return rows
+    out, real = [], iter(rows)
+    pending = next(real)
+    for call in range(len(rows) + len(repeats)):
+        if call in repeats:
+            out.append(identity_row(call, pending.point))
+        else:
+            out.append(replace(pending, step=call))
+            pending = next(real, None)
+    return out
+
+
+def unipc_with_identity_steps(rows: List[Row], repeats: Sequence[int]) -> List[Row]:
+    """First-order UniPC rows of a grid that left out repeated noise levels, with diffusers' calls
+    there: at a zero-length step j diffusers applies the corrector of step j - 1 (with the model
+    output of call j) and predicts the identity; call j + 1 corrects that by the identity (its
+    step size is 0) and predicts the next step from the model output of call j + 1. So row j of
+    the grid splits in two: its corrector (out_x, also written to y), then its predictor (out_y
+    with the corrector taken out: out_y = a * out_x + b * D)."""
+    if not repeats:
+        return rows
+    out, real = [], iter(rows)
+    pending = next(real)
+    calls = len(rows) + len(repeats)
+    for call in range(calls):
+        if call not in repeats:
+            out.append(replace(pending, step=call))
+            pending = next(real, None)
+            continue
+        r = pending
+        corrected = r.out_x if r.out_x is not None else Out(x=1.0)      # (a disabled corrector: Out(y=1))
+        ok = r.out_y is not None and r.next_eval == "y" and r.out_y.z == 0.0 and (corrected.x or corrected.y) \
+            and call + 1 not in repeats
+        if ok:
+            a = r.out_y.x / corrected.x if corrected.x else r.out_y.y / corrected.y
+            b = r.out_y.h - a * corrected.h
+            close = lambda u, v: math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)  # noqa: E731
+            want = dict((j, a * v) for j, v in corrected.hist)
+            ok = close(r.out_y.x, a * corrected.x) and close(r.out_y.y, a * corrected.y) and \
+                all(close(v, want.get(j, 0.0)) for j, v in r.out_y.hist) and len(r.out_y.hist) >= len(want)
+        if not ok:
+            raise ValueError(f"this run's schedule repeats a noise level at call {call} (a zero-length step), which "
+                             "fastdiff's UniPC does not take there; choose another number of steps or timestep spacing")
+        out.append(replace(r, step=call, out_y=corrected, next_eval="y"))
+        pending = replace(r, eval_at="y", out_x=Out(x=1.0), out_y=Out(x=a, h=b), next_eval="y")
+    return out
 
 
 def singlestep_dpm_rows(grid: Grid, orders: Sequence[int], algorithm: str, solver_type: str,

@@ -73,11 +73,12 @@ import numpy as np
 import torch
 
 from ...guidance import ClipSample, DynamicThresholding
-from ...program import Out, Point, Row
+from ...program import Point, Row
 from ...schedules import DiscreteVP, FlowMatching, Grid, VESchedule
 from ...solvers import get_solver
 from ...solvers.base import grid_point
-from ...solvers.diffusers_forms import identity_row, singlestep_dpm_rows
+from ...solvers.diffusers_forms import (identity_row, singlestep_dpm_rows, unipc_with_identity_steps,
+                                         with_identity_steps)
 from ...solvers.exponential import ddim_raw_eps_row
 from ...solvers.multistep import ZeroStepError, lms_rows, unic_rows
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
@@ -154,23 +155,6 @@ def _grid(schedule, t, alpha, sigma, levels, allow_repeats: bool = False, hint: 
     t = np.asarray(t, dtype=np.float64)[keep]
     alpha, sigma = np.asarray(alpha, dtype=np.float64)[keep], np.asarray(sigma, dtype=np.float64)[keep]
     return _DiffusersGrid(schedule, t, alpha, sigma, t, tail=tail, repeats=repeats)
-
-
-def _with_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
-    """First-order ``rows`` of a grid that left out repeated noise levels, with the zero-length
-    steps there taken as the identity, as diffusers' first-order updates take them (the model is
-    still called, its output unused)."""
-    if not grid.repeats:
-        return rows
-    out, real = [], iter(rows)
-    pending = next(real)
-    for call in range(len(rows) + len(grid.repeats)):
-        if call in grid.repeats:
-            out.append(identity_row(call, pending.point))
-        else:
-            out.append(replace(pending, step=call))
-            pending = next(real, None)
-    return out
 
 
 def _ve_grid(sigmas: np.ndarray) -> _DiffusersGrid:
@@ -665,7 +649,7 @@ _REPEAT_HINT = (" (diffusers' own result there is NaN at solver_order >= 2; at s
 
 def _multistep_grid(self, start: int, first_order: bool = False, hint: str = _REPEAT_HINT):
     """(grid, fold) of the calls from ``start``; ``first_order``: the plan takes zero-length steps
-    inside the schedule as the identity (``_with_identity_steps``)."""
+    inside the schedule as the identity (``with_identity_steps``)."""
     schedule, alpha, sigma, ks = _ksigma_points(self)
     t = np.arange(len(alpha), dtype=np.float64)[::-1].copy()
     grid = _vp_grid(schedule, alpha[start:], sigma[start:], t[start:], allow_repeats=first_order, hint=hint)
@@ -709,7 +693,7 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
             solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
                 "sde_dpmsolver", order=c.solver_order, solver_type=c.solver_type, lower_order_final=lof,
                 euler_at_final=eaf), grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
-            rows = _with_identity_steps(rows, grid)
+            rows = with_identity_steps(rows, grid.repeats)
             return Plan(rows, fold, solver.num_slots, draws=[True] * len(rows), noise_dtype=torch.float32,
                         x0_transform=_x0_transform(c))
         sde = c.algorithm_type == "sde-dpmsolver++"
@@ -718,48 +702,12 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
             algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++", solver_type=c.solver_type,
             lower_order_final=lof, euler_at_final=eaf, eta=1.0 if sde else 0.0),
             grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
-        rows = _with_identity_steps(rows, grid)
+        rows = with_identity_steps(rows, grid.repeats)
         return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), noise_dtype=torch.float32 if sde else None,
                     x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict)
-
-
-def _unipc_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
-    """First-order UniPC rows of a grid that left out repeated noise levels, with diffusers' calls
-    there: at a zero-length step j diffusers applies the corrector of step j - 1 (with the model
-    output of call j) and predicts the identity; call j + 1 corrects that by the identity (its
-    step size is 0) and predicts the next step from the model output of call j + 1. So row j of
-    the grid splits in two: its corrector (out_x, also written to y), then its predictor (out_y
-    with the corrector taken out: out_y = a * out_x + b * D)."""
-    if not grid.repeats:
-        return rows
-    out, real = [], iter(rows)
-    pending = next(real)
-    calls = len(rows) + len(grid.repeats)
-    for call in range(calls):
-        if call not in grid.repeats:
-            out.append(replace(pending, step=call))
-            pending = next(real, None)
-            continue
-        r = pending
-        corrected = r.out_x if r.out_x is not None else Out(x=1.0)      # (a disabled corrector: Out(y=1))
-        ok = r.out_y is not None and r.next_eval == "y" and r.out_y.z == 0.0 and (corrected.x or corrected.y) \
-            and call + 1 not in grid.repeats
-        if ok:
-            a = r.out_y.x / corrected.x if corrected.x else r.out_y.y / corrected.y
-            b = r.out_y.h - a * corrected.h
-            close = lambda u, v: math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)  # noqa: E731
-            want = dict((j, a * v) for j, v in corrected.hist)
-            ok = close(r.out_y.x, a * corrected.x) and close(r.out_y.y, a * corrected.y) and \
-                all(close(v, want.get(j, 0.0)) for j, v in r.out_y.hist) and len(r.out_y.hist) >= len(want)
-        if not ok:
-            raise ValueError(f"this run's schedule repeats a noise level at call {call} (a zero-length step), which "
-                             "fastdiff's UniPC does not take there; choose another number of steps or timestep spacing")
-        out.append(replace(r, step=call, out_y=corrected, next_eval="y"))
-        pending = replace(r, eval_at="y", out_x=Out(x=1.0), out_y=Out(x=a, h=b), next_eval="y")
-    return out
 
 
 def _unipc_corrector_plan(self, start: int) -> Plan:
@@ -837,7 +785,7 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
         solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
                             disable_corrector=disabled, lower_order_final=c.lower_order_final)
         try:
-            rows = _unipc_identity_steps(solver.rows(grid), grid)
+            rows = unipc_with_identity_steps(solver.rows(grid), grid.repeats)
         except ZeroDivisionError:
             if not grid.tail:
                 raise
@@ -947,7 +895,7 @@ class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler
         c = self.config
         grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         solver = get_solver("deis", order=c.solver_order, lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15))
-        rows = _with_identity_steps(solver.rows(grid), grid)
+        rows = with_identity_steps(solver.rows(grid), grid.repeats)
         return Plan(rows, fold, solver.num_slots, x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, return_dict=True):
@@ -979,7 +927,8 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
             made += 1
         S = c.solver_order - 1
         orders = orders[:len(orders) - len(grid.repeats)]      # (all 1 where the grid has repeats)
-        rows = _with_identity_steps(singlestep_dpm_rows(grid, orders, c.algorithm_type, c.solver_type, S), grid)
+        rows = with_identity_steps(singlestep_dpm_rows(grid, orders, c.algorithm_type, c.solver_type, S),
+                                   grid.repeats)
         sde = c.algorithm_type == "sde-dpmsolver++"
         return Plan(rows, fold, S, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
 
