@@ -4,9 +4,10 @@ Exponential integrators are written with (alpha, sigma, lambda = log(alpha/sigma
 linear part of the probability-flow ODE and invariant to rescaling x, so one formula serves VP, VE
 and flow schedules alike. This module is the one home of the pieces they share: lambda
 (``half_log_snr``), the point at a given lambda (``point_at_lambda``), the first-order steps on the
-data and the noise prediction (``ddim_data``, ``ddim_eps``), DDIM's noise std. The multistep and
-singlestep DPM-Solvers (dpm_solver.py, including DPM-Solver++(2M)), DEIS and UniPC (multistep.py)
-and the adaptive driver build on them.
+data and the noise prediction (``ddim_data``, ``ddim_eps``), DDIM's noise std, DDIM's row with its
+raw noise estimate in a history slot (``ddim_raw_eps_row``: the diffusers DDIM, DDIM-inversion and
+RePaint drop-ins). The multistep and singlestep DPM-Solvers (dpm_solver.py, including
+DPM-Solver++(2M)), DEIS and UniPC (multistep.py) and the adaptive driver build on them.
 """
 from __future__ import annotations
 
