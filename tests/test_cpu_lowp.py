@@ -277,13 +277,18 @@ def test_placements_forward_and_backward_loops(model_dtype, offsets):
     for whole blocks and for a remainder shorter than a vector. The kernel reads the tensors in
     place (no copies), so the placement is the one tested."""
     gen = torch.Generator().manual_seed(_seed("placed", model_dtype, tuple(offsets)))
-    for shape in ((1, 4, 64, 64), (1, 3, 37, 41)):
-        kw = _placed_case(gen, shape, model_dtype, offsets)
-        ref = clone_case(kw)
-        ops.fused_step(**ref, backend="reference")
-        ops.fused_step(**kw, backend="cpu")
-        assert_match(kw, ref, f"{offsets} {shape}")
-        _state_bitwise(kw, ref)
+    n0 = torch.get_num_threads()
+    try:
+        for shape, nt in (((1, 4, 64, 64), 1), ((1, 3, 37, 41), 1), ((2, 4, 64, 80), 2)):   # the last: OpenMP blocks
+            torch.set_num_threads(nt)
+            kw = _placed_case(gen, shape, model_dtype, offsets)
+            ref = clone_case(kw)
+            ops.fused_step(**ref, backend="reference")
+            ops.fused_step(**kw, backend="cpu")
+            assert_match(kw, ref, f"{offsets} {shape}")
+            _state_bitwise(kw, ref)
+    finally:
+        torch.set_num_threads(n0)
 
 
 # ----------------------------------------------------------------------------------------------

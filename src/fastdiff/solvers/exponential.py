@@ -4,14 +4,15 @@ Exponential integrators are written with (alpha, sigma, lambda = log(alpha/sigma
 linear part of the probability-flow ODE and invariant to rescaling x, so one formula serves VP, VE
 and flow schedules alike. This module is the one home of the pieces they share: lambda
 (``half_log_snr``), the point at a given lambda (``point_at_lambda``), the first-order steps on the
-data and the noise prediction (``ddim_data``, ``ddim_eps``), DDIM's noise std. The multistep and
-singlestep DPM-Solvers (dpm_solver.py, including DPM-Solver++(2M)), DEIS and UniPC (multistep.py)
-and the adaptive driver build on them.
+data and the noise prediction (``ddim_data``, ``ddim_eps``), DDIM's noise std, DDIM's row with its
+raw noise estimate in a history slot (``ddim_raw_eps_row``: the diffusers DDIM, DDIM-inversion and
+RePaint drop-ins). The multistep and singlestep DPM-Solvers (dpm_solver.py, including
+DPM-Solver++(2M)), DEIS and UniPC (multistep.py) and the adaptive driver build on them.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -80,6 +81,22 @@ def ddim_noise_std(a_t, s_t, a_s, s_s, eta):
         return 0.0
     ratio = (a_t * s_s) / (a_s * s_t)  # ksigma_s / ksigma_t  (< 1)
     return eta * s_s * math.sqrt(max(1.0 - ratio * ratio, 0.0))
+
+
+def ddim_raw_eps_row(step: int, point: Point, alpha_next: float, eps_coef: float, noise_std: float = 0.0,
+                     noise_id: int = -1, out_y: Optional[Out] = None) -> Row:
+    """DDIM's update with its noise estimate read from history slot 0 instead of derived from x0:
+
+        x' = alpha_next x0 + eps_coef eps_raw + noise_std z        (h = x0)
+
+    diffusers' DDIM keeps the model's raw noise estimate next to a clipped or thresholded x0 (and
+    where the sample is clean, its eps is no function of x0): its driver fills slot 0 beside the
+    pass. DDIM(eta) sampling has eps_coef = sqrt(sigma_next^2 - noise_std^2), DDIM inversion
+    (eta = 0, up the schedule) eps_coef = sigma_next. ``out_y``: a second output written to y
+    (RePaint: the known region's noise)."""
+    return Row(step=step, eval_at="x", point=point, q_y=0.0, q_x0=1.0,
+               out_x=Out(h=alpha_next, hist=((0, eps_coef),), z=noise_std), out_y=out_y,
+               noise_id=noise_id, next_eval="x")
 
 
 @register("ddim")

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from ..program import Out, Row
+from ..program import Out, Point, Row
 from ..schedules import Grid
 from .base import (Solver, check_choice, check_order, check_space, derivative_quantity, eps_quantity, grid_point,
                    history_terms, ode_scale, ode_s, register, ring_write)
@@ -70,16 +70,33 @@ class LMS(Solver):
         N, S = grid.steps, self.num_slots
         points = [grid_point(grid, i) for i in range(N + 1)]
         s = [ode_s(space, p.alpha, p.sigma) for p in points]
-        rows = []
-        for n in range(N):
-            p0, p1 = points[n], points[n + 1]
-            c0, c1 = ode_scale(space, p0.alpha, p0.sigma), ode_scale(space, p1.alpha, p1.sigma)
-            w = self.step_weights(s, n, points)
-            h_coef, hist = history_terms(n, [c1 * wj for wj in w], S)
-            qy, qx0 = derivative_quantity(space, p0)
-            rows.append(Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0,
-                            out_x=Out(x=c1 / c0, h=h_coef, hist=hist), hist_write=ring_write(n, N, S), next_eval="x"))
-        return rows
+        return [lms_row(n, points[n], points[n + 1], space, self.step_weights(s, n, points), S, N) for n in range(N)]
+
+
+def lms_row(step: int, p: Point, q: Point, space: str, weights: Sequence[float], slots: int, steps: int) -> Row:
+    """One linear multistep step p -> q in the ODE coordinates (y = x/c, s = sigma/c of ``space``):
+    y_q = y_p + sum_j w_j d_{step-j}, i.e. x_q = (c_q/c_p) x_p + c_q sum_j w_j d_{step-j}, with
+    d = (y - x0)/s this step's quantity (written to the ring of ``slots`` history slots, ``steps``
+    the run's length) and the earlier ones read from it."""
+    c0, c1 = ode_scale(space, p.alpha, p.sigma), ode_scale(space, q.alpha, q.sigma)
+    h_coef, hist = history_terms(step, [c1 * wj for wj in weights], slots)
+    qy, qx0 = derivative_quantity(space, p)
+    return Row(step=step, eval_at="x", point=p, q_y=qy, q_x0=qx0, out_x=Out(x=c1 / c0, h=h_coef, hist=hist),
+               hist_write=ring_write(step, steps, slots), next_eval="x")
+
+
+def lms_rows(grid: Grid, order: int, start: int = 0, space: str = "ve") -> List[Row]:
+    """LMS from step ``start`` of ``grid`` with diffusers' order rule (LMSDiscreteScheduler): the
+    coefficients of step n are those of order min(n + 1, order) counted from the grid's start
+    (``lms_coefficients`` on the nodes s_n, s_{n-1}, ...), of which a run begun at ``start`` uses
+    the leading min(n - start + 1, order): the derivatives of the steps it took. Rows are numbered
+    from the run's start; order - 1 history slots. ``start=0``: k-diffusion's ``lms``."""
+    points = [grid_point(grid, i) for i in range(grid.steps + 1)]
+    s = [ode_s(space, p.alpha, p.sigma) for p in points]
+    N, S = grid.steps, order - 1
+    return [lms_row(n - start, points[n], points[n + 1], space,
+                    lms_coefficients(s, n, min(n + 1, order))[:min(n - start + 1, order)], S, N - start)
+            for n in range(start, N)]
 
 
 def deis_coefficients(rho: Sequence[float], n: int, order: int) -> List[float]:
@@ -283,3 +300,50 @@ class UniPC(Solver):
                             hist_write=ring_write(n, N, S), next_eval="x" if last else "y"))
             prev_order = k
         return rows
+
+
+class ZeroStepError(ValueError):
+    """A corrector that divides by a zero step in log-SNR (a noise level repeated in the schedule)."""
+
+    def __init__(self, call: int, order: int):
+        super().__init__(f"UniPC's corrector of order {order} at call {call} divides by a zero step in log-SNR")
+        self.call, self.order = call, order
+
+
+def unic_rows(solver: UniPC, points: Sequence[Point], predictor_orders: Sequence[int],
+              uncorrected: Sequence[int] = ()) -> List[Row]:
+    """UniPC's corrector alone (UniC), one row per call: "solver_p + UniC", another solver predicts.
+
+    Call n evaluates at y (the sample it is given, E; call 0 at x), keeps the last corrected sample
+    c_{n-1} in x and writes c_n to x (the next call's ``last_sample``) and to y, which it returns:
+    c_n = UniC-k(c_{n-1}; m_{n-1}, ..., m_n) (``UniPC._corrector``, k = ``predictor_orders[n - 1]``,
+    the order the predictor of call n - 1 used, lambda = log(alpha/sigma) of ``points``), its
+    model quantity m_n (x0, or eps without ``predict_x0``) going to a ring of ``solver_order``
+    slots. c_0 is the sample itself; a call listed in ``uncorrected`` takes the sample as it is.
+    Raises ``ZeroStepError`` where the corrector divides by a zero step in log-SNR."""
+    lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
+    calls, S = len(points), solver.solver_order
+    rows = []
+    for n, p in enumerate(points):
+        last = n == calls - 1
+        if n == 0:
+            corrected = Out(x=1.0)                       # (x is the sample itself)
+        elif n in uncorrected:
+            corrected = Out(y=1.0)
+        else:
+            k = predictor_orders[n - 1]
+            try:
+                with np.errstate(divide="raise", invalid="raise"):
+                    comb = solver._corrector(lam, points, n, k)
+                ok = all(math.isfinite(v) for v in comb.values())
+            except (ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError):
+                ok = False
+            if not ok:
+                raise ZeroStepError(n, k)
+            corrected = _as_out(comb, n, S)
+        qy, qx0 = X0_QUANTITY if solver.predict_x0 else eps_quantity(p)
+        rows.append(Row(step=n, eval_at="x" if n == 0 else "y", point=p, q_y=qy, q_x0=qx0,
+                        out_x=None if (n == 0 and not last) else corrected,
+                        out_y=None if last else corrected,
+                        hist_write=ring_write(n, calls, S), next_eval="x" if last else "y"))
+    return rows

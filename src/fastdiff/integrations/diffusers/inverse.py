@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import List
 
 import diffusers
 import numpy as np
 import torch
 
 from ...guidance import ClipSample
-from ...program import Out, Point, Row
+from ...program import Point
 from ...schedules import Grid
 from ...solvers import get_solver
+from ...solvers.diffusers_forms import identity_row
+from ...solvers.exponential import ddim_raw_eps_row
 from .base import FastdiffScheduler, Plan, _guided, _Run, drop_in
 from .schedulers import (DROP_INS, _check_prediction, _DiffusersGrid, _dpm_rows, _f64, _ksigma_points, _StepIndexed,
                          _unsupported, _vp_fold, _vp_schedule, _x0_transform, _zero_length_tail)
@@ -117,12 +118,10 @@ class DDIMInverseScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMInvers
             fold.append(_vp_fold(p, al, sg, 0.0))
             if a_t == a_c and not raw_eps:                   # (a zero-length step: diffusers' is the identity)
                 eps_fold.append((0.0, 0.0))
-                rows.append(Row(step=n, eval_at="x", point=Point(float(cur), al, sg, float(t)), q_y=0.0, q_x0=0.0,
-                                out_x=Out(x=1.0), next_eval="x"))
+                rows.append(identity_row(n, Point(float(cur), al, sg, float(t))))
                 continue
             if raw_eps:     # prev = sqrt(a_t) x0 (clipped) + sqrt(1 - a_t) eps_raw, eps_raw in slot 0
-                row = Row(step=n, eval_at="x", point=Point(float(cur), al, sg, float(t)), q_y=0.0, q_x0=1.0,
-                          out_x=Out(h=math.sqrt(a_t), hist=((0, math.sqrt(1.0 - a_t)),)), next_eval="x")
+                row = ddim_raw_eps_row(n, Point(float(cur), al, sg, float(t)), math.sqrt(a_t), math.sqrt(1.0 - a_t))
                 eps_fold.append({"epsilon": (0.0, 1.0), "v_prediction": (sg, al),
                                  "sample": (1.0 / sg if sg else math.inf, -al / sg if sg else -math.inf)}[p])
             else:

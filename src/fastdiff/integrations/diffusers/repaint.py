@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 from typing import Dict, List
 
 import diffusers
@@ -46,7 +47,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...program import Out, Point, Row
+from ...program import Row
+from ...solvers.diffusers_forms import repaint_row
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
 from .schedulers import DROP_INS, _f64
 
@@ -81,14 +83,13 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
         delta = self.config.num_train_timesteps // self.num_inference_steps
         rows: List[Row] = []
         fold, sqrt_prev, ts = [], [], []
-        cache: Dict[int, tuple] = {}
+        cache: Dict[int, Row] = {}          # (rows depend on the timestep's value only: a jump repeats them)
         for n, t in enumerate(int(t) for t in self.timesteps.tolist()[start:]):
             if t not in cache:
-                cache[t] = _repaint_row(t, acp, final, delta, eta)
-            out_x, out_y, point, f = cache[t]
-            rows.append(Row(step=n, eval_at="x", point=point, q_y=0.0, q_x0=1.0, out_x=out_x, out_y=out_y,
-                            noise_id=n, next_eval="x"))
-            fold.append(f)
+                cache[t] = repaint_row(0, t, float(acp[t]), _alpha_prev(t, acp, final, delta), eta)
+            row = replace(cache[t], step=n, noise_id=n)
+            rows.append(row)
+            fold.append((1.0 / row.point.alpha, -row.point.sigma / row.point.alpha))     # eps -> x0
             sqrt_prev.append(math.sqrt(_alpha_prev(t, acp, final, delta)))
             ts.append(t)
         # (x0 is always formed beside the pass, as diffusers forms it: _transform_step)
@@ -189,25 +190,6 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
             raise ValueError(f"step() got timestep {t}, which is not one of this run's timesteps "
                              f"{_listing(sorted(self._fd_entries, reverse=True))}")
         return self._fd_entries[t]
-
-
-def _repaint_row(t: int, acp: np.ndarray, final: float, delta: int, eta: float):
-    """(out_x, out_y, point, fold) of a step at training timestep t: out_x the unknown part from
-    h = x0 and the raw eps in history slot 0, out_y the known part's noise term."""
-    a_t = float(acp[t])
-    a_p = _alpha_prev(t, acp, final, delta)
-    variance = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
-    std = eta * math.sqrt(variance)
-    rest = 1.0 - a_p - std * std
-    if rest < 0.0:
-        if rest < -1e-12:
-            raise ValueError(f"eta={eta:g} is too large at timestep {t}: 1 - alpha_prod_prev - std^2 = {rest:.3g} < 0 "
-                             "(diffusers' direction coefficient is its square root: NaN)")
-        rest = 0.0
-    z = std if (t > 0 and eta > 0) else 0.0
-    alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-    out_x = Out(h=math.sqrt(a_p), hist=((0, math.sqrt(rest)),), z=z)
-    return out_x, Out(z=math.sqrt(1.0 - a_p)), Point(float(t), alpha, sigma, float(t)), (1.0 / alpha, -sigma / alpha)
 
 
 def _formed_beside(x0):

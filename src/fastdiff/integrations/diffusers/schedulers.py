@@ -22,7 +22,7 @@ KDPM2DiscreteScheduler             VE                     dpm_2
 KDPM2AncestralDiscreteScheduler    VE                     dpm_2_ancestral
 DPMSolverSDEScheduler              VE                     dpmpp_sde (r = 1/2, diffusers' Brownian noise)
 DPMSolverMultistepScheduler        VP / flow              dpm_solver_multistep; sde_dpmsolver
-DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (_singlestep_rows)
+DPMSolverSinglestepScheduler       VP / flow              diffusers' singlestep formulas (singlestep_dpm_rows)
 UniPCMultistepScheduler            VP / flow              unipc; solver_p: UniC, then solver_p's drop-in
 DEISMultistepScheduler             VP / flow              deis
 EDMEulerScheduler                  VE, EDM precondition   euler (s_churn: edm_euler, churn row merged)
@@ -73,13 +73,14 @@ import numpy as np
 import torch
 
 from ...guidance import ClipSample, DynamicThresholding
-from ...program import Out, Point, Row
+from ...program import Point, Row
 from ...schedules import DiscreteVP, FlowMatching, Grid, VESchedule
 from ...solvers import get_solver
-from ...solvers.base import derivative_quantity
-from ...solvers.base import eps_quantity
-from ...solvers.dpm_solver import ddim_data, ddim_eps, half_log_snr, history_terms, ring_write
-from ...solvers.multistep import _as_out, lms_coefficients
+from ...solvers.base import grid_point
+from ...solvers.diffusers_forms import (identity_row, singlestep_dpm_rows, unipc_with_identity_steps,
+                                         with_identity_steps)
+from ...solvers.exponential import ddim_raw_eps_row
+from ...solvers.multistep import ZeroStepError, lms_rows, unic_rows
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
 
 __all__ = [
@@ -156,24 +157,6 @@ def _grid(schedule, t, alpha, sigma, levels, allow_repeats: bool = False, hint: 
     return _DiffusersGrid(schedule, t, alpha, sigma, t, tail=tail, repeats=repeats)
 
 
-def _with_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
-    """First-order ``rows`` of a grid that left out repeated noise levels, with the zero-length
-    steps there taken as the identity, as diffusers' first-order updates take them (the model is
-    still called, its output unused)."""
-    if not grid.repeats:
-        return rows
-    out, real = [], iter(rows)
-    pending = next(real)
-    for call in range(len(rows) + len(grid.repeats)):
-        if call in grid.repeats:
-            out.append(Row(step=call, eval_at="x", point=pending.point, q_y=0.0, q_x0=0.0, out_x=Out(x=1.0),
-                           next_eval="x"))
-        else:
-            out.append(replace(pending, step=call))
-            pending = next(real, None)
-    return out
-
-
 def _ve_grid(sigmas: np.ndarray) -> _DiffusersGrid:
     """The Euler family's sample space: x / alpha, i.e. a VE grid (alpha = 1, sigma = diffusers' sigma).
     The schedule only maps off-grid noise levels (stage midpoints) to (alpha, sigma) = (1, level)."""
@@ -192,13 +175,8 @@ def _identity_tail(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
     """The rows of ``grid.without_tail()`` followed by the tail's steps as the identity (the model
     is still called there, as diffusers calls it, and its output is not used)."""
     n = len(grid.t) - grid.tail - 1
-    p = _point(grid, n)
-    return rows + [Row(step=n + j, eval_at="x", point=p, q_y=0.0, q_x0=0.0, out_x=Out(x=1.0), next_eval="x")
-                   for j in range(grid.tail)]
-
-
-def _point(grid: Grid, i: int) -> Point:
-    return Point(float(grid.t[i]), float(grid.alpha[i]), float(grid.sigma[i]), float(grid.model_t[i]))
+    p = grid_point(grid, n)
+    return rows + [identity_row(n + j, p) for j in range(grid.tail)]
 
 
 def _ve_fold(prediction: str, sigma: float) -> Tuple[float, float]:
@@ -401,7 +379,7 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
             if raw_eps:   # prev = sqrt(a_p) x0_clipped + c_eps eps_raw + std z, eps_raw in slot 0
                 std = row.out_x.z
                 c_eps = math.sqrt(max(1.0 - a_p - std * std, 0.0))
-                row = replace(row, out_x=Out(h=math.sqrt(a_p), z=std, hist=((0, c_eps),)))
+                row = ddim_raw_eps_row(n, row.point, math.sqrt(a_p), c_eps, noise_std=std, noise_id=row.noise_id)
                 eps_fold.append({"epsilon": (0.0, 1.0), "sample": (1 / math.sqrt(1 - a_t), -math.sqrt(a_t / (1 - a_t))),
                                  "v_prediction": (math.sqrt(1 - a_t), math.sqrt(a_t))}[p])
             rows.append(row)
@@ -536,19 +514,8 @@ class LMSDiscreteScheduler(FastdiffScheduler, diffusers.LMSDiscreteScheduler):
     def _plan(self, start: int, order: int = 4) -> Plan:
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order must be an integer >= 1, got {order!r}")
-        grid = _ve_grid(_f64(self.sigmas))
-        s = [float(v) for v in grid.sigma]
-        N, S = grid.steps, order - 1
-        rows = []
-        for n in range(start, N):
-            local = n - start
-            w = lms_coefficients(s, n, min(n + 1, order))[:min(local + 1, order)]
-            h_coef, hist = history_terms(local, w, S)
-            p = _point(grid, n)
-            qy, qx0 = derivative_quantity("ve", p)
-            rows.append(Row(step=local, eval_at="x", point=p, q_y=qy, q_x0=qx0, out_x=Out(x=1.0, h=h_coef, hist=hist),
-                            hist_write=ring_write(local, N - start, S), next_eval="x"))
-        return Plan(rows, _stage_fold(self.config.prediction_type, rows), S)
+        rows = lms_rows(_ve_grid(_f64(self.sigmas)), order, start)
+        return Plan(rows, _stage_fold(self.config.prediction_type, rows), order - 1)
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
         return self._fd_step(model_output, timestep, sample, None, None, return_dict, key=(("order", order),))
@@ -682,7 +649,7 @@ _REPEAT_HINT = (" (diffusers' own result there is NaN at solver_order >= 2; at s
 
 def _multistep_grid(self, start: int, first_order: bool = False, hint: str = _REPEAT_HINT):
     """(grid, fold) of the calls from ``start``; ``first_order``: the plan takes zero-length steps
-    inside the schedule as the identity (``_with_identity_steps``)."""
+    inside the schedule as the identity (``with_identity_steps``)."""
     schedule, alpha, sigma, ks = _ksigma_points(self)
     t = np.arange(len(alpha), dtype=np.float64)[::-1].copy()
     grid = _vp_grid(schedule, alpha[start:], sigma[start:], t[start:], allow_repeats=first_order, hint=hint)
@@ -726,7 +693,7 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
             solver, rows = _dpm_rows(lambda lof, eaf: get_solver(
                 "sde_dpmsolver", order=c.solver_order, solver_type=c.solver_type, lower_order_final=lof,
                 euler_at_final=eaf), grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
-            rows = _with_identity_steps(rows, grid)
+            rows = with_identity_steps(rows, grid.repeats)
             return Plan(rows, fold, solver.num_slots, draws=[True] * len(rows), noise_dtype=torch.float32,
                         x0_transform=_x0_transform(c))
         sde = c.algorithm_type == "sde-dpmsolver++"
@@ -735,48 +702,12 @@ class DPMSolverMultistepScheduler(FastdiffScheduler, diffusers.DPMSolverMultiste
             algorithm_type="dpmsolver" if c.algorithm_type == "dpmsolver" else "dpmsolver++", solver_type=c.solver_type,
             lower_order_final=lof, euler_at_final=eaf, eta=1.0 if sde else 0.0),
             grid, bool(c.lower_order_final and len(self.timesteps) < 15), c.euler_at_final)
-        rows = _with_identity_steps(rows, grid)
+        rows = with_identity_steps(rows, grid.repeats)
         return Plan(rows, fold, solver.num_slots, draws=[sde] * len(rows), noise_dtype=torch.float32 if sde else None,
                     x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict)
-
-
-def _unipc_identity_steps(rows: List[Row], grid: _DiffusersGrid) -> List[Row]:
-    """First-order UniPC rows of a grid that left out repeated noise levels, with diffusers' calls
-    there: at a zero-length step j diffusers applies the corrector of step j - 1 (with the model
-    output of call j) and predicts the identity; call j + 1 corrects that by the identity (its
-    step size is 0) and predicts the next step from the model output of call j + 1. So row j of
-    the grid splits in two: its corrector (out_x, also written to y), then its predictor (out_y
-    with the corrector taken out: out_y = a * out_x + b * D)."""
-    if not grid.repeats:
-        return rows
-    out, real = [], iter(rows)
-    pending = next(real)
-    calls = len(rows) + len(grid.repeats)
-    for call in range(calls):
-        if call not in grid.repeats:
-            out.append(replace(pending, step=call))
-            pending = next(real, None)
-            continue
-        r = pending
-        corrected = r.out_x if r.out_x is not None else Out(x=1.0)      # (a disabled corrector: Out(y=1))
-        ok = r.out_y is not None and r.next_eval == "y" and r.out_y.z == 0.0 and (corrected.x or corrected.y) \
-            and call + 1 not in grid.repeats
-        if ok:
-            a = r.out_y.x / corrected.x if corrected.x else r.out_y.y / corrected.y
-            b = r.out_y.h - a * corrected.h
-            close = lambda u, v: math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)  # noqa: E731
-            want = dict((j, a * v) for j, v in corrected.hist)
-            ok = close(r.out_y.x, a * corrected.x) and close(r.out_y.y, a * corrected.y) and \
-                all(close(v, want.get(j, 0.0)) for j, v in r.out_y.hist) and len(r.out_y.hist) >= len(want)
-        if not ok:
-            raise ValueError(f"this run's schedule repeats a noise level at call {call} (a zero-length step), which "
-                             "fastdiff's UniPC does not take there; choose another number of steps or timestep spacing")
-        out.append(replace(r, step=call, out_y=corrected, next_eval="y"))
-        pending = replace(r, eval_at="y", out_x=Out(x=1.0), out_y=Out(x=a, h=b), next_eval="y")
-    return out
 
 
 def _unipc_corrector_plan(self, start: int) -> Plan:
@@ -795,44 +726,24 @@ def _unipc_corrector_plan(self, start: int) -> Plan:
     n_total = len(self.timesteps)
     calls = n_total - start
     points = [Point(float(i), float(alpha[i]), float(sigma[i]), float(i)) for i in range(start, n_total)]
-    lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
     solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0)
-    S = c.solver_order
 
     def predictor_order(n: int) -> int:         # diffusers' this_order of call n (absolute index start + n)
         k = min(c.solver_order, n_total - (start + n)) if c.lower_order_final else c.solver_order
         return min(k, n + 1)
 
-    rows, fold = [], []
-    for n in range(calls):
-        i = start + n
-        p = points[n]
-        last = n == calls - 1
-        if n == 0:
-            corrected = Out(x=1.0)                       # (x is the sample itself)
-        elif (i - 1) in [int(d) for d in c.disable_corrector]:
-            corrected = Out(y=1.0)
-        else:
-            k = predictor_order(n - 1)
-            try:
-                with np.errstate(divide="raise", invalid="raise"):
-                    comb = solver._corrector(lam, points, n, k)
-                ok = all(math.isfinite(v) for v in comb.values())
-            except (ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{name} with solver_p: UniPC's corrector of order {k} at call {n} divides by a "
-                                 f"zero step in log-SNR (a noise level repeated in this schedule: sigmas "
-                                 f"{_listing(ks[max(i - k - 1, 0):i + 1])}); diffusers' result there is NaN. "
-                                 "Choose another number of steps or timestep spacing")
-            corrected = _as_out(comb, n, S)
-        quantity = (0.0, 1.0) if c.predict_x0 else eps_quantity(p)
-        rows.append(Row(step=n, eval_at="x" if n == 0 else "y", point=p, q_y=quantity[0], q_x0=quantity[1],
-                        out_x=None if (n == 0 and not last) else corrected,
-                        out_y=None if last else corrected,
-                        hist_write=ring_write(n, calls, S), next_eval="x" if last else "y"))
-        fold.append(_vp_fold(c.prediction_type, alpha[i], sigma[i], ks[i]))
-    return Plan(rows, fold, S, x0_transform=_x0_transform(c) if c.predict_x0 else None)
+    disabled = [int(d) for d in c.disable_corrector]
+    try:
+        rows = unic_rows(solver, points, [predictor_order(n) for n in range(calls)],
+                         [n for n in range(1, calls) if start + n - 1 in disabled])
+    except ZeroStepError as e:
+        i, k = start + e.call, e.order
+        raise ValueError(f"{name} with solver_p: UniPC's corrector of order {k} at call {e.call} divides by a "
+                         f"zero step in log-SNR (a noise level repeated in this schedule: sigmas "
+                         f"{_listing(ks[max(i - k - 1, 0):i + 1])}); diffusers' result there is NaN. "
+                         "Choose another number of steps or timestep spacing") from None
+    fold = [_vp_fold(c.prediction_type, alpha[i], sigma[i], ks[i]) for i in range(start, n_total)]
+    return Plan(rows, fold, c.solver_order, x0_transform=_x0_transform(c) if c.predict_x0 else None)
 
 
 @drop_in(diffusers.UniPCMultistepScheduler)
@@ -874,7 +785,7 @@ class UniPCMultistepScheduler(FastdiffScheduler, diffusers.UniPCMultistepSchedul
         solver = get_solver("unipc", order=c.solver_order, solver_type=c.solver_type, predict_x0=c.predict_x0,
                             disable_corrector=disabled, lower_order_final=c.lower_order_final)
         try:
-            rows = _unipc_identity_steps(solver.rows(grid), grid)
+            rows = unipc_with_identity_steps(solver.rows(grid), grid.repeats)
         except ZeroDivisionError:
             if not grid.tail:
                 raise
@@ -984,78 +895,11 @@ class DEISMultistepScheduler(FastdiffScheduler, diffusers.DEISMultistepScheduler
         c = self.config
         grid, fold = _multistep_grid(self, start, first_order=c.solver_order == 1)
         solver = get_solver("deis", order=c.solver_order, lower_order_final=bool(c.lower_order_final and len(self.timesteps) < 15))
-        rows = _with_identity_steps(solver.rows(grid), grid)
+        rows = with_identity_steps(solver.rows(grid), grid.repeats)
         return Plan(rows, fold, solver.num_slots, x0_transform=_x0_transform(c))
 
     def step(self, model_output, timestep, sample, return_dict=True):
         return self._fd_step(model_output, timestep, sample, None, None, return_dict)
-
-
-def _singlestep_rows(grid: Grid, orders: Sequence[int], algorithm: str, solver_type: str, slots: int) -> List[Row]:
-    """diffusers' singlestep DPM-Solver as a coefficient program: call n (effective order
-    ``orders[n]``) steps from its group's start g = n - orders[n] + 1 (kept in x) to point n + 1,
-    with the model quantities m of calls g..n (x0, or eps for 'dpmsolver'): a group's first call
-    (order 1) is a first-order step from the sample itself, its later calls are evaluated at
-    the previous call's estimate (y) and restart from x. A call writes y while its group
-    continues, x when it ends. diffusers' formulas (scheduling_dpmsolver_singlestep.py),
-    including its third-order 'midpoint' variant, which uses D1_1 and no D2 term; sde-dpmsolver++
-    adds noise of std sigma_t sqrt(1 - e^{-2h}) at every call."""
-    points = [_point(grid, i) for i in range(len(grid.t))]
-    lam = [half_log_snr(p) for p in points]
-    eps = algorithm == "dpmsolver"
-    sde = algorithm == "sde-dpmsolver++"
-    N = len(orders)
-    rows = []
-    for n, k in enumerate(orders):
-        p, q = points[n], points[n + 1]
-        quantity = eps_quantity(p) if eps else (0.0, 1.0)
-        z = 0.0
-        if k == 1:      # fastdiff's first-order steps (exact at sigma_t = 0, where h is infinite)
-            if eps:
-                a, b = ddim_eps(p, q)
-            else:
-                a, b, z = ddim_data(p, q, 1.0 if sde else 0.0)
-            m = [b]
-        else:
-            s = points[n - k + 1]
-            h = lam[n + 1] - lam[n - k + 1]
-            if eps:
-                a = q.alpha / s.alpha
-                c0, c1, c2 = -q.sigma * math.expm1(h), -q.sigma * (math.expm1(h) / h - 1.0), \
-                    -q.sigma * ((math.expm1(h) - h) / h ** 2 - 0.5)
-                c1_mid = -0.5 * q.sigma * math.expm1(h)
-            elif sde:
-                a = q.sigma / s.sigma * math.exp(-h)
-                e2 = -math.expm1(-2.0 * h)                                     # 1 - e^{-2h}
-                c0, c1, c2 = q.alpha * e2, q.alpha * (e2 / (-2.0 * h) + 1.0), \
-                    q.alpha * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5)
-                c1_mid = 0.5 * q.alpha * e2
-                z = q.sigma * math.sqrt(e2)
-            else:
-                a = q.sigma / s.sigma
-                c0, c1, c2 = -q.alpha * math.expm1(-h), q.alpha * (math.expm1(-h) / h + 1.0), \
-                    -q.alpha * ((math.expm1(-h) + h) / h ** 2 - 0.5)
-                c1_mid = -0.5 * q.alpha * math.expm1(-h)
-            # D terms as combinations of (m_n, m_{n-1}, m_{n-2}), as diffusers writes them
-            if k == 2:
-                r0 = (lam[n] - lam[n - 1]) / h
-                D0, D1 = np.array([0.0, 1.0, 0.0]), np.array([1.0, -1.0, 0.0]) / r0
-                m = c0 * D0 + (c1_mid if solver_type == "midpoint" else c1) * D1
-            else:
-                r0, r1 = (lam[n] - lam[n - 2]) / h, (lam[n - 1] - lam[n - 2]) / h
-                D0 = np.array([0.0, 0.0, 1.0])
-                D1_0, D1_1 = np.array([0.0, 1.0, -1.0]) / r1, np.array([1.0, 0.0, -1.0]) / r0
-                D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
-                D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
-                m = c0 * D0 + (c1 * D1_1 if solver_type == "midpoint" else c1 * D1 + c2 * D2)
-        h_coef, hist = history_terms(n, list(m[:k]), slots)
-        continues = n + 1 < N and orders[n + 1] > 1
-        out = Out(x=a if k > 1 else 0.0, y=0.0 if k > 1 else a, h=h_coef, hist=hist, z=z)
-        rows.append(Row(step=n, eval_at="x" if k == 1 else "y", point=p, q_y=quantity[0], q_x0=quantity[1],
-                        out_x=None if continues else out, out_y=out if continues else None,
-                        hist_write=ring_write(n, N, slots), noise_id=n if z else -1,
-                        next_eval="y" if continues else "x"))
-    return rows
 
 
 @drop_in(diffusers.DPMSolverSinglestepScheduler)
@@ -1063,7 +907,7 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
     """diffusers' singlestep DPM-Solver (orders 1-3 by its order list, dpmsolver / dpmsolver++ /
     sde-dpmsolver++, midpoint / heun): its intermediate stages are the grid's own points, which
     fastdiff's ``dpm_solver`` (stages at r = 1/2, 1/3, 2/3 of a step) does not take, so the
-    coefficients are diffusers' formulas (``_singlestep_rows``)."""
+    coefficients are diffusers' formulas (fastdiff.solvers.diffusers_forms.singlestep_dpm_rows)."""
 
     _out_dtype = "promote"
 
@@ -1083,7 +927,8 @@ class DPMSolverSinglestepScheduler(FastdiffScheduler, diffusers.DPMSolverSingles
             made += 1
         S = c.solver_order - 1
         orders = orders[:len(orders) - len(grid.repeats)]      # (all 1 where the grid has repeats)
-        rows = _with_identity_steps(_singlestep_rows(grid, orders, c.algorithm_type, c.solver_type, S), grid)
+        rows = with_identity_steps(singlestep_dpm_rows(grid, orders, c.algorithm_type, c.solver_type, S),
+                                   grid.repeats)
         sde = c.algorithm_type == "sde-dpmsolver++"
         return Plan(rows, fold, S, draws=[sde] * len(rows), x0_transform=_x0_transform(c))
 
@@ -1235,9 +1080,7 @@ class FlowMatchEulerDiscreteScheduler(FastdiffScheduler, diffusers.FlowMatchEule
         fold = [(1.0, -s) for s in grid.sigma[:-1]]                  # x0 = sample - sigma * v
         if not self.config.stochastic_sampling:
             return Plan(get_solver("flow_euler").rows(grid), fold, 0).sliced(start)
-        rows = [Row(step=n, eval_at="x", point=_point(grid, n), q_y=0.0, q_x0=1.0,
-                    out_x=Out(h=float(grid.alpha[n + 1]), z=float(grid.sigma[n + 1])),
-                    noise_id=n if grid.sigma[n + 1] else -1, next_eval="x") for n in range(grid.steps)]
+        rows = get_solver("lcm").rows(grid)    # x0 re-noised: alpha_{n+1} x0 + sigma_{n+1} z
         return Plan(rows, fold, 0, draws=[True] * len(rows), noise_dtype=torch.float32).sliced(start)
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
