@@ -8,7 +8,8 @@ come from here, so that no drop-in builds a ``Row`` itself:
   the identity, the model still called; ``with_identity_steps`` / ``unipc_with_identity_steps``
   put such calls into the rows of a grid that left the repeated levels out.
 * ``singlestep_dpm_rows``: diffusers' singlestep DPM-Solver, whose stages are the grid's own points.
-* ``repaint_row``: RePaint's DDIM(eta) posterior step with the known region's noise beside it.
+* ``repaint_row`` / ``repaint_rows``: RePaint's DDIM(eta) posterior step with the known region's
+  noise beside it.
 
 (DDIM with its raw noise estimate in a history slot, which the DDIM, DDIM-inversion and RePaint
 drop-ins share, is ``exponential.ddim_raw_eps_row``; LMS with diffusers' order rule is
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -186,3 +187,21 @@ def repaint_row(step: int, t: int, alpha_prod: float, alpha_prod_prev: float, et
     return ddim_raw_eps_row(step, point, math.sqrt(alpha_prod_prev), math.sqrt(rest),
                             noise_std=std if (t > 0 and eta > 0) else 0.0, noise_id=step,
                             out_y=Out(z=math.sqrt(1.0 - alpha_prod_prev)))
+
+
+def repaint_rows(timesteps: Sequence[int], alpha_prods: Sequence[float], alpha_prods_prev: Sequence[float],
+                 eta: float) -> List[Row]:
+    """One ``repaint_row`` per call n at training timestep ``timesteps[n]`` (abar_t, abar_prev given
+    per call). RePaint's jumps revisit timesteps (4,570 calls for 250 steps with jumps of 10 x 10):
+    a revisit shares the first visit's outputs and point, so the program is built once per level."""
+    first: Dict[Tuple[int, float, float], Row] = {}
+    rows = []
+    for n, key in enumerate(zip(timesteps, alpha_prods, alpha_prods_prev)):
+        row = first.get(key)
+        if row is None:
+            first[key] = row = repaint_row(n, key[0], key[1], key[2], eta)
+        else:
+            row = Row(step=n, eval_at="x", point=row.point, q_y=0.0, q_x0=1.0, out_x=row.out_x, out_y=row.out_y,
+                      noise_id=n, next_eval="x")
+        rows.append(row)
+    return rows

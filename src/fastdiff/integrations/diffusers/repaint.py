@@ -39,16 +39,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import replace
-from typing import Dict, List
 
 import diffusers
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...program import Row
-from ...solvers.diffusers_forms import repaint_row
+from ...solvers.diffusers_forms import repaint_rows
 from .base import FastdiffScheduler, Plan, _guided, _listing, _make_output, _Run, diffusers_output_class, drop_in
 from .schedulers import DROP_INS, _f64
 
@@ -81,17 +78,11 @@ class RePaintScheduler(FastdiffScheduler, diffusers.RePaintScheduler):
         acp = _f64(self.alphas_cumprod)
         final = float(self.final_alpha_cumprod)
         delta = self.config.num_train_timesteps // self.num_inference_steps
-        rows: List[Row] = []
-        fold, sqrt_prev, ts = [], [], []
-        cache: Dict[int, Row] = {}          # (rows depend on the timestep's value only: a jump repeats them)
-        for n, t in enumerate(int(t) for t in self.timesteps.tolist()[start:]):
-            if t not in cache:
-                cache[t] = repaint_row(0, t, float(acp[t]), _alpha_prev(t, acp, final, delta), eta)
-            row = replace(cache[t], step=n, noise_id=n)
-            rows.append(row)
-            fold.append((1.0 / row.point.alpha, -row.point.sigma / row.point.alpha))     # eps -> x0
-            sqrt_prev.append(math.sqrt(_alpha_prev(t, acp, final, delta)))
-            ts.append(t)
+        ts = [int(t) for t in self.timesteps.tolist()[start:]]
+        prev = [_alpha_prev(t, acp, final, delta) for t in ts]
+        rows = repaint_rows(ts, [float(acp[t]) for t in ts], prev, eta)
+        fold = [(1.0 / r.point.alpha, -r.point.sigma / r.point.alpha) for r in rows]      # eps -> x0
+        sqrt_prev = [math.sqrt(a) for a in prev]
         # (x0 is always formed beside the pass, as diffusers forms it: _transform_step)
         return Plan(rows, fold, 1, draws=[True] * len(rows), x0_transform=_formed_beside,
                     extra={"sqrt_prev": sqrt_prev, "t": ts})
