@@ -379,6 +379,19 @@ def run_step(fused_step: Callable, case: dict) -> dict:
     return c
 
 
+def run_against_reference(case: dict, backend: str) -> Tuple[dict, dict]:
+    """``case`` run through ``fastdiff.ops.fused_step`` on ``backend`` and on the reference backend:
+    (backend's copy, reference's copy) after the call; raises if the backend changed a read-only input."""
+    from . import ops
+    a, b = clone_case(case), clone_case(case)
+    ops.fused_step(**a, backend=backend)
+    ops.fused_step(**b, backend="reference")
+    changed = modified_inputs(case, a)
+    if changed:
+        raise AssertionError(f"{backend} backend modified read-only input(s) {changed}")
+    return a, b
+
+
 def modified_inputs(before: dict, after: dict) -> List[str]:
     """The read-only inputs of a case that a run changed."""
     return [k for k in STEP_INPUTS if before.get(k) is not None and not _bit_equal(after[k], before[k])]
