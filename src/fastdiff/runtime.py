@@ -9,7 +9,7 @@ flag, the per-sample guidance vector), chooses the backend and checks those buff
 kernel: no per-call validation, no dispatch, no host sync (~1.3 us at 1x4x8x8 on the CPU).
 
 The static facts of each row (which buffers it reads and writes, its history slot and noise draw,
-where the next model input comes from) are looked up once per program (``load``), from the
+where the next model input comes from) are looked up once per program (``load`` / ``bind``), from the
 ``Row`` s, so drivers never re-derive them. What a driver still decides per call: the model
 outputs (cond, uncond), explicit noise, and whether the row's epilogue writes the next model input.
 """
@@ -54,8 +54,7 @@ class RowExecutor:
     program with the same buffers can replace it at any time (adaptive drivers build one per step).
     """
 
-    __slots__ = ("x", "y", "hist", "model_in", "bad_row", "guidance", "table", "rows", "args", "key", "memo", "_step",
-                 "_backend")
+    __slots__ = ("x", "y", "hist", "model_in", "bad_row", "guidance", "table", "rows", "args", "key", "memo", "_step")
 
     def __init__(self, x: torch.Tensor, *, y: Optional[torch.Tensor] = None, hist: Optional[torch.Tensor] = None,
                  model_in: Optional[torch.Tensor] = None, model_like: Optional[torch.Tensor] = None,
@@ -66,7 +65,6 @@ class RowExecutor:
         self._step = ops.prepare_fused_step(x, table=probe, y=y, cond_like=model_like if model_like is not None
                                             else model_in, hist=hist, model_in=model_in, guidance=guidance,
                                             backend=backend)
-        self._backend = backend
         self.table, self.rows, self.args, self.key = table, [], [], None
         self.memo = {}                     # a driver's per-buffer facts (the Sampler's loop plan)
 
