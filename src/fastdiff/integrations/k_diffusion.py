@@ -300,27 +300,10 @@ def sample_cfgpp_ud10_ab(model, x, sigmas, extra_args=None, callback=None, disab
 
 def _run_cfg_pp(solver, solver_options, model, x, sigmas, extra_args, callback, disable, noise_sampler=None, *,
                 noise='philox', kd_draws=None, check_finite='end') -> torch.Tensor:
-    _check_run_inputs(model, x, extra_args, callback, noise_sampler)
-    _check_noise_mode(noise)
-    grid = _grid_from_sigmas(sigmas)
-    torch_draws = None
-    if noise == "torch" and noise_sampler is None and kd_draws is not None:
-        torch_draws = _TorchDraws(x, _kd_draw_steps(kd_draws, sigmas, solver_options.get("eta", 1.0)))
-    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
-                            guidance=1.0, device=x.device, state_dtype=state_dtype)
-    denoiser = _PairDenoiser(x.shape[0], model, sampler.program.rows, callback,
-                             lambda i, point: {'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i]}, x.dtype)
-    adapted_noise = torch_draws
-    if noise_sampler is not None:
-        def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
-            return noise_sampler(sigmas[row.step], sigmas[row.step + 1])
-    out = sampler(denoiser, x, x_init=x, cond={}, uncond={}, model_kwargs=dict(extra_args or {}),
-                  noise_sampler=adapted_noise, progress=_show_progress(disable), model_dtype=x.dtype,
-                  check_finite=check_finite)
-    if torch_draws is not None:
-        torch_draws.finish()
-    return out.to(x.dtype)
+    """``_run`` for a CFG++ sampler: ``model`` returns (denoised, uncond_denoised), which the run
+    takes as the two halves of a CFG call."""
+    return _run(solver, solver_options, model, x, sigmas, extra_args, callback, disable, noise_sampler,
+                noise=noise, kd_draws=kd_draws, check_finite=check_finite, pair=True)
 
 
 @torch.no_grad()
@@ -452,12 +435,13 @@ def _check_sigma_bounds(sigma_min, sigma_max) -> Tuple[float, float]:
 
 def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callback, disable,
          noise_sampler=None, noise_args: Optional[Callable[[Row], tuple]] = None, *, noise: str = "philox",
-         kd_draws: Optional[str] = None, check_finite: str = 'end') -> torch.Tensor:
+         kd_draws: Optional[str] = None, check_finite: str = 'end', pair: bool = False) -> torch.Tensor:
     """Sample along the k-diffusion noise levels ``sigmas``. ``noise_args(row)``: the arguments
     k-diffusion passes to its noise_sampler for that row's draw (default (sigmas[i], sigmas[i + 1])).
     ``kd_draws``: where k-diffusion's sampler calls ``torch.randn_like`` (``noise="torch"``):
     'every' step, the steps whose 'next_positive' sigma is > 0, those whose 'sigma_down' is not 0
-    (computed as k-diffusion computes it), or None (it draws nothing)."""
+    (computed as k-diffusion computes it), or None (it draws nothing). ``pair``: a CFG++ model
+    (``_run_cfg_pp``)."""
     _check_run_inputs(model, x, extra_args, callback, noise_sampler)
     _check_noise_mode(noise)
     grid = _grid_from_sigmas(sigmas)
@@ -471,23 +455,30 @@ def _run(solver: str, solver_options: dict, model, x, sigmas, extra_args, callba
 
     return _sample(grid, solver, solver_options, model, x, extra_args, callback, callback_fields, disable,
                    noise_sampler, noise_args or (lambda row: (sigmas[row.step], sigmas[row.step + 1])),
-                   torch_draws=torch_draws, check_finite=check_finite)
+                   torch_draws=torch_draws, check_finite=check_finite, pair=pair)
 
 
 def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args, callback, callback_fields,
             disable, noise_sampler, noise_args, *, torch_draws: Optional["_TorchDraws"] = None,
-            check_finite: str = "end") -> torch.Tensor:
+            check_finite: str = "end", pair: bool = False) -> torch.Tensor:
+    """Run ``solver`` on ``grid`` for a k-diffusion denoiser (``pair``: a CFG++ model returning
+    (denoised, uncond_denoised), run as the two halves of a CFG call with g = 1)."""
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    key = (solver, repr(sorted(solver_options.items())), id(grid), state_dtype, str(x.device))
+    key = (solver, repr(sorted(solver_options.items())), id(grid), state_dtype, str(x.device), pair)
     sampler = _SAMPLERS.get(key)
     if sampler is None or sampler.grid is not grid:
         sampler = Sampler.build(solver=solver, solver_options=solver_options, grid=grid, prediction="sample",
-                                device=x.device, state_dtype=state_dtype)
+                                guidance=1.0 if pair else None, device=x.device, state_dtype=state_dtype)
         sampler._transient = True            # (buffers of small runs only, in the build cache's entry)
         _lru_put(_SAMPLERS, key, sampler)
     else:
         _SAMPLERS.move_to_end(key)
-    denoiser = _Denoiser(model, sampler.program.rows, callback, callback_fields, x.dtype)
+    if pair:
+        denoiser = _PairDenoiser(x.shape[0], model, sampler.program.rows, callback, callback_fields, x.dtype)
+        halves = {"cond": {}, "uncond": {}}
+    else:
+        denoiser = _Denoiser(model, sampler.program.rows, callback, callback_fields, x.dtype)
+        halves = {}
     adapted_noise = None
     if noise_sampler is not None:
         def adapted_noise(row: Row, state: torch.Tensor) -> torch.Tensor:
@@ -495,7 +486,7 @@ def _sample(grid: Grid, solver: str, solver_options: dict, model, x, extra_args,
     elif torch_draws is not None:
         adapted_noise = torch_draws
     out = sampler(denoiser, x, x_init=x, model_kwargs=dict(extra_args or {}), noise_sampler=adapted_noise,
-                  progress=_show_progress(disable), model_dtype=x.dtype, check_finite=check_finite)
+                  progress=_show_progress(disable), model_dtype=x.dtype, check_finite=check_finite, **halves)
     if torch_draws is not None:
         torch_draws.finish()
     return out.to(x.dtype)
