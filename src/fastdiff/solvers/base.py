@@ -96,6 +96,23 @@ def ode_s(space: str, alpha: float, sigma: float) -> float:
     return sigma / ode_scale(space, alpha, sigma)
 
 
+def step_geometry(grid: Grid, n: int, space: str):
+    """Step n's end points in the ODE coordinates of ``space``: (p0, p1, s0, s1, c0, c1)."""
+    p0, p1 = grid_point(grid, n), grid_point(grid, n + 1)
+    s0, s1 = ode_s(space, p0.alpha, p0.sigma), ode_s(space, p1.alpha, p1.sigma)
+    c0, c1 = ode_scale(space, p0.alpha, p0.sigma), ode_scale(space, p1.alpha, p1.sigma)
+    return p0, p1, s0, s1, c0, c1
+
+
+def set_noise_options(solver: "Solver", eta: float, s_noise: float, ode_space: str = "auto") -> None:
+    """The options of an ancestral (eta, s_noise) solver in ODE coordinates, checked; it is
+    stochastic where both are > 0."""
+    solver.eta = check_eta(eta)
+    solver.s_noise = check_eta(s_noise, "s_noise")
+    solver.ode_space = ode_space
+    solver.stochastic = solver.eta > 0 and solver.s_noise > 0
+
+
 def point_at_s(grid: Grid, space: str, s: float) -> Point:
     """The off-grid point whose ODE noise level (in ``space``) is s."""
     ks = s if space == "ve" else (math.inf if s >= 1.0 else s / (1.0 - s))

@@ -33,14 +33,12 @@ from typing import List
 
 from ..program import Out, Row
 from ..schedules import Grid
-from .base import (Solver, ancestral_step, check_eta, check_space, grid_point, history_terms, ode_s, ode_scale,
-                   point_at_s, register, ring_write)
+from .base import (Solver, ancestral_step, check_space, grid_point, ode_scale, point_at_s, register, ring_write,
+                   set_noise_options, step_geometry)
 
 
 def _ve_geometry(grid: Grid, n: int):
-    p0, p1 = grid_point(grid, n), grid_point(grid, n + 1)
-    s0, s1 = ode_s("ve", p0.alpha, p0.sigma), ode_s("ve", p1.alpha, p1.sigma)
-    c0, c1 = ode_scale("ve", p0.alpha, p0.sigma), ode_scale("ve", p1.alpha, p1.sigma)
+    p0, _, s0, s1, c0, c1 = step_geometry(grid, n, "ve")
     return p0, s0, s1, c0, c1
 
 
@@ -59,10 +57,7 @@ class EulerAncestralCFGPP(_CFGPP):
     order = 1
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
-        self.eta = check_eta(eta)
-        self.s_noise = check_eta(s_noise, "s_noise")
-        self.ode_space = ode_space
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        set_noise_options(self, eta, s_noise, ode_space)
 
     def rows(self, grid: Grid) -> List[Row]:
         self._check(grid)
@@ -140,10 +135,7 @@ class DPMpp2SAncestralCFGPP(_CFGPP):
     (ComfyUI's earlier form re-noised y + G and used the guided D, D_2; this is the current one.)"""
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
-        self.eta = check_eta(eta)
-        self.s_noise = check_eta(s_noise, "s_noise")
-        self.ode_space = ode_space
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        set_noise_options(self, eta, s_noise, ode_space)
         self.order = 1 if self.stochastic else 2
 
     def rows(self, grid: Grid) -> List[Row]:
@@ -186,10 +178,7 @@ class ResMultistepCFGPP(_CFGPP):
     num_slots = 1
 
     def __init__(self, eta: float = 0.0, s_noise: float = 1.0, ode_space: str = "auto"):
-        self.eta = check_eta(eta)
-        self.s_noise = check_eta(s_noise, "s_noise")
-        self.ode_space = ode_space
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        set_noise_options(self, eta, s_noise, ode_space)
         self.order = 1 if self.stochastic else 2
 
     def rows(self, grid: Grid) -> List[Row]:

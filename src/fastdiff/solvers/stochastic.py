@@ -11,8 +11,8 @@ from typing import List
 
 from ..program import Out, Row
 from ..schedules import Grid
-from .base import (Solver, ancestral_step, check_eta, check_space, derivative_quantity, grid_point, ode_scale,
-                   ode_s, register)
+from .base import (Solver, ancestral_step, check_space, derivative_quantity, register, set_noise_options,
+                   step_geometry)
 
 
 class _ODESpaceSolver(Solver):
@@ -35,28 +35,19 @@ class _ODESpaceSolver(Solver):
         return Row(step=n, eval_at="x", point=p0, q_y=qy, q_x0=qx0, out_x=Out(x=c1 / c0, h=-c1 * s0),
                    next_eval="x")
 
-    def _step_geometry(self, grid: Grid, n: int, space: str):
-        p0, p1 = grid_point(grid, n), grid_point(grid, n + 1)
-        s0, s1 = ode_s(space, p0.alpha, p0.sigma), ode_s(space, p1.alpha, p1.sigma)
-        c0, c1 = ode_scale(space, p0.alpha, p0.sigma), ode_scale(space, p1.alpha, p1.sigma)
-        return p0, p1, s0, s1, c0, c1
-
 
 @register("euler_ancestral")
 class EulerAncestral(_ODESpaceSolver):
     """k-diffusion sample_euler_ancestral: Euler down to s_down, then fresh noise of std s_up."""
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0, ode_space: str = "auto"):
-        self.eta = check_eta(eta)
-        self.s_noise = check_eta(s_noise, "s_noise")
-        self.ode_space = ode_space
-        self.stochastic = self.eta > 0 and self.s_noise > 0
+        set_noise_options(self, eta, s_noise, ode_space)
 
     def rows(self, grid: Grid) -> List[Row]:
         space = self._space(grid)
         rows = []
         for n in range(grid.steps):
-            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            p0, p1, s0, s1, c0, c1 = step_geometry(grid, n, space)
             s_down, s_up = ancestral_step(s0, s1, self.eta)
             qy, qx0 = derivative_quantity(space, p0)
             z = c1 * s_up * self.s_noise if s1 > 0 else 0.0
@@ -74,7 +65,7 @@ class EulerMaruyama(_ODESpaceSolver):
         space = self._space(grid)
         rows = []
         for n in range(grid.steps):
-            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            p0, p1, s0, s1, c0, c1 = step_geometry(grid, n, space)
             if s1 == 0.0:
                 rows.append(self._noise_removal_row(n, space, p0, s0, c0, c1))
                 continue
@@ -97,7 +88,7 @@ class HeunSDE(_ODESpaceSolver):
         space = self._space(grid)
         rows = []
         for n in range(grid.steps):
-            p0, p1, s0, s1, c0, c1 = self._step_geometry(grid, n, space)
+            p0, p1, s0, s1, c0, c1 = step_geometry(grid, n, space)
             if s1 == 0.0:
                 rows.append(self._noise_removal_row(n, space, p0, s0, c0, c1))
                 continue
