@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ...runtime import RowExecutor
-from ...program import COL_G, Row, compile_program
+from ...program import COL_G, Row, col_out_x, col_out_y, compile_program, out_width
 from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
@@ -85,6 +85,31 @@ class Plan:
                     self.x0_transform, self.extra)
 
 
+# How a call's pass reads the caller's ``sample`` (_Program.args):
+_VIA_STATE = 0     # copied into the run's float32 state buffer (x or y), which the pass updates in place
+_SAMPLE_AS_X = 1   # read in place as x; the new x goes straight into the returned tensor (as y)
+_SAMPLE_AS_Y = 2   # read in place as y (E); the pass updates the state x and writes the returned tensor
+
+
+def _sample_binding(rows: List[Row], i: int, num_slots: int) -> int:
+    """How call ``i`` may read its sample without copying it into the run's state.
+
+    The sample can stand in for a state buffer that the pass only reads and that no later call
+    reads from the state: y is only ever read as the evaluation point E, which every call takes
+    from its own sample; x is read by a later call only where that call evaluates at y (the
+    second stage of Heun, KDPM2, ...). A row evaluated at x that writes x only, with the next
+    call evaluated at x again, then needs no state at all: its new x is the returned tensor,
+    written as the row's y output. (Only without history slots: the kernel reads every slot in
+    that pass, and a row writing a slot keeps the state path, whose one-pass loop writes both.)"""
+    r = rows[i]
+    nxt = rows[i + 1].eval_at if i + 1 < len(rows) else "x"
+    if r.eval_at == "x":
+        if num_slots == 0 and r.out_y is None and r.hist_write < 0 and nxt == "x":
+            return _SAMPLE_AS_X
+        return _VIA_STATE
+    return _SAMPLE_AS_Y if r.out_y is None else _VIA_STATE
+
+
 class _Program:
     """A plan compiled: the float64 tables and the fused-step arguments of each row."""
 
@@ -98,16 +123,36 @@ class _Program:
         if not np.all(np.isfinite(table)):
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(table))[:, 0]})
             raise ValueError(f"non-finite step coefficients at calls {bad[:10]} (a degenerate schedule?)")
+        bindings = [_sample_binding(rows, i, K) for i in range(len(rows))]
+        # A row that reads its sample as x writes its result as y: its y-out block (unused by the
+        # row as compiled, which writes x only) repeats the x-out block, so one table (and one g
+        # column for set_g) serves both passes.
+        cx, cy, w = col_out_x(K), col_out_y(K), out_width(K)
+        for i, b in enumerate(bindings):
+            if b == _SAMPLE_AS_X:
+                table[i, cy:cy + w] = table[i, cx:cx + w]
         self.table = table
         self.fold = [(float(a), float(b)) for a, b in fold]
         self.plan = plan
         self.uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
         # Per call, what the scheduler needs beyond the kernel's row arguments (fastdiff.runtime):
-        # (eval_y, returns_y: step() returns the new y, the next call's sample; draws noise)
-        self.args = [(r.eval_at == "y", (r.next_eval == "y") if i + 1 < len(rows) else False, bool(plan.draws[i]))
-                     for i, r in enumerate(rows)]
+        # (eval_y, returns_y: step() returns the new y, the next call's sample; draws noise;
+        # how the pass may read the sample: _sample_binding)
+        self.args = [(r.eval_at == "y", (r.next_eval == "y") if i + 1 < len(rows) else False, bool(plan.draws[i]),
+                      bindings[i]) for i, r in enumerate(rows)]
         if rows[-1].out_x is None:
             raise ValueError("the last row of a plan must write x")
+
+
+def _fused_step(executor: RowExecutor, table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
+                cond, uncond, hist_write: int, eval_y: bool, write_x: bool, write_y: bool, noise,
+                model_in: Optional[torch.Tensor], model_in_from_y: bool) -> None:
+    """One pass of the executor's bound kernel on buffers of the caller's choosing (the sample
+    itself as x or y, a fresh output as y): RowExecutor.run's call with x / y replaced. The
+    kernel's argument order (fastdiff.program.layout.STEP_ARGS) is written out here only. Every
+    draw is explicit (the drop-ins draw diffusers' noise), so no Philox seed or noise id."""
+    executor._step(table, row, x, y, cond, uncond, executor.hist, hist_write, eval_y, write_x, write_y, noise, 0, -1,
+                   model_in, model_in_from_y, executor.bad_row, executor.guidance)
 
 
 # Compiled plans shared by runs (FastdiffScheduler._program): at most 64, least recently used dropped.
@@ -500,11 +545,23 @@ class FastdiffScheduler:
         ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample).
         A call that raises leaves the scheduler as it was (run, step index, tables)."""
         run = self._fd_run
+        if run is not None and self._step_index is not None and key == run.key:
+            # Inside a run the only scheduler state a call changes before its pass is the table's
+            # g column (set_g); the pass itself checks everything before it writes.
+            g = run.g
+            try:
+                return self._fd_step_unsafe(run, model_output, timestep, sample, generator, variance_noise,
+                                            return_dict, x0)
+            except BaseException:
+                if run.g != g:
+                    run.set_g(g)
+                raise
         saved = (run, getattr(self, "_step_index", None),
                  None if run is None else (run.program, run.key, run.table, run._x0_table, run.g))
         try:
-            return self._fd_step_unsafe(model_output, timestep, sample, generator, variance_noise, return_dict,
-                                        key, x0)
+            run = self._fd_begin(model_output, timestep, sample, key)
+            return self._fd_step_unsafe(run, model_output, timestep, sample, generator, variance_noise, return_dict,
+                                        x0)
         except BaseException:
             run, self._step_index, fields = saved
             self._fd_run = run
@@ -514,10 +571,7 @@ class FastdiffScheduler:
                 run.bind()
             raise
 
-    def _fd_step_unsafe(self, model_output, timestep, sample, generator, variance_noise, return_dict, key, x0):
-        run = self._fd_run
-        if run is None or self._step_index is None or key != run.key:
-            run = self._fd_begin(model_output, timestep, sample, key)
+    def _fd_step_unsafe(self, run: _Run, model_output, timestep, sample, generator, variance_noise, return_dict, x0):
         i = self._step_index
         k = i - run.start
         if k >= run.n:
@@ -536,8 +590,12 @@ class FastdiffScheduler:
             raise TypeError(f"sample must be a floating-point torch.Tensor, got {type(sample).__name__}")
         dtypes = run.dtypes.get((sample.dtype, cond.dtype))      # (validates both dtypes too)
         if dtypes is None:
-            dtypes = run.dtypes[(sample.dtype, cond.dtype)] = self._checked_dtypes(sample.dtype, cond.dtype)
-        out_dtype, x0_dtype = dtypes
+            out_dtype, x0_dtype = self._checked_dtypes(sample.dtype, cond.dtype)
+            # (whether the sample can be read in place: float32 as the state; as x, also a float32 result)
+            in_place = sample.dtype == torch.float32
+            dtypes = run.dtypes[(sample.dtype, cond.dtype)] = (out_dtype, x0_dtype, in_place,
+                                                               in_place and out_dtype == torch.float32)
+        out_dtype, x0_dtype, as_y_ok, as_x_ok = dtypes
         if sample.shape != shape or cond.shape != shape:
             what, got = ("sample", sample.shape) if sample.shape != shape else ("model_output", cond.shape)
             raise ValueError(f"{what} has shape {tuple(got)}, but this run's samples have shape {tuple(shape)} "
@@ -552,18 +610,43 @@ class FastdiffScheduler:
         elif type(timestep) is not torch.Tensor:
             self._check_number_timestep(timestep, run, i)
 
-        eval_y, returns_y, draws = run.program.args[k]
-        model_dtype = cond.dtype
-        E = run.y if eval_y else run.x
-        E.copy_(sample)                  # read every call: no cached copy of the caller's tensor is trusted
+        eval_y, returns_y, draws, binding = run.program.args[k]
         noise = None
         if draws:
-            dtype = run.program.plan.noise_dtype or model_dtype
+            dtype = run.program.plan.noise_dtype or cond.dtype
             noise = self._draw_noise(k, shape, dtype, run.device, generator, variance_noise)
             if not isinstance(noise, torch.Tensor) or noise.shape != shape or not noise.is_floating_point():
                 raise ValueError(f"variance_noise must be a floating-point tensor of shape {tuple(shape)}, got "
                                  f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
             noise = noise.to(run.device)
+        if binding and x0 is None and run.program.plan.x0_transform is None and \
+                (as_x_ok if binding == _SAMPLE_AS_X else as_y_ok) and sample.is_contiguous() and \
+                sample.device == run.device and not sample.requires_grad:
+            # The sample read in place (no copy into the state): see _sample_binding
+            if uncond is not None and g != run.g:
+                run.set_g(g)
+            if binding == _SAMPLE_AS_X:
+                out = torch.empty_like(sample)
+                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, -1, False, False, True, noise,
+                            None, False)
+            else:
+                out = torch.empty_like(sample, dtype=out_dtype)
+                hw, _, wx, _, _, _ = run.executor.args[k]
+                _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, hw, True, wx, False, noise, out,
+                            returns_y)
+            self._step_index = i + 1
+            if self._stage_flag is not None:
+                self._set_stage(k, returns_y, sample)
+            if not self._returns_x0:
+                return (out,) if not return_dict else _make_output(diffusers_output_class(type(self)), prev_sample=out)
+            a_x, a_d = self._x0_fold(run, k)
+            pred_x0 = _x0_now(a_x, a_d, sample, sample, cond, uncond, g, x0_dtype)
+            if not return_dict:
+                return (out, pred_x0)
+            return _make_output(diffusers_output_class(type(self)), prev_sample=out, **{self._x0_field: pred_x0})
+
+        E = run.y if eval_y else run.x
+        E.copy_(sample)                  # read every call: no cached copy of the caller's tensor is trusted
         table, pred_x0 = run.table, None
         if x0 is not None:
             table, cond, uncond, pred_x0 = run.x0_table, x0, None, x0
