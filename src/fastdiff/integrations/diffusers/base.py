@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from ...runtime import RowExecutor
-from ...program import COL_G, Row, col_out_x, col_out_y, compile_program, out_width
+from ...program import (COL_G, COL_G1, COL_QD, COL_QY, OUT_H, Row, col_out_x, col_out_y, col_s_in, compile_program,
+                        out_width, table_width)
 from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
@@ -145,13 +146,13 @@ class _Program:
 
 
 def _fused_step(executor: RowExecutor, table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
-                cond, uncond, hist_write: int, eval_y: bool, write_x: bool, write_y: bool, noise,
-                model_in: Optional[torch.Tensor], model_in_from_y: bool) -> None:
+                cond, uncond, hist: Optional[torch.Tensor], hist_write: int, eval_y: bool, write_x: bool, write_y: bool,
+                noise, model_in: Optional[torch.Tensor], model_in_from_y: bool) -> None:
     """One pass of the executor's bound kernel on buffers of the caller's choosing (the sample
     itself as x or y, a fresh output as y): RowExecutor.run's call with x / y replaced. The
     kernel's argument order (fastdiff.program.layout.STEP_ARGS) is written out here only. Every
     draw is explicit (the drop-ins draw diffusers' noise), so no Philox seed or noise id."""
-    executor._step(table, row, x, y, cond, uncond, executor.hist, hist_write, eval_y, write_x, write_y, noise, 0, -1,
+    executor._step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, 0, -1,
                    model_in, model_in_from_y, executor.bad_row, executor.guidance)
 
 
@@ -171,6 +172,7 @@ class _Run:
         K = program.plan.num_slots
         self.table = torch.tensor(program.table, device=self.device)      # (a copy: programs are cached, set_g writes)
         self._x0_table = None
+        self.x0_pass = None                    # the table of the pass that writes x0 (FastdiffScheduler._x0_pass)
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
         self.signature = (tuple(self.shape), self.device, model_output.dtype, K, program.uses_y, backend)
@@ -201,6 +203,8 @@ class _Run:
 
     def set_g(self, g: float):
         self.table[:, COL_G] = g
+        if self.x0_pass is not None:
+            self.x0_pass[:, COL_G] = g
         self.g = g
 
 
@@ -418,6 +422,31 @@ class FastdiffScheduler:
                 raise TypeError(f"{what} must be a float16, bfloat16, float32 or float64 tensor, got {dtype}")
         return self._result_dtypes(sample_dtype, model_dtype)
 
+    def _x0_in_place(self, run: _Run, k: int, sample: torch.Tensor, cond, uncond, g, dtype) -> torch.Tensor:
+        """pred_original_sample of call ``k`` from a float32 contiguous sample on the run's device.
+        A single torch op where one does it (x + a*D, a*D); otherwise (a CFG combination, a
+        coefficient on the sample) one pass of the kernel, which forms D and A_x E + A_d D in
+        one loop where torch takes two to four."""
+        a_x, a_d = self._x0_fold(run, k)
+        if dtype != torch.float32 or (uncond is None and (a_x == 1.0 or a_x == 0.0)):
+            return _x0_now(a_x, a_d, sample, sample, cond, uncond, g, dtype)
+        if run.x0_pass is None:
+            run.x0_pass = self._x0_pass(run)
+        x0 = torch.empty_like(sample)
+        _fused_step(run.executor, run.x0_pass, k, sample, x0, cond, uncond, None, -1, False, False, True, None, None,
+                    False)
+        return x0
+
+    def _x0_pass(self, run: _Run) -> torch.Tensor:
+        """The device table of the x0 pass: row k writes h = A_x E + A_d D (``_x0_fold(run, k)``,
+        D the guided model output at the run's g) as y; no history slots."""
+        T = np.zeros((run.n, table_width(0)), dtype=np.float64)
+        T[:, COL_G], T[:, COL_G1] = run.g, 1.0
+        T[:, [COL_QY, COL_QD]] = np.array([self._x0_fold(run, k) for k in range(run.n)], dtype=np.float64)
+        T[:, col_out_y(0) + OUT_H] = 1.0
+        T[:, col_s_in(0)] = 1.0
+        return torch.tensor(T, device=run.device)
+
     def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
         """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
         here, transformed, and given to the rows compiled for D = x0."""
@@ -516,7 +545,7 @@ class FastdiffScheduler:
                                  "call set_timesteps() and start a new run")
             run.program, run.key = program, key
             run.table = torch.tensor(program.table, device=run.device)
-            run._x0_table, run.g = None, 1.0
+            run._x0_table, run.x0_pass, run.g = None, None, 1.0
             run.bind()
             return run
         start = self._init_index(timestep)
@@ -557,7 +586,7 @@ class FastdiffScheduler:
                     run.set_g(g)
                 raise
         saved = (run, getattr(self, "_step_index", None),
-                 None if run is None else (run.program, run.key, run.table, run._x0_table, run.g))
+                 None if run is None else (run.program, run.key, run.table, run._x0_table, run.x0_pass, run.g))
         try:
             run = self._fd_begin(model_output, timestep, sample, key)
             return self._fd_step_unsafe(run, model_output, timestep, sample, generator, variance_noise, return_dict,
@@ -566,8 +595,8 @@ class FastdiffScheduler:
             run, self._step_index, fields = saved
             self._fd_run = run
             if run is not None:
-                run.program, run.key, run.table, run._x0_table, run.g = fields
-                run.table[:, COL_G] = run.g          # (set_g writes the table in place)
+                run.program, run.key, run.table, run._x0_table, run.x0_pass, run.g = fields
+                run.set_g(run.g)                     # (set_g writes the tables in place)
                 run.bind()
             raise
 
@@ -627,20 +656,19 @@ class FastdiffScheduler:
                 run.set_g(g)
             if binding == _SAMPLE_AS_X:
                 out = torch.empty_like(sample)
-                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, -1, False, False, True, noise,
+                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, -1, False, False, True, noise,
                             None, False)
             else:
                 out = torch.empty_like(sample, dtype=out_dtype)
                 hw, _, wx, _, _, _ = run.executor.args[k]
-                _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, hw, True, wx, False, noise, out,
-                            returns_y)
+                _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, True, wx, False, noise,
+                            out, returns_y)
             self._step_index = i + 1
             if self._stage_flag is not None:
                 self._set_stage(k, returns_y, sample)
             if not self._returns_x0:
                 return (out,) if not return_dict else _make_output(diffusers_output_class(type(self)), prev_sample=out)
-            a_x, a_d = self._x0_fold(run, k)
-            pred_x0 = _x0_now(a_x, a_d, sample, sample, cond, uncond, g, x0_dtype)
+            pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype)
             if not return_dict:
                 return (out, pred_x0)
             return _make_output(diffusers_output_class(type(self)), prev_sample=out, **{self._x0_field: pred_x0})
