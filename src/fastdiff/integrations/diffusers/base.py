@@ -124,7 +124,8 @@ class _Program:
         if not np.all(np.isfinite(table)):
             bad = sorted({int(i) for i in np.argwhere(~np.isfinite(table))[:, 0]})
             raise ValueError(f"non-finite step coefficients at calls {bad[:10]} (a degenerate schedule?)")
-        bindings = [_sample_binding(rows, i, K) for i in range(len(rows))]
+        # (with clip_sample / thresholding the x0 is formed beside the pass from the state copy)
+        bindings = [_sample_binding(rows, i, K) if plan.x0_transform is None else _VIA_STATE for i in range(len(rows))]
         # A row that reads its sample as x writes its result as y: its y-out block (unused by the
         # row as compiled, which writes x only) repeats the x-out block, so one table (and one g
         # column for set_g) serves both passes.
@@ -168,10 +169,12 @@ class _Run:
         self.program, self.start, self.key = program, start, key
         self.n = len(program.args)
         self.shape, self.device = sample.shape, sample.device
+        self.on_cpu = self.device.type == "cpu"
         self.timesteps = timesteps
         K = program.plan.num_slots
         self.table = torch.tensor(program.table, device=self.device)      # (a copy: programs are cached, set_g writes)
         self._x0_table = None
+        self.x0_folds = None                   # per call, _x0_fold (FastdiffScheduler._x0_in_place)
         self.x0_pass = None                    # the table of the pass that writes x0 (FastdiffScheduler._x0_pass)
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
@@ -427,8 +430,15 @@ class FastdiffScheduler:
         A single torch op where one does it (x + a*D, a*D); otherwise (a CFG combination, a
         coefficient on the sample) one pass of the kernel, which forms D and A_x E + A_d D in
         one loop where torch takes two to four."""
-        a_x, a_d = self._x0_fold(run, k)
-        if dtype != torch.float32 or (uncond is None and (a_x == 1.0 or a_x == 0.0)):
+        if run.x0_folds is None:
+            run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
+        a_x, a_d = run.x0_folds[k]
+        if uncond is None and dtype == torch.float32:
+            if a_x == 1.0:                # (the Euler family, EDM: one op)
+                return torch.add(sample, cond, alpha=a_d)
+            if a_x == 0.0:
+                return torch.mul(cond, a_d) if cond.dtype == torch.float32 else cond.float().mul_(a_d)
+        elif dtype != torch.float32:
             return _x0_now(a_x, a_d, sample, sample, cond, uncond, g, dtype)
         if run.x0_pass is None:
             run.x0_pass = self._x0_pass(run)
@@ -442,7 +452,7 @@ class FastdiffScheduler:
         D the guided model output at the run's g) as y; no history slots."""
         T = np.zeros((run.n, table_width(0)), dtype=np.float64)
         T[:, COL_G], T[:, COL_G1] = run.g, 1.0
-        T[:, [COL_QY, COL_QD]] = np.array([self._x0_fold(run, k) for k in range(run.n)], dtype=np.float64)
+        T[:, [COL_QY, COL_QD]] = np.array(run.x0_folds, dtype=np.float64).reshape(run.n, 2)
         T[:, col_out_y(0) + OUT_H] = 1.0
         T[:, col_s_in(0)] = 1.0
         return torch.tensor(T, device=run.device)
@@ -545,7 +555,7 @@ class FastdiffScheduler:
                                  "call set_timesteps() and start a new run")
             run.program, run.key = program, key
             run.table = torch.tensor(program.table, device=run.device)
-            run._x0_table, run.x0_pass, run.g = None, None, 1.0
+            run._x0_table, run.x0_folds, run.x0_pass, run.g = None, None, None, 1.0
             run.bind()
             return run
         start = self._init_index(timestep)
@@ -586,7 +596,8 @@ class FastdiffScheduler:
                     run.set_g(g)
                 raise
         saved = (run, getattr(self, "_step_index", None),
-                 None if run is None else (run.program, run.key, run.table, run._x0_table, run.x0_pass, run.g))
+                 None if run is None else (run.program, run.key, run.table, run._x0_table, run.x0_folds, run.x0_pass,
+                                           run.g))
         try:
             run = self._fd_begin(model_output, timestep, sample, key)
             return self._fd_step_unsafe(run, model_output, timestep, sample, generator, variance_noise, return_dict,
@@ -595,7 +606,7 @@ class FastdiffScheduler:
             run, self._step_index, fields = saved
             self._fd_run = run
             if run is not None:
-                run.program, run.key, run.table, run._x0_table, run.x0_pass, run.g = fields
+                run.program, run.key, run.table, run._x0_table, run.x0_folds, run.x0_pass, run.g = fields
                 run.set_g(run.g)                     # (set_g writes the tables in place)
                 run.bind()
             raise
@@ -631,11 +642,16 @@ class FastdiffScheduler:
                              f"(model_output must have the shape of sample; call set_timesteps() for a new run)")
         if cond.device != run.device:      # (sample is copied in from any device)
             raise ValueError(f"model_output must be on {run.device}, this run's device; got {cond.device}")
-        if type(timestep) is torch.Tensor and timestep.is_cpu and timestep.numel() == 1:
-            if self._float_timesteps and not timestep.is_floating_point():
-                self._reject_integer_timestep()
-            if timestep.item() != run.timesteps[i]:
-                self._wrong_timestep(timestep.item(), run, i)
+        if type(timestep) is torch.Tensor and timestep.is_cpu:
+            try:
+                value = timestep.item()      # (a Python int for an integer tensor, bool for bool)
+            except RuntimeError:             # (not one element: not checked, as a tensor on a device)
+                value = None
+            if value is not None:
+                if self._float_timesteps and type(value) is not float:
+                    self._reject_integer_timestep()
+                if value != run.timesteps[i]:
+                    self._wrong_timestep(value, run, i)
         elif type(timestep) is not torch.Tensor:
             self._check_number_timestep(timestep, run, i)
 
@@ -648,9 +664,8 @@ class FastdiffScheduler:
                 raise ValueError(f"variance_noise must be a floating-point tensor of shape {tuple(shape)}, got "
                                  f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
             noise = noise.to(run.device)
-        if binding and x0 is None and run.program.plan.x0_transform is None and \
-                (as_x_ok if binding == _SAMPLE_AS_X else as_y_ok) and sample.is_contiguous() and \
-                sample.device == run.device and not sample.requires_grad:
+        if binding and x0 is None and (as_x_ok if binding == _SAMPLE_AS_X else as_y_ok) and sample.is_contiguous() \
+                and (sample.is_cpu if run.on_cpu else sample.device == run.device) and not sample.requires_grad:
             # The sample read in place (no copy into the state): see _sample_binding
             if uncond is not None and g != run.g:
                 run.set_g(g)
