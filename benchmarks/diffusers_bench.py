@@ -12,6 +12,9 @@
    on a [2B] model output; for fastdiff that output is tagged as accelerate's forward hook tags
    it, so the formula is recorded and combined inside the fused step (the tagging and recording
    overhead is timed with it).
+   *Noise*: a scheduler that draws noise every step (EulerAncestral) spends much of it in
+   ``randn_tensor``, which both sides call alike; that draw is timed beside the steps, and the
+   row also gives both times and the speedup without it (``*_excl_noise``).
 2. ``pipeline``: a tiny Stable Diffusion pipeline (random weights, prompt embeddings given,
    latents out: no VAE), stock vs ``accelerate(pipe)``, time per denoising step. With a model
    this small the scheduler's share of a step is large; with a real UNet the step's absolute
@@ -48,6 +51,9 @@ SCHEDULERS = {    # diffusers class name -> the config (Stable Diffusion 1.5's w
     "HeunDiscreteScheduler": SD,
 }
 QUICK_SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
+# Schedulers that draw noise at every step (diffusers' randn_tensor, which the drop-in must call
+# alike for the same samples): the draw, timed beside them, is reported and taken out of both.
+DRAWS_NOISE = ("EulerAncestralDiscreteScheduler",)
 GUIDANCE = 7.5
 
 
@@ -99,6 +105,13 @@ class StepLoop:
         self.left -= 1
 
 
+def noise_draw(shape):
+    """One noise draw as a step draws it: diffusers' randn_tensor, float32 on the CPU, no generator
+    (as the step loops call step())."""
+    from diffusers.utils.torch_utils import randn_tensor
+    return lambda: randn_tensor(shape, generator=None, device=torch.device("cpu"), dtype=torch.float32)
+
+
 def first_call_time(scheduler, shape, repeats: int = 5) -> float:
     """Median seconds of a run's first step (set_timesteps excluded)."""
     out, x = torch.randn(shape), torch.randn(shape)
@@ -130,18 +143,28 @@ def bench_steps(names: List[str], shapes: Dict[str, tuple], threads: int, opts: 
                     probe = torch.empty((2 * shape[0],) + tuple(shape[1:]))
                     tag = tag_model_output if fusing_cfg_pays(ours, probe) else None
                     fns = {"diffusers": StepLoop(ref, shape, cfg), "fastdiff": StepLoop(ours, shape, cfg, tag)}
+                    if name in DRAWS_NOISE:
+                        fns["noise"] = noise_draw(shape)
                     t = measure_interleaved(fns, **opts)
                     row = {"shape": shape_name, "scheduler": name, "cfg": cfg, "threads": threads,
                            "cfg_fused": bool(cfg and tag is not None),
                            "diffusers_us": t["diffusers"].median * 1e6, "diffusers_iqr_us": t["diffusers"].iqr * 1e6,
                            "fastdiff_us": t["fastdiff"].median * 1e6, "fastdiff_iqr_us": t["fastdiff"].iqr * 1e6,
                            "speedup": t["diffusers"].median / t["fastdiff"].median}
+                    if "noise" in t:
+                        noise = t["noise"].median
+                        row.update(noise_draw_us=noise * 1e6,
+                                   diffusers_us_excl_noise=(t["diffusers"].median - noise) * 1e6,
+                                   fastdiff_us_excl_noise=(t["fastdiff"].median - noise) * 1e6,
+                                   speedup_excl_noise=(t["diffusers"].median - noise) / (t["fastdiff"].median - noise))
                     if not cfg:
                         row["fastdiff_first_call_ms"] = first_call_time(getattr(fd, name).from_config(ref.config),
                                                                         shape) * 1e3
                     rows.append(row)
                     log(f"{shape_name:18s} {name:32s} cfg={cfg!s:5s} diffusers {row['diffusers_us']:8.1f} us  "
-                        f"fastdiff {row['fastdiff_us']:7.1f} us  {row['speedup']:5.1f}x")
+                        f"fastdiff {row['fastdiff_us']:7.1f} us  {row['speedup']:5.1f}x"
+                        + (f"  (noise draw {row['noise_draw_us']:.1f} us; without it {row['speedup_excl_noise']:.1f}x)"
+                           if "noise_draw_us" in row else ""))
     return rows
 
 
@@ -202,10 +225,14 @@ def combine_runs(runs: List[List[dict]]) -> List[dict]:
     out = []
     for rows in zip(*runs):
         row = dict(rows[0])
-        for k in ("diffusers_us", "fastdiff_us", "speedup", "fastdiff_first_call_ms"):
+        for k in ("diffusers_us", "fastdiff_us", "speedup", "fastdiff_first_call_ms", "noise_draw_us",
+                  "diffusers_us_excl_noise", "fastdiff_us_excl_noise", "speedup_excl_noise"):
             if k in row:
                 row[k] = statistics.median(r[k] for r in rows)
         row["speedup_min"], row["speedup_max"] = min(r["speedup"] for r in rows), max(r["speedup"] for r in rows)
+        if "speedup_excl_noise" in row:
+            row["speedup_excl_noise_min"] = min(r["speedup_excl_noise"] for r in rows)
+            row["speedup_excl_noise_max"] = max(r["speedup_excl_noise"] for r in rows)
         row["runs"] = len(rows)
         out.append(row)
     return out
@@ -221,6 +248,16 @@ def render_markdown(report: dict) -> str:
                      f"{r['fastdiff_us']:.1f} | {r['speedup']:.1f}×"
                      + (f" ({r['speedup_min']:.1f}–{r['speedup_max']:.1f})" if "speedup_min" in r else "")
                      + f" | {first} |")
+    noisy = [r for r in report["step"] if "noise_draw_us" in r]
+    if noisy:
+        lines += ["", "| shape | scheduler | CFG | noise draw µs | diffusers µs without it | fastdiff µs without it | "
+                  "speedup without it |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in noisy:
+            lines.append(f"| {r['shape']} | {r['scheduler']} | {'yes' if r['cfg'] else 'no'} | {r['noise_draw_us']:.1f} | "
+                         f"{r['diffusers_us_excl_noise']:.1f} | {r['fastdiff_us_excl_noise']:.1f} | "
+                         f"{r['speedup_excl_noise']:.1f}×"
+                         + (f" ({r['speedup_excl_noise_min']:.1f}–{r['speedup_excl_noise_max']:.1f})"
+                            if "speedup_excl_noise_min" in r else "") + " |")
     lines += ["", "| pipeline | steps | stock ms/step | accelerated ms/step | saved µs/step | speedup | max |Δ latent| |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["pipeline"]:

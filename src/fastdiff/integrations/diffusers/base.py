@@ -678,12 +678,12 @@ class FastdiffScheduler:
                 hw, _, wx, _, _, _ = run.executor.args[k]
                 _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, True, wx, False, noise,
                             out, returns_y)
+            pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype) if self._returns_x0 else None
             self._step_index = i + 1
             if self._stage_flag is not None:
                 self._set_stage(k, returns_y, sample)
-            if not self._returns_x0:
+            if pred_x0 is None:
                 return (out,) if not return_dict else _make_output(diffusers_output_class(type(self)), prev_sample=out)
-            pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype)
             if not return_dict:
                 return (out, pred_x0)
             return _make_output(diffusers_output_class(type(self)), prev_sample=out, **{self._x0_field: pred_x0})
