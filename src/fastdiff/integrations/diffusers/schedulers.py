@@ -400,8 +400,13 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` "
                              "or `variance_noise` stays `None`.")
-        key = (("eta", float(eta)), ("use_clipped_model_output", bool(use_clipped_model_output)))
+        key = _DDIM_DEFAULT_KEY if eta == 0.0 and use_clipped_model_output is False else \
+            (("eta", float(eta)), ("use_clipped_model_output", bool(use_clipped_model_output)))
         return self._fd_step(model_output, timestep, sample, generator, variance_noise, return_dict, key=key)
+
+
+# (the step options of a default DDIM call, built once: the key is compared on every call)
+_DDIM_DEFAULT_KEY = (("eta", 0.0), ("use_clipped_model_output", False))
 
 
 # ---------------------------------------------------------------------------------------------
