@@ -15,6 +15,7 @@ Conventions every solver follows:
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Type
@@ -182,3 +183,35 @@ def check_order(order, allowed: Sequence[int], name: str = "order") -> int:
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {order!r}")
     return int(order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows edited for a host library's conventions (the diffusers drop-ins): every Row is built here,
+# in fastdiff.solvers, never by a caller.
+
+def relabel(row: Row, step: int, *, noise_id: Optional[int] = None, hist_write: Optional[int] = None) -> Row:
+    """``row`` as step ``step`` of another program (a solver's one-step grid placed in a longer
+    run), with its noise draw and history slot renamed where given; coefficients unchanged."""
+    return dataclasses.replace(row, step=step, noise_id=row.noise_id if noise_id is None else noise_id,
+                               hist_write=row.hist_write if hist_write is None else hist_write)
+
+
+def with_noise(row: Row, z: float, noise_id: int) -> Row:
+    """``row`` whose new x takes ``z`` times the standard normal draw ``noise_id`` (z = 0 and
+    noise_id = -1: no noise), e.g. a host library's own variance or its noiseless final step."""
+    return dataclasses.replace(row, out_x=dataclasses.replace(row.out_x, z=float(z)), noise_id=noise_id)
+
+
+def merge_churn(churn: Optional[Row], step: Row, x0_fold: Tuple[float, float]) -> Row:
+    """One row for a churn row (y = a x + c z) and the step row after it (x' = o.x y + o.h h,
+    h = q_y y + q_x0 x0, x0 = A_x y + A_d D, ``x0_fold`` = (A_x, A_d)), the model evaluated at the
+    unchurned x (as diffusers' EDMEulerScheduler evaluates it): with T = o.x + o.h (q_y + q_x0 A_x),
+    x' = T (a x + c z) + o.h q_x0 A_d D, i.e. the same h read at x, x coefficient
+    T a - o.h (q_y + q_x0 A_x) and noise coefficient T c. ``churn`` None: ``step`` itself."""
+    if churn is None:
+        return step
+    a, c = churn.out_x.x, churn.out_x.z
+    o = step.out_x
+    dh = o.h * (step.q_y + step.q_x0 * x0_fold[0])
+    return dataclasses.replace(step, out_x=dataclasses.replace(o, x=(o.x + dh) * a - dh, z=(o.x + dh) * c),
+                               noise_id=churn.noise_id)

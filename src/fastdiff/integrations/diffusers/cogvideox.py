@@ -19,13 +19,13 @@ call stepping from t to t - T // N as diffusers does:
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import diffusers
 import numpy as np
 import torch
 
 from ...solvers import get_solver
+from ...solvers.base import relabel
 from .base import FastdiffScheduler, Plan, drop_in
 from .schedulers import (DROP_INS, _check_prediction, _f64, _StepIndexed, _unsupported, _vp_fold, _vp_grid,
                          _vp_schedule)
@@ -62,7 +62,7 @@ class CogVideoXDDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.CogVideo
         for n, (t, prev, a_t, a_p) in enumerate(_steps(self)[start:]):
             grid = _vp_grid(schedule, [math.sqrt(a_t), math.sqrt(a_p)], [math.sqrt(1 - a_t), math.sqrt(1 - a_p)],
                             [t, prev])
-            rows.append(replace(solver.rows(grid)[0], step=n))
+            rows.append(relabel(solver.rows(grid)[0], n))
             fold.append(_vp_fold(p, math.sqrt(a_t), math.sqrt(1 - a_t), 0.0))
         return Plan(rows, fold, 0)
 
@@ -100,7 +100,7 @@ class CogVideoXDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.CogVideoX
             grid = _vp_grid(schedule, [point(a)[0] for _, a in pts], [point(a)[1] for _, a in pts],
                             [float(v) for v, _ in pts])
             row = solver.rows(grid)[order - 1]
-            rows.append(replace(row, step=k, hist_write=0 if n < len(steps) - 1 else -1, noise_id=k))
+            rows.append(relabel(row, k, hist_write=0 if n < len(steps) - 1 else -1, noise_id=k))
             fold.append(_vp_fold(p, *point(a_t), 0.0))
             orders.append(order)
         return Plan(rows, fold, 1, draws=[True] * len(rows), extra={"orders": orders})

@@ -27,7 +27,6 @@ row's own quantity. Noise is drawn as diffusers draws it (``randn_tensor`` with 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import diffusers
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 
 from ...program import Point
 from ...solvers import get_solver
+from ...solvers.base import relabel, with_noise
 from .base import FastdiffScheduler, Plan, drop_in
 from ...guidance import ClipSample
 from ...schedules import FlowMatching, VESchedule
@@ -196,10 +196,10 @@ class CMStochasticIterativeScheduler(FastdiffScheduler, diffusers.CMStochasticIt
         keep = level[:len(level) - tail]
         grid = _vp_grid(VESchedule(), np.ones_like(keep), keep, np.arange(len(keep), dtype=np.float64)[::-1].copy())
         rows = get_solver("lcm").rows(grid)
-        rows += [replace(rows[-1], step=rows[-1].step + j + 1, noise_id=rows[-1].noise_id + j + 1 if rows[-1].noise_id >= 0
+        rows += [relabel(rows[-1], rows[-1].step + j + 1, noise_id=rows[-1].noise_id + j + 1 if rows[-1].noise_id >= 0
                          else -1) for j in range(tail)]
         if n == 1:                      # (diffusers' one-step sampling adds zeros)
-            rows = [replace(r, out_x=replace(r.out_x, z=0.0), noise_id=-1) for r in rows]
+            rows = [with_noise(r, 0.0, -1) for r in rows]
         fold = [tuple(float(v) for v in self.get_scalings_for_boundary_condition(sig[i])) for i in range(start, n)]
         return Plan(rows, fold, 0, draws=[n > 1] * len(rows), x0_transform=ClipSample(1.0) if c.clip_denoised else None)
 

@@ -27,7 +27,7 @@ DPM-Solver (its noise formula has no meaning for a rising noise level), learned 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import diffusers
 import numpy as np
@@ -37,6 +37,7 @@ from ...guidance import ClipSample
 from ...program import Point
 from ...schedules import Grid
 from ...solvers import get_solver
+from ...solvers.base import relabel
 from ...solvers.diffusers_forms import identity_row
 from ...solvers.exponential import ddim_raw_eps_row
 from .base import FastdiffScheduler, Plan, _guided, _Run, drop_in
@@ -126,7 +127,7 @@ class DDIMInverseScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMInvers
                                  "sample": (1.0 / sg if sg else math.inf, -al / sg if sg else -math.inf)}[p])
             else:
                 grid = _ascending(schedule, [al, math.sqrt(a_t)], [sg, math.sqrt(1.0 - a_t)], [cur, t])
-                row = replace(solver.rows(grid)[0], step=n)
+                row = relabel(solver.rows(grid)[0], n)
             rows.append(row)
         transform = ClipSample(self.config.clip_sample_range) if clip else (_identity if raw_eps else None)
         return Plan(rows, fold, 1 if raw_eps else 0, x0_transform=transform,

@@ -65,7 +65,7 @@ each adds itself to ``DROP_INS``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import diffusers
@@ -76,7 +76,7 @@ from ...guidance import ClipSample, DynamicThresholding
 from ...program import Point, Row
 from ...schedules import DiscreteVP, FlowMatching, Grid, VESchedule
 from ...solvers import get_solver
-from ...solvers.base import grid_point
+from ...solvers.base import grid_point, merge_churn, relabel, with_noise
 from ...solvers.diffusers_forms import (identity_row, singlestep_dpm_rows, unipc_with_identity_steps,
                                          with_identity_steps)
 from ...solvers.exponential import ddim_raw_eps_row
@@ -313,9 +313,9 @@ class DDPMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDPMScheduler):
         draws = [t > 0 for t in ts]
         if variance == "fixed_large" and ts[-1] > 0:
             # diffusers adds noise of variance beta_t = 1 - abar_t also on its last step (to abar = 1, sigma = 0)
-            rows[-1] = replace(rows[-1], out_x=replace(rows[-1].out_x, z=math.sqrt(1.0 - a[-2])), noise_id=len(ts) - 1)
+            rows[-1] = with_noise(rows[-1], math.sqrt(1.0 - a[-2]), len(ts) - 1)
         if self.config.variance_type in self._LEARNED:      # the noise arrives scaled (_draw_noise)
-            rows = [replace(r, out_x=replace(r.out_x, z=1.0), noise_id=n) if d else r
+            rows = [with_noise(r, 1.0, n) if d else r
                     for n, (r, d) in enumerate(zip(rows, draws))]
         p = self.config.prediction_type
         fold = [_vp_fold(p, grid.alpha[n], grid.sigma[n], 0.0) for n in range(len(ts))]
@@ -375,7 +375,7 @@ class DDIMScheduler(_StepIndexed, FastdiffScheduler, diffusers.DDIMScheduler):
             a_t, a_p = acp[t], (acp[prev] if prev >= 0 else final)
             grid = _vp_grid(schedule, [math.sqrt(a_t), math.sqrt(a_p)], [math.sqrt(1 - a_t), math.sqrt(1 - a_p)],
                             [t, prev])
-            row = replace(solver.rows(grid)[0], step=n)
+            row = relabel(solver.rows(grid)[0], n)
             if raw_eps:   # prev = sqrt(a_p) x0_clipped + c_eps eps_raw + std z, eps_raw in slot 0
                 std = row.out_x.z
                 c_eps = math.sqrt(max(1.0 - a_p - std * std, 0.0))
@@ -981,7 +981,7 @@ class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
                 continue
             f = _edm_fold(p, r.point.sigma, sd)       # at sigma_hat
             std = pending.out_x.z if pending is not None else 0.0
-            rows.append(_merge_churn(pending, replace(r, step=len(rows)), f))
+            rows.append(merge_churn(pending, relabel(r, len(rows)), f))
             fold.append(f)
             draws.append(pending is not None)
             x0_noise.append(f[0] * std)               # pred_original_sample's noise: c_skip * std * z
@@ -1017,19 +1017,6 @@ class EDMEulerScheduler(FastdiffScheduler, diffusers.EDMEulerScheduler):
                 out = (out[0], x0)
         self._fd_noise = None
         return out
-
-
-def _merge_churn(churn: Optional[Row], step: Row, fold: Tuple[float, float]) -> Row:
-    """One row for a churn row (y = a x + c z) and the step row after it (x' = o.x y + o.h h,
-    h = q_y y + q_x0 x0, x0 = A_x y + A_d D), the model evaluated at the unchurned x as diffusers'
-    EDMEulerScheduler does: with T = o.x + o.h (q_y + q_x0 A_x), x' = T (a x + c z) + o.h q_x0 A_d D,
-    i.e. the same h read at x, x coefficient T a - o.h (q_y + q_x0 A_x), noise coefficient T c."""
-    if churn is None:
-        return step
-    a, c = churn.out_x.x, churn.out_x.z
-    o = step.out_x
-    dh = o.h * (step.q_y + step.q_x0 * fold[0])
-    return replace(step, out_x=replace(o, x=(o.x + dh) * a - dh, z=(o.x + dh) * c), noise_id=churn.noise_id)
 
 
 @drop_in(diffusers.EDMDPMSolverMultistepScheduler)

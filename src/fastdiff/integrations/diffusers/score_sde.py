@@ -15,7 +15,6 @@ coefficient a program can hold.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import diffusers
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from ...schedules import VESchedule
 from ...solvers import get_solver
+from ...solvers.base import relabel
 from .base import FastdiffScheduler, Plan, drop_in
 from .schedulers import DROP_INS, _StepIndexed, _vp_grid
 
@@ -60,7 +60,7 @@ class ScoreSdeVeScheduler(_StepIndexed, FastdiffScheduler, diffusers.ScoreSdeVeS
                 raise ValueError(f"ScoreSdeVeScheduler: timestep {float(ts[n]):g} maps to sigma {s_a:g}, which does not "
                                  f"lie above the next ({s_b:g}); call set_sigmas() with this run's number of steps")
             grid = _vp_grid(VESchedule(), [1.0, 1.0], [s_a, s_b], [float(ts[n]), float(ts[n]) - 1.0])
-            rows.append(replace(solver.rows(grid)[0], step=n - start, noise_id=n - start))
+            rows.append(relabel(solver.rows(grid)[0], n - start, noise_id=n - start))
             fold.append((1.0, s_a * s_a))                                    # the score: x0 = x + sigma^2 score
         return Plan(rows, fold, 0, draws=[True] * len(rows))
 
