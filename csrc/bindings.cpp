@@ -22,6 +22,10 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 
 }  // namespace
 
+namespace fastdiff {
+void bind_row_loop(py::module& m);  // csrc/cpu/row_loop.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdiff C++ CPU kernels (OpenMP + SIMD): fused solver step, CFG, Philox noise, per-sample reductions";
 
@@ -115,4 +119,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "build_info", []() { return fastdiff::build_info(); },
       "What was built: compiler, -march, SIMD width, OpenMP, block sizes.");
+
+  fastdiff::bind_row_loop(m);
 }

@@ -15,6 +15,7 @@ outputs (cond, uncond), explicit noise, and whether the row's epilogue writes th
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -122,8 +123,12 @@ class RowExecutor:
         return self.x
 
     def nbytes(self) -> int:
-        """Bytes held by the buffers (x, y, history, model input)."""
-        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.hist, self.model_in) if t is not None)
+        """Bytes held by the buffers (x, y, history, model input); fixed for an executor."""
+        n = self.memo.get("nbytes")
+        if n is None:
+            n = self.memo["nbytes"] = sum(t.numel() * t.element_size()
+                                          for t in (self.x, self.y, self.hist, self.model_in) if t is not None)
+        return n
 
     def evaluated(self, i: int) -> torch.Tensor:
         """The buffer row ``i`` 's model call reads (x or y)."""
@@ -139,6 +144,18 @@ class RowExecutor:
         self._step(self.table if table is None else table, i, self.x, self.y, cond, uncond, self.hist, hw, ey, wx,
                    wy, noise, seed, nid, model_in, ny if model_in_from_y is None else model_in_from_y,
                    self.bad_row, self.guidance)
+
+    def native_loop(self, rows: List[tuple], t_full: List[torch.Tensor], t_half: List[torch.Tensor],
+                    batch: int):
+        """A ``fastdiff._C.RowLoop`` over this executor's buffers and table (the model call and the
+        kernel of each row, run in C++), or None where the bound kernel is not the C++ CPU one.
+        ``rows``: per row (needs_model, both CFG halves, hist_write, eval_y, write_x, write_y,
+        noise_id, writes the next model input, model_in_from_y, ends a step)."""
+        ext = sys.modules.get("fastdiff._C")
+        if ext is None or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):
+            return None
+        return ext.RowLoop(self.table, self.y, self.hist, self.model_in, self.bad_row, self.guidance, batch, rows,
+                           t_full, t_half)
 
     def first_bad_row(self) -> int:
         """0, or 1 + the first row that wrote a non-finite value (one host read)."""
