@@ -559,9 +559,9 @@ def test_item13_fused_step_bad_scalars(backend, case):
 FLAGS_BAD = {
     "flags bool": (True, TypeError, "flags must be an int"),
     "flags float": (6.0, TypeError, "flags must be an int"),
-    "flags next bit": (FLAG_ALL + 1 + FLAG_WRITE_X, ValueError, "flags has unknown bits 0x10"),
-    "flags high bit": (FLAG_WRITE_X | (1 << 40), ValueError, "flags has unknown bits 0x10000000000"),
-    "flags negative": (-1, ValueError, "flags has unknown bits"),
+    "flags next bit": (FLAG_ALL + 1 + FLAG_WRITE_X, ValueError, "flags has unknown row flag bits 0x10"),
+    "flags high bit": (FLAG_WRITE_X | (1 << 40), ValueError, "flags has unknown row flag bits 0x10000000000"),
+    "flags negative": (-1, ValueError, "flags has unknown row flag bits"),
 }
 
 

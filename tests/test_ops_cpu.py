@@ -493,7 +493,7 @@ def test_unknown_flag_bits_raise_and_change_nothing():
     assert prepared is _C.fused_step
     for fused_step in (reference.fused_step, _C.fused_step, lambda *a: api._fused_step(*a, backend="cpu")):
         assert_rejects_unknown_flags(fused_step, args)
-    with pytest.raises(ValueError, match=r"flags has unknown bits 0x10 \(got 31"):
+    with pytest.raises(ValueError, match=r"flags has unknown row flag bits 0x10 \(got 31"):
         _C.fused_step(*[dict(args, flags=31)[k] for k in ORDER])
 
 

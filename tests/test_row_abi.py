@@ -204,7 +204,7 @@ def test_row_flags_are_one_argument():
     for flags in range(layout.FLAG_ALL + 1):
         assert layout.pack_flags(*layout.unpack_flags(flags)) == flags
     for flags in (layout.FLAG_ALL + 1, 1 << 40, -1):
-        with pytest.raises(ValueError, match="flags has unknown bits"):
+        with pytest.raises(ValueError, match="flags has unknown row flag bits"):
             layout.unpack_flags(flags)
 
 

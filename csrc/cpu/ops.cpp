@@ -901,9 +901,9 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   // ---- checks (all before any write) ----
   // The row flags (one bitmask, program_layout.h), decoded once; a bit no flag names is an error.
   const uint64_t unknown_bits = (uint64_t)flags & ~(uint64_t)L::FLAG_ALL;
-  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._C.fused_step: flags has unknown bits 0x", std::hex, unknown_bits,
-                    std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | "
-                    "FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
+  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._C.fused_step: flags has unknown row flag bits 0x", std::hex,
+                    unknown_bits, std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | "
+                    "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
   const bool eval_y = flags & L::FLAG_EVAL_Y, write_x = flags & L::FLAG_WRITE_X, write_y = flags & L::FLAG_WRITE_Y,
              model_in_from_y = flags & L::FLAG_MODEL_IN_FROM_Y;
   check_cpu(x, "x");

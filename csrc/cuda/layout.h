@@ -122,8 +122,8 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->table_cols != columns(a->num_slots).width) return "table_cols does not match num_slots (layout::table_width(K))";
   if (a->x.data == nullptr || a->x.dtype != FASTDIFF_FLOAT32) return "x must be a float32 tensor";
   if (a->flags & ~layout::FLAG_ALL)
-    return "flags has unknown bits (the row flags are layout::FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | "
-           "FLAG_MODEL_IN_FROM_Y)";
+    return "flags has unknown row flag bits (the row flags are layout::FLAG_EVAL_Y | FLAG_WRITE_X | "
+           "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y)";
   const bool eval_y = a->flags & layout::FLAG_EVAL_Y, write_x = a->flags & layout::FLAG_WRITE_X,
              write_y = a->flags & layout::FLAG_WRITE_Y, mi_from_y = a->flags & layout::FLAG_MODEL_IN_FROM_Y;
   if (!write_x && !write_y) return "a row must write x or y";

@@ -103,9 +103,9 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   // ---- checks that keep the launch memory-safe (every other rule: launch.h's check) ----
   // The row flags (one bitmask, program_layout.h): a bit no flag names is an error, before any write.
   const uint64_t unknown_bits = (uint64_t)flags & ~(uint64_t)L::FLAG_ALL;
-  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._cuda.fused_step: flags has unknown bits 0x", std::hex, unknown_bits,
-                    std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | "
-                    "FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
+  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._cuda.fused_step: flags has unknown row flag bits 0x", std::hex,
+                    unknown_bits, std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | "
+                    "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
   const bool write_x = flags & L::FLAG_WRITE_X, write_y = flags & L::FLAG_WRITE_Y;
   TORCH_CHECK_VALUE(x.is_cuda(), "fastdiff._cuda.fused_step: x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._cuda.fused_step: x (the state) must be float32, got ",

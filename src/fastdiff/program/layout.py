@@ -125,8 +125,8 @@ def unknown_flag_bits(flags: int) -> int:
 
 def flags_error(flags: int) -> str:
     """The message every backend raises (ValueError) for a flags argument with unknown bits."""
-    return (f"flags has unknown bits {unknown_flag_bits(flags) & (2 ** 64 - 1):#x} (got {flags}; the row flags are "
-            f"FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = {FLAG_ALL:#x})")
+    return (f"flags has unknown row flag bits {unknown_flag_bits(flags) & (2 ** 64 - 1):#x} (got {flags}; the row "
+            f"flags are FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = {FLAG_ALL:#x})")
 
 
 def unpack_flags(flags: int):
