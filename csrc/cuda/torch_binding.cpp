@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../program_layout.h"  // the row flags (FLAG_*)
 #include "launch.h"
 
 namespace py = pybind11;
