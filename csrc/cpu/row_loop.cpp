@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../program_layout.h"
 
 namespace py = pybind11;
 
@@ -32,10 +33,9 @@ struct LoopRow {
   bool needs_model;      // the row calls the model first
   bool cfg;              // ... on both CFG halves (model_in, t_full), else on the cond half
   int64_t hist_write;
-  bool eval_y, write_x, write_y;
+  int64_t flags;         // the kernel's row flags (program_layout.h)
   int64_t noise_id;
   bool writes_next;      // the epilogue writes the next model input
-  bool model_in_from_y;
   bool step_done;        // the last row of a solver step
 };
 
@@ -68,9 +68,9 @@ class RowLoop {
     call_args_.reserve(n);
     for (int64_t i = 0; i < n; ++i) {
       py::tuple r = rows[i].cast<py::tuple>();
-      TORCH_CHECK_VALUE(r.size() == 10, "RowLoop: a row is 10 values, got ", r.size());
-      LoopRow row{r[0].cast<bool>(), r[1].cast<bool>(), r[2].cast<int64_t>(), r[3].cast<bool>(), r[4].cast<bool>(),
-                  r[5].cast<bool>(), r[6].cast<int64_t>(), r[7].cast<bool>(), r[8].cast<bool>(), r[9].cast<bool>()};
+      TORCH_CHECK_VALUE(r.size() == 7, "RowLoop: a row is 7 values, got ", r.size());
+      LoopRow row{r[0].cast<bool>(), r[1].cast<bool>(), r[2].cast<int64_t>(), r[3].cast<int64_t>(),
+                  r[4].cast<int64_t>(), r[5].cast<bool>(), r[6].cast<bool>()};
       TORCH_CHECK_VALUE(!row.cfg || both_, "RowLoop: row ", i, " calls the model on both CFG halves, but model_in "
                         "holds one batch");
       rows_.push_back(row);
@@ -110,7 +110,7 @@ class RowLoop {
           out = THPVariable_Unpack(given.ptr());
         } else {
           if (!ready) {
-            const at::Tensor& E = r.eval_y ? *y_ : x;
+            const at::Tensor& E = (r.flags & layout::FLAG_EVAL_Y) ? *y_ : x;
             model_in_.narrow(0, 0, batch_).copy_(E);
             if (both_) model_in_.narrow(0, batch_, batch_).copy_(E);
           }
@@ -133,11 +133,11 @@ class RowLoop {
       const uint64_t s = (r.noise_id >= 0) ? seed : 0;
       if (release_gil) {
         py::gil_scoped_release nogil;
-        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.eval_y, r.write_x, r.write_y, std::nullopt,
-                   s, r.noise_id, next_in, r.model_in_from_y, bad_row_, guidance_);
+        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.flags, std::nullopt, s, r.noise_id, next_in,
+                   bad_row_, guidance_);
       } else {
-        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.eval_y, r.write_x, r.write_y, std::nullopt,
-                   s, r.noise_id, next_in, r.model_in_from_y, bad_row_, guidance_);
+        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.flags, std::nullopt, s, r.noise_id, next_in,
+                   bad_row_, guidance_);
       }
       ready = r.writes_next;
       if (r.step_done) {

@@ -151,8 +151,8 @@ class RowExecutor:
                     batch: int):
         """A ``fastdiff._C.RowLoop`` over this executor's buffers and table (the model call and the
         kernel of each row, run in C++), or None where the bound kernel is not the C++ CPU one.
-        ``rows``: per row (needs_model, both CFG halves, hist_write, eval_y, write_x, write_y,
-        noise_id, writes the next model input, model_in_from_y, ends a step)."""
+        ``rows``: per row (needs_model, both CFG halves, hist_write, flags, noise_id, writes the next
+        model input, ends a step)."""
         ext = sys.modules.get("fastdiff._C")
         if ext is None or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):
             return None

@@ -542,8 +542,8 @@ class Sampler:
         t_full, t_half, plan = memo
         rows = []
         for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
-            hw, ey, wx, wy, nid, ny = ex.args[i]
-            rows.append((needs_model, bool(row_cfg[i]), hw, ey, wx, wy, nid, next_in is not None, ny, step_done))
+            hw, flags, nid = ex.args[i]
+            rows.append((needs_model, bool(row_cfg[i]), hw, flags, nid, next_in is not None, step_done))
         loop = ex.native_loop(rows, t_full, t_half, B)
         ex.memo["native"] = (list(row_cfg), loop)
         return loop
