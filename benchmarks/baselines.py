@@ -31,6 +31,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops.backends import BACKENDS
+from fastdiff.program.layout import FLAG_WRITE_X
 from fastdiff.schedules import DiscreteVP, Grid
 
 GUIDANCE = 7.5
@@ -244,8 +245,8 @@ class FastdiffStep:
         self.calls_since_restore += number
 
     def __call__(self) -> None:
-        self.fn(self.table, self.row, self.x, None, self.cond, self.uncond, self.hist, 0, False, True, False,
-                None, 0, -1, self.model_in, False, self.bad_row)
+        self.fn(self.table, self.row, self.x, None, self.cond, self.uncond, self.hist, 0, FLAG_WRITE_X, None, 0, -1,
+                self.model_in, self.bad_row)
 
 
 class CompiledInplaceStep:

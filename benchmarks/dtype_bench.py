@@ -34,6 +34,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from fastdiff.program.layout import FLAG_WRITE_X
+
 from . import baselines as bl
 from .step_bench import DTYPE_SUFFIX, RESULTS, compile_key
 from .timing import describe_machine, load_average, machine_info, measure_interleaved, torch_threads
@@ -150,8 +152,8 @@ class PlacedStep:
 
     def __call__(self) -> None:
         p = self.problem
-        self.fn(p.table, p.step_index, self.x, None, self.cond, self.uncond, self.hist, 0, False, True, False,
-                None, 0, -1, self.model_in, False, self.bad_row)
+        self.fn(p.table, p.step_index, self.x, None, self.cond, self.uncond, self.hist, 0, FLAG_WRITE_X, None, 0, -1,
+                self.model_in, self.bad_row)
 
 
 def placements(seed: int) -> Dict[str, List[int]]:

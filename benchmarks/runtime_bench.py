@@ -67,9 +67,9 @@ def group_loop(quick: bool) -> Dict[str, tuple]:
     def bare():
         x.copy_(noise)
         model_in.copy_(x)
-        for i, (hw, ey, wx, wy, nid, ny) in enumerate(args):
+        for i, (hw, flags, nid) in enumerate(args):
             out = model(model_in, t)
-            step(table, i, x, None, out, None, hist, hw, ey, wx, wy, None, 0, nid, model_in, ny, bad, None)
+            step(table, i, x, None, out, None, hist, hw, flags, None, 0, nid, model_in, bad, None)
         return x
 
     return {

@@ -25,6 +25,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from fastdiff.program.layout import FLAG_WRITE_X
+
 from . import baselines as bl
 from .step_bench import IMPL_BY_KEY, RESULTS, bytes_moved, step_callable
 from .timing import copy_bandwidth, describe_machine, load_average, machine_info, measure_interleaved, torch_threads
@@ -49,8 +51,7 @@ class EmptyCall:
         x, out, hist = torch.empty(1, 0), torch.empty(2, 0), torch.empty(1, 1, 0)
         table = bl.make_problem((1, 8)).table
         bad = torch.zeros(1, dtype=torch.int32)
-        self.args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, False, True, False, None, 0, -1, None,
-                     False, bad)
+        self.args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, FLAG_WRITE_X, None, 0, -1, None, bad)
 
     def __call__(self):
         self.fn(*self.args)

@@ -22,6 +22,10 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 
 }  // namespace
 
+namespace fastdiff {
+void bind_row_loop(py::module& m);  // csrc/cpu/row_loop.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdiff C++ CPU kernels (OpenMP + SIMD): fused solver step, CFG, Philox noise, per-sample reductions";
 
@@ -29,21 +33,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "fused_step",
       [](const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
          const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
-         const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x, bool write_y,
+         const std::optional<at::Tensor>& hist, int64_t hist_write, int64_t flags,
          const std::optional<at::Tensor>& noise, py::handle seed, int64_t noise_id,
-         const std::optional<at::Tensor>& model_in, bool model_in_from_y, const std::optional<at::Tensor>& bad_row,
+         const std::optional<at::Tensor>& model_in, const std::optional<at::Tensor>& bad_row,
          const std::optional<at::Tensor>& guidance) {
         const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
         py::gil_scoped_release nogil;
-        fastdiff::fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, s,
-                             noise_id, model_in, model_in_from_y, bad_row, guidance);
+        fastdiff::fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, s, noise_id, model_in,
+                             bad_row, guidance);
       },
       py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
-      py::arg("hist"), py::arg("hist_write"), py::arg("eval_y"), py::arg("write_x"), py::arg("write_y"),
-      py::arg("noise"), py::arg("seed"), py::arg("noise_id"), py::arg("model_in"), py::arg("model_in_from_y"),
-      py::arg("bad_row"), py::arg("guidance") = py::none(),
+      py::arg("hist"), py::arg("hist_write"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
+      py::arg("noise_id"), py::arg("model_in"), py::arg("bad_row"), py::arg("guidance") = py::none(),
       "One row of a coefficient program, in place on x, y, hist, model_in and bad_row "
-      "(semantics: fastdiff.ops.reference.fused_step). x, y, hist: float32; cond/uncond/noise/model_in: "
+      "(semantics: fastdiff.reference.fused_step). flags: the row's bitmask (fastdiff.program.layout FLAG_*). "
+      "x, y, hist: float32; cond/uncond/noise/model_in: "
       "float32, float16, bfloat16 or float64; guidance: optional per-sample scale vector [B] (float32/float64).");
 
   m.def(
@@ -115,4 +119,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "build_info", []() { return fastdiff::build_info(); },
       "What was built: compiler, -march, SIMD width, OpenMP, block sizes.");
+
+  fastdiff::bind_row_loop(m);
 }

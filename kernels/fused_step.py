@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y,
-                                     OUT_Z, col_out_h, col_out_x, col_out_y, col_s_in)
+from fastdiff.program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y,
+                                     FLAG_WRITE_X, FLAG_WRITE_Y, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
+                                     col_out_h, col_out_x, col_out_y, col_s_in, flags_error, unknown_flag_bits)
 
 from ._common import EXACT_FP, INT32_MAX, as_int32, dense_rows, key_words, max_offset, sample_size, write_back
 from .philox import philox_normal_block
@@ -44,6 +45,12 @@ _OUT_Y = tl.constexpr(OUT_Y)
 _OUT_H = tl.constexpr(OUT_H)
 _OUT_HU = tl.constexpr(OUT_HU)
 _OUT_Z = tl.constexpr(OUT_Z)
+# The row flags, decoded in the kernel from its FLAGS constexpr (``_FLAG & FLAGS``: the constant on the
+# left, so the interpreter, which passes FLAGS as a plain int, evaluates it too).
+_FLAG_EVAL_Y = tl.constexpr(FLAG_EVAL_Y)
+_FLAG_WRITE_X = tl.constexpr(FLAG_WRITE_X)
+_FLAG_WRITE_Y = tl.constexpr(FLAG_WRITE_Y)
+_FLAG_MODEL_IN_FROM_Y = tl.constexpr(FLAG_MODEL_IN_FROM_Y)
 
 
 def layout_constexprs(K: int) -> dict:
@@ -93,9 +100,9 @@ def fused_step_kernel(
     numel, M,
     x_sb, y_sb, cond_sb, uncond_sb, hist_sb, hist_sk, noise_sb, model_in_sb, model_in_half,
     hist_write, seed_lo, seed_hi, noise_id,
-    K: tl.constexpr, EVAL_Y: tl.constexpr, WRITE_X: tl.constexpr, WRITE_Y: tl.constexpr,
+    K: tl.constexpr, FLAGS: tl.constexpr,
     HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr, WRITE_HIST: tl.constexpr,
-    MODEL_IN_HALVES: tl.constexpr, MODEL_IN_FROM_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    MODEL_IN_HALVES: tl.constexpr, CHECK_FINITE: tl.constexpr,
     HAS_GUIDANCE: tl.constexpr, STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
     COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_OUT_H: tl.constexpr, COL_S_IN: tl.constexpr,
 ):
@@ -111,7 +118,7 @@ def fused_step_kernel(
     row_ptr = table_ptr + row * table_sr
 
     X = tl.load(x_ptr + _at(i, b, m, x_sb, STRIDED), mask=mask, other=0.0)
-    if EVAL_Y:
+    if _FLAG_EVAL_Y & FLAGS:
         E = tl.load(y_ptr + _at(i, b, m, y_sb, STRIDED), mask=mask, other=0.0)
     else:
         E = X
@@ -143,10 +150,10 @@ def fused_step_kernel(
         z = h  # unused: the outputs have no noise term
 
     hist_off = _at(i, b, m, hist_sb, STRIDED)
-    if WRITE_X:
+    if _FLAG_WRITE_X & FLAGS:
         new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
                         mask)
-    if WRITE_Y:
+    if _FLAG_WRITE_Y & FLAGS:
         new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
                         mask)
     if WRITE_HIST:
@@ -155,9 +162,9 @@ def fused_step_kernel(
 
     if CHECK_FINITE:
         bad = tl.zeros([BLOCK], dtype=tl.int1)
-        if WRITE_X:
+        if _FLAG_WRITE_X & FLAGS:
             bad = bad | _nonfinite(new_x)
-        if WRITE_Y:
+        if _FLAG_WRITE_Y & FLAGS:
             bad = bad | _nonfinite(new_y)
         if tl.max((bad & mask).to(tl.int32), axis=0) > 0:
             tl.atomic_cas(bad_row_ptr, 0, row + 1)      # only the first bad row is recorded
@@ -165,12 +172,12 @@ def fused_step_kernel(
     # Writes after every read (all history slots were read above).
     if WRITE_HIST:
         tl.store(hist_ptr + hist_write * hist_sk + hist_off, new_h, mask=mask)
-    if WRITE_X:
+    if _FLAG_WRITE_X & FLAGS:
         tl.store(x_ptr + _at(i, b, m, x_sb, STRIDED), new_x, mask=mask)
-    if WRITE_Y:
+    if _FLAG_WRITE_Y & FLAGS:
         tl.store(y_ptr + _at(i, b, m, y_sb, STRIDED), new_y, mask=mask)
     if MODEL_IN_HALVES > 0:
-        if MODEL_IN_FROM_Y:
+        if _FLAG_MODEL_IN_FROM_Y & FLAGS:
             src = new_y
         else:
             src = new_x
@@ -181,11 +188,16 @@ def fused_step_kernel(
             tl.store(mi + model_in_half, v, mask=mask)
 
 
-def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-               noise_id, model_in, model_in_from_y, bad_row, guidance=None) -> None:
-    """Launch one row; arguments as fastdiff.ops.fused_step (already validated). Tensors whose
+def fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+               guidance=None) -> None:
+    """Launch one row; arguments as fastdiff.reference.fused_step (fastdiff.program.layout.STEP_ARGS,
+    already validated; ``flags`` the row's bitmask, a constexpr of the kernel). Tensors whose
     samples are not dense are copied (outputs copied back): see _common."""
-    if model_in is not None and model_in_from_y and not write_y:
+    flags = int(flags)
+    if unknown_flag_bits(flags):
+        raise ValueError(flags_error(flags))
+    write_x, write_y = bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y)
+    if model_in is not None and flags & FLAG_MODEL_IN_FROM_Y and not write_y:
         raise ValueError("model_in_from_y needs a row that writes y")
     if hist is not None and hist.shape[0] == 0:
         hist = None
@@ -231,9 +243,9 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x
         x_sb, y_sb or 0, cond_sb or 0, uncond_sb or 0, hist_sb, hist_sk, noise_sb or 0, mi_sb or 0,
         (B * mi_sb) if mk is not None else 0,
         hist_write, lo, hi, as_int32(max(noise_id, 0)),
-        K=K, EVAL_Y=bool(eval_y), WRITE_X=bool(write_x), WRITE_Y=bool(write_y),
+        K=K, FLAGS=flags,
         HAS_COND=cond is not None, HAS_UNCOND=uncond is not None, NOISE=noise_kind,
-        WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves, MODEL_IN_FROM_Y=bool(model_in_from_y),
+        WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves,
         CHECK_FINITE=bad_row is not None, HAS_GUIDANCE=gk is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK, **layout_constexprs(K),
         num_warps=NUM_WARPS, **EXACT_FP,
     )

@@ -47,19 +47,20 @@ class Variant:
 
 
 def _fused_step_variant(model: str, *, full: bool) -> Variant:
+    from fastdiff.program.layout import FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_X, FLAG_WRITE_Y
     from .fused_step import BLOCK, NUM_WARPS, NOISE_PHILOX, NOISE_TENSOR, layout_constexprs
     from ._common import EXACT_FP
     types = {"table_ptr": "*fp64", "x_ptr": "*fp32", "y_ptr": "*fp32", "cond_ptr": _DT[model],
              "uncond_ptr": _DT[model], "hist_ptr": "*fp32", "noise_ptr": "*fp32", "model_in_ptr": _DT[model],
              "bad_row_ptr": "*i32", "guidance_ptr": "*fp32"}
     if full:   # DPM-Solver++(2M) + CFG as the sampler runs it: history, Philox, both CFG halves of model_in
-        flags = dict(K=2, EVAL_Y=False, WRITE_X=True, WRITE_Y=False, HAS_COND=True, HAS_UNCOND=True,
-                     NOISE=NOISE_PHILOX, WRITE_HIST=True, MODEL_IN_HALVES=2, MODEL_IN_FROM_Y=False,
+        flags = dict(K=2, FLAGS=FLAG_WRITE_X, HAS_COND=True, HAS_UNCOND=True,
+                     NOISE=NOISE_PHILOX, WRITE_HIST=True, MODEL_IN_HALVES=2,
                      CHECK_FINITE=True, HAS_GUIDANCE=True, STRIDED=False, INDEX_64=False)
         name = f"fused_step {model}: CFG, K=2, Philox, model_in x2, bad_row"
     else:      # a multi-stage row on strided tensors: y in and out, a noise tensor
-        flags = dict(K=1, EVAL_Y=True, WRITE_X=True, WRITE_Y=True, HAS_COND=True, HAS_UNCOND=False,
-                     NOISE=NOISE_TENSOR, WRITE_HIST=False, MODEL_IN_HALVES=1, MODEL_IN_FROM_Y=True,
+        flags = dict(K=1, FLAGS=FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y, HAS_COND=True,
+                     HAS_UNCOND=False, NOISE=NOISE_TENSOR, WRITE_HIST=False, MODEL_IN_HALVES=1,
                      CHECK_FINITE=False, HAS_GUIDANCE=False, STRIDED=True, INDEX_64=True)
         name = f"fused_step {model}: y, noise tensor, strided, 64-bit index"
         types["numel"] = "i64"

@@ -29,7 +29,7 @@ from fastdiff.ops import custom_ops
 from fastdiff.ops import reductions as R
 from fastdiff.ops.backends import load_extension, select
 from fastdiff.runtime import run_program
-from fastdiff.program import table_width
+from fastdiff.program import FLAG_EVAL_Y, FLAG_WRITE_X, FLAG_WRITE_Y, table_width
 
 dynamo_testing = pytest.importorskip("torch._dynamo.testing")
 
@@ -85,9 +85,9 @@ def _opcheck_cases():
     r = lambda *s: torch.randn(s, generator=gen)   # noqa: E731
     T = torch.randn(2, table_width(1), dtype=torch.float64, generator=gen)
     return {
-        "fused_step": (T, 1, r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), r(1, 2, 3, 4), 0, False, True, True,
-                       None, custom_ops.seed_to_int64(2 ** 64 - 3), 2, torch.empty(4, 3, 4), False,
-                       torch.zeros(1, dtype=torch.int32)),
+        "fused_step": (T, 1, r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), r(2, 3, 4), r(1, 2, 3, 4), 0,
+                       FLAG_WRITE_X | FLAG_WRITE_Y, None, custom_ops.seed_to_int64(2 ** 64 - 3), 2,
+                       torch.empty(4, 3, 4), torch.zeros(1, dtype=torch.int32)),
         "cfg_combine": (r(2, 3, 4).half(), r(2, 3, 4).half(), 2.0, torch.float32),
         "philox_normal": ([2, 3, 5], 7, 1, torch.device("cpu")),
         "cfg_rescale": (r(2, 3, 4), r(2, 3, 4), 3.0, 0.7),
@@ -112,7 +112,7 @@ def test_custom_ops_validate_and_change_nothing():
     T = torch.zeros(1, table_width(0), dtype=torch.float64)
     x_before = x.clone()
     with pytest.raises(ValueError, match="different buffer"):
-        torch.ops.fastdiff.fused_step(T, 0, x, x, c, None, None, -1, True, True, False, None, 0, -1, None, False,
+        torch.ops.fastdiff.fused_step(T, 0, x, x, c, None, None, -1, FLAG_EVAL_Y | FLAG_WRITE_X, None, 0, -1, None,
                                       None)
     assert torch.equal(x, x_before)
     with pytest.raises(ValueError, match="shape"):

@@ -15,7 +15,8 @@ import fastdiff.ops as ops
 from fastdiff import Guidance, sample
 from fastdiff.models.gaussian_mixture import GaussianMixture
 from fastdiff.ops.backends import load_extension
-from fastdiff.program import table_width
+from fastdiff.program import FLAG_ALL, FLAG_WRITE_X, FLAG_WRITE_Y, pack_flags, table_width
+from fastdiff.program.layout import FLAG_ARG_NAMES, STEP_ARG_NAMES
 from fastdiff.schedules import ContinuousVP, DiscreteVP, FlowMatching, VESchedule, make_grid, time_shift
 
 SHAPE = (4, 2, 3)
@@ -553,6 +554,31 @@ def test_item13_fused_step_bad_scalars(backend, case):
     else:
         args.update(change)
     assert_step_rejected(args, exc, match, backend)
+
+
+FLAGS_BAD = {
+    "flags bool": (True, TypeError, "flags must be an int"),
+    "flags float": (6.0, TypeError, "flags must be an int"),
+    "flags next bit": (FLAG_ALL + 1 + FLAG_WRITE_X, ValueError, "flags has unknown row flag bits 0x10"),
+    "flags high bit": (FLAG_WRITE_X | (1 << 40), ValueError, "flags has unknown row flag bits 0x10000000000"),
+    "flags negative": (-1, ValueError, "flags has unknown row flag bits"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(FLAGS_BAD))
+def test_item13_fused_step_bad_flags(backend, case):
+    """The backends' flags argument (one bitmask) through the validated op: an int with known bits
+    only, else an error naming it, and nothing written."""
+    from fastdiff.ops import api
+    flags, exc, match = FLAGS_BAD[case]
+    args = _step_args()
+    packed = pack_flags(*(args.pop(n) for n in FLAG_ARG_NAMES))
+    assert packed == FLAG_WRITE_X | FLAG_WRITE_Y
+    snap = snapshot(args)
+    with pytest.raises(exc, match=match):
+        api._fused_step(*[dict(args, flags=flags).get(k) for k in STEP_ARG_NAMES], backend=backend)
+    assert unchanged(snap), "a rejected fused_step modified its arguments"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,7 +17,7 @@ import torch
 import fastdiff.ops as ops
 from fastdiff.ops.buffers import DEFAULT_STAGGER, address_mod_page, alloc_staggered, staggered_offsets
 
-from fastdiff.check import assert_step_match, clone_case, relayout, run_against_reference, step_case
+from fastdiff.check import assert_step_match, clone_case, public_kwargs, relayout, run_against_reference, step_case
 from fastdiff.ops.backends import load_extension
 from fastdiff.program import COL_G, COL_QD, OUT_H, OUT_X, col_out, col_s_in
 
@@ -278,8 +278,8 @@ def test_placements_forward_and_backward_loops(model_dtype, offsets):
             torch.set_num_threads(nt)
             kw = _placed_case(gen, shape, model_dtype, offsets)
             ref = clone_case(kw)
-            ops.fused_step(**ref, backend="reference")
-            ops.fused_step(**kw, backend="cpu")
+            ops.fused_step(**public_kwargs(ref), backend="reference")
+            ops.fused_step(**public_kwargs(kw), backend="cpu")
             assert_match(kw, ref, f"{offsets} {shape}")
             _state_bitwise(kw, ref)
     finally:
@@ -315,7 +315,7 @@ def test_alloc_staggered_serves_the_fused_step():
                                         ((2,) + shape[1:], torch.float16))
     st = dict(kw, x=x.copy_(kw["x"]), hist=hist.copy_(kw["hist"]), model_in=model_in.fill_(float("nan")),
               bad_row=torch.zeros(1, dtype=torch.int32))
-    ops.fused_step(**st, backend="cpu")
+    ops.fused_step(**public_kwargs(st), backend="cpu")
     a, b = run_both(kw)
     for name in ("x", "hist", "model_in"):
         assert torch.equal(st[name], a[name]), name

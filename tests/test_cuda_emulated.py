@@ -31,10 +31,10 @@ from benchmarks.cuda_report import TORCH_FLAGS, cuda_include_dir  # noqa: E402
 from fastdiff.reference import philox as P  # noqa: E402
 from fastdiff.reference import reductions as reduction_oracles, step as reference  # noqa: E402
 from fastdiff.ops.backends import load_extension  # noqa: E402
-from fastdiff.check import (PHILOX_ULPS, STEP_ARGS, assert_step_match, clone_case, relayout,  # noqa: E402
-                            run_step, step_case, ulps)
+from fastdiff.check import (PHILOX_ULPS, STEP_ARGS, UNKNOWN_FLAGS, assert_step_match, clone_case,  # noqa: E402
+                            relayout, run_step, step_case, ulps)
 from fastdiff.ops.cuda_backend import CudaBackend  # noqa: E402
-from fastdiff.program import col_out, col_s_in, out_width, table_width  # noqa: E402
+from fastdiff.program import FLAG_WRITE_X, FLAG_WRITE_Y, col_out, col_s_in, out_width, table_width  # noqa: E402
 
 _C = load_extension()
 HAVE_CPU = not isinstance(_C, str)
@@ -55,10 +55,9 @@ class StepArgs(ctypes.Structure):
                 ("batch", ctypes.c_int64), ("sample_size", ctypes.c_int64),
                 ("x", Rows), ("y", Rows), ("cond", Rows), ("uncond", Rows), ("noise", Rows), ("hist", Rows),
                 ("hist_slot_stride", ctypes.c_int64), ("num_slots", ctypes.c_int32), ("hist_write", ctypes.c_int32),
-                ("eval_y", ctypes.c_int32), ("write_x", ctypes.c_int32), ("write_y", ctypes.c_int32),
-                ("seed", ctypes.c_uint64), ("noise_id", ctypes.c_int64),
+                ("flags", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("noise_id", ctypes.c_int64),
                 ("model_in", Rows), ("model_in_halves", ctypes.c_int32), ("model_in_half_stride", ctypes.c_int64),
-                ("model_in_from_y", ctypes.c_int32), ("bad_row", ctypes.c_void_p),
+                ("bad_row", ctypes.c_void_p),
                 ("guidance", ctypes.c_void_p), ("guidance_dtype", ctypes.c_int)]
 
 
@@ -142,8 +141,9 @@ def step_args(kw, packer: Packer) -> StepArgs:
     a.table, a.table_rows, a.table_cols = table.data_ptr(), table.shape[0], table.shape[1]
     a.table_row_stride, a.table_col_stride, a.row = table.stride(0), table.stride(1), kw["row"]
     a.batch, a.sample_size = x.shape[0], math.prod(x.shape[1:])
-    a.x, _ = packer.rows(x, output=kw["write_x"])
-    a.y, _ = packer.rows(kw.get("y"), output=kw["write_y"])
+    flags = kw["flags"]
+    a.x, _ = packer.rows(x, output=bool(flags & FLAG_WRITE_X))
+    a.y, _ = packer.rows(kw.get("y"), output=bool(flags & FLAG_WRITE_Y))
     a.cond, _ = packer.rows(kw.get("cond"))
     a.uncond, _ = packer.rows(kw.get("uncond"))
     a.noise, _ = packer.rows(kw.get("noise"))
@@ -157,14 +157,13 @@ def step_args(kw, packer: Packer) -> StepArgs:
         packer.keep.append(used)
         a.hist_slot_stride, a.num_slots = used.stride(0), hist.shape[0]
     a.hist_write = kw["hist_write"]
-    a.eval_y, a.write_x, a.write_y = kw["eval_y"], kw["write_x"], kw["write_y"]
+    a.flags = flags & 0xFFFF_FFFF        # (the binding rejects other int64 values before packing)
     a.seed, a.noise_id = kw["seed"], kw["noise_id"]
     mi = kw.get("model_in")
     if mi is not None:
         a.model_in, used = packer.rows(mi, output=True)
         a.model_in_halves = mi.shape[0] // x.shape[0]
         a.model_in_half_stride = x.shape[0] * a.model_in.batch_stride
-        a.model_in_from_y = kw["model_in_from_y"]
     bad = kw.get("bad_row")
     a.bad_row = None if bad is None else bad.data_ptr()
     gv = kw.get("guidance")
@@ -356,6 +355,21 @@ def test_fused_step_rejects_bad_arguments(emu):
     a = step_args(kw, Packer())
     a.row = 3
     assert b"row" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
+
+
+def test_fused_step_rejects_unknown_flag_bits(emu):
+    """A flags bit that names no row flag: the launch check's error, and nothing written."""
+    gen = torch.Generator().manual_seed(12)
+    kw = step_case(gen, (2, 4, 4), K=2, model="cfg", noise="given", writes="xy", model_in="2B")
+    for flags in UNKNOWN_FLAGS:
+        c = clone_case(kw)
+        c["flags"] = flags
+        packer = Packer()
+        err = emu.fastdiff_emulate_fused_step(ctypes.byref(step_args(c, packer)))
+        assert err is not None and b"flags has unknown row flag bits" in err, (flags, err)
+        for name, t in kw.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(c[name].nan_to_num(7.0), t.nan_to_num(7.0)), f"flags={flags}: wrote {name}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import torch
 import fastdiff.ops as ops
 from fastdiff.reference import philox as P
 from fastdiff.ops.backends import load_extension, select
-from fastdiff.check import (PHILOX_ULPS, STEP_OUTPUTS, TOLERANCES, assert_step_match, assert_within, clone_case,
+from fastdiff.check import (PHILOX_ULPS, STEP_ARGS, STEP_OUTPUTS, TOLERANCES, assert_rejects_unknown_flags,
+                            assert_step_match, assert_within, clone_case, public_kwargs, with_flags,
                             random_table, relayout, run_against_reference, step_case)
-from fastdiff.program import OUT_H, OUT_Z, col_out, table_width
+from fastdiff.program import OUT_H, OUT_Z, col_out, pack_flags, table_width
 
 _C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
@@ -145,14 +146,14 @@ def test_fused_step_large_batch_and_threads(model_dtype, writes):
     kw = step_case(gen, (40, 4, 16, 16), K=3, model="cfg", noise="philox", writes=writes,
                    model_in="2B", model_dtype=model_dtype)
     ref = clone_case(kw)
-    ops.fused_step(**ref, backend="reference")
+    ops.fused_step(**public_kwargs(ref), backend="reference")
     n0 = torch.get_num_threads()
     outs = []
     try:
         for nt in (1, 2):
             torch.set_num_threads(nt)
             a = clone_case(kw)
-            ops.fused_step(**a, backend="cpu")
+            ops.fused_step(**public_kwargs(a), backend="cpu")
             assert_step_match(a, ref, f"threads={nt}")
             outs.append(a)
     finally:
@@ -173,8 +174,8 @@ def test_fused_step_deterministic():
     gen = torch.Generator().manual_seed(3)
     kw = step_case(gen, (2, 4, 64, 64), K=1, model="cfg", noise="philox", writes="xy")
     a, b = clone_case(kw), clone_case(kw)
-    ops.fused_step(**a, backend="cpu")
-    ops.fused_step(**b, backend="cpu")
+    ops.fused_step(**public_kwargs(a), backend="cpu")
+    ops.fused_step(**public_kwargs(b), backend="cpu")
     for name in OUTPUTS:
         if a.get(name) is not None:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True)
@@ -190,7 +191,7 @@ def test_fused_step_strided_table_and_prepared_call():
                                   noise_like=a["noise"], model_in=a["model_in"], backend="cpu")
     assert step is _C.fused_step
     step(*[a.get(k) for k in ORDER])
-    ops.fused_step(**b, backend="reference")
+    ops.fused_step(**public_kwargs(b), backend="reference")
     assert_step_match(a, b)
 
 
@@ -409,13 +410,13 @@ def _valid_args(gen):
     K = 1
     return dict(table=random_table(gen, K), row=0, x=torch.randn(shape, generator=gen), y=torch.randn(shape, generator=gen),
                 cond=torch.randn(shape, generator=gen), uncond=torch.randn(shape, generator=gen),
-                hist=torch.randn((K,) + shape, generator=gen), hist_write=0, eval_y=False, write_x=True, write_y=True,
-                noise=None, seed=5, noise_id=2, model_in=torch.zeros((4, 3, 4)), model_in_from_y=False,
+                hist=torch.randn((K,) + shape, generator=gen), hist_write=0,
+                flags=pack_flags(eval_y=False, write_x=True, write_y=True, model_in_from_y=False),
+                noise=None, seed=5, noise_id=2, model_in=torch.zeros((4, 3, 4)),
                 bad_row=torch.zeros(1, dtype=torch.int32), guidance=torch.tensor([3.0, 7.5]))
 
 
-ORDER = ("table", "row", "x", "y", "cond", "uncond", "hist", "hist_write", "eval_y", "write_x", "write_y",
-         "noise", "seed", "noise_id", "model_in", "model_in_from_y", "bad_row", "guidance")
+ORDER = STEP_ARGS
 
 BAD = {
     "state float64": (dict(x=lambda a: a["x"].double()), TypeError, "float32"),
@@ -437,7 +438,7 @@ BAD = {
     "bad_row shape": (dict(bad_row=lambda a: torch.zeros(2, dtype=torch.int32)), ValueError, "bad_row"),
     "y missing": (dict(y=lambda a: None), ValueError, "y"),
     "uncond without cond": (dict(cond=lambda a: None), ValueError, "uncond"),
-    "writes nothing": (dict(write_x=lambda a: False, write_y=lambda a: False), ValueError, "write x or y"),
+    "writes nothing": (dict(flags=lambda a: 0), ValueError, "write x or y"),
     "y is x": (dict(y=lambda a: a["x"]), ValueError, "different buffer"),
     "noise_id too big": (dict(noise_id=lambda a: 2 ** 32), ValueError, "noise_id"),
     "seed negative": (dict(seed=lambda a: -1), ValueError, "seed"),
@@ -458,7 +459,7 @@ def test_bad_input_raises_and_changes_nothing(case, level):
         args[k] = f(args)
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
     if level == "public":
-        kw = {k: v for k, v in args.items() if k not in ("table", "row", "x")}
+        kw = {k: v for k, v in public_kwargs(args).items() if k not in ("table", "row", "x")}
         with pytest.raises((exc, RuntimeError)):
             ops.fused_step(args["table"], args["row"], args["x"], **kw, backend="cpu")
     else:
@@ -471,14 +472,29 @@ def test_bad_input_raises_and_changes_nothing(case, level):
 def test_extension_rejects_model_in_from_unwritten_output():
     """The reference cannot compute model_in from an output the row does not write; neither can we."""
     gen = torch.Generator().manual_seed(0)
-    args = _valid_args(gen)
-    args["write_y"] = False
-    args["model_in_from_y"] = True
+    args = with_flags(_valid_args(gen), write_y=False, model_in_from_y=True)
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
     with pytest.raises(ValueError, match="does not write"):
         _C.fused_step(*[args[k] for k in ORDER])
     for k, v in before.items():
         assert torch.equal(args[k], v)
+
+
+def test_unknown_flag_bits_raise_and_change_nothing():
+    """A flags bit no row flag names (a flag of a newer kernel, garbage): the oracle, the validated
+    op, the C++ extension (raw and as the prepared call) each raise a ValueError naming the bits,
+    and write nothing."""
+    from fastdiff.ops import api
+    from fastdiff.reference import step as reference
+    args = _valid_args(torch.Generator().manual_seed(0))
+    prepared = ops.prepare_fused_step(args["x"], table=args["table"], y=args["y"], cond_like=args["cond"],
+                                      hist=args["hist"], model_in=args["model_in"], guidance=args["guidance"],
+                                      backend="cpu")
+    assert prepared is _C.fused_step
+    for fused_step in (reference.fused_step, _C.fused_step, lambda *a: api._fused_step(*a, backend="cpu")):
+        assert_rejects_unknown_flags(fused_step, args)
+    with pytest.raises(ValueError, match=r"flags has unknown row flag bits 0x10 \(got 31"):
+        _C.fused_step(*[dict(args, flags=31)[k] for k in ORDER])
 
 
 def test_extension_philox_errors():

@@ -5,9 +5,10 @@
   static_asserts for several K (what the kernels' compiler computes, not what a regex reads);
 * no other file in csrc/ writes a column offset (the literals the layout used to be spelled in),
   and no other Python module declares a column constant or re-derives the table width;
-* the fused step's argument list (layout.STEP_ARGS) is the one every backend declares: the
-  reference, the public op, the custom op's schema and functions, the Triton launcher, the C++
-  and CUDA signatures and their pybind11 argument names.
+* the fused step's argument list (layout.STEP_ARGS, the row booleans as one ``flags`` bitmask) is
+  the one every backend declares: the reference, the validated op, the custom op's schema and
+  functions, the Triton launcher, the C++ and CUDA signatures and their pybind11 argument names;
+  the public op keeps the booleans as keywords and packs them.
 """
 from __future__ import annotations
 
@@ -190,19 +191,40 @@ def _params(fn, drop=("self", "backend")):
     return tuple(p for p in inspect.signature(fn).parameters if p not in drop)
 
 
-def test_flag_arguments_are_the_row_flags():
+def test_row_flags_are_one_argument():
+    """The backends take the row booleans as one ``flags`` int (the bitmask), none of them apart;
+    the flag names are pack_flags' order, one bit each."""
     names = layout.STEP_ARG_NAMES
-    assert tuple(n for n in names if n in layout.FLAG_ARG_NAMES) == layout.FLAG_ARG_NAMES
+    assert dict(layout.STEP_ARGS)["flags"] == "int"
+    assert not set(names) & set(layout.FLAG_ARG_NAMES), "a row flag is still an argument of its own"
     assert len(set(names)) == len(names)
+    bits = [layout.pack_flags(*(n == m for m in layout.FLAG_ARG_NAMES)) for n in layout.FLAG_ARG_NAMES]
+    assert bits == [layout.FLAG_EVAL_Y, layout.FLAG_WRITE_X, layout.FLAG_WRITE_Y, layout.FLAG_MODEL_IN_FROM_Y]
+    assert sum(bits) == layout.FLAG_ALL
+    for flags in range(layout.FLAG_ALL + 1):
+        assert layout.pack_flags(*layout.unpack_flags(flags)) == flags
+    for flags in (layout.FLAG_ALL + 1, 1 << 40, -1):
+        with pytest.raises(ValueError, match="flags has unknown row flag bits"):
+            layout.unpack_flags(flags)
+
+
+def test_public_fused_step_keeps_its_keywords():
+    """fastdiff.ops.fused_step (the users' API) takes the row booleans as keywords and packs them:
+    its parameters are STEP_ARGS with ``flags`` spelled out."""
+    from fastdiff import ops
+    public = _params(ops.fused_step)
+    assert set(layout.FLAG_ARG_NAMES) <= set(public)
+    assert tuple(n for n in public if n not in layout.FLAG_ARG_NAMES) == \
+        tuple(n for n in layout.STEP_ARG_NAMES if n != "flags")
 
 
 def test_python_declarations_match_step_args():
     from fastdiff import ops
-    from fastdiff.ops import custom_ops
+    from fastdiff.ops import api, custom_ops
     from fastdiff.reference import step as reference
     decls = {
         "fastdiff.ops.reference.fused_step": _params(reference.fused_step),
-        "fastdiff.ops.fused_step": _params(ops.fused_step),
+        "fastdiff.ops.api._fused_step": _params(api._fused_step),
         "fastdiff.ops._validate_step": _params(ops._validate_step),
         "custom_ops._fused_step_impl": _params(custom_ops._fused_step_impl),
         "custom_ops._fused_step_fake": _params(custom_ops._fused_step_fake),

@@ -11,6 +11,7 @@ import torch
 import fastdiff
 import fastdiff.integrations.k_diffusion as K
 from fastdiff import sampler as sampler_module
+from fastdiff.program import FLAG_MODEL_IN_FROM_Y, col_s_in, unpack_flags
 from fastdiff.runtime import RowExecutor, row_args
 from fastdiff.sampler import all_finite
 
@@ -47,6 +48,49 @@ def test_executor_runs_rows_like_the_public_op():
                                 eval_y=r.eval_at == "y", write_x=r.out_x is not None, write_y=r.out_y is not None,
                                 seed=11, noise_id=r.noise_id)
     assert torch.equal(ex.x, ref_x)
+
+
+def test_row_args_carry_the_rows_flags():
+    """Per row (hist_write, flags, noise_id): flags is Row.flags, its model-input bit set where the
+    next model call reads y (the next row's evaluation point; the last row's next_eval)."""
+    rows = fastdiff.Sampler.build(solver="heun", steps=3).program.rows          # rows at x and at y
+    args = row_args(rows)
+    assert any(r.eval_at == "y" for r in rows) and any(r.eval_at == "x" for r in rows)
+    for i, (r, (hw, flags, nid)) in enumerate(zip(rows, args)):
+        nxt = rows[i + 1].eval_at if i + 1 < len(rows) else r.next_eval
+        assert (hw, nid) == (r.hist_write, r.noise_id)
+        assert flags & ~FLAG_MODEL_IN_FROM_Y == r.flags & ~FLAG_MODEL_IN_FROM_Y
+        assert unpack_flags(flags) == (r.eval_at == "y", r.out_x is not None, r.out_y is not None, nxt == "y")
+
+
+def test_executor_run_passes_flags_and_its_model_in_override_edits_one_bit():
+    """RowExecutor.run hands the kernel the row's flags; model_in_from_y=True/False sets/clears
+    FLAG_MODEL_IN_FROM_Y only (None: the row's own), and the kernel then writes model_in from the
+    new y or the new x."""
+    prog = fastdiff.Sampler.build(solver="heun", steps=3).program
+    x0 = torch.randn(2, 3, 4)
+    ex = RowExecutor.allocate(prog, x0, model_in_batch=2)
+    seen = []
+    step = ex._step
+    ex._step = lambda *a: (seen.append(a[8]), step(*a))
+    D = torch.randn(x0.shape)
+    tried = set()
+    for k, r in enumerate(prog.rows):
+        # an override may only name an output the row writes
+        for override in [None] + ([False] if r.out_x is not None else []) + ([True] if r.out_y is not None else []):
+            ex.x.copy_(x0)
+            ex.y.copy_(x0)
+            ex.run(k, D if r.needs_model else None, model_in=ex.model_in if override is not None else None,
+                   model_in_from_y=override)
+            want = ex.args[k][1]
+            if override is not None:
+                want = (want & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if override else 0)
+                s_in = float(prog.table[k, col_s_in(prog.num_slots)])
+                src = ex.y if override else ex.x
+                assert torch.equal(ex.model_in, (s_in * src).expand_as(ex.model_in)), (k, override)
+                tried.add(override)
+            assert seen[-1] == want
+    assert tried == {False, True}
 
 
 def test_executor_bind_rejects_a_program_its_buffers_cannot_hold():

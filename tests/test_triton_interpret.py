@@ -307,6 +307,17 @@ def test_fused_step_bad_input_changes_nothing():
 
 
 @interpreted
+def test_fused_step_rejects_unknown_flag_bits():
+    """The launcher takes the row flags as one bitmask (the kernel's FLAGS constexpr): bits that no
+    flag names raise a ValueError naming them, before anything is launched or written."""
+    from fastdiff.check import assert_rejects_unknown_flags, step_case
+    from fastdiff.kernels import fused_step as triton_step
+    case = step_case(torch.Generator().manual_seed(3), (2, 3, 5), K=1, model="cfg", noise="given", writes="xy",
+                     model_in="2B")
+    assert_rejects_unknown_flags(triton_step.fused_step, case)
+
+
+@interpreted
 def test_sampler_runs_on_triton_as_on_reference():
     """A whole DPM-Solver++(2M) + CFG run through the sampler: same samples on both backends."""
     import fastdiff

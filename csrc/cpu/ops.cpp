@@ -893,11 +893,19 @@ static bool same_strides_as(const at::Tensor& t, at::IntArrayRef xs) { return t.
 
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
                 const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
-                const std::optional<at::Tensor>& hist, int64_t hist_write, bool eval_y, bool write_x,
-                bool write_y, const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
-                const std::optional<at::Tensor>& model_in, bool model_in_from_y,
-                const std::optional<at::Tensor>& bad_row, const std::optional<at::Tensor>& guidance) {
+                const std::optional<at::Tensor>& hist, int64_t hist_write, int64_t flags,
+                const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
+                const std::optional<at::Tensor>& model_in, const std::optional<at::Tensor>& bad_row,
+                const std::optional<at::Tensor>& guidance) {
+  namespace L = fastdiff::layout;
   // ---- checks (all before any write) ----
+  // The row flags (one bitmask, program_layout.h), decoded once; a bit no flag names is an error.
+  const uint64_t unknown_bits = (uint64_t)flags & ~(uint64_t)L::FLAG_ALL;
+  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._C.fused_step: flags has unknown row flag bits 0x", std::hex,
+                    unknown_bits, std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | "
+                    "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
+  const bool eval_y = flags & L::FLAG_EVAL_Y, write_x = flags & L::FLAG_WRITE_X, write_y = flags & L::FLAG_WRITE_Y,
+             model_in_from_y = flags & L::FLAG_MODEL_IN_FROM_Y;
   check_cpu(x, "x");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._C.fused_step: x (the state) must be float32 on the cpu "
                    "backend, got ", x.scalar_type());
@@ -920,7 +928,6 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
                       shape_str(H.sizes()));
     K = H.size(0);
   }
-  namespace L = fastdiff::layout;
   const int64_t width = L::table_width((int)K);
   TORCH_CHECK_VALUE(table.size(1) == width, "fastdiff._C.fused_step: table has ", table.size(1), " columns; ", K,
                     " history slots need ", width);

@@ -335,7 +335,7 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   const bool model = a.cond.data != nullptr, model_f64 = model && a.cond.dtype == FASTDIFF_FLOAT64;
   const bool cfg = a.uncond.data != nullptr;
   const Fetched fx = fetch<VEC>(g, a.x);
-  const Fetched fy = a.eval_y ? fetch<VEC>(g, a.y) : Fetched{};
+  const Fetched fy = p.eval_y ? fetch<VEC>(g, a.y) : Fetched{};
   const Fetched fc = model && !model_f64 ? fetch<VEC>(g, a.cond) : Fetched{};
   const Fetched fu = cfg && !model_f64 ? fetch<VEC>(g, a.uncond) : Fetched{};
   const Fetched fz = a.noise.data != nullptr ? fetch<VEC>(g, a.noise) : Fetched{};
@@ -345,7 +345,7 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
 
   float X[4], E[4], Hm[4], HU[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   decode(fx, X);
-  if (a.eval_y) decode(fy, E);
+  if (p.eval_y) decode(fy, E);
   else for (int e = 0; e < kGroup; ++e) E[e] = X[e];
 
   if (model) {
@@ -402,17 +402,17 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   uint32_t bad = 0;
   for (int e = 0; e < kGroup; ++e) {
     const uint32_t valid = e < g.n;
-    if (a.write_x) bad |= valid & m::nonfinite(NX[e]);
-    if (a.write_y) bad |= valid & m::nonfinite(NY[e]);
+    if (p.write_x) bad |= valid & m::nonfinite(NX[e]);
+    if (p.write_y) bad |= valid & m::nonfinite(NY[e]);
   }
 
   // Stores, after every read of the group.
   if (wh) scatter<VEC>(g, hist_slot(a, a.hist_write), NH);
-  if (a.write_x) scatter<VEC>(g, a.x, NX);
-  if (a.write_y) scatter<VEC>(g, a.y, NY);
+  if (p.write_x) scatter<VEC>(g, a.x, NX);
+  if (p.write_y) scatter<VEC>(g, a.y, NY);
   if (a.model_in.data != nullptr) {
     float MI[4];
-    for (int e = 0; e < kGroup; ++e) MI[e] = m::model_input(coefs[col.s_in], a.model_in_from_y ? NY[e] : NX[e]);
+    for (int e = 0; e < kGroup; ++e) MI[e] = m::model_input(coefs[col.s_in], p.mi_from_y ? NY[e] : NX[e]);
     for (int half = 0; half < a.model_in_halves; ++half)
       scatter<VEC>(g, advanced(a.model_in, half * a.model_in_half_stride), MI);
   }

@@ -38,7 +38,7 @@ typedef struct fastdiff_rows {
 } fastdiff_rows;
 
 /* One row of a coefficient program (fastdiff/program), in place on x, y, hist, model_in and
- * bad_row; argument for argument fastdiff.ops.reference.fused_step. */
+ * bad_row; argument for argument fastdiff.reference.fused_step (fastdiff/program/layout.py STEP_ARGS). */
 typedef struct fastdiff_step_args {
   const double* table;      /* [table_rows, table_cols] float64 on the device; columns: ../program_layout.h */
   int64_t table_rows;
@@ -57,15 +57,14 @@ typedef struct fastdiff_step_args {
   int64_t hist_slot_stride;
   int32_t num_slots;        /* K (0: hist unused) */
   int32_t hist_write;       /* slot receiving the h-out combination, or -1 */
-  int32_t eval_y;           /* E (the point the model saw) is y, else x */
-  int32_t write_x;
-  int32_t write_y;
+  uint32_t flags;           /* the row's bitmask, ../program_layout.h: FLAG_EVAL_Y (E, the point the
+                               model saw, is y, else x), FLAG_WRITE_X, FLAG_WRITE_Y, FLAG_MODEL_IN_FROM_Y
+                               (model_in = s_in * new y, else s_in * new x); other bits: an error */
   uint64_t seed;            /* Philox key */
   int64_t noise_id;         /* Philox counter word 2; < 0: no Philox noise */
   fastdiff_rows model_in;   /* next model input (any model dtype), or absent */
   int32_t model_in_halves;  /* 1 or 2 CFG halves; half h at data + h * model_in_half_stride */
   int64_t model_in_half_stride;
-  int32_t model_in_from_y;  /* model_in = s_in * new y, else s_in * new x */
   int32_t* bad_row;         /* int32 [1] or NULL: set to row + 1 if it is 0 and a written x/y is non-finite */
   const void* guidance;     /* per-sample scale vector s [B] (contiguous), or NULL: sample b uses
                                g = g0 + g1 * s[b] (table columns COL_G0, COL_G1) instead of COL_G */

@@ -51,6 +51,11 @@ struct StepPlan {
   bool philox;     // draw the noise in the kernel
   bool has_z;      // the outputs have a noise term (given or Philox), as in the reference
   bool check;      // raise bad_row
+  // The row flags (args.flags), decoded once on the host
+  bool eval_y;     // E is y, else x
+  bool write_x;
+  bool write_y;
+  bool mi_from_y;  // model_in = s_in * new y, else s_in * new x
 };
 
 inline int64_t blocks_for(int64_t groups) { return (groups + kThreads - 1) / kThreads; }
@@ -116,8 +121,13 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->num_slots < 0 || a->num_slots > kMaxSlots) return "num_slots (K) must be in [0, 1024]";
   if (a->table_cols != columns(a->num_slots).width) return "table_cols does not match num_slots (layout::table_width(K))";
   if (a->x.data == nullptr || a->x.dtype != FASTDIFF_FLOAT32) return "x must be a float32 tensor";
-  if (!a->write_x && !a->write_y) return "a row must write x or y";
-  if ((a->eval_y || a->write_y || (a->model_in.data && a->model_in_from_y)) && a->y.data == nullptr)
+  if (a->flags & ~layout::FLAG_ALL)
+    return "flags has unknown row flag bits (the row flags are layout::FLAG_EVAL_Y | FLAG_WRITE_X | "
+           "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y)";
+  const bool eval_y = a->flags & layout::FLAG_EVAL_Y, write_x = a->flags & layout::FLAG_WRITE_X,
+             write_y = a->flags & layout::FLAG_WRITE_Y, mi_from_y = a->flags & layout::FLAG_MODEL_IN_FROM_Y;
+  if (!write_x && !write_y) return "a row must write x or y";
+  if ((eval_y || write_y || (a->model_in.data && mi_from_y)) && a->y.data == nullptr)
     return "this row reads or writes y, but y is absent";
   if (a->y.data != nullptr && (a->y.dtype != FASTDIFF_FLOAT32 || a->y.data == a->x.data))
     return "y must be a float32 tensor other than x";
@@ -132,7 +142,7 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->model_in.data != nullptr) {
     if (a->model_in_halves != 1 && a->model_in_halves != 2) return "model_in_halves must be 1 or 2";
     if (a->model_in_half_stride < 0) return "model_in_half_stride must be non-negative";
-    if (a->model_in_from_y ? !a->write_y : !a->write_x) return "model_in is computed from an output the row does not write";
+    if (mi_from_y ? !write_y : !write_x) return "model_in is computed from an output the row does not write";
   }
   return nullptr;
 }
@@ -147,6 +157,10 @@ inline StepPlan make_step_plan(const fastdiff_step_args& a) {
   s.philox = a.noise.data == nullptr && a.noise_id >= 0;
   s.has_z = a.noise.data != nullptr || s.philox;
   s.check = a.bad_row != nullptr;
+  s.eval_y = a.flags & layout::FLAG_EVAL_Y;
+  s.write_x = a.flags & layout::FLAG_WRITE_X;
+  s.write_y = a.flags & layout::FLAG_WRITE_Y;
+  s.mi_from_y = a.flags & layout::FLAG_MODEL_IN_FROM_Y;
   return s;
 }
 

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../program_layout.h"  // the row flags (FLAG_*)
 #include "launch.h"
 
 namespace py = pybind11;
@@ -96,10 +97,17 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 }
 
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
-                const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, bool eval_y, bool write_x,
-                bool write_y, const OptTensor& noise, uint64_t seed, int64_t noise_id, const OptTensor& model_in,
-                bool model_in_from_y, const OptTensor& bad_row, const OptTensor& guidance) {
+                const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, int64_t flags,
+                const OptTensor& noise, uint64_t seed, int64_t noise_id, const OptTensor& model_in,
+                const OptTensor& bad_row, const OptTensor& guidance) {
+  namespace L = fastdiff::layout;
   // ---- checks that keep the launch memory-safe (every other rule: launch.h's check) ----
+  // The row flags (one bitmask, program_layout.h): a bit no flag names is an error, before any write.
+  const uint64_t unknown_bits = (uint64_t)flags & ~(uint64_t)L::FLAG_ALL;
+  TORCH_CHECK_VALUE(unknown_bits == 0, "fastdiff._cuda.fused_step: flags has unknown row flag bits 0x", std::hex,
+                    unknown_bits, std::dec, " (got ", flags, "; the row flags are FLAG_EVAL_Y | FLAG_WRITE_X | "
+                    "FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = 0x", std::hex, L::FLAG_ALL, std::dec, ")");
+  const bool write_x = flags & L::FLAG_WRITE_X, write_y = flags & L::FLAG_WRITE_Y;
   TORCH_CHECK_VALUE(x.is_cuda(), "fastdiff._cuda.fused_step: x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "fastdiff._cuda.fused_step: x (the state) must be float32, got ",
                    x.scalar_type());
@@ -178,15 +186,12 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   }
   a.num_slots = (int32_t)K;
   a.hist_write = (int32_t)hist_write;
-  a.eval_y = eval_y;
-  a.write_x = write_x;
-  a.write_y = write_y;
+  a.flags = (uint32_t)flags;
   a.seed = seed;
   a.noise_id = noise_id;
   a.model_in = MI.rows;
   a.model_in_halves = halves;
   a.model_in_half_stride = B * MI.rows.batch_stride;
-  a.model_in_from_y = model_in_from_y;
   a.bad_row = bad_row ? bad_row->data_ptr<int32_t>() : nullptr;
   a.guidance = S.defined() ? S.data_ptr() : nullptr;
   a.guidance_dtype = S.defined() && S.scalar_type() == at::kDouble ? FASTDIFF_FLOAT64 : FASTDIFF_FLOAT32;
@@ -289,18 +294,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "fused_step",
       [](const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
-         const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, bool eval_y, bool write_x, bool write_y,
-         const OptTensor& noise, py::handle seed, int64_t noise_id, const OptTensor& model_in, bool model_in_from_y,
-         const OptTensor& bad_row, const OptTensor& guidance) {
+         const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, int64_t flags, const OptTensor& noise,
+         py::handle seed, int64_t noise_id, const OptTensor& model_in, const OptTensor& bad_row,
+         const OptTensor& guidance) {
         const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
         py::gil_scoped_release nogil;
-        fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, s, noise_id,
-                   model_in, model_in_from_y, bad_row, guidance);
+        fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, s, noise_id, model_in, bad_row,
+                   guidance);
       },
       py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
-      py::arg("hist"), py::arg("hist_write"), py::arg("eval_y"), py::arg("write_x"), py::arg("write_y"),
-      py::arg("noise"), py::arg("seed"), py::arg("noise_id"), py::arg("model_in"), py::arg("model_in_from_y"),
-      py::arg("bad_row"), py::arg("guidance") = py::none(),
+      py::arg("hist"), py::arg("hist_write"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
+      py::arg("noise_id"), py::arg("model_in"), py::arg("bad_row"), py::arg("guidance") = py::none(),
       "One row of a coefficient program (fastdiff.ops.reference.fused_step), on CUDA tensors.");
   m.def(
       "cfg_combine",

@@ -41,14 +41,16 @@ from .reference import philox as philox_oracle
 from .reference import reductions as reductions_oracle
 from .reference import step as reference_oracle
 from .ops.backends import REDUCTION_OPS
-from .program.layout import COL_G, COL_G0, COL_G1, STEP_ARG_NAMES, table_width
+from .program.layout import (COL_G, COL_G0, COL_G1, FLAG_ALL, FLAG_ARG_NAMES, STEP_ARG_NAMES, pack_flags, table_width,
+                             unpack_flags)
 
 __all__ = ["Tolerance", "TOLERANCES", "EXACT", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
            "check_backend", "run_checks", "render_table", "failed",
            # the harness the tests share
            "ALL_LAYOUTS", "LAYOUTS", "relayout", "clone_keep_layout", "compare", "assert_within", "ulps",
-           "STEP_ARGS", "random_table", "step_case", "clone_case", "run_step", "modified_inputs", "step_mismatches",
-           "assert_step_match", "OP_GROUPS"]
+           "STEP_ARGS", "random_table", "step_case", "public_kwargs", "with_flags", "clone_case", "run_step",
+           "modified_inputs", "step_mismatches", "assert_step_match", "UNKNOWN_FLAGS", "assert_rejects_unknown_flags",
+           "OP_GROUPS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
               layout: str = "contiguous", seed: int = 1234, noise_id: int = 3, bad_row: bool = True,
               guidance: Optional[torch.dtype] = None, hist_write: Optional[int] = None,
               model_in_from_y: Optional[bool] = None, device="cpu") -> dict:
-    """Random, valid arguments of one fused_step call (the names of STEP_ARGS), every tensor in
+    """Random, valid arguments of one fused_step call (the names of STEP_ARGS: the row booleans
+    packed into ``flags``; ``public_kwargs`` gives fastdiff.ops.fused_step's), every tensor in
     ``layout``. model: "none" | "cond" | "cfg" (both halves); noise: "none" | "given" (a tensor of
     ``noise_dtype``) | "philox" (drawn in the kernel); writes: "x" | "y" | "xy"; model_in: "none" |
     "B" | "2B" (one or both CFG halves, NaN-filled); eval_y: default whether the row writes y;
@@ -331,9 +334,9 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
     eval_y = write_y if eval_y is None else bool(eval_y)
     B = shape[0]
     table = random_table(gen, K)
+    from_y = False
     a = dict(table=table, row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None, hist_write=-1,
-             eval_y=eval_y, write_x=write_x, write_y=write_y, noise=None, seed=seed, noise_id=-1, model_in=None,
-             model_in_from_y=False, bad_row=None, guidance=None)
+             flags=0, noise=None, seed=seed, noise_id=-1, model_in=None, bad_row=None, guidance=None)
     if write_y or eval_y:
         a["y"] = tensor(shape)
     if model != "none":
@@ -353,9 +356,10 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
         rows = B if model_in == "B" else 2 * B
         a["model_in"] = relayout(torch.full((rows,) + tuple(shape[1:]), float("nan"), dtype=model_dtype,
                                             device=device), layout)
-        a["model_in_from_y"] = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
+        from_y = write_y and (not write_x or bool(torch.rand(1, generator=gen) < 0.5))
     if model_in_from_y is not None:
-        a["model_in_from_y"] = model_in_from_y
+        from_y = bool(model_in_from_y)
+    a["flags"] = pack_flags(eval_y, write_x, write_y, from_y)
     if bad_row:
         a["bad_row"] = torch.zeros(1, dtype=torch.int32, device=device)
     if guidance is not None:
@@ -365,6 +369,47 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
         table[:, [COL_G0, COL_G1]] = torch.tensor(GUIDANCE_ROWS, dtype=torch.float64)[:table.shape[0]]
     a["table"] = table.to(device)
     return a
+
+
+def public_kwargs(case: dict) -> dict:
+    """A case as keyword arguments of the public ``fastdiff.ops.fused_step``: its ``flags``
+    unpacked into eval_y, write_x, write_y, model_in_from_y."""
+    kw = {k: v for k, v in case.items() if k != "flags"}
+    kw.update(zip(FLAG_ARG_NAMES, unpack_flags(case["flags"])))
+    return kw
+
+
+def with_flags(case: dict, **flags: bool) -> dict:
+    """``case`` with some row booleans changed (names of FLAG_ARG_NAMES), in place; returns it."""
+    current = dict(zip(FLAG_ARG_NAMES, unpack_flags(case["flags"])))
+    unknown = set(flags) - set(current)
+    if unknown:
+        raise TypeError(f"unknown row flag(s) {sorted(unknown)}; the flags are {FLAG_ARG_NAMES}")
+    current.update(flags)
+    case["flags"] = pack_flags(*(current[n] for n in FLAG_ARG_NAMES))
+    return case
+
+
+#: flags values with bits that name no row flag: the next bit, a high bit, every bit (-1), and the
+#: next bit on top of every known one; each backend must reject them all and write nothing.
+UNKNOWN_FLAGS = (FLAG_ALL + 1, 1 << 31, -1, FLAG_ALL | (FLAG_ALL + 1))
+
+
+def assert_rejects_unknown_flags(fused_step: Callable, case: dict) -> None:
+    """``fused_step`` (positional, STEP_ARGS' order) raises a ValueError naming ``flags`` and its
+    unknown bits for every value of UNKNOWN_FLAGS (the rest of ``case`` valid), and changes no
+    argument: every tensor of the case comes back bit-equal."""
+    for flags in UNKNOWN_FLAGS:
+        c = clone_case(case)
+        c["flags"] = flags
+        try:
+            fused_step(*[c[k] for k in STEP_ARGS])
+        except ValueError as e:
+            assert "flags has unknown row flag bits" in str(e), f"flags={flags}: unclear error {e}"
+        else:
+            raise AssertionError(f"flags={flags} (unknown bits) was accepted")
+        changed = [k for k, v in case.items() if isinstance(v, torch.Tensor) and not _bit_equal(c[k], v)]
+        assert not changed, f"flags={flags}: rejected, but wrote {changed}"
 
 
 def clone_case(case: dict) -> dict:
@@ -384,8 +429,8 @@ def run_against_reference(case: dict, backend: str) -> Tuple[dict, dict]:
     (backend's copy, reference's copy) after the call; raises if the backend changed a read-only input."""
     from . import ops
     a, b = clone_case(case), clone_case(case)
-    ops.fused_step(**a, backend=backend)
-    ops.fused_step(**b, backend="reference")
+    ops.fused_step(**public_kwargs(a), backend=backend)
+    ops.fused_step(**public_kwargs(b), backend="reference")
     changed = modified_inputs(case, a)
     if changed:
         raise AssertionError(f"{backend} backend modified read-only input(s) {changed}")

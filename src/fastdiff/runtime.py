@@ -15,27 +15,29 @@ outputs (cond, uncond), explicit noise, and whether the row's epilogue writes th
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from . import ops
-from .program import Program, Row
+from .program import FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, Program, Row
 
 __all__ = ["RowExecutor", "row_args", "device_table", "run_program"]
 
-# Per row: (hist_write, eval_y, write_x, write_y, noise_id, model_in_from_y)
-RowArgs = Tuple[int, bool, bool, bool, int, bool]
+# Per row: (hist_write, flags, noise_id), flags the kernel's bitmask (fastdiff.program.layout)
+RowArgs = Tuple[int, int, int]
 
 
 def row_args(rows: List[Row]) -> List[RowArgs]:
-    """The kernel's per-row arguments, from the rows' static facts. ``model_in_from_y``: the next
-    model call reads y (the next row's evaluation buffer; for the last row, its ``next_eval``)."""
+    """The kernel's per-row arguments, from the rows' static facts (``Row.flags``). The model-input
+    flag says where the next model call reads: the next row's evaluation buffer (for the last row,
+    its ``next_eval``)."""
     out = []
     for i, r in enumerate(rows):
         nxt = rows[i + 1].eval_at if i + 1 < len(rows) else r.next_eval
-        out.append((r.hist_write, r.eval_at == "y", r.out_x is not None, r.out_y is not None, r.noise_id,
-                    nxt == "y"))
+        flags = (r.flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if nxt == "y" else 0)
+        out.append((r.hist_write, flags, r.noise_id))
     return out
 
 
@@ -112,7 +114,7 @@ class RowExecutor:
             raise ValueError("the program reads or writes y, but the executor has no y buffer")
         args = row_args(rows)
         if explicit_noise:
-            args = [(hw, ey, wx, wy, -1, ny) for hw, ey, wx, wy, _, ny in args]
+            args = [(hw, flags, -1) for hw, flags, _ in args]
         self.table, self.rows, self.args = table, rows, args
 
     def fresh_state(self) -> torch.Tensor:
@@ -122,23 +124,40 @@ class RowExecutor:
         return self.x
 
     def nbytes(self) -> int:
-        """Bytes held by the buffers (x, y, history, model input)."""
-        return sum(t.numel() * t.element_size() for t in (self.x, self.y, self.hist, self.model_in) if t is not None)
+        """Bytes held by the buffers (x, y, history, model input); fixed for an executor."""
+        n = self.memo.get("nbytes")
+        if n is None:
+            n = self.memo["nbytes"] = sum(t.numel() * t.element_size()
+                                          for t in (self.x, self.y, self.hist, self.model_in) if t is not None)
+        return n
 
     def evaluated(self, i: int) -> torch.Tensor:
         """The buffer row ``i`` 's model call reads (x or y)."""
-        return self.y if self.args[i][1] else self.x
+        return self.y if self.args[i][1] & FLAG_EVAL_Y else self.x
 
     def run(self, i: int, cond: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
             noise: Optional[torch.Tensor] = None, seed: int = 0, model_in: Optional[torch.Tensor] = None,
             table: Optional[torch.Tensor] = None, model_in_from_y: Optional[bool] = None) -> None:
         """Row ``i``, in place. ``model_in``: where the epilogue writes s_in * (new x or new y)
         (None: nowhere); ``table``: a replacement table for this call (non-linear guidance, a
-        drop-in's x0 override); ``model_in_from_y`` overrides the row's default source."""
-        hw, ey, wx, wy, nid, ny = self.args[i]
-        self._step(self.table if table is None else table, i, self.x, self.y, cond, uncond, self.hist, hw, ey, wx,
-                   wy, noise, seed, nid, model_in, ny if model_in_from_y is None else model_in_from_y,
-                   self.bad_row, self.guidance)
+        drop-in's x0 override); ``model_in_from_y`` overrides the row's default source (its flag)."""
+        hw, flags, nid = self.args[i]
+        if model_in_from_y is not None:
+            flags = (flags | FLAG_MODEL_IN_FROM_Y) if model_in_from_y else (flags & ~FLAG_MODEL_IN_FROM_Y)
+        self._step(self.table if table is None else table, i, self.x, self.y, cond, uncond, self.hist, hw, flags,
+                   noise, seed, nid, model_in, self.bad_row, self.guidance)
+
+    def native_loop(self, rows: List[tuple], t_full: List[torch.Tensor], t_half: List[torch.Tensor],
+                    batch: int):
+        """A ``fastdiff._C.RowLoop`` over this executor's buffers and table (the model call and the
+        kernel of each row, run in C++), or None where the bound kernel is not the C++ CPU one.
+        ``rows``: per row (needs_model, both CFG halves, hist_write, flags, noise_id, writes the next
+        model input, ends a step)."""
+        ext = sys.modules.get("fastdiff._C")
+        if ext is None or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):
+            return None
+        return ext.RowLoop(self.table, self.y, self.hist, self.model_in, self.bad_row, self.guidance, batch, rows,
+                           t_full, t_half)
 
     def first_bad_row(self) -> int:
         """0, or 1 + the first row that wrote a non-finite value (one host read)."""

@@ -30,18 +30,25 @@ from .solvers import Solver, get_solver
 __all__ = ["sample", "Sampler"]
 
 CHECK_FINITE = ("end", "step", "off")
+# Runs on the C++ CPU kernel take the C++ row loop (fastdiff._C.RowLoop) where the Python loop would
+# do nothing but call the model and the kernel; False: always the Python loop (tests compare the two).
+NATIVE_LOOP = True
 _OUT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))   # (the fast check's)
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no NaN or Inf: one reduction pass, no full-size temporaries
-    (``isfinite(t).all()`` writes a bool tensor as large as t). aminmax propagates NaN, and an
-    infinity is the min or the max."""
+    """Whether ``t`` holds no NaN or Inf: one pass, no full-size temporaries (``isfinite(t).all()``
+    writes a bool tensor as large as t). On the CPU a bit test in C++ (fastdiff._C.all_finite);
+    elsewhere aminmax, which propagates NaN and has any infinity as its min or max."""
     if t.numel() == 0:
         return True
     if not t.is_floating_point():
         return True
+    if t.is_cpu and t.dtype in _MODEL_DTYPES and t.is_contiguous():
+        ext = ops.backends.load_extension()
+        if not isinstance(ext, str) and hasattr(ext, "all_finite"):
+            return ext.all_finite(t)
     lo, hi = torch.aminmax(t.detach())
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
@@ -62,12 +69,17 @@ class _LazyProgress:
         from tqdm.auto import tqdm
         self.bar = tqdm(total=self.total, desc=self.desc, leave=False, initial=self.n)
 
-    def update(self) -> None:
-        self.n += 1
+    def update(self, steps: int = 1, read_clock: Optional[bool] = None) -> None:
+        """``steps`` more done; the clock is read every 8 steps unless ``read_clock`` says."""
+        self.n += steps
         if self.bar is not None:
-            self.bar.update(1)
-        elif not self.n & 7 and time.perf_counter() - self.start >= self.delay:   # (the clock every 8 steps)
+            self.bar.update(steps)
+        elif (not self.n & 7 if read_clock is None else read_clock) and self.left() <= 0.0:
             self._open()
+
+    def left(self) -> float:
+        """Seconds until the bar opens (0 once it is open)."""
+        return 0.0 if self.bar is not None else self.delay - (time.perf_counter() - self.start)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -214,12 +226,25 @@ class _Built:
     each, since the cache must not hold large tensors on a GPU behind the user's back); a Sampler
     the caller keeps holds its own buffers, whatever their size."""
 
-    __slots__ = ("program", "grid", "solver", "prediction", "guidance", "state_dtype", "spare")
+    __slots__ = ("program", "grid", "solver", "prediction", "guidance", "state_dtype", "spare", "one_calls")
 
     def __init__(self, program, grid, solver, prediction, guidance, state_dtype):
         self.program, self.grid, self.solver = program, grid, solver
         self.prediction, self.guidance, self.state_dtype = prediction, guidance, state_dtype
         self.spare = {}
+        self.one_calls = {}
+
+    def one_call(self, cls, device) -> "Sampler":
+        """The Sampler of one-call runs (fastdiff.sample) on ``device``: kept with the entry, since
+        nobody else sees it (its table is the program's own, never edited, and what it derives from
+        the program on its first run is derived once)."""
+        dev = torch.device(device)
+        s = self.one_calls.get((cls, dev))
+        if s is None:
+            s = self.one_calls[(cls, dev)] = cls(self.program, self.grid, self.solver, self.prediction, self.guidance,
+                                                 dev, self.state_dtype)
+            s._shared, s._transient = self.spare, True
+        return s
 
     def replica(self, cls, device) -> "Sampler":
         p = self.program      # (a table of its own: callers may edit a Sampler's table)
@@ -252,6 +277,7 @@ class Sampler:
     # One-call use (fastdiff.sample): the run's buffers go back to the shared spares, if small.
     _transient: bool = field(default=False, init=False, repr=False, compare=False)
     _row_cfg: Optional[list] = field(default=None, init=False, repr=False, compare=False)
+    _draws_noise: Optional[bool] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, *, solver: Union[str, Solver] = "dpmpp_2m", steps: int = 20,
@@ -264,12 +290,19 @@ class Sampler:
         spacing arguments, the prediction, the guidance), so building the same run again costs a
         key lookup, not the solver's Python (fastdiff.sample and the k-diffusion functions build on
         every call)."""
+        return cls._built(solver, steps, schedule, grid, spacing, final, prediction, guidance, solver_options,
+                          state_dtype, grid_options).replica(cls, device)
+
+    @classmethod
+    def _built(cls, solver, steps, schedule, grid, spacing, final, prediction, guidance, solver_options, state_dtype,
+               grid_options) -> "_Built":
+        """The build cache's entry for these arguments (built and cached on a miss)."""
         key = _build_key(solver, solver_options, grid, schedule, steps, spacing, final, grid_options, prediction,
                          guidance, state_dtype)
         hit = _BUILD_CACHE.get(key) if key is not None else None
         if hit is not None:              # (the same arguments were checked when the entry was built)
             _BUILD_CACHE.move_to_end(key)
-            return hit.replica(cls, device)
+            return hit
         solver = get_solver(solver, **(solver_options or {}))
         prediction = canonical_prediction(prediction)
         guidance = as_guidance(guidance)
@@ -293,7 +326,7 @@ class Sampler:
             _BUILD_CACHE[key] = built
             while len(_BUILD_CACHE) > _BUILD_CACHE_SIZE:
                 _BUILD_CACHE.popitem(last=False)
-        return built.replica(cls, device)
+        return built
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, model: Callable, noise: torch.Tensor, *, cond: Optional[dict] = None,
@@ -459,7 +492,6 @@ class Sampler:
             torch.mul(noise, scale, out=x) if noise.dtype == x.dtype else x.copy_(noise.to(x.dtype) * scale)
         else:
             x.copy_(x_init)
-        y, model_in = ex.y, ex.model_in
         # The loop's per-row facts depend only on the program and these buffers: computed for the
         # executor's first run, reused by the runs after it.
         memo = ex.memo.get(inpaint)
@@ -473,7 +505,9 @@ class Sampler:
             known = torch.where(mask != 0, known.to(device=dev, dtype=self.state_dtype), 0.0)
             base_noise = noise.to(self.state_dtype)
 
-        if noise_sampler is None and any(r.noise_id >= 0 for r in rows) and seed is None:
+        if self._draws_noise is None:
+            self._draws_noise = any(r.noise_id >= 0 for r in rows)
+        if seed is None and noise_sampler is None and self._draws_noise:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
         seed = 0 if seed is None else seed
 
@@ -484,8 +518,59 @@ class Sampler:
         # progress=None: a bar only for runs that last (costs a clock read per step otherwise).
         bar = (None if progress is False else
                _LazyProgress(prog.steps, f"fastdiff {self.solver.name}", delay=0.0 if progress else 0.5))
-        model_in_ready = False
         shape_one, shape_both = torch.Size(shape), torch.Size((2 * B,) + shape[1:])
+        loop = (self._native_loop(ex, memo, row_cfg, B) if NATIVE_LOOP and hook is None and noise_sampler is None
+                and callback is None and not inpaint and check_finite != "step" else None)
+        if loop is not None:
+            self._run_native(loop, x, model, kw_both, kw_cond, seed, bar, row_cfg, shape_one, shape_both)
+        else:
+            self._run_python(ex, plan, t_full, t_half, model, kw_both, kw_cond, row_cfg, use_cfg, seed, noise_sampler,
+                             hook, bar, callback, inpaint, mask, known, base_noise if inpaint else None, check_finite,
+                             B, shape, shape_one, shape_both)
+        if bar is not None:
+            bar.close()
+        if ex.first_bad_row():
+            self._raise_nonfinite(ex.first_bad_row())
+        return x
+
+    def _native_loop(self, ex: RowExecutor, memo, row_cfg, B: int):
+        """The executor's C++ row loop for this plan and these CFG rows (built once per executor and
+        row_cfg), or None where the backend has none."""
+        cached = ex.memo.get("native")
+        if cached is not None and cached[0] == row_cfg:
+            return cached[1]
+        t_full, t_half, plan = memo
+        rows = []
+        for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
+            hw, flags, nid = ex.args[i]
+            rows.append((needs_model, bool(row_cfg[i]), hw, flags, nid, next_in is not None, step_done))
+        loop = ex.native_loop(rows, t_full, t_half, B)
+        ex.memo["native"] = (list(row_cfg), loop)
+        return loop
+
+    def _run_native(self, loop, x, model, kw_both, kw_cond, seed, bar, row_cfg, shape_one, shape_both) -> None:
+        """All rows through the C++ loop. It hands back to Python only to open or advance the
+        progress bar and for a model output that is not a plain tensor of the expected shape and a
+        model dtype (converted or rejected here, as in the Python loop, then the loop resumes)."""
+        n = len(row_cfg)
+        i, ready, given = 0, False, None
+        while i < n:
+            budget = -1.0 if bar is None else max(bar.left(), 0.0)
+            i, steps, pending, ready = loop.run(x, model, kw_both, kw_cond, i, n, seed, ready, budget, given)
+            given = None
+            if bar is not None and steps:
+                bar.update(steps, read_clock=True)
+            if pending is not None:
+                want = shape_both if row_cfg[i] else shape_one
+                given = self._check_model_output(_model_output(pending), want, i)
+
+    def _run_python(self, ex, plan, t_full, t_half, model, kw_both, kw_cond, row_cfg, use_cfg, seed, noise_sampler,
+                    hook, bar, callback, inpaint, mask, known, base_noise, check_finite, B, shape, shape_one,
+                    shape_both) -> None:
+        """The rows in Python: any backend, and the runs with a guidance hook, callback, noise
+        sampler, inpainting or a finiteness check per step."""
+        x, y, model_in = ex.x, ex.y, ex.model_in
+        model_in_ready = False
         cond_in = model_in[B:] if use_cfg else model_in
         run = ex.run
         for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
@@ -530,11 +615,6 @@ class Sampler:
                               "alpha": float(self.grid.alpha[n + 1]), "t": float(self.grid.t[n + 1])})
                 if bar is not None:
                     bar.update()
-        if bar is not None:
-            bar.close()
-        if ex.first_bad_row():
-            self._raise_nonfinite(ex.first_bad_row())
-        return x
 
     def _loop_plan(self, ex: RowExecutor, use_cfg: bool, inpaint: bool, B: int, time_dtype):
         """(model times per row, the same for the cond half, per-row facts) of runs on ``ex``."""
@@ -593,8 +673,6 @@ def sample(model: Callable, noise: torch.Tensor, *, solver: Union[str, Solver] =
         dev = noise.device
     else:
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    s = Sampler.build(solver=solver, steps=steps, schedule=schedule, grid=grid, spacing=spacing, final=final,
-                      prediction=prediction, guidance=guidance, solver_options=solver_options, device=dev,
-                      state_dtype=state_dtype, **(grid_options or {}))
-    s._transient = True
+    s = Sampler._built(solver, steps, schedule, grid, spacing, final, prediction, guidance, solver_options, state_dtype,
+                       grid_options or {}).one_call(Sampler, dev)
     return s(model, noise, **run_options)

@@ -106,7 +106,7 @@ static fastdiff_step_args valid_args(double* table, float* x, float* y, float* h
   a.hist_slot_stride = 8;
   a.num_slots = 1;
   a.hist_write = 0;
-  a.write_x = 1;
+  a.flags = FLAG_WRITE_X;
   a.noise_id = -1;
   a.bad_row = flag;
   return a;
@@ -120,8 +120,12 @@ static void argument_checks() {
   CHECK(step_args_error(&ok) == nullptr);
   CHECK(step_args_error(nullptr) != nullptr);
   fastdiff_step_args a = ok;
-  a.write_x = 0;
+  a.flags = 0;
   CHECK(step_args_error(&a) != nullptr);                 // writes nothing
+  for (uint32_t unknown : {FLAG_ALL + 1, 1u << 31, ~0u}) {
+    a = ok; a.flags |= unknown;
+    CHECK(step_args_error(&a) != nullptr);               // a flag bit no FLAG_* names
+  }
   a = ok; a.y.data = x;
   CHECK(step_args_error(&a) != nullptr);                 // y aliases x
   a = ok; a.table_cols = 13;
@@ -134,11 +138,11 @@ static void argument_checks() {
   CHECK(step_args_error(&a) != nullptr);
   a = ok; a.noise.data = x; a.noise_id = int64_t(1) << 32;
   CHECK(step_args_error(&a) == nullptr);                 // noise given: noise_id unused
-  a = ok; a.y.data = nullptr; a.eval_y = 1;
+  a = ok; a.y.data = nullptr; a.flags |= FLAG_EVAL_Y;
   CHECK(step_args_error(&a) != nullptr);                 // reads y, none given
-  a = ok; a.model_in = rows(y, 4); a.model_in_halves = 1; a.model_in_from_y = 1;
+  a = ok; a.model_in = rows(y, 4); a.model_in_halves = 1; a.flags |= FLAG_MODEL_IN_FROM_Y;
   CHECK(step_args_error(&a) != nullptr);                 // model_in from y, y not written
-  a.model_in_halves = 3; a.model_in_from_y = 0;
+  a.model_in_halves = 3; a.flags &= ~FLAG_MODEL_IN_FROM_Y;
   CHECK(step_args_error(&a) != nullptr);
   a = ok; a.uncond = rows(y, 4);
   CHECK(step_args_error(&a) != nullptr);                 // uncond without cond

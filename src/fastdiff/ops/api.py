@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..program.layout import table_width
+from ..program.layout import (FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_X, FLAG_WRITE_Y, flags_error, pack_flags,
+                              table_width, unknown_flag_bits)
 from .backends import BACKENDS, select
 
 __all__ = ["fused_step", "prepare_fused_step", "cfg_combine", "guidance_scale_to_g", "philox_normal",
@@ -145,8 +146,10 @@ def _check_guidance(guidance, x) -> None:
         raise ValueError("guidance (per-sample scale vector) contains NaN or Inf")
 
 
-def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                   noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance=None):
+def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+                   bad_row, guidance=None):
+    """The fused step's arguments (fastdiff.program.layout.STEP_ARGS' order), checked; returns them
+    with the scalars as Python ints. Raises ValueError/TypeError before anything is written."""
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
     dev, shape = x.device, tuple(x.shape)
     if dev.type == "meta":
@@ -160,8 +163,11 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
         raise ValueError(f"table must be on {dev} (the kernels read it there), got {table.device}")
     row = as_int("row", row, 0, table.shape[0])
     hist_write = as_int("hist_write", hist_write)
-    eval_y, write_x, write_y = as_bool("eval_y", eval_y), as_bool("write_x", write_x), as_bool("write_y", write_y)
-    model_in_from_y = as_bool("model_in_from_y", model_in_from_y)
+    flags = as_int("flags", flags)
+    if unknown_flag_bits(flags):
+        raise ValueError(flags_error(flags))
+    eval_y, write_x, write_y = bool(flags & FLAG_EVAL_Y), bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y)
+    model_in_from_y = bool(flags & FLAG_MODEL_IN_FROM_Y)
     seed = as_int("seed", seed, 0, 2 ** 64)
     noise_id = as_int("noise_id", noise_id, -1, 2 ** 32)
     K = 0
@@ -213,15 +219,15 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, wri
                        (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table),
                         ("guidance", guidance)))
         _check_finite_table(table, row)
-    return (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-            noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance)
+    return table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row, guidance
 
 
 def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_like=None,
                        model_in=None, guidance=None, backend: str = "auto") -> Callable:
-    """Choose the backend once for a sampling run; returns its raw ``fused_step`` (arguments in
-    the order of ``fused_step`` below, unchecked: the buffers given here are checked once, here;
-    the per-sample ``guidance`` vector, if the run uses one, is the last positional argument)."""
+    """Choose the backend once for a sampling run; returns its raw ``fused_step``: arguments in the
+    order of fastdiff.program.layout.STEP_ARGS (the row booleans as one ``flags`` bitmask, see
+    ``pack_flags``), unchecked: the buffers given here are checked once, here; the per-sample
+    ``guidance`` vector, if the run uses one, is the last positional argument."""
     _check_tensor("x", x, dtypes=_STATE_DTYPES)
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it has no values); fused_step runs on cpu or GPU tensors")
@@ -260,10 +266,21 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
     in the kernel. model_in: if given, receives s_in * (new x or new y), cast to its dtype, in one
     or both CFG halves. guidance: optional per-sample scale vector [B] (float32/float64): sample b
     then uses g = g0 + g1 * guidance[b] (table columns COL_G0, COL_G1) instead of the g column.
-    See fastdiff.program for the formula.
+    See fastdiff.program for the formula. The four booleans are the row's flags: every backend
+    takes them as one bitmask (fastdiff.program.layout.pack_flags).
     """
-    args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                          noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance)
+    flags = pack_flags(as_bool("eval_y", eval_y), as_bool("write_x", write_x), as_bool("write_y", write_y),
+                       as_bool("model_in_from_y", model_in_from_y))
+    _fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+                guidance, backend)
+
+
+def _fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+                guidance=None, backend: str = "auto") -> None:
+    """``fused_step`` with the backends' arguments (STEP_ARGS: the row flags as one bitmask),
+    validated; what the ``fastdiff::fused_step`` custom op runs."""
+    args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+                          bad_row, guidance)
     if not torch.compiler.is_compiling() and _needs_grad(x, y, cond, uncond, hist, noise, model_in, table):
         _reference_with_autograd(backend, args)
         return
@@ -284,8 +301,7 @@ def _reference_with_autograd(backend: str, args) -> None:
         raise ValueError(f"fastdiff.ops.fused_step: an input requires grad, and only the reference backend "
                          f"differentiates (got backend={backend!r}); pass backend='auto' or 'reference', or "
                          "detach the inputs / run under torch.no_grad()")
-    (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-     noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance) = args
+    table, _, x, y, _, _, hist, _, _, _, _, _, model_in, _, _ = args
     if table.requires_grad:
         raise ValueError("fastdiff.ops.fused_step: table requires grad, but the coefficients are not "
                          "differentiable; detach it")

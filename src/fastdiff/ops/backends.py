@@ -175,9 +175,9 @@ class CpuBackend(Backend):
     @property
     def fused_step(self):
         """The bound C++ function itself (no Python frame per step); arguments in the order of
-        fastdiff.reference.fused_step, all positional:
-        (table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-         noise, seed, noise_id, model_in, model_in_from_y, bad_row)."""
+        fastdiff.program.layout.STEP_ARGS (that of fastdiff.reference.fused_step), all positional:
+        (table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+         bad_row, guidance), ``flags`` the row's bitmask (layout.FLAG_*)."""
         return load_extension().fused_step
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):

@@ -81,12 +81,10 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 # Implementations: the validated public ops (fastdiff.ops.api, fastdiff.ops.reductions), on the
 # backend chosen when they run.
 
-def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                     noise_id, model_in, model_in_from_y, bad_row, guidance=None, backend="auto"):
-    api.fused_step(table, row, x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write, eval_y=eval_y,
-               write_x=write_x, write_y=write_y, noise=noise, seed=seed_from_int64(seed), noise_id=noise_id,
-               model_in=model_in, model_in_from_y=model_in_from_y, bad_row=bad_row, guidance=guidance,
-               backend=backend)
+def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+                     bad_row, guidance=None, backend="auto"):
+    api._fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed_from_int64(seed), noise_id,
+                    model_in, bad_row, guidance, backend)
 
 
 def _cfg_combine_impl(cond, uncond, g, out_dtype=None, backend="auto"):
@@ -123,8 +121,8 @@ def _per_sample_norm_impl(x, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 # Fake implementations: results' metadata only.
 
-def _fused_step_fake(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                     noise_id, model_in, model_in_from_y, bad_row, guidance=None, backend="auto"):
+def _fused_step_fake(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+                     bad_row, guidance=None, backend="auto"):
     return None
 
 
@@ -195,12 +193,11 @@ class TracedBackend:
     def __init__(self, backend: str = "auto"):
         self.backend = backend
 
-    def fused_step(self, table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, seed,
-                   noise_id, model_in, model_in_from_y, bad_row, guidance=None) -> None:
+    def fused_step(self, table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+                   bad_row, guidance=None) -> None:
         seed = seed_to_int64(seed) if noise is None and noise_id >= 0 else 0   # (only read for Philox noise)
-        torch.ops.fastdiff.fused_step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y,
-                                      noise, seed, noise_id, model_in, model_in_from_y, bad_row, guidance,
-                                      self.backend)
+        torch.ops.fastdiff.fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id,
+                                      model_in, bad_row, guidance, self.backend)
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):
         return torch.ops.fastdiff.cfg_combine(cond, uncond, float(scale), out_dtype, self.backend)

@@ -25,8 +25,11 @@ is scaled) and a solver's quantity is rounded as its textbook form rounds it. g 
 g_b = g0 + g1 * s_b (``COL_G0``, ``COL_G1``: (0, 1) where CFG is on, (1, 0) outside a
 guidance interval). Without uncond, u = c; without cond (no model call) h = hu = 0.
 
-Row flags: the booleans of one row, as one bitmask (``Row.flags``). Kernels take them today as
-separate arguments (eval_y, write_x, write_y, model_in_from_y); ``unpack_flags`` gives those.
+Row flags: the booleans of one row, as one bitmask (``Row.flags``), and so one ``flags`` argument of
+every backend's fused step (a new flag changes no signature). Each backend decodes it with the names
+below (C/C++: program_layout.h's) and rejects unknown bits with a ValueError before writing anything.
+The public keyword API (``fastdiff.ops.fused_step(..., eval_y=, write_x=, write_y=, model_in_from_y=)``)
+packs its booleans with ``pack_flags``.
 
 The fused step's argument list (``STEP_ARGS``, and the custom-op schema built from it) is declared
 here too; tests/test_row_abi.py checks every backend's signature against it.
@@ -39,7 +42,8 @@ __all__ = [
     "COL_G", "COL_G0", "COL_G1", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_HU", "OUT_Z",
     "OUT_FIXED", "out_width", "table_width", "col_out_x", "col_out_y", "col_out_h", "col_s_in", "col_out",
     "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL",
-    "pack_flags", "unpack_flags", "STEP_ARGS", "STEP_ARG_NAMES", "FLAG_ARG_NAMES", "step_schema",
+    "pack_flags", "unpack_flags", "unknown_flag_bits", "flags_error", "STEP_ARGS", "STEP_ARG_NAMES", "FLAG_ARG_NAMES",
+    "step_schema",
     "CONSTANTS", "FUNCTIONS",
 ]
 
@@ -109,14 +113,26 @@ FLAG_ALL = FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y
 
 
 def pack_flags(eval_y: bool, write_x: bool, write_y: bool, model_in_from_y: bool = False) -> int:
+    """The bitmask of the four row booleans (FLAG_ARG_NAMES' order)."""
     return ((FLAG_EVAL_Y if eval_y else 0) | (FLAG_WRITE_X if write_x else 0)
             | (FLAG_WRITE_Y if write_y else 0) | (FLAG_MODEL_IN_FROM_Y if model_in_from_y else 0))
 
 
+def unknown_flag_bits(flags: int) -> int:
+    """The bits of ``flags`` that name no row flag (0 if none; a negative int has unknown bits)."""
+    return flags & ~FLAG_ALL
+
+
+def flags_error(flags: int) -> str:
+    """The message every backend raises (ValueError) for a flags argument with unknown bits."""
+    return (f"flags has unknown row flag bits {unknown_flag_bits(flags) & (2 ** 64 - 1):#x} (got {flags}; the row "
+            f"flags are FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y = {FLAG_ALL:#x})")
+
+
 def unpack_flags(flags: int):
-    """(eval_y, write_x, write_y, model_in_from_y): the kernels' argument order."""
-    if flags & ~FLAG_ALL:
-        raise ValueError(f"unknown row flag bits {flags & ~FLAG_ALL:#x}")
+    """(eval_y, write_x, write_y, model_in_from_y), FLAG_ARG_NAMES' order; unknown bits: ValueError."""
+    if unknown_flag_bits(flags):
+        raise ValueError(flags_error(flags))
     return (bool(flags & FLAG_EVAL_Y), bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y),
             bool(flags & FLAG_MODEL_IN_FROM_Y))
 
@@ -124,16 +140,18 @@ def unpack_flags(flags: int):
 # ---- the fused step's arguments -------------------------------------------------------------
 # Every backend's fused_step takes these, in this order (fastdiff.reference.fused_step is the
 # spec); the type is the torch custom-op schema's, with the buffers the step writes in place marked
-# (a!)..(e!). The four booleans are the row flags above, in unpack_flags' order. ``guidance`` (last,
-# optional everywhere, default None) is the per-sample scale vector s [B] (float32/float64).
+# (a!)..(e!). ``flags`` is the row's bitmask (FLAG_* above). ``guidance`` (last, optional everywhere,
+# default None) is the per-sample scale vector s [B] (float32/float64).
 STEP_ARGS = (
     ("table", "Tensor"), ("row", "int"), ("x", "Tensor(a!)"), ("y", "Tensor(b!)?"), ("cond", "Tensor?"),
-    ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_write", "int"), ("eval_y", "bool"), ("write_x", "bool"),
-    ("write_y", "bool"), ("noise", "Tensor?"), ("seed", "int"), ("noise_id", "int"), ("model_in", "Tensor(d!)?"),
-    ("model_in_from_y", "bool"), ("bad_row", "Tensor(e!)?"), ("guidance", "Tensor?"),
+    ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_write", "int"), ("flags", "int"), ("noise", "Tensor?"),
+    ("seed", "int"), ("noise_id", "int"), ("model_in", "Tensor(d!)?"), ("bad_row", "Tensor(e!)?"),
+    ("guidance", "Tensor?"),
 )
 STEP_ARG_NAMES = tuple(name for name, _ in STEP_ARGS)
-FLAG_ARG_NAMES = ("eval_y", "write_x", "write_y", "model_in_from_y")   # unpack_flags' order
+# The booleans packed into ``flags`` (pack_flags / unpack_flags' order): the keyword arguments of the
+# public fastdiff.ops.fused_step, which no backend takes.
+FLAG_ARG_NAMES = ("eval_y", "write_x", "write_y", "model_in_from_y")
 
 
 def step_schema(name: str = "fused_step") -> str:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
-                              col_out, col_s_in)
+                              col_out, col_s_in, unpack_flags)
 from .philox import philox_normal
 
 __all__ = ["fused_step", "cfg_combine", "row_guidance", "guided"]
@@ -54,15 +54,17 @@ def guided(cond: torch.Tensor, uncond: Optional[torch.Tensor], g: torch.Tensor, 
 
 def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
                cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor],
-               hist: Optional[torch.Tensor], hist_write: int, eval_y: bool,
-               write_x: bool, write_y: bool,
+               hist: Optional[torch.Tensor], hist_write: int, flags: int,
                noise: Optional[torch.Tensor], seed: int, noise_id: int,
-               model_in: Optional[torch.Tensor], model_in_from_y: bool,
-               bad_row: Optional[torch.Tensor], guidance: Optional[torch.Tensor] = None) -> None:
+               model_in: Optional[torch.Tensor], bad_row: Optional[torch.Tensor],
+               guidance: Optional[torch.Tensor] = None) -> None:
     """One row of a coefficient program; see fastdiff.program for the formula. In place on x, y,
-    hist and model_in; every read happens before any write. If ``bad_row`` (int32 [1]) is 0 and
-    a written x or y value is not finite, it becomes row + 1 (a device-side flag: no host sync).
-    ``guidance``: optional per-sample scale vector [B]; sample b then uses g = g0 + g1 * s[b]."""
+    hist and model_in; every read happens before any write. ``flags``: the row's bitmask
+    (fastdiff.program.layout FLAG_*; unknown bits raise ValueError before anything is written).
+    If ``bad_row`` (int32 [1]) is 0 and a written x or y value is not finite, it becomes row + 1
+    (a device-side flag: no host sync). ``guidance``: optional per-sample scale vector [B]; sample
+    b then uses g = g0 + g1 * s[b]."""
+    eval_y, write_x, write_y, model_in_from_y = unpack_flags(flags)
     md = _math_dtype(x)
     # Coefficients rounded to the math dtype, as the kernels do; indexing a device tensor keeps
     # them on the device (no host sync).

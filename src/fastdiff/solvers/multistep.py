@@ -317,11 +317,11 @@ def unic_rows(solver: UniPC, points: Sequence[Point], predictor_orders: Sequence
     Call n evaluates at y (the sample it is given, E; call 0 at x), keeps the last corrected sample
     c_{n-1} in x and writes c_n to x (the next call's ``last_sample``) and to y, which it returns:
     c_n = UniC-k(c_{n-1}; m_{n-1}, ..., m_n) (``UniPC._corrector``, k = ``predictor_orders[n - 1]``,
-    the order the predictor of call n - 1 used, lambda = log(alpha/sigma) of ``points``), its
+    the order the predictor of call n - 1 used, lambda = half_log_snr of ``points``), its
     model quantity m_n (x0, or eps without ``predict_x0``) going to a ring of ``solver_order``
     slots. c_0 is the sample itself; a call listed in ``uncorrected`` takes the sample as it is.
     Raises ``ZeroStepError`` where the corrector divides by a zero step in log-SNR."""
-    lam = [math.log(p.alpha / p.sigma) if p.sigma > 0 else math.inf for p in points]
+    lam = [half_log_snr(p) for p in points]
     calls, S = len(points), solver.solver_order
     rows = []
     for n, p in enumerate(points):
