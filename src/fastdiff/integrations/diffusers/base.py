@@ -13,11 +13,15 @@ The state lives in diffusers' sample space (the ``sample`` a pipeline passes aro
 the Euler family, x itself for DDIM / DPM-Solver / UniPC), so nothing is converted at the
 boundary; a plan builds its grid in that space (alpha = 1 on the Euler family's VE grid).
 
-Every ``step`` reads ``sample`` (one copy into the float32 state buffer): no cached copy of the
-caller's tensor is ever trusted, since edits that bypass the version counter (``x.data[...] = v``,
-writes through ``x.numpy()``) cannot be detected cheaply. A pipeline that edits the latents between
-steps (inpainting) gets exactly what diffusers would use. Each ``step`` returns a new tensor
-(written by the same kernel pass), never a view of the state, so a caller may keep it.
+Every ``step`` reads ``sample`` itself: no cached copy of the caller's tensor is ever trusted,
+since edits that bypass the version counter (``x.data[...] = v``, writes through ``x.numpy()``)
+cannot be detected cheaply. A pipeline that edits the latents between steps (inpainting) gets
+exactly what diffusers would use. Where the call's row needs nothing of the state that the sample
+does not hold (a row evaluated at x that writes x only: Euler, Euler ancestral, DDIM, DDPM, LCM;
+the second stage of Heun-type steps, evaluated at y) and the sample is float32, contiguous and on
+the run's device, the pass reads the sample in place, read only; otherwise it is copied into the
+float32 state buffer first (``_sample_binding``). Each ``step`` returns a new tensor (written by
+the same kernel pass), never a view of the state, so a caller may keep it.
 
 What ``step`` returns is what diffusers' own ``step`` returns: with ``return_dict=False`` a plain
 tuple (``(prev_sample,)`` or ``(prev_sample, pred_original_sample)``), else diffusers' own output
@@ -37,8 +41,8 @@ import numpy as np
 import torch
 
 from ...runtime import RowExecutor
-from ...program import (COL_G, COL_G1, COL_QD, COL_QY, OUT_H, Row, col_out_x, col_out_y, col_s_in, compile_program,
-                        out_width, table_width)
+from ...program import (COL_G, COL_G1, COL_QD, COL_QY, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_Y, OUT_H, Row, col_out_x,
+                        col_out_y, col_s_in, compile_program, out_width, table_width)
 from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
@@ -147,14 +151,15 @@ class _Program:
 
 
 def _fused_step(executor: RowExecutor, table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
-                cond, uncond, hist: Optional[torch.Tensor], hist_write: int, eval_y: bool, write_x: bool, write_y: bool,
-                noise, model_in: Optional[torch.Tensor], model_in_from_y: bool) -> None:
+                cond, uncond, hist: Optional[torch.Tensor], hist_write: int, flags: int, noise,
+                model_in: Optional[torch.Tensor]) -> None:
     """One pass of the executor's bound kernel on buffers of the caller's choosing (the sample
-    itself as x or y, a fresh output as y): RowExecutor.run's call with x / y replaced. The
-    kernel's argument order (fastdiff.program.layout.STEP_ARGS) is written out here only. Every
-    draw is explicit (the drop-ins draw diffusers' noise), so no Philox seed or noise id."""
-    executor._step(table, row, x, y, cond, uncond, hist, hist_write, eval_y, write_x, write_y, noise, 0, -1,
-                   model_in, model_in_from_y, executor.bad_row, executor.guidance)
+    itself as x or y, a fresh output as y): RowExecutor.run's call with x / y / hist replaced.
+    ``flags``: the row flags bitmask (fastdiff.program.layout.FLAG_*). The kernel's argument
+    order (layout.STEP_ARGS) is written out here only, in this module. Every draw is explicit
+    (the drop-ins draw diffusers' noise), so no Philox seed or noise id."""
+    executor._step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, 0, -1, model_in,
+                   executor.bad_row, executor.guidance)
 
 
 # Compiled plans shared by runs (FastdiffScheduler._program): at most 64, least recently used dropped.
@@ -177,7 +182,7 @@ class _Run:
         self.x0_folds = None                   # per call, _x0_fold (FastdiffScheduler._x0_in_place)
         self.x0_pass = None                    # the table of the pass that writes x0 (FastdiffScheduler._x0_pass)
         self.g = 1.0                           # the CFG scale currently in the table's g column
-        self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes)
+        self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes, bindable)
         self.signature = (tuple(self.shape), self.device, model_output.dtype, K, program.uses_y, backend)
         if previous is not None and previous.signature == self.signature:
             # The previous run's buffers and bound kernel (a new set_timesteps() of the same shape:
@@ -443,8 +448,7 @@ class FastdiffScheduler:
         if run.x0_pass is None:
             run.x0_pass = self._x0_pass(run)
         x0 = torch.empty_like(sample)
-        _fused_step(run.executor, run.x0_pass, k, sample, x0, cond, uncond, None, -1, False, False, True, None, None,
-                    False)
+        _fused_step(run.executor, run.x0_pass, k, sample, x0, cond, uncond, None, -1, FLAG_WRITE_Y, None, None)
         return x0
 
     def _x0_pass(self, run: _Run) -> torch.Tensor:
@@ -631,16 +635,17 @@ class FastdiffScheduler:
         dtypes = run.dtypes.get((sample.dtype, cond.dtype))      # (validates both dtypes too)
         if dtypes is None:
             out_dtype, x0_dtype = self._checked_dtypes(sample.dtype, cond.dtype)
-            # (whether the sample can be read in place: float32 as the state; as x, also a float32 result)
-            in_place = sample.dtype == torch.float32
-            dtypes = run.dtypes[(sample.dtype, cond.dtype)] = (out_dtype, x0_dtype, in_place,
-                                                               in_place and out_dtype == torch.float32)
-        out_dtype, x0_dtype, as_y_ok, as_x_ok = dtypes
+            # (per sample binding, whether these dtypes allow it: a float32 sample, as the state; read
+            # as x, also a float32 result, which the pass writes as y)
+            f32 = sample.dtype == torch.float32
+            dtypes = run.dtypes[(sample.dtype, cond.dtype)] = (out_dtype, x0_dtype,
+                                                               (False, f32 and out_dtype == torch.float32, f32))
+        out_dtype, x0_dtype, bindable = dtypes
         if sample.shape != shape or cond.shape != shape:
             what, got = ("sample", sample.shape) if sample.shape != shape else ("model_output", cond.shape)
             raise ValueError(f"{what} has shape {tuple(got)}, but this run's samples have shape {tuple(shape)} "
                              f"(model_output must have the shape of sample; call set_timesteps() for a new run)")
-        if cond.device != run.device:      # (sample is copied in from any device)
+        if (not cond.is_cpu) if run.on_cpu else cond.device != run.device:     # (sample is copied in from any device)
             raise ValueError(f"model_output must be on {run.device}, this run's device; got {cond.device}")
         if type(timestep) is torch.Tensor and timestep.is_cpu:
             try:
@@ -664,20 +669,19 @@ class FastdiffScheduler:
                 raise ValueError(f"variance_noise must be a floating-point tensor of shape {tuple(shape)}, got "
                                  f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
             noise = noise.to(run.device)
-        if binding and x0 is None and (as_x_ok if binding == _SAMPLE_AS_X else as_y_ok) and sample.is_contiguous() \
-                and (sample.is_cpu if run.on_cpu else sample.device == run.device) and not sample.requires_grad:
+        if bindable[binding] and x0 is None and sample.is_contiguous() and \
+                (sample.is_cpu if run.on_cpu else sample.device == run.device):
             # The sample read in place (no copy into the state): see _sample_binding
             if uncond is not None and g != run.g:
                 run.set_g(g)
             if binding == _SAMPLE_AS_X:
                 out = torch.empty_like(sample)
-                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, -1, False, False, True, noise,
-                            None, False)
+                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, -1, FLAG_WRITE_Y, noise, None)
             else:
                 out = torch.empty_like(sample, dtype=out_dtype)
-                hw, _, wx, _, _, _ = run.executor.args[k]
-                _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, True, wx, False, noise,
-                            out, returns_y)
+                hw, flags, _ = run.executor.args[k]      # (the row's own: evaluated at y, writes x, ...)
+                flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+                _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, flags, noise, out)
             pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype) if self._returns_x0 else None
             self._step_index = i + 1
             if self._stage_flag is not None:
