@@ -558,24 +558,42 @@ struct StepKernel {
     else store16(p, v, MT{});
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
-  static void lanes16(const FastCoefs& q, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
-                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
-                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                      typename MT::T* M1, uint32_t& flags) {
-    // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
-    // the remainder (< 16 elements) for the scalar loop.
-    const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
-    const int64_t first = reverse ? lo + rem : lo;
-    const bool e_is_x = E == X;
-    const bool g_one = g == 1.0f;
-    v16i bad = {};
-    for (int64_t t = 0; t < nvec; ++t) {
-      const int64_t i = first + 16 * (reverse ? nvec - 1 - t : t);
+  // The coefficients as 16-lane broadcasts, made once per call and pinned in registers: loaded
+  // from the FastCoefs struct inside the loop they were 13 broadcast loads per 16 elements (the
+  // stores to X / Hw may alias the struct, so gcc re-read them every iteration), which with the
+  // model output's conversions kept the fp16/bf16 loop from overlapping its memory traffic.
+  struct VecCoefs {
+    v16f qy, qd, g, xx, xy, xh, xhu, xz, x0, x1, x2, hx, hy, hh, hhu, hz, h0, h1, h2, s_in;
+  };
+  static inline v16f bcast(float v) { return (v16f)_mm512_set1_ps(v); }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  static inline __attribute__((always_inline)) void lanes16_loop(
+      const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
+      const typename MT::T* C, const typename MT::T* U, const float* Z, const float* H0, const float* H1,
+      const float* H2, float* Hw, typename MT::T* M0, typename MT::T* M1, uint32_t& flags) {
+    // Registers: each coefficient once per call (pinned: gcc may not turn them back into loads).
+    v16f qy = vc.qy, qd = vc.qd, g = vc.g, xx = vc.xx, xy = vc.xy, xh = vc.xh, xhu = vc.xhu;
+    v16f hx = vc.hx, hy = vc.hy, hh = vc.hh, hhu = vc.hhu;
+    FASTDIFF_PIN(qy); FASTDIFF_PIN(qd); FASTDIFF_PIN(xx); FASTDIFF_PIN(xy); FASTDIFF_PIN(xh);
+    FASTDIFF_PIN(hx); FASTDIFF_PIN(hy); FASTDIFF_PIN(hh);
+    if (HAS_U) { FASTDIFF_PIN(xhu); FASTDIFF_PIN(hhu); }
+    if (HAS_U && !G_ONE) FASTDIFF_PIN(g);
+    v16f xz = vc.xz, hz = vc.hz, x0 = vc.x0, h0 = vc.h0, x1 = vc.x1, h1 = vc.h1, x2 = vc.x2, h2 = vc.h2;
+    if (HAS_Z) { FASTDIFF_PIN(xz); FASTDIFF_PIN(hz); }
+    if (KT > 0) { FASTDIFF_PIN(x0); FASTDIFF_PIN(h0); }
+    if (KT > 1) { FASTDIFF_PIN(x1); FASTDIFF_PIN(h1); }
+    if (KT > 2) { FASTDIFF_PIN(x2); FASTDIFF_PIN(h2); }
+    v16f s_in = vc.s_in;
+    if (HAS_MI) FASTDIFF_PIN(s_in);
+    // Non-finite flag: the largest exponent field seen (and + max: 2 integer ops per vector).
+    const v16u exp_mask = (v16u)_mm512_set1_epi32(0x7f800000);
+    v16u top = {};
+    for (int64_t t = 0; t < nvec; ++t, i += step) {
       v16f e = vld(E + i);
       FASTDIFF_PIN(e);
       v16f xi = e;
-      if (!e_is_x) {
+      if (!E_IS_X) {
         xi = vld(X + i);
         FASTDIFF_PIN(xi);
       }
@@ -586,32 +604,61 @@ struct StepKernel {
         u = mload<MT>(U + i);
         FASTDIFF_PIN(u);
       }
-      const v16f d = HAS_U ? (g_one ? c : u + g * (c - u)) : c;          // m::guided
-      const v16f h = q.qy * e + q.qd * d;                                 // m::step_h
-      const v16f hu = HAS_U ? q.qy * e + q.qd * u : h;
-      v16f o = ((q.xx * xi + q.xy * e) + q.xh * h) + q.xhu * hu;           // m::out_model
-      v16f hv = ((q.hx * xi + q.hy * e) + q.hh * h) + q.hhu * hu;
+      const v16f d = HAS_U && !G_ONE ? u + g * (c - u) : c;                  // m::guided
+      const v16f h = qy * e + qd * d;                                         // m::step_h
+      const v16f hu = HAS_U ? qy * e + qd * u : h;
+      v16f o = ((xx * xi + xy * e) + xh * h) + xhu * hu;                      // m::out_model
+      v16f hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
       if (HAS_Z) {
         v16f z = vld(Z + i);
         FASTDIFF_PIN(z);
-        o = o + q.xz * z;                                                   // m::out_add
-        hv = hv + q.hz * z;
+        o = o + xz * z;                                                       // m::out_add
+        hv = hv + hz * z;
       }
-      if (KT > 0) { v16f t = vld(H0 + i); FASTDIFF_PIN(t); o = o + q.x0 * t; hv = hv + q.h0 * t; }
-      if (KT > 1) { v16f t = vld(H1 + i); FASTDIFF_PIN(t); o = o + q.x1 * t; hv = hv + q.h1 * t; }
-      if (KT > 2) { v16f t = vld(H2 + i); FASTDIFF_PIN(t); o = o + q.x2 * t; hv = hv + q.h2 * t; }
+      if (KT > 0) { v16f t = vld(H0 + i); FASTDIFF_PIN(t); o = o + x0 * t; hv = hv + h0 * t; }
+      if (KT > 1) { v16f t = vld(H1 + i); FASTDIFF_PIN(t); o = o + x1 * t; hv = hv + h1 * t; }
+      if (KT > 2) { v16f t = vld(H2 + i); FASTDIFF_PIN(t); o = o + x2 * t; hv = hv + h2 * t; }
       vst(Hw + i, hv);
       vst(X + i, o);
-      bad |= ((v16u)o & 0x7f800000u) == 0x7f800000u;                        // m::nonfinite
+      top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       if (HAS_MI) {
-        const v16f mi = s_in * o;                                           // m::model_input
+        const v16f mi = s_in * o;                                             // m::model_input
         mstore16<MT>(M0 + i, mi);
         mstore16<MT>(M1 + i, mi);
       }
     }
-    uint32_t any = 0;
-    for (int l = 0; l < 16; ++l) any |= (uint32_t)bad[l];
-    flags |= any & 1u;
+    flags |= _mm512_cmpeq_epi32_mask((__m512i)top, (__m512i)exp_mask) != 0 ? 1u : 0u;
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
+  static void lanes16(const FastCoefs& q, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
+                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
+                      typename MT::T* M1, uint32_t& flags) {
+    // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
+    // the remainder (< 16 elements) for the scalar loop.
+    const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
+    const int64_t first = reverse ? lo + rem : lo;
+    const int64_t start = reverse ? first + 16 * (nvec - 1) : first, step = reverse ? -16 : 16;
+    const VecCoefs vc{bcast(q.qy), bcast(q.qd), bcast(g),    bcast(q.xx), bcast(q.xy), bcast(q.xh), bcast(q.xhu),
+                      bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
+                      bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
+    // Unswitched: g == 1 (D = c, m::guided) and E == X are loop invariants.
+    const bool e_is_x = E == X;
+    if (nvec > 0) {
+      if constexpr (HAS_U) {
+        if (g == 1.0f) {
+          if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        } else {
+          if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        }
+      } else {
+        if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+      }
+    }
     if (reverse) hi = first;
     else lo = first + 16 * nvec;
   }
