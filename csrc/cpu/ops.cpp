@@ -567,7 +567,24 @@ struct StepKernel {
   };
   static inline v16f bcast(float v) { return (v16f)_mm512_set1_ps(v); }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  // Sparse rows. Nearly every solver's row has a_y = 0 and a_hu = 0 in the new x, and a history
+  // value that is h itself (a_h = 1, every other term 0): the dense loop spends 14 of its
+  // multiplications per 16 elements on such terms, and at the video latent the loop's arithmetic,
+  // not memory, set the pace for fp16/bf16 model outputs. The sparse loop leaves the terms with a
+  // zero coefficient out and takes h for 1 * h. That is exact wherever the skipped terms are
+  // finite and the result is not zero: a + 0 * v == a for finite v and a != 0, and otherwise the
+  // two sums can differ only in the sign of a zero. So a vector whose new x or h is zero or not
+  // finite, or whose hu (computed: the only skipped value that reaches no kept term) is not
+  // finite, is recomputed by the dense formula; every other skipped value (x, E, z, H_j) is in a
+  // kept term, so its non-finite value makes that result non-finite too.
+  static bool sparse_ok(const FastCoefs& q, bool has_z, int kt, bool wh) {
+    if (q.xy != 0.0f || q.xhu != 0.0f) return false;
+    if (!wh) return true;   // the history value goes to scratch: any value will do
+    return q.hx == 0.0f && q.hy == 0.0f && q.hh == 1.0f && q.hhu == 0.0f && (!has_z || q.hz == 0.0f) &&
+           (kt < 1 || q.h0 == 0.0f) && (kt < 2 || q.h1 == 0.0f) && (kt < 3 || q.h2 == 0.0f);
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE>
   static inline __attribute__((always_inline)) void lanes16_loop(
       const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
       const typename MT::T* C, const typename MT::T* U, const float* Z, const float* H0, const float* H1,
@@ -575,20 +592,21 @@ struct StepKernel {
     // Registers: each coefficient once per call (pinned: gcc may not turn them back into loads).
     v16f qy = vc.qy, qd = vc.qd, g = vc.g, xx = vc.xx, xy = vc.xy, xh = vc.xh, xhu = vc.xhu;
     v16f hx = vc.hx, hy = vc.hy, hh = vc.hh, hhu = vc.hhu;
-    FASTDIFF_PIN(qy); FASTDIFF_PIN(qd); FASTDIFF_PIN(xx); FASTDIFF_PIN(xy); FASTDIFF_PIN(xh);
-    FASTDIFF_PIN(hx); FASTDIFF_PIN(hy); FASTDIFF_PIN(hh);
-    if (HAS_U) { FASTDIFF_PIN(xhu); FASTDIFF_PIN(hhu); }
+    FASTDIFF_PIN(qy); FASTDIFF_PIN(qd); FASTDIFF_PIN(xx); FASTDIFF_PIN(xh);
+    if (!SPARSE) { FASTDIFF_PIN(xy); FASTDIFF_PIN(hx); FASTDIFF_PIN(hy); FASTDIFF_PIN(hh); }
+    if (HAS_U && !SPARSE) { FASTDIFF_PIN(xhu); FASTDIFF_PIN(hhu); }
     if (HAS_U && !G_ONE) FASTDIFF_PIN(g);
     v16f xz = vc.xz, hz = vc.hz, x0 = vc.x0, h0 = vc.h0, x1 = vc.x1, h1 = vc.h1, x2 = vc.x2, h2 = vc.h2;
-    if (HAS_Z) { FASTDIFF_PIN(xz); FASTDIFF_PIN(hz); }
-    if (KT > 0) { FASTDIFF_PIN(x0); FASTDIFF_PIN(h0); }
-    if (KT > 1) { FASTDIFF_PIN(x1); FASTDIFF_PIN(h1); }
-    if (KT > 2) { FASTDIFF_PIN(x2); FASTDIFF_PIN(h2); }
+    if (HAS_Z) { FASTDIFF_PIN(xz); if (!SPARSE) FASTDIFF_PIN(hz); }
+    if (KT > 0) { FASTDIFF_PIN(x0); if (!SPARSE) FASTDIFF_PIN(h0); }
+    if (KT > 1) { FASTDIFF_PIN(x1); if (!SPARSE) FASTDIFF_PIN(h1); }
+    if (KT > 2) { FASTDIFF_PIN(x2); if (!SPARSE) FASTDIFF_PIN(h2); }
     v16f s_in = vc.s_in;
     if (HAS_MI) FASTDIFF_PIN(s_in);
-    // Non-finite flag: the largest exponent field seen (and + max: 2 integer ops per vector).
+    // Non-finite flag (dense loop): the largest exponent field seen (and + max: 2 integer ops).
     const v16u exp_mask = (v16u)_mm512_set1_epi32(0x7f800000);
     v16u top = {};
+    uint32_t sparse_bad = 0;
     for (int64_t t = 0; t < nvec; ++t, i += step) {
       v16f e = vld(E + i);
       FASTDIFF_PIN(e);
@@ -604,34 +622,69 @@ struct StepKernel {
         u = mload<MT>(U + i);
         FASTDIFF_PIN(u);
       }
+      v16f z = {}, t0 = {}, t1 = {}, t2 = {};
+      if (HAS_Z) { z = vld(Z + i); FASTDIFF_PIN(z); }
+      if (KT > 0) { t0 = vld(H0 + i); FASTDIFF_PIN(t0); }
+      if (KT > 1) { t1 = vld(H1 + i); FASTDIFF_PIN(t1); }
+      if (KT > 2) { t2 = vld(H2 + i); FASTDIFF_PIN(t2); }
       const v16f d = HAS_U && !G_ONE ? u + g * (c - u) : c;                  // m::guided
       const v16f h = qy * e + qd * d;                                         // m::step_h
       const v16f hu = HAS_U ? qy * e + qd * u : h;
-      v16f o = ((xx * xi + xy * e) + xh * h) + xhu * hu;                      // m::out_model
-      v16f hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
-      if (HAS_Z) {
-        v16f z = vld(Z + i);
-        FASTDIFF_PIN(z);
-        o = o + xz * z;                                                       // m::out_add
-        hv = hv + hz * z;
+      // The dense formula, in the reference's order (m::out_model, m::out_add per term).
+      auto dense = [&](v16f& o, v16f& hv) __attribute__((always_inline)) {
+        o = ((xx * xi + xy * e) + xh * h) + xhu * hu;
+        hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
+        if (HAS_Z) { o = o + xz * z; hv = hv + hz * z; }
+        if (KT > 0) { o = o + x0 * t0; hv = hv + h0 * t0; }
+        if (KT > 1) { o = o + x1 * t1; hv = hv + h1 * t1; }
+        if (KT > 2) { o = o + x2 * t2; hv = hv + h2 * t2; }
+      };
+      v16f o, hv;
+      if constexpr (SPARSE) {
+        o = xx * xi + xh * h;
+        if (HAS_Z) o = o + xz * z;
+        if (KT > 0) o = o + x0 * t0;
+        if (KT > 1) o = o + x1 * t1;
+        if (KT > 2) o = o + x2 * t2;
+        hv = h;
+        // 0x9f: NaN, +-0, +-inf; 0x99: NaN, +-inf (vfpclassps categories)
+        __mmask16 redo = _mm512_fpclass_ps_mask((__m512)o, 0x9f) | _mm512_fpclass_ps_mask((__m512)h, 0x9f);
+        if (HAS_U) redo |= _mm512_fpclass_ps_mask((__m512)hu, 0x99);
+        if (__builtin_expect(redo != 0, 0)) {
+          dense(o, hv);
+          sparse_bad |= _mm512_fpclass_ps_mask((__m512)o, 0x99) != 0;       // m::nonfinite
+        }
+      } else {
+        dense(o, hv);
+        top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       }
-      if (KT > 0) { v16f t = vld(H0 + i); FASTDIFF_PIN(t); o = o + x0 * t; hv = hv + h0 * t; }
-      if (KT > 1) { v16f t = vld(H1 + i); FASTDIFF_PIN(t); o = o + x1 * t; hv = hv + h1 * t; }
-      if (KT > 2) { v16f t = vld(H2 + i); FASTDIFF_PIN(t); o = o + x2 * t; hv = hv + h2 * t; }
       vst(Hw + i, hv);
       vst(X + i, o);
-      top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       if (HAS_MI) {
         const v16f mi = s_in * o;                                             // m::model_input
         mstore16<MT>(M0 + i, mi);
         mstore16<MT>(M1 + i, mi);
       }
     }
-    flags |= _mm512_cmpeq_epi32_mask((__m512i)top, (__m512i)exp_mask) != 0 ? 1u : 0u;
+    if (!SPARSE) sparse_bad = _mm512_cmpeq_epi32_mask((__m512i)top, (__m512i)exp_mask) != 0;
+    flags |= sparse_bad;
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E,
+                           float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+                           const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
+                           typename MT::T* M1, uint32_t& flags) {
+    if (sparse)
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
+                                                                     Hw, M0, M1, flags);
+    else
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
+                                                                      Hw, M0, M1, flags);
   }
 
   template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
-  static void lanes16(const FastCoefs& q, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
+  static void lanes16(const FastCoefs& q, bool wh, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
                       const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
                       const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
                       typename MT::T* M1, uint32_t& flags) {
@@ -643,20 +696,21 @@ struct StepKernel {
     const VecCoefs vc{bcast(q.qy), bcast(q.qd), bcast(g),    bcast(q.xx), bcast(q.xy), bcast(q.xh), bcast(q.xhu),
                       bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
                       bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
+    const bool sparse = sparse_ok(q, HAS_Z, KT, wh);
     // Unswitched: g == 1 (D = c, m::guided) and E == X are loop invariants.
     const bool e_is_x = E == X;
     if (nvec > 0) {
       if constexpr (HAS_U) {
         if (g == 1.0f) {
-          if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
         } else {
-          if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
         }
       } else {
-        if (e_is_x) lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-        else lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
       }
     }
     if (reverse) hi = first;
@@ -787,7 +841,7 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, a);
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
