@@ -383,6 +383,33 @@ def test_placements_forward_and_backward_loops(model_dtype, offsets):
         torch.set_num_threads(n0)
 
 
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("where", ("forward", "backward", "unaligned"))
+def test_streamed_model_input(model_dtype, where):
+    """A model input of 8 MiB or more is written with non-temporal stores when both halves are
+    aligned to the vector, else with plain stores: the reference's bits either way, with the loop
+    running forward or backward (placement), at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(_seed("stream", model_dtype, where))
+    es = torch.empty((), dtype=model_dtype).element_size()
+    shape = (1, 4, 512, 1040)                      # 2,129,920 elements: >= 8 MiB of model input in fp16
+    assert 2 * es * 4 * 512 * 1040 >= 8 << 20
+    offsets = {"forward": [0, 0, 0, 0], "backward": [0, 3008, 1984, 2048],
+               "unaligned": [0, 0, 0, 2048 + es]}[where]
+    n0 = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            kw = _placed_case(gen, shape, model_dtype, offsets)
+            kw["bad_row"] = None
+            ref = clone_case(kw)
+            ops.fused_step(**ref, backend="reference")
+            ops.fused_step(**kw, backend="cpu")
+            for name in ("x", "hist", "model_in"):
+                _assert_bits(kw[name], ref[name], f"{name} threads={nt}")
+    finally:
+        torch.set_num_threads(n0)
+
+
 # ----------------------------------------------------------------------------------------------
 # alloc_staggered
 # ----------------------------------------------------------------------------------------------
