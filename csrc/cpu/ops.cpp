@@ -542,12 +542,24 @@ struct StepKernel {
   static inline __m256i narrow16(v16f v, bits::F16) {
     return _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  static inline __m256i narrow16(v16f v, bits::BF16) {
+  static inline __m256i narrow16_bf16_bits(v16f v) {
     const v16u u = (v16u)v;
     v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
     r = (r & ~nan) | (0x7fc0u & nan);
     return _mm512_cvtepi32_epi16((__m512i)r);
+  }
+  static inline __m256i narrow16(v16f v, bits::BF16) {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds to nearest even like the bit formula (1 instruction instead of ~8), but
+    // flushes denormal inputs to zero and keeps NaN payloads: those lanes take the bit formula.
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh((__m512)v);
+    const __mmask16 odd = _mm512_fpclass_ps_mask((__m512)v, 0xa1);   // NaN, denormal
+    if (__builtin_expect(odd != 0, 0)) return _mm256_mask_blend_epi16(odd, r, narrow16_bf16_bits(v));
+    return r;
+#else
+    return narrow16_bf16_bits(v);
+#endif
   }
   template <class MT>
   static inline v16f mload(const typename MT::T* p) {
