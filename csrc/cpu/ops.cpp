@@ -43,7 +43,8 @@ constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
 constexpr int64_t CHUNK_BLOCKS = 16;    // blocks per OpenMP work item (8K elements)
 constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
 constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
-constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer
+constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer: at least
+constexpr int64_t MAX_BIG_BLK = 65536;  //   ... and at most (see StepKernel::big_block)
 constexpr int64_t STREAM_MIN_BYTES = int64_t(8) << 20;   // model inputs streamed past the cache from here
 
 alignas(64) static const float kZeros[BLK] = {};
@@ -906,15 +907,25 @@ struct StepKernel {
   }
 
   // Blocks of the one-pass kernel: BLK elements where it uses its block buffers (Philox noise,
-  // buffered conversions, the history value of a row that writes none), else BIG_BLK: with no
-  // buffer to fill, a longer run of the loop per call saves the per-block overhead (~1/8 of the
-  // calls), which at the video latent was several percent of a memory-bound step.
+  // buffered conversions, the history value of a row that writes none), else from BIG_BLK up to
+  // MAX_BIG_BLK: with no buffer to fill, a longer run of the loop per call saves per-block work
+  // (at the video latent 4K -> 16K elements was 4-6% of the step, 16K -> 64K 1-4% more). With
+  // several threads, blocks grow only while each thread keeps >= 8 chunks of CHUNK_BLOCKS blocks
+  // (OpenMP hands out whole chunks: fewer, larger ones would leave threads idle at the end).
+  int64_t big_block() const {
+    const int nt = at::get_num_threads();
+    if (nt <= 1) return MAX_BIG_BLK;
+    int64_t blk = BIG_BLK;
+    while (blk < MAX_BIG_BLK && numel >= 2 * blk * CHUNK_BLOCKS * 8 * nt) blk *= 2;
+    return blk;
+  }
+
   template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI>
   uint32_t run_fast_k() const {
     const bool buffered = (cdt != DT::F32 && std::is_same<MT, bits::F32>::value) ||
                           (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
                           (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || hist_write < 0;
-    const int64_t blk = buffered ? BLK : BIG_BLK;
+    const int64_t blk = buffered ? BLK : big_block();
     // A backward vector loop takes the blocks backward too: a sawtooth (backward inside blocks,
     // forward across them) defeated the hardware prefetcher (the video step ran 1.6x slower).
     const int64_t last = (numel + blk - 1) / blk - 1;
