@@ -45,7 +45,6 @@ constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stac
 constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
 constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer: at least
 constexpr int64_t MAX_BIG_BLK = 65536;  //   ... and at most (see StepKernel::big_block)
-constexpr int64_t STREAM_MIN_BYTES = int64_t(8) << 20;   // model inputs streamed past the cache from here
 
 alignas(64) static const float kZeros[BLK] = {};
 
@@ -314,7 +313,6 @@ struct StepKernel {
   bool mi_from_y;
   bool check;
   bool reverse = false;           // the one-pass vector loop runs backward (reverse_order)
-  bool stream_mi = false;         // the one-pass vector loop streams the model input (run())
   m::RowCoefs k;
 
   // Calls f(i0, i1, g) for the runs of elements [s + i0, s + i1) of one sample (one g).
@@ -567,17 +565,10 @@ struct StepKernel {
     if constexpr (std::is_same<MT, bits::F32>::value) return load16(p);
     else return load16(p, MT{});
   }
-  // STREAM: a non-temporal store (p aligned to the vector: 64 bytes for float32, 32 for 16-bit).
-  template <class MT, bool STREAM>
+  template <class MT>
   static inline void mstore16(typename MT::T* p, v16f v) {
-    if constexpr (std::is_same<MT, bits::F32>::value) {
-      if (STREAM) _mm512_stream_ps(p, (__m512)v);
-      else vst(p, v);
-    } else {
-      const __m256i n = narrow16(v, MT{});
-      if (STREAM) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
-      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
-    }
+    if constexpr (std::is_same<MT, bits::F32>::value) vst(p, v);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16(v, MT{}));
   }
 
   // The coefficients as 16-lane broadcasts, made once per call and pinned in registers: loaded
@@ -610,7 +601,7 @@ struct StepKernel {
   static inline __attribute__((always_inline)) void lanes16_loop(
       const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
       const typename MT::T* C, const typename MT::T* U, const float* Z, const float* H0, const float* H1,
-      const float* H2, float* Hw, typename MT::T* M0, typename MT::T* M1, bool stream, uint32_t& flags) {
+      const float* H2, float* Hw, typename MT::T* M0, typename MT::T* M1, uint32_t& flags) {
     // Registers: each coefficient once per call (pinned: gcc may not turn them back into loads).
     v16f qy = vc.qy, qd = vc.qd, g = vc.g, xx = vc.xx, xy = vc.xy, xh = vc.xh, xhu = vc.xhu;
     v16f hx = vc.hx, hy = vc.hy, hh = vc.hh, hhu = vc.hhu;
@@ -684,13 +675,8 @@ struct StepKernel {
       vst(X + i, o);
       if (HAS_MI) {
         const v16f mi = s_in * o;                                             // m::model_input
-        if (stream) {
-          mstore16<MT, true>(M0 + i, mi);
-          mstore16<MT, true>(M1 + i, mi);
-        } else {
-          mstore16<MT, false>(M0 + i, mi);
-          mstore16<MT, false>(M1 + i, mi);
-        }
+        mstore16<MT>(M0 + i, mi);
+        mstore16<MT>(M1 + i, mi);
       }
     }
     if (!SPARSE) sparse_bad = _mm512_cmpeq_epi32_mask((__m512i)top, (__m512i)exp_mask) != 0;
@@ -701,20 +687,20 @@ struct StepKernel {
   static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E,
                            float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
                            const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                           typename MT::T* M1, bool stream, uint32_t& flags) {
+                           typename MT::T* M1, uint32_t& flags) {
     if (sparse)
       lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
-                                                                     Hw, M0, M1, stream, flags);
+                                                                     Hw, M0, M1, flags);
     else
       lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
-                                                                      Hw, M0, M1, stream, flags);
+                                                                      Hw, M0, M1, flags);
   }
 
   template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
   static void lanes16(const FastCoefs& q, bool wh, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
                       const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
                       const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                      typename MT::T* M1, bool stream_mi, uint32_t& flags) {
+                      typename MT::T* M1, uint32_t& flags) {
     // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
     // the remainder (< 16 elements) for the scalar loop.
     const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
@@ -724,27 +710,22 @@ struct StepKernel {
                       bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
                       bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
     const bool sparse = sparse_ok(q, HAS_Z, KT, wh);
-    // Non-temporal model-input stores need both halves aligned to the vector at the first one.
-    const uintptr_t vec_bytes = 16 * sizeof(typename MT::T);
-    const bool stream = HAS_MI && stream_mi && nvec > 0 &&
-                        ((reinterpret_cast<uintptr_t>(M0 + start) | reinterpret_cast<uintptr_t>(M1 + start)) % vec_bytes) == 0;
     // Unswitched: g == 1 (D = c, m::guided) and E == X are loop invariants.
     const bool e_is_x = E == X;
     if (nvec > 0) {
       if constexpr (HAS_U) {
         if (g == 1.0f) {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
         } else {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
         }
       } else {
-        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
-        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream, flags);
+        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
       }
     }
-    if (stream) _mm_sfence();   // the streamed stores are weakly ordered: visible before the call returns
     if (reverse) hi = first;
     else lo = first + 16 * nvec;
   }
@@ -873,7 +854,7 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream_mi, a);
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
@@ -992,10 +973,6 @@ struct StepKernel {
   uint32_t run() {
     if (fast_ok()) {
       reverse = reverse_order();
-      // A model input this large is not read from cache by the next model call anyway: streamed
-      // (non-temporal) stores skip the read-for-ownership of each line it writes (a third of the
-      // fp16 step's writes at the video latent).
-      stream_mi = halves > 0 && halves * (numel * dt_size(mdt)) >= STREAM_MIN_BYTES;
       // Inline conversion when model_in (if any) has the model output's dtype and any given noise is
       // float32; anything else converts through float32 buffers.
       const bool inline_ok = (model_in == nullptr || mdt == cdt) && (noise == nullptr || ndt == DT::F32);
