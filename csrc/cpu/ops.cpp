@@ -933,9 +933,11 @@ struct StepKernel {
   }
 
   // 4K aliasing: a load whose address equals an earlier, still buffered store's modulo 4096 waits
-  // for it. In a forward streaming loop that happens when a store stream starts 64-192 bytes (1-3
+  // for it. In a forward streaming loop that happens when a store stream starts 64-384 bytes (1-6
   // vectors) after a load stream modulo 4096: the next vectors' loads match the last stores (the
-  // SD-1.5 step measured 1.5-1.85x slower with the model input 64 bytes after the model output).
+  // SD-1.5 step measured 1.5-1.85x slower with the model input 64 bytes after the model output;
+  // the faster the loop, the more vectors' stores are still buffered: with the sparse loop a store
+  // 256-320 bytes ahead still cost 7-10%).
   // Running the loop backward turns exactly those placements harmless (and the mirror ones
   // harmful), so the kernel picks the direction with fewer such pairs, the closest weighted most. Streams of the same element
   // size keep their offsets mod 4096 along the loop, so one decision per call holds.
@@ -962,8 +964,9 @@ struct StepKernel {
       for (int b = 0; b < nl; ++b) {
         if (ssize[a] != lsize[b]) continue;
         const int64_t d = (int64_t)((reinterpret_cast<uintptr_t>(stores[a]) - reinterpret_cast<uintptr_t>(loads[b])) & 4095);
-        // weighted by how close the pair is (measured: 64 B 1.5-1.85x, 128 B ~1.13x, 192 B ~1.02x)
-        auto weight = [](int64_t dist) { return dist <= 0 || dist > 192 ? 0 : dist <= 64 ? 4 : dist <= 128 ? 2 : 1; };
+        // weighted by how close the pair is (measured with the dense loop: 64 B 1.5-1.85x, 128 B
+        // ~1.13x, 192 B ~1.02x; with the sparse loop 256-320 B still 7-10%)
+        auto weight = [](int64_t dist) { return dist <= 0 || dist > 384 ? 0 : dist <= 64 ? 4 : dist <= 128 ? 2 : 1; };
         fwd += weight(d);
         bwd += weight(4096 - d);
       }
