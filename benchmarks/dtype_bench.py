@@ -68,10 +68,15 @@ def use_extension(path) -> None:
     fastdiff._C = mod
 
 
-# step_bench in a subprocess with another fastdiff._C: argv = [ext, step_bench arguments...]
-_STEP_BENCH_WITH_EXT = ("import runpy, sys; from benchmarks.dtype_bench import use_extension; "
-                        "use_extension(sys.argv[1]); sys.argv = ['benchmarks.step_bench'] + sys.argv[2:]; "
-                        "runpy.run_module('benchmarks.step_bench', run_name='__main__', alter_sys=True)")
+# step_bench in a subprocess with another fastdiff._C: argv = [ext, step_bench arguments...] (the
+# loader of use_extension, inlined: importing this module would import step_bench before runpy).
+_STEP_BENCH_WITH_EXT = (
+    "import importlib.util, runpy, sys; import fastdiff; "
+    "spec = importlib.util.spec_from_file_location('fastdiff._C', sys.argv[1]); "
+    "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+    "sys.modules['fastdiff._C'] = mod; fastdiff._C = mod; "
+    "sys.argv = ['benchmarks.step_bench'] + sys.argv[2:]; "
+    "runpy.run_module('benchmarks.step_bench', run_name='__main__', alter_sys=True)")
 
 
 def _med_range(values: Sequence[float], fmt: str) -> str:
