@@ -71,7 +71,7 @@ def use_extension(path) -> None:
 # step_bench in a subprocess with another fastdiff._C: argv = [ext, step_bench arguments...] (the
 # loader of use_extension, inlined: importing this module would import step_bench before runpy).
 _STEP_BENCH_WITH_EXT = (
-    "import importlib.util, runpy, sys; import fastdiff; "
+    "import importlib.util, runpy, sys; import torch; import fastdiff; "
     "spec = importlib.util.spec_from_file_location('fastdiff._C', sys.argv[1]); "
     "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
     "sys.modules['fastdiff._C'] = mod; fastdiff._C = mod; "
