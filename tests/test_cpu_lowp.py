@@ -385,13 +385,15 @@ def test_placements_forward_and_backward_loops(model_dtype, offsets):
 
 @pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
 @pytest.mark.parametrize("where", ("forward", "backward", "unaligned"))
-def test_large_step_block_sizes(model_dtype, where):
-    """2M elements: the one-pass kernel's blocks grow past 4K elements (64K at 1 thread, 8K at 2),
-    with the loop running forward or backward (placement) and a model input not aligned to the
-    vector: the reference's bits."""
+def test_large_step_streamed_model_input(model_dtype, where):
+    """2M elements: a model input of 8 MiB or more is written with non-temporal stores when both
+    halves are aligned to the vector, else with plain stores ("unaligned"), and the one-pass
+    kernel's blocks grow past 4K elements (64K at 1 thread, 8K at 2); the loop runs forward or
+    backward (placement): the reference's bits every way."""
     gen = torch.Generator().manual_seed(_seed("stream", model_dtype, where))
     es = torch.empty((), dtype=model_dtype).element_size()
     shape = (1, 4, 512, 1040)                      # 2,129,920 elements, not a multiple of 64K
+    assert 2 * es * 4 * 512 * 1040 >= 8 << 20      # >= 8 MiB of model input in fp16 / bf16 too
     offsets = {"forward": [0, 0, 0, 0], "backward": [0, 3008, 1984, 2048],
                "unaligned": [0, 0, 0, 2048 + es]}[where]
     n0 = torch.get_num_threads()
