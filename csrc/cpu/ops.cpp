@@ -580,7 +580,7 @@ struct StepKernel {
   }
 
   // The coefficients as 16-lane broadcasts, made once per call and pinned in registers: loaded
-  // from the FastCoefs struct inside the loop they were 13 broadcast loads per 16 elements (the
+  // from the FastCoefs struct inside the loop they were 12 broadcast loads per 16 elements (the
   // stores to X / Hw may alias the struct, so gcc re-read them every iteration), which with the
   // model output's conversions kept the fp16/bf16 loop from overlapping its memory traffic.
   struct VecCoefs {
@@ -589,9 +589,9 @@ struct StepKernel {
   static inline v16f bcast(float v) { return (v16f)_mm512_set1_ps(v); }
 
   // Sparse rows. Nearly every solver's row has a_y = 0 and a_hu = 0 in the new x, and a history
-  // value that is h itself (a_h = 1, every other term 0): the dense loop spends 14 of its
-  // multiplications per 16 elements on such terms, and at the video latent the loop's arithmetic,
-  // not memory, set the pace for fp16/bf16 model outputs. The sparse loop leaves the terms with a
+  // value that is h itself (a_h = 1, every other term 0): the dense loop spends 7 of its 14
+  // multiplications per 16 elements on such terms, and at the video latent its arithmetic left too
+  // little slack to overlap the memory traffic of fp16/bf16 model outputs. The sparse loop leaves the terms with a
   // zero coefficient out and takes h for 1 * h. That is exact wherever the skipped terms are
   // finite and the result is not zero: a + 0 * v == a for finite v and a != 0, and otherwise the
   // two sums can differ only in the sign of a zero. So a vector whose new x or h is zero or not
