@@ -3,6 +3,13 @@ torch.compile (in place and allocating), and the SD-1.5 step across buffer place
 
     python -m benchmarks.dtype_bench --runs 3                      # dtypes at sd15 and video, 1 thread
     python -m benchmarks.dtype_bench --runs 3 --placement-only     # placements only (no compile)
+    python -m benchmarks.dtype_bench --runs 3 --dtypes-only --before-ext old/_C.so   # before / after
+
+Before / after: ``--ext PATH`` measures another build of fastdiff._C (e.g. one built from an older
+commit's csrc/) in place of the package's own, in the same harness; ``--before-ext PATH`` runs the
+dtype table once with that build and once with the current one per run, alternating process by
+process (before, after, before, after, ...), and adds a table of the fastdiff step before and
+after, each ratio formed between the two processes of one run.
 
 Dtypes: each run is a fresh ``python -m benchmarks.step_bench`` process (1 thread by default, CPU
 clock, a shared inductor cache so that only the first run compiles cold) measuring fastdiff's
@@ -22,6 +29,7 @@ interleaved in one measurement per run. Reported: each placement's median µs an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -29,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +55,32 @@ DTYPE_IMPLS = ["fastdiff_cpu" + sfx + mi for sfx in DTYPE_SUFFIX.values() for mi
     [compile_key(False, dt, False) for dt in DTYPE_SUFFIX] + ["diffusers"]
 
 
+def use_extension(path) -> None:
+    """Load the fastdiff._C build at ``path`` as fastdiff._C (before any fastdiff kernel runs: the
+    package loads its extension lazily), so the same harness measures another build's kernels."""
+    import fastdiff
+    if "fastdiff._C" in sys.modules:
+        raise RuntimeError("fastdiff._C is already loaded; substitute the build before its first use")
+    spec = importlib.util.spec_from_file_location("fastdiff._C", str(path))
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"not a loadable extension module: {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["fastdiff._C"] = mod
+    fastdiff._C = mod
+
+
+# step_bench in a subprocess with another fastdiff._C: argv = [ext, step_bench arguments...] (the
+# loader of use_extension, inlined: importing this module would import step_bench before runpy).
+_STEP_BENCH_WITH_EXT = (
+    "import importlib.util, runpy, sys; import torch; import fastdiff; "
+    "spec = importlib.util.spec_from_file_location('fastdiff._C', sys.argv[1]); "
+    "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); "
+    "sys.modules['fastdiff._C'] = mod; fastdiff._C = mod; "
+    "sys.argv = ['benchmarks.step_bench'] + sys.argv[2:]; "
+    "runpy.run_module('benchmarks.step_bench', run_name='__main__', alter_sys=True)")
+
+
 def _med_range(values: Sequence[float], fmt: str) -> str:
     v = sorted(values)
     return f"{fmt.format(float(np.median(v)))} ({fmt.format(v[0])}–{fmt.format(v[-1])})"
@@ -57,17 +91,28 @@ def _med_range(values: Sequence[float], fmt: str) -> str:
 
 
 def dtype_runs(runs: int, shapes: Sequence[str], threads: int, min_samples: int, min_time: float,
-               log=lambda s: None) -> List[dict]:
-    reports = []
+               log=lambda s: None, exts: Sequence[Optional[str]] = (None,)) -> List[List[dict]]:
+    """``runs`` runs of step_bench, each a fresh process per build in ``exts`` (None: the
+    package's own fastdiff._C), the builds alternating within each run. Returns one list of
+    reports per build."""
+    reports: List[List[dict]] = [[] for _ in exts]
     with tempfile.TemporaryDirectory(prefix="fastdiff_dtype_") as tmp:
         for r in range(runs):
-            out = Path(tmp) / f"run{r}.json"
-            cmd = [sys.executable, "-m", "benchmarks.step_bench", "--shapes", ",".join(shapes), "--threads",
-                   str(threads), "--impls", ",".join(DTYPE_IMPLS), "--clock", "cpu", "--inductor-cache", "shared",
-                   "--min-samples", str(min_samples), "--min-time", str(min_time), "--json", str(out), "--quiet"]
-            log(f"dtype run {r + 1}/{runs}: {' '.join(cmd[1:])}")
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=str(REPO))
-            reports.append(json.loads(out.read_text()))
+            for k, ext in enumerate(exts):
+                out = Path(tmp) / f"run{r}_{k}.json"
+                args = ["--shapes", ",".join(shapes), "--threads", str(threads), "--impls", ",".join(DTYPE_IMPLS),
+                        "--clock", "cpu", "--inductor-cache", "shared", "--min-samples", str(min_samples),
+                        "--min-time", str(min_time), "--json", str(out), "--quiet"]
+                if ext is None:
+                    cmd = [sys.executable, "-m", "benchmarks.step_bench"] + args
+                else:
+                    cmd = [sys.executable, "-c", _STEP_BENCH_WITH_EXT, str(ext)] + args
+                log(f"dtype run {r + 1}/{runs}{f' (fastdiff._C from {ext})' if ext else ''}: "
+                    f"step_bench {' '.join(args)}")
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=str(REPO))
+                rep = json.loads(out.read_text())
+                rep["fastdiff_ext"] = str(ext) if ext else None
+                reports[k].append(rep)
     return reports
 
 
@@ -106,6 +151,38 @@ def render_dtypes(reports: List[dict]) -> str:
                              f"{_med_range([r['median_s'] * 1e6 for r in ci], '{:,.1f}') if None not in ci else ''} | "
                              f"{ratio(ci)} | {ratio(ca) if not mi else ''} | {ratio(dd) if not mi else ''} | "
                              f"{_med_range(pct, '{:.0f}')}% |")
+    return "\n".join(lines)
+
+
+def render_before_after(before: List[dict], after: List[dict]) -> str:
+    """The fastdiff step per shape / dtype / epilogue with the before and the current build; the
+    change and the compile-in-place ratio are formed within each run (its two processes)."""
+    ib = [{(r["shape_name"], r["threads"], r["impl"]): r for r in rep["results"]} for rep in before]
+    ia = [{(r["shape_name"], r["threads"], r["impl"]): r for r in rep["results"]} for rep in after]
+    lines = ["Load average (1 min) at each run's start, before / after: "
+             + ", ".join(f"{b['machine']['load_average_start'][0]} / {a['machine']['load_average_start'][0]}"
+                         for b, a in zip(before, after)) + f". {len(after)} runs; median (min–max).", "",
+             "| shape | model dtype | + model input | before µs | after µs | after ÷ before | compile in place ÷ "
+             "fastdiff, before | compile in place ÷ fastdiff, after |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    shapes = list(after[0]["settings"]["shapes"])
+    for shape in shapes:
+        for dt, sfx in DTYPE_SUFFIX.items():
+            for mi in (False, True):
+                fk = "fastdiff_cpu" + sfx + ("_model_input" if mi else "")
+                keys = [k for k in ia[0] if k[0] == shape and k[2] == fk]
+                for key in keys:
+                    if not all(key in d for d in ib + ia):
+                        continue
+                    b = [d[key]["median_s"] for d in ib]
+                    a = [d[key]["median_s"] for d in ia]
+                    ck = (key[0], key[1], compile_key(True, dt, mi))
+                    has_c = all(ck in d for d in ib + ia)
+                    cb = _med_range([d[ck]["median_s"] / x for d, x in zip(ib, b)], "{:.2f}") + "×" if has_c else ""
+                    ca = _med_range([d[ck]["median_s"] / x for d, x in zip(ia, a)], "{:.2f}") + "×" if has_c else ""
+                    lines.append(f"| {shape} | {str(dt).replace('torch.', '')} | {'yes' if mi else 'no'} | "
+                                 f"{_med_range([x * 1e6 for x in b], '{:,.1f}')} | "
+                                 f"{_med_range([x * 1e6 for x in a], '{:,.1f}')} | "
+                                 f"{_med_range([y / x for x, y in zip(b, a)], '{:.3f}')} | {cb} | {ca} |")
     return "\n".join(lines)
 
 
@@ -222,17 +299,33 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.3)
     p.add_argument("--placement-only", action="store_true", help="only the placement table")
     p.add_argument("--dtypes-only", action="store_true", help="only the dtype table")
+    p.add_argument("--ext", type=Path, help="measure this build of fastdiff._C instead of the package's own")
+    p.add_argument("--before-ext", type=Path, help="dtype table: also measure this (older) build of "
+                   "fastdiff._C, alternating with the current one run by run, and compare")
     p.add_argument("--json", type=Path, default=RESULTS / "dtype_bench.json")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.runs < 1:
         p.error(f"--runs must be >= 1, got {a.runs}")
+    for ext in (a.ext, a.before_ext):
+        if ext is not None and not ext.is_file():
+            p.error(f"no such extension build: {ext}")
+    if a.ext is not None:
+        use_extension(a.ext.resolve())
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    out: dict = {}
+    out: dict = {"fastdiff_ext": str(a.ext) if a.ext else None,
+                 "before_ext": str(a.before_ext) if a.before_ext else None}
     text = []
     if not a.placement_only:
-        out["dtypes"] = dtype_runs(a.runs, a.shapes.split(","), a.threads, a.min_samples, a.min_time, log)
+        current = str(a.ext.resolve()) if a.ext else None
+        exts = [str(a.before_ext.resolve()), current] if a.before_ext else [current]
+        reports = dtype_runs(a.runs, a.shapes.split(","), a.threads, a.min_samples, a.min_time, log, exts)
+        out["dtypes"] = reports[-1]
         text.append(render_dtypes(out["dtypes"]))
+        if a.before_ext:
+            out["dtypes_before"] = reports[0]
+            text.append("Before (fastdiff._C from " + str(a.before_ext) + "):\n\n" + render_dtypes(reports[0]))
+            text.append("Before / after:\n\n" + render_before_after(reports[0], reports[-1]))
     if not a.dtypes_only:
         out["placement"] = placement_runs(a.runs, (torch.float32, torch.float16), a.min_samples, 0.1, log)
         text.append(render_placement(out["placement"]))

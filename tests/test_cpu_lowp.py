@@ -19,7 +19,7 @@ from fastdiff.ops.buffers import DEFAULT_STAGGER, address_mod_page, alloc_stagge
 
 from fastdiff.check import assert_step_match, clone_case, public_kwargs, relayout, run_against_reference, step_case
 from fastdiff.ops.backends import load_extension
-from fastdiff.program import COL_G, COL_QD, OUT_H, OUT_X, col_out, col_s_in
+from fastdiff.program import COL_G, COL_QD, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z, col_out, col_s_in
 
 _C = load_extension()
 pytestmark = pytest.mark.skipif(isinstance(_C, str), reason=str(_C))
@@ -239,6 +239,103 @@ def test_big_blocks_threads(model_dtype, model_in):
         assert torch.equal(outs[0][name], outs[1][name]), name
 
 
+# ----------------------------------------------------------------------------------------------
+# Sparse rows: the solvers' rows have a_y = a_hu = 0 in the new x and a history value that is h
+# itself; the AVX-512 loop leaves those terms out and recomputes, by the full formula, every
+# vector where that could differ from the reference (a zero or non-finite result, a non-finite hu).
+
+
+def _sparse_table(table, K, g_one):
+    """The case's random rows made solver-like: x-out (a_x, 0, a_h, 0, a_z, a_0..), history value
+    = 1 * h; row 0 with g = 1 (D = cond), the others g in [1, 8)."""
+    x, h = col_out(K, "x"), col_out(K, "h")
+    table[:, x + OUT_Y] = 0.0
+    table[:, x + OUT_HU] = 0.0
+    table[:, h:h + OUT_FIXED + K] = 0.0
+    table[:, h + OUT_H] = 1.0
+    if g_one:
+        table[:, COL_G] = 1.0
+    return table
+
+
+def _sprinkle(gen, t, values, frac=0.3):
+    """Put special values at a random fraction of t's elements (in place)."""
+    flat = t.view(-1)
+    pick = torch.rand(flat.numel(), generator=gen) < frac
+    idx = torch.randint(0, len(values), (flat.numel(),), generator=gen)
+    vals = torch.tensor(values, dtype=torch.float32)[idx].to(t.dtype)
+    flat[pick] = vals[pick]
+
+
+def _assert_bits(got, want, name):
+    """Equal bit for bit (signed zeros included); NaN at the same places (payloads not compared)."""
+    gn, wn = got.isnan(), want.isnan()
+    assert torch.equal(gn, wn), f"{name}: NaN at other places than the reference's"
+    iview = torch.int16 if got.element_size() == 2 else torch.int32
+    g, w = got[~gn].contiguous().view(iview), want[~wn].contiguous().view(iview)
+    assert torch.equal(g, w), f"{name}: {(g != w).sum().item()} elements differ from the reference (bits)"
+
+
+SPECIAL_STATE = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38, 1e-42]
+SPECIAL_MODEL = {torch.float32: [0.0, -0.0, float("inf"), float("nan"), 3.0e38, -3.0e38, 1e-42],
+                 torch.float16: [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 65504.0, 6e-8],
+                 torch.bfloat16: [0.0, -0.0, float("inf"), float("nan"), 3.0e38, -3.0e38, 1e-40]}
+
+
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("K", (0, 1, 3))
+@pytest.mark.parametrize("noise", ("none", "given"))
+@pytest.mark.parametrize("hist_write", ("slot", "none"))
+@pytest.mark.parametrize("eval_y", (False, True))
+def test_sparse_rows_bitwise_with_special_values(model_dtype, K, noise, hist_write, eval_y):
+    """Solver-like rows (zero a_y, a_hu; history value = h) with zeros of both signs, infinities,
+    NaNs and huge values in every input: x, the history and the model input are the reference's
+    bit for bit (a skipped 0 * inf is NaN, a skipped 0 * v can flip the sign of a zero result),
+    and bad_row is the reference's. g = 1 and g != 1, odd sizes (vector tails), both CFG forms."""
+    gen = torch.Generator().manual_seed(_seed("sparse", model_dtype, K, noise, hist_write, eval_y))
+    for shape in ((2, 203), (1, 4, 40, 41)):
+        for g_one in (False, True):
+            for special in (False, True):
+                kw = make_case(gen, shape, K=K, model="cfg", noise=noise, writes="x", model_in="2B",
+                               model_dtype=model_dtype, eval_y=eval_y,
+                               hist_write=(0 if K else -1) if hist_write == "slot" else -1)
+                _sparse_table(kw["table"], K, g_one)
+                if special:
+                    for name in ("x", "y", "hist", "noise"):
+                        if kw.get(name) is not None:
+                            _sprinkle(gen, kw[name], SPECIAL_STATE)
+                    for name in ("cond", "uncond"):
+                        _sprinkle(gen, kw[name], SPECIAL_MODEL[model_dtype])
+                    # exact zeros of both signs everywhere in one stretch: zero results
+                    for name in ("x", "y", "hist", "noise", "cond", "uncond"):
+                        if kw.get(name) is not None:
+                            z = kw[name].view(-1)[:40]
+                            z.copy_(torch.where(torch.rand(40, generator=gen) < 0.5, 0.0, -0.0).to(z.dtype))
+                a, b = run_both(kw)
+                what = f"{model_dtype} {shape} g_one={g_one} special={special}"
+                assert a["bad_row"].item() == b["bad_row"].item(), f"bad_row {what}"
+                for name in ("x", "hist", "model_in"):
+                    if a.get(name) is not None:
+                        _assert_bits(a[name], b[name], f"{name} {what}")
+
+
+def test_sparse_rows_skipped_hu_overflow():
+    """g = 1 (hu's u reaches no kept term) with u so large that q_d * u overflows: the reference's
+    0 * hu is NaN, so the loop must not keep its sparse result there."""
+    gen = torch.Generator().manual_seed(_seed("hu overflow"))
+    for model_dtype in (torch.float32, torch.bfloat16):
+        kw = make_case(gen, (1, 3, 50), K=1, model="cfg", noise="none", writes="x", model_in="2B",
+                       model_dtype=model_dtype, hist_write=0)
+        _sparse_table(kw["table"], 1, g_one=True)
+        kw["table"][:, COL_QD] = 4.0
+        kw["uncond"].view(-1)[5::7] = 2.0e38
+        a, b = run_both(kw)
+        assert b["x"].view(-1)[5::7].isnan().all()          # the case tests what it says
+        assert a["bad_row"].item() == b["bad_row"].item() != 0
+        for name in ("x", "hist", "model_in"):
+            _assert_bits(a[name], b[name], f"{name} {model_dtype}")
+
+
 def _placed_case(gen, shape, model_dtype, offsets):
     """A K=1 CFG case whose x, history, [2B] model output and [2B] model input start at the given
     byte offsets modulo 4096 (one allocation), as fused_step kwargs."""
@@ -282,6 +379,34 @@ def test_placements_forward_and_backward_loops(model_dtype, offsets):
             ops.fused_step(**public_kwargs(kw), backend="cpu")
             assert_match(kw, ref, f"{offsets} {shape}")
             _state_bitwise(kw, ref)
+    finally:
+        torch.set_num_threads(n0)
+
+
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("where", ("forward", "backward", "unaligned"))
+def test_large_step_streamed_model_input(model_dtype, where):
+    """2M elements: a model input of 8 MiB or more is written with non-temporal stores when both
+    halves are aligned to the vector, else with plain stores ("unaligned"), and the one-pass
+    kernel's blocks grow past 4K elements (64K at 1 thread, 8K at 2); the loop runs forward or
+    backward (placement): the reference's bits every way."""
+    gen = torch.Generator().manual_seed(_seed("stream", model_dtype, where))
+    es = torch.empty((), dtype=model_dtype).element_size()
+    shape = (1, 4, 512, 1040)                      # 2,129,920 elements, not a multiple of 64K
+    assert 2 * es * 4 * 512 * 1040 >= 8 << 20      # >= 8 MiB of model input in fp16 / bf16 too
+    offsets = {"forward": [0, 0, 0, 0], "backward": [0, 3008, 1984, 2048],
+               "unaligned": [0, 0, 0, 2048 + es]}[where]
+    n0 = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            kw = _placed_case(gen, shape, model_dtype, offsets)
+            kw["bad_row"] = None
+            ref = clone_case(kw)
+            ops.fused_step(**ref, backend="reference")
+            ops.fused_step(**kw, backend="cpu")
+            for name in ("x", "hist", "model_in"):
+                _assert_bits(kw[name], ref[name], f"{name} threads={nt}")
     finally:
         torch.set_num_threads(n0)
 

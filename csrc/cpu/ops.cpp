@@ -43,7 +43,9 @@ constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
 constexpr int64_t CHUNK_BLOCKS = 16;    // blocks per OpenMP work item (8K elements)
 constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
 constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
-constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer
+constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer: at least
+constexpr int64_t MAX_BIG_BLK = 65536;  //   ... and at most (see StepKernel::big_block)
+constexpr int64_t STREAM_MIN_BYTES = int64_t(8) << 20;   // model inputs streamed past the cache from here
 
 alignas(64) static const float kZeros[BLK] = {};
 
@@ -312,6 +314,7 @@ struct StepKernel {
   bool mi_from_y;
   bool check;
   bool reverse = false;           // the one-pass vector loop runs backward (reverse_order)
+  bool stream_mi = false;         // ... and streams the model input past the cache (run())
   m::RowCoefs k;
 
   // Calls f(i0, i1, g) for the runs of elements [s + i0, s + i1) of one sample (one g).
@@ -536,46 +539,101 @@ struct StepKernel {
   static inline v16f load16(const uint16_t* p, bits::BF16) {
     return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   }
-  static inline void store16(float* p, v16f v) { vst(p, v); }
-  static inline void store16(uint16_t* p, v16f v, bits::F16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // Narrowing to 16-bit lanes (rounds to nearest even; bf16 NaN -> 0x7fc0, as half_bits.h).
+  static inline __m256i narrow16(v16f v, bits::F16) {
+    return _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  static inline void store16(uint16_t* p, v16f v, bits::BF16) {
+  static inline __m256i narrow16_bf16_bits(v16f v) {
     const v16u u = (v16u)v;
     v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);
     r = (r & ~nan) | (0x7fc0u & nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)r));
+    return _mm512_cvtepi32_epi16((__m512i)r);
+  }
+  static inline __m256i narrow16(v16f v, bits::BF16) {
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds to nearest even like the bit formula (1 instruction instead of ~8), but
+    // flushes denormal inputs to zero and keeps NaN payloads: those lanes take the bit formula.
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh((__m512)v);
+    const __mmask16 odd = _mm512_fpclass_ps_mask((__m512)v, 0xa1);   // NaN, denormal
+    if (__builtin_expect(odd != 0, 0)) return _mm256_mask_blend_epi16(odd, r, narrow16_bf16_bits(v));
+    return r;
+#else
+    return narrow16_bf16_bits(v);
+#endif
   }
   template <class MT>
   static inline v16f mload(const typename MT::T* p) {
     if constexpr (std::is_same<MT, bits::F32>::value) return load16(p);
     else return load16(p, MT{});
   }
-  template <class MT>
+  // STREAM: a non-temporal store (p aligned to the vector: 64 bytes for float32, 32 for 16-bit).
+  template <class MT, bool STREAM>
   static inline void mstore16(typename MT::T* p, v16f v) {
-    if constexpr (std::is_same<MT, bits::F32>::value) store16(p, v);
-    else store16(p, v, MT{});
+    if constexpr (std::is_same<MT, bits::F32>::value) {
+      if constexpr (STREAM) _mm512_stream_ps(p, (__m512)v);
+      else vst(p, v);
+    } else {
+      if constexpr (STREAM) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow16(v, MT{}));
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16(v, MT{}));
+    }
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
-  static void lanes16(const FastCoefs& q, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
-                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
-                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                      typename MT::T* M1, uint32_t& flags) {
-    // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
-    // the remainder (< 16 elements) for the scalar loop.
-    const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
-    const int64_t first = reverse ? lo + rem : lo;
-    const bool e_is_x = E == X;
-    const bool g_one = g == 1.0f;
-    v16i bad = {};
-    for (int64_t t = 0; t < nvec; ++t) {
-      const int64_t i = first + 16 * (reverse ? nvec - 1 - t : t);
+  // The coefficients as 16-lane broadcasts, made once per call and pinned in registers: loaded
+  // from the FastCoefs struct inside the loop they were 12 broadcast loads per 16 elements (the
+  // stores to X / Hw may alias the struct, so gcc re-read them every iteration), which with the
+  // model output's conversions kept the fp16/bf16 loop from overlapping its memory traffic.
+  struct VecCoefs {
+    v16f qy, qd, g, xx, xy, xh, xhu, xz, x0, x1, x2, hx, hy, hh, hhu, hz, h0, h1, h2, s_in;
+  };
+  static inline v16f bcast(float v) { return (v16f)_mm512_set1_ps(v); }
+
+  // Sparse rows. Nearly every solver's row has a_y = 0 and a_hu = 0 in the new x, and a history
+  // value that is h itself (a_h = 1, every other term 0): the dense loop spends 7 of its 14
+  // multiplications per 16 elements on such terms, and at the video latent its arithmetic left too
+  // little slack to overlap the memory traffic of fp16/bf16 model outputs. The sparse loop leaves the terms with a
+  // zero coefficient out and takes h for 1 * h. That is exact wherever the skipped terms are
+  // finite and the result is not zero: a + 0 * v == a for finite v and a != 0, and otherwise the
+  // two sums can differ only in the sign of a zero. So a vector whose new x or h is zero or not
+  // finite, or whose hu (computed: the only skipped value that reaches no kept term) is not
+  // finite, is recomputed by the dense formula; every other skipped value (x, E, z, H_j) is in a
+  // kept term, so its non-finite value makes that result non-finite too.
+  static bool sparse_ok(const FastCoefs& q, bool has_z, int kt, bool wh) {
+    if (q.xy != 0.0f || q.xhu != 0.0f) return false;
+    if (!wh) return true;   // the history value goes to scratch: any value will do
+    return q.hx == 0.0f && q.hy == 0.0f && q.hh == 1.0f && q.hhu == 0.0f && (!has_z || q.hz == 0.0f) &&
+           (kt < 1 || q.h0 == 0.0f) && (kt < 2 || q.h1 == 0.0f) && (kt < 3 || q.h2 == 0.0f);
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE,
+            bool STREAM = false>
+  static inline __attribute__((always_inline)) void lanes16_loop(
+      const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
+      const typename MT::T* C, const typename MT::T* U, const float* Z, const float* H0, const float* H1,
+      const float* H2, float* Hw, typename MT::T* M0, typename MT::T* M1, uint32_t& flags) {
+    // Registers: each coefficient once per call (pinned: gcc may not turn them back into loads).
+    v16f qy = vc.qy, qd = vc.qd, g = vc.g, xx = vc.xx, xy = vc.xy, xh = vc.xh, xhu = vc.xhu;
+    v16f hx = vc.hx, hy = vc.hy, hh = vc.hh, hhu = vc.hhu;
+    FASTDIFF_PIN(qy); FASTDIFF_PIN(qd); FASTDIFF_PIN(xx); FASTDIFF_PIN(xh);
+    if (!SPARSE) { FASTDIFF_PIN(xy); FASTDIFF_PIN(hx); FASTDIFF_PIN(hy); FASTDIFF_PIN(hh); }
+    if (HAS_U && !SPARSE) { FASTDIFF_PIN(xhu); FASTDIFF_PIN(hhu); }
+    if (HAS_U && !G_ONE) FASTDIFF_PIN(g);
+    v16f xz = vc.xz, hz = vc.hz, x0 = vc.x0, h0 = vc.h0, x1 = vc.x1, h1 = vc.h1, x2 = vc.x2, h2 = vc.h2;
+    if (HAS_Z) { FASTDIFF_PIN(xz); if (!SPARSE) FASTDIFF_PIN(hz); }
+    if (KT > 0) { FASTDIFF_PIN(x0); if (!SPARSE) FASTDIFF_PIN(h0); }
+    if (KT > 1) { FASTDIFF_PIN(x1); if (!SPARSE) FASTDIFF_PIN(h1); }
+    if (KT > 2) { FASTDIFF_PIN(x2); if (!SPARSE) FASTDIFF_PIN(h2); }
+    v16f s_in = vc.s_in;
+    if (HAS_MI) FASTDIFF_PIN(s_in);
+    // Non-finite flag (dense loop): the largest exponent field seen (and + max: 2 integer ops).
+    const v16u exp_mask = (v16u)_mm512_set1_epi32(0x7f800000);
+    v16u top = {};
+    uint32_t sparse_bad = 0;
+    for (int64_t t = 0; t < nvec; ++t, i += step) {
       v16f e = vld(E + i);
       FASTDIFF_PIN(e);
       v16f xi = e;
-      if (!e_is_x) {
+      if (!E_IS_X) {
         xi = vld(X + i);
         FASTDIFF_PIN(xi);
       }
@@ -586,32 +644,136 @@ struct StepKernel {
         u = mload<MT>(U + i);
         FASTDIFF_PIN(u);
       }
-      const v16f d = HAS_U ? (g_one ? c : u + g * (c - u)) : c;          // m::guided
-      const v16f h = q.qy * e + q.qd * d;                                 // m::step_h
-      const v16f hu = HAS_U ? q.qy * e + q.qd * u : h;
-      v16f o = ((q.xx * xi + q.xy * e) + q.xh * h) + q.xhu * hu;           // m::out_model
-      v16f hv = ((q.hx * xi + q.hy * e) + q.hh * h) + q.hhu * hu;
-      if (HAS_Z) {
-        v16f z = vld(Z + i);
-        FASTDIFF_PIN(z);
-        o = o + q.xz * z;                                                   // m::out_add
-        hv = hv + q.hz * z;
+      v16f z = {}, t0 = {}, t1 = {}, t2 = {};
+      if (HAS_Z) { z = vld(Z + i); FASTDIFF_PIN(z); }
+      if (KT > 0) { t0 = vld(H0 + i); FASTDIFF_PIN(t0); }
+      if (KT > 1) { t1 = vld(H1 + i); FASTDIFF_PIN(t1); }
+      if (KT > 2) { t2 = vld(H2 + i); FASTDIFF_PIN(t2); }
+      const v16f d = HAS_U && !G_ONE ? u + g * (c - u) : c;                  // m::guided
+      const v16f h = qy * e + qd * d;                                         // m::step_h
+      const v16f hu = HAS_U ? qy * e + qd * u : h;
+      // The dense formula, in the reference's order (m::out_model, m::out_add per term).
+      auto dense = [&](v16f& o, v16f& hv) __attribute__((always_inline)) {
+        o = ((xx * xi + xy * e) + xh * h) + xhu * hu;
+        hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
+        if (HAS_Z) { o = o + xz * z; hv = hv + hz * z; }
+        if (KT > 0) { o = o + x0 * t0; hv = hv + h0 * t0; }
+        if (KT > 1) { o = o + x1 * t1; hv = hv + h1 * t1; }
+        if (KT > 2) { o = o + x2 * t2; hv = hv + h2 * t2; }
+      };
+      v16f o, hv;
+      if constexpr (SPARSE) {
+        o = xx * xi + xh * h;
+        if (HAS_Z) o = o + xz * z;
+        if (KT > 0) o = o + x0 * t0;
+        if (KT > 1) o = o + x1 * t1;
+        if (KT > 2) o = o + x2 * t2;
+        hv = h;
+        // 0x9f: NaN, +-0, +-inf; 0x99: NaN, +-inf (vfpclassps categories)
+        __mmask16 redo = _mm512_fpclass_ps_mask((__m512)o, 0x9f) | _mm512_fpclass_ps_mask((__m512)h, 0x9f);
+        if (HAS_U) redo |= _mm512_fpclass_ps_mask((__m512)hu, 0x99);
+        if (__builtin_expect(redo != 0, 0)) {
+          dense(o, hv);
+          sparse_bad |= _mm512_fpclass_ps_mask((__m512)o, 0x99) != 0;       // m::nonfinite
+        }
+      } else {
+        dense(o, hv);
+        top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       }
-      if (KT > 0) { v16f t = vld(H0 + i); FASTDIFF_PIN(t); o = o + q.x0 * t; hv = hv + q.h0 * t; }
-      if (KT > 1) { v16f t = vld(H1 + i); FASTDIFF_PIN(t); o = o + q.x1 * t; hv = hv + q.h1 * t; }
-      if (KT > 2) { v16f t = vld(H2 + i); FASTDIFF_PIN(t); o = o + q.x2 * t; hv = hv + q.h2 * t; }
       vst(Hw + i, hv);
       vst(X + i, o);
-      bad |= ((v16u)o & 0x7f800000u) == 0x7f800000u;                        // m::nonfinite
       if (HAS_MI) {
-        const v16f mi = s_in * o;                                           // m::model_input
-        mstore16<MT>(M0 + i, mi);
-        mstore16<MT>(M1 + i, mi);
+        const v16f mi = s_in * o;                                             // m::model_input
+        mstore16<MT, STREAM>(M0 + i, mi);
+        mstore16<MT, STREAM>(M1 + i, mi);
       }
     }
-    uint32_t any = 0;
-    for (int l = 0; l < 16; ++l) any |= (uint32_t)bad[l];
-    flags |= any & 1u;
+    if (!SPARSE) sparse_bad = _mm512_cmpeq_epi32_mask((__m512i)top, (__m512i)exp_mask) != 0;
+    flags |= sparse_bad;
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E,
+                           float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+                           const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
+                           typename MT::T* M1, uint32_t& flags) {
+    if (sparse)
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
+                                                                     Hw, M0, M1, flags);
+    else
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
+                                                                      Hw, M0, M1, flags);
+  }
+
+  // The same loops with the model input streamed past the cache (non-temporal stores), for model
+  // inputs of STREAM_MIN_BYTES or more: a line only written then costs no read-for-ownership (at
+  // the video latent the step with an fp16 model input ran ~10% faster). A separate, never inlined
+  // function: a run-time choice inside the one loop changed its code enough to make the SD-1.5
+  // step ~25% slower in the placements that run it backward.
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  static __attribute__((noinline)) void lanes16_pick_stream(bool sparse, const VecCoefs& vc, int64_t i, int64_t step,
+                                                            int64_t nvec, const float* E, float* X,
+                                                            const typename MT::T* C, const typename MT::T* U,
+                                                            const float* Z, const float* H0, const float* H1,
+                                                            const float* H2, float* Hw, typename MT::T* M0,
+                                                            typename MT::T* M1, uint32_t& flags) {
+    if (sparse)
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1,
+                                                                           H2, Hw, M0, M1, flags);
+    else
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1,
+                                                                            H2, Hw, M0, M1, flags);
+    _mm_sfence();   // the streamed stores are weakly ordered: complete before the call returns
+  }
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
+  static void lanes16(const FastCoefs& q, bool wh, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
+                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
+                      typename MT::T* M1, bool stream_mi, uint32_t& flags) {
+    // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
+    // the remainder (< 16 elements) for the scalar loop.
+    const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
+    const int64_t first = reverse ? lo + rem : lo;
+    const int64_t start = reverse ? first + 16 * (nvec - 1) : first, step = reverse ? -16 : 16;
+    const VecCoefs vc{bcast(q.qy), bcast(q.qd), bcast(g),    bcast(q.xx), bcast(q.xy), bcast(q.xh), bcast(q.xhu),
+                      bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
+                      bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
+    const bool sparse = sparse_ok(q, HAS_Z, KT, wh);
+    // Unswitched: g == 1 (D = c, m::guided) and E == X are loop invariants.
+    const bool e_is_x = E == X;
+    const bool g_one = HAS_U && g == 1.0f;
+    if constexpr (HAS_MI) {
+      // Streamed model-input stores need both halves aligned to the vector at the first one.
+      constexpr uintptr_t vec_bytes = 16 * sizeof(typename MT::T);
+      if (stream_mi && nvec > 0 &&
+          ((reinterpret_cast<uintptr_t>(M0 + start) | reinterpret_cast<uintptr_t>(M1 + start)) % vec_bytes) == 0) {
+        if (g_one) {
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        } else {
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        }
+        if (reverse) hi = first;
+        else lo = first + 16 * nvec;
+        return;
+      }
+    }
+    if (nvec > 0) {
+      if constexpr (HAS_U) {
+        if (g == 1.0f) {
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        } else {
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        }
+      } else {
+        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+      }
+    }
     if (reverse) hi = first;
     else lo = first + 16 * nvec;
   }
@@ -740,7 +902,7 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, a);
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream_mi, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
@@ -774,15 +936,25 @@ struct StepKernel {
   }
 
   // Blocks of the one-pass kernel: BLK elements where it uses its block buffers (Philox noise,
-  // buffered conversions, the history value of a row that writes none), else BIG_BLK: with no
-  // buffer to fill, a longer run of the loop per call saves the per-block overhead (~1/8 of the
-  // calls), which at the video latent was several percent of a memory-bound step.
+  // buffered conversions, the history value of a row that writes none), else from BIG_BLK up to
+  // MAX_BIG_BLK: with no buffer to fill, a longer run of the loop per call saves per-block work
+  // (at the video latent 4K -> 16K elements was 4-6% of the step, 16K -> 64K 1-4% more). With
+  // several threads, blocks grow only while each thread keeps >= 8 chunks of CHUNK_BLOCKS blocks
+  // (OpenMP hands out whole chunks: fewer, larger ones would leave threads idle at the end).
+  int64_t big_block() const {
+    const int nt = at::get_num_threads();
+    if (nt <= 1) return MAX_BIG_BLK;
+    int64_t blk = BIG_BLK;
+    while (blk < MAX_BIG_BLK && numel >= 2 * blk * CHUNK_BLOCKS * 8 * nt) blk *= 2;
+    return blk;
+  }
+
   template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI>
   uint32_t run_fast_k() const {
     const bool buffered = (cdt != DT::F32 && std::is_same<MT, bits::F32>::value) ||
                           (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
                           (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || hist_write < 0;
-    const int64_t blk = buffered ? BLK : BIG_BLK;
+    const int64_t blk = buffered ? BLK : big_block();
     // A backward vector loop takes the blocks backward too: a sawtooth (backward inside blocks,
     // forward across them) defeated the hardware prefetcher (the video step ran 1.6x slower).
     const int64_t last = (numel + blk - 1) / blk - 1;
@@ -809,9 +981,11 @@ struct StepKernel {
   }
 
   // 4K aliasing: a load whose address equals an earlier, still buffered store's modulo 4096 waits
-  // for it. In a forward streaming loop that happens when a store stream starts 64-192 bytes (1-3
+  // for it. In a forward streaming loop that happens when a store stream starts 64-384 bytes (1-6
   // vectors) after a load stream modulo 4096: the next vectors' loads match the last stores (the
-  // SD-1.5 step measured 1.5-1.85x slower with the model input 64 bytes after the model output).
+  // SD-1.5 step measured 1.5-1.85x slower with the model input 64 bytes after the model output;
+  // the faster the loop, the more vectors' stores are still buffered: with the sparse loop a store
+  // 256-320 bytes ahead still cost 7-10%).
   // Running the loop backward turns exactly those placements harmless (and the mirror ones
   // harmful), so the kernel picks the direction with fewer such pairs, the closest weighted most. Streams of the same element
   // size keep their offsets mod 4096 along the loop, so one decision per call holds.
@@ -838,8 +1012,9 @@ struct StepKernel {
       for (int b = 0; b < nl; ++b) {
         if (ssize[a] != lsize[b]) continue;
         const int64_t d = (int64_t)((reinterpret_cast<uintptr_t>(stores[a]) - reinterpret_cast<uintptr_t>(loads[b])) & 4095);
-        // weighted by how close the pair is (measured: 64 B 1.5-1.85x, 128 B ~1.13x, 192 B ~1.02x)
-        auto weight = [](int64_t dist) { return dist <= 0 || dist > 192 ? 0 : dist <= 64 ? 4 : dist <= 128 ? 2 : 1; };
+        // weighted by how close the pair is (measured with the dense loop: 64 B 1.5-1.85x, 128 B
+        // ~1.13x, 192 B ~1.02x; with the sparse loop 256-320 B still 7-10%)
+        auto weight = [](int64_t dist) { return dist <= 0 || dist > 384 ? 0 : dist <= 64 ? 4 : dist <= 128 ? 2 : 1; };
         fwd += weight(d);
         bwd += weight(4096 - d);
       }
@@ -849,6 +1024,7 @@ struct StepKernel {
   uint32_t run() {
     if (fast_ok()) {
       reverse = reverse_order();
+      stream_mi = halves > 0 && halves * (numel * dt_size(mdt)) >= STREAM_MIN_BYTES;
       // Inline conversion when model_in (if any) has the model output's dtype and any given noise is
       // float32; anything else converts through float32 buffers.
       const bool inline_ok = (model_in == nullptr || mdt == cdt) && (noise == nullptr || ndt == DT::F32);
