@@ -403,8 +403,8 @@ def test_large_step_streamed_model_input(model_dtype, where):
             kw = _placed_case(gen, shape, model_dtype, offsets)
             kw["bad_row"] = None
             ref = clone_case(kw)
-            ops.fused_step(**ref, backend="reference")
-            ops.fused_step(**kw, backend="cpu")
+            ops.fused_step(**public_kwargs(ref), backend="reference")
+            ops.fused_step(**public_kwargs(kw), backend="cpu")
             for name in ("x", "hist", "model_in"):
                 _assert_bits(kw[name], ref[name], f"{name} threads={nt}")
     finally:
