@@ -319,6 +319,49 @@ def test_sparse_rows_bitwise_with_special_values(model_dtype, K, noise, hist_wri
                         _assert_bits(a[name], b[name], f"{name} {what}")
 
 
+@pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
+@pytest.mark.parametrize("K", (0, 1, 3))
+@pytest.mark.parametrize("noise", ("none", "given", "philox"))
+@pytest.mark.parametrize("model_in", ("none", "2B"))
+def test_y_only_rows_one_pass_bitwise(model_dtype, K, noise, model_in):
+    """Rows evaluated at x that write only y (how the diffusers drop-ins read the caller's sample as x
+    and write the step into the returned tensor) run the one-pass loop with the y-out coefficients:
+    y, the history and the model input are the reference's bit for bit (Philox noise: within the
+    shared tolerance), x is not written, with sparse and dense rows, g = 1 and not, special values,
+    odd sizes."""
+    gen = torch.Generator().manual_seed(_seed("y only", model_dtype, K, noise, model_in))
+    for shape in ((2, 203), (1, 4, 40, 41)):
+        for sparse in (False, True):
+            for special in (False, True):
+                kw = make_case(gen, shape, K=K, model="cfg", noise=noise, writes="y", model_in=model_in,
+                               model_dtype=model_dtype, eval_y=False, model_in_from_y=True,
+                               hist_write=0 if K else -1)
+                if sparse:      # the y-out block solver-like (the loop leaves its zero terms out)
+                    y, h = col_out(K, "y"), col_out(K, "h")
+                    kw["table"][:, y + OUT_Y] = 0.0
+                    kw["table"][:, y + OUT_HU] = 0.0
+                    kw["table"][:, h:h + OUT_FIXED + K] = 0.0
+                    kw["table"][:, h + OUT_H] = 1.0
+                    kw["table"][0, COL_G] = 1.0
+                if special:
+                    for name in ("x", "hist", "noise"):
+                        if kw.get(name) is not None:
+                            _sprinkle(gen, kw[name], SPECIAL_STATE)
+                    for name in ("cond", "uncond"):
+                        _sprinkle(gen, kw[name], SPECIAL_MODEL[model_dtype])
+                x_before = kw["x"].clone()
+                a, b = run_both(kw)
+                what = f"{model_dtype} {shape} sparse={sparse} special={special}"
+                _assert_bits(a["x"], x_before, f"x written {what}")
+                assert a["bad_row"].item() == b["bad_row"].item(), f"bad_row {what}"
+                if noise == "philox":       # (the kernel's Philox normals are the oracle's within PHILOX_ULPS)
+                    assert_match(a, b, what)
+                    continue
+                for name in ("y", "hist", "model_in"):
+                    if a.get(name) is not None:
+                        _assert_bits(a[name], b[name], f"{name} {what}")
+
+
 def test_sparse_rows_skipped_hu_overflow():
     """g = 1 (hu's u reaches no kept term) with u so large that q_d * u overflows: the reference's
     0 * hu is NaN, so the loop must not keep its sparse result there."""

@@ -488,7 +488,7 @@ struct StepKernel {
     float hx, hy, hh, hhu, hz, h0, h1, h2;   // the history value
   };
   FastCoefs fast_coefs(int kt, bool wh) const {
-    const m::OutCoefs& ox = k.ox;
+    const m::OutCoefs& ox = write_x ? k.ox : k.oy;   // the stored value's block (fast_ok)
     const m::OutCoefs& oh = k.oh;
     return FastCoefs{k.qy, k.qd,
                      ox.x, ox.y, ox.h, ox.hu, ox.z, kt > 0 ? ox.hist[0] : 0.f, kt > 1 ? ox.hist[1] : 0.f,
@@ -727,8 +727,8 @@ struct StepKernel {
   }
 
   template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
-  static void lanes16(const FastCoefs& q, bool wh, int64_t& lo, int64_t& hi, bool reverse, float g, float s_in,
-                      const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
+  static void lanes16(const FastCoefs& q, bool wh, bool e_is_x, int64_t& lo, int64_t& hi, bool reverse, float g,
+                      float s_in, const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
                       const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
                       typename MT::T* M1, bool stream_mi, uint32_t& flags) {
     // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
@@ -740,8 +740,8 @@ struct StepKernel {
                       bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
                       bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
     const bool sparse = sparse_ok(q, HAS_Z, KT, wh);
-    // Unswitched: g == 1 (D = c, m::guided) and E == X are loop invariants.
-    const bool e_is_x = E == X;
+    // Unswitched: g == 1 (D = c, m::guided) and E == x (e_is_x: the loop reads x as E and only
+    // stores to X, which for a row that writes only y is y) are loop invariants.
     const bool g_one = HAS_U && g == 1.0f;
     if constexpr (HAS_MI) {
       // Streamed model-input stores need both halves aligned to the vector at the first one.
@@ -788,7 +788,7 @@ struct StepKernel {
   // with gathers.
   template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI>
   static int64_t f16_groups(const FastCoefs& q, int64_t i, int64_t end, float g, float s_in,
-                            const float* E, float* X, const uint16_t* __restrict C,
+                            const float* E, const float* XR, float* X, const uint16_t* __restrict C,
                             const uint16_t* __restrict U, const float* __restrict Z, const float* H0,
                             const float* H1, const float* H2, float* Hw, uint16_t* M0,
                             uint16_t* M1, uint32_t& flags) {
@@ -800,6 +800,7 @@ struct StepKernel {
       f16_widen_group(C + i, cg);
       if (HAS_U) f16_widen_group(U + i, ug);
       const float* e = E + i;
+      const float* xr = XR + i;
       float* x = X + i;
       float* hw = Hw + i;
       const float* z = HAS_Z ? Z + i : nullptr;
@@ -809,7 +810,7 @@ struct StepKernel {
 #pragma omp simd reduction(| : a)
       for (int l = 0; l < G; ++l) {
         float hv;
-        const float o = fast_elem<HAS_U, HAS_Z, KT>(qq, e[l], x[l], cg[l], HAS_U ? ug[l] : cg[l], g,
+        const float o = fast_elem<HAS_U, HAS_Z, KT>(qq, e[l], xr[l], cg[l], HAS_U ? ug[l] : cg[l], g,
                                                      HAS_Z ? z[l] : 0.f, KT > 0 ? h0[l] : 0.f, KT > 1 ? h1[l] : 0.f,
                                                      KT > 2 ? h2[l] : 0.f, hv);
         hw[l] = hv;
@@ -827,7 +828,7 @@ struct StepKernel {
   }
 #endif
 
-  // ---- the common case in one pass: writes x only ----
+  // ---- the common case in one pass: writes x only (or only y, see fast_ok) ----
   // (cond with or without uncond, no / given / Philox noise, K <= 3 history slots, model_in or
   // none.) Same operations in the same order as block(); absent outputs (history slot, model_in
   // slot) is stored to a scratch buffer so the loop has no branches. float64 model outputs
@@ -839,8 +840,11 @@ struct StepKernel {
   // dtype than the model output, low-precision given noise) run with MT = F32 on float32 L1
   // buffers converted SUB elements at a time right beside the loop (converting a whole block
   // first streams one tensor at a time, which measured slower at the video latent than fp32).
+  // A row that writes only y (evaluated at x: the diffusers drop-ins read the caller's sample as x
+  // and write the step's result into the returned tensor as y) runs the same loop, its y-out
+  // coefficients in place of the x-out ones and y as the stored stream.
   bool fast_ok() const {
-    return write_x && !write_y && cond != nullptr && cdt != DT::F64 && K <= 3 &&
+    return (write_x ? !write_y : (write_y && !eval_y)) && cond != nullptr && cdt != DT::F64 && K <= 3 &&
            (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64);
   }
 
@@ -854,8 +858,9 @@ struct StepKernel {
     alignas(64) float cb[BLK];
     alignas(64) float ub[BLK];
     alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt (buffered mode)
-    float* X = x + s;
-    const float* E = eval_y ? y + s : X;
+    const float* XR = x + s;                   // the state read
+    float* X = (write_x ? x : y) + s;          // the value stored (x, or y for a row writing only y)
+    const float* E = eval_y ? y + s : XR;
     // Buffered conversions happen only with MT = F32 (dispatch in run()).
     const bool c_buf = cdt != DT::F32 && std::is_same<MT, bits::F32>::value;
     const T* C = c_buf ? reinterpret_cast<const T*>(cb) : static_cast<const T*>(cond) + s;
@@ -902,11 +907,11 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream_mi, a);
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, !eval_y, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream_mi, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
-          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI>(q, i, end, g, s_in, E, X, reinterpret_cast<const uint16_t*>(C),
+          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI>(q, i, end, g, s_in, E, XR, X, reinterpret_cast<const uint16_t*>(C),
                                                    reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw,
                                                    reinterpret_cast<uint16_t*>(M0), reinterpret_cast<uint16_t*>(M1), a);
 #endif
@@ -914,7 +919,7 @@ struct StepKernel {
         for (int64_t k = i; k < end; ++k) {
           const float c = MT::load(C[k]);
           float hv;
-          const float o = fast_elem<HAS_U, HAS_Z, KT>(q, E[k], X[k], c, HAS_U ? MT::load(U[k]) : c, g,
+          const float o = fast_elem<HAS_U, HAS_Z, KT>(q, E[k], XR[k], c, HAS_U ? MT::load(U[k]) : c, g,
                                                        HAS_Z ? Z[k] : 0.f, KT > 0 ? H0[k] : 0.f,
                                                        KT > 1 ? H1[k] : 0.f, KT > 2 ? H2[k] : 0.f, hv);
           Hw[k] = hv;
@@ -1003,7 +1008,7 @@ struct StepKernel {
     load(uncond, dt_size(cdt));
     if (noise != nullptr) load(noise, dt_size(ndt));
     for (int j = 0; j < K && j < 3; ++j) load(hist + j * hist_slot, 4);
-    store(x, 4);
+    store(write_x ? x : y, 4);
     if (hist_write >= 0) store(hist + hist_write * hist_slot, 4);
     if (halves > 0) store(model_in, dt_size(mdt));
     if (halves > 1) store(static_cast<const char*>(model_in) + mi_half * dt_size(mdt), dt_size(mdt));
