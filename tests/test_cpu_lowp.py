@@ -196,12 +196,9 @@ def test_lowp_finite_flag(model_dtype, where):
     assert_match(a, b, where)
 
 
-@pytest.mark.parametrize("model_dtype", LOWP)
-def test_lowp_threads(model_dtype):
-    """Above the serial threshold (OpenMP blocks) at 1 and 2 threads: the same bits."""
-    gen = torch.Generator().manual_seed(_seed("threads", model_dtype))
-    kw = make_case(gen, (3, 4, 100, 101), K=2, model="cfg", noise="philox", writes="x",
-                   model_in="2B", model_dtype=model_dtype)
+def _same_at_1_and_2_threads(kw, names, state_bitwise: bool = False):
+    """The case at 1 and 2 threads: each matches the reference (bitwise in the state if asked), and
+    ``names`` are the same bits at both thread counts."""
     n0 = torch.get_num_threads()
     outs = []
     try:
@@ -209,11 +206,22 @@ def test_lowp_threads(model_dtype):
             torch.set_num_threads(nt)
             a, b = run_both(kw)
             assert_match(a, b, f"threads={nt}")
+            if state_bitwise:
+                _state_bitwise(a, b)
             outs.append(a)
     finally:
         torch.set_num_threads(n0)
-    for name in ("x", "hist", "model_in"):
+    for name in names:
         assert torch.equal(outs[0][name], outs[1][name]), name
+
+
+@pytest.mark.parametrize("model_dtype", LOWP)
+def test_lowp_threads(model_dtype):
+    """Above the serial threshold (OpenMP blocks) at 1 and 2 threads: the same bits."""
+    gen = torch.Generator().manual_seed(_seed("threads", model_dtype))
+    kw = make_case(gen, (3, 4, 100, 101), K=2, model="cfg", noise="philox", writes="x",
+                   model_in="2B", model_dtype=model_dtype)
+    _same_at_1_and_2_threads(kw, ("x", "hist", "model_in"))
 
 
 @pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
@@ -224,19 +232,7 @@ def test_big_blocks_threads(model_dtype, model_in):
     gen = torch.Generator().manual_seed(_seed("big", model_dtype, model_in))
     kw = make_case(gen, (3, 4, 100, 101), K=1, model="cfg", noise="none", writes="x", model_in=model_in,
                    model_dtype=model_dtype, hist_write=0)
-    n0 = torch.get_num_threads()
-    outs = []
-    try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            a, b = run_both(kw)
-            assert_match(a, b, f"threads={nt}")
-            _state_bitwise(a, b)
-            outs.append(a)
-    finally:
-        torch.set_num_threads(n0)
-    for name in ("x", "hist") + (("model_in",) if model_in != "none" else ()):
-        assert torch.equal(outs[0][name], outs[1][name]), name
+    _same_at_1_and_2_threads(kw, ("x", "hist") + (("model_in",) if model_in != "none" else ()), state_bitwise=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 // The Sampler's host work in C++ for the CPU backend (fastdiff/sampler.py): fastdiff._C.RowLoop,
 // the row loop, and fastdiff._C.all_finite, the check of the initial noise.
 //
-// RowLoop runs the rows of Sampler._loop. Per row: at most one model call (the Python callable, called from here) and
-// one fused step, with no Python bytecode, argument parsing or view creation in Python between
-// them. At 1x4x8x8 the Python loop spent ~1.3 us a row around a ~1 us model call + kernel; this
+// RowLoop runs the rows of Sampler._loop. Per row: at most one model call (the Python callable,
+// called from here) and one fused step, with no Python bytecode, argument parsing or view creation
+// in Python between them. At 1x4x8x8 the Python loop spent ~1.3 us a row around a ~1 us model call + kernel; this
 // loop runs the same rows at the cost of the model call and the kernel alone.
 //
 // The loop does exactly what the Python loop does for a run without a non-linear guidance hook,
@@ -60,8 +60,8 @@ class RowLoop {
     TORCH_CHECK_VALUE(py::len(t_full) == py::len(rows) && py::len(t_half) == py::len(rows),
                       "RowLoop: one model time per row expected");
     both_ = model_in_.size(0) == 2 * batch;
-    cond_in_ = both_ ? model_in_.narrow(0, batch, batch) : model_in_;
-    py::object cond_in_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(cond_in_));
+    py::object cond_in_obj = py::reinterpret_steal<py::object>(
+        THPVariable_Wrap(both_ ? model_in_.narrow(0, batch, batch) : model_in_));
     py::object model_in_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(model_in_));
     const int64_t n = (int64_t)py::len(rows);
     rows_.reserve(n);
@@ -131,11 +131,9 @@ class RowLoop {
       }
       const std::optional<at::Tensor> next_in = r.writes_next ? std::optional<at::Tensor>(model_in_) : std::nullopt;
       const uint64_t s = (r.noise_id >= 0) ? seed : 0;
-      if (release_gil) {
-        py::gil_scoped_release nogil;
-        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.flags, std::nullopt, s, r.noise_id, next_in,
-                   bad_row_, guidance_);
-      } else {
+      {
+        std::optional<py::gil_scoped_release> nogil;
+        if (release_gil) nogil.emplace();
         fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.flags, std::nullopt, s, r.noise_id, next_in,
                    bad_row_, guidance_);
       }
@@ -153,7 +151,7 @@ class RowLoop {
  private:
   at::Tensor table_;
   std::optional<at::Tensor> y_, hist_;
-  at::Tensor model_in_, cond_in_;
+  at::Tensor model_in_;
   std::optional<at::Tensor> bad_row_, guidance_;
   int64_t batch_;
   bool both_ = false;

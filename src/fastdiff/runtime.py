@@ -15,7 +15,6 @@ outputs (cond, uncond), explicit noise, and whether the row's epilogue writes th
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -153,8 +152,8 @@ class RowExecutor:
         kernel of each row, run in C++), or None where the bound kernel is not the C++ CPU one.
         ``rows``: per row (needs_model, both CFG halves, hist_write, flags, noise_id, writes the next
         model input, ends a step)."""
-        ext = sys.modules.get("fastdiff._C")
-        if ext is None or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):
+        ext = ops.backends.load_extension()
+        if isinstance(ext, str) or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):
             return None
         return ext.RowLoop(self.table, self.y, self.hist, self.model_in, self.bad_row, self.guidance, batch, rows,
                            t_full, t_half)

@@ -541,9 +541,8 @@ class Sampler:
             return cached[1]
         t_full, t_half, plan = memo
         rows = []
-        for i, (r, needs_model, eval_y, noise_id, next_in, step_done) in enumerate(plan):
-            hw, flags, nid = ex.args[i]
-            rows.append((needs_model, bool(row_cfg[i]), hw, flags, nid, next_in is not None, step_done))
+        for (_, needs_model, _, _, next_in, step_done), (hw, flags, nid), cfg in zip(plan, ex.args, row_cfg):
+            rows.append((needs_model, bool(cfg), hw, flags, nid, next_in is not None, step_done))
         loop = ex.native_loop(rows, t_full, t_half, B)
         ex.memo["native"] = (list(row_cfg), loop)
         return loop

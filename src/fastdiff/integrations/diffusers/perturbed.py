@@ -123,6 +123,19 @@ class Perturbation:
         owner = self
         blocks = self._blocks(identifiers, get_submodule)
 
+        def output_rows_hook(fn):
+            """A hook class that replaces the perturbed rows of a module's output by ``fn(module, those
+            rows)`` (the other rows, and every row outside a perturbed call, pass through)."""
+            class OutputRowsHook(ModelHook):
+                def post_forward(self, module, output):
+                    rows = owner.rows
+                    if rows is None:
+                        return output
+                    out = output.clone()
+                    out[rows] = fn(module, out[rows])
+                    return out
+            return OutputRowsHook
+
         if kind == "attention_scores":
             targets = []
             for block in blocks:
@@ -208,17 +221,8 @@ class Perturbation:
                 # outputs (FeedForwardSkipHook), drawn before the block's own dropout
                 from diffusers.hooks._common import _FEEDFORWARD_CLASSES
 
-                class FeedForwardDropoutHook(ModelHook):
-                    def post_forward(self, module, output):
-                        rows = owner.rows
-                        if rows is None:
-                            return output
-                        out = output.clone()
-                        out[rows] = torch.nn.functional.dropout(out[rows], p=dropout)
-                        return out
-
                 self._install([m for b in blocks for m in b.modules() if isinstance(m, _FEEDFORWARD_CLASSES)],
-                              FeedForwardDropoutHook)
+                              output_rows_hook(lambda module, rows: torch.nn.functional.dropout(rows, p=dropout)))
 
         elif kind == "blur_queries":
             from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
@@ -231,16 +235,7 @@ class Perturbation:
             if not targets:
                 raise ValueError(f"{method.name}: no self-attention query projection in layers {method.layers!r}")
 
-            class BlurQueriesHook(ModelHook):
-                def post_forward(self, module, output):
-                    rows = owner.rows
-                    if rows is None:
-                        return output
-                    out = output.clone()
-                    out[rows] = blur.post_forward(module, out[rows].clone())
-                    return out
-
-            self._install(targets, BlurQueriesHook)
+            self._install(targets, output_rows_hook(lambda module, rows: blur.post_forward(module, rows.clone())))
         else:
             raise ValueError(f"unknown perturbation {kind!r}")
 
