@@ -215,29 +215,34 @@ FASTDIFF_HD inline float out_add(float o, float a, float v) { return fadd(o, fmu
 // The model input: s_in * new value (cast to the model dtype by the caller).
 FASTDIFF_HD inline float model_input(float s_in, float v) { return fmul(s_in, v); }
 
-// Coefficients of one output (x, y or the history value) of a row; hist points at K history
-// coefficients.
+// Coefficients of one output (x, y or the value of one history slot) of a row; hist points at K
+// history coefficients.
 struct OutCoefs {
   float x, y, h, hu, z;
   const float* hist;
 };
 
-// Coefficients of one row, rounded to float32 (read from the float64 table by the caller).
+// Coefficients of one row, rounded to float32 (read from the float64 table by the caller). The
+// out blocks of the history slots the row writes (one per slot, layout::col_out_slot) are kept
+// by each backend beside this, as many as it supports.
 struct RowCoefs {
   float g, g0, g1, qy, qd, s_in;
-  OutCoefs ox, oy, oh;
+  OutCoefs ox, oy;
   int K;
 };
 
 // One whole output for one element; H(j) returns history slot j of this element. has_z: the
 // row has a noise tensor or Philox noise (else the z term is absent, as in the reference).
-// h, hu: the model terms (hu = h without CFG; both 0 without a model call).
+// h, hu: the model terms (hu = h without CFG; both 0 without a model call). A history term with
+// a zero coefficient is absent (H(j) is not called: the slot is not read).
 template <class HistAt>
 FASTDIFF_HD inline float step_output(const OutCoefs& o, float x, float e, float h, float hu, bool has_z, float z,
                                      int K, HistAt H) {
   float v = out_model(o.x, x, o.y, e, o.h, h, o.hu, hu);
   if (has_z) v = out_add(v, o.z, z);
-  for (int j = 0; j < K; ++j) v = out_add(v, o.hist[j], H(j));
+  for (int j = 0; j < K; ++j) {
+    if (o.hist[j] != 0.0f) v = out_add(v, o.hist[j], H(j));
+  }
   return v;
 }
 

@@ -99,7 +99,9 @@ def test_python_layout_is_consistent():
         assert layout.col_out(K, "x") == layout.col_out_x(K) == layout.OUT_BASE
         assert layout.col_out(K, "y") == layout.col_out_x(K) + layout.out_width(K)
         assert layout.col_out(K, "h") == layout.col_out_h(K) == layout.col_out_y(K) + layout.out_width(K)
-        assert layout.col_s_in(K) == layout.table_width(K) - 1 == layout.col_out_h(K) + layout.out_width(K)
+        assert layout.col_s_in(K) == layout.table_width(K) - 1 == layout.col_out_h(K) + K * layout.out_width(K)
+        for j in range(min(K, 8)):
+            assert layout.col_out(K, j) == layout.col_out_slot(K, j) == layout.col_out_h(K) + j * layout.out_width(K)
     with pytest.raises(ValueError):
         layout.col_out(0, "z")
     for bits in range(layout.FLAG_ALL + 1):
@@ -210,11 +212,12 @@ def test_row_flags_are_one_argument():
 
 def test_public_fused_step_keeps_its_keywords():
     """fastdiff.ops.fused_step (the users' API) takes the row booleans as keywords and packs them:
-    its parameters are STEP_ARGS with ``flags`` spelled out."""
+    its parameters are STEP_ARGS with ``flags`` spelled out (and ``hist_write``, one slot, beside
+    the ``hist_writes`` bitmask)."""
     from fastdiff import ops
     public = _params(ops.fused_step)
     assert set(layout.FLAG_ARG_NAMES) <= set(public)
-    assert tuple(n for n in public if n not in layout.FLAG_ARG_NAMES) == \
+    assert tuple(n for n in public if n not in layout.FLAG_ARG_NAMES + ("hist_write",)) == \
         tuple(n for n in layout.STEP_ARG_NAMES if n != "flags")
 
 

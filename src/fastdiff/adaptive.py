@@ -347,8 +347,7 @@ def carries_history(solver: Solver, schedule: Schedule) -> bool:
         for out in (r.out_x, r.out_y):
             if out is not None and any(j not in mine for j in out.slots):
                 return True
-        if r.hist_write >= 0:
-            mine.add(r.hist_write)
+        mine.update(j for j, _ in r.writes)
     return False
 
 

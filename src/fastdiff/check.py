@@ -41,8 +41,8 @@ from .reference import philox as philox_oracle
 from .reference import reductions as reductions_oracle
 from .reference import step as reference_oracle
 from .ops.backends import REDUCTION_OPS
-from .program.layout import (COL_G, COL_G0, COL_G1, FLAG_ALL, FLAG_ARG_NAMES, STEP_ARG_NAMES, pack_flags, table_width,
-                             unpack_flags)
+from .program.layout import (COL_G, COL_G0, COL_G1, FLAG_ALL, FLAG_ARG_NAMES, OUT_FIXED, STEP_ARG_NAMES, col_out_slot,
+                             col_out_x, col_out_y, pack_flags, table_width, unpack_flags)
 
 __all__ = ["Tolerance", "TOLERANCES", "EXACT", "PHILOX_ULPS", "CheckResult", "kernel_backends", "device_for",
            "check_backend", "run_checks", "render_table", "failed",
@@ -318,15 +318,17 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
               writes: str = "x", model_in: str = "2B", eval_y: Optional[bool] = None,
               model_dtype: torch.dtype = torch.float32, noise_dtype: torch.dtype = torch.float32,
               layout: str = "contiguous", seed: int = 1234, noise_id: int = 3, bad_row: bool = True,
-              guidance: Optional[torch.dtype] = None, hist_write: Optional[int] = None,
-              model_in_from_y: Optional[bool] = None, device="cpu") -> dict:
+              guidance: Optional[torch.dtype] = None, hist_writes: Optional[int] = None,
+              model_in_from_y: Optional[bool] = None, unread_slot: Optional[int] = None, device="cpu") -> dict:
     """Random, valid arguments of one fused_step call (the names of STEP_ARGS: the row booleans
     packed into ``flags``; ``public_kwargs`` gives fastdiff.ops.fused_step's), every tensor in
     ``layout``. model: "none" | "cond" | "cfg" (both halves); noise: "none" | "given" (a tensor of
     ``noise_dtype``) | "philox" (drawn in the kernel); writes: "x" | "y" | "xy"; model_in: "none" |
     "B" | "2B" (one or both CFG halves, NaN-filled); eval_y: default whether the row writes y;
-    hist_write / model_in_from_y: default random; guidance: the dtype of a per-sample scale vector
-    (the first sample's scale exactly 1: D = cond), the rows' (g0, g1) from GUIDANCE_ROWS."""
+    hist_writes (the bitmask of written slots) / model_in_from_y: default random; guidance: the dtype
+    of a per-sample scale vector (the first sample's scale exactly 1: D = cond), the rows' (g0, g1)
+    from GUIDANCE_ROWS; unread_slot: a slot that every out block's coefficient leaves out (zero),
+    NaN-filled: a backend that reads it anyway poisons its outputs."""
     def tensor(s, dtype=torch.float32):
         return relayout(torch.randn(s, generator=gen).to(dtype).to(device), layout)
 
@@ -335,7 +337,7 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
     B = shape[0]
     table = random_table(gen, K)
     from_y = False
-    a = dict(table=table, row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None, hist_write=-1,
+    a = dict(table=table, row=1, x=tensor(shape), y=None, cond=None, uncond=None, hist=None, hist_writes=0,
              flags=0, noise=None, seed=seed, noise_id=-1, model_in=None, bad_row=None, guidance=None)
     if write_y or eval_y:
         a["y"] = tensor(shape)
@@ -345,9 +347,13 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
             a["uncond"] = tensor(shape, model_dtype)
     if K:
         a["hist"] = relayout(torch.randn((K,) + tuple(shape), generator=gen).to(device), layout, batch_dim=1)
-        a["hist_write"] = int(torch.randint(-1, K, (1,), generator=gen))
-    if hist_write is not None:
-        a["hist_write"] = hist_write
+        a["hist_writes"] = int(torch.randint(0, 1 << K, (1,), generator=gen))
+    if hist_writes is not None:
+        a["hist_writes"] = hist_writes
+    if unread_slot is not None:
+        for b in [col_out_x(K), col_out_y(K)] + [col_out_slot(K, j) for j in range(K)]:
+            table[:, b + OUT_FIXED + unread_slot] = 0.0
+        a["hist"][unread_slot].fill_(float("nan"))
     if noise == "given":
         a["noise"] = tensor(shape, noise_dtype)
     elif noise == "philox":
@@ -373,7 +379,7 @@ def step_case(gen: torch.Generator, shape, *, K: int = 1, model: str = "cfg", no
 
 def public_kwargs(case: dict) -> dict:
     """A case as keyword arguments of the public ``fastdiff.ops.fused_step``: its ``flags``
-    unpacked into eval_y, write_x, write_y, model_in_from_y."""
+    unpacked into eval_y, write_x, write_y, model_in_from_y (``hist_writes`` is a keyword too)."""
     kw = {k: v for k, v in case.items() if k != "flags"}
     kw.update(zip(FLAG_ARG_NAMES, unpack_flags(case["flags"])))
     return kw
@@ -487,22 +493,27 @@ class RowKind:
     noise: str = "none"          # "none", "given" (a tensor) or "philox" (drawn in the kernel)
     write_y: bool = False
     eval_y: bool = False
-    hist_write: int = -1
+    hist_writes: int = 0         # the written history slots (bitmask)
     model_in: str = "none"       # "none", "B" or "2B" (both CFG halves)
     model_in_from_y: bool = False
     nonfinite: bool = False      # a NaN in the model output: the kernel must raise the flag
     guidance: bool = False       # a per-sample guidance scale vector (g = g0 + g1 * s[b])
+    unread_slot: Optional[int] = None   # a NaN-filled slot no output reads (zero coefficients)
 
 
 ROW_KINDS = (
     RowKind("model output, no CFG (DDIM/Euler)", K=0, model="cond", model_in="B"),
-    RowKind("CFG + history write (multistep)", K=1, model="cfg", hist_write=0, model_in="2B"),
-    RowKind("CFG + Philox noise (ancestral/SDE)", K=1, model="cfg", noise="philox", hist_write=0, model_in="2B"),
+    RowKind("CFG + history write (multistep)", K=1, model="cfg", hist_writes=0b1, model_in="2B"),
+    RowKind("CFG + Philox noise (ancestral/SDE)", K=1, model="cfg", noise="philox", hist_writes=0b1, model_in="2B"),
     RowKind("x and y at y, 3 slots, given noise (multi-stage)", K=3, model="cfg", noise="given", write_y=True,
-            eval_y=True, hist_write=2, model_in="2B", model_in_from_y=True),
+            eval_y=True, hist_writes=0b100, model_in="2B", model_in_from_y=True),
     RowKind("no model, history combination", K=2, model="none", noise="given"),
-    RowKind("non-finite flag (NaN in the model output)", K=1, model="cfg", hist_write=0),
-    RowKind("per-sample CFG scales + CFG++ terms", K=1, model="cfg", hist_write=0, model_in="2B", guidance=True),
+    RowKind("non-finite flag (NaN in the model output)", K=1, model="cfg", hist_writes=0b1),
+    RowKind("per-sample CFG scales + CFG++ terms", K=1, model="cfg", hist_writes=0b1, model_in="2B", guidance=True),
+    RowKind("two slots written in one pass, x and y", K=3, model="cfg", write_y=True, hist_writes=0b101,
+            model_in="B"),
+    RowKind("a write-only slot, NaN-filled (x0 handed back)", K=2, model="cond", noise="given", hist_writes=0b11,
+            model_in="B", unread_slot=1),
 )
 MULTI_STAGE = ROW_KINDS[3]       # the row that touches every buffer: used for the layouts
 # Odd sizes; 2x4x67x65 (34840 elements) is above the C++ kernels' serial threshold (32768), so the
@@ -517,8 +528,8 @@ def _kind_case(kind: RowKind, shape, model_dtype, device, gen: torch.Generator, 
     a = step_case(gen, shape, K=kind.K, model=kind.model, noise=kind.noise, writes="xy" if kind.write_y else "x",
                   model_in=kind.model_in, eval_y=kind.eval_y, model_dtype=model_dtype, noise_dtype=model_dtype,
                   layout=layout, seed=2 ** 40 + 1234, noise_id=3,
-                  guidance=torch.float64 if kind.guidance else None, hist_write=kind.hist_write,
-                  model_in_from_y=kind.model_in_from_y, device=device)
+                  guidance=torch.float64 if kind.guidance else None, hist_writes=kind.hist_writes,
+                  model_in_from_y=kind.model_in_from_y, unread_slot=kind.unread_slot, device=device)
     if kind.guidance:
         a["row"] = 0                     # g = 0 + 1 * s[b] (GUIDANCE_ROWS[0])
     if kind.nonfinite:

@@ -24,7 +24,8 @@ from .program import FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, Program, Row
 
 __all__ = ["RowExecutor", "row_args", "device_table", "run_program"]
 
-# Per row: (hist_write, flags, noise_id), flags the kernel's bitmask (fastdiff.program.layout)
+# Per row: (hist_writes, flags, noise_id), the written history slots and the row flags as the
+# kernel's bitmasks (fastdiff.program.layout)
 RowArgs = Tuple[int, int, int]
 
 
@@ -36,7 +37,7 @@ def row_args(rows: List[Row]) -> List[RowArgs]:
     for i, r in enumerate(rows):
         nxt = rows[i + 1].eval_at if i + 1 < len(rows) else r.next_eval
         flags = (r.flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if nxt == "y" else 0)
-        out.append((r.hist_write, flags, r.noise_id))
+        out.append((r.hist_writes, flags, r.noise_id))
     return out
 
 
@@ -150,7 +151,7 @@ class RowExecutor:
                     batch: int):
         """A ``fastdiff._C.RowLoop`` over this executor's buffers and table (the model call and the
         kernel of each row, run in C++), or None where the bound kernel is not the C++ CPU one.
-        ``rows``: per row (needs_model, both CFG halves, hist_write, flags, noise_id, writes the next
+        ``rows``: per row (needs_model, both CFG halves, hist_writes, flags, noise_id, writes the next
         model input, ends a step)."""
         ext = ops.backends.load_extension()
         if isinstance(ext, str) or self._step is not getattr(ext, "fused_step", None) or not hasattr(ext, "RowLoop"):

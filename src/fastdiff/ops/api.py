@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..program.layout import (FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_X, FLAG_WRITE_Y, flags_error, pack_flags,
-                              table_width, unknown_flag_bits)
+from ..program.layout import (FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_X, FLAG_WRITE_Y, flags_error,
+                              hist_writes_error, pack_flags, table_width, unknown_flag_bits)
 from .backends import BACKENDS, select
 
 __all__ = ["fused_step", "prepare_fused_step", "cfg_combine", "guidance_scale_to_g", "philox_normal",
@@ -146,7 +146,7 @@ def _check_guidance(guidance, x) -> None:
         raise ValueError("guidance (per-sample scale vector) contains NaN or Inf")
 
 
-def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+def _validate_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
                    bad_row, guidance=None):
     """The fused step's arguments (fastdiff.program.layout.STEP_ARGS' order), checked; returns them
     with the scalars as Python ints. Raises ValueError/TypeError before anything is written."""
@@ -162,7 +162,7 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, nois
     if table.device != dev and not (table.device.type == "cpu" and dev.type == "cpu"):
         raise ValueError(f"table must be on {dev} (the kernels read it there), got {table.device}")
     row = as_int("row", row, 0, table.shape[0])
-    hist_write = as_int("hist_write", hist_write)
+    hist_writes = as_int("hist_writes", hist_writes)
     flags = as_int("flags", flags)
     if unknown_flag_bits(flags):
         raise ValueError(flags_error(flags))
@@ -179,8 +179,8 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, nois
         _check_writable("hist", hist)
     if table.shape[1] != table_width(K):
         raise ValueError(f"table has {table.shape[1]} columns; {K} history slots need {table_width(K)}")
-    if not -1 <= hist_write < K:
-        raise ValueError(f"hist_write must be -1 or a slot in [0, {K}), got {hist_write}")
+    if not 0 <= hist_writes < (1 << K):
+        raise ValueError(hist_writes_error(hist_writes, K))
     if y is not None:
         _check_tensor("y", y, shape=shape, dtype=x.dtype, device=dev)
         _check_writable("y", y)
@@ -219,7 +219,7 @@ def _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, nois
                        (("cond", cond), ("uncond", uncond), ("noise", noise), ("table", table),
                         ("guidance", guidance)))
         _check_finite_table(table, row)
-    return table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row, guidance
+    return table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in, bad_row, guidance
 
 
 def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_like=None,
@@ -252,12 +252,12 @@ def prepare_fused_step(x, *, table, y=None, cond_like=None, hist=None, noise_lik
 
 def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[torch.Tensor] = None,
                cond: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
-               hist: Optional[torch.Tensor] = None, hist_write: int = -1, eval_y: bool = False,
+               hist: Optional[torch.Tensor] = None, hist_writes: Optional[int] = None, eval_y: bool = False,
                write_x: bool = True, write_y: bool = False,
                noise: Optional[torch.Tensor] = None, seed: int = 0, noise_id: int = -1,
                model_in: Optional[torch.Tensor] = None, model_in_from_y: bool = False,
                bad_row: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None,
-               backend: str = "auto") -> None:
+               backend: str = "auto", hist_write: int = -1) -> None:
     """Execute row ``row`` of a coefficient table, in place on x / y / hist / model_in.
     Differentiable (on the reference backend) when an input requires grad in grad mode.
 
@@ -267,19 +267,30 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, *, y: Optional[to
     or both CFG halves. guidance: optional per-sample scale vector [B] (float32/float64): sample b
     then uses g = g0 + g1 * guidance[b] (table columns COL_G0, COL_G1) instead of the g column.
     See fastdiff.program for the formula. The four booleans are the row's flags: every backend
-    takes them as one bitmask (fastdiff.program.layout.pack_flags).
+    takes them as one bitmask (fastdiff.program.layout.pack_flags). History: ``hist_write`` writes
+    one slot (-1: none); ``hist_writes``, a bitmask of slots (fastdiff.program.layout.hist_mask),
+    writes several in the same pass (each from its own out block); give one or the other.
     """
     flags = pack_flags(as_bool("eval_y", eval_y), as_bool("write_x", write_x), as_bool("write_y", write_y),
                        as_bool("model_in_from_y", model_in_from_y))
-    _fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+    hist_write = as_int("hist_write", hist_write)
+    if hist_writes is None:
+        K = 0 if not isinstance(hist, torch.Tensor) or hist.dim() < 1 else hist.shape[0]
+        if not -1 <= hist_write < K:
+            raise ValueError(f"hist_write must be -1 or a slot in [0, {K}), got {hist_write}")
+        hist_writes = 0 if hist_write < 0 else 1 << hist_write
+    elif hist_write != -1:
+        raise ValueError(f"give hist_write (one slot) or hist_writes (a bitmask of slots), not both; got "
+                         f"hist_write={hist_write}, hist_writes={hist_writes}")
+    _fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in, bad_row,
                 guidance, backend)
 
 
-def _fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+def _fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in, bad_row,
                 guidance=None, backend: str = "auto") -> None:
-    """``fused_step`` with the backends' arguments (STEP_ARGS: the row flags as one bitmask),
-    validated; what the ``fastdiff::fused_step`` custom op runs."""
-    args = _validate_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+    """``fused_step`` with the backends' arguments (STEP_ARGS: the row flags and the written history
+    slots as bitmasks), validated; what the ``fastdiff::fused_step`` custom op runs."""
+    args = _validate_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
                           bad_row, guidance)
     if not torch.compiler.is_compiling() and _needs_grad(x, y, cond, uncond, hist, noise, model_in, table):
         _reference_with_autograd(backend, args)

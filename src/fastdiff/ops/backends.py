@@ -176,8 +176,8 @@ class CpuBackend(Backend):
     def fused_step(self):
         """The bound C++ function itself (no Python frame per step); arguments in the order of
         fastdiff.program.layout.STEP_ARGS (that of fastdiff.reference.fused_step), all positional:
-        (table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
-         bad_row, guidance), ``flags`` the row's bitmask (layout.FLAG_*)."""
+        (table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
+         bad_row, guidance), ``flags`` the row's bitmask (layout.FLAG_*), ``hist_writes`` the written slots'."""
         return load_extension().fused_step
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):

@@ -81,9 +81,9 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 # Implementations: the validated public ops (fastdiff.ops.api, fastdiff.ops.reductions), on the
 # backend chosen when they run.
 
-def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+def _fused_step_impl(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
                      bad_row, guidance=None, backend="auto"):
-    api._fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed_from_int64(seed), noise_id,
+    api._fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed_from_int64(seed), noise_id,
                     model_in, bad_row, guidance, backend)
 
 
@@ -121,7 +121,7 @@ def _per_sample_norm_impl(x, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 # Fake implementations: results' metadata only.
 
-def _fused_step_fake(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+def _fused_step_fake(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
                      bad_row, guidance=None, backend="auto"):
     return None
 
@@ -193,10 +193,10 @@ class TracedBackend:
     def __init__(self, backend: str = "auto"):
         self.backend = backend
 
-    def fused_step(self, table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in,
+    def fused_step(self, table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in,
                    bad_row, guidance=None) -> None:
         seed = seed_to_int64(seed) if noise is None and noise_id >= 0 else 0   # (only read for Philox noise)
-        torch.ops.fastdiff.fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id,
+        torch.ops.fastdiff.fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id,
                                       model_in, bad_row, guidance, self.backend)
 
     def cfg_combine(self, cond, uncond, scale, out_dtype=None):

@@ -79,9 +79,9 @@ def compile_program(rows: List[Row], prediction: str, num_slots: int, steps: int
             if check_finite and not (np.isfinite(T[i, COL_QY]) and np.isfinite(T[i, COL_QD])):
                 raise ValueError(f"prediction {prediction!r} cannot be converted at step {r.step} "
                                  f"(alpha={r.point.alpha}, sigma={r.point.sigma})")
-        if r.hist_write >= K:
-            raise ValueError(f"history slot {r.hist_write} out of range for {K} slots")
-        for which, out in (("x", r.out_x), ("y", r.out_y), ("h", r.hist_value)):
+        for which, out in (("x", r.out_x), ("y", r.out_y)) + r.writes:
+            if isinstance(which, int) and which >= K:
+                raise ValueError(f"history slot {which} out of range for {K} slots")
             if out is not None:
                 _block(T, i, col_out(K, which), K, out)
     if check_finite and not np.all(np.isfinite(T)):

@@ -10,20 +10,29 @@ the names below; nobody else computes a column.
 A table has one row per pass of the fused step (see fastdiff.program for the formula) and
 ``table_width(K)`` float64 columns, K being the number of history slots::
 
-    [ g, g0, g1, q_y, q_d,  x-out block,  y-out block,  h-out block,  s_in ]
+    [ g, g0, g1, q_y, q_d,  x-out block,  y-out block,  h-out block of slot 0 .. of slot K-1,  s_in ]
     an out block:  [ x, y, h, hu, z, H_0 .. H_{K-1} ]     (out_width(K) = 5 + K columns)
 
 The model terms of a row: D = u + g (c - u) (the guided output; g == 1 means D = c exactly, a
 run without the uncond pass), h = q_y E + q_d D (the solver's quantity, e.g. x0 or eps, from
 the guided output) and hu = q_y E + q_d u (the same from the unconditional output: CFG++).
-Every output of a row (new x, new y, and the value written to history slot ``hist_write``) is
-one out block: a_x x + a_y E + a_h h + a_hu hu + a_z z + sum_j a_j H_j. Its coefficients of
+Every output of a row (new x, new y, and the value written to each history slot the row writes)
+is one out block: a_x x + a_y E + a_h h + a_hu hu + a_z z + sum_j a_j H_j. Its coefficients of
 cond and uncond are independent: a_h q_d g and a_h q_d (1 - g) + a_hu q_d (any pair, for
 g != 0). D and h stay intermediates so that CFG keeps its precision (c - u is formed before it
 is scaled) and a solver's quantity is rounded as its textbook form rounds it. g is column
 ``COL_G``; with a per-sample scale vector s (one float per batch element), sample b uses
 g_b = g0 + g1 * s_b (``COL_G0``, ``COL_G1``: (0, 1) where CFG is on, (1, 0) outside a
 guidance interval). Without uncond, u = c; without cond (no model call) h = hu = 0.
+
+History slots: a row writes any set of slots, given as one bitmask ``hist_writes`` (bit j: slot j
+gets the value of its own out block, ``col_out_slot(K, j)``; 0: no write), so one pass can keep
+two quantities (a multistep solver's x0 and its derivative, or the state and a value handed back
+to the caller). A history term whose coefficient is zero is absent, not 0 * H_j: a row reads only
+the slots it uses, so a slot that holds nothing yet (uninitialized memory, NaN) or a buffer the
+row only writes costs no bandwidth and cannot poison the result. (Every other term is evaluated
+as written: 0 * inf is NaN there, as in the textbook formula.) Every read of a row happens before
+any of its writes.
 
 Row flags: the booleans of one row, as one bitmask (``Row.flags``), and so one ``flags`` argument of
 every backend's fused step (a new flag changes no signature). Each backend decodes it with the names
@@ -40,7 +49,8 @@ from __future__ import annotations
 
 __all__ = [
     "COL_G", "COL_G0", "COL_G1", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_HU", "OUT_Z",
-    "OUT_FIXED", "out_width", "table_width", "col_out_x", "col_out_y", "col_out_h", "col_s_in", "col_out",
+    "OUT_FIXED", "out_width", "table_width", "col_out_x", "col_out_y", "col_out_h", "col_out_slot", "col_s_in", "col_out",
+    "hist_mask", "mask_slots", "hist_writes_error",
     "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL",
     "pack_flags", "unpack_flags", "unknown_flag_bits", "flags_error", "STEP_ARGS", "STEP_ARG_NAMES", "FLAG_ARG_NAMES",
     "step_schema",
@@ -53,7 +63,7 @@ COL_G0 = 1         # with a per-sample scale s_b: g_b = g0 + g1 * s_b
 COL_G1 = 2
 COL_QY = 3         # h = q_y E + q_d D,  hu = q_y E + q_d u
 COL_QD = 4
-OUT_BASE = 5       # first column of the x-out block; the y-out and h-out blocks follow it
+OUT_BASE = 5       # first column of the x-out block; the y-out and the K h-out blocks follow it
 # offsets inside an out block
 OUT_X = 0          # the state x
 OUT_Y = 1          # E, the point the model was evaluated at (x or y)
@@ -70,7 +80,7 @@ def out_width(K: int) -> int:
 
 def table_width(K: int) -> int:
     """Columns of a table with K history slots."""
-    return OUT_BASE + 3 * out_width(K) + 1
+    return OUT_BASE + (2 + K) * out_width(K) + 1
 
 
 def col_out_x(K: int) -> int:
@@ -84,24 +94,52 @@ def col_out_y(K: int) -> int:
 
 
 def col_out_h(K: int) -> int:
-    """First column of the h-out block: the value written to history slot hist_write."""
+    """First column of the h-out blocks: the block of history slot 0 (slot j's: col_out_slot)."""
     return OUT_BASE + 2 * out_width(K)
+
+
+def col_out_slot(K: int, j: int) -> int:
+    """First column of the out block of history slot j: the value a row writing slot j stores."""
+    return col_out_h(K) + j * out_width(K)
 
 
 def col_s_in(K: int) -> int:
     """The model-input scale s_in: the last column."""
-    return OUT_BASE + 3 * out_width(K)
+    return OUT_BASE + (2 + K) * out_width(K)
 
 
-def col_out(K: int, which: str) -> int:
-    """First column of the x-out ('x'), y-out ('y') or h-out ('h', the history value) block."""
+def col_out(K: int, which) -> int:
+    """First column of the x-out ('x') or y-out ('y') block, or of history slot ``which`` (an
+    int; 'h' is slot 0)."""
     if which == "x":
         return col_out_x(K)
     if which == "y":
         return col_out_y(K)
     if which == "h":
         return col_out_h(K)
-    raise ValueError(f"which must be 'x', 'y' or 'h', got {which!r}")
+    if isinstance(which, int) and not isinstance(which, bool) and 0 <= which < K:
+        return col_out_slot(K, which)
+    raise ValueError(f"which must be 'x', 'y', 'h' or a history slot in [0, {K}), got {which!r}")
+
+
+# ---- history writes -------------------------------------------------------------------------
+def hist_mask(slots) -> int:
+    """The ``hist_writes`` bitmask of an iterable of slot indices (bit j: slot j is written)."""
+    m = 0
+    for j in slots:
+        m |= 1 << int(j)
+    return m
+
+
+def mask_slots(mask: int):
+    """The slots a ``hist_writes`` mask writes, ascending."""
+    return tuple(j for j in range(max(mask, 0).bit_length()) if mask >> j & 1)
+
+
+def hist_writes_error(mask: int, K: int) -> str:
+    """The message every backend raises (ValueError) for a mask naming a slot outside [0, K)."""
+    return (f"hist_writes must be a bitmask of history slots in [0, {K}) (0: no write; 0 <= hist_writes < "
+            f"{1 << K}), got {mask}")
 
 
 # ---- row flags ------------------------------------------------------------------------------
@@ -140,11 +178,12 @@ def unpack_flags(flags: int):
 # ---- the fused step's arguments -------------------------------------------------------------
 # Every backend's fused_step takes these, in this order (fastdiff.reference.fused_step is the
 # spec); the type is the torch custom-op schema's, with the buffers the step writes in place marked
-# (a!)..(e!). ``flags`` is the row's bitmask (FLAG_* above). ``guidance`` (last, optional everywhere,
+# (a!)..(e!). ``flags`` is the row's bitmask (FLAG_* above); ``hist_writes`` the bitmask of the
+# history slots it writes (hist_mask). ``guidance`` (last, optional everywhere,
 # default None) is the per-sample scale vector s [B] (float32/float64).
 STEP_ARGS = (
     ("table", "Tensor"), ("row", "int"), ("x", "Tensor(a!)"), ("y", "Tensor(b!)?"), ("cond", "Tensor?"),
-    ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_write", "int"), ("flags", "int"), ("noise", "Tensor?"),
+    ("uncond", "Tensor?"), ("hist", "Tensor(c!)?"), ("hist_writes", "int"), ("flags", "int"), ("noise", "Tensor?"),
     ("seed", "int"), ("noise_id", "int"), ("model_in", "Tensor(d!)?"), ("bad_row", "Tensor(e!)?"),
     ("guidance", "Tensor?"),
 )
@@ -165,3 +204,4 @@ CONSTANTS = {name: globals()[name] for name in (
     "COL_G", "COL_G0", "COL_G1", "COL_QY", "COL_QD", "OUT_BASE", "OUT_X", "OUT_Y", "OUT_H", "OUT_HU", "OUT_Z",
     "OUT_FIXED", "FLAG_EVAL_Y", "FLAG_WRITE_X", "FLAG_WRITE_Y", "FLAG_MODEL_IN_FROM_Y", "FLAG_ALL")}
 FUNCTIONS = {f.__name__: f for f in (out_width, table_width, col_out_x, col_out_y, col_out_h, col_s_in)}
+# (col_out_slot(K, j) = col_out_h(K) + j * out_width(K) in both: checked through col_out_h.)

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .layout import pack_flags, table_width
+from .layout import hist_mask, pack_flags, table_width
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Row:
     noise_id: int = -1                     # which Gaussian draw (same id -> same noise); -1: none
     next_eval: Optional[str] = None        # 'x'/'y': which output the next model call reads
     hist_out: Optional[Out] = None         # the value written to hist_write; None: h (Out(h=1))
+    more_writes: Tuple[Tuple[int, Out], ...] = ()   # further (slot, value) writes of the same pass
 
     def __post_init__(self):
         if self.eval_at not in ("x", "y"):
@@ -69,7 +70,10 @@ class Row:
             raise ValueError(f"next_eval must be 'x', 'y' or None, got {self.next_eval!r}")
         if self.hist_out is not None and self.hist_write < 0:
             raise ValueError("hist_out given but hist_write is -1")
-        uses_z = any(o is not None and o.z != 0.0 for o in (self.out_x, self.out_y, self.hist_out))
+        slots = [j for j, _ in self.writes]
+        if any(not isinstance(j, int) or j < 0 for j in slots) or len(set(slots)) != len(slots):
+            raise ValueError(f"a row writes each history slot at most once, to slots >= 0; got {slots}")
+        uses_z = any(o is not None and o.z != 0.0 for o in (self.out_x, self.out_y) + self.write_values)
         if uses_z and self.noise_id < 0:
             raise ValueError("a row with a noise coefficient needs a noise_id")
 
@@ -85,11 +89,26 @@ class Row:
         return self.hist_out if self.hist_out is not None else Out(h=1.0)
 
     @property
+    def writes(self) -> Tuple[Tuple[int, Out], ...]:
+        """Every (slot, value) the row writes: hist_write's first, then more_writes."""
+        first = ((self.hist_write, self.hist_value),) if self.hist_write >= 0 else ()
+        return first + tuple(self.more_writes)
+
+    @property
+    def write_values(self) -> Tuple[Out, ...]:
+        return tuple(o for _, o in self.writes)
+
+    @property
+    def hist_writes(self) -> int:
+        """The slots the row writes as the kernel's bitmask (fastdiff.program.layout.hist_mask)."""
+        return hist_mask(j for j, _ in self.writes)
+
+    @property
     def reads_uncond(self) -> bool:
         """Whether an output uses the unconditional prediction on its own (CFG++): then the
         uncond pass runs wherever guidance is given, even where g = 1."""
         return self.needs_model and any(o is not None and o.hu != 0.0
-                                        for o in (self.out_x, self.out_y, self.hist_value))
+                                        for o in (self.out_x, self.out_y) + self.write_values)
 
     @property
     def flags(self) -> int:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
-                              col_out, col_s_in, unpack_flags)
+                              col_out, col_s_in, hist_writes_error, mask_slots, unpack_flags)
 from .philox import philox_normal
 
 __all__ = ["fused_step", "cfg_combine", "row_guidance", "guided"]
@@ -54,22 +54,26 @@ def guided(cond: torch.Tensor, uncond: Optional[torch.Tensor], g: torch.Tensor, 
 
 def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
                cond: Optional[torch.Tensor], uncond: Optional[torch.Tensor],
-               hist: Optional[torch.Tensor], hist_write: int, flags: int,
+               hist: Optional[torch.Tensor], hist_writes: int, flags: int,
                noise: Optional[torch.Tensor], seed: int, noise_id: int,
                model_in: Optional[torch.Tensor], bad_row: Optional[torch.Tensor],
                guidance: Optional[torch.Tensor] = None) -> None:
     """One row of a coefficient program; see fastdiff.program for the formula. In place on x, y,
     hist and model_in; every read happens before any write. ``flags``: the row's bitmask
-    (fastdiff.program.layout FLAG_*; unknown bits raise ValueError before anything is written).
+    (fastdiff.program.layout FLAG_*; unknown bits raise ValueError before anything is written);
+    ``hist_writes``: the bitmask of the history slots the row writes (slot j from its own out block).
+    A history term with a zero coefficient is absent: the row does not read that slot.
     If ``bad_row`` (int32 [1]) is 0 and a written x or y value is not finite, it becomes row + 1
     (a device-side flag: no host sync). ``guidance``: optional per-sample scale vector [B]; sample
     b then uses g = g0 + g1 * s[b]."""
     eval_y, write_x, write_y, model_in_from_y = unpack_flags(flags)
+    K = 0 if hist is None else hist.shape[0]
+    if not 0 <= hist_writes < (1 << K):
+        raise ValueError(hist_writes_error(hist_writes, K))
     md = _math_dtype(x)
     # Coefficients rounded to the math dtype, as the kernels do; indexing a device tensor keeps
     # them on the device (no host sync).
     c = table[row].to(device=x.device, dtype=md)
-    K = 0 if hist is None else hist.shape[0]
     X = x.to(md)
     E = y.to(md) if eval_y else X
     H = [] if hist is None else [hist[j].to(md) for j in range(K)]
@@ -95,20 +99,21 @@ def fused_step(table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch
         if z is not None:
             o = o + c[b + OUT_Z] * z
         for j in range(K):
-            o = o + c[b + OUT_FIXED + j] * H[j]
+            a = c[b + OUT_FIXED + j]
+            o = torch.where(a != 0, o + a * H[j], o)     # (a zero coefficient: the term is absent)
         return o
 
     new_x = output("x") if write_x else None
     new_y = output("y") if write_y else None
-    new_h = output("h") if hist_write >= 0 else None
+    new_h = [(j, output(j)) for j in mask_slots(hist_writes)]
     if bad_row is not None:
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         for o in (new_x, new_y):
             if o is not None:
                 finite = finite & torch.isfinite(o).all()
         bad_row.copy_(torch.where((bad_row == 0) & ~finite, row + 1, bad_row))
-    if new_h is not None:
-        hist[hist_write].copy_(new_h)
+    for j, v in new_h:
+        hist[j].copy_(v)
     if new_x is not None:
         x.copy_(new_x)
     if new_y is not None:

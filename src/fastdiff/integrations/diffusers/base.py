@@ -109,7 +109,7 @@ def _sample_binding(rows: List[Row], i: int, num_slots: int) -> int:
     r = rows[i]
     nxt = rows[i + 1].eval_at if i + 1 < len(rows) else "x"
     if r.eval_at == "x":
-        if num_slots == 0 and r.out_y is None and r.hist_write < 0 and nxt == "x":
+        if num_slots == 0 and r.out_y is None and not r.writes and nxt == "x":
             return _SAMPLE_AS_X
         return _VIA_STATE
     return _SAMPLE_AS_Y if r.out_y is None else _VIA_STATE
@@ -151,14 +151,14 @@ class _Program:
 
 
 def _fused_step(executor: RowExecutor, table: torch.Tensor, row: int, x: torch.Tensor, y: Optional[torch.Tensor],
-                cond, uncond, hist: Optional[torch.Tensor], hist_write: int, flags: int, noise,
+                cond, uncond, hist: Optional[torch.Tensor], hist_writes: int, flags: int, noise,
                 model_in: Optional[torch.Tensor]) -> None:
     """One pass of the executor's bound kernel on buffers of the caller's choosing (the sample
     itself as x or y, a fresh output as y): RowExecutor.run's call with x / y / hist replaced.
-    ``flags``: the row flags bitmask (fastdiff.program.layout.FLAG_*). The kernel's argument
+    ``flags``: the row flags bitmask (fastdiff.program.layout.FLAG_*), ``hist_writes`` the written slots'. The kernel's argument
     order (layout.STEP_ARGS) is written out here only, in this module. Every draw is explicit
     (the drop-ins draw diffusers' noise), so no Philox seed or noise id."""
-    executor._step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, 0, -1, model_in,
+    executor._step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, 0, -1, model_in,
                    executor.bad_row, executor.guidance)
 
 
@@ -448,7 +448,7 @@ class FastdiffScheduler:
         if run.x0_pass is None:
             run.x0_pass = self._x0_pass(run)
         x0 = torch.empty_like(sample)
-        _fused_step(run.executor, run.x0_pass, k, sample, x0, cond, uncond, None, -1, FLAG_WRITE_Y, None, None)
+        _fused_step(run.executor, run.x0_pass, k, sample, x0, cond, uncond, None, 0, FLAG_WRITE_Y, None, None)
         return x0
 
     def _x0_pass(self, run: _Run) -> torch.Tensor:
@@ -676,7 +676,7 @@ class FastdiffScheduler:
                 run.set_g(g)
             if binding == _SAMPLE_AS_X:
                 out = torch.empty_like(sample)
-                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, -1, FLAG_WRITE_Y, noise, None)
+                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, 0, FLAG_WRITE_Y, noise, None)
             else:
                 out = torch.empty_like(sample, dtype=out_dtype)
                 hw, flags, _ = run.executor.args[k]      # (the row's own: evaluated at y, writes x, ...)
