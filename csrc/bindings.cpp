@@ -23,7 +23,8 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 }  // namespace
 
 namespace fastdiff {
-void bind_row_loop(py::module& m);  // csrc/cpu/row_loop.cpp
+void bind_row_loop(py::module& m);     // csrc/cpu/row_loop.cpp
+void bind_dropin_step(py::module& m);  // csrc/cpu/dropin_step.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -121,4 +122,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "What was built: compiler, -march, SIMD width, OpenMP, block sizes.");
 
   fastdiff::bind_row_loop(m);
+  fastdiff::bind_dropin_step(m);
 }

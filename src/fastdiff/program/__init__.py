@@ -7,10 +7,11 @@ output of a row is one linear combination of the same terms, with its own coeffi
     h     = q_y*E + q_d*D                    the solver's quantity from the guided output
     hu    = q_y*E + q_d*uncond               the same from the unconditional output (CFG++)
     out   = a_x*x + a_y*E + a_h*h + a_hu*hu + a_z*z + sum_j a_j * H[j]
-            (cond coefficient a_h q_d g, uncond a_h q_d (1 - g) + a_hu q_d: independent)
+            (cond coefficient a_h q_d g, uncond a_h q_d (1 - g) + a_hu q_d: independent;
+             a history term with a_j = 0 is absent: the slot is not read)
     x'    = out_x(...)                       (if the row writes x)
     y'    = out_y(...)                       (if the row writes y)
-    H[w]  = out_h(...)                       (if the row writes history slot w)
+    H[w]  = out_w(...)                       (for each history slot w the row writes: any set)
     model_in = s_in * (x' or y')  cast to the model dtype, into one or both CFG halves
 
 ``x`` is the solver state (the sample, in the schedule's native space x = alpha*x0 + sigma*eps),
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 from .layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, FLAG_ALL, FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y,  # noqa: F401
                      FLAG_WRITE_X, FLAG_WRITE_Y, OUT_BASE, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
-                     col_out, col_out_h,
-                     col_out_x, col_out_y, col_s_in, out_width, pack_flags, table_width, unpack_flags)
+                     col_out, col_out_h, col_out_slot, col_out_x, col_out_y, col_s_in, hist_mask, mask_slots,
+                     out_width, pack_flags, table_width, unpack_flags)
 from .rows import Out, Point, Program, Row  # noqa: F401
 from .compile import compile_program, guidance_affine, guidance_column  # noqa: F401

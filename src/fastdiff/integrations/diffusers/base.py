@@ -40,9 +40,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ...ops.backends import load_extension
 from ...runtime import RowExecutor
-from ...program import (COL_G, COL_G1, COL_QD, COL_QY, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_Y, OUT_H, Row, col_out_x,
-                        col_out_y, col_s_in, compile_program, out_width, table_width)
+from ...program import (COL_G, COL_G1, COL_QD, COL_QY, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_Y, OUT_BASE, OUT_H, OUT_Y,
+                        Row, col_out_slot, col_out_x, col_out_y, col_s_in, compile_program, out_width, table_width)
 from .cfg import GuidedOutput
 
 __all__ = ["Plan", "FastdiffScheduler", "StepOutput", "drop_in"]
@@ -181,6 +182,8 @@ class _Run:
         self._x0_table = None
         self.x0_folds = None                   # per call, _x0_fold (FastdiffScheduler._x0_in_place)
         self.x0_pass = None                    # the table of the pass that writes x0 (FastdiffScheduler._x0_pass)
+        self.x0_slot = None                    # (table, per call: usable) of the pass that also writes x0 (_x0_slot)
+        self.native = None                     # the C++ step of its plain calls (_native_step; None: not built, False: none)
         self.g = 1.0                           # the CFG scale currently in the table's g column
         self.dtypes = {}                       # (sample dtype, model dtype) -> (prev_sample, x0 dtypes, bindable)
         self.signature = (tuple(self.shape), self.device, model_output.dtype, K, program.uses_y, backend)
@@ -209,10 +212,16 @@ class _Run:
             self._x0_table = torch.tensor(self.program.x0_table, device=self.device)
         return self._x0_table
 
+    def __getstate__(self):
+        # (deepcopy of a scheduler mid-run: the C++ step holds this run's tables; the copy builds its own)
+        return dict(self.__dict__, native=None)
+
     def set_g(self, g: float):
         self.table[:, COL_G] = g
         if self.x0_pass is not None:
             self.x0_pass[:, COL_G] = g
+        if self.x0_slot is not None:
+            self.x0_slot[0][:, COL_G] = g
         self.g = g
 
 
@@ -311,6 +320,13 @@ def _make_output(cls: type, **values):
         OrderedDict.__setitem__(out, k, v)
         object.__setattr__(out, k, v)
     return out
+
+
+def _native_output(cls: type, x0_field: Optional[str], prev_sample: torch.Tensor, x0: Optional[torch.Tensor] = None):
+    """The return_dict=True output of a DropinStep call (no reference to the scheduler: no cycle)."""
+    if x0_field is None:
+        return _make_output(cls, prev_sample=prev_sample)
+    return _make_output(cls, prev_sample=prev_sample, **{x0_field: x0})
 
 
 def _listing(values, head: int = 4, tail: int = 2) -> str:
@@ -461,6 +477,66 @@ class FastdiffScheduler:
         T[:, col_s_in(0)] = 1.0
         return torch.tensor(T, device=run.device)
 
+    def _x0_slot_table(self, run: _Run, k: int, x0_dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The table of call ``k``'s pass that also writes pred_original_sample, as a write-only
+        history slot (the caller's fresh tensor: no copy, no second pass), or None where that pass
+        does not apply: a program with history (its slots are the run's state, one tensor), x0 not
+        float32, or a row whose model term h is neither the guided output D (q_y = 0, q_d = 1: then
+        x0 = A_x E + A_d h, diffusers' own arithmetic) nor x0 itself (x0 = h)."""
+        if run.program.plan.num_slots or x0_dtype != torch.float32:
+            return None
+        if run.x0_slot is None:
+            if run.x0_folds is None:
+                run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
+            run.x0_slot = self._x0_slot(run)
+        table, usable = run.x0_slot
+        return table if usable[k] else None
+
+    def _x0_slot(self, run: _Run):
+        """(device table, per call: usable) for _x0_slot_table: the run's table (no history slots)
+        widened to one slot, whose out block is x0 from the call's fold (A_x, A_d)."""
+        T0 = run.table.cpu().numpy()                 # (its g column as set now; set_g keeps both)
+        T = np.zeros((T0.shape[0], table_width(1)), dtype=np.float64)
+        T[:, :OUT_BASE] = T0[:, :OUT_BASE]
+        w = out_width(0)                             # (the history column the blocks gain stays 0)
+        for c0, c1 in ((col_out_x(0), col_out_x(1)), (col_out_y(0), col_out_y(1))):
+            T[:, c1:c1 + w] = T0[:, c0:c0 + w]
+        T[:, col_s_in(1)] = T0[:, col_s_in(0)]
+        c = col_out_slot(1, 0)
+        usable = []
+        for k, (a_x, a_d) in enumerate(run.x0_folds):
+            qy, qd = T0[k, COL_QY], T0[k, COL_QD]
+            if qy == 0.0 and qd == 1.0:
+                T[k, c + OUT_Y], T[k, c + OUT_H] = a_x, a_d
+            elif (qy, qd) == (a_x, a_d):
+                T[k, c + OUT_H] = 1.0
+            usable.append((qy == 0.0 and qd == 1.0) or (qy, qd) == (a_x, a_d))
+        return torch.tensor(T, device=run.device), usable
+
+    def _native_step(self, run: _Run):
+        """A ``fastdiff._C.DropinStep`` for the run's plain calls (the in-place binding, noise drawn
+        by ``_draw_noise``, pred_original_sample from the pass where returned), or None: the run's
+        kernel is not the C++ one, the class keeps a stage flag, or no call qualifies. It serves a
+        call only for plain float32 CPU tensors, a matching timestep and no given variance_noise,
+        and declines any other (csrc/cpu/dropin_step.cpp)."""
+        ext = load_extension()
+        if isinstance(ext, str) or not hasattr(ext, "DropinStep") or run.executor._step is not ext.fused_step \
+                or self._stage_flag is not None or run.program.plan.x0_transform is not None:
+            return None
+        calls = []
+        noise_dtype = run.program.plan.noise_dtype or torch.float32      # (the model output's: float32)
+        for k, (_, _, draws, binding) in enumerate(run.program.args):
+            slot = self._x0_slot_table(run, k, torch.float32) if self._returns_x0 else None
+            if binding != _SAMPLE_AS_X or (self._returns_x0 and slot is None):
+                calls.append(None)
+            else:
+                calls.append((slot if self._returns_x0 else run.table, self._returns_x0, noise_dtype if draws else None))
+        if not any(c is not None for c in calls):
+            return None
+        make = functools.partial(_native_output, diffusers_output_class(type(self)),
+                                 self._x0_field if self._returns_x0 else None)
+        return ext.DropinStep(list(run.shape), run.timesteps, run.start, calls, self._float_timesteps, make)
+
     def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
         """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
         here, transformed, and given to the rows compiled for D = x0."""
@@ -559,8 +635,9 @@ class FastdiffScheduler:
                                  "call set_timesteps() and start a new run")
             run.program, run.key = program, key
             run.table = torch.tensor(program.table, device=run.device)
-            run._x0_table, run.x0_folds, run.x0_pass, run.g = None, None, None, 1.0
+            run._x0_table, run.x0_folds, run.x0_pass, run.x0_slot, run.g = None, None, None, None, 1.0
             run.bind()
+            run.native = None
             return run
         start = self._init_index(timestep)
         timesteps = [float(t) for t in self.timesteps.detach().cpu().tolist()]
@@ -588,6 +665,14 @@ class FastdiffScheduler:
         ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample).
         A call that raises leaves the scheduler as it was (run, step index, tables)."""
         run = self._fd_run
+        if run is not None and x0 is None and key == run.key:
+            native = run.native
+            if native is None:
+                native = run.native = self._native_step(run) or False
+            if native is not False:
+                out = native.step(self, model_output, timestep, sample, return_dict, generator, variance_noise)
+                if out is not None:              # (None: not a call it serves; nothing was touched)
+                    return out
         if run is not None and self._step_index is not None and key == run.key:
             # Inside a run the only scheduler state a call changes before its pass is the table's
             # g column (set_g); the pass itself checks everything before it writes.
@@ -601,7 +686,7 @@ class FastdiffScheduler:
                 raise
         saved = (run, getattr(self, "_step_index", None),
                  None if run is None else (run.program, run.key, run.table, run._x0_table, run.x0_folds, run.x0_pass,
-                                           run.g))
+                                           run.x0_slot, run.native, run.g))
         try:
             run = self._fd_begin(model_output, timestep, sample, key)
             return self._fd_step_unsafe(run, model_output, timestep, sample, generator, variance_noise, return_dict,
@@ -610,7 +695,8 @@ class FastdiffScheduler:
             run, self._step_index, fields = saved
             self._fd_run = run
             if run is not None:
-                run.program, run.key, run.table, run._x0_table, run.x0_folds, run.x0_pass, run.g = fields
+                (run.program, run.key, run.table, run._x0_table, run.x0_folds, run.x0_pass, run.x0_slot, run.native,
+                 run.g) = fields
                 run.set_g(run.g)                     # (set_g writes the tables in place)
                 run.bind()
             raise
@@ -674,15 +760,24 @@ class FastdiffScheduler:
             # The sample read in place (no copy into the state): see _sample_binding
             if uncond is not None and g != run.g:
                 run.set_g(g)
+            pred_x0 = None
             if binding == _SAMPLE_AS_X:
                 out = torch.empty_like(sample)
-                _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, 0, FLAG_WRITE_Y, noise, None)
+                slot = self._x0_slot_table(run, k, x0_dtype) if self._returns_x0 else None
+                if slot is not None:             # (x0 written by the same pass, into the returned tensor)
+                    pred_x0 = torch.empty_like(sample)
+                    _fused_step(run.executor, slot, k, sample, out, cond, uncond, pred_x0[None], 1, FLAG_WRITE_Y,
+                                noise, None)
+                else:
+                    _fused_step(run.executor, run.table, k, sample, out, cond, uncond, None, 0, FLAG_WRITE_Y, noise,
+                                None)
             else:
                 out = torch.empty_like(sample, dtype=out_dtype)
                 hw, flags, _ = run.executor.args[k]      # (the row's own: evaluated at y, writes x, ...)
                 flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
                 _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, flags, noise, out)
-            pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype) if self._returns_x0 else None
+            if self._returns_x0 and pred_x0 is None:
+                pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype)
             self._step_index = i + 1
             if self._stage_flag is not None:
                 self._set_stage(k, returns_y, sample)
@@ -704,10 +799,19 @@ class FastdiffScheduler:
             run.set_g(g)
 
         out = torch.empty_like(run.x, dtype=out_dtype)
-        if self._returns_x0 and pred_x0 is None:        # (before the pass: the pass overwrites x / y)
-            a_x, a_d = self._x0_fold(run, k)
-            pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
-        run.executor.run(k, cond, uncond, noise, 0, out, table, returns_y)
+        slot = None
+        if self._returns_x0 and pred_x0 is None:
+            slot = self._x0_slot_table(run, k, x0_dtype)
+            if slot is None:                            # (before the pass: the pass overwrites x / y)
+                a_x, a_d = self._x0_fold(run, k)
+                pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
+        if slot is not None:                            # (x0 from the same pass: a write-only slot)
+            pred_x0 = torch.empty_like(run.x)
+            hw, flags, _ = run.executor.args[k]
+            flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+            _fused_step(run.executor, slot, k, run.x, run.y, cond, uncond, pred_x0[None], 1, flags, noise, out)
+        else:
+            run.executor.run(k, cond, uncond, noise, 0, out, table, returns_y)
         self._step_index = i + 1
         if self._stage_flag is not None:
             self._set_stage(k, returns_y, sample)
