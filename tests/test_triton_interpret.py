@@ -148,7 +148,7 @@ def test_philox_normals(shape, seed, noise_id):
 # fused step
 
 def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_cond=True, noise="philox",
-               hist_write=1, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
+               hist_writes=0b10, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
                bad_row=True, layout="contiguous", seed=7, guidance=None):
     """Arguments of fastdiff.ops.fused_step (a fresh set per call), every coefficient random and
     non-zero so each term of the formula shows."""
@@ -182,7 +182,7 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
         from fastdiff.program import COL_G0, COL_G1
         guidance = torch.tensor(([1.0, 3.0, 7.5] * B)[:B], dtype=guidance)
         table[:, COL_G0], table[:, COL_G1] = 0.0, 1.0
-    return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write,
+    return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_writes=hist_writes,
                 eval_y=eval_y, write_x=write_x, write_y=write_y, noise=noise_t, seed=2 ** 40 + 3,
                 noise_id=5 if noise == "philox" else -1, model_in=model_in, model_in_from_y=from_y,
                 bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None, guidance=guidance)
@@ -231,12 +231,12 @@ def test_fused_step_cfg_history_philox(model):
 
 @interpreted
 @pytest.mark.parametrize("case", [
-    dict(K=0, hist_write=-1, cfg=False, noise="none", model_in_halves=1, shape=(1,)),
-    dict(K=1, hist_write=0, noise="tensor", eval_y=True, write_y=True, model_in_halves=1, from_y=True,
+    dict(K=0, hist_writes=0, cfg=False, noise="none", model_in_halves=1, shape=(1,)),
+    dict(K=1, hist_writes=0b1, noise="tensor", eval_y=True, write_y=True, model_in_halves=1, from_y=True,
          shape=(7,)),
-    dict(K=3, hist_write=2, has_cond=False, noise="none", write_x=False, write_y=True, model_in_halves=0,
+    dict(K=3, hist_writes=0b100, has_cond=False, noise="none", write_x=False, write_y=True, model_in_halves=0,
          shape=(3, 1031)),
-    dict(K=1, hist_write=-1, noise="philox", eval_y=True, write_y=True, bad_row=False, shape=(2, 5, 11, 1)),
+    dict(K=1, hist_writes=0, noise="philox", eval_y=True, write_y=True, bad_row=False, shape=(2, 5, 11, 1)),
 ], ids=["K0-no-cfg-1-element", "y-rows-noise-tensor-7", "no-model-y-only-K3", "philox-eval-y-odd"])
 def test_fused_step_row_kinds(case):
     model = torch.float16
@@ -300,7 +300,7 @@ def test_fused_step_bad_input_changes_nothing():
         ops.fused_step(**args, backend="triton")
     for k in ("x", "y", "hist", "model_in", "bad_row"):
         assert torch.equal(args[k].nan_to_num(), before[k].nan_to_num()), k
-    state64 = _step_case(model=torch.float32, noise="none", K=0, hist_write=-1, model_in_halves=0)
+    state64 = _step_case(model=torch.float32, noise="none", K=0, hist_writes=0, model_in_halves=0)
     state64["x"] = state64["x"].double()
     with pytest.raises(RuntimeError, match="keeps the solver state in float32, got torch.float64"):
         ops.fused_step(**state64, backend="triton")
