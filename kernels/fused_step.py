@@ -15,9 +15,11 @@ contraction (``EXACT_FP``), so fp32 results equal the reference's bit for bit.
 History: a term whose float32 coefficient is 0 is absent (the reference's ``where(a != 0, o + a H, o)``),
 so slot j is loaded only where some output the row computes has a non-zero coefficient for it (a
 masked load), once, before any store: a slot the row only writes may hold NaN or garbage, and a slot
-may be read and written by the same row. K and the mask are constexprs: a program uses a handful of
-masks (at most 2**K per K, K <= 3 in practice), each compiled once, and the unrolled slot loops then
-carry no runtime branch.
+may be read and written by the same row. K and the mask are constexprs, so only the written slots'
+outputs are code: a program compiles one variant per distinct mask it uses (a ring of K slots: K of
+them, never more than 2**K). A runtime mask (one variant, a uniform branch per slot) was measured at
+up to +28 registers per thread on sm_80/sm_90 (+7..+26 on the K=2 CFG row of kernels/report.py), for
+every row.
 
 Layout: every tensor is addressed as [B, M] rows with its own batch stride (see _common), so
 batch slices, CFG halves and history slots are read in place.
@@ -63,9 +65,10 @@ _FLAG_MODEL_IN_FROM_Y = tl.constexpr(FLAG_MODEL_IN_FROM_Y)
 
 
 def layout_constexprs(K: int) -> dict:
-    """The K-dependent columns of the table, as the kernel's constexpr arguments."""
-    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K), COL_OUT_SLOTS=tuple(col_out_slot(K, j) for j in range(K)),
-                COL_S_IN=col_s_in(K))
+    """The K-dependent columns of the table, as the kernel's constexpr arguments (COL_OUT_SLOTS[j]: the
+    out block of history slot j)."""
+    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K),
+                COL_OUT_SLOTS=tuple(col_out_slot(K, j) for j in range(K)), COL_S_IN=col_s_in(K))
 
 
 @triton.jit
