@@ -2,14 +2,24 @@
 launch, with exactly the semantics of fastdiff.reference.fused_step.
 
 The kernel reads the row's coefficients from the float64 table on the device (pointer + row
-index: no host reads, so a captured CUDA graph replays current values), folds CFG in, reads K
-history slots and writes one, writes x and/or y, draws Philox noise in place or reads a noise
+index: no host reads, so a captured CUDA graph replays current values), folds CFG in, reads the
+history slots whose coefficients are non-zero and writes the slots of its ``hist_writes`` mask (each
+from its own out block), writes x and/or y, draws Philox noise in place or reads a noise
 tensor, writes the next model input (cast to the model dtype, into one or both CFG halves) and
 raises the ``bad_row`` flag (first bad row wins, via compare-and-swap) when a written x/y value
 is not finite.
 
 Every float32 operation follows the reference's order and the kernel is compiled without FMA
 contraction (``EXACT_FP``), so fp32 results equal the reference's bit for bit.
+
+History: a term whose float32 coefficient is 0 is absent (the reference's ``where(a != 0, o + a H, o)``),
+so slot j is loaded only where some output the row computes has a non-zero coefficient for it (a
+masked load), once, before any store: a slot the row only writes may hold NaN or garbage, and a slot
+may be read and written by the same row. K and the mask are constexprs, so only the written slots'
+outputs are code: a program compiles one variant per distinct mask it uses (a ring of K slots: K of
+them, never more than 2**K). A runtime mask (one variant, a uniform branch per slot) was measured at
+up to +28 registers per thread on sm_80/sm_90 (+7..+26 on the K=2 CFG row of kernels/report.py), for
+every row.
 
 Layout: every tensor is addressed as [B, M] rows with its own batch stride (see _common), so
 batch slices, CFG halves and history slots are read in place.
@@ -22,7 +32,8 @@ import triton.language as tl
 
 from fastdiff.program.layout import (COL_G, COL_G0, COL_G1, COL_QD, COL_QY, FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y,
                                      FLAG_WRITE_X, FLAG_WRITE_Y, OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z,
-                                     col_out_h, col_out_x, col_out_y, col_s_in, flags_error, unknown_flag_bits)
+                                     col_out_slot, col_out_x, col_out_y, col_s_in, flags_error, hist_writes_error,
+                                     unknown_flag_bits)
 
 from ._common import EXACT_FP, INT32_MAX, as_int32, dense_rows, key_words, max_offset, sample_size, write_back
 from .philox import philox_normal_block
@@ -54,8 +65,10 @@ _FLAG_MODEL_IN_FROM_Y = tl.constexpr(FLAG_MODEL_IN_FROM_Y)
 
 
 def layout_constexprs(K: int) -> dict:
-    """The K-dependent columns of the table, as the kernel's constexpr arguments."""
-    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K), COL_OUT_H=col_out_h(K), COL_S_IN=col_s_in(K))
+    """The K-dependent columns of the table, as the kernel's constexpr arguments (COL_OUT_SLOTS[j]: the
+    out block of history slot j)."""
+    return dict(COL_OUT_X=col_out_x(K), COL_OUT_Y=col_out_y(K),
+                COL_OUT_SLOTS=tuple(col_out_slot(K, j) for j in range(K)), COL_S_IN=col_s_in(K))
 
 
 @triton.jit
@@ -65,18 +78,25 @@ def _coef(row_ptr, col, col_stride):
 
 
 @triton.jit
-def _output(row_ptr, cs, base, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K: tl.constexpr,
-            HAS_Z: tl.constexpr, mask):
-    """(((a_x*X + a_y*E) + a_h*h) + a_hu*hu) [+ a_z*z] + sum_j a_j*H[j], in the reference's order."""
+def _output(row_ptr, cs, base, X, E, h, hu, z, H, K: tl.constexpr, HAS_Z: tl.constexpr):
+    """(((a_x*X + a_y*E) + a_h*h) + a_hu*hu) [+ a_z*z] + sum_j a_j*H[j], in the reference's order; a
+    history term with a_j == 0 is absent (H[j] may then be unloaded: a slot that holds NaN must not
+    turn the output into NaN, nor 0 * H turn a -0 into +0)."""
     o = _coef(row_ptr, base + _OUT_X, cs) * X + _coef(row_ptr, base + _OUT_Y, cs) * E
     o = o + _coef(row_ptr, base + _OUT_H, cs) * h
     o = o + _coef(row_ptr, base + _OUT_HU, cs) * hu
     if HAS_Z:
         o = o + _coef(row_ptr, base + _OUT_Z, cs) * z
     for j in tl.static_range(K):
-        H = tl.load(hist_ptr + j * hist_sk + hist_off, mask=mask, other=0.0)
-        o = o + _coef(row_ptr, base + _OUT_FIXED + j, cs) * H
+        a = _coef(row_ptr, base + _OUT_FIXED + j, cs)
+        o = tl.where(a != 0.0, o + a * H[j], o)
     return o
+
+
+@triton.jit
+def _reads_slot(used, row_ptr, cs, base, j):
+    """``used``, or whether the out block at ``base`` has a non-zero coefficient of slot j."""
+    return used | (_coef(row_ptr, base + _OUT_FIXED + j, cs) != 0.0)
 
 
 @triton.jit
@@ -93,18 +113,18 @@ def _nonfinite(v):
     return (v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
 
 
-@triton.jit(do_not_specialize=["row", "hist_write", "seed_lo", "seed_hi", "noise_id"])
+@triton.jit(do_not_specialize=["row", "seed_lo", "seed_hi", "noise_id"])
 def fused_step_kernel(
     table_ptr, row, table_sr, table_sc,
     x_ptr, y_ptr, cond_ptr, uncond_ptr, hist_ptr, noise_ptr, model_in_ptr, bad_row_ptr, guidance_ptr,
     numel, M,
     x_sb, y_sb, cond_sb, uncond_sb, hist_sb, hist_sk, noise_sb, model_in_sb, model_in_half,
-    hist_write, seed_lo, seed_hi, noise_id,
-    K: tl.constexpr, FLAGS: tl.constexpr,
-    HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr, WRITE_HIST: tl.constexpr,
+    seed_lo, seed_hi, noise_id,
+    K: tl.constexpr, FLAGS: tl.constexpr, HIST_WRITES: tl.constexpr,
+    HAS_COND: tl.constexpr, HAS_UNCOND: tl.constexpr, NOISE: tl.constexpr,
     MODEL_IN_HALVES: tl.constexpr, CHECK_FINITE: tl.constexpr,
     HAS_GUIDANCE: tl.constexpr, STRIDED: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
-    COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_OUT_H: tl.constexpr, COL_S_IN: tl.constexpr,
+    COL_OUT_X: tl.constexpr, COL_OUT_Y: tl.constexpr, COL_OUT_SLOTS: tl.constexpr, COL_S_IN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INDEX_64:
@@ -149,16 +169,25 @@ def fused_step_kernel(
     else:
         z = h  # unused: the outputs have no noise term
 
+    # History: slot j is loaded once, before any store, and only where an output this row computes
+    # (x, y, the written slots) has a non-zero coefficient for it.
     hist_off = _at(i, b, m, hist_sb, STRIDED)
+    H = ()
+    for j in tl.static_range(K):
+        used = False
+        if _FLAG_WRITE_X & FLAGS:
+            used = _reads_slot(used, row_ptr, table_sc, COL_OUT_X, j)
+        if _FLAG_WRITE_Y & FLAGS:
+            used = _reads_slot(used, row_ptr, table_sc, COL_OUT_Y, j)
+        for w in tl.static_range(K):
+            if (HIST_WRITES >> w) & 1:
+                used = _reads_slot(used, row_ptr, table_sc, COL_OUT_SLOTS[w], j)
+        H = H + (tl.load(hist_ptr + j * hist_sk + hist_off, mask=tl.where(used, mask, False), other=0.0),)
+
     if _FLAG_WRITE_X & FLAGS:
-        new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
-                        mask)
+        new_x = _output(row_ptr, table_sc, COL_OUT_X, X, E, h, hu, z, H, K, NOISE != 0)
     if _FLAG_WRITE_Y & FLAGS:
-        new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
-                        mask)
-    if WRITE_HIST:
-        new_h = _output(row_ptr, table_sc, COL_OUT_H, X, E, h, hu, z, hist_ptr, hist_off, hist_sk, K, NOISE != 0,
-                        mask)
+        new_y = _output(row_ptr, table_sc, COL_OUT_Y, X, E, h, hu, z, H, K, NOISE != 0)
 
     if CHECK_FINITE:
         bad = tl.zeros([BLOCK], dtype=tl.int1)
@@ -169,9 +198,11 @@ def fused_step_kernel(
         if tl.max((bad & mask).to(tl.int32), axis=0) > 0:
             tl.atomic_cas(bad_row_ptr, 0, row + 1)      # only the first bad row is recorded
 
-    # Writes after every read (all history slots were read above).
-    if WRITE_HIST:
-        tl.store(hist_ptr + hist_write * hist_sk + hist_off, new_h, mask=mask)
+    # Writes after every read (the history slots are in H): each written slot from its own out block.
+    for j in tl.static_range(K):
+        if (HIST_WRITES >> j) & 1:
+            new_h = _output(row_ptr, table_sc, COL_OUT_SLOTS[j], X, E, h, hu, z, H, K, NOISE != 0)
+            tl.store(hist_ptr + j * hist_sk + hist_off, new_h, mask=mask)
     if _FLAG_WRITE_X & FLAGS:
         tl.store(x_ptr + _at(i, b, m, x_sb, STRIDED), new_x, mask=mask)
     if _FLAG_WRITE_Y & FLAGS:
@@ -188,20 +219,24 @@ def fused_step_kernel(
             tl.store(mi + model_in_half, v, mask=mask)
 
 
-def fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, seed, noise_id, model_in, bad_row,
+def fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, seed, noise_id, model_in, bad_row,
                guidance=None) -> None:
     """Launch one row; arguments as fastdiff.reference.fused_step (fastdiff.program.layout.STEP_ARGS,
-    already validated; ``flags`` the row's bitmask, a constexpr of the kernel). Tensors whose
-    samples are not dense are copied (outputs copied back): see _common."""
+    already validated; ``flags`` the row's bitmask and ``hist_writes`` the bitmask of the history
+    slots it writes, both constexprs of the kernel). Tensors whose samples are not dense are copied
+    (outputs copied back): see _common."""
     flags = int(flags)
     if unknown_flag_bits(flags):
         raise ValueError(flags_error(flags))
+    hist_writes = int(hist_writes)
     write_x, write_y = bool(flags & FLAG_WRITE_X), bool(flags & FLAG_WRITE_Y)
     if model_in is not None and flags & FLAG_MODEL_IN_FROM_Y and not write_y:
         raise ValueError("model_in_from_y needs a row that writes y")
     if hist is not None and hist.shape[0] == 0:
         hist = None
     K = 0 if hist is None else hist.shape[0]
+    if not 0 <= hist_writes < (1 << K):
+        raise ValueError(hist_writes_error(hist_writes, K))
     B, M = x.shape[0], sample_size(x)
     numel = x.numel()
     if numel == 0:
@@ -242,14 +277,14 @@ def fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, s
         numel, M,
         x_sb, y_sb or 0, cond_sb or 0, uncond_sb or 0, hist_sb, hist_sk, noise_sb or 0, mi_sb or 0,
         (B * mi_sb) if mk is not None else 0,
-        hist_write, lo, hi, as_int32(max(noise_id, 0)),
-        K=K, FLAGS=flags,
+        lo, hi, as_int32(max(noise_id, 0)),
+        K=K, FLAGS=flags, HIST_WRITES=hist_writes,
         HAS_COND=cond is not None, HAS_UNCOND=uncond is not None, NOISE=noise_kind,
-        WRITE_HIST=hist_write >= 0, MODEL_IN_HALVES=halves,
+        MODEL_IN_HALVES=halves,
         CHECK_FINITE=bad_row is not None, HAS_GUIDANCE=gk is not None, STRIDED=strided, INDEX_64=index_64, BLOCK=BLOCK, **layout_constexprs(K),
         num_warps=NUM_WARPS, **EXACT_FP,
     )
     write_back(x, xk if write_x else None)
     write_back(y, yk if write_y else None)
-    write_back(hist, hk if hist_write >= 0 else None)
+    write_back(hist, hk if hist_writes else None)
     write_back(model_in, mk)

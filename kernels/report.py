@@ -46,21 +46,26 @@ class Variant:
         return getattr(importlib.import_module(f"fastdiff.kernels.{module}"), fn)
 
 
-def _fused_step_variant(model: str, *, full: bool) -> Variant:
+def _fused_step_variant(model: str, kind: str) -> Variant:
     from fastdiff.program.layout import FLAG_EVAL_Y, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_X, FLAG_WRITE_Y
     from .fused_step import BLOCK, NUM_WARPS, NOISE_PHILOX, NOISE_TENSOR, layout_constexprs
     from ._common import EXACT_FP
     types = {"table_ptr": "*fp64", "x_ptr": "*fp32", "y_ptr": "*fp32", "cond_ptr": _DT[model],
              "uncond_ptr": _DT[model], "hist_ptr": "*fp32", "noise_ptr": "*fp32", "model_in_ptr": _DT[model],
              "bad_row_ptr": "*i32", "guidance_ptr": "*fp32"}
-    if full:   # DPM-Solver++(2M) + CFG as the sampler runs it: history, Philox, both CFG halves of model_in
-        flags = dict(K=2, FLAGS=FLAG_WRITE_X, HAS_COND=True, HAS_UNCOND=True,
-                     NOISE=NOISE_PHILOX, WRITE_HIST=True, MODEL_IN_HALVES=2,
+    if kind == "full":   # DPM-Solver++(2M) + CFG as the sampler runs it: history, Philox, both CFG halves of model_in
+        flags = dict(K=2, FLAGS=FLAG_WRITE_X, HIST_WRITES=0b1, HAS_COND=True, HAS_UNCOND=True,
+                     NOISE=NOISE_PHILOX, MODEL_IN_HALVES=2,
                      CHECK_FINITE=True, HAS_GUIDANCE=True, STRIDED=False, INDEX_64=False)
         name = f"fused_step {model}: CFG, K=2, Philox, model_in x2, bad_row"
+    elif kind == "slots":   # every history slot written in one pass (each read by the outputs too), x and y
+        flags = dict(K=3, FLAGS=FLAG_WRITE_X | FLAG_WRITE_Y, HIST_WRITES=0b111, HAS_COND=True, HAS_UNCOND=True,
+                     NOISE=NOISE_PHILOX, MODEL_IN_HALVES=2, CHECK_FINITE=True, HAS_GUIDANCE=False, STRIDED=False,
+                     INDEX_64=False)
+        name = f"fused_step {model}: CFG, K=3, all 3 slots written, x and y, Philox"
     else:      # a multi-stage row on strided tensors: y in and out, a noise tensor
         flags = dict(K=1, FLAGS=FLAG_EVAL_Y | FLAG_WRITE_X | FLAG_WRITE_Y | FLAG_MODEL_IN_FROM_Y, HAS_COND=True,
-                     HAS_UNCOND=False, NOISE=NOISE_TENSOR, WRITE_HIST=False, MODEL_IN_HALVES=1,
+                     HIST_WRITES=0, HAS_UNCOND=False, NOISE=NOISE_TENSOR, MODEL_IN_HALVES=1,
                      CHECK_FINITE=False, HAS_GUIDANCE=False, STRIDED=True, INDEX_64=True)
         name = f"fused_step {model}: y, noise tensor, strided, 64-bit index"
         types["numel"] = "i64"
@@ -124,8 +129,9 @@ def _attention_variant(dtype: str, head_dim: int, *, joint: bool = False, bias: 
 
 
 def variants() -> List[Variant]:
-    out = [_fused_step_variant(m, full=True) for m in ("fp32", "fp16", "bf16")]
-    out.append(_fused_step_variant("fp32", full=False))
+    out = [_fused_step_variant(m, "full") for m in ("fp32", "fp16", "bf16")]
+    out.append(_fused_step_variant("fp32", "strided"))
+    out.append(_fused_step_variant("fp16", "slots"))
     out += [_cfg_variant(d) for d in ("fp32", "fp16", "bf16")]
     out += _philox_variants()
     out += _reduction_variants()

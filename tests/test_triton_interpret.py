@@ -148,7 +148,7 @@ def test_philox_normals(shape, seed, noise_id):
 # fused step
 
 def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_cond=True, noise="philox",
-               hist_write=1, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
+               hist_writes=0b10, eval_y=False, write_x=True, write_y=False, model_in_halves=2, from_y=False,
                bad_row=True, layout="contiguous", seed=7, guidance=None):
     """Arguments of fastdiff.ops.fused_step (a fresh set per call), every coefficient random and
     non-zero so each term of the formula shows."""
@@ -182,7 +182,7 @@ def _step_case(*, shape=(2, 3, 13, 17), K=2, model=torch.float16, cfg=True, has_
         from fastdiff.program import COL_G0, COL_G1
         guidance = torch.tensor(([1.0, 3.0, 7.5] * B)[:B], dtype=guidance)
         table[:, COL_G0], table[:, COL_G1] = 0.0, 1.0
-    return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_write=hist_write,
+    return dict(table=table, row=2, x=x, y=y, cond=cond, uncond=uncond, hist=hist, hist_writes=hist_writes,
                 eval_y=eval_y, write_x=write_x, write_y=write_y, noise=noise_t, seed=2 ** 40 + 3,
                 noise_id=5 if noise == "philox" else -1, model_in=model_in, model_in_from_y=from_y,
                 bad_row=torch.zeros(1, dtype=torch.int32) if bad_row else None, guidance=guidance)
@@ -231,12 +231,12 @@ def test_fused_step_cfg_history_philox(model):
 
 @interpreted
 @pytest.mark.parametrize("case", [
-    dict(K=0, hist_write=-1, cfg=False, noise="none", model_in_halves=1, shape=(1,)),
-    dict(K=1, hist_write=0, noise="tensor", eval_y=True, write_y=True, model_in_halves=1, from_y=True,
+    dict(K=0, hist_writes=0, cfg=False, noise="none", model_in_halves=1, shape=(1,)),
+    dict(K=1, hist_writes=0b1, noise="tensor", eval_y=True, write_y=True, model_in_halves=1, from_y=True,
          shape=(7,)),
-    dict(K=3, hist_write=2, has_cond=False, noise="none", write_x=False, write_y=True, model_in_halves=0,
+    dict(K=3, hist_writes=0b100, has_cond=False, noise="none", write_x=False, write_y=True, model_in_halves=0,
          shape=(3, 1031)),
-    dict(K=1, hist_write=-1, noise="philox", eval_y=True, write_y=True, bad_row=False, shape=(2, 5, 11, 1)),
+    dict(K=1, hist_writes=0, noise="philox", eval_y=True, write_y=True, bad_row=False, shape=(2, 5, 11, 1)),
 ], ids=["K0-no-cfg-1-element", "y-rows-noise-tensor-7", "no-model-y-only-K3", "philox-eval-y-odd"])
 def test_fused_step_row_kinds(case):
     model = torch.float16
@@ -300,7 +300,7 @@ def test_fused_step_bad_input_changes_nothing():
         ops.fused_step(**args, backend="triton")
     for k in ("x", "y", "hist", "model_in", "bad_row"):
         assert torch.equal(args[k].nan_to_num(), before[k].nan_to_num()), k
-    state64 = _step_case(model=torch.float32, noise="none", K=0, hist_write=-1, model_in_halves=0)
+    state64 = _step_case(model=torch.float32, noise="none", K=0, hist_writes=0, model_in_halves=0)
     state64["x"] = state64["x"].double()
     with pytest.raises(RuntimeError, match="keeps the solver state in float32, got torch.float64"):
         ops.fused_step(**state64, backend="triton")
@@ -315,6 +315,116 @@ def test_fused_step_rejects_unknown_flag_bits():
     case = step_case(torch.Generator().manual_seed(3), (2, 3, 5), K=1, model="cfg", noise="given", writes="xy",
                      model_in="2B")
     assert_rejects_unknown_flags(triton_step.fused_step, case)
+
+
+def _bit_equal(a, b):
+    """Same shape, dtype and bytes (NaN payloads and the sign of zero included)."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def _leave_out_slot(table, K, slot):
+    """Zero the coefficient of history slot ``slot`` in every out block (x, y, every slot's): no
+    output of a row reads the slot then."""
+    from fastdiff.program.layout import OUT_FIXED, col_out_slot, col_out_x, col_out_y
+    for base in [col_out_x(K), col_out_y(K)] + [col_out_slot(K, j) for j in range(K)]:
+        table[:, base + OUT_FIXED + slot] = 0.0
+
+
+@interpreted
+@pytest.mark.parametrize("K, hist_writes", [(1, 0), (1, 0b1), (2, 0b01), (2, 0b10), (2, 0b11), (3, 0b100),
+                                            (3, 0b101), (3, 0b111)])
+def test_fused_step_writes_every_slot_of_the_mask(K, hist_writes):
+    """Masks writing 0, 1, 2 and all K slots in one pass, with x and y: each written slot gets the
+    value of its own out block, the others keep theirs, bitwise. Every coefficient is non-zero, so
+    every output reads every slot, the written ones included: a store before the row's last read
+    (or a slot written from another slot's block) shows as a difference."""
+    model = torch.float16
+    args = _step_case(model=model, K=K, hist_writes=hist_writes, eval_y=True, write_y=True)
+    want, got = _run_both(args)
+    _compare(want, got, model)
+    for j in range(K):
+        assert _bit_equal(got["hist"][j], args["hist"][j]) != bool(hist_writes >> j & 1), f"slot {j}"
+    if hist_writes == (1 << K) - 1 and K > 1:    # each slot from its own block: all written values differ
+        assert not torch.equal(got["hist"][0], got["hist"][1])
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["batch_strided", "channels_last", "transposed"])
+def test_fused_step_writes_two_slots_strided(layout):
+    """Two slots written in one pass through a history stack read in place (every other sample of
+    a NaN-padded stack) or through the dense copy that is written back (slots last in memory)."""
+    model = torch.float32
+    args = _step_case(model=model, K=3, hist_writes=0b101, layout=layout, noise="tensor", eval_y=True,
+                      write_y=True, shape=(2, 3, 9, 7))
+    want, got = _run_both(args)
+    _compare(want, got, model)
+    assert _bit_equal(got["hist"][1], args["hist"][1])
+
+
+@interpreted
+@pytest.mark.parametrize("K, slot, hist_writes, fill", [
+    (1, 0, 0b1, float("nan")),     # the drop-in schedulers' write-only slot (pred_original_sample)
+    (2, 1, 0b11, float("nan")),    # a write-only slot beside a slot read and written
+    (2, 1, 0b01, float("inf")),    # neither read nor written: stays as it was
+    (3, 0, 0b001, float("-inf")),
+], ids=["K1-write-only", "K2-write-only-and-read-write", "K2-untouched-inf", "K3-write-only-slot0"])
+def test_fused_step_unread_slot_may_hold_garbage(K, slot, hist_writes, fill):
+    """A history slot whose coefficient is zero in every out block is absent, not 0 * H: filled with
+    NaN/inf, it leaves x, y, the other slots and the model input finite and bit-equal to the
+    reference (bad_row stays 0), and a row may write it."""
+    model = torch.float16
+    args = _step_case(model=model, K=K, hist_writes=hist_writes, eval_y=True, write_y=True)
+    _leave_out_slot(args["table"], K, slot)
+    args["hist"][slot].fill_(fill)
+    want, got = _run_both(args)
+    _compare(want, got, model)
+    assert got["bad_row"].item() == 0
+    for name in ("x", "y", "model_in"):
+        assert torch.isfinite(got[name]).all(), name
+    written = bool(hist_writes >> slot & 1)
+    assert torch.isfinite(got["hist"][slot]).all() == written
+    assert torch.isfinite(got["hist"][[j for j in range(K) if j != slot]]).all()
+
+
+@interpreted
+def test_fused_step_zero_history_coefficient_keeps_negative_zero():
+    """o + 0 * H would turn a -0 output into +0: with the term absent, -0 stays -0 (as in the
+    reference), in x and in the written slot."""
+    from fastdiff.program.layout import OUT_H, OUT_HU, OUT_X, OUT_Y, col_out_slot, col_out_x
+    model = torch.float32
+    args = _step_case(model=model, K=1, hist_writes=0b1, has_cond=False, noise="none", model_in_halves=0,
+                      shape=(3, 701))
+    table = torch.zeros_like(args["table"])
+    for base in (col_out_x(1), col_out_slot(1, 0)):   # -0 + -0 + (-1)(+0) + (-1)(+0) = -0, slot term 0
+        table[:, base + OUT_X] = table[:, base + OUT_Y] = 1.0
+        table[:, base + OUT_H] = table[:, base + OUT_HU] = -1.0
+    args["table"] = table
+    args["x"].fill_(-0.0)
+    args["hist"].fill_(1.0)
+    want, got = _run_both(args)
+    _compare(want, got, model)
+    assert torch.signbit(want["x"]).all() and torch.signbit(want["hist"]).all()   # the case shows -0
+    assert _bit_equal(got["x"], want["x"]) and _bit_equal(got["hist"], want["hist"])
+
+
+@interpreted
+@pytest.mark.parametrize("K, mask", [(0, 1), (1, 0b10), (2, -1), (3, 1 << 3), (3, 1 << 40)])
+def test_fused_step_rejects_bad_hist_writes_before_writing(K, mask):
+    """A mask naming a slot outside [0, K) (or negative) raises layout.hist_writes_error's ValueError
+    from the launcher itself, before anything is launched or written."""
+    import re
+    from fastdiff.check import STEP_ARGS, clone_case, step_case
+    from fastdiff.kernels import fused_step as triton_step
+    from fastdiff.program.layout import hist_writes_error
+    case = step_case(torch.Generator().manual_seed(5), (2, 3, 5), K=K, model="cfg", noise="given", writes="xy",
+                     model_in="2B")
+    case["hist_writes"] = mask
+    c = clone_case(case)
+    with pytest.raises(ValueError, match=re.escape(hist_writes_error(mask, K))):
+        triton_step.fused_step(*[c[k] for k in STEP_ARGS])
+    changed = [k for k, v in case.items() if isinstance(v, torch.Tensor) and not _bit_equal(c[k], v)]
+    assert not changed, f"rejected, but wrote {changed}"
 
 
 @interpreted
