@@ -51,14 +51,15 @@ def test_executor_runs_rows_like_the_public_op():
 
 
 def test_row_args_carry_the_rows_flags():
-    """Per row (hist_write, flags, noise_id): flags is Row.flags, its model-input bit set where the
-    next model call reads y (the next row's evaluation point; the last row's next_eval)."""
+    """Per row (hist_writes, flags, noise_id): hist_writes the bitmask of the slots the row writes
+    (one bit per write: slot hist_write, then more_writes), flags is Row.flags, its model-input bit
+    set where the next model call reads y (the next row's evaluation point; the last row's next_eval)."""
     rows = fastdiff.Sampler.build(solver="heun", steps=3).program.rows          # rows at x and at y
     args = row_args(rows)
     assert any(r.eval_at == "y" for r in rows) and any(r.eval_at == "x" for r in rows)
     for i, (r, (hw, flags, nid)) in enumerate(zip(rows, args)):
         nxt = rows[i + 1].eval_at if i + 1 < len(rows) else r.next_eval
-        assert (hw, nid) == (r.hist_write, r.noise_id)
+        assert (hw, nid) == ((1 << r.hist_write if r.hist_write >= 0 else 0), r.noise_id)
         assert flags & ~FLAG_MODEL_IN_FROM_Y == r.flags & ~FLAG_MODEL_IN_FROM_Y
         assert unpack_flags(flags) == (r.eval_at == "y", r.out_x is not None, r.out_y is not None, nxt == "y")
 
