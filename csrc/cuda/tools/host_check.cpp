@@ -105,7 +105,7 @@ static fastdiff_step_args valid_args(double* table, float* x, float* y, float* h
   a.hist = rows(hist, 4);
   a.hist_slot_stride = 8;
   a.num_slots = 1;
-  a.hist_write = 0;
+  a.hist_writes = 1;
   a.flags = FLAG_WRITE_X;
   a.noise_id = -1;
   a.bad_row = flag;
@@ -132,8 +132,12 @@ static void argument_checks() {
   CHECK(step_args_error(&a) != nullptr);                 // width does not match K
   a = ok; a.row = 2;
   CHECK(step_args_error(&a) != nullptr);                 // row outside the table
-  a = ok; a.hist_write = 1;
-  CHECK(step_args_error(&a) != nullptr);                 // slot out of range
+  for (int64_t mask : {int64_t(2), int64_t(3), int64_t(-1), int64_t(1) << 40}) {
+    a = ok; a.hist_writes = mask;
+    CHECK(step_args_error(&a) != nullptr);               // a slot outside [0, K), or negative
+  }
+  a = ok; a.hist_writes = 0;
+  CHECK(step_args_error(&a) == nullptr);                 // no write
   a = ok; a.noise_id = int64_t(1) << 32;
   CHECK(step_args_error(&a) != nullptr);
   a = ok; a.noise.data = x; a.noise_id = int64_t(1) << 32;
@@ -234,14 +238,15 @@ static void one_step_by_hand() {
   const StepPlan p = make_step_plan(a);
   float coefs[W];
   load_row_coefs(a, coefs, 0, 1);
+  static float pending[kGroup * kThreads];   // the any-K loop's pending area for one written slot
   uint32_t bad = 0;
-  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<1, false>(a, p, coefs, t);
+  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<1, false>(a, p, coefs, nullptr, t);
   for (int i = 0; i < 5; ++i) CHECK(x[i] == 5.5f && hist[i] == 1.5f && bits16(&mi[i]) == 0x4980);   // 11.0 in float16
   CHECK(bad == 0);
   // An infinite history value makes x' infinite: flagged.
   hist[4] = INFINITY;
   bad = 0;
-  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<-1, false>(a, p, coefs, t);
+  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<-1, false>(a, p, coefs, pending, t);
   CHECK(bad == 1);
 }
 
