@@ -321,8 +321,8 @@ FASTDIFF_HD inline void output_base(const float* o, bool has_z, const float X[4]
   }
 }
 
-// One group of the step; KT = K fixed at compile time (history values in registers), or -1 (any
-// K, read inside the slot loop). coefs: the row, rounded to float32; pending: the block's pending
+// One group of the step; KT = K fixed at compile time (history values in registers; at most
+// kRegisterWrites slots written), or -1 (any K and any mask, slots read inside the slot loop). coefs: the row, rounded to float32; pending: the block's pending
 // area (step_shared_floats beyond the row; used by KT = -1 only). Returns 1 if the row checks for
 // non-finite values and a written x/y value of the group is NaN or infinite.
 template <int KT, bool VEC>
