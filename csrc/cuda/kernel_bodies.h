@@ -390,24 +390,26 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
     // every output first (then X, E, h, hu, z are dead), then the slot loop outside the element
     // loop, so one slot's 4 values are live at a time. At most kRegisterWrites written slots
     // (p.reg_slot; the host runs a row writing more through the any-K loop).
-    const int wa = p.reg_slot[0], wb = p.reg_slot[1];
+    const int wa = KT >= 1 ? p.reg_slot[0] : -1, wb = KT >= 2 ? p.reg_slot[1] : -1;   // (K < 2: fewer to keep)
     static_assert(kRegisterWrites == 2, "one accumulator per register-resident written slot below");
-    const float* oa = coefs + col_out_slot(K, wa < 0 ? 0 : wa);
-    const float* ob = coefs + col_out_slot(K, wb < 0 ? 0 : wb);
-    float NA[4] = {0.0f, 0.0f, 0.0f, 0.0f}, NB[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (p.write_x) output_base(ox, p.has_z, X, E, Hm, HU, Z, NX);
-    if (p.write_y) output_base(oy, p.has_z, X, E, Hm, HU, Z, NY);
-    if (wa >= 0) output_base(oa, p.has_z, X, E, Hm, HU, Z, NA);
-    if (wb >= 0) output_base(ob, p.has_z, X, E, Hm, HU, Z, NB);
+    const float* oa = wa >= 0 ? coefs + col_out_slot(K, wa) : ox;   // (a block inside the row either way)
+    const float* ob = wb >= 0 ? coefs + col_out_slot(K, wb) : ox;
+    // Outputs the row does not write are formed too (no branches; their values are not used): a
+    // slot not fetched decodes as zeros and only such outputs can have a non-zero coefficient of it.
+    float NA[4], NB[4];
+    output_base(ox, p.has_z, X, E, Hm, HU, Z, NX);
+    output_base(oy, p.has_z, X, E, Hm, HU, Z, NY);
+    output_base(oa, p.has_z, X, E, Hm, HU, Z, NA);
+    output_base(ob, p.has_z, X, E, Hm, HU, Z, NB);
     for (int j = 0; j < KT; ++j) {
       float Hj[4];
-      decode(fh[j], Hj);   // (zeros for a slot not fetched: no output below adds it)
+      decode(fh[j], Hj);
       const float cx = ox[OUT_FIXED + j], cy = oy[OUT_FIXED + j], ca = oa[OUT_FIXED + j], cb = ob[OUT_FIXED + j];
-      for (int e = 0; e < kGroup; ++e) {
-        if (p.write_x && cx != 0.0f) NX[e] = m::out_add(NX[e], cx, Hj[e]);
-        if (p.write_y && cy != 0.0f) NY[e] = m::out_add(NY[e], cy, Hj[e]);
-        if (wa >= 0 && ca != 0.0f) NA[e] = m::out_add(NA[e], ca, Hj[e]);
-        if (wb >= 0 && cb != 0.0f) NB[e] = m::out_add(NB[e], cb, Hj[e]);
+      for (int e = 0; e < kGroup; ++e) {   // a zero coefficient: the term is absent
+        if (cx != 0.0f) NX[e] = m::out_add(NX[e], cx, Hj[e]);
+        if (cy != 0.0f) NY[e] = m::out_add(NY[e], cy, Hj[e]);
+        if (ca != 0.0f) NA[e] = m::out_add(NA[e], ca, Hj[e]);
+        if (cb != 0.0f) NB[e] = m::out_add(NB[e], cb, Hj[e]);
       }
     }
     if (wa >= 0) scatter<VEC>(g, hist_slot(a, wa), NA);   // every read of the group is done
