@@ -53,6 +53,13 @@ static fastdiff_rows rows(void* p, int64_t sb, fastdiff_dtype dt = FASTDIFF_FLOA
 static void addressing_and_plans() {
   CHECK(row_offset(13, 5, 8) == 2 * 8 + 3);
   CHECK(row_offset(4, 5, 8) == 4);
+  // Kernel variants: K fixed with at most 2 slots written, else the any-K loop, whose shared memory
+  // (the row, then 128 threads x 4 values per written slot) fits 48 KB up to K = 16, every slot written.
+  CHECK(written_slots(0) == 0 && written_slots(0b1011) == 3);
+  CHECK(step_variant(0, 0) == 0 && step_variant(4, 0b1001) == 4 && step_variant(3, 0b111) == -1);
+  CHECK(step_variant(5, 0) == -1 && pending_floats(5, 0) == 0 && pending_floats(4, 0b11) == 0);
+  CHECK(pending_floats(3, 0b111) == 3 * kGroup * kThreads);
+  CHECK(step_shared_floats(kMaxSlots, (int64_t(1) << kMaxSlots) - 1) * 4 <= 48 * 1024);
   alignas(16) static float buf[4096];
   // Contiguous [2, 16]: dense, vectors.
   fastdiff_rows x = rows(buf, 16);
