@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
+import re
 import shutil
 import subprocess
 import zlib
@@ -35,9 +36,13 @@ from fastdiff.check import (PHILOX_ULPS, STEP_ARGS, UNKNOWN_FLAGS, assert_step_m
                             relayout, run_step, step_case, ulps)
 from fastdiff.ops.cuda_backend import CudaBackend  # noqa: E402
 from fastdiff.program import FLAG_WRITE_X, FLAG_WRITE_Y, col_out, col_s_in, out_width, table_width  # noqa: E402
+from fastdiff.program.layout import (OUT_FIXED, OUT_H, OUT_HU, OUT_X, OUT_Y, OUT_Z, col_out_slot,  # noqa: E402
+                                     hist_writes_error, mask_slots, pack_flags)
 
 _C = load_extension()
-HAVE_CPU = not isinstance(_C, str)
+# The CPU backend as a second oracle (Philox noise bit for bit), where the built fastdiff._C takes
+# this row ABI (the hist_writes bitmask; an older build takes one slot, hist_write).
+HAVE_CPU = not isinstance(_C, str) and "hist_writes" in (_C.fused_step.__doc__ or "")
 
 # ----------------------------------------------------------------------------------------------
 # The emulator library and the ctypes mirror of csrc/cuda/launch.h
@@ -54,7 +59,7 @@ class StepArgs(ctypes.Structure):
                 ("table_row_stride", ctypes.c_int64), ("table_col_stride", ctypes.c_int64), ("row", ctypes.c_int64),
                 ("batch", ctypes.c_int64), ("sample_size", ctypes.c_int64),
                 ("x", Rows), ("y", Rows), ("cond", Rows), ("uncond", Rows), ("noise", Rows), ("hist", Rows),
-                ("hist_slot_stride", ctypes.c_int64), ("num_slots", ctypes.c_int32), ("hist_write", ctypes.c_int32),
+                ("hist_slot_stride", ctypes.c_int64), ("num_slots", ctypes.c_int32), ("hist_writes", ctypes.c_int64),
                 ("flags", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("noise_id", ctypes.c_int64),
                 ("model_in", Rows), ("model_in_halves", ctypes.c_int32), ("model_in_half_stride", ctypes.c_int64),
                 ("bad_row", ctypes.c_void_p),
@@ -151,12 +156,12 @@ def step_args(kw, packer: Packer) -> StepArgs:
     if hist is not None and hist.shape[0] > 0:
         slot0 = hist[0]
         used = hist if batch_stride(slot0) is not None else hist.contiguous()
-        if used is not hist and kw["hist_write"] >= 0:
-            packer.back.append((hist, used))
+        if used is not hist:           # the written slots are copied back (as the binding does)
+            packer.back += [(hist[j], used[j]) for j in mask_slots(kw["hist_writes"]) if j < hist.shape[0]]
         a.hist, _ = packer.rows(used[0])
         packer.keep.append(used)
         a.hist_slot_stride, a.num_slots = used.stride(0), hist.shape[0]
-    a.hist_write = kw["hist_write"]
+    a.hist_writes = kw["hist_writes"]
     a.flags = flags & 0xFFFF_FFFF        # (the binding rejects other int64 values before packing)
     a.seed, a.noise_id = kw["seed"], kw["noise_id"]
     mi = kw.get("model_in")
@@ -182,11 +187,16 @@ def emulate_step(emu, kw):
     packer.finish()
 
 
-def step_plan(emu, kw):
-    out = (ctypes.c_int64 * 3)()
+def step_plan(emu, kw, *, full=False):
+    """The launch plan: dense, vec, groups (full: also the kernel variant KT, K or -1 for the any-K
+    loop, and the block's shared memory in bytes)."""
+    out = (ctypes.c_int64 * 5)()
     a = step_args(kw, Packer())
     assert emu.fastdiff_emulate_step_plan(ctypes.byref(a), out) is None
-    return dict(dense=bool(out[0]), vec=bool(out[1]), groups=out[2])
+    plan = dict(dense=bool(out[0]), vec=bool(out[1]), groups=out[2])
+    if full:
+        plan.update(variant=out[3], shared=out[4])
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,23 +319,26 @@ def test_fused_step_straddling_groups_take_scalar_path(emu):
 
 
 def test_fused_step_any_k_loop_matches_fixed_k(emu):
-    """The same row through the K=4 fixed variant and, with a fifth zero slot, the any-K loop."""
-    gen = torch.Generator().manual_seed(2)
-    kw4 = step_case(gen, (2, 4, 8, 8), K=4, noise="philox", writes="xy", model_in="2B")
-    kw4["hist_write"] = 3
-    kw5 = clone_case(kw4)
-    T4 = kw4["table"]
-    T5 = torch.zeros(T4.shape[0], table_width(5), dtype=torch.float64)
-    T5[:, :col_out(5, "x")] = T4[:, :col_out(4, "x")]          # g, g0, g1
-    for which in ("x", "y", "h"):                               # each out block, its 4 slots of 5
-        T5[:, col_out(5, which):col_out(5, which) + out_width(4)] = T4[:, col_out(4, which):col_out(4, which) + out_width(4)]
-    T5[:, col_s_in(5)] = T4[:, col_s_in(4)]
-    kw5["table"] = T5
-    kw5["hist"] = torch.cat([kw4["hist"], torch.full((1,) + tuple(kw4["x"].shape), 123.0)])
-    a, b = run(kw4, "emulated", emu), run(kw5, "emulated", emu)
-    for name in ("x", "y", "model_in", "bad_row"):
-        assert torch.equal(a[name], b[name]), name
-    assert torch.equal(a["hist"], b["hist"][:4])
+    """The same row through the K=4 fixed variant and, with a fifth slot no output reads (NaN), the
+    any-K loop; one and two slots written (three or more: the any-K loop for K = 4 too)."""
+    for mask in (0b1000, 0b1001, 0b1010, 0b1111):
+        gen = torch.Generator().manual_seed(2)
+        kw4 = step_case(gen, (2, 4, 8, 8), K=4, noise="philox", writes="xy", model_in="2B", hist_writes=mask)
+        kw5 = clone_case(kw4)
+        T4 = kw4["table"]
+        T5 = torch.zeros(T4.shape[0], table_width(5), dtype=torch.float64)
+        T5[:, :col_out(5, "x")] = T4[:, :col_out(4, "x")]          # g, g0, g1
+        for which in ("x", "y", 0, 1, 2, 3):                        # each out block, its 4 slots of 5
+            T5[:, col_out(5, which):col_out(5, which) + out_width(4)] = \
+                T4[:, col_out(4, which):col_out(4, which) + out_width(4)]
+        T5[:, col_s_in(5)] = T4[:, col_s_in(4)]
+        kw5["table"] = T5
+        kw5["hist"] = torch.cat([kw4["hist"], torch.full((1,) + tuple(kw4["x"].shape), float("nan"))])
+        a, b = run(kw4, "emulated", emu), run(kw5, "emulated", emu)
+        for name in ("x", "y", "model_in", "bad_row"):
+            assert torch.equal(a[name], b[name]), (mask, name)
+        assert torch.equal(a["hist"], b["hist"][:4]), mask
+        assert bool(b["hist"][4].isnan().all()), mask
 
 
 def test_fused_step_bad_row(emu):
@@ -350,9 +363,6 @@ def test_fused_step_rejects_bad_arguments(emu):
     a.table_cols = 99
     assert b"table_cols" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
     a = step_args(kw, Packer())
-    a.hist_write = 2
-    assert b"hist_write" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
-    a = step_args(kw, Packer())
     a.row = 3
     assert b"row" in emu.fastdiff_emulate_fused_step(ctypes.byref(a))
 
@@ -370,6 +380,163 @@ def test_fused_step_rejects_unknown_flag_bits(emu):
         for name, t in kw.items():
             if isinstance(t, torch.Tensor):
                 assert torch.equal(c[name].nan_to_num(7.0), t.nan_to_num(7.0)), f"flags={flags}: wrote {name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# History writes (a bitmask of slots, each from its own out block) and zero coefficients (the
+# slot is not read)
+# ----------------------------------------------------------------------------------------------
+def _masks(K):
+    """Every mask for K <= 3; above: none, one slot (first, last), two, all but one, all."""
+    if K <= 3:
+        return list(range(1 << K))
+    full = (1 << K) - 1
+    return sorted({0, 1, 1 << (K - 1), 0b11, 0b101 & full, 1 | 1 << (K - 1), full - 1, full})
+
+
+MASK_CASES = [(K, mask) for K in (1, 2, 3, 4, 5, 6) for mask in _masks(K)] + [(16, (1 << 16) - 1), (16, 0b1010)]
+
+
+@pytest.mark.parametrize("K,mask", MASK_CASES)
+def test_fused_step_hist_writes_masks(emu, K, mask):
+    """Each slot in the mask gets the value of its own out block, and every read comes before any
+    write: with random coefficients each written slot is read by its own block, by the other written
+    slots' blocks and by x and y, so a slot stored too early shows. Bitwise the reference's, in the
+    fixed-K variants (K <= 4) and the any-K loop (its pending area: up to 16 slots), vector and
+    scalar paths; slots outside the mask untouched."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((K, mask)).encode()))
+    written = bin(mask).count("1")
+    for shape, layout in (((2, 3, 4, 6), "contiguous"), ((2, 3, 5, 7), "offset"), ((3, 4, 6, 10), "channels_last")):
+        kw = step_case(gen, shape, K=K, model="cfg", noise="given", writes="xy", model_in="2B", hist_writes=mask,
+                       layout=layout)
+        plan = step_plan(emu, clone_case(kw), full=True)
+        # K <= 4 with at most 2 slots written: the fixed-K variant (registers); else the any-K loop,
+        # its written values in shared memory (4 floats of each of the 128 threads per slot).
+        assert plan["variant"] == (K if K <= 4 and written <= 2 else -1), plan
+        assert plan["shared"] == 4 * table_width(K) + (0 if plan["variant"] >= 0 else written * 4 * 128 * 4), plan
+        assert plan["shared"] <= 48 * 1024
+        got = run(kw, "emulated", emu)
+        assert_outputs(got, run(kw, "reference"), f"K={K} mask={mask:#b} {layout}")
+        for j in range(K):
+            if not mask >> j & 1:
+                assert torch.equal(got["hist"][j], kw["hist"][j]), f"slot {j} outside mask {mask:#b} written"
+            else:
+                assert not torch.equal(got["hist"][j], kw["hist"][j]), f"slot {j} of mask {mask:#b} not written"
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 5, 6])
+@pytest.mark.parametrize("fill", ["nan", "inf"])
+def test_fused_step_unread_slot_is_not_read(emu, K, fill):
+    """A slot whose coefficient is zero in every out block holds NaN (or inf: 0 * inf is NaN too):
+    it is absent, not 0 * H, so every output is finite and bitwise the reference's, whether the row
+    leaves the slot alone or writes it (a write-only slot: the drop-ins' x0 handed back)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((K, fill)).encode()))
+    for j in sorted({0, K - 1}):
+        for mask in sorted({0, 1 << j, (1 << K) - 1}):
+            for model, noise in (("cond", "given"), ("cfg", "philox")):
+                kw = step_case(gen, (2, 4, 6, 6), K=K, model=model, noise=noise, writes="xy", model_in="B",
+                               hist_writes=mask, unread_slot=j)
+                kw["hist"][j].fill_(float(fill))
+                got = run(kw, "emulated", emu)
+                what = f"K={K} unread slot {j} mask={mask:#b} {model} {noise}"
+                assert_outputs(got, run(kw, "reference"), what, exact=noise != "philox")
+                if HAVE_CPU and noise == "philox":
+                    assert_outputs(got, run(kw, "cpu"), what + " vs cpu")
+                for name in ("x", "y", "model_in"):
+                    assert bool(got[name].isfinite().all()), f"{what}: {name} read the {fill} slot"
+                assert got["bad_row"].item() == 0, what
+                others = [i for i in range(K) if i != j]
+                assert bool(got["hist"][others].isfinite().all()), what
+                if mask >> j & 1:
+                    assert bool(got["hist"][j].isfinite().all()), f"{what}: the write-only slot"
+                else:
+                    assert bool(got["hist"][j].isnan().all() if fill == "nan" else got["hist"][j].isinf().all())
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_fused_step_slot_read_only_by_an_output_not_written(emu, K):
+    """Slot 1 is NaN and only the y-out block has a non-zero coefficient for it: a row that does
+    not write y leaves it unread (x finite); a row that writes y reads it (y NaN, as the reference)."""
+    gen = torch.Generator().manual_seed(20 + K)
+    for writes in ("x", "xy"):
+        kw = step_case(gen, (2, 4, 8), K=K, model="cfg", noise="given", writes=writes, model_in="none",
+                       hist_writes=0b1, unread_slot=1)
+        kw["table"][:, col_out(K, "y") + OUT_FIXED + 1] = 0.5
+        got = run(kw, "emulated", emu)
+        assert_outputs(got, run(kw, "reference"), f"K={K} writes={writes}")
+        assert bool(got["x"].isfinite().all()) and bool(got["hist"][0].isfinite().all()), writes
+        if writes == "xy":
+            assert bool(got["y"].isnan().all()) and got["bad_row"].item() == kw["row"] + 1
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_fused_step_slot_read_and_written_by_one_row(emu, K):
+    """By hand: slot 0 <- 2 H0 and x <- x + H0 in one row: x gets the old H0 (every read before any
+    write), slot 1 <- H0 + H1 reads the old H0 as well."""
+    T = torch.zeros(1, table_width(K), dtype=torch.float64)
+    T[0, col_out(K, "x") + OUT_X] = 1.0
+    T[0, col_out(K, "x") + OUT_FIXED] = 1.0
+    T[0, col_out_slot(K, 0) + OUT_FIXED] = 2.0
+    T[0, col_out_slot(K, 1) + OUT_FIXED] = 1.0
+    T[0, col_out_slot(K, 1) + OUT_FIXED + 1] = 1.0
+    x = torch.arange(12.0).reshape(3, 4)
+    hist = torch.stack([torch.full((3, 4), 10.0), torch.full((3, 4), 100.0)] +
+                       [torch.full((3, 4), float("nan"))] * (K - 2))
+    kw = dict(table=T, row=0, x=x, y=None, cond=None, uncond=None, hist=hist, hist_writes=0b11,
+              flags=pack_flags(False, True, False, False), noise=None, seed=0, noise_id=-1, model_in=None,
+              bad_row=None, guidance=None)
+    got = run(kw, "emulated", emu)
+    assert torch.equal(got["x"], x + 10.0)
+    assert torch.equal(got["hist"][0], torch.full((3, 4), 20.0))
+    assert torch.equal(got["hist"][1], torch.full((3, 4), 110.0))
+    assert bool(got["hist"][2:].isnan().all())
+    assert_outputs(got, run(kw, "reference"), f"K={K}")
+
+
+def test_fused_step_zero_coefficient_keeps_negative_zero(emu):
+    """x' = -x - x with x = +0 is -0; a slot with a zero coefficient (holding 1.0) must not add
+    0 * 1.0 = +0, which would turn it into +0 (the reference keeps -0)."""
+    for K in (1, 5):
+        T = torch.zeros(1, table_width(K), dtype=torch.float64)
+        T[0, col_out(K, "x") + OUT_X] = -1.0
+        T[0, col_out(K, "x") + OUT_Y] = -1.0
+        T[0, col_out(K, "x") + OUT_H] = -1.0
+        T[0, col_out(K, "x") + OUT_HU] = -1.0
+        T[0, col_out(K, "x") + OUT_Z] = -1.0
+        kw = dict(table=T, row=0, x=torch.zeros(2, 8), y=None, cond=None, uncond=None, hist=torch.ones(K, 2, 8),
+                  hist_writes=0, flags=pack_flags(False, True, False, False), noise=None, seed=0, noise_id=-1,
+                  model_in=None, bad_row=None, guidance=None)
+        want = run(kw, "reference")
+        assert bool(want["x"].signbit().all()), "the reference keeps -0"
+        got = run(kw, "emulated", emu)
+        assert bool(got["x"].signbit().all()) and bool((got["x"] == 0).all()), f"K={K}: -0 became +0"
+
+
+@pytest.mark.parametrize("K", [0, 1, 2, 5])
+def test_fused_step_rejects_bad_hist_writes(emu, K):
+    """A mask naming a slot outside [0, K), or negative: the launch check's error (the rule the
+    reference states, hist_writes_error) and nothing written."""
+    gen = torch.Generator().manual_seed(30 + K)
+    kw = step_case(gen, (2, 4, 4), K=K, model="cfg", noise="given", writes="xy", model_in="2B", hist_writes=0)
+    for mask in (-1, 1 << K, (1 << K) | 1, (1 << (K + 1)) - 1, 1 << 40, -(1 << 63)):
+        c = clone_case(kw)
+        c["hist_writes"] = mask
+        err = emu.fastdiff_emulate_fused_step(ctypes.byref(step_args(c, Packer())))
+        assert err is not None and err.startswith(b"hist_writes must be a bitmask of history slots in [0, K)"), \
+            (mask, err)
+        for name, t in kw.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(c[name].nan_to_num(7.0), t.nan_to_num(7.0)), f"mask={mask}: wrote {name}"
+        with pytest.raises(ValueError, match=re.escape(hist_writes_error(mask, K))):
+            reference.fused_step(*[clone_case(c)[k] for k in STEP_ARGS])
+
+
+def test_fused_step_rejects_more_slots_than_the_kernels_take(emu):
+    """K <= 16 (the row and the pending slot values fit a block's shared memory)."""
+    gen = torch.Generator().manual_seed(31)
+    kw = step_case(gen, (2, 4), K=17, model="cond", noise="none", hist_writes=1)
+    err = emu.fastdiff_emulate_fused_step(ctypes.byref(step_args(kw, Packer())))
+    assert err is not None and b"num_slots (K) must be in [0, 16]" in err, err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
 // The row's coefficients are read from the float64 table on the device, once per block into
 // shared memory (rounded to float32 as the reference rounds them): the host never reads them, so
 // a captured CUDA graph replays current values. Variants: K = 0..4 history slots fixed at compile
-// time (their values live in registers), any other K through a loop; 4-wide vector loads where
-// the plan allows. Dtypes are run-time arguments (a warp-uniform switch per load).
+// time (their values live in registers, up to kRegisterWrites slots written), any other row
+// through a loop (the values of the slots it writes wait in shared memory behind the row until the
+// loop's last read); 4-wide vector
+// loads where the plan allows. Dtypes are run-time arguments (a warp-uniform switch per load).
 //
 // bad_row: the block ORs its threads' flags (__syncthreads_or), and one thread per block does the
 // compare-and-swap, so the first bad row wins and at most one atomic per block is issued.
@@ -22,12 +24,12 @@ constexpr int kMinBlocks = 5;
 
 template <int KT, bool VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fused_step_kernel(const fastdiff_step_args a, const StepPlan p) {
-  extern __shared__ float coefs[];   // columns(K).width floats
+  extern __shared__ float coefs[];   // step_shared_floats(K, hist_writes): the row, then the pending area
   load_row_coefs(a, coefs, threadIdx.x, blockDim.x);
   __syncthreads();
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   uint32_t bad = 0;
-  if (t < p.geo.groups) bad = step_group<KT, VEC>(a, p, coefs, t);
+  if (t < p.geo.groups) bad = step_group<KT, VEC>(a, p, coefs, coefs + columns(a.num_slots).width, t);
   if (p.check && __syncthreads_or((int)bad) && threadIdx.x == 0) atomicCAS(a.bad_row, 0, (int32_t)(a.row + 1));
 }
 
@@ -45,8 +47,8 @@ extern "C" cudaError_t fastdiff_cuda_fused_step(const fastdiff_step_args* args, 
   if (plan.geo.numel == 0) return cudaSuccess;
   const int64_t blocks = blocks_for(plan.geo.groups);
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  const size_t smem = (size_t)columns(args->num_slots).width * sizeof(float);
-  with_step_variant(args->num_slots, plan.geo.vec, [&](auto kt, auto vec) {
+  const size_t smem = (size_t)step_shared_floats(args->num_slots, args->hist_writes) * sizeof(float);
+  with_step_variant(plan, [&](auto kt, auto vec) {
     auto kernel = fused_step_kernel<decltype(kt)::value, decltype(vec)::value>;
     kernel<<<(unsigned)blocks, kThreads, smem, stream>>>(*args, plan);
   });

@@ -8,7 +8,7 @@
 // written as one 4-vector (16 bytes of float32, 8 of float16/bfloat16).
 //
 // Every value a thread writes depends only on the same element's inputs, and a thread reads all
-// of its inputs before its first store, so in-place updates (x, y, a history slot) are safe.
+// of its inputs before its first store, so in-place updates (x, y, any set of history slots) are safe.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -286,27 +286,6 @@ FASTDIFF_HD inline void load_row_coefs(const fastdiff_step_args& a, float* coefs
   for (int c = first; c < width; c += step) coefs[c] = (float)r[c * a.table_col_stride];
 }
 
-FASTDIFF_HD inline m::RowCoefs row_coefs(const float* coefs, int K) {
-  const Columns col = columns(K);
-  m::RowCoefs k;
-  k.g = coefs[col.g];
-  k.g0 = coefs[col.g0];
-  k.g1 = coefs[col.g1];
-  k.qy = coefs[col.qy];
-  k.qd = coefs[col.qd];
-  k.s_in = coefs[col.s_in];
-  using namespace layout;
-  auto out = [&](int first) {
-    const float* o = coefs + first;
-    return m::OutCoefs{o[OUT_X], o[OUT_Y], o[OUT_H], o[OUT_HU], o[OUT_Z], o + OUT_FIXED};
-  };
-  k.ox = out(col.out_x);
-  k.oy = out(col.out_y);
-  k.oh = out(col.out_h);
-  k.K = K;
-  return k;
-}
-
 // The per-sample scale s[b] (float32 or float64), rounded to float32 as the reference rounds it.
 FASTDIFF_HD inline float guidance_at(const fastdiff_step_args& a, int64_t b) {
   return a.guidance_dtype == FASTDIFF_FLOAT64 ? (float)static_cast<const double*>(a.guidance)[b]
@@ -317,11 +296,38 @@ FASTDIFF_HD inline fastdiff_rows hist_slot(const fastdiff_step_args& a, int j) {
   return advanced(a.hist, (int64_t)j * a.hist_slot_stride);
 }
 
-// One group of the step; KT = K fixed at compile time (history values in registers), or -1 (any
-// K, read inside the output loop). coefs: the row, rounded to float32. Returns 1 if the row
-// checks for non-finite values and a written x/y value of the group is NaN or infinite.
+// Does an output the row computes read history slot j? An output reads the slots whose
+// coefficient (rounded to float32) is non-zero; the outputs are the x-out block if the row writes
+// x, the y-out block if it writes y, and the block of every slot it writes. The same answer in
+// every thread (one row), so the branches on it do not diverge.
+FASTDIFF_HD inline bool slot_is_read(const float* coefs, const Columns& col, int K, const StepPlan& p, int64_t writes,
+                                     int j) {
+  using namespace layout;
+  if (p.write_x && coefs[col.out_x + OUT_FIXED + j] != 0.0f) return true;
+  if (p.write_y && coefs[col.out_y + OUT_FIXED + j] != 0.0f) return true;
+  for (int w = 0; w < K; ++w)
+    if ((writes >> w & 1) && coefs[col_out_slot(K, w) + OUT_FIXED + j] != 0.0f) return true;
+  return false;
+}
+
+// The element terms of one output, in m::step_output's order (the model terms, then the noise);
+// the history terms are added after, slot by slot.
+FASTDIFF_HD inline void output_base(const float* o, bool has_z, const float X[4], const float E[4], const float Hm[4],
+                                    const float HU[4], const float Z[4], float v[4]) {
+  using namespace layout;
+  for (int e = 0; e < kGroup; ++e) {
+    v[e] = m::out_model(o[OUT_X], X[e], o[OUT_Y], E[e], o[OUT_H], Hm[e], o[OUT_HU], HU[e]);
+    if (has_z) v[e] = m::out_add(v[e], o[OUT_Z], Z[e]);
+  }
+}
+
+// One group of the step; KT = K fixed at compile time (history values in registers; at most
+// kRegisterWrites slots written), or -1 (any K and any mask, slots read inside the slot loop). coefs: the row, rounded to float32; pending: the block's pending
+// area (step_shared_floats beyond the row; used by KT = -1 only). Returns 1 if the row checks for
+// non-finite values and a written x/y value of the group is NaN or infinite.
 template <int KT, bool VEC>
-FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPlan& p, const float* coefs, int64_t t) {
+FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPlan& p, const float* coefs,
+                                       float* pending, int64_t t) {
   const Group g = make_group(p.geo, t);
   const int K = KT >= 0 ? KT : a.num_slots;
   // The row's coefficients are read from shared memory where they are used (no copy in registers).
@@ -329,9 +335,10 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   const Columns col = columns(K);
   const float* ox = coefs + col.out_x;
   const float* oy = coefs + col.out_y;
-  const float* oh = coefs + col.out_h;
+  const int64_t writes = a.hist_writes;
 
-  // Phase 1: every load of the group (fetch), phase 2: conversions and math.
+  // Phase 1: every load of the group (fetch), phase 2: conversions and math. A slot no output
+  // reads (every coefficient of it zero) is not loaded: it may hold anything.
   const bool model = a.cond.data != nullptr, model_f64 = model && a.cond.dtype == FASTDIFF_FLOAT64;
   const bool cfg = a.uncond.data != nullptr;
   const Fetched fx = fetch<VEC>(g, a.x);
@@ -341,7 +348,8 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   const Fetched fz = a.noise.data != nullptr ? fetch<VEC>(g, a.noise) : Fetched{};
   constexpr int KH = KT > 0 ? KT : 1;
   Fetched fh[KH];
-  for (int j = 0; j < KT; ++j) fh[j] = fetch<VEC>(g, hist_slot(a, j));
+  for (int j = 0; j < KT; ++j)
+    fh[j] = slot_is_read(coefs, col, K, p, writes, j) ? fetch<VEC>(g, hist_slot(a, j)) : Fetched{};
 
   float X[4], E[4], Hm[4], HU[4], Z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   decode(fx, X);
@@ -374,29 +382,76 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
   if (a.noise.data != nullptr) decode(fz, Z);
   else if (p.philox) m::philox_normal4((uint64_t)t, a.seed, (uint32_t)a.noise_id, Z[0], Z[1], Z[2], Z[3]);
 
-  // Outputs in step_math's order (m::step_output: base, noise, then the slots in order): the
-  // element terms of x, y and the history value first (then X, E, h, hu, z are dead), then the
-  // slot loop outside the element loop so one slot's 4 values are live at a time.
-  const bool wh = a.hist_write >= 0;
-  float NX[4], NY[4], NH[4];
-  for (int e = 0; e < kGroup; ++e) {
-    NX[e] = m::out_model(ox[OUT_X], X[e], ox[OUT_Y], E[e], ox[OUT_H], Hm[e], ox[OUT_HU], HU[e]);
-    NY[e] = m::out_model(oy[OUT_X], X[e], oy[OUT_Y], E[e], oy[OUT_H], Hm[e], oy[OUT_HU], HU[e]);
-    NH[e] = m::out_model(oh[OUT_X], X[e], oh[OUT_Y], E[e], oh[OUT_H], Hm[e], oh[OUT_HU], HU[e]);
-    if (p.has_z) {
-      NX[e] = m::out_add(NX[e], ox[OUT_Z], Z[e]);
-      NY[e] = m::out_add(NY[e], oy[OUT_Z], Z[e]);
-      NH[e] = m::out_add(NH[e], oh[OUT_Z], Z[e]);
+  // Outputs in m::step_output's order: the element terms, then the slots in order, a slot whose
+  // coefficient is zero being absent (not 0 * H: NaN for a NaN slot, +0 for a -0 sum).
+  float NX[4] = {0.0f, 0.0f, 0.0f, 0.0f}, NY[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (KT >= 0) {
+    // The slots are in registers (fetched above); as in the any-K loop below, the element terms of
+    // every output first (then X, E, h, hu, z are dead), then the slot loop outside the element
+    // loop, so one slot's 4 values are live at a time. At most kRegisterWrites written slots
+    // (p.reg_slot; the host runs a row writing more through the any-K loop).
+    const int wa = KT >= 1 ? p.reg_slot[0] : -1, wb = KT >= 2 ? p.reg_slot[1] : -1;   // (K < 2: fewer to keep)
+    static_assert(kRegisterWrites == 2, "one accumulator per register-resident written slot below");
+    const float* oa = wa >= 0 ? coefs + col_out_slot(K, wa) : ox;   // (a block inside the row either way)
+    const float* ob = wb >= 0 ? coefs + col_out_slot(K, wb) : ox;
+    // Outputs the row does not write are formed too (no branches; their values are not used): a
+    // slot not fetched decodes as zeros and only such outputs can have a non-zero coefficient of it.
+    float NA[4], NB[4];
+    output_base(ox, p.has_z, X, E, Hm, HU, Z, NX);
+    output_base(oy, p.has_z, X, E, Hm, HU, Z, NY);
+    output_base(oa, p.has_z, X, E, Hm, HU, Z, NA);
+    output_base(ob, p.has_z, X, E, Hm, HU, Z, NB);
+    for (int j = 0; j < KT; ++j) {
+      float Hj[4];
+      decode(fh[j], Hj);
+      const float cx = ox[OUT_FIXED + j], cy = oy[OUT_FIXED + j], ca = oa[OUT_FIXED + j], cb = ob[OUT_FIXED + j];
+      for (int e = 0; e < kGroup; ++e) {   // a zero coefficient: the term is absent
+        if (cx != 0.0f) NX[e] = m::out_add(NX[e], cx, Hj[e]);
+        if (cy != 0.0f) NY[e] = m::out_add(NY[e], cy, Hj[e]);
+        if (ca != 0.0f) NA[e] = m::out_add(NA[e], ca, Hj[e]);
+        if (cb != 0.0f) NB[e] = m::out_add(NB[e], cb, Hj[e]);
+      }
     }
-  }
-  for (int j = 0; j < K; ++j) {
-    float Hj[4];
-    if constexpr (KT >= 0) decode(fh[j], Hj);
-    else gather<VEC>(g, hist_slot(a, j), Hj);
-    for (int e = 0; e < kGroup; ++e) {
-      NX[e] = m::out_add(NX[e], ox[OUT_FIXED + j], Hj[e]);
-      NY[e] = m::out_add(NY[e], oy[OUT_FIXED + j], Hj[e]);
-      if (wh) NH[e] = m::out_add(NH[e], oh[OUT_FIXED + j], Hj[e]);
+    if (wa >= 0) scatter<VEC>(g, hist_slot(a, wa), NA);   // every read of the group is done
+    if (wb >= 0) scatter<VEC>(g, hist_slot(a, wb), NB);
+  } else {
+    // Any K: each slot is loaded once, inside the slot loop, and added to every output that reads
+    // it; the written slots' values wait in the block's pending area ([slot][element][thread],
+    // shared memory) until the last read, then are stored.
+    const int tid = (int)(t & (kThreads - 1));
+    auto pend = [&](int n, int e) -> float& { return pending[(n * kGroup + e) * kThreads + tid]; };
+    if (p.write_x) output_base(ox, p.has_z, X, E, Hm, HU, Z, NX);
+    if (p.write_y) output_base(oy, p.has_z, X, E, Hm, HU, Z, NY);
+    for (int w = 0, n = 0; w < K; ++w) {
+      if (!(writes >> w & 1)) continue;
+      float NW[4];
+      output_base(coefs + col_out_slot(K, w), p.has_z, X, E, Hm, HU, Z, NW);
+      for (int e = 0; e < kGroup; ++e) pend(n, e) = NW[e];
+      ++n;
+    }
+    for (int j = 0; j < K; ++j) {
+      if (!slot_is_read(coefs, col, K, p, writes, j)) continue;
+      float Hj[4];
+      gather<VEC>(g, hist_slot(a, j), Hj);
+      const float cx = ox[OUT_FIXED + j], cy = oy[OUT_FIXED + j];
+      if (p.write_x && cx != 0.0f)
+        for (int e = 0; e < kGroup; ++e) NX[e] = m::out_add(NX[e], cx, Hj[e]);
+      if (p.write_y && cy != 0.0f)
+        for (int e = 0; e < kGroup; ++e) NY[e] = m::out_add(NY[e], cy, Hj[e]);
+      for (int w = 0, n = 0; w < K; ++w) {
+        if (!(writes >> w & 1)) continue;
+        const float c = coefs[col_out_slot(K, w) + OUT_FIXED + j];
+        if (c != 0.0f)
+          for (int e = 0; e < kGroup; ++e) pend(n, e) = m::out_add(pend(n, e), c, Hj[e]);
+        ++n;
+      }
+    }
+    for (int w = 0, n = 0; w < K; ++w) {   // every read of the group is done
+      if (!(writes >> w & 1)) continue;
+      float NW[4];
+      for (int e = 0; e < kGroup; ++e) NW[e] = pend(n, e);
+      scatter<VEC>(g, hist_slot(a, w), NW);
+      ++n;
     }
   }
   uint32_t bad = 0;
@@ -406,8 +461,7 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
     if (p.write_y) bad |= valid & m::nonfinite(NY[e]);
   }
 
-  // Stores, after every read of the group.
-  if (wh) scatter<VEC>(g, hist_slot(a, a.hist_write), NH);
+  // Stores of x, y and the model input (the written slots are stored above, after every read).
   if (p.write_x) scatter<VEC>(g, a.x, NX);
   if (p.write_y) scatter<VEC>(g, a.y, NY);
   if (a.model_in.data != nullptr) {
@@ -420,7 +474,7 @@ FASTDIFF_HD inline uint32_t step_group(const fastdiff_step_args& a, const StepPl
 }
 
 // Calls f(std::integral_constant<int, KT>, std::integral_constant<bool, VEC>) for the compiled
-// variant serving K slots (KT = K up to kMaxFixedSlots, else -1) and the plan's vector flag.
+// variant the plan chose (StepPlan::variant: K, or -1 for the any-K loop) and its vector flag.
 template <int KT, class F>
 inline void with_vec(bool vec, F&& f) {
   if (vec) f(std::integral_constant<int, KT>{}, std::true_type{});
@@ -428,9 +482,10 @@ inline void with_vec(bool vec, F&& f) {
 }
 
 template <class F>
-inline void with_step_variant(int K, bool vec, F&& f) {
+inline void with_step_variant(const StepPlan& p, F&& f) {
   static_assert(kMaxFixedSlots == 4, "list every fixed K below");
-  switch (K) {
+  const bool vec = p.geo.vec;
+  switch (p.variant) {
     case 0: with_vec<0>(vec, f); break;
     case 1: with_vec<1>(vec, f); break;
     case 2: with_vec<2>(vec, f); break;

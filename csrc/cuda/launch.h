@@ -38,7 +38,9 @@ typedef struct fastdiff_rows {
 } fastdiff_rows;
 
 /* One row of a coefficient program (fastdiff/program), in place on x, y, hist, model_in and
- * bad_row; argument for argument fastdiff.reference.fused_step (fastdiff/program/layout.py STEP_ARGS). */
+ * bad_row; argument for argument fastdiff.reference.fused_step (fastdiff/program/layout.py STEP_ARGS).
+ * A history slot whose coefficient (rounded to float32) is zero in every output the row computes is
+ * not read, so it may hold anything (uninitialized memory, NaN), e.g. a slot the row only writes. */
 typedef struct fastdiff_step_args {
   const double* table;      /* [table_rows, table_cols] float64 on the device; columns: ../program_layout.h */
   int64_t table_rows;
@@ -56,7 +58,8 @@ typedef struct fastdiff_step_args {
   fastdiff_rows hist;       /* float32 history slot 0; slot j at data + j * hist_slot_stride */
   int64_t hist_slot_stride;
   int32_t num_slots;        /* K (0: hist unused) */
-  int32_t hist_write;       /* slot receiving the h-out combination, or -1 */
+  int64_t hist_writes;      /* bitmask of the slots the row writes (bit j: slot j gets its own out block,
+                               layout::col_out_slot(K, j)); 0: none; 0 <= hist_writes < 2^K */
   uint32_t flags;           /* the row's bitmask, ../program_layout.h: FLAG_EVAL_Y (E, the point the
                                model saw, is y, else x), FLAG_WRITE_X, FLAG_WRITE_Y, FLAG_MODEL_IN_FROM_Y
                                (model_in = s_in * new y, else s_in * new x); other bits: an error */

@@ -17,7 +17,12 @@ namespace cuda {
 constexpr int kThreads = 128;     // threads per block of the elementwise kernels
 constexpr int kGroup = 4;         // elements per thread: one Philox group, one 4-wide vector
 constexpr int kMaxFixedSlots = 4; // K = 0..4 compile with K fixed (registers); larger K loops
-constexpr int kMaxSlots = 1024;   // the row (layout::table_width(K) floats) fits the default 48 KB of shared memory
+// Shared memory of a fused-step block: the row (layout::table_width(K) floats, quadratic in K: one
+// out block per slot) and, for the any-K loop, the values of the slots the row writes while the
+// slot loop still reads (kThreads * kGroup floats each). K <= 16 keeps the worst case (every slot
+// written: 1.5 KB + 32 KB) within the default 48 KB.
+constexpr int kMaxSlots = 16;
+static_assert((kThreads & (kThreads - 1)) == 0, "a thread's index in its block is t & (kThreads - 1)");
 
 // The coefficient table's columns: csrc/program_layout.h (fastdiff/program/layout.py).
 using layout::Columns;
@@ -46,7 +51,31 @@ struct Plan {
   bool vec;        // every full group is one aligned 4-vector in every operand
 };
 
+// The number of history slots a hist_writes mask names.
+FASTDIFF_HD inline int written_slots(int64_t hist_writes) {
+  int n = 0;
+  for (; hist_writes > 0; hist_writes >>= 1) n += (int)(hist_writes & 1);
+  return n;
+}
+
+// The kernel variant of a row: K itself (K fixed at compile time, the slots in registers) for
+// K <= kMaxFixedSlots and at most kRegisterWrites written slots, else -1 (the any-K loop, whose
+// written slot values wait in shared memory).
+constexpr int kRegisterWrites = 2;   // written slots the fixed-K variants accumulate in registers
+inline int step_variant(int K, int64_t hist_writes) {
+  return K <= kMaxFixedSlots && written_slots(hist_writes) <= kRegisterWrites ? K : -1;
+}
+
+// Floats of one block's pending area (the any-K loop's written slot values, [slot][element][thread])
+// and of its whole dynamic shared memory (the row's coefficients first).
+inline int pending_floats(int K, int64_t hist_writes) {
+  return step_variant(K, hist_writes) < 0 ? written_slots(hist_writes) * kGroup * kThreads : 0;
+}
+inline int step_shared_floats(int K, int64_t hist_writes) { return columns(K).width + pending_floats(K, hist_writes); }
+
 struct StepPlan {
+  int variant;     // step_variant(K, hist_writes)
+  int reg_slot[kRegisterWrites];   // fixed-K variants: the written slots, ascending; -1 past the last
   Plan geo;
   bool philox;     // draw the noise in the kernel
   bool has_z;      // the outputs have a noise term (given or Philox), as in the reference
@@ -118,7 +147,7 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->table_row_stride < 0 || a->table_col_stride < 0) return "table strides must be non-negative";
   if (a->row < 0 || a->row >= a->table_rows) return "row is outside the table";
   if (a->row >= INT32_MAX) return "row + 1 does not fit the int32 bad_row flag";
-  if (a->num_slots < 0 || a->num_slots > kMaxSlots) return "num_slots (K) must be in [0, 1024]";
+  if (a->num_slots < 0 || a->num_slots > kMaxSlots) return "num_slots (K) must be in [0, 16]";
   if (a->table_cols != columns(a->num_slots).width) return "table_cols does not match num_slots (layout::table_width(K))";
   if (a->x.data == nullptr || a->x.dtype != FASTDIFF_FLOAT32) return "x must be a float32 tensor";
   if (a->flags & ~layout::FLAG_ALL)
@@ -136,7 +165,8 @@ inline const char* step_args_error(const fastdiff_step_args* a) {
   if (a->noise.data == nullptr && a->noise_id >= (int64_t(1) << 32)) return "noise_id must be < 2**32";
   if (a->num_slots > 0 && (a->hist.data == nullptr || a->hist.dtype != FASTDIFF_FLOAT32 || a->hist_slot_stride < 0))
     return "K > 0 needs a float32 hist with a non-negative slot stride";
-  if (a->hist_write < -1 || a->hist_write >= a->num_slots) return "hist_write must be -1 or a slot in [0, K)";
+  if (!layout::hist_writes_valid(a->hist_writes, a->num_slots))
+    return "hist_writes must be a bitmask of history slots in [0, K) (0: no write; 0 <= hist_writes < 2**K)";
   if (a->guidance != nullptr && a->guidance_dtype != FASTDIFF_FLOAT32 && a->guidance_dtype != FASTDIFF_FLOAT64)
     return "guidance (the per-sample scale vector) must be float32 or float64";
   if (a->model_in.data != nullptr) {
@@ -161,6 +191,11 @@ inline StepPlan make_step_plan(const fastdiff_step_args& a) {
   s.write_x = a.flags & layout::FLAG_WRITE_X;
   s.write_y = a.flags & layout::FLAG_WRITE_Y;
   s.mi_from_y = a.flags & layout::FLAG_MODEL_IN_FROM_Y;
+  s.variant = step_variant(a.num_slots, a.hist_writes);
+  int n = 0;
+  for (int w = 0; w < a.num_slots && w < 63; ++w)
+    if ((a.hist_writes >> w & 1) && n < kRegisterWrites) s.reg_slot[n++] = w;
+  for (; n < kRegisterWrites; ++n) s.reg_slot[n] = -1;
   return s;
 }
 

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
@@ -97,7 +98,7 @@ uint64_t seed_arg(const py::handle& seed, bool used) {
 }
 
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
-                const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, int64_t flags,
+                const OptTensor& uncond, const OptTensor& hist, int64_t hist_writes, int64_t flags,
                 const OptTensor& noise, uint64_t seed, int64_t noise_id, const OptTensor& model_in,
                 const OptTensor& bad_row, const OptTensor& guidance) {
   namespace L = fastdiff::layout;
@@ -132,6 +133,10 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
                       "fastdiff._cuda.fused_step: hist must have shape [K, *x.shape], got ", hist->sizes());
     K = hist->size(0);
   }
+  // The written slots (one bitmask): a bit outside [0, K) is an error, before any write.
+  TORCH_CHECK_VALUE(L::hist_writes_valid(hist_writes, (int)std::min<int64_t>(K, 62)),
+                    "fastdiff._cuda.fused_step: hist_writes must be a bitmask of history slots in [0, K) (K = ", K,
+                    "; 0: no write; 0 <= hist_writes < 2**K), got ", hist_writes);
   int halves = 0;
   if (model_in) {
     check_on(*model_in, "model_in", dev);
@@ -185,7 +190,7 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
     a.hist_slot_stride = H.stride(0);
   }
   a.num_slots = (int32_t)K;
-  a.hist_write = (int32_t)hist_write;
+  a.hist_writes = hist_writes;
   a.flags = (uint32_t)flags;
   a.seed = seed;
   a.noise_id = noise_id;
@@ -201,7 +206,9 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   // ---- outputs that ran on copies ----
   if (write_x) write_back(x, X.used);
   if (write_y) write_back(*y, Y.used);
-  if (hist_write >= 0 && !H.is_same(*hist)) hist->select(0, hist_write).copy_(H.select(0, hist_write));
+  if (K > 0 && !H.is_same(*hist))
+    for (int64_t j = 0; j < K; ++j)
+      if (hist_writes >> j & 1) hist->select(0, j).copy_(H.select(0, j));
   if (model_in) write_back(*model_in, MI.used);
 }
 
@@ -294,16 +301,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "fused_step",
       [](const at::Tensor& table, int64_t row, const at::Tensor& x, const OptTensor& y, const OptTensor& cond,
-         const OptTensor& uncond, const OptTensor& hist, int64_t hist_write, int64_t flags, const OptTensor& noise,
+         const OptTensor& uncond, const OptTensor& hist, int64_t hist_writes, int64_t flags, const OptTensor& noise,
          py::handle seed, int64_t noise_id, const OptTensor& model_in, const OptTensor& bad_row,
          const OptTensor& guidance) {
         const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
         py::gil_scoped_release nogil;
-        fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, s, noise_id, model_in, bad_row,
+        fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, s, noise_id, model_in, bad_row,
                    guidance);
       },
       py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
-      py::arg("hist"), py::arg("hist_write"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
+      py::arg("hist"), py::arg("hist_writes"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
       py::arg("noise_id"), py::arg("model_in"), py::arg("bad_row"), py::arg("guidance") = py::none(),
       "One row of a coefficient program (fastdiff.ops.reference.fused_step), on CUDA tensors.");
   m.def(

@@ -24,13 +24,15 @@ size_t fastdiff_emulate_sizeof_cfg_args(void) { return sizeof(fastdiff_cfg_args)
 size_t fastdiff_emulate_offsetof_bad_row(void) { return offsetof(fastdiff_step_args, bad_row); }
 size_t fastdiff_emulate_offsetof_out_dtype(void) { return offsetof(fastdiff_cfg_args, out_dtype); }
 
-// The launch plan the GPU launcher would choose: {dense, vec, groups}.
-const char* fastdiff_emulate_step_plan(const fastdiff_step_args* a, int64_t* out3) {
+// The launch plan the GPU launcher would choose: {dense, vec, groups, variant (KT), shared bytes}.
+const char* fastdiff_emulate_step_plan(const fastdiff_step_args* a, int64_t* out5) {
   if (const char* e = step_args_error(a)) return e;
   const StepPlan p = make_step_plan(*a);
-  out3[0] = p.geo.dense;
-  out3[1] = p.geo.vec;
-  out3[2] = p.geo.groups;
+  out5[0] = p.geo.dense;
+  out5[1] = p.geo.vec;
+  out5[2] = p.geo.groups;
+  out5[3] = p.variant;
+  out5[4] = (int64_t)step_shared_floats(a->num_slots, a->hist_writes) * (int64_t)sizeof(float);
   return nullptr;
 }
 
@@ -38,14 +40,16 @@ const char* fastdiff_emulate_fused_step(const fastdiff_step_args* a) {
   if (const char* e = step_args_error(a)) return e;
   const StepPlan p = make_step_plan(*a);
   if (p.geo.numel == 0) return nullptr;
-  std::vector<float> coefs(columns(a->num_slots).width);
+  // One block's shared memory, as the launcher sizes it: the row, then the pending area.
+  std::vector<float> coefs(step_shared_floats(a->num_slots, a->hist_writes));
   load_row_coefs(*a, coefs.data(), 0, 1);
+  float* pending = coefs.data() + columns(a->num_slots).width;
   const int64_t blocks = blocks_for(p.geo.groups);
-  with_step_variant(a->num_slots, p.geo.vec, [&](auto kt, auto vec) {
+  with_step_variant(p, [&](auto kt, auto vec) {
     for (int64_t blk = 0; blk < blocks; ++blk) {
       uint32_t bad = 0;   // __syncthreads_or over the block
       for (int64_t t = blk * kThreads; t < (blk + 1) * kThreads && t < p.geo.groups; ++t)
-        bad |= step_group<decltype(kt)::value, decltype(vec)::value>(*a, p, coefs.data(), t);
+        bad |= step_group<decltype(kt)::value, decltype(vec)::value>(*a, p, coefs.data(), pending, t);
       if (p.check && bad && *a->bad_row == 0) *a->bad_row = (int32_t)(a->row + 1);   // atomicCAS(flag, 0, row + 1)
     }
   });

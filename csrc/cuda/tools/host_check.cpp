@@ -53,6 +53,13 @@ static fastdiff_rows rows(void* p, int64_t sb, fastdiff_dtype dt = FASTDIFF_FLOA
 static void addressing_and_plans() {
   CHECK(row_offset(13, 5, 8) == 2 * 8 + 3);
   CHECK(row_offset(4, 5, 8) == 4);
+  // Kernel variants: K fixed with at most 2 slots written, else the any-K loop, whose shared memory
+  // (the row, then 128 threads x 4 values per written slot) fits 48 KB up to K = 16, every slot written.
+  CHECK(written_slots(0) == 0 && written_slots(0b1011) == 3);
+  CHECK(step_variant(0, 0) == 0 && step_variant(4, 0b1001) == 4 && step_variant(3, 0b111) == -1);
+  CHECK(step_variant(5, 0) == -1 && pending_floats(5, 0) == 0 && pending_floats(4, 0b11) == 0);
+  CHECK(pending_floats(3, 0b111) == 3 * kGroup * kThreads);
+  CHECK(step_shared_floats(kMaxSlots, (int64_t(1) << kMaxSlots) - 1) * 4 <= 48 * 1024);
   alignas(16) static float buf[4096];
   // Contiguous [2, 16]: dense, vectors.
   fastdiff_rows x = rows(buf, 16);
@@ -105,7 +112,7 @@ static fastdiff_step_args valid_args(double* table, float* x, float* y, float* h
   a.hist = rows(hist, 4);
   a.hist_slot_stride = 8;
   a.num_slots = 1;
-  a.hist_write = 0;
+  a.hist_writes = 1;
   a.flags = FLAG_WRITE_X;
   a.noise_id = -1;
   a.bad_row = flag;
@@ -132,8 +139,12 @@ static void argument_checks() {
   CHECK(step_args_error(&a) != nullptr);                 // width does not match K
   a = ok; a.row = 2;
   CHECK(step_args_error(&a) != nullptr);                 // row outside the table
-  a = ok; a.hist_write = 1;
-  CHECK(step_args_error(&a) != nullptr);                 // slot out of range
+  for (int64_t mask : {int64_t(2), int64_t(3), int64_t(-1), int64_t(1) << 40}) {
+    a = ok; a.hist_writes = mask;
+    CHECK(step_args_error(&a) != nullptr);               // a slot outside [0, K), or negative
+  }
+  a = ok; a.hist_writes = 0;
+  CHECK(step_args_error(&a) == nullptr);                 // no write
   a = ok; a.noise_id = int64_t(1) << 32;
   CHECK(step_args_error(&a) != nullptr);
   a = ok; a.noise.data = x; a.noise_id = int64_t(1) << 32;
@@ -234,14 +245,15 @@ static void one_step_by_hand() {
   const StepPlan p = make_step_plan(a);
   float coefs[W];
   load_row_coefs(a, coefs, 0, 1);
+  static float pending[kGroup * kThreads];   // the any-K loop's pending area for one written slot
   uint32_t bad = 0;
-  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<1, false>(a, p, coefs, t);
+  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<1, false>(a, p, coefs, nullptr, t);
   for (int i = 0; i < 5; ++i) CHECK(x[i] == 5.5f && hist[i] == 1.5f && bits16(&mi[i]) == 0x4980);   // 11.0 in float16
   CHECK(bad == 0);
   // An infinite history value makes x' infinite: flagged.
   hist[4] = INFINITY;
   bad = 0;
-  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<-1, false>(a, p, coefs, t);
+  for (int64_t t = 0; t < p.geo.groups; ++t) bad |= step_group<-1, false>(a, p, coefs, pending, t);
   CHECK(bad == 1);
 }
 
