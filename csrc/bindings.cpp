@@ -34,17 +34,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "fused_step",
       [](const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
          const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
-         const std::optional<at::Tensor>& hist, int64_t hist_write, int64_t flags,
+         const std::optional<at::Tensor>& hist, int64_t hist_writes, int64_t flags,
          const std::optional<at::Tensor>& noise, py::handle seed, int64_t noise_id,
          const std::optional<at::Tensor>& model_in, const std::optional<at::Tensor>& bad_row,
          const std::optional<at::Tensor>& guidance) {
         const uint64_t s = seed_arg(seed, !noise && noise_id >= 0);
         py::gil_scoped_release nogil;
-        fastdiff::fused_step(table, row, x, y, cond, uncond, hist, hist_write, flags, noise, s, noise_id, model_in,
+        fastdiff::fused_step(table, row, x, y, cond, uncond, hist, hist_writes, flags, noise, s, noise_id, model_in,
                              bad_row, guidance);
       },
       py::arg("table"), py::arg("row"), py::arg("x"), py::arg("y"), py::arg("cond"), py::arg("uncond"),
-      py::arg("hist"), py::arg("hist_write"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
+      py::arg("hist"), py::arg("hist_writes"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
       py::arg("noise_id"), py::arg("model_in"), py::arg("bad_row"), py::arg("guidance") = py::none(),
       "One row of a coefficient program, in place on x, y, hist, model_in and bad_row "
       "(semantics: fastdiff.reference.fused_step). flags: the row's bitmask (fastdiff.program.layout FLAG_*). "

@@ -12,11 +12,13 @@ namespace fastdiff {
 
 // One row of a coefficient program, in place on x, y, hist, model_in (and bad_row); arguments:
 // fastdiff/program/layout.py STEP_ARGS. flags: the row's bitmask (program_layout.h FLAG_*; unknown
-// bits are a ValueError, raised before any write). philox: draw the noise in the kernel from
+// bits are a ValueError, raised before any write). hist_writes: the bitmask of the history slots the
+// row writes (slot j from its own out block; 0 <= hist_writes < 2^K, else a ValueError before any
+// write); a history term with a zero coefficient is absent (the slot is not read). philox: draw the noise in the kernel from
 // (seed, noise_id) (only when noise is absent and noise_id >= 0; the caller passes seed = 0 otherwise).
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
                 const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
-                const std::optional<at::Tensor>& hist, int64_t hist_write, int64_t flags,
+                const std::optional<at::Tensor>& hist, int64_t hist_writes, int64_t flags,
                 const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
                 const std::optional<at::Tensor>& model_in, const std::optional<at::Tensor>& bad_row,
                 const std::optional<at::Tensor>& guidance);

@@ -231,7 +231,7 @@ def test_big_blocks_threads(model_dtype, model_in):
     buffers); above the serial threshold, at 1 and 2 threads, with a partial last block."""
     gen = torch.Generator().manual_seed(_seed("big", model_dtype, model_in))
     kw = make_case(gen, (3, 4, 100, 101), K=1, model="cfg", noise="none", writes="x", model_in=model_in,
-                   model_dtype=model_dtype, hist_write=0)
+                   model_dtype=model_dtype, hist_writes=1)
     _same_at_1_and_2_threads(kw, ("x", "hist") + (("model_in",) if model_in != "none" else ()), state_bitwise=True)
 
 
@@ -244,11 +244,13 @@ def test_big_blocks_threads(model_dtype, model_in):
 def _sparse_table(table, K, g_one):
     """The case's random rows made solver-like: x-out (a_x, 0, a_h, 0, a_z, a_0..), history value
     = 1 * h; row 0 with g = 1 (D = cond), the others g in [1, 8)."""
-    x, h = col_out(K, "x"), col_out(K, "h")
+    x = col_out(K, "x")
     table[:, x + OUT_Y] = 0.0
     table[:, x + OUT_HU] = 0.0
-    table[:, h:h + OUT_FIXED + K] = 0.0
-    table[:, h + OUT_H] = 1.0
+    for j in range(K):     # (every slot's block; K = 0 has none)
+        h = col_out(K, j)
+        table[:, h:h + OUT_FIXED + K] = 0.0
+        table[:, h + OUT_H] = 1.0
     if g_one:
         table[:, COL_G] = 1.0
     return table
@@ -281,20 +283,20 @@ SPECIAL_MODEL = {torch.float32: [0.0, -0.0, float("inf"), float("nan"), 3.0e38, 
 @pytest.mark.parametrize("model_dtype", (torch.float32,) + LOWP)
 @pytest.mark.parametrize("K", (0, 1, 3))
 @pytest.mark.parametrize("noise", ("none", "given"))
-@pytest.mark.parametrize("hist_write", ("slot", "none"))
+@pytest.mark.parametrize("slot_write", ("slot", "none"))
 @pytest.mark.parametrize("eval_y", (False, True))
-def test_sparse_rows_bitwise_with_special_values(model_dtype, K, noise, hist_write, eval_y):
+def test_sparse_rows_bitwise_with_special_values(model_dtype, K, noise, slot_write, eval_y):
     """Solver-like rows (zero a_y, a_hu; history value = h) with zeros of both signs, infinities,
     NaNs and huge values in every input: x, the history and the model input are the reference's
     bit for bit (a skipped 0 * inf is NaN, a skipped 0 * v can flip the sign of a zero result),
     and bad_row is the reference's. g = 1 and g != 1, odd sizes (vector tails), both CFG forms."""
-    gen = torch.Generator().manual_seed(_seed("sparse", model_dtype, K, noise, hist_write, eval_y))
+    gen = torch.Generator().manual_seed(_seed("sparse", model_dtype, K, noise, slot_write, eval_y))
     for shape in ((2, 203), (1, 4, 40, 41)):
         for g_one in (False, True):
             for special in (False, True):
                 kw = make_case(gen, shape, K=K, model="cfg", noise=noise, writes="x", model_in="2B",
                                model_dtype=model_dtype, eval_y=eval_y,
-                               hist_write=(0 if K else -1) if hist_write == "slot" else -1)
+                               hist_writes=(1 if K else 0) if slot_write == "slot" else 0)
                 _sparse_table(kw["table"], K, g_one)
                 if special:
                     for name in ("x", "y", "hist", "noise"):
@@ -331,13 +333,15 @@ def test_y_only_rows_one_pass_bitwise(model_dtype, K, noise, model_in):
             for special in (False, True):
                 kw = make_case(gen, shape, K=K, model="cfg", noise=noise, writes="y", model_in=model_in,
                                model_dtype=model_dtype, eval_y=False, model_in_from_y=True,
-                               hist_write=0 if K else -1)
+                               hist_writes=1 if K else 0)
                 if sparse:      # the y-out block solver-like (the loop leaves its zero terms out)
-                    y, h = col_out(K, "y"), col_out(K, "h")
+                    y = col_out(K, "y")
                     kw["table"][:, y + OUT_Y] = 0.0
                     kw["table"][:, y + OUT_HU] = 0.0
-                    kw["table"][:, h:h + OUT_FIXED + K] = 0.0
-                    kw["table"][:, h + OUT_H] = 1.0
+                    for j in range(K):
+                        h = col_out(K, j)
+                        kw["table"][:, h:h + OUT_FIXED + K] = 0.0
+                        kw["table"][:, h + OUT_H] = 1.0
                     kw["table"][0, COL_G] = 1.0
                 if special:
                     for name in ("x", "hist", "noise"):
@@ -364,7 +368,7 @@ def test_sparse_rows_skipped_hu_overflow():
     gen = torch.Generator().manual_seed(_seed("hu overflow"))
     for model_dtype in (torch.float32, torch.bfloat16):
         kw = make_case(gen, (1, 3, 50), K=1, model="cfg", noise="none", writes="x", model_in="2B",
-                       model_dtype=model_dtype, hist_write=0)
+                       model_dtype=model_dtype, hist_writes=1)
         _sparse_table(kw["table"], 1, g_one=True)
         kw["table"][:, COL_QD] = 4.0
         kw["uncond"].view(-1)[5::7] = 2.0e38
@@ -390,7 +394,7 @@ def _placed_case(gen, shape, model_dtype, offsets):
         views.append(raw[start:start + size])
         end = start + size
     kw = make_case(gen, shape, K=1, model="cfg", noise="none", writes="x", model_in="2B", model_dtype=model_dtype,
-                   hist_write=0)
+                   hist_writes=1)
     x = views[0].view(torch.float32).view(shape).copy_(kw["x"])
     hist = views[1].view(torch.float32).view((1,) + tuple(shape)).copy_(kw["hist"])
     out = views[2].view(model_dtype).view((2 * B,) + tuple(shape[1:]))

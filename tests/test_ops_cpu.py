@@ -410,7 +410,7 @@ def _valid_args(gen):
     K = 1
     return dict(table=random_table(gen, K), row=0, x=torch.randn(shape, generator=gen), y=torch.randn(shape, generator=gen),
                 cond=torch.randn(shape, generator=gen), uncond=torch.randn(shape, generator=gen),
-                hist=torch.randn((K,) + shape, generator=gen), hist_write=0,
+                hist=torch.randn((K,) + shape, generator=gen), hist_writes=1,
                 flags=pack_flags(eval_y=False, write_x=True, write_y=True, model_in_from_y=False),
                 noise=None, seed=5, noise_id=2, model_in=torch.zeros((4, 3, 4)),
                 bad_row=torch.zeros(1, dtype=torch.int32), guidance=torch.tensor([3.0, 7.5]))
@@ -431,7 +431,10 @@ BAD = {
     "table width": (dict(table=lambda a: a["table"][:, :-1]), ValueError, "columns"),
     "table dtype": (dict(table=lambda a: a["table"].float()), TypeError, "table"),
     "row range": (dict(row=lambda a: 3), ValueError, "row"),
-    "hist_write range": (dict(hist_write=lambda a: 1), ValueError, "hist_write"),
+    "hist_writes range": (dict(hist_writes=lambda a: 2), ValueError,
+                          r"hist_writes must be a bitmask of history slots in \[0, 1\).*got 2"),
+    "hist_writes negative": (dict(hist_writes=lambda a: -1), ValueError,
+                             r"hist_writes must be a bitmask of history slots in \[0, 1\).*got -1"),
     "model_in shape": (dict(model_in=lambda a: torch.zeros(3, 3, 4)), ValueError, "model_in"),
     "model_in int": (dict(model_in=lambda a: torch.zeros(4, 3, 4, dtype=torch.int32)), TypeError, "model_in"),
     "bad_row dtype": (dict(bad_row=lambda a: torch.zeros(1, dtype=torch.int64)), TypeError, "bad_row"),

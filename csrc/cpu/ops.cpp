@@ -41,7 +41,7 @@ namespace m = fastdiff::math;
 constexpr int64_t BLK = 512;            // elements per block (multiple of 4 and of 16)
 constexpr int64_t SERIAL_MAX = 32768;   // below this, no OpenMP fork
 constexpr int64_t CHUNK_BLOCKS = 16;    // blocks per OpenMP work item (8K elements)
-constexpr int MAX_K_STACK = 64;         // history coefficients kept on the stack
+constexpr int MAX_K_STACK = 8;          // history slots whose coefficients are kept on the stack
 constexpr int64_t SUB = 128;            // elements per conversion chunk of the one-pass kernel
 constexpr int64_t BIG_BLK = 4096;       // one-pass kernel blocks that use no block buffer: at least
 constexpr int64_t MAX_BIG_BLK = 65536;  //   ... and at most (see StepKernel::big_block)
@@ -304,7 +304,12 @@ struct StepKernel {
   float* hist;                    // slot j at hist + j * hist_slot
   int64_t hist_slot;
   int K;
-  int hist_write;
+  uint64_t hist_writes;           // bit j: the row writes slot j
+  const m::OutCoefs* oslot;       // slot j's out block (valid for the written slots)
+  // The one-pass loop's slots (fast_plan): the ones it reads (a computed output's coefficient is
+  // not zero), ascending, and the ones it writes.
+  int nread = 0, nwrite = 0;
+  int rslot[3] = {}, wslot[2] = {};
   bool eval_y, write_x, write_y;
   void* model_in;                 // half h at model_in + h * mi_half (elements of mdt)
   DT mdt;
@@ -344,6 +349,7 @@ struct StepKernel {
     }
     for (int j = 0; j < K; ++j) {
       const float a = o.hist[j];
+      if (a == 0.0f) continue;   // an absent term: the slot is not read (it may hold NaN)
       const float* Hj = hist + j * hist_slot + s;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dst[i] = m::out_add(dst[i], a, Hj[i]);
@@ -366,7 +372,7 @@ struct StepKernel {
     alignas(64) float db[BLK];
     alignas(64) float zb[BLK];
     alignas(64) float yb[BLK];
-    alignas(64) float hb[BLK];      // the history value
+    alignas(64) float hb[2][BLK];   // the values of the first two written history slots
     alignas(64) float mh[BLK];      // h
     alignas(64) float mhu[BLK];     // hu
 
@@ -437,18 +443,24 @@ struct StepKernel {
       Z = zb;
     }
 
-    // Outputs: y and the history value into buffers first (they read the old x), then x in place
-    // (its base pass reads X and E element by element before writing that element; E is the old
-    // y, not yet stored).
+    // Outputs: y and the history values into buffers first (they read the old x and the old
+    // slots), then x in place (its base pass reads X and E element by element before writing that
+    // element; E is the old y, not yet stored).
+    const int nw = __builtin_popcountll(hist_writes);
+    std::vector<float> hb_more(nw > 2 ? (size_t)(nw - 2) * BLK : 0);   // rows writing 3+ slots (rare)
+    auto slot_buf = [&](int w) { return w < 2 ? hb[w] : hb_more.data() + (w - 2) * BLK; };
     if (write_y) output(k.oy, yb, X, E, Hm, HU, Z, s, n);
-    if (hist_write >= 0) output(k.oh, hb, X, E, Hm, HU, Z, s, n);
+    for (int j = 0, w = 0; j < K; ++j)
+      if (hist_writes >> j & 1) output(oslot[j], slot_buf(w++), X, E, Hm, HU, Z, s, n);
     if (write_x) output(k.ox, X, X, E, Hm, HU, Z, s, n);
 
     // Stores
-    if (hist_write >= 0) {
-      float* Hw = hist + hist_write * hist_slot + s;
+    for (int j = 0, w = 0; j < K; ++j) {
+      if (!(hist_writes >> j & 1)) continue;
+      float* Hw = hist + j * hist_slot + s;
+      const float* src = slot_buf(w++);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) Hw[i] = hb[i];
+      for (int64_t i = 0; i < n; ++i) Hw[i] = src[i];
     }
     float* Y = write_y ? y + s : nullptr;
     if (write_y) {
@@ -479,41 +491,54 @@ struct StepKernel {
     return bad;
   }
 
-  // The one-pass kernel's coefficients as plain floats (history terms of absent slots 0), and its
-  // element math: a plain always-inline function of scalars, so that every loop that calls it
-  // vectorizes (a capturing lambda inside `omp simd` was vectorized with gathers of its closure).
+  // The one-pass kernel's coefficients as plain floats, and its element math: a plain
+  // always-inline function of scalars, so that every loop that calls it vectorizes (a capturing
+  // lambda inside `omp simd` was vectorized with gathers of its closure). The history terms are
+  // those of the read slots (rslot: 0 <-> rslot[0], ...); a zero one is absent (hist_term), as is
+  // every term of an output no slot receives (its value goes to scratch).
   struct FastCoefs {
     float qy, qd;
-    float xx, xy, xh, xhu, xz, x0, x1, x2;   // the new x
-    float hx, hy, hh, hhu, hz, h0, h1, h2;   // the history value
+    float xx, xy, xh, xhu, xz, x0, x1, x2;   // the stored value (new x, or new y)
+    float hx, hy, hh, hhu, hz, h0, h1, h2;   // the first written slot's value
+    float vx, vy, vh, vhu, vz, v0, v1, v2;   // the second written slot's value (two-write rows)
   };
-  FastCoefs fast_coefs(int kt, bool wh) const {
-    const m::OutCoefs& ox = write_x ? k.ox : k.oy;   // the stored value's block (fast_ok)
-    const m::OutCoefs& oh = k.oh;
+  FastCoefs fast_coefs() const {
+    const m::OutCoefs& ox = write_x ? k.ox : k.oy;   // the stored value's block (fast_plan)
+    const m::OutCoefs none{0.f, 0.f, 0.f, 0.f, 0.f, nullptr};
+    const m::OutCoefs& oh = nwrite > 0 ? oslot[wslot[0]] : none;
+    const m::OutCoefs& ov = nwrite > 1 ? oslot[wslot[1]] : none;
+    auto hc = [&](const m::OutCoefs& o, int r) { return r < nread && o.hist != nullptr ? o.hist[rslot[r]] : 0.f; };
     return FastCoefs{k.qy, k.qd,
-                     ox.x, ox.y, ox.h, ox.hu, ox.z, kt > 0 ? ox.hist[0] : 0.f, kt > 1 ? ox.hist[1] : 0.f,
-                     kt > 2 ? ox.hist[2] : 0.f,
-                     oh.x, oh.y, oh.h, oh.hu, oh.z, kt > 0 && wh ? oh.hist[0] : 0.f, kt > 1 && wh ? oh.hist[1] : 0.f,
-                     kt > 2 && wh ? oh.hist[2] : 0.f};
+                     ox.x, ox.y, ox.h, ox.hu, ox.z, hc(ox, 0), hc(ox, 1), hc(ox, 2),
+                     oh.x, oh.y, oh.h, oh.hu, oh.z, hc(oh, 0), hc(oh, 1), hc(oh, 2),
+                     ov.x, ov.y, ov.h, ov.hu, ov.z, hc(ov, 0), hc(ov, 1), hc(ov, 2)};
   }
-  // The new x of one element (the history value into hv_out), in block()'s order of operations.
-  template <bool HAS_U, bool HAS_Z, int KT>
+  // o + a * v, or o where a == 0 (the term is absent: v may be NaN).
+  static inline __attribute__((always_inline)) float hist_term(float o, float a, float v) {
+    return a != 0.0f ? m::out_add(o, a, v) : o;
+  }
+  // The stored value of one element (the written slots' values into hv_out, hv2_out), in block()'s
+  // order of operations.
+  template <bool HAS_U, bool HAS_Z, int KT, bool W2>
   static inline __attribute__((always_inline)) float fast_elem(const FastCoefs& q, float e, float xi, float c,
                                                                float u, float g, float z, float H0, float H1,
-                                                               float H2, float& hv_out) {
+                                                               float H2, float& hv_out, float& hv2_out) {
     const float d = HAS_U ? m::guided(c, u, g) : c;
     const float h = m::step_h(q.qy, e, q.qd, d);
     const float hu = HAS_U ? m::step_h(q.qy, e, q.qd, u) : h;
     float o = m::out_model(q.xx, xi, q.xy, e, q.xh, h, q.xhu, hu);
     float hv = m::out_model(q.hx, xi, q.hy, e, q.hh, h, q.hhu, hu);
+    float hv2 = W2 ? m::out_model(q.vx, xi, q.vy, e, q.vh, h, q.vhu, hu) : 0.f;
     if (HAS_Z) {
       o = m::out_add(o, q.xz, z);
       hv = m::out_add(hv, q.hz, z);
+      if (W2) hv2 = m::out_add(hv2, q.vz, z);
     }
-    if (KT > 0) { o = m::out_add(o, q.x0, H0); hv = m::out_add(hv, q.h0, H0); }
-    if (KT > 1) { o = m::out_add(o, q.x1, H1); hv = m::out_add(hv, q.h1, H1); }
-    if (KT > 2) { o = m::out_add(o, q.x2, H2); hv = m::out_add(hv, q.h2, H2); }
+    if (KT > 0) { o = hist_term(o, q.x0, H0); hv = hist_term(hv, q.h0, H0); if (W2) hv2 = hist_term(hv2, q.v0, H0); }
+    if (KT > 1) { o = hist_term(o, q.x1, H1); hv = hist_term(hv, q.h1, H1); if (W2) hv2 = hist_term(hv2, q.v1, H1); }
+    if (KT > 2) { o = hist_term(o, q.x2, H2); hv = hist_term(hv, q.h2, H2); if (W2) hv2 = hist_term(hv2, q.v2, H2); }
     hv_out = hv;
+    hv2_out = hv2;
     return o;
   }
 
@@ -585,8 +610,18 @@ struct StepKernel {
   // model output's conversions kept the fp16/bf16 loop from overlapping its memory traffic.
   struct VecCoefs {
     v16f qy, qd, g, xx, xy, xh, xhu, xz, x0, x1, x2, hx, hy, hh, hhu, hz, h0, h1, h2, s_in;
+    v16f vx, vy, vh, vhu, vz, v0, v1, v2;   // the second written slot (W2)
+    // The history terms present (coefficient != 0: all lanes, else none): the dense loop adds each
+    // under its mask (a masked vaddps, no extra instruction), so an absent term leaves its sum
+    // untouched whatever the slot holds.
+    __mmask16 mx0, mx1, mx2, mh0, mh1, mh2, mv0, mv1, mv2;
   };
   static inline v16f bcast(float v) { return (v16f)_mm512_set1_ps(v); }
+  static inline __mmask16 present(float a) { return a != 0.0f ? (__mmask16)0xffff : (__mmask16)0; }
+  // o + a * t where the term is present (m::out_add), o elsewhere.
+  static inline __attribute__((always_inline)) v16f add_term(v16f o, __mmask16 on, v16f a, v16f t) {
+    return (v16f)_mm512_mask_add_ps((__m512)o, on, (__m512)o, (__m512)(a * t));
+  }
 
   // Sparse rows. Nearly every solver's row has a_y = 0 and a_hu = 0 in the new x, and a history
   // value that is h itself (a_h = 1, every other term 0): the dense loop spends 7 of its 14
@@ -596,21 +631,28 @@ struct StepKernel {
   // finite and the result is not zero: a + 0 * v == a for finite v and a != 0, and otherwise the
   // two sums can differ only in the sign of a zero. So a vector whose new x or h is zero or not
   // finite, or whose hu (computed: the only skipped value that reaches no kept term) is not
-  // finite, is recomputed by the dense formula; every other skipped value (x, E, z, H_j) is in a
-  // kept term, so its non-finite value makes that result non-finite too.
-  static bool sparse_ok(const FastCoefs& q, bool has_z, int kt, bool wh) {
+  // finite, is recomputed by the dense formula; every other skipped value (x, E, z) is in a
+  // kept term, so its non-finite value makes that result non-finite too. History terms: the loop
+  // reads only slots some output uses, and here that is the new x (every written value is h), so
+  // each one read is a kept term of the new x.
+  static bool sparse_ok(const FastCoefs& q, bool has_z, int kt, int nw) {
     if (q.xy != 0.0f || q.xhu != 0.0f) return false;
-    if (!wh) return true;   // the history value goes to scratch: any value will do
-    return q.hx == 0.0f && q.hy == 0.0f && q.hh == 1.0f && q.hhu == 0.0f && (!has_z || q.hz == 0.0f) &&
-           (kt < 1 || q.h0 == 0.0f) && (kt < 2 || q.h1 == 0.0f) && (kt < 3 || q.h2 == 0.0f);
+    if ((kt > 0 && q.x0 == 0.0f) || (kt > 1 && q.x1 == 0.0f) || (kt > 2 && q.x2 == 0.0f)) return false;
+    auto is_h = [&](float x, float y, float h, float hu, float z, float a0, float a1, float a2) {
+      return x == 0.0f && y == 0.0f && h == 1.0f && hu == 0.0f && (!has_z || z == 0.0f) && (kt < 1 || a0 == 0.0f) &&
+             (kt < 2 || a1 == 0.0f) && (kt < 3 || a2 == 0.0f);
+    };
+    // (no written slot: the history value goes to scratch, any value will do)
+    return (nw < 1 || is_h(q.hx, q.hy, q.hh, q.hhu, q.hz, q.h0, q.h1, q.h2)) &&
+           (nw < 2 || is_h(q.vx, q.vy, q.vh, q.vhu, q.vz, q.v0, q.v1, q.v2));
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE,
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE, bool W2,
             bool STREAM = false>
   static inline __attribute__((always_inline)) void lanes16_loop(
       const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
       const typename MT::T* C, const typename MT::T* U, const float* Z, const float* H0, const float* H1,
-      const float* H2, float* Hw, typename MT::T* M0, typename MT::T* M1, uint32_t& flags) {
+      const float* H2, float* Hw, float* Hw2, typename MT::T* M0, typename MT::T* M1, uint32_t& flags) {
     // Registers: each coefficient once per call (pinned: gcc may not turn them back into loads).
     v16f qy = vc.qy, qd = vc.qd, g = vc.g, xx = vc.xx, xy = vc.xy, xh = vc.xh, xhu = vc.xhu;
     v16f hx = vc.hx, hy = vc.hy, hh = vc.hh, hhu = vc.hhu;
@@ -625,6 +667,10 @@ struct StepKernel {
     if (KT > 2) { FASTDIFF_PIN(x2); if (!SPARSE) FASTDIFF_PIN(h2); }
     v16f s_in = vc.s_in;
     if (HAS_MI) FASTDIFF_PIN(s_in);
+    // (the second written slot's coefficients are left to the compiler: registers or reloads)
+    const v16f vx = vc.vx, vy = vc.vy, vh = vc.vh, vhu = vc.vhu, vz = vc.vz, v0 = vc.v0, v1 = vc.v1, v2 = vc.v2;
+    const __mmask16 mx0 = vc.mx0, mx1 = vc.mx1, mx2 = vc.mx2, mh0 = vc.mh0, mh1 = vc.mh1, mh2 = vc.mh2;
+    const __mmask16 mv0 = vc.mv0, mv1 = vc.mv1, mv2 = vc.mv2;
     // Non-finite flag (dense loop): the largest exponent field seen (and + max: 2 integer ops).
     const v16u exp_mask = (v16u)_mm512_set1_epi32(0x7f800000);
     v16u top = {};
@@ -652,16 +698,22 @@ struct StepKernel {
       const v16f d = HAS_U && !G_ONE ? u + g * (c - u) : c;                  // m::guided
       const v16f h = qy * e + qd * d;                                         // m::step_h
       const v16f hu = HAS_U ? qy * e + qd * u : h;
-      // The dense formula, in the reference's order (m::out_model, m::out_add per term).
-      auto dense = [&](v16f& o, v16f& hv) __attribute__((always_inline)) {
+      // The dense formula, in the reference's order (m::out_model, m::out_add per term; a history
+      // term only where present).
+      auto dense = [&](v16f& o, v16f& hv, v16f& hv2) __attribute__((always_inline)) {
         o = ((xx * xi + xy * e) + xh * h) + xhu * hu;
         hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
-        if (HAS_Z) { o = o + xz * z; hv = hv + hz * z; }
-        if (KT > 0) { o = o + x0 * t0; hv = hv + h0 * t0; }
-        if (KT > 1) { o = o + x1 * t1; hv = hv + h1 * t1; }
-        if (KT > 2) { o = o + x2 * t2; hv = hv + h2 * t2; }
+        if (W2) hv2 = ((vx * xi + vy * e) + vh * h) + vhu * hu;
+        if (HAS_Z) {
+          o = o + xz * z;
+          hv = hv + hz * z;
+          if (W2) hv2 = hv2 + vz * z;
+        }
+        if (KT > 0) { o = add_term(o, mx0, x0, t0); hv = add_term(hv, mh0, h0, t0); if (W2) hv2 = add_term(hv2, mv0, v0, t0); }
+        if (KT > 1) { o = add_term(o, mx1, x1, t1); hv = add_term(hv, mh1, h1, t1); if (W2) hv2 = add_term(hv2, mv1, v1, t1); }
+        if (KT > 2) { o = add_term(o, mx2, x2, t2); hv = add_term(hv, mh2, h2, t2); if (W2) hv2 = add_term(hv2, mv2, v2, t2); }
       };
-      v16f o, hv;
+      v16f o, hv, hv2 = {};
       if constexpr (SPARSE) {
         o = xx * xi + xh * h;
         if (HAS_Z) o = o + xz * z;
@@ -669,18 +721,20 @@ struct StepKernel {
         if (KT > 1) o = o + x1 * t1;
         if (KT > 2) o = o + x2 * t2;
         hv = h;
+        hv2 = h;
         // 0x9f: NaN, +-0, +-inf; 0x99: NaN, +-inf (vfpclassps categories)
         __mmask16 redo = _mm512_fpclass_ps_mask((__m512)o, 0x9f) | _mm512_fpclass_ps_mask((__m512)h, 0x9f);
         if (HAS_U) redo |= _mm512_fpclass_ps_mask((__m512)hu, 0x99);
         if (__builtin_expect(redo != 0, 0)) {
-          dense(o, hv);
+          dense(o, hv, hv2);
           sparse_bad |= _mm512_fpclass_ps_mask((__m512)o, 0x99) != 0;       // m::nonfinite
         }
       } else {
-        dense(o, hv);
+        dense(o, hv, hv2);
         top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       }
       vst(Hw + i, hv);
+      if (W2) vst(Hw2 + i, hv2);
       vst(X + i, o);
       if (HAS_MI) {
         const v16f mi = s_in * o;                                             // m::model_input
@@ -692,45 +746,52 @@ struct StepKernel {
     flags |= sparse_bad;
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
-  static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E,
-                           float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
-                           const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                           typename MT::T* M1, uint32_t& flags) {
+  // The streams of one call of the vector loop.
+  template <class T>
+  struct Streams {
+    const float* E;
+    float* X;
+    const T* C;
+    const T* U;
+    const float* Z;
+    const float *H0, *H1, *H2;
+    float *Hw, *Hw2;
+    T *M0, *M1;
+  };
+
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool W2>
+  static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec,
+                           const Streams<typename MT::T>& p, uint32_t& flags) {
     if (sparse)
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
-                                                                     Hw, M0, M1, flags);
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, W2>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
+                                                                         p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     else
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false>(vc, i, step, nvec, E, X, C, U, Z, H0, H1, H2,
-                                                                      Hw, M0, M1, flags);
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, W2>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
+                                                                          p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
   }
 
   // The same loops with the model input streamed past the cache (non-temporal stores), for model
   // inputs of STREAM_MIN_BYTES or more: a line only written then costs no read-for-ownership (at
   // the video latent the step with an fp16 model input ran ~10% faster). A separate, never inlined
   // function: a run-time choice inside the one loop changed its code enough to make the SD-1.5
-  // step ~25% slower in the placements that run it backward.
+  // step ~25% slower in the placements that run it backward. (Rows writing two slots take the
+  // cached stores: one variant fewer to compile.)
   template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
   static __attribute__((noinline)) void lanes16_pick_stream(bool sparse, const VecCoefs& vc, int64_t i, int64_t step,
-                                                            int64_t nvec, const float* E, float* X,
-                                                            const typename MT::T* C, const typename MT::T* U,
-                                                            const float* Z, const float* H0, const float* H1,
-                                                            const float* H2, float* Hw, typename MT::T* M0,
-                                                            typename MT::T* M1, uint32_t& flags) {
+                                                            int64_t nvec, const Streams<typename MT::T>& p,
+                                                            uint32_t& flags) {
     if (sparse)
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1,
-                                                                           H2, Hw, M0, M1, flags);
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, false, true>(
+          vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0, p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     else
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, true>(vc, i, step, nvec, E, X, C, U, Z, H0, H1,
-                                                                            H2, Hw, M0, M1, flags);
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, false, true>(
+          vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0, p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     _mm_sfence();   // the streamed stores are weakly ordered: complete before the call returns
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT>
-  static void lanes16(const FastCoefs& q, bool wh, bool e_is_x, int64_t& lo, int64_t& hi, bool reverse, float g,
-                      float s_in, const float* E, float* X, const typename MT::T* C, const typename MT::T* U, const float* Z,
-                      const float* H0, const float* H1, const float* H2, float* Hw, typename MT::T* M0,
-                      typename MT::T* M1, bool stream_mi, uint32_t& flags) {
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool W2>
+  static void lanes16(const FastCoefs& q, int nw, bool e_is_x, int64_t& lo, int64_t& hi, bool reverse, float g,
+                      float s_in, const Streams<typename MT::T>& p, bool stream_mi, uint32_t& flags) {
     // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
     // the remainder (< 16 elements) for the scalar loop.
     const int64_t nvec = (hi - lo) / 16, rem = (hi - lo) - 16 * nvec;
@@ -738,22 +799,26 @@ struct StepKernel {
     const int64_t start = reverse ? first + 16 * (nvec - 1) : first, step = reverse ? -16 : 16;
     const VecCoefs vc{bcast(q.qy), bcast(q.qd), bcast(g),    bcast(q.xx), bcast(q.xy), bcast(q.xh), bcast(q.xhu),
                       bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
-                      bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in)};
-    const bool sparse = sparse_ok(q, HAS_Z, KT, wh);
+                      bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in),
+                      bcast(q.vx), bcast(q.vy), bcast(q.vh), bcast(q.vhu), bcast(q.vz), bcast(q.v0), bcast(q.v1),
+                      bcast(q.v2),
+                      present(q.x0), present(q.x1), present(q.x2), present(q.h0), present(q.h1), present(q.h2),
+                      present(q.v0), present(q.v1), present(q.v2)};
+    const bool sparse = sparse_ok(q, HAS_Z, KT, nw);
     // Unswitched: g == 1 (D = c, m::guided) and E == x (e_is_x: the loop reads x as E and only
     // stores to X, which for a row that writes only y is y) are loop invariants.
     const bool g_one = HAS_U && g == 1.0f;
-    if constexpr (HAS_MI) {
+    if constexpr (HAS_MI && !W2) {
       // Streamed model-input stores need both halves aligned to the vector at the first one.
       constexpr uintptr_t vec_bytes = 16 * sizeof(typename MT::T);
       if (stream_mi && nvec > 0 &&
-          ((reinterpret_cast<uintptr_t>(M0 + start) | reinterpret_cast<uintptr_t>(M1 + start)) % vec_bytes) == 0) {
+          ((reinterpret_cast<uintptr_t>(p.M0 + start) | reinterpret_cast<uintptr_t>(p.M1 + start)) % vec_bytes) == 0) {
         if (g_one) {
-          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, true>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, false>(sparse, vc, start, step, nvec, p, flags);
         } else {
-          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, p, flags);
         }
         if (reverse) hi = first;
         else lo = first + 16 * nvec;
@@ -763,15 +828,15 @@ struct StepKernel {
     if (nvec > 0) {
       if constexpr (HAS_U) {
         if (g == 1.0f) {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true, W2>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false, W2>(sparse, vc, start, step, nvec, p, flags);
         } else {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, W2>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, W2>(sparse, vc, start, step, nvec, p, flags);
         }
       } else {
-        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
-        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, flags);
+        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, W2>(sparse, vc, start, step, nvec, p, flags);
+        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, W2>(sparse, vc, start, step, nvec, p, flags);
       }
     }
     if (reverse) hi = first;
@@ -786,11 +851,11 @@ struct StepKernel {
   // Elements [i, end) in whole groups; returns where the groups stopped (the caller's loop takes
   // the tail). A function of plain pointers: inside the caller's lambda gcc vectorized this loop
   // with gathers.
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI>
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, bool W2>
   static int64_t f16_groups(const FastCoefs& q, int64_t i, int64_t end, float g, float s_in,
                             const float* E, const float* XR, float* X, const uint16_t* __restrict C,
                             const uint16_t* __restrict U, const float* __restrict Z, const float* H0,
-                            const float* H1, const float* H2, float* Hw, uint16_t* M0,
+                            const float* H1, const float* H2, float* Hw, float* Hw2, uint16_t* M0,
                             uint16_t* M1, uint32_t& flags) {
     constexpr int G = FASTDIFF_F16_GROUP;
     const FastCoefs qq = q;
@@ -803,17 +868,19 @@ struct StepKernel {
       const float* xr = XR + i;
       float* x = X + i;
       float* hw = Hw + i;
+      float* hw2 = W2 ? Hw2 + i : nullptr;
       const float* z = HAS_Z ? Z + i : nullptr;
       const float* h0 = KT > 0 ? H0 + i : nullptr;
       const float* h1 = KT > 1 ? H1 + i : nullptr;
       const float* h2 = KT > 2 ? H2 + i : nullptr;
 #pragma omp simd reduction(| : a)
       for (int l = 0; l < G; ++l) {
-        float hv;
-        const float o = fast_elem<HAS_U, HAS_Z, KT>(qq, e[l], xr[l], cg[l], HAS_U ? ug[l] : cg[l], g,
-                                                     HAS_Z ? z[l] : 0.f, KT > 0 ? h0[l] : 0.f, KT > 1 ? h1[l] : 0.f,
-                                                     KT > 2 ? h2[l] : 0.f, hv);
+        float hv, hv2;
+        const float o = fast_elem<HAS_U, HAS_Z, KT, W2>(qq, e[l], xr[l], cg[l], HAS_U ? ug[l] : cg[l], g,
+                                                         HAS_Z ? z[l] : 0.f, KT > 0 ? h0[l] : 0.f, KT > 1 ? h1[l] : 0.f,
+                                                         KT > 2 ? h2[l] : 0.f, hv, hv2);
         hw[l] = hv;
+        if (W2) hw2[l] = hv2;
         x[l] = o;
         a |= m::nonfinite(o);
         mg[l] = m::model_input(s_in, o);
@@ -828,10 +895,10 @@ struct StepKernel {
   }
 #endif
 
-  // ---- the common case in one pass: writes x only (or only y, see fast_ok) ----
-  // (cond with or without uncond, no / given / Philox noise, K <= 3 history slots, model_in or
-  // none.) Same operations in the same order as block(); absent outputs (history slot, model_in
-  // slot) is stored to a scratch buffer so the loop has no branches. float64 model outputs
+  // ---- the common case in one pass: writes x only (or only y, see fast_plan) ----
+  // (cond with or without uncond, no / given / Philox noise, at most 3 history slots read and 2
+  // written, model_in or none.) Same operations in the same order as block(); an absent history
+  // write is stored to a scratch buffer so the loop has no branches. float64 model outputs
   // combine in float64 (block()).
   //
   // Model dtypes: MT (bits::F32/F16/BF16) is the dtype of the model output and of model_in (when
@@ -843,12 +910,30 @@ struct StepKernel {
   // A row that writes only y (evaluated at x: the diffusers drop-ins read the caller's sample as x
   // and write the step's result into the returned tensor as y) runs the same loop, its y-out
   // coefficients in place of the x-out ones and y as the stored stream.
-  bool fast_ok() const {
-    return (write_x ? !write_y : (write_y && !eval_y)) && cond != nullptr && cdt != DT::F64 && K <= 3 &&
-           (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64);
+  //
+  // Slots: the loop reads the slots some output it computes (the stored value, each written slot's
+  // value) has a nonzero coefficient for (rslot, at most 3: KT), and stores one or two written
+  // slots (W2); an unread slot may hold anything (NaN, a buffer only written).
+  bool fast_plan() {
+    if (!((write_x ? !write_y : (write_y && !eval_y)) && cond != nullptr && cdt != DT::F64 &&
+          (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64)))
+      return false;
+    if (__builtin_popcountll(hist_writes) > 2) return false;
+    const m::OutCoefs& ostored = write_x ? k.ox : k.oy;
+    nread = nwrite = 0;
+    for (int j = 0; j < K; ++j)
+      if (hist_writes >> j & 1) wslot[nwrite++] = j;
+    for (int j = 0; j < K; ++j) {
+      bool read = ostored.hist[j] != 0.0f;
+      for (int w = 0; w < nwrite; ++w) read = read || oslot[wslot[w]].hist[j] != 0.0f;
+      if (!read) continue;
+      if (nread == 3) return false;
+      rslot[nread++] = j;
+    }
+    return true;
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI>
+  template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI, bool W2>
   uint32_t block_fast(int64_t b, int64_t blk) const {
     using T = typename MT::T;
     const int64_t s = b * blk;
@@ -875,17 +960,17 @@ struct StepKernel {
         Z = z_buf ? zb : static_cast<const float*>(noise) + s;
       }
     }
-    const float* H0 = KT > 0 ? hist + s : nullptr;
-    const float* H1 = KT > 1 ? hist + hist_slot + s : nullptr;
-    const float* H2 = KT > 2 ? hist + 2 * hist_slot + s : nullptr;
-    const bool wh = hist_write >= 0;
-    float* Hw = wh ? hist + hist_write * hist_slot + s : scratch;
+    const float* H0 = KT > 0 ? hist + rslot[0] * hist_slot + s : nullptr;
+    const float* H1 = KT > 1 ? hist + rslot[1] * hist_slot + s : nullptr;
+    const float* H2 = KT > 2 ? hist + rslot[2] * hist_slot + s : nullptr;
+    float* Hw = nwrite > 0 ? hist + wslot[0] * hist_slot + s : scratch;
+    float* Hw2 = W2 ? hist + wslot[1] * hist_slot + s : nullptr;
     const bool m_buf = halves > 0 && mdt != DT::F32 && std::is_same<MT, bits::F32>::value;
     // Without a model input nothing is stored (HAS_MI); one half: both stores go to it.
     T* M0 = HAS_MI ? (m_buf ? reinterpret_cast<T*>(mb) : static_cast<T*>(model_in) + s) : nullptr;
     T* M1 = HAS_MI && halves > 1 && !m_buf ? static_cast<T*>(model_in) + mi_half + s : M0;
     const float s_in = k.s_in;
-    const FastCoefs q = fast_coefs(KT, wh);
+    const FastCoefs q = fast_coefs();
     const bool buffered = c_buf || z_buf || m_buf;
     const int64_t sub = buffered ? SUB : n;
     const int64_t ces = dt_size(cdt), nes = dt_size(ndt), mes = dt_size(mdt);
@@ -907,22 +992,24 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT>(q, wh, !eval_y, i, end, reverse, g, s_in, E, X, C, U, Z, H0, H1, H2, Hw, M0, M1, stream_mi, a);
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT, W2>(q, nwrite, !eval_y, i, end, reverse, g, s_in,
+                                                    Streams<T>{E, X, C, U, Z, H0, H1, H2, Hw, Hw2, M0, M1}, stream_mi, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
-          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI>(q, i, end, g, s_in, E, XR, X, reinterpret_cast<const uint16_t*>(C),
-                                                   reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw,
+          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI, W2>(q, i, end, g, s_in, E, XR, X, reinterpret_cast<const uint16_t*>(C),
+                                                       reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw, Hw2,
                                                    reinterpret_cast<uint16_t*>(M0), reinterpret_cast<uint16_t*>(M1), a);
 #endif
 #pragma omp simd reduction(| : a)
         for (int64_t k = i; k < end; ++k) {
           const float c = MT::load(C[k]);
-          float hv;
-          const float o = fast_elem<HAS_U, HAS_Z, KT>(q, E[k], XR[k], c, HAS_U ? MT::load(U[k]) : c, g,
-                                                       HAS_Z ? Z[k] : 0.f, KT > 0 ? H0[k] : 0.f,
-                                                       KT > 1 ? H1[k] : 0.f, KT > 2 ? H2[k] : 0.f, hv);
+          float hv, hv2;
+          const float o = fast_elem<HAS_U, HAS_Z, KT, W2>(q, E[k], XR[k], c, HAS_U ? MT::load(U[k]) : c, g,
+                                                           HAS_Z ? Z[k] : 0.f, KT > 0 ? H0[k] : 0.f,
+                                                           KT > 1 ? H1[k] : 0.f, KT > 2 ? H2[k] : 0.f, hv, hv2);
           Hw[k] = hv;
+          if (W2) Hw2[k] = hv2;
           X[k] = o;
           a |= m::nonfinite(o);
           if (HAS_MI) {
@@ -941,7 +1028,7 @@ struct StepKernel {
   }
 
   // Blocks of the one-pass kernel: BLK elements where it uses its block buffers (Philox noise,
-  // buffered conversions, the history value of a row that writes none), else from BIG_BLK up to
+  // buffered conversions, the history value of a row that writes no slot), else from BIG_BLK up to
   // MAX_BIG_BLK: with no buffer to fill, a longer run of the loop per call saves per-block work
   // (at the video latent 4K -> 16K elements was 4-6% of the step, 16K -> 64K 1-4% more). With
   // several threads, blocks grow only while each thread keeps >= 8 chunks of CHUNK_BLOCKS blocks
@@ -954,35 +1041,37 @@ struct StepKernel {
     return blk;
   }
 
-  template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI>
+  template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI, bool W2>
   uint32_t run_fast_k() const {
     const bool buffered = (cdt != DT::F32 && std::is_same<MT, bits::F32>::value) ||
                           (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
-                          (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || hist_write < 0;
+                          (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || nwrite == 0;
     const int64_t blk = buffered ? BLK : big_block();
     // A backward vector loop takes the blocks backward too: a sawtooth (backward inside blocks,
     // forward across them) defeated the hardware prefetcher (the video step ran 1.6x slower).
     const int64_t last = (numel + blk - 1) / blk - 1;
     const bool rev = reverse;
     auto order = [last, rev](int64_t b) { return rev ? last - b : b; };
-    switch (K) {
-      case 0: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI>(order(b), blk); });
-      case 1: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI>(order(b), blk); });
-      case 2: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI>(order(b), blk); });
-      default: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI>(order(b), blk); });
+    switch (nread) {
+      case 0: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI, W2>(order(b), blk); });
+      case 1: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI, W2>(order(b), blk); });
+      case 2: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI, W2>(order(b), blk); });
+      default: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI, W2>(order(b), blk); });
     }
   }
 
-  template <class MT, bool HAS_MI>
+  template <class MT, bool HAS_MI, bool W2>
   uint32_t run_fast_mi() const {
     const bool has_z = noise != nullptr || philox;
-    if (uncond != nullptr) return has_z ? run_fast_k<true, true, MT, HAS_MI>() : run_fast_k<true, false, MT, HAS_MI>();
-    return has_z ? run_fast_k<false, true, MT, HAS_MI>() : run_fast_k<false, false, MT, HAS_MI>();
+    if (uncond != nullptr)
+      return has_z ? run_fast_k<true, true, MT, HAS_MI, W2>() : run_fast_k<true, false, MT, HAS_MI, W2>();
+    return has_z ? run_fast_k<false, true, MT, HAS_MI, W2>() : run_fast_k<false, false, MT, HAS_MI, W2>();
   }
 
   template <class MT>
   uint32_t run_fast() const {
-    return halves > 0 ? run_fast_mi<MT, true>() : run_fast_mi<MT, false>();
+    if (nwrite == 2) return halves > 0 ? run_fast_mi<MT, true, true>() : run_fast_mi<MT, false, true>();
+    return halves > 0 ? run_fast_mi<MT, true, false>() : run_fast_mi<MT, false, false>();
   }
 
   // 4K aliasing: a load whose address equals an earlier, still buffered store's modulo 4096 waits
@@ -998,8 +1087,8 @@ struct StepKernel {
     const char* loads[8];
     int64_t lsize[8];
     int nl = 0;
-    const char* stores[4];
-    int64_t ssize[4];
+    const char* stores[5];
+    int64_t ssize[5];
     int ns = 0;
     auto load = [&](const void* p, int64_t es) { if (p) { loads[nl] = static_cast<const char*>(p); lsize[nl++] = es; } };
     auto store = [&](const void* p, int64_t es) { if (p) { stores[ns] = static_cast<const char*>(p); ssize[ns++] = es; } };
@@ -1007,9 +1096,9 @@ struct StepKernel {
     load(cond, dt_size(cdt));
     load(uncond, dt_size(cdt));
     if (noise != nullptr) load(noise, dt_size(ndt));
-    for (int j = 0; j < K && j < 3; ++j) load(hist + j * hist_slot, 4);
+    for (int r = 0; r < nread; ++r) load(hist + rslot[r] * hist_slot, 4);
     store(write_x ? x : y, 4);
-    if (hist_write >= 0) store(hist + hist_write * hist_slot, 4);
+    for (int w = 0; w < nwrite; ++w) store(hist + wslot[w] * hist_slot, 4);
     if (halves > 0) store(model_in, dt_size(mdt));
     if (halves > 1) store(static_cast<const char*>(model_in) + mi_half * dt_size(mdt), dt_size(mdt));
     int fwd = 0, bwd = 0;
@@ -1027,7 +1116,7 @@ struct StepKernel {
   }
 
   uint32_t run() {
-    if (fast_ok()) {
+    if (fast_plan()) {
       reverse = reverse_order();
       stream_mi = halves > 0 && halves * (numel * dt_size(mdt)) >= STREAM_MIN_BYTES;
       // Inline conversion when model_in (if any) has the model output's dtype and any given noise is
@@ -1074,7 +1163,7 @@ static bool same_strides_as(const at::Tensor& t, at::IntArrayRef xs) { return t.
 
 void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const std::optional<at::Tensor>& y,
                 const std::optional<at::Tensor>& cond, const std::optional<at::Tensor>& uncond,
-                const std::optional<at::Tensor>& hist, int64_t hist_write, int64_t flags,
+                const std::optional<at::Tensor>& hist, int64_t hist_writes, int64_t flags,
                 const std::optional<at::Tensor>& noise, uint64_t seed, int64_t noise_id,
                 const std::optional<at::Tensor>& model_in, const std::optional<at::Tensor>& bad_row,
                 const std::optional<at::Tensor>& guidance) {
@@ -1112,8 +1201,10 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   const int64_t width = L::table_width((int)K);
   TORCH_CHECK_VALUE(table.size(1) == width, "fastdiff._C.fused_step: table has ", table.size(1), " columns; ", K,
                     " history slots need ", width);
-  TORCH_CHECK_VALUE(hist_write >= -1 && hist_write < K, "fastdiff._C.fused_step: hist_write must be -1 or a slot in [0, ",
-                    K, "), got ", hist_write);
+  // (the wording of layout.hist_writes_error)
+  TORCH_CHECK_VALUE(L::hist_writes_valid(hist_writes, (int)K), "fastdiff._C.fused_step: hist_writes must be a bitmask "
+                    "of history slots in [0, ", K, ") (0: no write; 0 <= hist_writes < ",
+                    K < 63 ? std::to_string(int64_t(1) << K) : "2**" + std::to_string(K), "), got ", hist_writes);
   if (y) {
     check_cpu(*y, "y");
     TORCH_CHECK_TYPE(y->scalar_type() == at::kFloat, "fastdiff._C.fused_step: y must be float32 (the state dtype), got ",
@@ -1183,24 +1274,26 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   const double* trow = table.data_ptr<double>() + row * table.stride(0);
   const int64_t ts = table.stride(1);
   auto col = [&](int64_t c) { return (float)trow[c * ts]; };
-  float hx_stack[cpu::MAX_K_STACK], hy_stack[cpu::MAX_K_STACK], hh_stack[cpu::MAX_K_STACK];
-  std::vector<float> hx_heap, hy_heap, hh_heap;
-  float* hx = hx_stack;
-  float* hy = hy_stack;
-  float* hh = hh_stack;
+  // History coefficients: K of the x-out block, K of the y-out block, K of each slot's block;
+  // the slots' out blocks (only the written ones are read).
+  float hc_stack[(2 + cpu::MAX_K_STACK) * cpu::MAX_K_STACK];
+  math::OutCoefs os_stack[cpu::MAX_K_STACK];
+  std::vector<float> hc_heap;
+  std::vector<math::OutCoefs> os_heap;
+  float* hc = hc_stack;
+  math::OutCoefs* os = os_stack;
   if (K > cpu::MAX_K_STACK) {
-    hx_heap.resize(K);
-    hy_heap.resize(K);
-    hh_heap.resize(K);
-    hx = hx_heap.data();
-    hy = hy_heap.data();
-    hh = hh_heap.data();
+    hc_heap.resize((2 + K) * K);
+    os_heap.resize(K);
+    hc = hc_heap.data();
+    os = os_heap.data();
   }
+  float* hx = hc;
+  float* hy = hc + K;
   const L::Columns cols = L::columns((int)K);
   for (int64_t j = 0; j < K; ++j) {
     hx[j] = col(cols.out_x + L::OUT_FIXED + j);
     hy[j] = col(cols.out_y + L::OUT_FIXED + j);
-    hh[j] = col(cols.out_h + L::OUT_FIXED + j);
   }
   auto out_coefs = [&](int64_t b, const float* hist) {
     return math::OutCoefs{col(b + L::OUT_X), col(b + L::OUT_Y), col(b + L::OUT_H), col(b + L::OUT_HU),
@@ -1215,8 +1308,15 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   kr.k.s_in = col(cols.s_in);
   kr.k.ox = out_coefs(cols.out_x, hx);
   kr.k.oy = out_coefs(cols.out_y, hy);
-  kr.k.oh = out_coefs(cols.out_h, hh);
   kr.k.K = (int)K;
+  for (int64_t j = 0; j < K; ++j) {
+    if (!(hist_writes >> j & 1)) continue;
+    const int64_t b = L::col_out_slot((int)K, (int)j);
+    float* hj = hc + (2 + j) * K;
+    for (int64_t i = 0; i < K; ++i) hj[i] = col(b + L::OUT_FIXED + i);
+    os[j] = out_coefs(b, hj);
+  }
+  kr.oslot = os;
   // Per-sample g = g0 + g1 * s[b] (s rounded to float32, as the reference rounds it)
   std::vector<float> gs;
   if (guidance) {
@@ -1277,7 +1377,7 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   kr.hist = H.defined() ? H.data_ptr<float>() : nullptr;
   kr.hist_slot = H.defined() ? H.stride(0) : 0;
   kr.K = (int)K;
-  kr.hist_write = (int)hist_write;
+  kr.hist_writes = (uint64_t)hist_writes;
   kr.eval_y = eval_y;
   kr.write_x = write_x;
   kr.write_y = write_y;
@@ -1295,7 +1395,9 @@ void fused_step(const at::Tensor& table, int64_t row, const at::Tensor& x, const
   if (!direct) {
     if (write_x && !x.is_contiguous()) x.copy_(X);
     if (write_y && !y->is_contiguous()) y->copy_(Y);
-    if (hist_write >= 0 && !hist->is_contiguous()) hist->select(0, hist_write).copy_(H.select(0, hist_write));
+    if (hist_writes != 0 && !hist->is_contiguous())
+      for (int64_t j = 0; j < K; ++j)
+        if (hist_writes >> j & 1) hist->select(0, j).copy_(H.select(0, j));
   }
   if (model_in && !M.is_same(*model_in)) model_in->copy_(M);
   if (bad && bad_row) {

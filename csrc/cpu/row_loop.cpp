@@ -32,7 +32,7 @@ namespace {
 struct LoopRow {
   bool needs_model;      // the row calls the model first
   bool cfg;              // ... on both CFG halves (model_in, t_full), else on the cond half
-  int64_t hist_write;
+  int64_t hist_writes;   // bitmask of the history slots the row writes
   int64_t flags;         // the kernel's row flags (program_layout.h)
   int64_t noise_id;
   bool writes_next;      // the epilogue writes the next model input
@@ -134,7 +134,7 @@ class RowLoop {
       {
         std::optional<py::gil_scoped_release> nogil;
         if (release_gil) nogil.emplace();
-        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_write, r.flags, std::nullopt, s, r.noise_id, next_in,
+        fused_step(table_, i, x, y_, cond, uncond, hist_, r.hist_writes, r.flags, std::nullopt, s, r.noise_id, next_in,
                    bad_row_, guidance_);
       }
       ready = r.writes_next;
