@@ -299,20 +299,27 @@ class _FakeGuided(GuidedOutput):
         return self._parts
 
 
-def test_failure_after_the_pass_restores_the_scale():
-    """A failure after the pass (here: forced in forming pred_original_sample) leaves the run's
-    CFG scale and tables as they were, and the step index where it was."""
-    a, b, inputs = _twin_runs()
+@pytest.mark.parametrize("name, config, where", [
+    ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), "_x0_in_place"),   # after the pass
+    ("EulerDiscreteScheduler", SD, "_x0_slot_table"),             # (Euler's x0 is the pass's: before it)
+])
+def test_failure_after_the_pass_restores_the_scale(name, config, where):
+    """A failure after the scale is set (forced in forming pred_original_sample: after the pass
+    where it is formed beside it, before it where the pass writes it) leaves the run's CFG scale
+    and tables as they were, and the step index where it was."""
+    a, b, inputs = _twin_runs(name, config)
     (x, out), t = inputs[1], a.timesteps[1]
     run, index = a._fd_run, a._step_index
 
     def fail(*args, **kwargs):
         raise RuntimeError("forced")
-    a._x0_in_place = fail
+    setattr(a, where, fail)
     with pytest.raises(RuntimeError, match="forced"):
         _step(a, _guided(torch.randn(SHAPE), out, 6.0), t, x)
-    del a._x0_in_place
+    delattr(a, where)
     assert a._step_index == index and run.g == 1.0 and bool((run.table[:, COL_G] == 1.0).all())
+    if run.x0_slot is not None:
+        assert bool((run.x0_slot[0][:, COL_G] == 1.0).all())
     u = torch.randn(SHAPE)
     good_a, good_b = _step(a, _guided(u, out, 2.5), t, x), _step(b, _guided(u, out, 2.5), t, x)
     assert torch.equal(good_a[0], good_b[0]) and torch.equal(good_a[1], good_b[1])

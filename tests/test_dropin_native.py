@@ -34,16 +34,17 @@ SHAPE = (2, 4, 8, 8)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SD_LEADING = dict(SD, timestep_spacing="leading", steps_offset=1)
 
-# name, config, whether every call after the first is served in C++
+# name, config, whether every call after the first is served in C++, whether it draws noise
 CASES = [
-    ("EulerDiscreteScheduler", SD_LEADING, True),
-    ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), False),   # (h is not D: Python)
-    ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True), True),
-    ("LCMScheduler", {}, True),
-    ("FlowMatchEulerDiscreteScheduler", {}, True),
-    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), False),
-    ("EulerAncestralDiscreteScheduler", SD_LEADING, True),
-    ("HeunDiscreteScheduler", SD, False),                       # (a stage flag)
+    ("EulerDiscreteScheduler", SD_LEADING, True, False),
+    ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), False, False),   # (h is not D: Python)
+    ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True), True, False),
+    ("LCMScheduler", {}, True, True),
+    ("FlowMatchEulerDiscreteScheduler", {}, True, False),
+    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), False, False),
+    ("EulerAncestralDiscreteScheduler", SD_LEADING, True, True),
+    ("DDPMScheduler", SD, False, True),
+    ("HeunDiscreteScheduler", SD, False, False),                # (a stage flag)
 ]
 
 
@@ -76,8 +77,8 @@ def _inputs(n, seed=0, scale=10.0):
 
 
 @pytest.mark.parametrize("return_dict", [False, True])
-@pytest.mark.parametrize("name, config, served", CASES)
-def test_native_step_equals_the_python_path(name, config, served, return_dict):
+@pytest.mark.parametrize("name, config, served, stochastic", CASES)
+def test_native_step_equals_the_python_path(name, config, served, stochastic, return_dict):
     """Same inputs to a scheduler with its C++ step and one without: the same outputs bit for
     bit, output class, step index; where the class is served, only the first call of a run goes
     through Python (it builds the run)."""
@@ -85,10 +86,10 @@ def test_native_step_equals_the_python_path(name, config, served, return_dict):
     spy = _Spy(fast)
     for s in (fast, slow):
         s.set_timesteps(8)
-    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)]
+    kw = [{"generator": torch.Generator().manual_seed(3)} for _ in range(2)] if stochastic else [{}, {}]
     for i, (t, (x, out)) in enumerate(zip(fast.timesteps, _inputs(len(fast.timesteps)))):
-        a = fast.step(out, t, x, generator=gens[0], return_dict=return_dict)
-        b = slow.step(out, t, x, generator=gens[1], return_dict=return_dict)
+        a = fast.step(out, t, x, return_dict=return_dict, **kw[0])
+        b = slow.step(out, t, x, return_dict=return_dict, **kw[1])
         assert type(a) is type(b)
         a, b = (a.to_tuple(), b.to_tuple()) if return_dict else (a, b)
         assert len(a) == len(b)

@@ -504,13 +504,15 @@ class FastdiffScheduler:
         T[:, col_s_in(1)] = T0[:, col_s_in(0)]
         c = col_out_slot(1, 0)
         usable = []
+        f32 = np.float32                             # (the kernels' coefficients: float64 rounded to float32)
         for k, (a_x, a_d) in enumerate(run.x0_folds):
-            qy, qd = T0[k, COL_QY], T0[k, COL_QD]
-            if qy == 0.0 and qd == 1.0:
+            qy, qd = f32(T0[k, COL_QY]), f32(T0[k, COL_QD])
+            is_d, is_x0 = qy == 0 and qd == 1, (qy, qd) == (f32(a_x), f32(a_d))
+            if is_d:
                 T[k, c + OUT_Y], T[k, c + OUT_H] = a_x, a_d
-            elif (qy, qd) == (a_x, a_d):
+            elif is_x0:
                 T[k, c + OUT_H] = 1.0
-            usable.append((qy == 0.0 and qd == 1.0) or (qy, qd) == (a_x, a_d))
+            usable.append(bool(is_d or is_x0))
         return torch.tensor(T, device=run.device), usable
 
     def _native_step(self, run: _Run):
