@@ -34,17 +34,22 @@ SHAPE = (2, 4, 8, 8)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SD_LEADING = dict(SD, timestep_spacing="leading", steps_offset=1)
 
-# name, config, whether every call after the first is served in C++, whether it draws noise
+# name, config, whether it draws noise (each call after the first, which builds the run, in C++)
 CASES = [
-    ("EulerDiscreteScheduler", SD_LEADING, True, False),
-    ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), False, False),   # (h is not D: Python)
-    ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True), True, False),
-    ("LCMScheduler", {}, True, True),
-    ("FlowMatchEulerDiscreteScheduler", {}, True, False),
-    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), False, False),
-    ("EulerAncestralDiscreteScheduler", SD_LEADING, True, True),
-    ("DDPMScheduler", SD, False, True),
-    ("HeunDiscreteScheduler", SD, False, False),                # (a stage flag)
+    ("EulerDiscreteScheduler", SD_LEADING, False),                              # in place as x, x0 by the pass
+    ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), False),   # ... x0 by the x0 pass
+    ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True), False),
+    ("FlowMatchEulerDiscreteScheduler", {}, False),                             # no x0 returned
+    ("LCMScheduler", {}, True),
+    ("EulerAncestralDiscreteScheduler", SD_LEADING, True),
+    ("DDPMScheduler", dict(SD, clip_sample=False), True),
+    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), False),
+    ("HeunDiscreteScheduler", SD, False),                 # two stages: state path, then in place as y
+    ("KDPM2DiscreteScheduler", SD, False),
+    ("DPMSolverMultistepScheduler", SD, False),           # history: the state path, x0 by torch
+    ("UniPCMultistepScheduler", SD, False),
+    ("DEISMultistepScheduler", SD, False),
+    ("LMSDiscreteScheduler", SD, False),
 ]
 
 
@@ -77,11 +82,11 @@ def _inputs(n, seed=0, scale=10.0):
 
 
 @pytest.mark.parametrize("return_dict", [False, True])
-@pytest.mark.parametrize("name, config, served, stochastic", CASES)
-def test_native_step_equals_the_python_path(name, config, served, stochastic, return_dict):
+@pytest.mark.parametrize("name, config, stochastic", CASES)
+def test_native_step_equals_the_python_path(name, config, stochastic, return_dict):
     """Same inputs to a scheduler with its C++ step and one without: the same outputs bit for
-    bit, output class, step index; where the class is served, only the first call of a run goes
-    through Python (it builds the run)."""
+    bit, output class, step index and stage flag; only the first call of a run goes through
+    Python (it builds the run)."""
     fast, slow = _make(name, config), _python_only(_make(name, config))
     spy = _Spy(fast)
     for s in (fast, slow):
@@ -97,8 +102,16 @@ def test_native_step_equals_the_python_path(name, config, served, stochastic, re
             assert u.dtype == v.dtype and u.shape == v.shape and u.is_contiguous()
             assert torch.equal(u, v), f"{name}: output {j} differs between the paths at call {i}"
         assert fast._step_index == slow._step_index
-    if served:
-        assert spy.n == 1, f"{name}: {spy.n} calls went through the Python path (expected only the first)"
+        for flag in ("state_in_first_order", "dt", "sample"):
+            if hasattr(slow, flag) and flag != "sample" or getattr(slow, "_stage_flag", None) == flag:
+                assert _same(getattr(fast, flag, None), getattr(slow, flag, None)), f"{name}: {flag} at call {i}"
+    assert spy.n == 1, f"{name}: {spy.n} calls went through the Python path (expected only the first)"
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def test_pred_original_sample_from_the_pass_is_diffusers_own():
@@ -202,3 +215,29 @@ def test_reference_backend_has_no_native_step():
         s.step(out, t, x)
     assert s._fd_run.native is False
     assert base.FastdiffScheduler._native_step(s, s._fd_run) is None
+
+
+def test_transformed_x0_and_given_noise_take_the_python_path():
+    """clip_sample (an x0 transform) has no C++ step; a given variance_noise is checked by the
+    Python path (the call is declined before anything is drawn)."""
+    s = _make("DDPMScheduler", SD)                          # (clip_sample=True by default)
+    s.set_timesteps(4)
+    for t, (x, out) in zip(s.timesteps, _inputs(3)):
+        s.step(out, t, x, generator=torch.Generator().manual_seed(0))
+    assert s._fd_run.native is False
+
+    a, b = _make("EulerAncestralDiscreteScheduler", SD_LEADING), _python_only(_make("EulerAncestralDiscreteScheduler",
+                                                                                 SD_LEADING))
+    spy = _Spy(a)
+    for s in (a, b):
+        s.set_timesteps(4)
+    for t, (x, out) in zip(a.timesteps, _inputs(4, seed=8)):
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(int(t)))
+        ra, rb = a.step(out, t, x, variance_noise=z, return_dict=False), b.step(out, t, x, variance_noise=z,
+                                                                                return_dict=False)
+        assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
+    assert spy.n == 4
+    with pytest.raises(ValueError, match="variance_noise"):
+        a.set_timesteps(4)
+        a.step(out, a.timesteps[0], x)
+        a.step(out, a.timesteps[1], x, variance_noise=torch.randn(1, 4, 8, 8))

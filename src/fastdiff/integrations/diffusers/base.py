@@ -95,6 +95,9 @@ class Plan:
 _VIA_STATE = 0     # copied into the run's float32 state buffer (x or y), which the pass updates in place
 _SAMPLE_AS_X = 1   # read in place as x; the new x goes straight into the returned tensor (as y)
 _SAMPLE_AS_Y = 2   # read in place as y (E); the pass updates the state x and writes the returned tensor
+# How a call forms pred_original_sample (the C++ step's modes, csrc/cpu/dropin_step.cpp): not at all,
+# by its own pass (_x0_slot_table), by torch's ops (_x0_now / _x0_in_place), by the kernel's x0 pass.
+_X0_NONE, _X0_SLOT, _X0_TORCH, _X0_PASS = 0, 1, 2, 3
 
 
 def _sample_binding(rows: List[Row], i: int, num_slots: int) -> int:
@@ -516,28 +519,39 @@ class FastdiffScheduler:
         return torch.tensor(T, device=run.device), usable
 
     def _native_step(self, run: _Run):
-        """A ``fastdiff._C.DropinStep`` for the run's plain calls (the in-place binding, noise drawn
-        by ``_draw_noise``, pred_original_sample from the pass where returned), or None: the run's
-        kernel is not the C++ one, the class keeps a stage flag, or no call qualifies. It serves a
-        call only for plain float32 CPU tensors, a matching timestep and no given variance_noise,
-        and declines any other (csrc/cpu/dropin_step.cpp)."""
+        """A ``fastdiff._C.DropinStep`` for the run's plain calls, or None where the run's kernel is
+        not the C++ one or its x0 is transformed (clip / thresholding). It runs a call as the Python
+        path below runs it for plain float32 CPU tensors (the same passes and torch ops, the same
+        noise draw and stage flag), and declines any other call (csrc/cpu/dropin_step.cpp)."""
         ext = load_extension()
         if isinstance(ext, str) or not hasattr(ext, "DropinStep") or run.executor._step is not ext.fused_step \
-                or self._stage_flag is not None or run.program.plan.x0_transform is not None:
+                or run.program.plan.x0_transform is not None:
             return None
-        calls = []
+        if self._returns_x0 and run.x0_folds is None:
+            run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
         noise_dtype = run.program.plan.noise_dtype or torch.float32      # (the model output's: float32)
-        for k, (_, _, draws, binding) in enumerate(run.program.args):
-            slot = self._x0_slot_table(run, k, torch.float32) if self._returns_x0 else None
-            if binding != _SAMPLE_AS_X or (self._returns_x0 and slot is None):
-                calls.append(None)
-            else:
-                calls.append((slot if self._returns_x0 else run.table, self._returns_x0, noise_dtype if draws else None))
-        if not any(c is not None for c in calls):
-            return None
+        calls = []
+        for k, (_, returns_y, draws, binding) in enumerate(run.program.args):
+            hw, flags, _ = run.executor.args[k]
+            flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+            table, mode, (a_x, a_d) = run.table, _X0_NONE, (0.0, 0.0)
+            if self._returns_x0:
+                a_x, a_d = run.x0_folds[k]
+                slot = self._x0_slot_table(run, k, torch.float32) if binding != _SAMPLE_AS_Y else None
+                if slot is not None:
+                    table, mode = slot, _X0_SLOT
+                elif binding == _VIA_STATE or a_x in (0.0, 1.0):
+                    mode = _X0_TORCH                    # (_x0_now; _x0_in_place's one-op cases)
+                else:
+                    mode = _X0_PASS                     # (_x0_in_place's kernel pass)
+                    if run.x0_pass is None:
+                        run.x0_pass = self._x0_pass(run)
+            calls.append((binding, table, hw, flags, mode, float(a_x), float(a_d), noise_dtype if draws else None,
+                          bool(returns_y)))
         make = functools.partial(_native_output, diffusers_output_class(type(self)),
                                  self._x0_field if self._returns_x0 else None)
-        return ext.DropinStep(list(run.shape), run.timesteps, run.start, calls, self._float_timesteps, make)
+        return ext.DropinStep(list(run.shape), run.timesteps, run.start, run.x, run.y, run.hist, run.x0_pass, calls,
+                              self._float_timesteps, self._stage_flag is not None, make)
 
     def _transform_step(self, run: _Run, k: int, E: torch.Tensor, cond, uncond, g):
         """The table and model output of a step whose x0 is clipped/thresholded: x0 computed
