@@ -226,18 +226,19 @@ def test_transformed_x0_and_given_noise_take_the_python_path():
         s.step(out, t, x, generator=torch.Generator().manual_seed(0))
     assert s._fd_run.native is False
 
-    a, b = _make("EulerAncestralDiscreteScheduler", SD_LEADING), _python_only(_make("EulerAncestralDiscreteScheduler",
-                                                                                 SD_LEADING))
+    ddim = dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    a, b = _make("DDIMScheduler", ddim), _python_only(_make("DDIMScheduler", ddim))
     spy = _Spy(a)
     for s in (a, b):
         s.set_timesteps(4)
     for t, (x, out) in zip(a.timesteps, _inputs(4, seed=8)):
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(int(t)))
-        ra, rb = a.step(out, t, x, variance_noise=z, return_dict=False), b.step(out, t, x, variance_noise=z,
-                                                                                return_dict=False)
+        ra = a.step(out, t, x, eta=1.0, variance_noise=z, return_dict=False)
+        rb = b.step(out, t, x, eta=1.0, variance_noise=z, return_dict=False)
         assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
     assert spy.n == 4
+    a.set_timesteps(4)
+    a.step(out, a.timesteps[0], x, eta=1.0)
     with pytest.raises(ValueError, match="variance_noise"):
-        a.set_timesteps(4)
-        a.step(out, a.timesteps[0], x)
-        a.step(out, a.timesteps[1], x, variance_noise=torch.randn(1, 4, 8, 8))
+        a.step(out, a.timesteps[1], x, eta=1.0, variance_noise=torch.randn(1, 4, 8, 8))
+    assert a._step_index == 1
