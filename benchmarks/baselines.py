@@ -245,7 +245,8 @@ class FastdiffStep:
         self.calls_since_restore += number
 
     def __call__(self) -> None:
-        self.fn(self.table, self.row, self.x, None, self.cond, self.uncond, self.hist, 0, FLAG_WRITE_X, None, 0, -1,
+        # (hist_writes 0b1: the step writes history slot 0)
+        self.fn(self.table, self.row, self.x, None, self.cond, self.uncond, self.hist, 0b1, FLAG_WRITE_X, None, 0, -1,
                 self.model_in, self.bad_row)
 
 

@@ -229,7 +229,7 @@ class PlacedStep:
 
     def __call__(self) -> None:
         p = self.problem
-        self.fn(p.table, p.step_index, self.x, None, self.cond, self.uncond, self.hist, 0, FLAG_WRITE_X, None, 0, -1,
+        self.fn(p.table, p.step_index, self.x, None, self.cond, self.uncond, self.hist, 0b1, FLAG_WRITE_X, None, 0, -1,
                 self.model_in, self.bad_row)
 
 

@@ -51,7 +51,7 @@ class EmptyCall:
         x, out, hist = torch.empty(1, 0), torch.empty(2, 0), torch.empty(1, 1, 0)
         table = bl.make_problem((1, 8)).table
         bad = torch.zeros(1, dtype=torch.int32)
-        self.args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0, FLAG_WRITE_X, None, 0, -1, None, bad)
+        self.args = (table, bl.MID_STEP, x, None, out[1:], out[:1], hist, 0b1, FLAG_WRITE_X, None, 0, -1, None, bad)
 
     def __call__(self):
         self.fn(*self.args)

@@ -575,6 +575,7 @@ def test_item13_fused_step_bad_flags(backend, case):
     args = _step_args()
     packed = pack_flags(*(args.pop(n) for n in FLAG_ARG_NAMES))
     assert packed == FLAG_WRITE_X | FLAG_WRITE_Y
+    args["hist_writes"] = 1 << args.pop("hist_write")          # (the backends' form: a bitmask of slots)
     snap = snapshot(args)
     with pytest.raises(exc, match=match):
         api._fused_step(*[dict(args, flags=flags).get(k) for k in STEP_ARG_NAMES], backend=backend)
