@@ -47,7 +47,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("hist"), py::arg("hist_writes"), py::arg("flags"), py::arg("noise"), py::arg("seed"),
       py::arg("noise_id"), py::arg("model_in"), py::arg("bad_row"), py::arg("guidance") = py::none(),
       "One row of a coefficient program, in place on x, y, hist, model_in and bad_row "
-      "(semantics: fastdiff.reference.fused_step). flags: the row's bitmask (fastdiff.program.layout FLAG_*). "
+      "(semantics: fastdiff.reference.fused_step). flags: the row's bitmask (fastdiff.program.layout FLAG_*); "
+      "hist_writes: the bitmask of the history slots it writes (bit j: slot j, from its own out block; "
+      "0 <= hist_writes < 2**K); a history term with a zero coefficient is absent (its slot is not read). "
       "x, y, hist: float32; cond/uncond/noise/model_in: "
       "float32, float16, bfloat16 or float64; guidance: optional per-sample scale vector [B] (float32/float64).");
 

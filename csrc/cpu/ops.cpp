@@ -495,7 +495,7 @@ struct StepKernel {
   // always-inline function of scalars, so that every loop that calls it vectorizes (a capturing
   // lambda inside `omp simd` was vectorized with gathers of its closure). The history terms are
   // those of the read slots (rslot: 0 <-> rslot[0], ...); a zero one is absent (hist_term), as is
-  // every term of an output no slot receives (its value goes to scratch).
+  // every term of an output no slot receives (NW: the loop stores only the written ones).
   struct FastCoefs {
     float qy, qd;
     float xx, xy, xh, xhu, xz, x0, x1, x2;   // the stored value (new x, or new y)
@@ -513,13 +513,15 @@ struct StepKernel {
                      oh.x, oh.y, oh.h, oh.hu, oh.z, hc(oh, 0), hc(oh, 1), hc(oh, 2),
                      ov.x, ov.y, ov.h, ov.hu, ov.z, hc(ov, 0), hc(ov, 1), hc(ov, 2)};
   }
+  FastCoefs fq{};   // fast_plan's, made once per call (a row of BLK blocks ran ~6% slower making them per block)
+
   // o + a * v, or o where a == 0 (the term is absent: v may be NaN).
   static inline __attribute__((always_inline)) float hist_term(float o, float a, float v) {
     return a != 0.0f ? m::out_add(o, a, v) : o;
   }
   // The stored value of one element (the written slots' values into hv_out, hv2_out), in block()'s
   // order of operations.
-  template <bool HAS_U, bool HAS_Z, int KT, bool W2>
+  template <bool HAS_U, bool HAS_Z, int KT, int NW>
   static inline __attribute__((always_inline)) float fast_elem(const FastCoefs& q, float e, float xi, float c,
                                                                float u, float g, float z, float H0, float H1,
                                                                float H2, float& hv_out, float& hv2_out) {
@@ -528,15 +530,15 @@ struct StepKernel {
     const float hu = HAS_U ? m::step_h(q.qy, e, q.qd, u) : h;
     float o = m::out_model(q.xx, xi, q.xy, e, q.xh, h, q.xhu, hu);
     float hv = m::out_model(q.hx, xi, q.hy, e, q.hh, h, q.hhu, hu);
-    float hv2 = W2 ? m::out_model(q.vx, xi, q.vy, e, q.vh, h, q.vhu, hu) : 0.f;
+    float hv2 = (NW == 2) ? m::out_model(q.vx, xi, q.vy, e, q.vh, h, q.vhu, hu) : 0.f;
     if (HAS_Z) {
       o = m::out_add(o, q.xz, z);
       hv = m::out_add(hv, q.hz, z);
-      if (W2) hv2 = m::out_add(hv2, q.vz, z);
+      if (NW == 2) hv2 = m::out_add(hv2, q.vz, z);
     }
-    if (KT > 0) { o = hist_term(o, q.x0, H0); hv = hist_term(hv, q.h0, H0); if (W2) hv2 = hist_term(hv2, q.v0, H0); }
-    if (KT > 1) { o = hist_term(o, q.x1, H1); hv = hist_term(hv, q.h1, H1); if (W2) hv2 = hist_term(hv2, q.v1, H1); }
-    if (KT > 2) { o = hist_term(o, q.x2, H2); hv = hist_term(hv, q.h2, H2); if (W2) hv2 = hist_term(hv2, q.v2, H2); }
+    if (KT > 0) { o = hist_term(o, q.x0, H0); hv = hist_term(hv, q.h0, H0); if (NW == 2) hv2 = hist_term(hv2, q.v0, H0); }
+    if (KT > 1) { o = hist_term(o, q.x1, H1); hv = hist_term(hv, q.h1, H1); if (NW == 2) hv2 = hist_term(hv2, q.v1, H1); }
+    if (KT > 2) { o = hist_term(o, q.x2, H2); hv = hist_term(hv, q.h2, H2); if (NW == 2) hv2 = hist_term(hv2, q.v2, H2); }
     hv_out = hv;
     hv2_out = hv2;
     return o;
@@ -610,7 +612,7 @@ struct StepKernel {
   // model output's conversions kept the fp16/bf16 loop from overlapping its memory traffic.
   struct VecCoefs {
     v16f qy, qd, g, xx, xy, xh, xhu, xz, x0, x1, x2, hx, hy, hh, hhu, hz, h0, h1, h2, s_in;
-    v16f vx, vy, vh, vhu, vz, v0, v1, v2;   // the second written slot (W2)
+    v16f vx, vy, vh, vhu, vz, v0, v1, v2;   // the second written slot (NW == 2)
     // The history terms present (coefficient != 0: all lanes, else none): the dense loop adds each
     // under its mask (a masked vaddps, no extra instruction), so an absent term leaves its sum
     // untouched whatever the slot holds.
@@ -642,12 +644,12 @@ struct StepKernel {
       return x == 0.0f && y == 0.0f && h == 1.0f && hu == 0.0f && (!has_z || z == 0.0f) && (kt < 1 || a0 == 0.0f) &&
              (kt < 2 || a1 == 0.0f) && (kt < 3 || a2 == 0.0f);
     };
-    // (no written slot: the history value goes to scratch, any value will do)
+    // (no written slot: no history value is stored, any value will do)
     return (nw < 1 || is_h(q.hx, q.hy, q.hh, q.hhu, q.hz, q.h0, q.h1, q.h2)) &&
            (nw < 2 || is_h(q.vx, q.vy, q.vh, q.vhu, q.vz, q.v0, q.v1, q.v2));
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE, bool W2,
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool SPARSE, int NW,
             bool STREAM = false>
   static inline __attribute__((always_inline)) void lanes16_loop(
       const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec, const float* E, float* X,
@@ -703,15 +705,21 @@ struct StepKernel {
       auto dense = [&](v16f& o, v16f& hv, v16f& hv2) __attribute__((always_inline)) {
         o = ((xx * xi + xy * e) + xh * h) + xhu * hu;
         hv = ((hx * xi + hy * e) + hh * h) + hhu * hu;
-        if (W2) hv2 = ((vx * xi + vy * e) + vh * h) + vhu * hu;
+        if (NW == 2) hv2 = ((vx * xi + vy * e) + vh * h) + vhu * hu;
         if (HAS_Z) {
           o = o + xz * z;
           hv = hv + hz * z;
-          if (W2) hv2 = hv2 + vz * z;
+          if (NW == 2) hv2 = hv2 + vz * z;
         }
-        if (KT > 0) { o = add_term(o, mx0, x0, t0); hv = add_term(hv, mh0, h0, t0); if (W2) hv2 = add_term(hv2, mv0, v0, t0); }
-        if (KT > 1) { o = add_term(o, mx1, x1, t1); hv = add_term(hv, mh1, h1, t1); if (W2) hv2 = add_term(hv2, mv1, v1, t1); }
-        if (KT > 2) { o = add_term(o, mx2, x2, t2); hv = add_term(hv, mh2, h2, t2); if (W2) hv2 = add_term(hv2, mv2, v2, t2); }
+        if constexpr (SPARSE) {   // (sparse_ok: every term of the new x present, none of a written value)
+          if (KT > 0) o = o + x0 * t0;
+          if (KT > 1) o = o + x1 * t1;
+          if (KT > 2) o = o + x2 * t2;
+        } else {
+          if (KT > 0) { o = add_term(o, mx0, x0, t0); hv = add_term(hv, mh0, h0, t0); if (NW == 2) hv2 = add_term(hv2, mv0, v0, t0); }
+          if (KT > 1) { o = add_term(o, mx1, x1, t1); hv = add_term(hv, mh1, h1, t1); if (NW == 2) hv2 = add_term(hv2, mv1, v1, t1); }
+          if (KT > 2) { o = add_term(o, mx2, x2, t2); hv = add_term(hv, mh2, h2, t2); if (NW == 2) hv2 = add_term(hv2, mv2, v2, t2); }
+        }
       };
       v16f o, hv, hv2 = {};
       if constexpr (SPARSE) {
@@ -733,8 +741,8 @@ struct StepKernel {
         dense(o, hv, hv2);
         top = (v16u)_mm512_max_epu32((__m512i)top, (__m512i)((v16u)o & exp_mask));   // m::nonfinite
       }
-      vst(Hw + i, hv);
-      if (W2) vst(Hw2 + i, hv2);
+      if (NW >= 1) vst(Hw + i, hv);
+      if (NW == 2) vst(Hw2 + i, hv2);
       vst(X + i, o);
       if (HAS_MI) {
         const v16f mi = s_in * o;                                             // m::model_input
@@ -759,14 +767,16 @@ struct StepKernel {
     T *M0, *M1;
   };
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, bool W2>
-  static void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec,
+  // (this and lanes16 inlined into their block function, as gcc did before the two-write variants
+  // outgrew its inlining budget: out of line, the SD-1.5 bf16 loop measured 3-5% slower)
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, int NW>
+  static inline __attribute__((always_inline)) void lanes16_pick(bool sparse, const VecCoefs& vc, int64_t i, int64_t step, int64_t nvec,
                            const Streams<typename MT::T>& p, uint32_t& flags) {
     if (sparse)
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, W2>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, NW>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
                                                                          p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     else
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, W2>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, NW>(vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0,
                                                                           p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
   }
 
@@ -776,21 +786,21 @@ struct StepKernel {
   // function: a run-time choice inside the one loop changed its code enough to make the SD-1.5
   // step ~25% slower in the placements that run it backward. (Rows writing two slots take the
   // cached stores: one variant fewer to compile.)
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X>
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool G_ONE, bool E_IS_X, int NW>
   static __attribute__((noinline)) void lanes16_pick_stream(bool sparse, const VecCoefs& vc, int64_t i, int64_t step,
                                                             int64_t nvec, const Streams<typename MT::T>& p,
                                                             uint32_t& flags) {
     if (sparse)
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, false, true>(
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, true, NW, true>(
           vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0, p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     else
-      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, false, true>(
+      lanes16_loop<HAS_U, HAS_Z, KT, HAS_MI, MT, G_ONE, E_IS_X, false, NW, true>(
           vc, i, step, nvec, p.E, p.X, p.C, p.U, p.Z, p.H0, p.H1, p.H2, p.Hw, p.Hw2, p.M0, p.M1, flags);
     _mm_sfence();   // the streamed stores are weakly ordered: complete before the call returns
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, bool W2>
-  static void lanes16(const FastCoefs& q, int nw, bool e_is_x, int64_t& lo, int64_t& hi, bool reverse, float g,
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, class MT, int NW>
+  static inline __attribute__((always_inline)) void lanes16(const FastCoefs& q, int nw, bool e_is_x, int64_t& lo, int64_t& hi, bool reverse, float g,
                       float s_in, const Streams<typename MT::T>& p, bool stream_mi, uint32_t& flags) {
     // Whole vectors of [lo, hi), forward or backward (see reverse_order); on return [lo, hi) is
     // the remainder (< 16 elements) for the scalar loop.
@@ -800,25 +810,27 @@ struct StepKernel {
     const VecCoefs vc{bcast(q.qy), bcast(q.qd), bcast(g),    bcast(q.xx), bcast(q.xy), bcast(q.xh), bcast(q.xhu),
                       bcast(q.xz), bcast(q.x0), bcast(q.x1), bcast(q.x2), bcast(q.hx), bcast(q.hy), bcast(q.hh),
                       bcast(q.hhu), bcast(q.hz), bcast(q.h0), bcast(q.h1), bcast(q.h2), bcast(s_in),
-                      bcast(q.vx), bcast(q.vy), bcast(q.vh), bcast(q.vhu), bcast(q.vz), bcast(q.v0), bcast(q.v1),
-                      bcast(q.v2),
+                      // (made per block: only where they are used)
+                      (NW == 2) ? bcast(q.vx) : v16f{}, (NW == 2) ? bcast(q.vy) : v16f{}, (NW == 2) ? bcast(q.vh) : v16f{},
+                      (NW == 2) ? bcast(q.vhu) : v16f{}, (NW == 2) ? bcast(q.vz) : v16f{}, (NW == 2) ? bcast(q.v0) : v16f{},
+                      (NW == 2) ? bcast(q.v1) : v16f{}, (NW == 2) ? bcast(q.v2) : v16f{},
                       present(q.x0), present(q.x1), present(q.x2), present(q.h0), present(q.h1), present(q.h2),
                       present(q.v0), present(q.v1), present(q.v2)};
     const bool sparse = sparse_ok(q, HAS_Z, KT, nw);
     // Unswitched: g == 1 (D = c, m::guided) and E == x (e_is_x: the loop reads x as E and only
     // stores to X, which for a row that writes only y is y) are loop invariants.
     const bool g_one = HAS_U && g == 1.0f;
-    if constexpr (HAS_MI && !W2) {
+    if constexpr (HAS_MI && !(NW == 2)) {
       // Streamed model-input stores need both halves aligned to the vector at the first one.
       constexpr uintptr_t vec_bytes = 16 * sizeof(typename MT::T);
       if (stream_mi && nvec > 0 &&
           ((reinterpret_cast<uintptr_t>(p.M0 + start) | reinterpret_cast<uintptr_t>(p.M1 + start)) % vec_bytes) == 0) {
         if (g_one) {
-          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, true>(sparse, vc, start, step, nvec, p, flags);
-          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, false>(sparse, vc, start, step, nvec, p, flags);
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, true, NW>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, HAS_U, false, NW>(sparse, vc, start, step, nvec, p, flags);
         } else {
-          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true>(sparse, vc, start, step, nvec, p, flags);
-          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false>(sparse, vc, start, step, nvec, p, flags);
+          if (e_is_x) lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, NW>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick_stream<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, NW>(sparse, vc, start, step, nvec, p, flags);
         }
         if (reverse) hi = first;
         else lo = first + 16 * nvec;
@@ -828,15 +840,15 @@ struct StepKernel {
     if (nvec > 0) {
       if constexpr (HAS_U) {
         if (g == 1.0f) {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true, W2>(sparse, vc, start, step, nvec, p, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false, W2>(sparse, vc, start, step, nvec, p, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, true, NW>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, true, false, NW>(sparse, vc, start, step, nvec, p, flags);
         } else {
-          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, W2>(sparse, vc, start, step, nvec, p, flags);
-          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, W2>(sparse, vc, start, step, nvec, p, flags);
+          if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, NW>(sparse, vc, start, step, nvec, p, flags);
+          else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, NW>(sparse, vc, start, step, nvec, p, flags);
         }
       } else {
-        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, W2>(sparse, vc, start, step, nvec, p, flags);
-        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, W2>(sparse, vc, start, step, nvec, p, flags);
+        if (e_is_x) lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, true, NW>(sparse, vc, start, step, nvec, p, flags);
+        else lanes16_pick<HAS_U, HAS_Z, KT, HAS_MI, MT, false, false, NW>(sparse, vc, start, step, nvec, p, flags);
       }
     }
     if (reverse) hi = first;
@@ -851,7 +863,7 @@ struct StepKernel {
   // Elements [i, end) in whole groups; returns where the groups stopped (the caller's loop takes
   // the tail). A function of plain pointers: inside the caller's lambda gcc vectorized this loop
   // with gathers.
-  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, bool W2>
+  template <bool HAS_U, bool HAS_Z, int KT, bool HAS_MI, int NW>
   static int64_t f16_groups(const FastCoefs& q, int64_t i, int64_t end, float g, float s_in,
                             const float* E, const float* XR, float* X, const uint16_t* __restrict C,
                             const uint16_t* __restrict U, const float* __restrict Z, const float* H0,
@@ -868,7 +880,7 @@ struct StepKernel {
       const float* xr = XR + i;
       float* x = X + i;
       float* hw = Hw + i;
-      float* hw2 = W2 ? Hw2 + i : nullptr;
+      float* hw2 = (NW == 2) ? Hw2 + i : nullptr;
       const float* z = HAS_Z ? Z + i : nullptr;
       const float* h0 = KT > 0 ? H0 + i : nullptr;
       const float* h1 = KT > 1 ? H1 + i : nullptr;
@@ -876,11 +888,11 @@ struct StepKernel {
 #pragma omp simd reduction(| : a)
       for (int l = 0; l < G; ++l) {
         float hv, hv2;
-        const float o = fast_elem<HAS_U, HAS_Z, KT, W2>(qq, e[l], xr[l], cg[l], HAS_U ? ug[l] : cg[l], g,
+        const float o = fast_elem<HAS_U, HAS_Z, KT, NW>(qq, e[l], xr[l], cg[l], HAS_U ? ug[l] : cg[l], g,
                                                          HAS_Z ? z[l] : 0.f, KT > 0 ? h0[l] : 0.f, KT > 1 ? h1[l] : 0.f,
                                                          KT > 2 ? h2[l] : 0.f, hv, hv2);
-        hw[l] = hv;
-        if (W2) hw2[l] = hv2;
+        if (NW >= 1) hw[l] = hv;
+        if (NW == 2) hw2[l] = hv2;
         x[l] = o;
         a |= m::nonfinite(o);
         mg[l] = m::model_input(s_in, o);
@@ -897,8 +909,8 @@ struct StepKernel {
 
   // ---- the common case in one pass: writes x only (or only y, see fast_plan) ----
   // (cond with or without uncond, no / given / Philox noise, at most 3 history slots read and 2
-  // written, model_in or none.) Same operations in the same order as block(); an absent history
-  // write is stored to a scratch buffer so the loop has no branches. float64 model outputs
+  // written, model_in or none.) Same operations in the same order as block(); the number of
+  // written slots is a template parameter (NW), so the loop has no branches. float64 model outputs
   // combine in float64 (block()).
   //
   // Model dtypes: MT (bits::F32/F16/BF16) is the dtype of the model output and of model_in (when
@@ -913,7 +925,7 @@ struct StepKernel {
   //
   // Slots: the loop reads the slots some output it computes (the stored value, each written slot's
   // value) has a nonzero coefficient for (rslot, at most 3: KT), and stores one or two written
-  // slots (W2); an unread slot may hold anything (NaN, a buffer only written).
+  // slots (NW: 0, 1, 2); an unread slot may hold anything (NaN, a buffer only written).
   bool fast_plan() {
     if (!((write_x ? !write_y : (write_y && !eval_y)) && cond != nullptr && cdt != DT::F64 &&
           (noise == nullptr || ndt != DT::F64) && (model_in == nullptr || mdt != DT::F64)))
@@ -930,16 +942,16 @@ struct StepKernel {
       if (nread == 3) return false;
       rslot[nread++] = j;
     }
+    fq = fast_coefs();
     return true;
   }
 
-  template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI, bool W2>
+  template <bool HAS_U, bool HAS_Z, int KT, class MT, bool HAS_MI, int NW>
   uint32_t block_fast(int64_t b, int64_t blk) const {
     using T = typename MT::T;
     const int64_t s = b * blk;
     const int64_t n = std::min(blk, numel - s);
     alignas(64) float zb[BLK];
-    alignas(64) float scratch[BLK];
     alignas(64) float cb[BLK];
     alignas(64) float ub[BLK];
     alignas(64) float mb[BLK];      // model_in in float32, before it is narrowed to mdt (buffered mode)
@@ -963,14 +975,14 @@ struct StepKernel {
     const float* H0 = KT > 0 ? hist + rslot[0] * hist_slot + s : nullptr;
     const float* H1 = KT > 1 ? hist + rslot[1] * hist_slot + s : nullptr;
     const float* H2 = KT > 2 ? hist + rslot[2] * hist_slot + s : nullptr;
-    float* Hw = nwrite > 0 ? hist + wslot[0] * hist_slot + s : scratch;
-    float* Hw2 = W2 ? hist + wslot[1] * hist_slot + s : nullptr;
+    float* Hw = NW >= 1 ? hist + wslot[0] * hist_slot + s : nullptr;   // (NW = 0: nothing stored)
+    float* Hw2 = (NW == 2) ? hist + wslot[1] * hist_slot + s : nullptr;
     const bool m_buf = halves > 0 && mdt != DT::F32 && std::is_same<MT, bits::F32>::value;
     // Without a model input nothing is stored (HAS_MI); one half: both stores go to it.
     T* M0 = HAS_MI ? (m_buf ? reinterpret_cast<T*>(mb) : static_cast<T*>(model_in) + s) : nullptr;
     T* M1 = HAS_MI && halves > 1 && !m_buf ? static_cast<T*>(model_in) + mi_half + s : M0;
     const float s_in = k.s_in;
-    const FastCoefs q = fast_coefs();
+    const FastCoefs q = fq;
     const bool buffered = c_buf || z_buf || m_buf;
     const int64_t sub = buffered ? SUB : n;
     const int64_t ces = dt_size(cdt), nes = dt_size(ndt), mes = dt_size(mdt);
@@ -992,12 +1004,12 @@ struct StepKernel {
 #else
         if (!buffered)
 #endif
-          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT, W2>(q, nwrite, !eval_y, i, end, reverse, g, s_in,
+          lanes16<HAS_U, HAS_Z, KT, HAS_MI, MT, NW>(q, nwrite, !eval_y, i, end, reverse, g, s_in,
                                                     Streams<T>{E, X, C, U, Z, H0, H1, H2, Hw, Hw2, M0, M1}, stream_mi, a);
 #endif
 #if FASTDIFF_F16_GROUP && !defined(__AVX512F__)
         if (std::is_same<MT, bits::F16>::value)
-          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI, W2>(q, i, end, g, s_in, E, XR, X, reinterpret_cast<const uint16_t*>(C),
+          i = f16_groups<HAS_U, HAS_Z, KT, HAS_MI, NW>(q, i, end, g, s_in, E, XR, X, reinterpret_cast<const uint16_t*>(C),
                                                        reinterpret_cast<const uint16_t*>(U), Z, H0, H1, H2, Hw, Hw2,
                                                    reinterpret_cast<uint16_t*>(M0), reinterpret_cast<uint16_t*>(M1), a);
 #endif
@@ -1005,11 +1017,11 @@ struct StepKernel {
         for (int64_t k = i; k < end; ++k) {
           const float c = MT::load(C[k]);
           float hv, hv2;
-          const float o = fast_elem<HAS_U, HAS_Z, KT, W2>(q, E[k], XR[k], c, HAS_U ? MT::load(U[k]) : c, g,
+          const float o = fast_elem<HAS_U, HAS_Z, KT, NW>(q, E[k], XR[k], c, HAS_U ? MT::load(U[k]) : c, g,
                                                            HAS_Z ? Z[k] : 0.f, KT > 0 ? H0[k] : 0.f,
                                                            KT > 1 ? H1[k] : 0.f, KT > 2 ? H2[k] : 0.f, hv, hv2);
-          Hw[k] = hv;
-          if (W2) Hw2[k] = hv2;
+          if (NW >= 1) Hw[k] = hv;
+          if (NW == 2) Hw2[k] = hv2;
           X[k] = o;
           a |= m::nonfinite(o);
           if (HAS_MI) {
@@ -1028,7 +1040,7 @@ struct StepKernel {
   }
 
   // Blocks of the one-pass kernel: BLK elements where it uses its block buffers (Philox noise,
-  // buffered conversions, the history value of a row that writes no slot), else from BIG_BLK up to
+  // buffered conversions), else from BIG_BLK up to
   // MAX_BIG_BLK: with no buffer to fill, a longer run of the loop per call saves per-block work
   // (at the video latent 4K -> 16K elements was 4-6% of the step, 16K -> 64K 1-4% more). With
   // several threads, blocks grow only while each thread keeps >= 8 chunks of CHUNK_BLOCKS blocks
@@ -1041,11 +1053,11 @@ struct StepKernel {
     return blk;
   }
 
-  template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI, bool W2>
+  template <bool HAS_U, bool HAS_Z, class MT, bool HAS_MI, int NW>
   uint32_t run_fast_k() const {
     const bool buffered = (cdt != DT::F32 && std::is_same<MT, bits::F32>::value) ||
                           (HAS_Z && (noise == nullptr || ndt != DT::F32)) ||
-                          (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value) || nwrite == 0;
+                          (HAS_MI && mdt != DT::F32 && std::is_same<MT, bits::F32>::value);
     const int64_t blk = buffered ? BLK : big_block();
     // A backward vector loop takes the blocks backward too: a sawtooth (backward inside blocks,
     // forward across them) defeated the hardware prefetcher (the video step ran 1.6x slower).
@@ -1053,25 +1065,27 @@ struct StepKernel {
     const bool rev = reverse;
     auto order = [last, rev](int64_t b) { return rev ? last - b : b; };
     switch (nread) {
-      case 0: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI, W2>(order(b), blk); });
-      case 1: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI, W2>(order(b), blk); });
-      case 2: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI, W2>(order(b), blk); });
-      default: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI, W2>(order(b), blk); });
+      case 0: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 0, MT, HAS_MI, NW>(order(b), blk); });
+      case 1: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 1, MT, HAS_MI, NW>(order(b), blk); });
+      case 2: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 2, MT, HAS_MI, NW>(order(b), blk); });
+      default: return for_blocks(numel, blk, [=](int64_t b) { return block_fast<HAS_U, HAS_Z, 3, MT, HAS_MI, NW>(order(b), blk); });
     }
   }
 
-  template <class MT, bool HAS_MI, bool W2>
+  template <class MT, bool HAS_MI, int NW>
   uint32_t run_fast_mi() const {
     const bool has_z = noise != nullptr || philox;
     if (uncond != nullptr)
-      return has_z ? run_fast_k<true, true, MT, HAS_MI, W2>() : run_fast_k<true, false, MT, HAS_MI, W2>();
-    return has_z ? run_fast_k<false, true, MT, HAS_MI, W2>() : run_fast_k<false, false, MT, HAS_MI, W2>();
+      return has_z ? run_fast_k<true, true, MT, HAS_MI, NW>() : run_fast_k<true, false, MT, HAS_MI, NW>();
+    return has_z ? run_fast_k<false, true, MT, HAS_MI, NW>() : run_fast_k<false, false, MT, HAS_MI, NW>();
   }
 
   template <class MT>
   uint32_t run_fast() const {
-    if (nwrite == 2) return halves > 0 ? run_fast_mi<MT, true, true>() : run_fast_mi<MT, false, true>();
-    return halves > 0 ? run_fast_mi<MT, true, false>() : run_fast_mi<MT, false, false>();
+    // NW: the written slots (a row writing none stores no history value: no scratch buffer, big blocks)
+    if (nwrite == 2) return halves > 0 ? run_fast_mi<MT, true, 2>() : run_fast_mi<MT, false, 2>();
+    if (nwrite == 1) return halves > 0 ? run_fast_mi<MT, true, 1>() : run_fast_mi<MT, false, 1>();
+    return halves > 0 ? run_fast_mi<MT, true, 0>() : run_fast_mi<MT, false, 0>();
   }
 
   // 4K aliasing: a load whose address equals an earlier, still buffered store's modulo 4096 waits
