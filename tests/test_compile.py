@@ -112,7 +112,7 @@ def test_custom_ops_validate_and_change_nothing():
     T = torch.zeros(1, table_width(0), dtype=torch.float64)
     x_before = x.clone()
     with pytest.raises(ValueError, match="different buffer"):
-        torch.ops.fastdiff.fused_step(T, 0, x, x, c, None, None, -1, FLAG_EVAL_Y | FLAG_WRITE_X, None, 0, -1, None,
+        torch.ops.fastdiff.fused_step(T, 0, x, x, c, None, None, 0, FLAG_EVAL_Y | FLAG_WRITE_X, None, 0, -1, None,
                                       None)
     assert torch.equal(x, x_before)
     with pytest.raises(ValueError, match="shape"):
