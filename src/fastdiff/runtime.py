@@ -103,8 +103,10 @@ class RowExecutor:
         self.bind(program.rows, device_table(program, self.x.device) if table is None else table,
                   program.num_slots, explicit_noise=explicit_noise)
 
-    def bind(self, rows: List[Row], table: torch.Tensor, num_slots: int, *, explicit_noise: bool = False) -> None:
-        """Bind rows and their device table (already checked finite by whoever built it)."""
+    def bind(self, rows: List[Row], table: torch.Tensor, num_slots: int, *, explicit_noise: bool = False,
+             args: Optional[List[RowArgs]] = None) -> None:
+        """Bind rows and their device table (already checked finite by whoever built it). ``args``:
+        the rows' ``row_args`` where the caller keeps them (a drop-in's compiled plan), else computed."""
         if table.dtype != torch.float64 or table.dim() != 2 or table.shape[0] != len(rows):
             raise ValueError(f"table must be float64 [{len(rows)}, columns], got {table.dtype} {tuple(table.shape)}")
         if num_slots and (self.hist is None or self.hist.shape[0] < num_slots):
@@ -112,7 +114,7 @@ class RowExecutor:
                              f"{0 if self.hist is None else self.hist.shape[0]}")
         if self.y is None and any(r.eval_at == "y" or r.out_y is not None for r in rows):
             raise ValueError("the program reads or writes y, but the executor has no y buffer")
-        args = row_args(rows)
+        args = row_args(rows) if args is None else args
         if explicit_noise:
             args = [(hw, flags, -1) for hw, flags, _ in args]
         self.table, self.rows, self.args = table, rows, args

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ...ops.backends import load_extension
-from ...runtime import RowExecutor
+from ...runtime import RowExecutor, row_args
 from ...program import (COL_G, COL_G1, COL_QD, COL_QY, FLAG_MODEL_IN_FROM_Y, FLAG_WRITE_Y, OUT_BASE, OUT_H, OUT_Y,
                         Row, col_out_slot, col_out_x, col_out_y, col_s_in, compile_program, out_width, table_width)
 from .cfg import GuidedOutput
@@ -144,6 +144,8 @@ class _Program:
         self.table = table
         self.fold = [(float(a), float(b)) for a, b in fold]
         self.plan = plan
+        self.row_args = row_args(rows)        # (bound once per run: kept with the shared program)
+        self.x0_slot = None                   # (_x0_slot's table and usability at g = 1, where the fold is the plan's)
         self.uses_y = any(r.eval_at == "y" or r.out_y is not None for r in rows)
         # Per call, what the scheduler needs beyond the kernel's row arguments (fastdiff.runtime):
         # (eval_y, returns_y: step() returns the new y, the next call's sample; draws noise;
@@ -207,7 +209,9 @@ class _Run:
 
     def bind(self):
         """The executor runs this program's rows (every draw comes from diffusers' generator)."""
-        self.executor.bind(self.program.plan.rows, self.table, self.program.plan.num_slots, explicit_noise=True)
+        program = self.program
+        self.executor.bind(program.plan.rows, self.table, program.plan.num_slots, explicit_noise=True,
+                           args=program.row_args)
 
     @property
     def x0_table(self) -> torch.Tensor:
@@ -497,7 +501,18 @@ class FastdiffScheduler:
 
     def _x0_slot(self, run: _Run):
         """(device table, per call: usable) for _x0_slot_table: the run's table (no history slots)
-        widened to one slot, whose out block is x0 from the call's fold (A_x, A_d)."""
+        widened to one slot, whose out block is x0 from the call's fold (A_x, A_d). Kept with the
+        (shared) program where the folds are the plan's own and the run's g is 1."""
+        shared = run.g == 1.0 and type(self)._x0_fold is FastdiffScheduler._x0_fold
+        if shared and run.program.x0_slot is not None:
+            T, usable = run.program.x0_slot
+            return torch.tensor(T, device=run.device), usable
+        T, usable = self._x0_slot_np(run)
+        if shared:
+            run.program.x0_slot = (T, usable)
+        return torch.tensor(T, device=run.device), usable
+
+    def _x0_slot_np(self, run: _Run):
         T0 = run.table.cpu().numpy()                 # (its g column as set now; set_g keeps both)
         T = np.zeros((T0.shape[0], table_width(1)), dtype=np.float64)
         T[:, :OUT_BASE] = T0[:, :OUT_BASE]
@@ -506,17 +521,14 @@ class FastdiffScheduler:
             T[:, c1:c1 + w] = T0[:, c0:c0 + w]
         T[:, col_s_in(1)] = T0[:, col_s_in(0)]
         c = col_out_slot(1, 0)
-        usable = []
         f32 = np.float32                             # (the kernels' coefficients: float64 rounded to float32)
-        for k, (a_x, a_d) in enumerate(run.x0_folds):
-            qy, qd = f32(T0[k, COL_QY]), f32(T0[k, COL_QD])
-            is_d, is_x0 = qy == 0 and qd == 1, (qy, qd) == (f32(a_x), f32(a_d))
-            if is_d:
-                T[k, c + OUT_Y], T[k, c + OUT_H] = a_x, a_d
-            elif is_x0:
-                T[k, c + OUT_H] = 1.0
-            usable.append(bool(is_d or is_x0))
-        return torch.tensor(T, device=run.device), usable
+        a = np.asarray(run.x0_folds, dtype=np.float64).reshape(-1, 2)
+        qy, qd = T0[:, COL_QY].astype(f32), T0[:, COL_QD].astype(f32)
+        is_d = (qy == 0) & (qd == 1)
+        is_x0 = ~is_d & (qy == a[:, 0].astype(f32)) & (qd == a[:, 1].astype(f32))
+        T[is_d, c + OUT_Y], T[is_d, c + OUT_H] = a[is_d, 0], a[is_d, 1]
+        T[is_x0, c + OUT_H] = 1.0
+        return T, (is_d | is_x0).tolist()
 
     def _native_step(self, run: _Run):
         """A ``fastdiff._C.DropinStep`` for the run's plain calls, or None where the run's kernel is
@@ -530,16 +542,18 @@ class FastdiffScheduler:
         if self._returns_x0 and run.x0_folds is None:
             run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
         noise_dtype = run.program.plan.noise_dtype or torch.float32      # (the model output's: float32)
+        returns_x0 = self._returns_x0
+        if returns_x0:
+            self._x0_slot_table(run, 0, torch.float32)          # (builds run.x0_slot where it applies)
+        slot_table, usable = run.x0_slot if run.x0_slot is not None else (None, None)
         calls = []
-        for k, (_, returns_y, draws, binding) in enumerate(run.program.args):
-            hw, flags, _ = run.executor.args[k]
+        for k, ((_, returns_y, draws, binding), (hw, flags, _)) in enumerate(zip(run.program.args, run.executor.args)):
             flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
             table, mode, (a_x, a_d) = run.table, _X0_NONE, (0.0, 0.0)
-            if self._returns_x0:
+            if returns_x0:
                 a_x, a_d = run.x0_folds[k]
-                slot = self._x0_slot_table(run, k, torch.float32) if binding != _SAMPLE_AS_Y else None
-                if slot is not None:
-                    table, mode = slot, _X0_SLOT
+                if usable is not None and usable[k] and binding != _SAMPLE_AS_Y:
+                    table, mode = slot_table, _X0_SLOT
                 elif binding == _VIA_STATE or a_x in (0.0, 1.0):
                     mode = _X0_TORCH                    # (_x0_now; _x0_in_place's one-op cases)
                 else:
