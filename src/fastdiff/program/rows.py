@@ -102,7 +102,7 @@ class Row:
     def hist_writes(self) -> int:
         """The slots the row writes as the kernel's bitmask (fastdiff.program.layout.hist_mask)."""
         mask = 1 << self.hist_write if self.hist_write >= 0 else 0      # (cheap: read per row and run)
-        return mask | hist_mask(j for j, _ in self.more_writes) if self.more_writes else mask
+        return (mask | hist_mask(j for j, _ in self.more_writes)) if self.more_writes else mask
 
     @property
     def reads_uncond(self) -> bool:

@@ -185,7 +185,7 @@ class _Run:
         K = program.plan.num_slots
         self.table = torch.tensor(program.table, device=self.device)      # (a copy: programs are cached, set_g writes)
         self._x0_table = None
-        self.x0_folds = None                   # per call, _x0_fold (FastdiffScheduler._x0_in_place)
+        self.x0_folds = None                   # per call, _x0_fold (FastdiffScheduler._x0_folds)
         self.x0_pass = None                    # the table of the pass that writes x0 (FastdiffScheduler._x0_pass)
         self.x0_slot = None                    # (table, per call: usable) of the pass that also writes x0 (_x0_slot)
         self.native = None                     # the C++ step of its plain calls (_native_step; None: not built, False: none)
@@ -218,6 +218,12 @@ class _Run:
         if self._x0_table is None:
             self._x0_table = torch.tensor(self.program.x0_table, device=self.device)
         return self._x0_table
+
+    def call_args(self, k: int, returns_y: bool) -> Tuple[int, int]:
+        """(hist_writes, flags) of call ``k`` as the drop-in runs it: the row's own, with the model
+        input (the returned tensor) taken from y where the call returns the new y."""
+        hw, flags, _ = self.executor.args[k]
+        return hw, (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
 
     def __getstate__(self):
         # (deepcopy of a scheduler mid-run: the C++ step holds this run's tables; the copy builds its own)
@@ -453,14 +459,18 @@ class FastdiffScheduler:
                 raise TypeError(f"{what} must be a float16, bfloat16, float32 or float64 tensor, got {dtype}")
         return self._result_dtypes(sample_dtype, model_dtype)
 
+    def _x0_folds(self, run: _Run) -> List[Tuple[float, float]]:
+        """Per call of the run, ``_x0_fold`` (built once per run)."""
+        if run.x0_folds is None:
+            run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
+        return run.x0_folds
+
     def _x0_in_place(self, run: _Run, k: int, sample: torch.Tensor, cond, uncond, g, dtype) -> torch.Tensor:
         """pred_original_sample of call ``k`` from a float32 contiguous sample on the run's device.
         A single torch op where one does it (x + a*D, a*D); otherwise (a CFG combination, a
         coefficient on the sample) one pass of the kernel, which forms D and A_x E + A_d D in
         one loop where torch takes two to four."""
-        if run.x0_folds is None:
-            run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
-        a_x, a_d = run.x0_folds[k]
+        a_x, a_d = self._x0_folds(run)[k]
         if uncond is None and dtype == torch.float32:
             if a_x == 1.0:                # (the Euler family, EDM: one op)
                 return torch.add(sample, cond, alpha=a_d)
@@ -479,7 +489,7 @@ class FastdiffScheduler:
         D the guided model output at the run's g) as y; no history slots."""
         T = np.zeros((run.n, table_width(0)), dtype=np.float64)
         T[:, COL_G], T[:, COL_G1] = run.g, 1.0
-        T[:, [COL_QY, COL_QD]] = np.array(run.x0_folds, dtype=np.float64).reshape(run.n, 2)
+        T[:, [COL_QY, COL_QD]] = np.array(self._x0_folds(run), dtype=np.float64).reshape(run.n, 2)
         T[:, col_out_y(0) + OUT_H] = 1.0
         T[:, col_s_in(0)] = 1.0
         return torch.tensor(T, device=run.device)
@@ -490,14 +500,16 @@ class FastdiffScheduler:
         does not apply: a program with history (its slots are the run's state, one tensor), x0 not
         float32, or a row whose model term h is neither the guided output D (q_y = 0, q_d = 1: then
         x0 = A_x E + A_d h, diffusers' own arithmetic) nor x0 itself (x0 = h)."""
-        if run.program.plan.num_slots or x0_dtype != torch.float32:
+        slot = self._x0_slot_of(run) if x0_dtype == torch.float32 else None
+        return slot[0] if slot is not None and slot[1][k] else None
+
+    def _x0_slot_of(self, run: _Run):
+        """The run's (table, per call: usable) of _x0_slot, built once; None for a program with history."""
+        if run.program.plan.num_slots:
             return None
         if run.x0_slot is None:
-            if run.x0_folds is None:
-                run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
             run.x0_slot = self._x0_slot(run)
-        table, usable = run.x0_slot
-        return table if usable[k] else None
+        return run.x0_slot
 
     def _x0_slot(self, run: _Run):
         """(device table, per call: usable) for _x0_slot_table: the run's table (no history slots)
@@ -522,7 +534,7 @@ class FastdiffScheduler:
         T[:, col_s_in(1)] = T0[:, col_s_in(0)]
         c = col_out_slot(1, 0)
         f32 = np.float32                             # (the kernels' coefficients: float64 rounded to float32)
-        a = np.asarray(run.x0_folds, dtype=np.float64).reshape(-1, 2)
+        a = np.asarray(self._x0_folds(run), dtype=np.float64).reshape(-1, 2)
         qy, qd = T0[:, COL_QY].astype(f32), T0[:, COL_QD].astype(f32)
         is_d = (qy == 0) & (qd == 1)
         is_x0 = ~is_d & (qy == a[:, 0].astype(f32)) & (qd == a[:, 1].astype(f32))
@@ -539,19 +551,16 @@ class FastdiffScheduler:
         if isinstance(ext, str) or not hasattr(ext, "DropinStep") or run.executor._step is not ext.fused_step \
                 or run.program.plan.x0_transform is not None:
             return None
-        if self._returns_x0 and run.x0_folds is None:
-            run.x0_folds = [self._x0_fold(run, j) for j in range(run.n)]
         noise_dtype = run.program.plan.noise_dtype or torch.float32      # (the model output's: float32)
         returns_x0 = self._returns_x0
-        if returns_x0:
-            self._x0_slot_table(run, 0, torch.float32)          # (builds run.x0_slot where it applies)
-        slot_table, usable = run.x0_slot if run.x0_slot is not None else (None, None)
+        folds = self._x0_folds(run) if returns_x0 else None
+        slot_table, usable = (self._x0_slot_of(run) if returns_x0 else None) or (None, None)
         calls = []
-        for k, ((_, returns_y, draws, binding), (hw, flags, _)) in enumerate(zip(run.program.args, run.executor.args)):
-            flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+        for k, (_, returns_y, draws, binding) in enumerate(run.program.args):
+            hw, flags = run.call_args(k, returns_y)
             table, mode, (a_x, a_d) = run.table, _X0_NONE, (0.0, 0.0)
             if returns_x0:
-                a_x, a_d = run.x0_folds[k]
+                a_x, a_d = folds[k]
                 if usable is not None and usable[k] and binding != _SAMPLE_AS_Y:
                     table, mode = slot_table, _X0_SLOT
                 elif binding == _VIA_STATE or a_x in (0.0, 1.0):
@@ -695,7 +704,8 @@ class FastdiffScheduler:
         ``x0``: a given prediction of x0 that replaces the model's (EDM Euler's pred_original_sample).
         A call that raises leaves the scheduler as it was (run, step index, tables)."""
         run = self._fd_run
-        if run is not None and x0 is None and key == run.key:
+        same_run = run is not None and key == run.key
+        if same_run and x0 is None:
             native = run.native
             if native is None:
                 native = run.native = self._native_step(run) or False
@@ -703,7 +713,7 @@ class FastdiffScheduler:
                 out = native.step(self, model_output, timestep, sample, return_dict, generator, variance_noise)
                 if out is not None:              # (None: not a call it serves; nothing was touched)
                     return out
-        if run is not None and self._step_index is not None and key == run.key:
+        if same_run and self._step_index is not None:
             # Inside a run the only scheduler state a call changes before its pass is the table's
             # g column (set_g); the pass itself checks everything before it writes.
             g = run.g
@@ -803,8 +813,7 @@ class FastdiffScheduler:
                                 None)
             else:
                 out = torch.empty_like(sample, dtype=out_dtype)
-                hw, flags, _ = run.executor.args[k]      # (the row's own: evaluated at y, writes x, ...)
-                flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+                hw, flags = run.call_args(k, returns_y)  # (the row's own: evaluated at y, writes x, ...)
                 _fused_step(run.executor, run.table, k, run.x, sample, cond, uncond, run.hist, hw, flags, noise, out)
             if self._returns_x0 and pred_x0 is None:
                 pred_x0 = self._x0_in_place(run, k, sample, cond, uncond, g, x0_dtype)
@@ -837,8 +846,7 @@ class FastdiffScheduler:
                 pred_x0 = _x0_now(a_x, a_d, E, sample, cond, uncond, g, x0_dtype)
         if slot is not None:                            # (x0 from the same pass: a write-only slot)
             pred_x0 = torch.empty_like(run.x)
-            hw, flags, _ = run.executor.args[k]
-            flags = (flags & ~FLAG_MODEL_IN_FROM_Y) | (FLAG_MODEL_IN_FROM_Y if returns_y else 0)
+            _, flags = run.call_args(k, returns_y)
             _fused_step(run.executor, slot, k, run.x, run.y, cond, uncond, pred_x0[None], 1, flags, noise, out)
         else:
             run.executor.run(k, cond, uncond, noise, 0, out, table, returns_y)
